@@ -1,0 +1,2 @@
+"""The zoo: importing this module registers every sdzoo architecture with timm."""
+from .sd_resnet import SDResNet, BasicBlock, Bottleneck, cifar_stage_depths  # noqa: F401

@@ -1,0 +1,483 @@
+"""ResNets with stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016).
+
+Two layouts of one family, built as the authors' code builds them:
+
+* CIFAR (6n+2 layers): 3x3 stem (conv with bias, BN, ReLU), three stages of n basic blocks at 16/32/64
+  channels, the first block of stages 2 and 3 with stride 2 and a parameter-free "option A" shortcut
+  (strided subsampling, zero-padded channels; a 1x1 projection is an option), global average pool, linear.
+* ImageNet: the bottleneck ResNet of fb.resnet.torch (7x7 stem, max pool, four stages, projection shortcuts).
+
+Each residual block computes ``ReLU(shortcut(x) + b_l * f_l(x))`` in training, b_l ~ Bernoulli(p_l), and
+``ReLU(shortcut(x) + p_l * f_l(x))`` at test time. A dropped branch f_l is not computed. p_l follows the
+survival schedule (``sdzoo.survival``); the gates are drawn and applied by ``sdzoo.gate``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from .._checks import check_choice, check_survival_prob
+from ..gate import GATE_MODES, SCALINGS, GateSampler, ResidualGate
+from ..survival import SURVIVAL_RULES, survival_probs
+
+__all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths"]
+
+SHORTCUTS = ("zero_pad", "projection")
+STEMS = ("cifar", "imagenet")
+CIFAR_WIDTHS = (16, 32, 64)
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+
+
+def cifar_stage_depths(depth: int) -> Tuple[int, int, int]:
+    """Blocks per stage of a 6n+2-layer CIFAR ResNet (110 -> 18 blocks in each of 3 stages)."""
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 56, 110, 152, 1202, ...); got {depth!r}")
+    n = (depth - 2) // 6
+    return n, n, n
+
+
+def conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A shortcut: keep every other pixel, zero-fill the new channels. No parameters."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.extra_chs = out_chs - in_chs
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_chs))
+
+
+def make_shortcut(kind: str, in_chs: int, out_chs: int, stride: int) -> nn.Module:
+    if in_chs == out_chs and stride == 1:
+        return nn.Identity()
+    if kind == "zero_pad":
+        return ZeroPadShortcut(in_chs, out_chs, stride)
+    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 - BN - ReLU - conv3x3 - BN, gated, added to the shortcut, then ReLU."""
+
+    expansion = 1
+
+    def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate):
+        super().__init__()
+        out_chs = chs * self.expansion
+        self.branch = nn.Sequential()
+        self.branch.add_module("conv1", conv3x3(in_chs, chs, stride))
+        self.branch.add_module("bn1", nn.BatchNorm2d(chs))
+        self.branch.add_module("act1", nn.ReLU(inplace=True))
+        self.branch.add_module("conv2", conv3x3(chs, out_chs))
+        self.branch.add_module("bn2", nn.BatchNorm2d(out_chs))
+        self.shortcut = make_shortcut(shortcut, in_chs, out_chs, stride)
+        self.gate = gate
+
+    def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+        return F.relu(self.gate(self.branch, x, self.shortcut(x), gate))
+
+
+class Bottleneck(nn.Module):
+    """conv1x1 - BN - ReLU - conv3x3(stride) - BN - ReLU - conv1x1 - BN, gated, added, then ReLU."""
+
+    expansion = 4
+
+    def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate):
+        super().__init__()
+        out_chs = chs * self.expansion
+        self.branch = nn.Sequential()
+        self.branch.add_module("conv1", nn.Conv2d(in_chs, chs, 1, bias=False))
+        self.branch.add_module("bn1", nn.BatchNorm2d(chs))
+        self.branch.add_module("act1", nn.ReLU(inplace=True))
+        self.branch.add_module("conv2", conv3x3(chs, chs, stride))
+        self.branch.add_module("bn2", nn.BatchNorm2d(chs))
+        self.branch.add_module("act2", nn.ReLU(inplace=True))
+        self.branch.add_module("conv3", nn.Conv2d(chs, out_chs, 1, bias=False))
+        self.branch.add_module("bn3", nn.BatchNorm2d(out_chs))
+        self.shortcut = make_shortcut(shortcut, in_chs, out_chs, stride)
+        self.gate = gate
+
+    def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+        return F.relu(self.gate(self.branch, x, self.shortcut(x), gate))
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class SDResNet(nn.Module):
+    """A ResNet whose residual blocks are skipped at random during training (stochastic depth).
+
+    Args:
+        layers: residual blocks per stage.
+        block: "basic" or "bottleneck".
+        stem: "cifar" (3x3 conv with bias) or "imagenet" (7x7/2 conv, 3x3/2 max pool).
+        widths: channels of each stage's branch (before bottleneck expansion).
+        shortcut: "zero_pad" (option A, parameter-free) or "projection" (1x1 conv + BN) for blocks that
+            change shape.
+        survival_prob: p_L, the survival probability of the last block. 1.0 is constant depth.
+        survival_rule: "linear" (p_l decays from 1 to p_L over the blocks) or "uniform" (p_l = p_L).
+        gate_mode: "batch" (one draw per block per mini-batch, the paper's), "sample" (per-sample drop
+            computed on the kept samples only) or "off" (constant depth; survival settings are ignored).
+        scaling: "expectation" (branch times p_l at eval, the paper's) or "inverted" (branch divided by p_l
+            in training, as timm's DropPath).
+        gate_seed: seed of the model's gate generator; the same seed gives the same gates everywhere.
+        drop_path_rate: timm's name for 1 - p_L; accepted when survival_prob is not given.
+        folded_from: survival settings a folded (deployed) model was trained with; set by ``sdzoo.fold``.
+            A folded model has every p_l in its weights and no gates.
+    """
+
+    def __init__(
+            self,
+            layers: Sequence[int],
+            block: str = "basic",
+            stem: str = "cifar",
+            widths: Sequence[int] = CIFAR_WIDTHS,
+            shortcut: str = "zero_pad",
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = "avg",
+            drop_rate: float = 0.0,
+            survival_prob: Optional[float] = None,
+            survival_rule: str = "linear",
+            gate_mode: str = "batch",
+            scaling: str = "expectation",
+            gate_seed: int = 0,
+            drop_path_rate: Optional[float] = None,
+            folded_from: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        check_choice("block", block, tuple(BLOCKS))
+        check_choice("stem", stem, STEMS)
+        check_choice("shortcut", shortcut, SHORTCUTS)
+        check_choice("survival_rule", survival_rule, SURVIVAL_RULES)
+        check_choice("gate_mode", gate_mode, GATE_MODES)
+        check_choice("scaling", scaling, SCALINGS)
+        if len(layers) != len(widths) or any(not isinstance(n, int) or n < 1 for n in layers):
+            raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; got {layers!r}")
+        survival_prob = _resolve_survival_prob(survival_prob, drop_path_rate)
+        if folded_from is not None:
+            gate_mode = "off"  # p_l lives in the weights now
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.survival_prob = survival_prob
+        self.survival_rule = survival_rule
+        self.gate_mode = gate_mode
+        self.scaling = scaling
+        self.folded_from = dict(folded_from) if folded_from is not None else None
+        # What timm's save_for_hf writes to config.json, so that the survival settings round-trip.
+        self._model_args = dict(
+            survival_prob=survival_prob, survival_rule=survival_rule, gate_mode=gate_mode, scaling=scaling,
+            gate_seed=gate_seed, shortcut=shortcut)
+        if self.folded_from is not None:
+            self._model_args["folded_from"] = self.folded_from
+
+        num_blocks = sum(layers)
+        constant_depth = gate_mode == "off"
+        block_probs = [1.0] * num_blocks if constant_depth else survival_probs(num_blocks, survival_prob, survival_rule)
+        self.gate_sampler = GateSampler(block_probs, gate_mode, gate_seed)
+
+        # Stem
+        stem_chs = widths[0]
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=True)
+            self.maxpool = nn.Identity()
+            stem_reduction = 1
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+            stem_reduction = 4
+        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.act1 = nn.ReLU(inplace=True)
+        self.feature_info = [dict(num_chs=stem_chs, reduction=stem_reduction // (2 if stem == "imagenet" else 1),
+                                  module="act1")]
+
+        # Residual stages: blocks are numbered l = 1..L across stages for the survival schedule.
+        block_cls = BLOCKS[block]
+        in_chs, reduction, block_idx = stem_chs, stem_reduction, 0
+        self.stage_names = []
+        for stage_idx, (num, chs) in enumerate(zip(layers, widths)):
+            stride = 1 if stage_idx == 0 else 2
+            reduction *= stride
+            blocks = []
+            for i in range(num):
+                gate = ResidualGate(block_probs[block_idx], scaling)
+                blocks.append(block_cls(in_chs, chs, stride if i == 0 else 1, shortcut, gate))
+                in_chs = chs * block_cls.expansion
+                block_idx += 1
+            name = f"layer{stage_idx + 1}"
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
+
+        # Head
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.init_weights()
+
+    # -- init ------------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Kaiming normal (ReLU gain, fan_out) convs with zero bias, as the authors' code."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    # -- stochastic depth -----------------------------------------------------------------------------
+    def residual_blocks(self) -> List[nn.Module]:
+        """All residual blocks in schedule order l = 1..L."""
+        return [blk for name in self.stage_names for blk in getattr(self, name)]
+
+    def block_survival_probs(self) -> List[float]:
+        return [blk.gate.survival_prob for blk in self.residual_blocks()]
+
+    def expected_depth(self) -> float:
+        """Expected number of residual blocks computed per training step."""
+        return sum(self.block_survival_probs())
+
+    def stochastic_depth_args(self) -> Dict[str, Any]:
+        """The survival settings of this model, as model arguments (JSON-serialisable)."""
+        return dict(self._model_args)
+
+    # -- timm API -------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^conv1|bn1|^maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+
+    def _run_stage(self, stage: nn.Sequential, x: Tensor, gates: List[Optional[Tensor]], first: int) -> Tensor:
+        for i, blk in enumerate(stage):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, gates[first + i], use_reentrant=False)
+            else:
+                x = blk(x, gates[first + i])
+        return x
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Forward features that returns intermediates (stem output, then each stage's output)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt!r}")
+        num_stages = len(self.stage_names)
+        take_indices, max_index = feature_take_indices(num_stages + 1, indices)
+        intermediates = []
+        gates = self.gate_sampler.draw(x.shape[0], x.device)
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        names = self.stage_names[:max_index] if stop_early else self.stage_names
+        first = 0
+        for feat_idx, name in enumerate(names, start=1):
+            stage = getattr(self, name)
+            x = self._run_stage(stage, x, gates, first)
+            first += len(stage)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove the stages (and head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
+        for name in self.stage_names[max_index:]:
+            setattr(self, name, nn.Identity())
+        self.stage_names = self.stage_names[:max_index]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        # Drawn before any compute, outside the compiled graph; one generator step per mini-batch.
+        gates = self.gate_sampler.draw(x.shape[0], x.device)
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        first = 0
+        for name in self.stage_names:
+            stage = getattr(self, name)
+            x = self._run_stage(stage, x, gates, first)
+            first += len(stage)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _resolve_survival_prob(survival_prob: Optional[float], drop_path_rate: Optional[float]) -> float:
+    """survival_prob wins; timm's drop_path_rate is read as 1 - p_L; the paper's default is p_L = 0.5."""
+    if drop_path_rate is not None:
+        try:
+            from_rate = 1.0 - float(drop_path_rate)
+        except (TypeError, ValueError):
+            raise ValueError(f"drop_path_rate must be a number in [0, 1); got {drop_path_rate!r}") from None
+        if not 0.0 < from_rate <= 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1) (it is 1 - survival_prob); got {drop_path_rate!r}")
+        if survival_prob is not None and not math.isclose(float(survival_prob), from_rate):
+            raise ValueError(
+                f"survival_prob={survival_prob!r} and drop_path_rate={drop_path_rate!r} disagree: "
+                "drop_path_rate is 1 - survival_prob; give one of them")
+        survival_prob = from_rate
+    return check_survival_prob("survival_prob", 0.5 if survival_prob is None else survival_prob)
+
+
+# -- builders -----------------------------------------------------------------------------------------
+def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDResNet:
+    return build_model_with_cfg(
+        SDResNet, variant, pretrained,
+        feature_cfg=dict(feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _create_cifar(variant: str, depth: int, pretrained: bool, **kwargs) -> SDResNet:
+    model_args = dict(layers=cifar_stage_depths(depth), block="basic", stem="cifar", widths=CIFAR_WIDTHS)
+    kwargs.setdefault("shortcut", "zero_pad")
+    return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
+
+
+def _create_imagenet(variant: str, layers: Sequence[int], pretrained: bool, **kwargs) -> SDResNet:
+    model_args = dict(layers=tuple(layers), block="bottleneck", stem="imagenet", widths=IMAGENET_WIDTHS)
+    kwargs.setdefault("shortcut", "projection")
+    return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
+
+
+# Per-channel statistics of the training sets, for the data configs timm resolves from these cfgs.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """No cfg here claims weights: the zoo publishes none yet, so ``url`` and ``hf_hub_id`` stay empty."""
+    return {
+        "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
+        "interpolation": "bilinear", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
+        "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0", **kwargs,
+    }
+
+
+def _cifar_cfgs(name: str) -> Dict[str, Dict[str, Any]]:
+    return {
+        f"{name}.cifar10": _cfg(),
+        f"{name}.cifar100": _cfg(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
+        f"{name}.svhn": _cfg(mean=SVHN_MEAN, std=SVHN_STD),
+    }
+
+
+def _in1k_cfg() -> Dict[str, Any]:
+    return _cfg(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+default_cfgs = generate_default_cfgs({
+    **_cifar_cfgs("sd_resnet20_cifar"),
+    **_cifar_cfgs("sd_resnet56_cifar"),
+    **_cifar_cfgs("sd_resnet110_cifar"),
+    # The paper's SVHN model is the 152-layer CIFAR ResNet: its first tag is its default.
+    "sd_resnet152_cifar.svhn": _cfg(mean=SVHN_MEAN, std=SVHN_STD),
+    "sd_resnet152_cifar.cifar10": _cfg(),
+    "sd_resnet152_cifar.cifar100": _cfg(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
+    **_cifar_cfgs("sd_resnet1202_cifar"),
+    "sd_resnet50.in1k": _in1k_cfg(),
+    "sd_resnet101.in1k": _in1k_cfg(),
+    "sd_resnet152.in1k": _in1k_cfg(),
+})
+
+
+@register_model
+def sd_resnet20_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
+    """ResNet-20 for CIFAR (n = 3) with stochastic depth."""
+    return _create_cifar("sd_resnet20_cifar", 20, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet56_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
+    """ResNet-56 for CIFAR (n = 9) with stochastic depth."""
+    return _create_cifar("sd_resnet56_cifar", 56, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet110_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
+    """ResNet-110 for CIFAR (n = 18, L = 54 blocks): the paper's main CIFAR model."""
+    return _create_cifar("sd_resnet110_cifar", 110, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet152_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
+    """ResNet-152 of CIFAR layout (n = 25): the paper's SVHN model."""
+    return _create_cifar("sd_resnet152_cifar", 152, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet1202_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
+    """ResNet-1202 for CIFAR (n = 200)."""
+    return _create_cifar("sd_resnet1202_cifar", 1202, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet50(pretrained: bool = False, **kwargs) -> SDResNet:
+    """ResNet-50 (bottleneck, projection shortcuts) with stochastic depth."""
+    return _create_imagenet("sd_resnet50", (3, 4, 6, 3), pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet101(pretrained: bool = False, **kwargs) -> SDResNet:
+    """ResNet-101 (bottleneck, projection shortcuts) with stochastic depth."""
+    return _create_imagenet("sd_resnet101", (3, 4, 23, 3), pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet152(pretrained: bool = False, **kwargs) -> SDResNet:
+    """ResNet-152 (bottleneck, projection shortcuts): the paper's ImageNet model."""
+    return _create_imagenet("sd_resnet152", (3, 8, 36, 3), pretrained, **kwargs)
