@@ -373,9 +373,12 @@ def _resolve_survival_prob(survival_prob: Optional[float], drop_path_rate: Optio
 
 # -- builders -----------------------------------------------------------------------------------------
 def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDResNet:
+    # Features come from forward_intermediates: the blocks need the step's gates, which a plain
+    # module-by-module feature wrapper would not pass.
+    num_features = len(kwargs["layers"]) + 1
     return build_model_with_cfg(
         SDResNet, variant, pretrained,
-        feature_cfg=dict(feature_cls="getter"),
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_features))),
         **kwargs,
     )
 

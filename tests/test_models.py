@@ -1,0 +1,362 @@
+"""The zoo's models: schedule, gates, real skip, eval closed form, timm API, bad input."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import sdzoo
+from sdzoo.models.sd_resnet import cifar_stage_depths
+
+ZOO = ["sd_resnet20_cifar", "sd_resnet56_cifar", "sd_resnet110_cifar", "sd_resnet152_cifar",
+       "sd_resnet1202_cifar", "sd_resnet50", "sd_resnet101", "sd_resnet152"]
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- schedule ------------------------------------------------------------------------------------------
+def test_linear_schedule_resnet110():
+    probs = sdzoo.survival_probs(54, 0.5, "linear")
+    assert len(probs) == 54
+    assert probs[0] == pytest.approx(1 - 0.5 / 54)
+    assert probs[-1] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(probs, probs[1:]))
+    assert sdzoo.expected_depth(54, 0.5) == pytest.approx(40.25)
+
+
+def test_uniform_schedule_and_constant_depth():
+    assert sdzoo.survival_probs(10, 0.8, "uniform") == [0.8] * 10
+    assert sdzoo.expected_depth(54, 1.0) == pytest.approx(54)
+
+
+def test_model_uses_the_schedule():
+    model = timm.create_model("sd_resnet110_cifar")
+    assert len(model.residual_blocks()) == 54
+    assert model.block_survival_probs() == pytest.approx(sdzoo.survival_probs(54, 0.5))
+    assert model.expected_depth() == pytest.approx(40.25)
+    uniform = timm.create_model("sd_resnet110_cifar", survival_rule="uniform", survival_prob=0.8)
+    assert uniform.block_survival_probs() == pytest.approx([0.8] * 54)
+    off = timm.create_model("sd_resnet110_cifar", gate_mode="off")
+    assert off.expected_depth() == 54
+
+
+# -- architecture --------------------------------------------------------------------------------------
+def test_parameter_counts():
+    with torch.device("meta"):
+        r110 = timm.create_model("sd_resnet110_cifar", num_classes=10)
+        r1202 = timm.create_model("sd_resnet1202_cifar", num_classes=10)
+        projection = timm.create_model("sd_resnet110_cifar", num_classes=10, shortcut="projection")
+    assert n_params(r110) == pytest.approx(1.7e6, rel=0.03)
+    assert n_params(r1202) == pytest.approx(19.4e6, rel=0.01)
+    # two 1x1 projections with BN (16->32, 32->64) are all option B adds
+    assert n_params(projection) - n_params(r110) == 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+
+
+@pytest.mark.parametrize("depth,blocks", [(20, 3), (56, 9), (110, 18), (152, 25), (1202, 200)])
+def test_cifar_depths(depth, blocks):
+    assert cifar_stage_depths(depth) == (blocks,) * 3
+
+
+def test_zero_pad_shortcut_is_option_a():
+    model = timm.create_model("sd_resnet20_cifar")
+    shortcut = model.layer2[0].shortcut
+    x = torch.randn(2, 16, 8, 8)
+    out = shortcut(x)
+    assert out.shape == (2, 32, 4, 4)
+    assert torch.equal(out[:, :16], x[:, :, ::2, ::2])
+    assert torch.count_nonzero(out[:, 16:]) == 0
+    assert n_params(shortcut) == 0
+
+
+# -- real skip and FLOPs -------------------------------------------------------------------------------
+def _train_step_flops(model, x):
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops(), counter.get_flop_counts()
+
+
+def _mean_train_flops(steps, batch_size, **kwargs):
+    model = timm.create_model("sd_resnet110_cifar", gate_seed=1, **kwargs).train()
+    x = torch.randn(batch_size, 3, 32, 32)
+    return sum(_train_step_flops(model, x)[0] for _ in range(steps)) / steps
+
+
+def _predicted_flops(batch_size):
+    """What the schedule predicts: constant-depth cost less each branch's cost times (1 - p_l)."""
+    model = timm.create_model("sd_resnet110_cifar", gate_mode="off").train()
+    total, per_module = _train_step_flops(model, torch.randn(batch_size, 3, 32, 32))
+    branch_flops = [sum(per_module[f"SDResNet.{stage}.{i}.branch"].values())
+                    for stage in ("layer1", "layer2", "layer3") for i in range(18)]
+    probs = sdzoo.survival_probs(54, 0.5)
+    return total, total - sum((1 - p) * f for p, f in zip(probs, branch_flops))
+
+
+def test_training_flops_follow_the_schedule():
+    off, predicted = _predicted_flops(batch_size=2)
+    batch = _mean_train_flops(steps=100, batch_size=2, gate_mode="batch")
+    assert batch == pytest.approx(predicted, rel=0.02)
+    assert 0.72 < batch / off < 0.78  # about 0.75 of constant depth
+    assert _mean_train_flops(steps=1, batch_size=2, gate_mode="off") == off
+
+
+def test_sample_mode_flops_follow_the_schedule():
+    # round(p_l * B) of B samples run each branch: the same proportion at every step, so a few steps do
+    off, predicted = _predicted_flops(batch_size=16)
+    sample = _mean_train_flops(steps=3, batch_size=16, gate_mode="sample")
+    assert sample == pytest.approx(predicted, rel=0.02)
+    assert 0.72 < sample / off < 0.78
+
+
+def test_dropped_branch_is_not_computed():
+    model = timm.create_model("sd_resnet20_cifar", survival_prob=0.5, gate_seed=0).train()
+    calls = [0] * 9
+    for i, blk in enumerate(model.residual_blocks()):
+        blk.branch.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    state = model.gate_sampler.get_rng_state()
+    expected = model.gate_sampler.draw(2, torch.device("cpu"))
+    model.gate_sampler.set_rng_state(state)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert calls == [int(k) for k in expected]
+    assert 0 < sum(calls) < 9
+    for ran, blk in zip(calls, model.residual_blocks()):
+        grads = [p.grad for p in blk.branch.parameters()]
+        assert all(g is not None for g in grads) if ran else all(g is None for g in grads)
+
+
+def test_sample_mode_runs_branch_on_kept_samples_only():
+    model = timm.create_model("sd_resnet20_cifar", gate_mode="sample", survival_prob=0.5).train()
+    sizes = []
+    for blk in model.residual_blocks():
+        blk.branch.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    model(torch.randn(16, 3, 32, 32))
+    probs = model.block_survival_probs()
+    assert sizes == [round(p * 16) for p in probs]
+
+
+# -- eval: deterministic closed form ------------------------------------------------------------------
+def _closed_form(model, x):
+    """H_l = ReLU(shortcut(H_{l-1}) + p_l * f_l(H_{l-1})), written out from the modules."""
+    x = model.act1(model.bn1(model.conv1(x)))
+    for blk in model.residual_blocks():
+        x = F.relu(blk.shortcut(x) + blk.gate.survival_prob * blk.branch(x))
+    return model.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("gate_mode", ["batch", "sample"])
+def test_eval_is_deterministic_closed_form(gate_mode):
+    torch.manual_seed(0)
+    model = timm.create_model("sd_resnet20_cifar", gate_mode=gate_mode)
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    for _ in range(3):  # move BN statistics away from init
+        model(x)
+    model.eval()
+    state = model.gate_sampler.get_rng_state()
+    with torch.no_grad():
+        out1, out2 = model(x), model(x)
+        expected = _closed_form(model, x)
+    assert torch.equal(out1, out2)
+    torch.testing.assert_close(out1, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.gate_sampler.get_rng_state(), state), "eval must not consume gate draws"
+    model.train()
+    with torch.no_grad():
+        train_out = model(x)
+    assert not torch.allclose(train_out, out1), "train mode should drop blocks again"
+
+
+def test_inverted_scaling():
+    torch.manual_seed(0)
+    model = timm.create_model("sd_resnet20_cifar", scaling="inverted", survival_prob=0.5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = timm.create_model("sd_resnet20_cifar", gate_mode="off").eval()
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(x), plain(x))  # identity at eval
+        # training with every gate open: each branch divided by its p_l
+        blk = model.layer1[0].train()
+        h = torch.randn(2, 16, 8, 8).relu()
+        out = blk(h, torch.tensor(True))
+        expected = F.relu(h + blk.branch(h) / blk.gate.survival_prob)
+        torch.testing.assert_close(out, expected)
+
+
+# -- dice --------------------------------------------------------------------------------------------
+def _draws(seed, steps=20, mode="batch"):
+    model = timm.create_model("sd_resnet110_cifar", gate_seed=seed, gate_mode=mode).train()
+    return [torch.stack([g.to(torch.int64).flatten().sum() if mode == "sample" else g for g in
+                         model.gate_sampler.draw(8, torch.device("cpu"))]) for _ in range(steps)]
+
+
+def test_same_seed_same_gates_other_seed_other_gates():
+    a, b, c = _draws(7), _draws(7), _draws(8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert len({tuple(x.tolist()) for x in a}) > 1, "every step must roll new dice"
+
+
+def test_same_seed_same_training_outputs():
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = timm.create_model("sd_resnet20_cifar", gate_seed=5, gate_mode="sample").train()
+        outs.append(torch.stack([model(x) for _ in range(3)]))
+    assert torch.equal(*outs)
+
+
+# -- torch.compile -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gate_mode", ["batch", "sample"])
+def test_compile_keeps_dice_random_without_recompiles(gate_mode):
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("sd_resnet20_cifar", gate_mode=gate_mode, gate_seed=11).train()
+    eager = copy.deepcopy(model)
+    ran = [0] * 9
+    for i, blk in enumerate(eager.residual_blocks()):
+        blk.branch.register_forward_hook(lambda m, a, o, i=i: ran.__setitem__(i, ran[i] + 1))
+    probe = copy.deepcopy(model.gate_sampler)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(4, 3, 32, 32)
+    steps, drawn, frames = 12, [0] * 9, []
+    for _ in range(steps):
+        for i, g in enumerate(probe.draw(4, torch.device("cpu"))):
+            drawn[i] += int(g) if gate_mode == "batch" else 1
+        out = compiled(x)
+        out.sum().backward()
+        ref = eager(x)
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        frames.append(counter.frame_count)
+    # the compiled model followed every step's draws, as the eager twin that counted its branch calls
+    assert ran == drawn
+    if gate_mode == "batch":
+        assert 0 < sum(ran) < steps * 9 and len(set(ran)) > 1
+    assert frames[-1] == frames[0], f"recompiled during training: frame counts {frames}"
+    for a, b in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad if a.grad is not None else torch.zeros_like(a),
+                                   b.grad if b.grad is not None else torch.zeros_like(b), rtol=1e-4, atol=1e-4)
+    for a, b in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# -- timm integration ----------------------------------------------------------------------------------
+def test_list_models():
+    assert set(timm.list_models("sd_*")) == set(ZOO)
+
+
+def test_create_by_name_tag_and_num_classes():
+    model = timm.create_model("sd_resnet56_cifar.cifar100")
+    assert model.num_classes == 100 and model.pretrained_cfg["tag"] == "cifar100"
+    assert timm.create_model("sd_resnet152_cifar").pretrained_cfg["tag"] == "svhn"
+    assert timm.create_model("sd_resnet20_cifar", num_classes=7)(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    in1k = timm.create_model("sd_resnet50")
+    assert in1k.num_classes == 1000 and in1k.pretrained_cfg["input_size"] == (3, 224, 224)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 32, 32) and len(cfg["mean"]) == 3
+
+
+def test_timm_model_api():
+    model = timm.create_model("sd_resnet20_cifar").eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 64, 8, 8)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 64)
+    assert torch.equal(model.forward_head(feats), model(x))
+    assert model.get_classifier() is model.fc
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 64)
+    groups = model.group_matcher()
+    assert "stem" in groups and "blocks" in groups
+    final, inter = model.forward_intermediates(x)
+    assert [t.shape[1] for t in inter] == [16, 16, 32, 64] and torch.equal(final, feats)
+
+
+def test_grad_checkpointing_matches():
+    torch.manual_seed(0)
+    a = timm.create_model("sd_resnet20_cifar", gate_seed=3).train()
+    b = timm.create_model("sd_resnet20_cifar", gate_seed=3).train()
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    a(x).sum().backward()
+    b(x).sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert (pa.grad is None) == (pb.grad is None)
+        if pa.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad)
+
+
+@pytest.mark.parametrize("name,size,chs,reductions", [
+    ("sd_resnet20_cifar", 32, [16, 16, 32, 64], [1, 1, 2, 4]),
+    ("sd_resnet50", 64, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+])
+def test_features_only(name, size, chs, reductions):
+    model = timm.create_model(name, features_only=True).eval()
+    assert model.feature_info.channels() == chs
+    assert model.feature_info.reduction() == reductions
+    feats = model(torch.randn(1, 3, size, size))
+    assert [f.shape[1] for f in feats] == chs
+    assert [size // f.shape[-1] for f in feats] == reductions
+    sub = timm.create_model(name, features_only=True, out_indices=(1, 2))
+    assert sub.feature_info.channels() == chs[1:3]
+
+
+def test_survival_settings_round_trip_through_timm(tmp_path):
+    from timm.models import save_for_hf
+    model = timm.create_model("sd_resnet20_cifar", survival_prob=0.7, survival_rule="uniform",
+                              gate_mode="sample", scaling="inverted", gate_seed=4).eval()
+    save_for_hf(model, tmp_path)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    for key in ("survival_prob", "survival_rule", "gate_mode", "scaling"):
+        assert getattr(loaded, key) == getattr(model, key)
+    assert loaded.block_survival_probs() == model.block_survival_probs()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_drop_path_rate_is_one_minus_survival_prob():
+    model = timm.create_model("sd_resnet20_cifar", drop_path_rate=0.3)
+    assert model.survival_prob == pytest.approx(0.7)
+    assert model.block_survival_probs()[-1] == pytest.approx(0.7)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(survival_prob=0.0), "survival_prob"),
+    (dict(survival_prob=1.5), "survival_prob"),
+    (dict(survival_prob=-0.1), "survival_prob"),
+    (dict(survival_prob="high"), "survival_prob"),
+    (dict(survival_rule="cosine"), "survival_rule.*'linear', 'uniform'"),
+    (dict(gate_mode="row"), "gate_mode.*'batch', 'sample', 'off'"),
+    (dict(scaling="none"), "scaling.*'expectation', 'inverted'"),
+    (dict(shortcut="B"), "shortcut.*'zero_pad', 'projection'"),
+    (dict(drop_path_rate=1.0), "drop_path_rate"),
+    (dict(drop_path_rate=0.2, survival_prob=0.5), "disagree"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("sd_resnet20_cifar", **kwargs)
+
+
+@pytest.mark.parametrize("depth", [21, 0, 2, 110.0, "110"])
+def test_bad_cifar_depth(depth):
+    with pytest.raises(ValueError, match="depth must be 6n\\+2"):
+        cifar_stage_depths(depth)
+
+
+def test_bad_schedule_arguments():
+    with pytest.raises(ValueError, match="num_blocks"):
+        sdzoo.survival_probs(0, 0.5)
+    with pytest.raises(ValueError, match="survival_prob"):
+        sdzoo.survival_probs(10, math.nan)
