@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: does stochastic depth save the time it promises?
+
+One architecture, one batch size, one run. Training variants are timed round-robin, one step of each in
+turn, so that a noisy shared machine slows them all alike; we report the median step time and its ratio to
+constant depth, with the executed FLOPs per image (torch.utils.flop_counter) beside it:
+
+  constant depth          every block runs
+  sdzoo batch             the paper's gate: a dropped block is not computed
+  sdzoo sample            per-sample drop computed on the kept samples only
+  timm DropPath           the same per-block rates, as a mask (computes every block)
+  torchvision SD batch    torchvision.ops.StochasticDepth(mode="batch"), a mask
+  torchvision SD row      torchvision.ops.StochasticDepth(mode="row"), a mask
+
+On a GPU each variant also runs in bf16 with channels_last, with and without torch.compile, and reports its
+peak memory. Then inference: PyTorch eager against onnxruntime fp32 and int8 at batch 1 and 32.
+
+    python scripts/benchmark.py --model sd_resnet110_cifar --batch-size 128 --json out/benchmark.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+import sdzoo
+from sdzoo.gate import ResidualGate
+
+NOT_RUN = "not run"
+
+
+# -- variants ------------------------------------------------------------------------------------------
+class MaskGate(ResidualGate):
+    """A gate that computes every branch and multiplies it by a random mask (timm, torchvision)."""
+
+    def __init__(self, survival_prob: float, drop: nn.Module):
+        super().__init__(survival_prob, scaling="inverted")
+        self.drop = drop
+
+    def forward(self, branch, x, shortcut, gate):
+        return shortcut + self.drop(branch(x))
+
+
+def build_variant(model_name: str, variant: str, survival_prob: float, seed: int) -> nn.Module:
+    """The same architecture and per-block survival probabilities, with each library's way of dropping."""
+    torch.manual_seed(seed)
+    if variant == "constant depth":
+        return timm.create_model(model_name, gate_mode="off")
+    if variant.startswith("sdzoo"):
+        return timm.create_model(model_name, gate_mode=variant.split()[1], survival_prob=survival_prob,
+                                 gate_seed=seed)
+    model = timm.create_model(model_name, gate_mode="off")
+    probs = sdzoo.survival_probs(len(model.residual_blocks()), survival_prob)
+    for blk, p in zip(model.residual_blocks(), probs):
+        if variant == "timm DropPath":
+            from timm.layers import DropPath
+            drop = DropPath(1.0 - p)
+        else:
+            from torchvision.ops import StochasticDepth
+            drop = StochasticDepth(1.0 - p, mode=variant.split()[-1])
+        blk.gate = MaskGate(p, drop)
+    return model
+
+
+VARIANTS = ["constant depth", "sdzoo batch", "sdzoo sample", "timm DropPath", "torchvision SD batch",
+            "torchvision SD row"]
+
+
+# -- training measurements ---------------------------------------------------------------------------
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    """Executed forward + backward FLOPs per image, averaged over `steps` steps (each rolls new dice)."""
+    total = 0
+    for _ in range(steps):
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(x), y).backward()
+        total += counter.get_total_flops()
+        model.zero_grad(set_to_none=True)
+    return total / steps / x.shape[0]
+
+
+def time_training(models: Dict[str, nn.Module], x, y, steps: int, warmup: int, amp: bool,
+                  measure_memory: bool) -> Dict[str, Dict[str, float]]:
+    device = x.device
+    stepper = {name: make_step(m, x, y, amp) for name, m in models.items()}
+    results: Dict[str, Dict[str, float]] = {name: {} for name in models}
+    if measure_memory:  # one variant at a time, since the peak is per process
+        for name, step in stepper.items():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(max(2, warmup)):
+                step()
+            sync(device)
+            results[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    for _ in range(warmup):
+        for step in stepper.values():
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    for i in range(steps):
+        for name, step in stepper.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+        print(f"  step {i + 1}/{steps}", end="\r", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    for name in models:
+        results[name]["step_ms"] = 1000 * statistics.median(times[name])
+        results[name]["img_per_s"] = x.shape[0] / (results[name]["step_ms"] / 1000)
+    return results
+
+
+def training_benchmark(args, device: torch.device, amp: bool, channels_last: bool, compile_model: bool):
+    label = f"{device.type}{' bf16' if amp else ''}{' channels_last' if channels_last else ''}" \
+            f"{' compile' if compile_model else ''}"
+    print(f"training: {label}", file=sys.stderr)
+    in_chans, height, width = timm.create_model(args.model).pretrained_cfg["input_size"]
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, in_chans, height, width, generator=gen).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=memory_format)
+    models, flops = {}, {}
+    flop_batch = min(32, args.batch_size)  # per-image FLOPs do not depend on it; the CPU time does
+    for variant in args.variants:
+        model = build_variant(args.model, variant, args.survival_prob, args.seed).train()
+        if not compile_model:  # FLOPs are the same compiled or not; count them once, eagerly
+            flops[variant] = flops_per_image(model, x[:flop_batch], y[:flop_batch],
+                                             args.flop_steps)
+        model = model.to(device, memory_format=memory_format)
+        models[variant] = torch.compile(model) if compile_model else model
+    results = time_training(models, x, y, args.steps, args.warmup, amp, device.type == "cuda")
+    base = results["constant depth"]
+    rows = []
+    for variant in args.variants:
+        r = results[variant]
+        rows.append(dict(setting=label, variant=variant, step_ms=r["step_ms"], img_per_s=r["img_per_s"],
+                         time_ratio=r["step_ms"] / base["step_ms"],
+                         gflops_per_img=flops[variant] / 1e9 if variant in flops else None,
+                         peak_mem_gib=r.get("peak_mem_gib"),
+                         mem_ratio=(r["peak_mem_gib"] / base["peak_mem_gib"]) if "peak_mem_gib" in r else None))
+    if flops:
+        for row in rows:
+            row["flop_ratio"] = flops[row["variant"]] / flops["constant depth"]
+    return rows
+
+
+# -- inference measurements --------------------------------------------------------------------------
+def inference_benchmark(args) -> List[Dict]:
+    """Folded model: PyTorch eager vs onnxruntime fp32 vs int8 (CPU), batch 1 and 32, and the folded ONNX
+    against the same architecture built without stochastic depth (deployment should cost nothing extra)."""
+    from sdzoo import onnx_export
+    from sdzoo.fold import fold_survival
+    print("inference: eager vs onnxruntime", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    model = fold_survival(timm.create_model(args.model, survival_prob=args.survival_prob)).eval()
+    plain = timm.create_model(args.model, gate_mode="off").eval()
+    input_size = model.pretrained_cfg["input_size"]
+    cfg = model.pretrained_cfg
+    images, _ = onnx_export.digits_images(input_size, cfg["mean"], cfg["std"])
+    timing = dict(input_size=input_size, iters=args.infer_iters)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8, plain_path = (Path(tmp) / n for n in ("model.onnx", "model.int8.onnx", "plain.onnx"))
+        onnx_export.export_onnx(model, fp32)
+        onnx_export.export_onnx(plain, plain_path)
+        onnx_export.quantize_int8(fp32, int8, images[:256], images[256:512], latency_batch_sizes=(1,))
+        for batch in (1, 32):
+            torch_ms = onnx_export.torch_latency(model, batch, **timing)
+            fp32_ms = onnx_export.onnx_latency(fp32, batch, **timing)
+            int8_ms = onnx_export.onnx_latency(int8, batch, **timing)
+            plain_ms = onnx_export.onnx_latency(plain_path, batch, **timing)
+            rows.append(dict(batch=batch, torch_eager_ms=torch_ms, ort_fp32_ms=fp32_ms, ort_int8_ms=int8_ms,
+                             ort_plain_fp32_ms=plain_ms, fp32_speedup=torch_ms / fp32_ms,
+                             int8_speedup=torch_ms / int8_ms, folded_vs_plain=fp32_ms / plain_ms))
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------------------
+def _fmt(value, spec: str) -> str:
+    return NOT_RUN if value is None else format(value, spec)
+
+
+def format_training(rows: List[Dict]) -> str:
+    lines = ["| setting | variant | step ms | img/s | time vs constant | GFLOP/img | FLOPs vs constant "
+             "| peak GiB | memory vs constant |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.get("step_ms") is None:
+            lines.append(f"| {r['setting']} | {r['variant']} | {NOT_RUN} |  |  |  |  |  |  |")
+            continue
+        lines.append(
+            f"| {r['setting']} | {r['variant']} | {r['step_ms']:.1f} | {r['img_per_s']:.0f} "
+            f"| {r['time_ratio']:.3f} | {_fmt(r.get('gflops_per_img'), '.3f')} | {_fmt(r.get('flop_ratio'), '.3f')} "
+            f"| {_fmt(r.get('peak_mem_gib'), '.2f')} | {_fmt(r.get('mem_ratio'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def format_inference(rows: List[Dict]) -> str:
+    lines = ["| batch | PyTorch eager ms | onnxruntime fp32 ms | onnxruntime int8 ms | fp32 speed-up "
+             "| int8 speed-up | plain ResNet fp32 ms | folded vs plain |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['torch_eager_ms']:.2f} | {r['ort_fp32_ms']:.2f} | {r['ort_int8_ms']:.2f} "
+                     f"| {r['fp32_speedup']:.2f}x | {r['int8_speedup']:.2f}x | {r['ort_plain_fp32_ms']:.2f} "
+                     f"| {r['folded_vs_plain']:.3f} |")
+    return "\n".join(lines)
+
+
+def machine() -> Dict[str, str]:
+    info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+                sdzoo=sdzoo.__version__, cpu=platform.processor() or platform.machine(),
+                cpu_count=str(os.cpu_count()), torch_threads=str(torch.get_num_threads()))
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd_resnet110_cifar", help="registered sdzoo model (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default: %(default)s)")
+    p.add_argument("--flop-steps", type=int, default=20,
+                   help="steps averaged for executed FLOPs per image (default: %(default)s)")
+    p.add_argument("--survival-prob", type=float, default=0.5, help="p_L for every variant (default: %(default)s)")
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT",
+                   help=f"training variants to run (default: all of {VARIANTS})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the CPU, and the GPU too when one is present (default: %(default)s)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows on GPU")
+    p.add_argument("--skip-inference", action="store_true", help="skip the eager vs onnxruntime table")
+    p.add_argument("--infer-iters", type=int, default=30, help="timed iterations per latency (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "steps", "flop_steps", "infer_iters"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be a positive integer; got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0; got {args.warmup}")
+    if not 0.0 < args.survival_prob <= 1.0:
+        p.error(f"--survival-prob must be in (0, 1]; got {args.survival_prob}")
+    if args.model not in timm.list_models("sd_*"):
+        p.error(f"--model must be one of {', '.join(timm.list_models('sd_*'))}; got {args.model!r}")
+    if "constant depth" not in args.variants:
+        args.variants = ["constant depth", *args.variants]  # the baseline every ratio is against
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    use_cpu = args.device in ("auto", "cpu")
+    use_gpu = args.device in ("auto", "cuda") and torch.cuda.is_available()
+    train_rows = []
+    if use_cpu:
+        train_rows += training_benchmark(args, torch.device("cpu"), amp=False, channels_last=False,
+                                         compile_model=False)
+    if use_gpu:
+        cuda = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+        train_rows += training_benchmark(args, cuda, amp=True, channels_last=True, compile_model=False)
+        if not args.no_compile:
+            train_rows += training_benchmark(args, cuda, amp=True, channels_last=True, compile_model=True)
+    else:
+        for setting in ("cuda bf16 channels_last", "cuda bf16 channels_last compile"):
+            train_rows += [dict(setting=setting, variant=v, step_ms=None) for v in args.variants]
+    infer_rows = [] if args.skip_inference else inference_benchmark(args)
+
+    info = machine()
+    print(f"\n## Training step: {args.model}, batch {args.batch_size}, p_L = {args.survival_prob}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up\n")
+    print(format_training(train_rows))
+    if not use_gpu:
+        print("\nNo GPU on this machine: the GPU rows were not run.")
+    if infer_rows:
+        print(f"\n## Inference (folded {args.model}, CPU, onnxruntime {_ort_version()})\n")
+        print(format_inference(infer_rows))
+    print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = dict(model=args.model, batch_size=args.batch_size, survival_prob=args.survival_prob,
+                       steps=args.steps, warmup=args.warmup, machine=info, training=train_rows,
+                       inference=infer_rows)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
