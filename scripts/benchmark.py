@@ -192,8 +192,9 @@ def inference_benchmark(args) -> List[Dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8, plain_path = (Path(tmp) / n for n in ("model.onnx", "model.int8.onnx", "plain.onnx"))
-        onnx_export.export_onnx(model, fp32)
-        onnx_export.export_onnx(plain, plain_path)
+        # Untrained deep ResNets have huge logits (the residual stream grows block by block): check relatively.
+        onnx_export.export_onnx(model, fp32, rtol=1e-5)
+        onnx_export.export_onnx(plain, plain_path, rtol=1e-5)
         onnx_export.quantize_int8(fp32, int8, images[:256], images[256:512], latency_batch_sizes=(1,))
         for batch in (1, 32):
             torch_ms = onnx_export.torch_latency(model, batch, **timing)

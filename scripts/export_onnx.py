@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Export a trained stochastic-depth model to ONNX: fold p_l into the weights, export, verify, describe.
+
+    python scripts/export_onnx.py --model local-dir:runs/r110 --output r110.onnx
+    python scripts/export_onnx.py --model sd_resnet110_cifar --checkpoint r110.safetensors --output r110.onnx
+    python scripts/export_onnx.py --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
+
+The exported graph is a plain ResNet (p_l lives in the weights). It is kept only after onnx's full checker
+and an onnxruntime-vs-PyTorch check at several batch sizes; on any failure the script exits non-zero and
+writes no file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+import timm
+import sdzoo  # registers the zoo, which local-dir: and hf-hub: models need
+from sdzoo.fold import can_fold, fold_survival, is_folded
+from sdzoo.onnx_export import (
+    DEFAULT_OPSET, ExportError, benchmark, digits_images, export_onnx, format_benchmark, onnx_metadata,
+    quantize_int8)
+
+HUB_PREFIXES = ("local-dir:", "hf-hub:")
+CALIB_DATA = ("digits",)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="a registered name (e.g. sd_resnet110_cifar), local-dir:PATH or hf-hub:ORG/NAME")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights for a registered name: .safetensors, or a torch file (loaded weights-only)")
+    parser.add_argument("--output", required=True, help="the ONNX file to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--no-fold", action="store_true",
+                        help="export the model as it is (a multiply by p_l per block stays in the graph)")
+    group = parser.add_argument_group("model arguments of a registered name (what the checkpoint was trained with)")
+    group.add_argument("--num-classes", type=int, default=None)
+    group.add_argument("--survival-prob", type=float, default=None,
+                       help="p_L; 1.0 for constant depth or for a checkpoint that is already folded")
+    group.add_argument("--survival-rule", default=None, choices=sdzoo.SURVIVAL_RULES)
+    group.add_argument("--scaling", default=None, choices=sdzoo.SCALINGS)
+    parser.add_argument("--img-size", type=int, default=None, help="input height and width (default: the model's)")
+    parser.add_argument("--label-names", default=None,
+                        help="class names written to the metadata: comma-separated, or @FILE with one per line")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted onnxruntime-vs-PyTorch difference")
+    parser.add_argument("--rtol", type=float, default=0.0,
+                        help="adds rtol x the largest |logit| to --atol (untrained deep models have huge logits)")
+    parser.add_argument("--verify-batch-sizes", default="1,3,16", help="batch sizes of the parity check")
+    parser.add_argument("--quantize", default=None, choices=("int8",),
+                        help="also write a static int8 (QDQ) model next to the output")
+    parser.add_argument("--quant-output", default=None, help="the int8 file (default: OUTPUT with .int8.onnx)")
+    parser.add_argument("--calib-data", default="digits", choices=CALIB_DATA, help="calibration images")
+    parser.add_argument("--calib-images", type=int, default=256,
+                        help="training images used to calibrate; the test split measures top-1 agreement")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="onnxruntime CPU latency at batch 1 and 32 against PyTorch eager")
+    parser.add_argument("--bench-iters", type=int, default=20,
+                        help="timed runs per latency (the median is reported), for --benchmark and --quantize")
+    args = parser.parse_args(argv)
+    args.parser = parser
+    return args
+
+
+def fail(args: argparse.Namespace, message: str) -> None:
+    """Exit with status 2 and a message that names the argument at fault (argparse's convention)."""
+    args.parser.exit(2, f"{args.parser.prog}: error: {message}\n")
+
+
+# -- model --------------------------------------------------------------------------------------------------
+def create_model(args: argparse.Namespace) -> torch.nn.Module:
+    if args.model.startswith(HUB_PREFIXES):
+        return _create_pretrained(args)
+    if not timm.is_model(args.model):
+        zoo = ", ".join(timm.list_models("sd_*"))
+        fail(args, f"--model: unknown model {args.model!r}; give a registered name ({zoo}), "
+                   "local-dir:PATH or hf-hub:ORG/NAME")
+    kwargs = {k: v for k, v in dict(num_classes=args.num_classes, survival_prob=args.survival_prob,
+                                    survival_rule=args.survival_rule, scaling=args.scaling).items() if v is not None}
+    try:
+        model = timm.create_model(args.model, **kwargs)
+    except (ValueError, TypeError) as err:
+        fail(args, f"--model {args.model}: {err}")
+    if args.checkpoint is None:
+        print(f"note: no --checkpoint given, exporting {args.model} with its initial weights")
+    else:
+        load_checkpoint(args, model, args.checkpoint)
+    return model
+
+
+def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
+    for flag in ("checkpoint", "num_classes", "survival_prob", "survival_rule", "scaling"):
+        if getattr(args, flag) is not None:
+            fail(args, f"--{flag.replace('_', '-')} applies to a registered model name only; "
+                       f"{args.model} brings its weights and settings with it")
+    if args.model.startswith("local-dir:") and not os.path.isdir(args.model[len("local-dir:"):]):
+        fail(args, f"--model: no such directory {args.model[len('local-dir:'):]!r}")
+    try:
+        return timm.create_model(args.model, pretrained=True)
+    except RuntimeError as err:  # load_state_dict: the weights do not fit the architecture in config.json
+        fail(args, f"--model {args.model}: the weights do not match the architecture: {_short(err)}")
+    except Exception as err:  # noqa: BLE001  (missing files, unknown architecture, no network, ...)
+        fail(args, f"--model {args.model}: cannot load it: {type(err).__name__}: {_short(err)}")
+
+
+def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str) -> None:
+    """Load a state dict (safetensors, or a torch file read weights-only) strictly into ``model``."""
+    if not os.path.isfile(path):
+        fail(args, f"--checkpoint: no such file {path!r}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        fail(args, f"--checkpoint {path}: cannot read it as .safetensors or a weights-only torch file: "
+                   f"{_short(err)}")
+    state = _unwrap_state_dict(state)
+    problems = _state_dict_mismatch(model.state_dict(), state)
+    if problems:
+        fail(args, f"--checkpoint {path} does not match --model {args.model} "
+                   f"(num_classes={model.num_classes}): {problems}")
+    model.load_state_dict(state)
+
+
+def _unwrap_state_dict(state: Any) -> Dict[str, torch.Tensor]:
+    # timm's training checkpoints nest the weights; DDP and torch.compile prefix the names.
+    if isinstance(state, dict):
+        for key in ("state_dict_ema", "state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        return {}
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _state_dict_mismatch(expected: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor]) -> str:
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(expected.keys() & given.keys())
+              if tuple(getattr(given[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
+            parts.append(f"{label}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts)
+
+
+def _short(err: BaseException, lines: int = 3, width: int = 240) -> str:
+    """The head of an error message: state-dict errors can list hundreds of keys."""
+    text = [line.strip()[:width] for line in str(err).strip().splitlines()[:lines]]
+    return " ".join(text) or type(err).__name__
+
+
+# -- steps --------------------------------------------------------------------------------------------------
+def maybe_fold(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    if args.no_fold:
+        print("not folded (--no-fold): exported as it is; with expectation scaling each block keeps its "
+              "multiply by p_l")
+    elif not hasattr(model, "residual_blocks"):
+        print(f"not folded: {type(model).__name__} is not a stochastic-depth model")
+    elif is_folded(model):
+        print(f"already folded (trained with {model.folded_from}): exporting as is")
+    elif getattr(model, "scaling", None) != "expectation":
+        print(f"nothing to fold: scaling is {model.scaling!r}, so the eval network has no p_l in it "
+              "and is already a plain ResNet")
+    elif not can_fold(model):
+        print("nothing to fold: every p_l is 1 (constant depth)")
+    else:
+        probs = model.block_survival_probs()
+        fold_survival(model)
+        print(f"folded p_l into {len(probs)} residual branches (p_l from {max(probs):.4f} to {min(probs):.4f})")
+
+
+def input_size_of(args: argparse.Namespace, model: torch.nn.Module) -> List[int]:
+    channels, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    if args.img_size is not None:
+        if args.img_size < 1:
+            fail(args, f"--img-size must be a positive integer; got {args.img_size}")
+        height = width = args.img_size
+    return [channels, height, width]
+
+
+def label_names_of(args: argparse.Namespace) -> Optional[List[str]]:
+    if args.label_names is None:
+        return None
+    if args.label_names.startswith("@"):
+        try:
+            with open(args.label_names[1:]) as f:
+                return [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            fail(args, f"--label-names: cannot read {args.label_names[1:]!r}: {err.strerror}")
+    return [name.strip() for name in args.label_names.split(",")]
+
+
+def parse_batch_sizes(args: argparse.Namespace) -> List[int]:
+    try:
+        sizes = [int(s) for s in args.verify_batch_sizes.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        fail(args, f"--verify-batch-sizes must be comma-separated positive integers; got {args.verify_batch_sizes!r}")
+    return sizes
+
+
+def calibration_split(args: argparse.Namespace, model: torch.nn.Module, input_size: List[int]):
+    """Calibration images from the training split, held-out images from the test split."""
+    cfg = model.pretrained_cfg
+    mean, std = cfg.get("mean", (0.5,)), cfg.get("std", (0.5,))
+    train, _ = digits_images(input_size, mean, std, split="train")
+    if not 0 < args.calib_images <= len(train):
+        fail(args, f"--calib-images must be from 1 to {len(train)} (the {args.calib_data} training split); "
+                   f"got {args.calib_images}")
+    test, _ = digits_images(input_size, mean, std, split="test")
+    return train[:args.calib_images], test
+
+
+def quant_output_of(args: argparse.Namespace) -> str:
+    if args.quant_output:
+        return args.quant_output
+    stem = args.output[:-len(".onnx")] if args.output.endswith(".onnx") else args.output
+    return stem + ".int8.onnx"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    output_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(output_dir):
+        fail(args, f"--output: directory {output_dir!r} does not exist")
+    batch_sizes = parse_batch_sizes(args)
+    if args.bench_iters < 1:
+        fail(args, f"--bench-iters must be a positive integer; got {args.bench_iters}")
+    label_names = label_names_of(args)
+
+    model = create_model(args).eval()
+    input_size = input_size_of(args, model)
+    maybe_fold(args, model)
+    try:
+        metadata = onnx_metadata(model, input_size=input_size, label_names=label_names)
+        report = export_onnx(model, args.output, input_size=input_size, opset=args.opset,
+                             verify_batch_sizes=batch_sizes, atol=args.atol, rtol=args.rtol, metadata=metadata)
+    except ValueError as err:
+        fail(args, str(err))
+    except ExportError as err:
+        print(f"error: {err}\nno file written", file=sys.stderr)
+        return 1
+    print(report.summary())
+
+    if args.quantize == "int8":
+        calib, held_out = calibration_split(args, model, input_size)
+        try:
+            quant = quantize_int8(args.output, quant_output_of(args), calib, held_out,
+                                  latency_iters=args.bench_iters)
+        except (ValueError, ExportError) as err:
+            print(f"error: int8 quantization failed, no int8 file written: {err}", file=sys.stderr)
+            return 1
+        print(quant.summary())
+
+    if args.benchmark:
+        print(format_benchmark(benchmark(model, args.output, input_size=input_size, iters=args.bench_iters)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Fold the test-time rescaling of stochastic depth into the weights.
+
+At test time a block computes ``shortcut(x) + p_l * f_l(x)`` (``expectation`` scaling). The branch f_l ends
+in an affine layer (its last BatchNorm, or the conv that BatchNorm was fused into), and an affine layer
+times p_l is the same layer with its weight and bias times p_l. Folding does exactly that and then sets
+every p_l to 1, so the model becomes a plain ResNet: same outputs, no multiply, no gates. Its state dict
+loads into the same architecture built with ``gate_mode='off'``.
+
+This module is the one place a model is folded; the export tools and the Hub tools call it.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+__all__ = ["fold_survival", "is_folded", "can_fold"]
+
+# The model arguments that describe how a model was trained: what a folded model records.
+_SURVIVAL_KEYS = ("survival_prob", "survival_rule", "gate_mode", "scaling")
+
+
+def is_folded(model: nn.Module) -> bool:
+    return getattr(model, "folded_from", None) is not None
+
+
+def can_fold(model: nn.Module) -> bool:
+    """True when folding would change anything: expectation scaling and at least one p_l below 1."""
+    if is_folded(model) or getattr(model, "scaling", None) != "expectation":
+        return False
+    return any(blk.gate.survival_prob < 1.0 for blk in _residual_blocks(model))
+
+
+@torch.no_grad()
+def fold_survival(model: nn.Module) -> nn.Module:
+    """Fold each block's survival probability into its branch, in place, and turn the gates off.
+
+    The folded model's eval outputs equal the model's eval outputs (up to float rounding), its gates are
+    off in training too (it is a plain ResNet now), and ``model.folded_from`` records the survival
+    settings it was trained with. Returns the model.
+
+    Raises:
+        ValueError: the model is already folded, uses ``inverted`` scaling (its eval graph has no p_l to
+            fold), or a branch does not end in an affine layer.
+    """
+    blocks = _residual_blocks(model)
+    if is_folded(model):
+        raise ValueError(
+            f"model is already folded (folded_from={model.folded_from!r}); folding twice would scale "
+            "each branch by p_l again")
+    scaling = getattr(model, "scaling", "expectation")
+    if scaling != "expectation":
+        raise ValueError(
+            f"scaling must be 'expectation' to fold; got {scaling!r}: with inverted scaling the eval "
+            "network has no p_l in it and is already a plain ResNet, there is nothing to fold")
+
+    # Check every branch before touching any weight, so a refused fold leaves the model as it was.
+    affines = [_last_affine(blk.branch, idx) for idx, blk in enumerate(blocks, start=1)]
+    for blk, affine in zip(blocks, affines):
+        p = blk.gate.survival_prob
+        if p < 1.0:
+            affine.weight.mul_(p)
+            if affine.bias is not None:
+                affine.bias.mul_(p)
+        blk.gate.survival_prob = 1.0
+
+    model.folded_from = _trained_settings(model)
+    model.gate_mode = "off"
+    sampler = getattr(model, "gate_sampler", None)
+    if sampler is not None:
+        sampler.mode = "off"
+        sampler.survival_probs = [1.0] * len(sampler.survival_probs)
+    if getattr(model, "_model_args", None) is not None:
+        # What config.json carries: rebuilding from it gives the plain ResNet the weights now belong to.
+        model._model_args = dict(model._model_args, gate_mode="off", folded_from=dict(model.folded_from))
+    return model
+
+
+def _residual_blocks(model: nn.Module):
+    if not hasattr(model, "residual_blocks"):
+        raise ValueError(f"model must be an sdzoo stochastic-depth model (with residual_blocks()); "
+                         f"got {type(model).__name__}")
+    return model.residual_blocks()
+
+
+def _trained_settings(model: nn.Module) -> Dict[str, Any]:
+    args = getattr(model, "_model_args", None) or {}
+    return {k: args.get(k, getattr(model, k, None)) for k in _SURVIVAL_KEYS}
+
+
+def _last_affine(branch: nn.Module, block_idx: int) -> nn.Module:
+    """The branch's last layer: a BatchNorm with affine parameters, or a conv a BatchNorm was fused into.
+
+    Only layers without parameters that are the identity may follow it (fused BNs leave an Identity).
+    """
+    layers = list(branch.children()) if isinstance(branch, nn.Sequential) else [branch]
+    for layer in reversed(layers):
+        if isinstance(layer, nn.Identity):
+            continue
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.affine:
+            return layer
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            return layer
+        break
+    raise ValueError(
+        f"residual block {block_idx}: the branch must end in an affine BatchNorm or a conv to fold p_l "
+        f"into; it ends in {type(layers[-1]).__name__ if layers else 'nothing'}")

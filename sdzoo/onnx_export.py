@@ -1,0 +1,590 @@
+"""ONNX export of the zoo's models: export, verify, describe, quantize, time.
+
+``export_onnx`` writes a model that has been checked before it is kept: the graph goes to a temporary file
+next to the output, passes onnx's full checker, and matches PyTorch under onnxruntime at several batch
+sizes; only then does it replace the output path. A failed check raises ``ExportCheckError`` and leaves
+nothing behind. Fold a stochastic-depth model first (``sdzoo.fold.fold_survival``) and the exported graph
+is a plain ResNet: no multiply by p_l, no random ops (pytorch issue 96926 is about exporting those).
+
+The other helpers are shared with the scripts: ``quantize_int8`` (onnxruntime static QDQ quantization
+calibrated on real images), ``onnx_latency`` / ``torch_latency`` / ``benchmark`` (CPU latency), and
+``digits_images`` (the digits splits of ``sdzoo.data`` as model-sized, normalised images, for calibration).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import __version__
+from ._checks import check_choice
+
+__all__ = [
+    "DEFAULT_OPSET", "MIN_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
+    "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
+    "digits_images", "quantize_int8", "onnx_latency", "torch_latency", "benchmark", "format_benchmark",
+]
+
+DEFAULT_OPSET = 20
+MIN_OPSET = 18  # the torch.export-based exporter emits opset 18 and later
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+_BATCH_AXIS = "batch"
+
+PathLike = Union[str, os.PathLike]
+
+
+class ExportError(RuntimeError):
+    """Export or quantization failed; the output path was left as it was."""
+
+
+class ExportCheckError(ExportError):
+    """The exported file failed a check (onnx checker, onnxruntime, parity with PyTorch)."""
+
+
+@dataclass
+class ExportReport:
+    path: str
+    opset: int
+    input_size: Tuple[int, int, int]
+    max_abs_diff: Dict[int, float]  # batch size -> max |onnxruntime - PyTorch|
+    atol: float
+    rtol: float
+    file_size: int
+    op_histogram: Dict[str, int]
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in self.max_abs_diff.items())
+        tolerance = f"atol {self.atol:g}" + (f", rtol {self.rtol:g}" if self.rtol else "")
+        return (f"wrote {self.path} ({self.file_size / 2**20:.2f} MiB, opset {self.opset}, "
+                f"{sum(self.op_histogram.values())} nodes)\n"
+                f"onnxruntime vs PyTorch, max abs diff ({tolerance}): {diffs}")
+
+
+@dataclass
+class QuantizeReport:
+    path: str
+    fp32_size: int
+    int8_size: int
+    latency_ms: Dict[str, Dict[int, float]]  # "fp32" / "int8" -> batch size -> median ms
+    top1_agreement: float  # fraction of held-out images where int8 and fp32 predict the same class
+    num_calibration: int
+    num_eval: int
+
+    def summary(self) -> str:
+        lines = [
+            f"wrote {self.path}: int8 static QDQ, calibrated on {self.num_calibration} images",
+            f"file size: fp32 {self.fp32_size / 2**20:.2f} MiB -> int8 {self.int8_size / 2**20:.2f} MiB "
+            f"({self.fp32_size / max(self.int8_size, 1):.1f}x smaller)",
+        ]
+        for batch_size in self.latency_ms["fp32"]:
+            fp32, int8 = self.latency_ms["fp32"][batch_size], self.latency_ms["int8"][batch_size]
+            lines.append(f"onnxruntime latency, batch {batch_size}: fp32 {fp32:.2f} ms, int8 {int8:.2f} ms "
+                         f"({fp32 / int8:.2f}x)")
+        lines.append(f"top-1 agreement with fp32 on {self.num_eval} held-out images: "
+                     f"{100 * self.top1_agreement:.1f}%")
+        return "\n".join(lines)
+
+
+# -- argument checks -------------------------------------------------------------------------------------
+def _check_input_size(input_size) -> Tuple[int, int, int]:
+    try:
+        size = tuple(int(s) for s in input_size)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"input_size must be (channels, height, width) of positive integers; got {input_size!r}")
+    return size
+
+
+def _check_opset(opset) -> int:
+    latest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= latest:
+        raise ValueError(f"opset must be an integer from {MIN_OPSET} to {latest}; got {opset!r}")
+    return opset
+
+
+def _check_batch_sizes(name: str, batch_sizes) -> Tuple[int, ...]:
+    sizes = tuple(batch_sizes)
+    if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+        raise ValueError(f"{name} must be a non-empty sequence of positive integers; got {batch_sizes!r}")
+    return sizes
+
+
+def _input_size_of(model: nn.Module, input_size) -> Tuple[int, int, int]:
+    if input_size is None:
+        input_size = getattr(model, "pretrained_cfg", {}).get("input_size")
+        if input_size is None:
+            raise ValueError("input_size must be given: the model has no pretrained_cfg['input_size']")
+    return _check_input_size(input_size)
+
+
+# -- files ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _staged_file(path: PathLike) -> Iterator[str]:
+    """A temporary file next to ``path`` that replaces it when the block succeeds and is removed otherwise.
+
+    Same directory, so the final ``os.replace`` is atomic: a reader never sees a half-written model.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"output directory does not exist: {directory!r}")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _session(path_or_bytes, threads: Optional[int] = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _run_onnx(session, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {INPUT_NAME: x})[0]
+
+
+# -- metadata ---------------------------------------------------------------------------------------------
+def onnx_metadata(
+        model: nn.Module,
+        *,
+        model_name: Optional[str] = None,
+        input_size: Optional[Sequence[int]] = None,
+        label_names: Optional[Sequence[str]] = None,
+        extra: Optional[Dict[str, Any]] = None,
+) -> Dict[str, str]:
+    """What a deployment needs to know about a model, as ONNX metadata (string values; lists are JSON).
+
+    ``label_names`` defaults to the model's ``pretrained_cfg['label_names']`` when it has as many as the model
+    has classes; otherwise none are written (a wrong list is worse than none).
+    """
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if model_name is None:
+        arch, tag = cfg.get("architecture"), cfg.get("tag")
+        model_name = f"{arch}.{tag}" if arch and tag else (arch or type(model).__name__)
+    num_classes = int(getattr(model, "num_classes", cfg.get("num_classes", 0)) or 0)
+    meta: Dict[str, Any] = {
+        "model_name": model_name,
+        "architecture": cfg.get("architecture", type(model).__name__),
+        "input_size": list(_input_size_of(model, input_size)),
+        "mean": list(cfg.get("mean", ())),
+        "std": list(cfg.get("std", ())),
+        "interpolation": cfg.get("interpolation", ""),
+        "crop_pct": cfg.get("crop_pct", ""),
+        "num_classes": num_classes,
+        "sdzoo_version": __version__,
+    }
+    if label_names is None:
+        label_names = cfg.get("label_names")
+    if label_names is not None:
+        label_names = [str(n) for n in label_names]
+        if len(label_names) != num_classes:
+            raise ValueError(f"label_names must name each of the {num_classes} classes; got {len(label_names)} names")
+        meta["label_names"] = label_names
+    meta.update(_survival_metadata(model))
+    meta.update(extra or {})
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def _survival_metadata(model: nn.Module) -> Dict[str, Any]:
+    """The survival settings the weights were trained with, and whether p_l is folded into them."""
+    folded_from = getattr(model, "folded_from", None)
+    if folded_from is not None:
+        trained = dict(folded_from)
+    else:
+        args = getattr(model, "_model_args", None) or {}
+        trained = {k: args.get(k, getattr(model, k, None))
+                   for k in ("survival_prob", "survival_rule", "gate_mode", "scaling")}
+    return {"stochastic_depth": trained, "folded": "true" if folded_from is not None else "false"}
+
+
+def read_metadata(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Dict[str, str]:
+    proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else onnx.load(os.fspath(path_or_proto))
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _set_metadata(proto: onnx.ModelProto, metadata: Dict[str, str]) -> None:
+    merged = dict(metadata)  # ours first, then what the tools that made the file recorded
+    merged.update({p.key: p.value for p in proto.metadata_props if p.key not in merged})
+    del proto.metadata_props[:]
+    for key, value in merged.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+
+
+def op_histogram(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Counter:
+    """How many nodes of each operator type the main graph has."""
+    proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else onnx.load(os.fspath(path_or_proto))
+    return Counter(node.op_type for node in proto.graph.node)
+
+
+# -- export -----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _export_graph(model: nn.Module, path: str, input_size: Tuple[int, int, int], opset: int) -> None:
+    # Batch 2 as the example: torch.export would specialise a batch of 1 into the graph.
+    example = torch.randn(2, *input_size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), path, dynamo=True, opset_version=opset, verbose=False,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim(_BATCH_AXIS)},),
+                external_data=False,  # one self-contained file: every zoo model is well under protobuf's 2 GB
+            )
+    except Exception as err:  # noqa: BLE001  (the exporter raises many types; the caller needs one)
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__} at input size "
+                          f"{tuple(input_size)}, opset {opset}: {type(err).__name__}: {err}") from err
+
+
+def verify_onnx(
+        path: PathLike,
+        model: nn.Module,
+        *,
+        input_size: Sequence[int],
+        batch_sizes: Sequence[int] = (1, 3, 16),
+        atol: float = 1e-4,
+        rtol: float = 0.0,
+        seed: int = 0,
+) -> Dict[int, float]:
+    """onnx's full checker, then onnxruntime against the PyTorch model in eval mode at each batch size.
+
+    A batch passes when its max abs difference is at most ``atol + rtol * max|logit|``. The default is the
+    absolute bound alone; ``rtol`` is for untrained deep models, whose logits can reach 1e5 and more.
+    Returns the max abs difference per batch size; raises ``ExportCheckError`` when a check fails.
+    """
+    path = os.fspath(path)
+    input_size = _check_input_size(input_size)
+    batch_sizes = _check_batch_sizes("batch_sizes", batch_sizes)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportCheckError(f"onnx checker rejected the exported model: {err}") from err
+    try:
+        session = _session(path)
+    except Exception as err:  # noqa: BLE001  (onnxruntime raises its own exception types)
+        raise ExportCheckError(f"onnxruntime cannot load the exported model: {err}") from err
+    generator = torch.Generator().manual_seed(seed)
+    diffs, scale = {}, 0.0
+    with _eval_mode(model), torch.no_grad():
+        for batch_size in batch_sizes:
+            x = torch.randn(batch_size, *input_size, generator=generator)
+            expected = model(x).float().numpy()
+            got = _run_onnx(session, x.numpy())
+            if got.shape != expected.shape:
+                raise ExportCheckError(f"onnxruntime output shape {got.shape} != PyTorch {expected.shape} "
+                                       f"at batch {batch_size}")
+            diffs[batch_size] = float(np.abs(got - expected).max())
+            scale = max(scale, float(np.abs(expected).max()))
+    bound = atol + rtol * scale
+    failed = {b: d for b, d in diffs.items() if not d <= bound}  # `not <=` also catches NaN
+    if failed:
+        detail = ", ".join(f"batch {b}: {d:.3e}" for b, d in failed.items())
+        # Float rounding grows with the logits (an untrained deep ResNet's reach 1e5): say how large they are.
+        raise ExportCheckError(f"onnxruntime output differs from PyTorch by more than atol={atol:g} + "
+                               f"rtol={rtol:g} x {scale:.3g} (the largest |logit|): {detail}")
+    return diffs
+
+
+def export_onnx(
+        model: nn.Module,
+        path: PathLike,
+        *,
+        input_size: Optional[Sequence[int]] = None,
+        opset: int = DEFAULT_OPSET,
+        verify_batch_sizes: Sequence[int] = (1, 3, 16),
+        atol: float = 1e-4,
+        rtol: float = 0.0,
+        metadata: Optional[Dict[str, Any]] = None,
+        seed: int = 0,
+) -> ExportReport:
+    """Export ``model`` (in eval mode) to one ONNX file with a dynamic batch axis, verified before it is kept.
+
+    Args:
+        model: the model to export; fold a stochastic-depth model first for a plain-ResNet graph.
+        path: the output file; replaced only when every check passes.
+        input_size: (C, H, W); defaults to ``model.pretrained_cfg['input_size']``.
+        opset: ONNX opset of the graph.
+        verify_batch_sizes: batch sizes of the onnxruntime-vs-PyTorch check.
+        atol, rtol: the largest max abs difference of logits accepted is ``atol + rtol * max|logit|``.
+        metadata: ONNX metadata; defaults to ``onnx_metadata(model, input_size=input_size)``.
+        seed: seed of the random check inputs.
+
+    Raises:
+        ValueError: a bad argument. ExportError: the export failed (ExportCheckError: it failed a check);
+            in either case the output path is left as it was.
+    """
+    input_size = _input_size_of(model, input_size)
+    opset = _check_opset(opset)
+    verify_batch_sizes = _check_batch_sizes("verify_batch_sizes", verify_batch_sizes)
+    for name, tol in (("atol", atol), ("rtol", rtol)):
+        if not tol >= 0:
+            raise ValueError(f"{name} must be >= 0; got {tol!r}")
+    if metadata is None:
+        metadata = onnx_metadata(model, input_size=input_size)
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+    with _staged_file(path) as tmp:
+        with _eval_mode(model):
+            _export_graph(model, tmp, input_size, opset)
+        proto = onnx.load(tmp)
+        _set_metadata(proto, metadata)
+        onnx.save(proto, tmp)
+        diffs = verify_onnx(tmp, model, input_size=input_size, batch_sizes=verify_batch_sizes, atol=atol,
+                            rtol=rtol, seed=seed)
+        file_size = os.path.getsize(tmp)
+    return ExportReport(
+        path=os.fspath(path), opset=opset, input_size=input_size, max_abs_diff=diffs, atol=atol, rtol=rtol,
+        file_size=file_size, op_histogram=dict(op_histogram(proto)), metadata=metadata)
+
+
+# -- calibration data -------------------------------------------------------------------------------------
+def digits_images(
+        input_size: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        split: str = "all",
+) -> Tuple[np.ndarray, np.ndarray]:
+    """sklearn's handwritten digits as model inputs: (N, C, H, W) float32 images and (N,) labels.
+
+    ``split`` is one of the fixed splits of ``sdzoo.data`` ('train', 'val', 'test') or 'all' (1,797
+    images, in that order). The 8x8 images (0..16 grey levels, scaled to [0, 1]) are upsampled bilinearly
+    to H x W, repeated over the channels and normalised with ``mean`` and ``std``, as a model trained on
+    them sees them: calibrate on 'train', measure on 'test'.
+    """
+    from .data import DIGITS_SPLIT_SIZES, load_digits_split
+
+    check_choice("split", split, ("all", *DIGITS_SPLIT_SIZES))
+    channels, height, width = _check_input_size(input_size)
+    parts = [load_digits_split(s, image_size=8) for s in (DIGITS_SPLIT_SIZES if split == "all" else [split])]
+    images = torch.cat([p[0][:, :1] for p in parts])  # one grey channel at 8x8
+    labels = torch.cat([p[1] for p in parts])
+    images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    images = images.clamp_(0.0, 1.0).expand(-1, channels, -1, -1)
+    mean_t = torch.tensor(_per_channel("mean", mean, channels)).view(1, -1, 1, 1)
+    std_t = torch.tensor(_per_channel("std", std, channels)).view(1, -1, 1, 1)
+    images = ((images - mean_t) / std_t).contiguous()
+    return images.numpy().astype(np.float32), labels.numpy()
+
+
+def _per_channel(name: str, values: Sequence[float], channels: int) -> List[float]:
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"{name} must have 1 or {channels} values; got {len(values)}")
+    return values
+
+
+def _batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]
+
+
+# -- quantization -----------------------------------------------------------------------------------------
+def quantize_int8(
+        fp32_path: PathLike,
+        output_path: PathLike,
+        calibration_images: np.ndarray,
+        eval_images: np.ndarray,
+        *,
+        per_channel: bool = True,
+        batch_size: int = 32,
+        latency_batch_sizes: Sequence[int] = (1, 32),
+        latency_iters: int = 20,
+        metadata: Optional[Dict[str, str]] = None,
+) -> QuantizeReport:
+    """Static int8 QDQ quantization with onnxruntime, calibrated on ``calibration_images`` (N, C, H, W).
+
+    Reports file sizes, onnxruntime latency of both models and how often they agree on the top-1 class of
+    ``eval_images`` (keep them apart from the calibration images). The fp32 file's metadata is carried over.
+    The output is written only when the quantized model passes onnx's checker and runs.
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+
+    fp32_path = os.fspath(fp32_path)
+    if not os.path.isfile(fp32_path):
+        raise ValueError(f"fp32_path must be an existing ONNX file; got {fp32_path!r}")
+    calibration_images = _check_images("calibration_images", calibration_images)
+    eval_images = _check_images("eval_images", eval_images)
+    latency_batch_sizes = _check_batch_sizes("latency_batch_sizes", latency_batch_sizes)
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(_batches(calibration_images, batch_size))
+
+        def get_next(self):
+            batch = next(self._it, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    fp32_meta = read_metadata(fp32_path)
+    metadata = dict(fp32_meta, **(metadata or {}))
+    metadata.update(quantization=json.dumps(dict(
+        method="onnxruntime static QDQ", weights="int8", activations="int8", per_channel=per_channel,
+        calibration_images=len(calibration_images))))
+
+    with _staged_file(output_path) as tmp:
+        _quantize_static(fp32_path, tmp, _Reader(), per_channel)
+        proto = onnx.load(tmp)
+        _set_metadata(proto, metadata)
+        onnx.save(proto, tmp)
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except onnx.checker.ValidationError as err:
+            raise ExportCheckError(f"onnx checker rejected the quantized model: {err}") from err
+        threads = torch.get_num_threads()
+        fp32_session, int8_session = _session(fp32_path, threads), _session(tmp, threads)
+        agreement = _top1_agreement(fp32_session, int8_session, eval_images, batch_size)
+        latency = {
+            name: {b: onnx_latency(session, b, input_size=eval_images.shape[1:], iters=latency_iters)
+                   for b in latency_batch_sizes}
+            for name, session in (("fp32", fp32_session), ("int8", int8_session))
+        }
+        int8_size = os.path.getsize(tmp)
+    return QuantizeReport(
+        path=os.fspath(output_path), fp32_size=os.path.getsize(fp32_path), int8_size=int8_size,
+        latency_ms=latency, top1_agreement=agreement, num_calibration=len(calibration_images),
+        num_eval=len(eval_images))
+
+
+def _quantize_static(fp32_path: str, output_path: str, reader, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            # onnxruntime's recommended preparation: shape inference and graph optimisation, then calibrate.
+            prepared = os.path.join(work, "prepared.onnx")
+            quant_pre_process(fp32_path, prepared)
+            quantize_static(
+                prepared, output_path, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    except Exception as err:  # noqa: BLE001  (onnxruntime's quantizer raises many types)
+        raise ExportError(f"onnxruntime quantization of {fp32_path} failed: {type(err).__name__}: {err}") from err
+
+
+def _top1_agreement(session_a, session_b, images: np.ndarray, batch_size: int) -> float:
+    agree = 0
+    for batch in _batches(images, batch_size):
+        agree += int((_run_onnx(session_a, batch).argmax(1) == _run_onnx(session_b, batch).argmax(1)).sum())
+    return agree / len(images)
+
+
+def _check_images(name: str, images) -> np.ndarray:
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"{name} must be a non-empty (N, C, H, W) array; got shape {images.shape}")
+    return images
+
+
+# -- latency ----------------------------------------------------------------------------------------------
+def _median_ms(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def onnx_latency(
+        path_or_session,
+        batch_size: int,
+        *,
+        input_size: Sequence[int],
+        warmup: int = 3,
+        iters: int = 20,
+        threads: Optional[int] = None,
+) -> float:
+    """Median onnxruntime CPU latency in ms of one batch of random inputs.
+
+    ``threads`` defaults to PyTorch's intra-op thread count, so the comparison with ``torch_latency`` is fair.
+    """
+    session = path_or_session
+    if isinstance(path_or_session, (str, os.PathLike)):
+        session = _session(os.fspath(path_or_session), threads or torch.get_num_threads())
+    x = np.random.default_rng(0).standard_normal((batch_size, *_check_input_size(input_size)), dtype=np.float32)
+    return _median_ms(lambda: _run_onnx(session, x), warmup, iters)
+
+
+def torch_latency(
+        model: nn.Module,
+        batch_size: int,
+        *,
+        input_size: Sequence[int],
+        warmup: int = 3,
+        iters: int = 20,
+) -> float:
+    """Median PyTorch eager CPU latency in ms of one batch (eval mode, inference mode)."""
+    x = torch.randn(batch_size, *_check_input_size(input_size))
+    with _eval_mode(model), torch.inference_mode():
+        return _median_ms(lambda: model(x), warmup, iters)
+
+
+def benchmark(
+        model: nn.Module,
+        onnx_path: PathLike,
+        *,
+        input_size: Sequence[int],
+        batch_sizes: Sequence[int] = (1, 32),
+        warmup: int = 3,
+        iters: int = 20,
+) -> List[Dict[str, float]]:
+    """PyTorch eager against onnxruntime on the CPU, same threads: one row per batch size."""
+    batch_sizes = _check_batch_sizes("batch_sizes", batch_sizes)
+    session = _session(os.fspath(onnx_path), torch.get_num_threads())
+    rows = []
+    for batch_size in batch_sizes:
+        eager = torch_latency(model, batch_size, input_size=input_size, warmup=warmup, iters=iters)
+        ort_ms = onnx_latency(session, batch_size, input_size=input_size, warmup=warmup, iters=iters)
+        rows.append(dict(batch_size=batch_size, torch_ms=eager, onnxruntime_ms=ort_ms))
+    return rows
+
+
+def format_benchmark(rows: List[Dict[str, float]]) -> str:
+    lines = [f"CPU latency, median ms ({torch.get_num_threads()} threads)",
+             f"{'batch':>5}  {'PyTorch eager':>13}  {'onnxruntime':>11}  {'speed-up':>8}"]
+    for row in rows:
+        lines.append(f"{row['batch_size']:>5}  {row['torch_ms']:>13.2f}  {row['onnxruntime_ms']:>11.2f}  "
+                     f"{row['torch_ms'] / row['onnxruntime_ms']:>7.2f}x")
+    return "\n".join(lines)
