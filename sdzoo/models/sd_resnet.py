@@ -28,6 +28,7 @@ from timm.models._features import feature_take_indices
 
 from .._checks import check_choice, check_survival_prob
 from ..gate import GATE_MODES, SCALINGS, GateSampler, ResidualGate
+from ..pretrained import require_published_weights, with_published_weights
 from ..survival import SURVIVAL_RULES, survival_probs
 
 __all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths"]
@@ -376,6 +377,8 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
     # Features come from forward_intermediates: the blocks need the step's gates, which a plain
     # module-by-module feature wrapper would not pass.
     num_features = len(kwargs["layers"]) + 1
+    if pretrained:  # a clear error, saying how to get weights, for a tag that has none
+        require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     return build_model_with_cfg(
         SDResNet, variant, pretrained,
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_features))),
@@ -423,7 +426,7 @@ def _in1k_cfg() -> Dict[str, Any]:
                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(with_published_weights({
     **_cifar_cfgs("sd_resnet20_cifar"),
     **_cifar_cfgs("sd_resnet56_cifar"),
     **_cifar_cfgs("sd_resnet110_cifar"),
@@ -435,7 +438,7 @@ default_cfgs = generate_default_cfgs({
     "sd_resnet50.in1k": _in1k_cfg(),
     "sd_resnet101.in1k": _in1k_cfg(),
     "sd_resnet152.in1k": _in1k_cfg(),
-})
+}))
 
 
 @register_model

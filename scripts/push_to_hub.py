@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Publish a training run to the Hugging Face Hub, with a model card, and check what arrived.
+
+    python scripts/push_to_hub.py --model local-dir:runs/r110 --repo-id ORG/sd_resnet110_cifar.cifar10
+    python scripts/push_to_hub.py --model runs/r110 --repo-id ORG/NAME --onnx r110.onnx --private
+    python scripts/push_to_hub.py --model runs/r110 --repo-id ORG/NAME --local-dir out/NAME   # no upload
+
+Then, with timm alone: timm.create_model("hf-hub:ORG/NAME", pretrained=True).
+
+The repo gets model.safetensors and config.json in timm's format, a README.md model card, and when present
+the ONNX file, curves.png, summary.json and metrics.jsonl. Everything goes up in one commit, then every file
+is downloaded back and compared by sha256. The token comes from HF_TOKEN or `hf auth login` (there is no
+--token flag: a token on a command line ends up in shell history); it is never printed. After a verified
+upload the card is also saved as model_cards/NAME.md, the record of what the zoo has published.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+from sdzoo.hub import HubError, publish
+
+CARD_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+EXIT_ERROR, EXIT_USAGE = 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="the run folder: local-dir:PATH or PATH (config.json + model.safetensors)")
+    parser.add_argument("--repo-id", required=True, help="the Hub repo, OWNER/NAME (e.g. ORG/sd_resnet110_cifar.cifar10)")
+    parser.add_argument("--local-dir", default=None,
+                        help="write the repo's files to this new folder instead of uploading (no token needed)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--commit-message", default=None, help="commit message")
+    parser.add_argument("--onnx", default=None, help="ONNX file to include as model.onnx (default: RUN/model.onnx if any)")
+    parser.add_argument("--curves", default=None, help="training curves to include (default: RUN/curves.png if any)")
+    parser.add_argument("--card-template", default=None, help="model card template (default: model_cards/template.md)")
+    parser.add_argument("--card-dir", default=str(CARD_DIR),
+                        help="where the card of a published model is saved as NAME.md; '' to skip")
+    parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
+    return parser
+
+
+def run_folder(model: str) -> str:
+    if model.startswith("hf-hub:"):
+        raise ValueError("--model must be a local run folder (local-dir:PATH or PATH), not an hf-hub: repo")
+    return model[len("local-dir:"):] if model.startswith("local-dir:") else model
+
+
+def save_card(card: str, card_dir: Path, repo_id: str) -> Path:
+    """The published card, kept in the source tree; written to a temporary file and renamed (never half-written)."""
+    card_dir.mkdir(parents=True, exist_ok=True)
+    path = card_dir / f"{repo_id.split('/')[-1]}.md"
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=card_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(card)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
+    template = None
+    try:
+        if args.card_template:
+            template = Path(args.card_template).read_text(encoding="utf-8")
+        result = publish(
+            run_folder(args.model), args.repo_id, local_dir=args.local_dir, private=args.private,
+            commit_message=args.commit_message, onnx=args.onnx, curves=args.curves, card_template=template,
+            endpoint=args.endpoint)
+    except (HubError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(err, ValueError) else EXIT_ERROR
+    if args.local_dir:
+        print(f"wrote {len(result.files)} files to {result.local_dir}; load them with "
+              f"timm.create_model('local-dir:{result.local_dir}', pretrained=True)")
+        return 0
+    if args.card_dir:
+        print(f"model card saved as {save_card(result.card, Path(args.card_dir), args.repo_id)}")
+    print(f"published {args.repo_id} at commit {result.commit_oid}, every file checked by sha256; load it with "
+          f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Publish a training run to the Hugging Face Hub, so that others load it with timm alone.
+
+A run folder (timm's local-dir format: ``config.json`` + ``model.safetensors``, plus the training script's
+``summary.json``, ``metrics.jsonl`` and ``curves.png``, and optionally an exported ONNX file) becomes a Hub
+repo that ``timm.create_model("hf-hub:OWNER/REPO", pretrained=True)`` restores with its architecture,
+survival settings and weights:
+
+* ``load_run`` builds the model that config.json describes and checks that the weights fit it;
+* ``stage_hub_folder`` writes the repo's files: weights and config with timm's ``save_for_hf``, the model
+  card (``sdzoo.model_card``), the optional extras;
+* ``upload_hub_folder`` creates the repo and uploads every file in one commit (all or nothing);
+* ``verify_upload`` downloads every file back at that commit and compares sha256 hashes;
+* ``publish`` does all of it, or with ``local_dir`` writes the same folder without uploading.
+
+The token comes from the ``token`` argument, ``HF_TOKEN`` or the user's login, and never appears in a log
+line or an error message. Weights are read and written as safetensors only; nothing is unpickled.
+
+Which weights are published, and the zoo's cfgs that point at them, live in ``sdzoo.pretrained``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import timm
+from huggingface_hub import CommitOperationAdd, HfApi, get_token, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+from torch import nn
+
+from . import __version__
+from .model_card import render_model_card
+from .pretrained import (  # noqa: F401  (part of this module's API)
+    PUBLISHED_WEIGHTS, NoPretrainedWeightsError, require_published_weights, with_published_weights)
+
+__all__ = [
+    "PUBLISHED_WEIGHTS", "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError",
+    "VerificationError", "NoPretrainedWeightsError", "Run", "PublishResult", "check_repo_id", "resolve_token",
+    "load_run", "stage_hub_folder", "write_hub_folder", "upload_hub_folder", "verify_upload", "publish",
+    "require_published_weights", "with_published_weights",
+]
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+ONNX_NAME = "model.onnx"
+CURVES_NAME = "curves.png"
+SUMMARY_NAME = "summary.json"
+METRICS_NAME = "metrics.jsonl"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Settings of a run that name local paths: left out of the published summary.json.
+_LOCAL_SETTINGS = ("data_dir", "output")
+
+
+PathLike = Union[str, os.PathLike]
+
+
+class HubError(RuntimeError):
+    """Publishing failed. The message says what and where, never the token."""
+
+
+class MissingTokenError(HubError):
+    pass
+
+
+class CheckpointMismatchError(HubError):
+    pass
+
+
+class UploadError(HubError):
+    pass
+
+
+class VerificationError(HubError):
+    pass
+
+
+@dataclass
+class Run:
+    """A run folder, loaded: the model with its weights (eval mode) and the run's summary.json."""
+    path: Path
+    model: nn.Module
+    summary: Optional[Dict[str, Any]]
+
+
+@dataclass
+class PublishResult:
+    repo_id: str
+    files: Dict[str, str] = field(default_factory=dict)  # name -> sha256
+    commit_oid: Optional[str] = None
+    commit_url: Optional[str] = None
+    local_dir: Optional[Path] = None
+    card: str = ""  # the README.md that was published or written
+
+
+# -- arguments ------------------------------------------------------------------------------------------
+def check_repo_id(repo_id: str) -> str:
+    """A Hub model repo id, ``owner/name``: letters, digits, '-', '_', '.', at most 96 characters."""
+    allowed = ("repo_id must be 'owner/name' (a user or organisation, then the repo name; letters, digits, "
+               "'-', '_' and '.', no '--' or '..', at most 96 characters)")
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"{allowed}; got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"{allowed}; got {repo_id!r}") from None
+    if repo_id.endswith(".git"):
+        raise ValueError(f"{allowed}, not ending in '.git'; got {repo_id!r}")
+    return repo_id
+
+
+def resolve_token(token: Optional[str] = None) -> str:
+    """The token to write with: the argument, else HF_TOKEN, else the stored login."""
+    token = token or get_token()
+    if not token:
+        raise MissingTokenError(
+            "no Hugging Face token: set the HF_TOKEN environment variable or log in with `hf auth login` "
+            "(a token with write access to the repo's owner); --local-dir writes the folder without one")
+    return token
+
+
+def _scrub(text: str, token: Optional[str]) -> str:
+    return text.replace(token, "<token>") if token else text
+
+
+def _sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- the run folder -------------------------------------------------------------------------------------
+def load_run(model_dir: PathLike) -> Run:
+    """Build the model that the run's config.json describes and load its weights, checking that they fit."""
+    from .models import SDResNet
+
+    path = Path(model_dir)
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist (a run folder: config.json + model.safetensors)")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; a run folder holds timm's config.json and "
+                                f"{WEIGHTS_NAME}")
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        hint = f" ({', '.join(pickles)} found: pickle checkpoints are neither loaded nor published)" if pickles else ""
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{hint}")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    architecture = config.get("architecture")
+    if not timm.is_model(architecture or ""):
+        raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
+    try:
+        model = timm.create_model(f"local-dir:{path}", pretrained=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointMismatchError(f"{config_path}: cannot build {architecture} from its model_args: {e}") from None
+    if not isinstance(model, SDResNet):
+        raise CheckpointMismatchError(f"{config_path}: {architecture} is not an sdzoo architecture")
+    _load_weights(model, weights_path, architecture, config.get("model_args") or {})
+    summary_path = path / SUMMARY_NAME
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    return Run(path=path, model=model.eval(), summary=summary)
+
+
+def _load_weights(model: nn.Module, weights_path: Path, architecture: str, model_args: Mapping[str, Any]) -> None:
+    """Strict load with an error that names what does not fit (missing, unexpected, mis-shaped tensors)."""
+    try:
+        state_dict = load_file(weights_path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"cannot read {weights_path} as safetensors: {e}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+    problems = [f"{len(items)} {what} (first: {', '.join(items[:3])})"
+                for what, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                    ("shape mismatches", shapes)) if items]
+    if problems:
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_args.items()))
+        raise CheckpointMismatchError(
+            f"{weights_path} does not fit {architecture}({args}) as config.json describes it: "
+            + "; ".join(problems))
+    model.load_state_dict(state_dict)
+
+
+# -- the Hub folder -------------------------------------------------------------------------------------
+def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Path]:
+    """Optional files of the repo (name in the repo -> source): ONNX, training curves, per-epoch metrics."""
+    candidates = {
+        ONNX_NAME: Path(onnx) if onnx else run.path / ONNX_NAME,
+        CURVES_NAME: Path(curves) if curves else run.path / CURVES_NAME,
+        METRICS_NAME: run.path / METRICS_NAME,
+    }
+    for name, given in (("onnx", onnx), ("curves", curves)):
+        if given and not Path(given).is_file():
+            raise FileNotFoundError(f"{name}: no file at {given}")
+    if onnx and Path(onnx).suffix != ".onnx":
+        raise ValueError(f"onnx must be a .onnx file; got {onnx}")
+    return {name: src for name, src in candidates.items() if src.is_file()}
+
+
+def stage_hub_folder(
+        run: Run,
+        folder: PathLike,
+        repo_id: str,
+        onnx: Optional[PathLike] = None,
+        curves: Optional[PathLike] = None,
+        card_template: Optional[str] = None,
+) -> List[str]:
+    """Write the repo's files into ``folder`` (an empty directory); returns their names."""
+    folder = Path(folder)
+    extras = _extras(run, onnx, curves)
+    # timm's own Hub format: safetensors weights and a config.json that carries the model arguments.
+    save_for_hf(run.model, folder, safe_serialization=True)
+    for name, src in extras.items():
+        shutil.copyfile(src, folder / name)
+    if run.summary is not None:
+        settings = {k: v for k, v in (run.summary.get("settings") or {}).items() if k not in _LOCAL_SETTINGS}
+        with open(folder / SUMMARY_NAME, "w", encoding="utf-8") as f:
+            json.dump(dict(run.summary, settings=settings), f, indent=2)
+    files = sorted([WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *extras] + ([SUMMARY_NAME] if run.summary is not None else []))
+    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    card = render_model_card(
+        repo_id, config, run.summary, block_probs=run.model.block_survival_probs(),
+        num_params=sum(p.numel() for p in run.model.parameters()), files=files, template=card_template)
+    (folder / CARD_NAME).write_text(card, encoding="utf-8")
+    return files
+
+
+def write_hub_folder(run: Run, out_dir: PathLike, repo_id: str, **kwargs) -> List[str]:
+    """``stage_hub_folder`` into a new folder, atomically: staged beside it, then renamed into place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"local_dir {out_dir} exists and is not an empty folder; choose a new one")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        files = stage_hub_folder(run, staging, repo_id, **kwargs)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files
+
+
+# -- upload and check -----------------------------------------------------------------------------------
+def _http_error(error: BaseException) -> Optional[HfHubHTTPError]:
+    """The HTTP error behind an error (the client wraps storage errors in its own)."""
+    while error is not None and not isinstance(error, HfHubHTTPError):
+        error = error.__cause__ or error.__context__
+    return error if error is not None and error.response is not None else None
+
+
+def _http_reason(error: BaseException) -> str:
+    """What went wrong, in one line: the HTTP status and the server's message, or the error itself."""
+    http = _http_error(error)
+    if http is None:
+        return f"{type(error).__name__}: {error}"
+    response = http.response
+    detail = (response.headers.get("X-Error-Message") or "").strip()
+    return (f"HTTP {response.status_code} from {response.request.method} {response.request.url.path}"
+            + (f" ({detail})" if detail else ""))
+
+
+def _upload_error(repo_id: str, step: str, error: BaseException, token: str) -> UploadError:
+    http = _http_error(error)
+    status = http.response.status_code if http is not None else None
+    if status == 401:
+        advice = "the Hub refused the token: check HF_TOKEN or `hf auth login`"
+    elif status == 403:
+        advice = f"the token cannot write to {repo_id.split('/')[0]!r}"
+    else:
+        advice = "rerun to retry"
+    return UploadError(_scrub(f"uploading to {repo_id} failed while {step}: {_http_reason(error)}; {advice}. "
+                              "Nothing was committed: the repo is as it was.", token))
+
+
+def upload_hub_folder(
+        folder: PathLike,
+        repo_id: str,
+        token: str,
+        private: bool = False,
+        commit_message: Optional[str] = None,
+        endpoint: Optional[str] = None,
+):
+    """Create the repo if needed and upload every file of ``folder`` to its main branch in a single commit."""
+    folder = Path(folder)
+    api = HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
+    step = "creating the repo"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if private and not api.model_info(repo_id).private:
+            raise UploadError(f"{repo_id} exists and is public; --private does not change an existing repo's "
+                              "visibility (change it on the Hub, or publish to a new repo)")
+        paths = sorted(p for p in folder.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in paths) / 2**20
+        _logger.info(f"Uploading {len(paths)} files ({size:.1f} MiB) to {repo_id} in one commit")
+        step = "uploading and committing the files"
+        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in paths]
+        return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload model with sdzoo")
+    except UploadError:
+        raise
+    except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
+        raise _upload_error(repo_id, step, e, token) from e
+
+
+def verify_upload(
+        folder: PathLike,
+        repo_id: str,
+        revision: str,
+        token: Optional[str] = None,
+        endpoint: Optional[str] = None,
+) -> Dict[str, str]:
+    """Download every file of ``folder`` back from the repo at ``revision`` and compare sha256 hashes."""
+    expected = {p.name: _sha256(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    mismatched = []
+    with tempfile.TemporaryDirectory(prefix="sdzoo-verify-") as cache:
+        for name, sha256 in expected.items():
+            try:
+                path = hf_hub_download(repo_id, name, revision=revision, cache_dir=cache, token=token,
+                                       endpoint=endpoint)
+            except Exception as e:  # noqa: BLE001
+                raise VerificationError(_scrub(
+                    f"commit {revision} of {repo_id} was created, but downloading {name} back failed: "
+                    f"{_http_reason(e)}", token)) from None
+            if _sha256(path) != sha256:
+                mismatched.append(name)
+    if mismatched:
+        raise VerificationError(f"commit {revision} of {repo_id} was created, but {', '.join(mismatched)} "
+                                "came back with a different sha256 than was uploaded")
+    return expected
+
+
+def publish(
+        model_dir: PathLike,
+        repo_id: str,
+        *,
+        local_dir: Optional[PathLike] = None,
+        token: Optional[str] = None,
+        private: bool = False,
+        commit_message: Optional[str] = None,
+        onnx: Optional[PathLike] = None,
+        curves: Optional[PathLike] = None,
+        card_template: Optional[str] = None,
+        endpoint: Optional[str] = None,
+) -> PublishResult:
+    """Publish a run folder to ``repo_id`` and check it by hash, or write the repo folder to ``local_dir``.
+
+    Everything that can be checked locally is checked before any upload: the repo id, the token, that the
+    weights fit the architecture, the summary, the extra files.
+    """
+    check_repo_id(repo_id)
+    if local_dir is None:
+        token = resolve_token(token)
+    _logger.info(f"Loading the run in {model_dir}")
+    run = load_run(model_dir)
+    stage_kwargs = dict(onnx=onnx, curves=curves, card_template=card_template)
+    if local_dir is not None:
+        files = write_hub_folder(run, local_dir, repo_id, **stage_kwargs)
+        local_dir = Path(local_dir)
+        _logger.info(f"Wrote {', '.join(files)} to {local_dir}")
+        return PublishResult(repo_id, {f: _sha256(local_dir / f) for f in files}, local_dir=local_dir,
+                             card=(local_dir / CARD_NAME).read_text(encoding="utf-8"))
+
+    with tempfile.TemporaryDirectory(prefix="sdzoo-hub-") as staging:
+        stage_hub_folder(run, staging, repo_id, **stage_kwargs)
+        card = (Path(staging) / CARD_NAME).read_text(encoding="utf-8")
+        commit = upload_hub_folder(staging, repo_id, token, private=private, commit_message=commit_message,
+                                   endpoint=endpoint)
+        _logger.info(f"Committed {commit.oid}; downloading every file back to check its sha256")
+        hashes = verify_upload(staging, repo_id, commit.oid, token=token, endpoint=endpoint)
+    _logger.info(f"Published and verified {len(hashes)} files: {commit.commit_url}")
+    return PublishResult(repo_id, hashes, commit_oid=commit.oid, commit_url=commit.commit_url, card=card)
