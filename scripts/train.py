@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Train a stochastic-depth ResNet with the paper's recipe (see ``--help``; the loop is sdzoo/train.py).
+
+    python scripts/train.py --model sd_resnet110_cifar --dataset cifar10 --data-dir ~/data --output runs/r110
+    torchrun --nproc_per_node 8 scripts/train.py --dataset cifar10 --data-dir ~/data --output runs/r110
+    python scripts/train.py                      # digits, offline, about a minute on a CPU
+"""
+import sys
+
+from sdzoo.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

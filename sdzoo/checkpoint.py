@@ -1,0 +1,113 @@
+"""Run-folder files, written so that nothing is ever half-written.
+
+Every file goes to a temporary file in the same directory and is then renamed over the old one
+(``os.replace`` is atomic on POSIX and Windows), so a run killed at any moment leaves either the previous
+version or the new one. The run folder is a timm local-dir (``config.json`` + ``model.safetensors``), so
+``timm.create_model("local-dir:RUN", pretrained=True)`` loads the best weights; beside them, the resume
+state ``checkpoint.pt`` holds plain types and tensors only and is read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "CheckpointError", "atomic_write", "save_json",
+    "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_TEMP_SUFFIX = ".tmp"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(Exception):
+    """A resume state that is missing or unreadable: a user error, reported without a traceback."""
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(temp_path)``, then move the finished file onto ``path`` in one step."""
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual permissions
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temp_files(folder: PathLike) -> None:
+    """Temporary files of a process that was killed mid-write."""
+    for temp in Path(folder).glob(f".*{_TEMP_SUFFIX}"):
+        temp.unlink(missing_ok=True)
+
+
+def save_json(path: PathLike, data: Any) -> None:
+    def write(temp: str) -> None:
+        with open(temp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def save_state(path: PathLike, state: Dict[str, Any]) -> None:
+    atomic_write(path, lambda temp: torch.save(state, temp))
+
+
+def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> Dict[str, Any]:
+    """The resume state, read with ``weights_only=True`` (no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"--resume: cannot read {path} ({type(e).__name__}: {e})") from None
+
+
+def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    # safetensors needs contiguous tensors; channels_last weights are not.
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(path: PathLike, model: nn.Module, metadata: Optional[Dict[str, str]] = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.cpu() for k, v in _weights(model).items()}
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata or {"format": "pt"}))
+
+
+def save_model_config(path: PathLike, model: nn.Module, data_config: Dict[str, Any], tag: Optional[str] = None,
+                      label_names: Optional[List[str]] = None) -> None:
+    """timm's ``config.json``: architecture, the model arguments (survival settings included), the
+    preprocessing the weights were trained with, and the class names."""
+    from timm.models._hub import save_config_for_hf
+
+    model_config: Dict[str, Any] = {}
+    if tag:
+        model_config["pretrained_cfg"] = dict(tag=tag)
+    if label_names:
+        model_config["label_names"] = list(label_names)
+    atomic_write(path, lambda temp: save_config_for_hf(model, temp, model_config=model_config,
+                                                       data_config=data_config))

@@ -1,0 +1,426 @@
+"""Data for training: data sets, their splits, and augmentation done on the training device.
+
+Data sets (``--dataset``):
+  cifar10, cifar100  torchvision's copies; 50k training images shuffled and split into train/validation.
+  svhn               train + extra minus a validation set (2/3 of it from train, 1/3 from extra, equal per
+                     class: the paper's 400 + 200 per class for 6,000), test.
+  imagenet,          an ImageFolder-style directory: ``train/`` and ``val/`` with one sub-folder per class,
+  imagefolder        and optionally ``test/`` (without it, ``val/`` is the test set too).
+  digits             the 1,797 8x8 handwritten digits that scikit-learn ships, upsampled; works offline.
+  synthetic          random images and labels, for throughput runs.
+
+CIFAR-sized data sets live in memory as one tensor (on the GPU when training there), so a batch is an
+index, and the augmentation (random shift with zero fill + horizontal flip) is one batched tensor op on
+the training device: no loader processes, no host round trip. ImageFolder data is decoded and augmented
+by DataLoader workers, as usual.
+
+Randomness is planned per epoch: at the start of an epoch the data order and every image's augmentation
+are drawn from two seeded generators. A process resumed in the middle of an epoch redraws the same plan
+from the saved generator states and skips the batches already done, and every distributed rank reads
+its slice of the same global batch, so the data seen does not depend on the number of processes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DATASETS", "DataError", "DIGITS_MEAN", "DIGITS_STD", "DIGITS_SPLIT_SIZES", "EpochPlan", "InMemoryData",
+    "FolderData", "load_data", "load_digits_split", "random_shift_flip", "normalize",
+]
+
+DATASETS = ("cifar10", "cifar100", "svhn", "imagenet", "imagefolder", "digits", "synthetic")
+TENSOR_DATASETS = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Pixel statistics of the digits training split (values / 16, as in load_digits_split), one grey channel
+# repeated three times. tests/test_data.py recomputes them.
+DIGITS_MEAN, DIGITS_STD = (0.3049,) * 3, (0.3758,) * 3
+DIGITS_SPLIT_SIZES = {"train": 1257, "val": 180, "test": 360}
+SYNTHETIC_SIZES = {"train": 2560, "val": 256, "test": 256}
+
+
+class DataError(Exception):
+    """A data set that cannot be found, downloaded or used: a user error, reported without a traceback."""
+
+
+# -- digits --------------------------------------------------------------------------------------------------
+def load_digits_split(split: str, image_size: int = 32) -> Tuple[Tensor, Tensor]:
+    """One fixed split of scikit-learn's digits: ``(images, labels)``.
+
+    images: float32 ``(N, 3, image_size, image_size)`` in [0, 1] (the 0..16 grey levels divided by 16,
+    bilinearly upsampled from 8x8, the grey channel repeated three times), not normalised: normalise
+    with ``DIGITS_MEAN`` / ``DIGITS_STD``. labels: int64 ``(N,)``, the digit 0..9.
+    The splits are stratified and fixed: train 1,257, val 180, test 360 images.
+    """
+    if split not in DIGITS_SPLIT_SIZES:
+        raise ValueError(f"split must be one of {', '.join(map(repr, DIGITS_SPLIT_SIZES))}; got {split!r}")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an integer >= 8; got {image_size!r}")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    index = torch.arange(len(digits.target)).numpy()
+    rest, test = train_test_split(index, test_size=DIGITS_SPLIT_SIZES["test"], stratify=digits.target,
+                                  random_state=0)
+    train, val = train_test_split(rest, test_size=DIGITS_SPLIT_SIZES["val"], stratify=digits.target[rest],
+                                  random_state=0)
+    chosen = {"train": train, "val": val, "test": test}[split]
+    images = torch.as_tensor(digits.images[chosen], dtype=torch.float32).div_(16.0).unsqueeze(1)
+    if image_size != 8:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = images.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.as_tensor(digits.target[chosen], dtype=torch.int64)
+    return images, labels
+
+
+# -- tensor ops on the training device -----------------------------------------------------------------------
+def to_unit_float(x: Tensor) -> Tensor:
+    """uint8 [0, 255] or float [0, 1] images as float32 in [0, 1]."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 [0, 255] or float [0, 1] images to float32 normalised per channel."""
+    x = to_unit_float(x)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def random_shift_flip(x: Tensor, shifts: Tensor, flips: Optional[Tensor], pad: int) -> Tensor:
+    """Shift each image by ``shifts[i] = (dy, dx)`` pixels (|d| <= pad) with zero fill, then mirror the images
+    where ``flips[i]``: the paper's pad-and-crop + flip as two gathers over the whole batch, on any device.
+    """
+    n, c, h, w = x.shape
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad))
+    rows = torch.arange(h, device=x.device) + pad + shifts[:, :1].to(x.device)   # (n, h) in the padded image
+    cols = torch.arange(w, device=x.device) + pad + shifts[:, 1:].to(x.device)   # (n, w)
+    if flips is not None:
+        cols = torch.where(flips.to(x.device)[:, None], cols.flip(1), cols)      # a flip reverses the columns
+    x = x.gather(2, rows[:, None, :, None].expand(n, c, h, x.shape[3]))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+# -- the epoch plan ------------------------------------------------------------------------------------------
+@dataclass
+class EpochPlan:
+    """Everything random about one epoch's data: the order, and each position's augmentation."""
+    order: Tensor                       # (N,) permutation of the training set
+    shifts: Optional[Tensor] = None     # (N, 2) int64, in-memory data with shift
+    flips: Optional[Tensor] = None      # (N,) bool, in-memory data with flip
+    seeds: Optional[Tensor] = None      # (N,) int64 per-image augmentation seeds, folder data
+
+    def rank_positions(self, step: int, rank: int, world: int, local_batch: int) -> slice:
+        """Positions in the epoch order of one rank's part of one global batch."""
+        start = (step * world + rank) * local_batch
+        return slice(start, start + local_batch)
+
+
+def _shard(num: int, rank: int, world: int) -> range:
+    """Contiguous part of ``range(num)`` evaluated by one rank (sizes differ by at most one)."""
+    per = num // world
+    extra = num % world
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
+
+
+# -- in-memory data (CIFAR, SVHN, digits, synthetic) ---------------------------------------------------------
+@dataclass
+class Split:
+    images: Tensor   # uint8 (N, C, H, W) in [0, 255] or float in [0, 1]
+    labels: Tensor   # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+class InMemoryData:
+    """A data set held as tensors; batches are gathered, normalised and augmented on the device."""
+
+    def __init__(self, name: str, train: Split, val: Optional[Split], test: Split, num_classes: int,
+                 mean: Sequence[float], std: Sequence[float], shift: int = 0, hflip: bool = False,
+                 test_is_val: bool = False, classes: Optional[Sequence[str]] = None):
+        self.name, self.train, self.val, self.test = name, train, val, test
+        self.num_classes = num_classes
+        self.classes = list(classes) if classes is not None else None
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.shift, self.hflip = int(shift), bool(hflip)
+        self.test_is_val = test_is_val
+        self.image_size = int(train.images.shape[-1])
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def to(self, device: torch.device) -> "InMemoryData":
+        """Keep the whole data set on the training device (a batch is then an index)."""
+        move = lambda s: None if s is None else s.to(device)  # noqa: E731
+        self.train, self.val, self.test = move(self.train), move(self.val), move(self.test)
+        return self
+
+    def data_config(self) -> dict:
+        size = self.image_size
+        return dict(input_size=(3, size, size), mean=self.mean, std=self.std, crop_pct=1.0,
+                    interpolation="bilinear")
+
+    def plan_epoch(self, order_gen: torch.Generator, aug_gen: torch.Generator) -> EpochPlan:
+        n = len(self.train)
+        plan = EpochPlan(order=torch.randperm(n, generator=order_gen))
+        if self.shift:
+            plan.shifts = torch.randint(-self.shift, self.shift + 1, (n, 2), generator=aug_gen)
+        if self.hflip:
+            plan.flips = torch.rand(n, generator=aug_gen) < 0.5
+        return plan
+
+    def train_batches(self, plan: EpochPlan, start_step: int, num_steps: int, rank: int, world: int,
+                      local_batch: int, device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
+        images, labels = self.train.images, self.train.labels
+        # The plan goes to the device once per epoch, so a step makes no host-to-device copy of it.
+        order = plan.order.to(images.device)
+        shifts = None if plan.shifts is None else plan.shifts.to(device)
+        flips = None if plan.flips is None else plan.flips.to(device)
+        if flips is not None and shifts is None:
+            shifts = torch.zeros(len(order), 2, dtype=torch.long, device=device)
+        for step in range(start_step, num_steps):
+            pos = plan.rank_positions(step, rank, world, local_batch)
+            index = order[pos]
+            x = images.index_select(0, index).to(device, non_blocking=True)
+            y = labels.index_select(0, index).to(device, non_blocking=True)
+            x = normalize(x, self.mean, self.std)
+            if shifts is not None:
+                # Normalised first, so the zero fill is the mean colour.
+                x = random_shift_flip(x, shifts[pos], None if flips is None else flips[pos], self.shift)
+            yield x, y
+
+    def eval_batches(self, split: str, rank: int, world: int, batch_size: int,
+                     device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
+        data = getattr(self, split)
+        part = _shard(len(data), rank, world)
+        for start in range(part.start, part.stop, batch_size):
+            stop = min(start + batch_size, part.stop)
+            x = data.images[start:stop].to(device, non_blocking=True)
+            y = data.labels[start:stop].to(device, non_blocking=True)
+            yield normalize(x, self.mean, self.std), y
+
+
+def _split_off(num: int, val_size: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Shuffle ``range(num)`` and cut it into (train, val) index tensors."""
+    order = torch.randperm(num, generator=generator)
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
+def _torchvision_split(cls, label: str, where: str, root: str, download: bool, **kwargs):
+    """One split of a torchvision data set (whose files live in ``where``), with errors that name the path
+    and the flag."""
+    try:
+        return cls(root, download=False, **kwargs)
+    except RuntimeError:
+        if not download:
+            raise DataError(
+                f"--data-dir {root}: {label} not found (looked in {where}); drop --no-download to fetch it "
+                f"(needs internet), or point --data-dir at the folder that holds it") from None
+    try:
+        return cls(root, download=True, **kwargs)
+    except Exception as e:  # network errors come as URLError, OSError, RuntimeError, ...
+        raise DataError(
+            f"--data-dir {root}: {label} is not there and downloading it failed ({type(e).__name__}: {e}). "
+            f"Download it on a machine with internet and copy it into {where}, or point --data-dir at "
+            "the folder that holds it") from None
+
+
+def _load_cifar(name: str, root: str, download: bool, val_size: int, split_seed: int, **aug) -> InMemoryData:
+    import torchvision
+
+    cls, label, folder, mean, std, classes = {
+        "cifar10": (torchvision.datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD, 10),
+        "cifar100": (torchvision.datasets.CIFAR100, "CIFAR-100", "cifar-100-python", CIFAR100_MEAN, CIFAR100_STD,
+                     100),
+    }[name]
+    where = os.path.join(root, folder)
+
+    def as_split(ds) -> Split:
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC uint8 -> NCHW
+        return Split(images, torch.as_tensor(ds.targets, dtype=torch.int64))
+
+    full_ds = _torchvision_split(cls, label, where, root, download, train=True)
+    full = as_split(full_ds)
+    test = as_split(_torchvision_split(cls, label, where, root, download, train=False))
+    if not 0 <= val_size < len(full):
+        raise DataError(f"--val-size must be in [0, {len(full)}) for {label}; got {val_size}")
+    train_idx, val_idx = _split_off(len(full), val_size, torch.Generator().manual_seed(split_seed))
+    val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
+    train = Split(full.images[train_idx], full.labels[train_idx])
+    return InMemoryData(name, train, val, test, classes, mean, std, classes=full_ds.classes, **aug)
+
+
+def _load_svhn(root: str, download: bool, val_size: int, split_seed: int, **aug) -> InMemoryData:
+    import torchvision
+
+    def as_split(ds) -> Split:
+        return Split(torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64))
+
+    get = lambda split: as_split(_torchvision_split(  # noqa: E731
+        torchvision.datasets.SVHN, f"SVHN ({split}_32x32.mat)", root, root, download, split=split))
+    train, extra, test = get("train"), get("extra"), get("test")
+    # The paper's validation set: 400 images per class from train and 200 per class from extra.
+    from_train, from_extra = round(val_size * 2 / 30), round(val_size / 30)
+    generator = torch.Generator().manual_seed(split_seed)
+    keep, held = [], []
+    for part, per_class in ((train, from_train), (extra, from_extra)):
+        val_mask = torch.zeros(len(part), dtype=torch.bool)
+        for c in range(10):
+            members = (part.labels == c).nonzero().flatten()
+            if per_class > len(members):
+                raise DataError(f"--val-size {val_size} asks for more SVHN class-{c} images than there are")
+            val_mask[members[torch.randperm(len(members), generator=generator)[:per_class]]] = True
+        keep.append(Split(part.images[~val_mask], part.labels[~val_mask]))
+        held.append(Split(part.images[val_mask], part.labels[val_mask]))
+    cat = lambda parts: Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))  # noqa
+    val = cat(held) if val_size else None
+    return InMemoryData("svhn", cat(keep), val, test, 10, SVHN_MEAN, SVHN_STD, classes=[str(c) for c in range(10)],
+                        **aug)
+
+
+def _load_digits(image_size: int, **aug) -> InMemoryData:
+    splits = {s: Split(*load_digits_split(s, image_size)) for s in DIGITS_SPLIT_SIZES}
+    return InMemoryData("digits", splits["train"], splits["val"], splits["test"], 10, DIGITS_MEAN, DIGITS_STD,
+                        classes=[str(c) for c in range(10)], **aug)
+
+
+def _load_synthetic(image_size: int, num_classes: int, **aug) -> InMemoryData:
+    generator = torch.Generator().manual_seed(0)
+
+    def make(n: int) -> Split:
+        images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+        return Split(images, torch.randint(0, num_classes, (n,), generator=generator))
+
+    splits = {s: make(n) for s, n in SYNTHETIC_SIZES.items()}
+    return InMemoryData("synthetic", splits["train"], splits["val"], splits["test"], num_classes,
+                        (0.5,) * 3, (0.29,) * 3, **aug)
+
+
+# -- ImageFolder-style directories ---------------------------------------------------------------------------
+class _SeededTransform(torch.utils.data.Dataset):
+    """An ImageFolder whose items are ``(index, seed)``: each image's augmentation is a function of its seed,
+    so it does not depend on the loader's worker count or on where a resumed epoch starts."""
+
+    def __init__(self, folder, transform):
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, item):
+        index, seed = item
+        image, label = self.folder[index]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone (workers=0)
+            torch.manual_seed(int(seed))
+            image = self.transform(image)
+        return image, label
+
+
+class FolderData:
+    """An ImageFolder-style directory, decoded and augmented by DataLoader workers (uint8 batches)."""
+
+    def __init__(self, name: str, root: str, image_size: int, hflip: bool, workers: int):
+        from torchvision import datasets, transforms as T
+
+        for split in ("train", "val"):
+            path = os.path.join(root, split)
+            if not os.path.isdir(path):
+                raise DataError(
+                    f"--data-dir {root}: expected an ImageFolder-style directory with train/ and val/ "
+                    f"sub-folders (one folder of images per class, optionally test/ too); {path} not found")
+        self.name, self.root = name, root
+        self.image_size, self.workers = int(image_size), int(workers)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        try:
+            folders = {s: datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val", "test")
+                       if os.path.isdir(os.path.join(root, s))}
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"--data-dir {root}: {e}") from None
+        for split, folder in folders.items():
+            if folder.classes != folders["train"].classes:
+                raise DataError(f"--data-dir {root}: the class folders of {split}/ differ from those of train/")
+        self.classes = list(folders["train"].classes)
+        self.num_classes = len(self.classes)
+        self.test_is_val = "test" not in folders
+        resize = int(math.floor(image_size / 0.875))
+        train_tf = [T.RandomResizedCrop(image_size)] + ([T.RandomHorizontalFlip()] if hflip else [])
+        self.train = _SeededTransform(folders["train"], T.Compose(train_tf + [T.PILToTensor()]))
+        eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
+        self.val = _SeededTransform(folders["val"], eval_tf)
+        self.test = self.val if self.test_is_val else _SeededTransform(folders["test"], eval_tf)
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def to(self, device: torch.device) -> "FolderData":
+        return self
+
+    def data_config(self) -> dict:
+        size = self.image_size
+        return dict(input_size=(3, size, size), mean=self.mean, std=self.std, crop_pct=0.875,
+                    interpolation="bilinear")
+
+    def plan_epoch(self, order_gen: torch.Generator, aug_gen: torch.Generator) -> EpochPlan:
+        n = len(self.train)
+        return EpochPlan(order=torch.randperm(n, generator=order_gen),
+                         seeds=torch.randint(0, 2 ** 62, (n,), generator=aug_gen))
+
+    def _loader(self, dataset, batches: List[List[Tuple[int, int]]], device: torch.device):
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=device.type == "cuda")
+
+    def train_batches(self, plan: EpochPlan, start_step: int, num_steps: int, rank: int, world: int,
+                      local_batch: int, device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
+        batches = []
+        for step in range(start_step, num_steps):
+            pos = plan.rank_positions(step, rank, world, local_batch)
+            batches.append(list(zip(plan.order[pos].tolist(), plan.seeds[pos].tolist())))
+        for x, y in self._loader(self.train, batches, device):
+            x = normalize(x.to(device, non_blocking=True), self.mean, self.std)
+            yield x, y.to(device, non_blocking=True)
+
+    def eval_batches(self, split: str, rank: int, world: int, batch_size: int,
+                     device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
+        part = _shard(len(getattr(self, split)), rank, world)
+        batches = [[(i, 0) for i in range(s, min(s + batch_size, part.stop))]
+                   for s in range(part.start, part.stop, batch_size)]
+        for x, y in self._loader(getattr(self, split), batches, device):
+            x = normalize(x.to(device, non_blocking=True), self.mean, self.std)
+            yield x, y.to(device, non_blocking=True)
+
+
+# -- entry point ---------------------------------------------------------------------------------------------
+def load_data(name: str, data_dir: str = "~/data", *, download: bool = True, val_size: int = 0,
+              split_seed: int = 1, image_size: int = 32, num_classes: int = 10, shift: int = 0,
+              hflip: bool = False, workers: int = 4):
+    """Load a data set by ``--dataset`` name: an ``InMemoryData`` or a ``FolderData``."""
+    if name not in DATASETS:
+        raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    root = os.path.expanduser(data_dir)
+    aug = dict(shift=shift, hflip=hflip)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, root, download, val_size, split_seed, **aug)
+    if name == "svhn":
+        return _load_svhn(root, download, val_size, split_seed, **aug)
+    if name == "digits":
+        return _load_digits(image_size, **aug)
+    if name == "synthetic":
+        return _load_synthetic(image_size, num_classes, **aug)
+    return FolderData(name, root, image_size, hflip, workers)

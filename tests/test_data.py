@@ -1,0 +1,171 @@
+"""Data: digits splits and statistics, the on-device shift + flip, epoch plans, missing data sets."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdzoo.data import (
+    DIGITS_MEAN, DIGITS_SPLIT_SIZES, DIGITS_STD, DataError, load_data, load_digits_split, random_shift_flip)
+
+
+def test_digits_splits_are_fixed_disjoint_and_cover_the_set():
+    seen = []
+    for split, size in DIGITS_SPLIT_SIZES.items():
+        images, labels = load_digits_split(split, image_size=16)
+        assert images.shape == (size, 3, 16, 16) and images.dtype == torch.float32
+        assert labels.shape == (size,) and set(labels.tolist()) == set(range(10))
+        assert 0.0 <= images.min() and images.max() <= 1.0
+        again, _ = load_digits_split(split, image_size=16)
+        assert torch.equal(images, again)
+        seen.append(images[:, 0].flatten(1))
+    rows = torch.cat(seen)
+    assert len(rows) == 1797
+    # together the splits hold every image of the set once (compared at 8x8, where nothing is resampled)
+    from sklearn.datasets import load_digits
+    full = torch.as_tensor(load_digits().images, dtype=torch.float32).div(16).flatten(1)
+    union = torch.cat([load_digits_split(split, image_size=8)[0][:, 0].flatten(1) for split in DIGITS_SPLIT_SIZES])
+    for a, b in zip(torch.unique(union, dim=0, return_counts=True), torch.unique(full, dim=0, return_counts=True)):
+        assert torch.equal(a, b)
+
+
+def test_digits_mean_std_match_the_training_split():
+    images, _ = load_digits_split("train", image_size=8)
+    assert images.mean().item() == pytest.approx(DIGITS_MEAN[0], abs=1e-4)
+    assert images.std().item() == pytest.approx(DIGITS_STD[0], abs=1e-4)
+
+
+def _shift_flip_reference(x, shifts, flips, pad):
+    out = torch.empty_like(x)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    h, w = x.shape[-2:]
+    for i in range(len(x)):
+        dy, dx = shifts[i].tolist()
+        crop = padded[i, :, pad + dy: pad + dy + h, pad + dx: pad + dx + w]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out
+
+
+def test_random_shift_flip_matches_a_per_image_crop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 10, 12, generator=g)
+    shifts = torch.randint(-4, 5, (16, 2), generator=g)
+    flips = torch.rand(16, generator=g) < 0.5
+    assert torch.equal(random_shift_flip(x, shifts, flips, 4), _shift_flip_reference(x, shifts, flips, 4))
+    # zero shift and no flip is the identity; a full shift fills with zeros
+    assert torch.equal(random_shift_flip(x, torch.zeros(16, 2, dtype=torch.long), None, 4), x)
+    moved = random_shift_flip(x, torch.full((16, 2), 4), None, 4)
+    assert torch.all(moved[..., -4:, :] == 0) and torch.equal(moved[..., :-4, :-4], x[..., 4:, 4:])
+
+
+def test_rank_slices_of_a_plan_make_up_the_global_batch():
+    data = load_data("digits", image_size=8, shift=1, hflip=True)
+    plan = data.plan_epoch(torch.Generator().manual_seed(3), torch.Generator().manual_seed(4))
+    cpu = torch.device("cpu")
+    whole = list(data.train_batches(plan, 0, 3, 0, 1, 8, cpu))
+    halves = [list(data.train_batches(plan, 0, 3, r, 2, 4, cpu)) for r in (0, 1)]
+    for step in range(3):
+        x = torch.cat([halves[0][step][0], halves[1][step][0]])
+        y = torch.cat([halves[0][step][1], halves[1][step][1]])
+        assert torch.equal(x, whole[step][0]) and torch.equal(y, whole[step][1])
+    # a resumed epoch starts at its step and sees the same batches
+    assert torch.equal(next(data.train_batches(plan, 2, 3, 0, 1, 8, cpu))[0], whole[2][0])
+
+
+def test_missing_data_sets_name_the_path_and_the_flag(tmp_path):
+    missing = tmp_path / "nothing"
+    with pytest.raises(DataError, match="--data-dir .*nothing.*CIFAR-10 not found.*--no-download"):
+        load_data("cifar10", str(missing), download=False)
+    with pytest.raises(DataError, match="--data-dir .*nothing.*train/ and val/"):
+        load_data("imagefolder", str(missing))
+
+
+def test_a_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    import torchvision
+
+    class Offline(torchvision.datasets.CIFAR10):
+        def __init__(self, root, download=False, **kwargs):
+            if download:
+                raise OSError("network is unreachable")
+            super().__init__(root, download=False, **kwargs)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(DataError, match=r"--data-dir .*downloading it failed \(OSError: network is unreachable\)"):
+        load_data("cifar10", str(tmp_path), download=True)
+
+
+def test_imagefolder_batches_are_deterministic_per_image(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    data = load_data("imagefolder", str(tmp_path), image_size=16, hflip=True, workers=0)
+    assert data.num_classes == 2 and data.test_is_val and len(data) == 8
+    plan = data.plan_epoch(torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    cpu = torch.device("cpu")
+    first = [x for x, _ in data.train_batches(plan, 0, 2, 0, 1, 4, cpu)]
+    second = [x for x, _ in data.train_batches(plan, 0, 2, 0, 1, 4, cpu)]
+    assert first[0].shape == (4, 3, 16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(next(data.train_batches(plan, 1, 2, 0, 1, 4, cpu))[0], first[1])
+
+
+class _FakeTorchvision:
+    """Stand-ins for torchvision's CIFAR10 / SVHN classes: the same attributes, small random contents."""
+
+    @staticmethod
+    def cifar(sizes):
+        class FakeCIFAR10:
+            classes = [f"class{i}" for i in range(10)]
+
+            def __init__(self, root, train=True, download=False):
+                n = sizes["train" if train else "test"]
+                g = torch.Generator().manual_seed(0 if train else 1)
+                self.data = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g).numpy()
+                self.targets = (torch.arange(n) % 10).tolist()
+        return FakeCIFAR10
+
+    @staticmethod
+    def svhn(sizes):
+        class FakeSVHN:
+            def __init__(self, root, split="train", download=False):
+                n = sizes[split]
+                g = torch.Generator().manual_seed(("train", "extra", "test").index(split))
+                self.data = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).numpy()
+                self.labels = (torch.arange(n) % 10).numpy()
+        return FakeSVHN
+
+
+def test_cifar_split_holds_out_a_fixed_validation_set(monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeTorchvision.cifar({"train": 100, "test": 20}))
+    data = load_data("cifar10", val_size=10, split_seed=1, shift=4, hflip=True)
+    assert (len(data.train), len(data.val), len(data.test)) == (90, 10, 20)
+    assert data.train.images.shape == (90, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert data.classes[0] == "class0" and data.num_classes == 10
+    full = torch.from_numpy(torchvision.datasets.CIFAR10("x").data).permute(0, 3, 1, 2)
+    pooled = torch.cat([data.train.images, data.val.images]).flatten(1)
+    assert torch.equal(torch.unique(pooled, dim=0), torch.unique(full.flatten(1), dim=0))  # a partition
+    again = load_data("cifar10", val_size=10, split_seed=1)
+    assert torch.equal(again.val.images, data.val.images)
+    other = load_data("cifar10", val_size=10, split_seed=2)
+    assert not torch.equal(other.val.images, data.val.images)
+
+
+def test_svhn_validation_set_takes_two_thirds_from_train_and_one_third_from_extra(monkeypatch):
+    import torchvision
+
+    sizes = {"train": 200, "extra": 300, "test": 50}
+    monkeypatch.setattr(torchvision.datasets, "SVHN", _FakeTorchvision.svhn(sizes))
+    data = load_data("svhn", val_size=60)  # 4 per class from train, 2 per class from extra
+    assert len(data.val) == 60 and len(data.train) == 500 - 60 and len(data.test) == 50
+    assert torch.equal(data.val.labels.bincount(), torch.full((10,), 6))
+    train_rows = torch.from_numpy(torchvision.datasets.SVHN("x", split="train").data).flatten(1)
+    from_train = sum(bool((train_rows == row).all(1).any()) for row in data.val.images.flatten(1))
+    assert from_train == 40

@@ -1,0 +1,300 @@
+"""The training script: accuracy on digits, exact resume after SIGKILL, DDP on gloo, the paper's optimizer
+semantics for skipped blocks, divergence and usage errors.
+
+Runs that the tests compare go through the real command line in subprocesses (``scripts/train.py``,
+``torchrun``); small checks call ``sdzoo.train.main`` in-process. Subprocesses use one thread each so
+that two of them can share two cores.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import sdzoo  # noqa: F401  (registers the models)
+from sdzoo.data import DIGITS_MEAN, DIGITS_STD, load_digits_split
+from sdzoo.metrics_plot import read_metrics
+from sdzoo.train import GateLog, build_optimizer, main, materialize_grads, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "scripts" / "train.py")
+TINY = ["--dataset", "digits", "--model", "sd_resnet20_cifar", "--quiet"]
+
+
+def _main(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def _cli(*args) -> list:
+    return [sys.executable, SCRIPT, *map(str, args)]
+
+
+def _run(cmd, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _start(cmd) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _finish(proc: subprocess.Popen, timeout=300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return out
+
+
+def _checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+# -- the digits recipe ---------------------------------------------------------------------------------------
+def test_digits_recipe_reaches_95_percent_in_under_two_minutes(tmp_path):
+    run = tmp_path / "digits"
+    start = time.perf_counter()
+    proc = _run(_cli("--output", run, "--quiet"))  # every setting from the digits recipe
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    print(f"\ndigits recipe: test accuracy {summary['test_accuracy']:.2f}% "
+          f"(best validation epoch {summary['best_epoch']}), {wall:.1f} s wall")
+    assert summary["finished"] and summary["settings"]["dataset"] == "digits"
+    assert summary["test_accuracy"] >= 95.0
+    assert wall < 120.0
+
+    # The reported test error is the one at the epoch of lowest validation error.
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == list(range(1, summary["settings"]["epochs"] + 1))
+    best = min(records, key=lambda r: (r["val_error"], r["epoch"]))
+    assert summary["best_epoch"] == best["epoch"] and summary["test_error"] == best["test_error"]
+    assert set(records[0]["grad_mean_abs"]) == {"stem", "layer1", "layer2", "layer3", "head"}
+    assert all(v > 0 for v in records[0]["grad_mean_abs"].values())
+    assert records[0]["mean_depth"] < 9  # blocks were skipped
+    assert [r["lr"] for r in records][::15] == pytest.approx([0.1, 0.01])
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The run folder is a timm local-dir holding the best weights: they give the reported test error.
+    model = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    assert model.survival_prob == 0.5 and model.survival_rule == "linear"
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert tuple(cfg["mean"]) == DIGITS_MEAN and tuple(cfg["std"]) == DIGITS_STD
+    images, labels = load_digits_split("test", image_size=cfg["input_size"][-1])
+    x = (images - torch.tensor(DIGITS_MEAN).view(1, 3, 1, 1)) / torch.tensor(DIGITS_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        error = 100.0 * (model(x).argmax(1) != labels).double().mean().item()
+    assert error == pytest.approx(summary["test_error"], abs=1e-9)
+
+
+# -- exact resume --------------------------------------------------------------------------------------------
+def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
+    args = TINY + ["--image-size", 32, "--batch-size", 16, "--epochs", 2, "--checkpoint-every-steps", 7,
+                   "--record-gates", "--threads", 1]
+    reference = _start(_cli(*args, "--output", tmp_path / "reference"))
+    killed = tmp_path / "killed"
+    victim = _start(_cli(*args, "--output", killed))
+    # An arbitrary point of the 156 steps: some time after the first checkpoint at or past a random step,
+    # so that the kill usually lands between checkpoints and the steps since the last one are redone.
+    rng = random.Random()
+    target, delay = rng.randint(10, 90), rng.uniform(0.0, 0.15)
+    seen_mtime = None
+    deadline = time.monotonic() + 240
+    while victim.poll() is None and time.monotonic() < deadline:
+        ckpt = killed / "checkpoint.pt"
+        if ckpt.exists() and ckpt.stat().st_mtime_ns != seen_mtime:
+            seen_mtime = ckpt.stat().st_mtime_ns
+            if torch.load(ckpt, weights_only=True)["global_step"] >= target:
+                time.sleep(delay)
+                victim.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, f"the run ended before step {target} could be reached"
+    resumed_from = _checkpoint(killed)
+    print(f"\nkilled {delay * 1000:.0f} ms after the checkpoint past step {target}; resuming from the checkpoint "
+          f"of step {resumed_from['global_step']} (epoch {resumed_from['epoch'] + 1}, step {resumed_from['step']})")
+    assert 0 < resumed_from["global_step"] < 156
+
+    proc = _run(_cli("--output", killed, "--resume", "--quiet", "--threads", 1))
+    assert proc.returncode == 0, proc.stderr
+    _finish(reference)
+
+    ref = tmp_path / "reference"
+    assert (ref / "model.safetensors").read_bytes() == (killed / "model.safetensors").read_bytes()
+    a, b = _checkpoint(ref), _checkpoint(killed)
+    assert a["global_step"] == b["global_step"] == 156
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for key in a["optimizer"]["state"]:
+        assert torch.equal(a["optimizer"]["state"][key]["momentum_buffer"],
+                           b["optimizer"]["state"][key]["momentum_buffer"])
+    assert torch.equal(a["rng"]["gates"], b["rng"]["gates"])
+    assert (ref / "gates_rank0.txt").read_text() == (killed / "gates_rank0.txt").read_text()
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}  # noqa: E731
+    assert [strip(r) for r in read_metrics(ref / "metrics.jsonl")] == \
+           [strip(r) for r in read_metrics(killed / "metrics.jsonl")]
+    assert not list(killed.glob(".*.tmp"))
+
+
+# -- distributed ---------------------------------------------------------------------------------------------
+def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_path):
+    """2 ranks x 16 images against 1 process with the same 32 images as 2 micro-batches of 16.
+
+    Without SyncBatchNorm (GPU-only in PyTorch) each rank normalises its own 16 images; a single process
+    normalising micro-batches of 16 is the exact counterpart, so the weights must agree. The BatchNorm
+    running statistics are not compared: DDP keeps rank 0's (from its 16 images) while the single process
+    folds in both micro-batches, and they feed no gradient.
+    """
+    args = TINY + ["--image-size", 16, "--batch-size", 32, "--epochs", 2, "--record-gates"]
+    ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT]
+    ddp = _start(torchrun + [*map(str, args), "--output", str(ddp_run), "--threads", "1"])
+    single = _start(_cli(*args, "--accum-steps", 2, "--output", single_run, "--threads", 1))
+    _finish(ddp)
+    _finish(single)
+
+    # The same gates on both ranks, and the same as the single process: every step, every block.
+    rank0 = (ddp_run / "gates_rank0.txt").read_text()
+    assert rank0 == (ddp_run / "gates_rank1.txt").read_text() == (single_run / "gates_rank0.txt").read_text()
+    lines = rank0.splitlines()
+    assert len(lines) == 2 * (1257 // 32)
+    assert any(" 0" in line for line in lines)  # blocks were skipped: DDP saw unused parameters
+
+    a, b = _checkpoint(ddp_run), _checkpoint(single_run)
+    names = [n for n, _ in timm.create_model("sd_resnet20_cifar").named_parameters()]
+    for name in names:
+        assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-6), name
+    ddp_loss = [r["train_loss"] for r in read_metrics(ddp_run / "metrics.jsonl")]
+    single_loss = [r["train_loss"] for r in read_metrics(single_run / "metrics.jsonl")]
+    assert ddp_loss == pytest.approx(single_loss, rel=1e-6)
+    assert json.loads((ddp_run / "summary.json").read_text())["world_size"] == 2
+
+
+# -- the optimizer sees skipped blocks -----------------------------------------------------------------------
+def test_skipped_blocks_are_moved_by_weight_decay_and_momentum():
+    model = timm.create_model("sd_resnet20_cifar", num_classes=10, survival_prob=0.5, gate_seed=0)
+    lr, mu, wd = 0.1, 0.9, 1e-4
+    optimizer = build_optimizer(model, dict(lr=lr, momentum=mu, dampening=0.0, nesterov=True, weight_decay=wd))
+    materialize_grads(model)
+    log = GateLog(model.gate_sampler)
+    images, labels = load_digits_split("train", image_size=16)
+    x, y = images[:32], labels[:32]
+    ran_before = set()
+    for step in range(30):
+        before = {p: p.detach().clone() for p in model.parameters()}
+        buffers = {p: optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()
+                   if "momentum_buffer" in optimizer.state[p]}
+        train_step(model, optimizer, x, y, gate_sampler=model.gate_sampler)
+        kept = [bool(g) for g in log.last[0]]
+        skipped_after_running = [i for i, k in enumerate(kept) if not k and i in ran_before]
+        ran_before |= {i for i, k in enumerate(kept) if k}
+        if skipped_after_running:
+            break
+    else:
+        pytest.fail("no block was skipped after having run")
+    block = model.residual_blocks()[skipped_after_running[0]]
+    for p in block.branch.parameters():
+        assert p.grad is not None and not p.grad.any()  # a zero gradient, not a missing one
+        # SGD with a zero gradient: weight decay and the momentum of earlier steps still move the weights.
+        d = wd * before[p]
+        v = mu * buffers[p] + d
+        expected = before[p] - lr * (d + mu * v)
+        assert not torch.equal(p.detach(), before[p])
+        assert torch.allclose(p.detach(), expected, rtol=1e-6, atol=1e-10)
+        assert torch.allclose(optimizer.state[p]["momentum_buffer"], v, rtol=1e-6, atol=1e-12)
+
+
+# -- divergence ----------------------------------------------------------------------------------------------
+def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "diverged"
+    code = _main(*TINY, "--image-size", 16, "--lr", 100, "--epochs", 3, "--checkpoint-every-steps", 2,
+                 "--log-every", 1, "--output", run)
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "became NaN or infinite" in err and f"last good checkpoint, {run / 'checkpoint.pt'}" in err
+    assert "Traceback" not in err
+    state = _checkpoint(run)
+    assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
+    assert not list(run.glob(".*.tmp"))
+
+    run = tmp_path / "nan_loss"
+    code = _main(*TINY, "--image-size", 16, "--lr", 1e20, "--log-every", 1, "--output", run)
+    err = capsys.readouterr().err
+    assert code == 3 and "the training loss became NaN or infinite in epoch 1" in err
+    assert "no checkpoint had been written yet" in err and not (run / "checkpoint.pt").exists()
+
+
+# -- usage errors --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "argument --epochs: must be in [1, inf); got '0'"),
+    (["--survival-prob", "1.5"], "argument --survival-prob: must be in (0.0, 1.0]; got '1.5'"),
+    (["--lr", "fast"], "argument --lr: must be a number; got 'fast'"),
+    (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist' (choose from "),
+    (["--gate-mode", "never"], "argument --gate-mode: invalid choice"),
+])
+def test_bad_flags_exit_with_a_message_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    if "--dataset" in flags:
+        assert all(name in err for name in ("cifar10", "svhn", "imagefolder", "digits", "synthetic"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "resnet50"], "--model must be one of sd_resnet20_cifar, sd_resnet50, sd_resnet56_cifar"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}/none", "--no-download"],
+     "--data-dir {tmp}/none: CIFAR-10 not found (looked in {tmp}/none/cifar-10-batches-py)"),
+    (["--dataset", "imagefolder", "--data-dir", "{tmp}/none"], "--data-dir {tmp}/none: expected an ImageFolder"),
+    (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1257 training images"),
+    (["--num-classes", "5"], "--num-classes applies to --dataset synthetic only"),
+    (["--batch-size", "65", "--accum-steps", "2"], "--batch-size 65 must be divisible by processes x --accum-steps"),
+    (["--resume", "{tmp}/none"], "--resume: no checkpoint at {tmp}/none"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(["--sync-bn"], "--sync-bn needs CUDA",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_bad_settings_and_missing_data_exit_with_a_clear_error(flags, message, tmp_path, capsys):
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    code = main(flags + ["--output", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+def test_resume_keeps_the_run_settings_and_output_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _main(*TINY, "--image-size", 8, "--epochs", 1, "--batch-size", 128, "--output", run) == 0
+    assert _main(*TINY, "--image-size", 8, "--epochs", 1, "--output", run) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _main("--output", run, "--resume", "--lr", 0.5) == 2
+    assert "--lr 0.5 (run: 0.1)" in capsys.readouterr().err
+    assert _main("--resume", run, "--quiet") == 0  # finished: nothing left to do
+    assert len(read_metrics(run / "metrics.jsonl")) == 1
+
+
+def test_imagefolder_directory_trains(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / "data" / split / cls)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (24, 24, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / cls / f"{i}.png")
+    run = tmp_path / "run"
+    code = main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--model", "sd_resnet20_cifar",
+                 "--image-size", "16", "--batch-size", "4", "--epochs", "2", "--workers", "0", "--quiet",
+                 "--output", str(run)])
+    assert code == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["settings"]["recipe"] == "imagenet" and summary["epochs_done"] == 2
+    model = timm.create_model(f"local-dir:{run}", pretrained=True)
+    assert model.num_classes == 2
