@@ -27,7 +27,7 @@ DATASETS: Dict[str, Tuple[str, Optional[str]]] = {
     "cifar100": ("CIFAR-100", "uoft-cs/cifar100"),
     "svhn": ("SVHN", "ufldl-stanford/svhn"),
     "imagenet": ("ImageNet-1k", "ILSVRC/imagenet-1k"),
-    "digits": ("scikit-learn handwritten digits (8x8, upsampled to 32x32)", None),
+    "digits": ("scikit-learn handwritten digits (8x8 images, upsampled)", None),
     "synthetic": ("random images and labels (a throughput run: nothing was learned)", None),
 }
 

@@ -33,7 +33,7 @@ from ._checks import check_choice
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
     "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
-    "digits_images", "quantize_int8", "onnx_latency", "torch_latency", "benchmark", "format_benchmark",
+    "digits_images", "predict_onnx", "quantize_int8", "onnx_latency", "torch_latency", "benchmark", "format_benchmark",
 ]
 
 DEFAULT_OPSET = 20
@@ -171,6 +171,13 @@ def _session(path_or_bytes, threads: Optional[int] = None):
 
 def _run_onnx(session, x: np.ndarray) -> np.ndarray:
     return session.run(None, {INPUT_NAME: x})[0]
+
+
+def predict_onnx(path: PathLike, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits of an exported model for (N, C, H, W) ``images``, with onnxruntime on the CPU."""
+    images = _check_images("images", images)
+    session = _session(os.fspath(path))
+    return np.concatenate([_run_onnx(session, batch) for batch in _batches(images, batch_size)])
 
 
 # -- metadata ---------------------------------------------------------------------------------------------
