@@ -20,7 +20,6 @@ peak memory. Then inference: PyTorch eager against onnxruntime fp32 and int8 at 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import sdzoo
+from sdzoo._files import save_json
 from sdzoo.gate import ResidualGate
 
 NOT_RUN = "not run"
@@ -316,9 +316,7 @@ def main(argv=None) -> int:
         payload = dict(model=args.model, batch_size=args.batch_size, survival_prob=args.survival_prob,
                        steps=args.steps, warmup=args.warmup, machine=info, training=train_rows,
                        inference=infer_rows)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, args.json)
+        save_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

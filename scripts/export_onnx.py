@@ -46,6 +46,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="p_L; 1.0 for constant depth or for a checkpoint that is already folded")
     group.add_argument("--survival-rule", default=None, choices=sdzoo.SURVIVAL_RULES)
     group.add_argument("--scaling", default=None, choices=sdzoo.SCALINGS)
+    group.add_argument("--gate-mode", default=None, choices=sdzoo.GATE_MODES,
+                       help="'off' for a checkpoint trained at constant depth (there is no p_l to fold)")
     parser.add_argument("--img-size", type=int, default=None, help="input height and width (default: the model's)")
     parser.add_argument("--label-names", default=None,
                         help="class names written to the metadata: comma-separated, or @FILE with one per line")
@@ -81,8 +83,13 @@ def create_model(args: argparse.Namespace) -> torch.nn.Module:
         zoo = ", ".join(timm.list_models("sd_*"))
         fail(args, f"--model: unknown model {args.model!r}; give a registered name ({zoo}), "
                    "local-dir:PATH or hf-hub:ORG/NAME")
+    if args.checkpoint is not None and args.survival_prob is None and args.gate_mode is None:
+        # A wrong p_L would be folded into the weights and still pass the parity check: ask, do not guess.
+        fail(args, "--checkpoint with a registered name needs the settings it was trained with: give "
+                   "--survival-prob P_L (1.0 if it is already folded) or --gate-mode off (constant depth)")
     kwargs = {k: v for k, v in dict(num_classes=args.num_classes, survival_prob=args.survival_prob,
-                                    survival_rule=args.survival_rule, scaling=args.scaling).items() if v is not None}
+                                    survival_rule=args.survival_rule, scaling=args.scaling,
+                                    gate_mode=args.gate_mode).items() if v is not None}
     try:
         model = timm.create_model(args.model, **kwargs)
     except (ValueError, TypeError) as err:
@@ -95,7 +102,7 @@ def create_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
-    for flag in ("checkpoint", "num_classes", "survival_prob", "survival_rule", "scaling"):
+    for flag in ("checkpoint", "num_classes", "survival_prob", "survival_rule", "scaling", "gate_mode"):
         if getattr(args, flag) is not None:
             fail(args, f"--{flag.replace('_', '-')} applies to a registered model name only; "
                        f"{args.model} brings its weights and settings with it")

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+from sdzoo._files import write_text
 from sdzoo.hub import HubError, publish
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_cards"
@@ -54,17 +53,10 @@ def run_folder(model: str) -> str:
 
 
 def save_card(card: str, card_dir: Path, repo_id: str) -> Path:
-    """The published card, kept in the source tree; written to a temporary file and renamed (never half-written)."""
+    """The published card, kept in the source tree (written atomically, never half-written)."""
     card_dir.mkdir(parents=True, exist_ok=True)
     path = card_dir / f"{repo_id.split('/')[-1]}.md"
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=card_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(card)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text(path, card)
     return path
 
 

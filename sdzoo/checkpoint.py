@@ -1,21 +1,20 @@
 """Run-folder files, written so that nothing is ever half-written.
 
-Every file goes to a temporary file in the same directory and is then renamed over the old one
-(``os.replace`` is atomic on POSIX and Windows), so a run killed at any moment leaves either the previous
-version or the new one. The run folder is a timm local-dir (``config.json`` + ``model.safetensors``), so
+Every file goes through ``sdzoo._files`` (a temporary file in the same directory, then renamed over the
+old one), so a run killed at any moment leaves either the previous version or the new one. The run folder is a timm local-dir (``config.json`` + ``model.safetensors``), so
 ``timm.create_model("local-dir:RUN", pretrained=True)`` loads the best weights; beside them, the resume
 state ``checkpoint.pt`` holds plain types and tensors only and is read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
+
+from ._files import TEMP_SUFFIX, atomic_write, save_json
 
 __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "CheckpointError", "atomic_write", "save_json",
@@ -25,7 +24,6 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-_TEMP_SUFFIX = ".tmp"
 
 PathLike = Union[str, os.PathLike]
 
@@ -34,41 +32,10 @@ class CheckpointError(Exception):
     """A resume state that is missing or unreadable: a user error, reported without a traceback."""
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)``, then move the finished file onto ``path`` in one step."""
-    path = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual permissions
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def remove_stale_temp_files(folder: PathLike) -> None:
     """Temporary files of a process that was killed mid-write."""
-    for temp in Path(folder).glob(f".*{_TEMP_SUFFIX}"):
+    for temp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
         temp.unlink(missing_ok=True)
-
-
-def save_json(path: PathLike, data: Any) -> None:
-    def write(temp: str) -> None:
-        with open(temp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
 
 
 def save_state(path: PathLike, state: Dict[str, Any]) -> None:

@@ -276,8 +276,12 @@ def _load_svhn(root: str, download: bool, val_size: int, split_seed: int, **aug)
     get = lambda split: as_split(_torchvision_split(  # noqa: E731
         torchvision.datasets.SVHN, f"SVHN ({split}_32x32.mat)", root, root, download, split=split))
     train, extra, test = get("train"), get("extra"), get("test")
-    # The paper's validation set: 400 images per class from train and 200 per class from extra.
-    from_train, from_extra = round(val_size * 2 / 30), round(val_size / 30)
+    # The paper's validation set: 400 images per class from train and 200 per class from extra (6,000 in
+    # all), so the size must split 2:1 over train and extra, evenly over the 10 classes.
+    if val_size % 30:
+        raise DataError(f"--val-size {val_size}: SVHN holds out 2/3 from train and 1/3 from extra, evenly over "
+                        "10 classes, so it must be a multiple of 30 (the paper's is 6000)")
+    from_train, from_extra = val_size * 2 // 30, val_size // 30
     generator = torch.Generator().manual_seed(split_seed)
     keep, held = [], []
     for part, per_class in ((train, from_train), (extra, from_extra)):

@@ -15,7 +15,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-__all__ = ["fold_survival", "is_folded", "can_fold"]
+__all__ = ["fold_survival", "is_folded", "can_fold", "trained_settings"]
 
 # The model arguments that describe how a model was trained: what a folded model records.
 _SURVIVAL_KEYS = ("survival_prob", "survival_rule", "gate_mode", "scaling")
@@ -65,7 +65,7 @@ def fold_survival(model: nn.Module) -> nn.Module:
                 affine.bias.mul_(p)
         blk.gate.survival_prob = 1.0
 
-    model.folded_from = _trained_settings(model)
+    model.folded_from = trained_settings(model)
     model.gate_mode = "off"
     sampler = getattr(model, "gate_sampler", None)
     if sampler is not None:
@@ -84,7 +84,8 @@ def _residual_blocks(model: nn.Module):
     return model.residual_blocks()
 
 
-def _trained_settings(model: nn.Module) -> Dict[str, Any]:
+def trained_settings(model: nn.Module) -> Dict[str, Any]:
+    """The survival settings a model trains with (what a folded model records)."""
     args = getattr(model, "_model_args", None) or {}
     return {k: args.get(k, getattr(model, k, None)) for k in _SURVIVAL_KEYS}
 

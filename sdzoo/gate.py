@@ -10,8 +10,10 @@ Two pieces, used by every model in the zoo:
 
 Gate modes:
   ``batch``  one Bernoulli(p_l) draw per block per step for the whole mini-batch (the paper's).
-  ``sample`` per-sample drop: a fixed number round(p_l * B) of samples run the branch, the others skip it;
-             the branch is computed on the kept samples only, and shapes stay static.
+  ``sample`` per-sample drop: a fixed number k_l = round(p_l * B) (at least 1) of the B samples run the
+             branch, the others skip it; the branch is computed on the kept samples only, and shapes stay
+             static. The kept share is k_l / B, which is p_l up to rounding: at small batches (p_l * B
+             near 1) it can be far from p_l, so use ``batch`` mode there.
   ``off``    constant depth: every branch runs, p_l = 1.
 
 Scalings:
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._checks import check_choice, check_survival_prob
+from ._checks import check_choice, check_int, check_survival_prob
 
 GATE_MODES = ("batch", "sample", "off")
 SCALINGS = ("expectation", "inverted")
@@ -50,7 +52,7 @@ class GateSampler(nn.Module):
         check_choice("gate_mode", mode, GATE_MODES)
         self.survival_probs = [check_survival_prob("survival_probs", p) for p in survival_probs]
         self.mode = mode
-        self.seed = int(seed)
+        self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def extra_repr(self) -> str:
@@ -61,7 +63,7 @@ class GateSampler(nn.Module):
         return self.training and self.mode != "off"
 
     def manual_seed(self, seed: int) -> None:
-        self.seed = int(seed)
+        self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
         self.generator.manual_seed(self.seed)
 
     def get_rng_state(self) -> Tensor:
@@ -115,10 +117,11 @@ class ResidualGate(nn.Module):
                 return shortcut
             out = branch(x)
             return shortcut + (out if scale is None else out * scale)
-        # sample mode: run the branch on the kept samples only and add it back in place
+        # sample mode: run the branch on the kept samples only and add it back in place. Inverted scaling
+        # divides by the share actually kept, k_l / B, so the expected branch is exact at every batch size.
         out = branch(x.index_select(0, gate))
         if scale is not None:
-            out = out * scale
+            out = out * (x.shape[0] / gate.shape[0])
         return shortcut.index_add(0, gate, out.to(shortcut.dtype))
 
 

@@ -19,7 +19,7 @@ __all__ = [
     "default_template_path",
 ]
 
-TEMPLATE_NAME = "template.md"
+TEMPLATE_NAME = "model_card_template.md"
 
 # Data set name in a run's summary -> (display name, Hub data set id or None).
 DATASETS: Dict[str, Tuple[str, Optional[str]]] = {
@@ -136,8 +136,8 @@ def card_metadata(repo_id: str, architecture: str, results: Optional[RunResults]
 
 
 def default_template_path() -> Path:
-    """``model_cards/template.md`` of the source tree (the publishing script runs from it)."""
-    return Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    """The card template, shipped inside the package (``model_cards/template.md`` links to it)."""
+    return Path(__file__).with_name(TEMPLATE_NAME)
 
 
 def _fmt(value: Any) -> str:

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._files import staged_file
+from .fold import trained_settings
 from ._checks import check_choice
 
 __all__ = [
@@ -132,33 +134,6 @@ def _input_size_of(model: nn.Module, input_size) -> Tuple[int, int, int]:
 
 
 # -- files ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _staged_file(path: PathLike) -> Iterator[str]:
-    """A temporary file next to ``path`` that replaces it when the block succeeds and is removed otherwise.
-
-    Same directory, so the final ``os.replace`` is atomic: a reader never sees a half-written model.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"output directory does not exist: {directory!r}")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _session(path_or_bytes, threads: Optional[int] = None):
     import onnxruntime as ort
 
@@ -225,12 +200,7 @@ def onnx_metadata(
 def _survival_metadata(model: nn.Module) -> Dict[str, Any]:
     """The survival settings the weights were trained with, and whether p_l is folded into them."""
     folded_from = getattr(model, "folded_from", None)
-    if folded_from is not None:
-        trained = dict(folded_from)
-    else:
-        args = getattr(model, "_model_args", None) or {}
-        trained = {k: args.get(k, getattr(model, k, None))
-                   for k in ("survival_prob", "survival_rule", "gate_mode", "scaling")}
+    trained = dict(folded_from) if folded_from is not None else trained_settings(model)
     return {"stochastic_depth": trained, "folded": "true" if folded_from is not None else "false"}
 
 
@@ -369,7 +339,7 @@ def export_onnx(
         metadata = onnx_metadata(model, input_size=input_size)
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
-    with _staged_file(path) as tmp:
+    with staged_file(path) as tmp:
         with _eval_mode(model):
             _export_graph(model, tmp, input_size, opset)
         proto = onnx.load(tmp)
@@ -468,7 +438,7 @@ def quantize_int8(
         method="onnxruntime static QDQ", weights="int8", activations="int8", per_channel=per_channel,
         calibration_images=len(calibration_images))))
 
-    with _staged_file(output_path) as tmp:
+    with staged_file(output_path) as tmp:
         _quantize_static(fp32_path, tmp, _Reader(), per_channel)
         proto = onnx.load(tmp)
         _set_metadata(proto, metadata)

@@ -14,6 +14,7 @@ import sdzoo
 import sdzoo.onnx_export as onnx_export
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.onnx_export import ExportCheckError, digits_images, export_onnx, op_histogram, read_metadata
+from helpers import randomize_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial",
@@ -24,13 +25,7 @@ def make_model(name="sd_resnet20_cifar", seed=0, **kwargs):
     """A model with non-trivial BatchNorm statistics and affines, so that a wrong fold shows in the outputs."""
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=10, **kwargs)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0.0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0.0, 0.2)
-    return model.eval()
+    return randomize_batchnorm(model).eval()
 
 
 def logits(model, x):
@@ -306,10 +301,13 @@ def test_cli_checkpoint_that_does_not_match(script, tmp_path, capsys):
     output = tmp_path / "m.onnx"
     code, err = cli_error(script, ["--model", "sd_resnet20_cifar", "--checkpoint", str(checkpoint),
                                    "--output", str(output)], capsys)
+    assert code == 2 and "--survival-prob" in err and "--gate-mode off" in err  # never guess p_L
+    code, err = cli_error(script, ["--model", "sd_resnet20_cifar", "--checkpoint", str(checkpoint),
+                                   "--survival-prob", "0.5", "--output", str(output)], capsys)
     assert code == 2
     assert "--checkpoint" in err and "does not match --model sd_resnet20_cifar" in err and "fc.weight" in err
     code, err = cli_error(script, ["--model", "sd_resnet56_cifar", "--checkpoint", str(checkpoint),
-                                   "--output", str(output)], capsys)
+                                   "--gate-mode", "off", "--output", str(output)], capsys)
     assert code == 2 and "unexpected" not in err and "missing: layer1.3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.name]
 

@@ -26,7 +26,9 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .._checks import check_choice, check_survival_prob
+from .._checks import check_choice, check_int, check_survival_prob
+# Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
+from ..data import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, SVHN_MEAN, SVHN_STD
 from ..gate import GATE_MODES, SCALINGS, GateSampler, ResidualGate
 from ..pretrained import require_published_weights, with_published_weights
 from ..survival import SURVIVAL_RULES, survival_probs
@@ -34,6 +36,7 @@ from ..survival import SURVIVAL_RULES, survival_probs
 __all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths"]
 
 SHORTCUTS = ("zero_pad", "projection")
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
 STEMS = ("cifar", "imagenet")
 CIFAR_WIDTHS = (16, 32, 64)
 IMAGENET_WIDTHS = (64, 128, 256, 512)
@@ -169,6 +172,11 @@ class SDResNet(nn.Module):
         check_choice("survival_rule", survival_rule, SURVIVAL_RULES)
         check_choice("gate_mode", gate_mode, GATE_MODES)
         check_choice("scaling", scaling, SCALINGS)
+        check_int("num_classes", num_classes)
+        check_int("in_chans", in_chans, 1)
+        check_choice("global_pool", global_pool, GLOBAL_POOLS)
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be a number in [0, 1); got {drop_rate!r}")
         if len(layers) != len(widths) or any(not isinstance(n, int) or n < 1 for n in layers):
             raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; got {layers!r}")
         survival_prob = _resolve_survival_prob(survival_prob, drop_path_rate)
@@ -398,10 +406,6 @@ def _create_imagenet(variant: str, layers: Sequence[int], pretrained: bool, **kw
     return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
 
 
-# Per-channel statistics of the training sets, for the data configs timm resolves from these cfgs.
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
