@@ -176,6 +176,30 @@ def training_benchmark(args, device: torch.device, amp: bool, channels_last: boo
 
 
 # -- inference measurements --------------------------------------------------------------------------
+def _ort_session(path: Path):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch: a fair comparison
+    # Idle onnxruntime threads spin by default and would steal the cores from the next callable timed.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], iters: int, warmup: int = 3) -> Dict[str, float]:
+    """Median ms of each callable, timed round-robin so that machine noise hits them all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no callable always goes first
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def inference_benchmark(args) -> List[Dict]:
     """Folded model: PyTorch eager vs onnxruntime fp32 vs int8 (CPU), batch 1 and 32, and the folded ONNX
     against the same architecture built without stochastic depth (deployment should cost nothing extra)."""
@@ -185,25 +209,34 @@ def inference_benchmark(args) -> List[Dict]:
     torch.manual_seed(args.seed)
     model = fold_survival(timm.create_model(args.model, survival_prob=args.survival_prob)).eval()
     plain = timm.create_model(args.model, gate_mode="off").eval()
-    input_size = model.pretrained_cfg["input_size"]
+    plain.load_state_dict(model.state_dict())  # same weights: only the architecture's build differs
     cfg = model.pretrained_cfg
-    images, _ = onnx_export.digits_images(input_size, cfg["mean"], cfg["std"])
-    timing = dict(input_size=input_size, iters=args.infer_iters)
+    images, _ = onnx_export.digits_images(cfg["input_size"], cfg["mean"], cfg["std"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8, plain_path = (Path(tmp) / n for n in ("model.onnx", "model.int8.onnx", "plain.onnx"))
         # Untrained deep ResNets have huge logits (the residual stream grows block by block): check relatively.
         onnx_export.export_onnx(model, fp32, rtol=1e-5)
         onnx_export.export_onnx(plain, plain_path, rtol=1e-5)
-        onnx_export.quantize_int8(fp32, int8, images[:256], images[256:512], latency_batch_sizes=(1,))
+        onnx_export.quantize_int8(fp32, int8, images[:256], images[256:512], latency_batch_sizes=(1,),
+                                  latency_iters=1)
+        import onnx
+        identical = onnx.load(str(fp32)).graph == onnx.load(str(plain_path)).graph
+        print(f"  folded graph identical to the plain ResNet's (same weights): {identical}", file=sys.stderr)
+        sessions = {name: _ort_session(path) for name, path in
+                    (("ort_fp32", fp32), ("ort_int8", int8), ("ort_plain_fp32", plain_path))}
         for batch in (1, 32):
-            torch_ms = onnx_export.torch_latency(model, batch, **timing)
-            fp32_ms = onnx_export.onnx_latency(fp32, batch, **timing)
-            int8_ms = onnx_export.onnx_latency(int8, batch, **timing)
-            plain_ms = onnx_export.onnx_latency(plain_path, batch, **timing)
-            rows.append(dict(batch=batch, torch_eager_ms=torch_ms, ort_fp32_ms=fp32_ms, ort_int8_ms=int8_ms,
-                             ort_plain_fp32_ms=plain_ms, fp32_speedup=torch_ms / fp32_ms,
-                             int8_speedup=torch_ms / int8_ms, folded_vs_plain=fp32_ms / plain_ms))
+            x = torch.randn(batch, *cfg["input_size"])
+            feed = {onnx_export.INPUT_NAME: x.numpy()}
+            fns = {name: (lambda s=session: s.run(None, feed)) for name, session in sessions.items()}
+            with torch.inference_mode():
+                fns["torch_eager"] = lambda: model(x)
+                ms = interleaved_medians(fns, args.infer_iters)
+            rows.append(dict(batch=batch, torch_eager_ms=ms["torch_eager"], ort_fp32_ms=ms["ort_fp32"],
+                             ort_int8_ms=ms["ort_int8"], ort_plain_fp32_ms=ms["ort_plain_fp32"],
+                             fp32_speedup=ms["torch_eager"] / ms["ort_fp32"],
+                             int8_speedup=ms["torch_eager"] / ms["ort_int8"],
+                             folded_vs_plain=ms["ort_fp32"] / ms["ort_plain_fp32"], graph_identical=identical))
     return rows
 
 
@@ -231,6 +264,9 @@ def format_inference(rows: List[Dict]) -> str:
     lines = ["| batch | PyTorch eager ms | onnxruntime fp32 ms | onnxruntime int8 ms | fp32 speed-up "
              "| int8 speed-up | plain ResNet fp32 ms | folded vs plain |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    if rows:
+        lines.insert(0, f"Folded ONNX graph identical to the same architecture built without stochastic depth: "
+                        f"{'yes' if rows[0]['graph_identical'] else 'NO'}\n")
     for r in rows:
         lines.append(f"| {r['batch']} | {r['torch_eager_ms']:.2f} | {r['ort_fp32_ms']:.2f} | {r['ort_int8_ms']:.2f} "
                      f"| {r['fp32_speedup']:.2f}x | {r['int8_speedup']:.2f}x | {r['ort_plain_fp32_ms']:.2f} "
@@ -262,6 +298,7 @@ def parse_args(argv=None):
                    help="auto: the CPU, and the GPU too when one is present (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows on GPU")
     p.add_argument("--skip-inference", action="store_true", help="skip the eager vs onnxruntime table")
+    p.add_argument("--skip-training", action="store_true", help="skip the training table")
     p.add_argument("--infer-iters", type=int, default=30, help="timed iterations per latency (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -287,6 +324,8 @@ def main(argv=None) -> int:
     use_cpu = args.device in ("auto", "cpu")
     use_gpu = args.device in ("auto", "cuda") and torch.cuda.is_available()
     train_rows = []
+    if args.skip_training:
+        use_cpu = use_gpu = False
     if use_cpu:
         train_rows += training_benchmark(args, torch.device("cpu"), amp=False, channels_last=False,
                                          compile_model=False)
@@ -296,17 +335,18 @@ def main(argv=None) -> int:
         train_rows += training_benchmark(args, cuda, amp=True, channels_last=True, compile_model=False)
         if not args.no_compile:
             train_rows += training_benchmark(args, cuda, amp=True, channels_last=True, compile_model=True)
-    else:
+    elif not args.skip_training:
         for setting in ("cuda bf16 channels_last", "cuda bf16 channels_last compile"):
-            train_rows += [dict(setting=setting, variant=v, step_ms=None) for v in args.variants]
+            train_rows.append(dict(setting=setting, variant="every variant", step_ms=None))
     infer_rows = [] if args.skip_inference else inference_benchmark(args)
 
     info = machine()
-    print(f"\n## Training step: {args.model}, batch {args.batch_size}, p_L = {args.survival_prob}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up\n")
-    print(format_training(train_rows))
-    if not use_gpu:
-        print("\nNo GPU on this machine: the GPU rows were not run.")
+    if train_rows:
+        print(f"\n## Training step: {args.model}, batch {args.batch_size}, p_L = {args.survival_prob}, "
+              f"median of {args.steps} steps after {args.warmup} warm-up\n")
+        print(format_training(train_rows))
+        if not use_gpu:
+            print("\nNo GPU on this machine: the GPU rows were not run.")
     if infer_rows:
         print(f"\n## Inference (folded {args.model}, CPU, onnxruntime {_ort_version()})\n")
         print(format_inference(infer_rows))

@@ -366,3 +366,14 @@ def test_bad_schedule_arguments():
         sdzoo.survival_probs(0, 0.5)
     with pytest.raises(ValueError, match="survival_prob"):
         sdzoo.survival_probs(10, math.nan)
+
+
+def test_sample_mode_inverted_scaling_divides_by_the_kept_share():
+    torch.manual_seed(0)
+    blk = timm.create_model("sd_resnet20_cifar", gate_mode="sample", scaling="inverted").layer1[0].train()
+    h = torch.randn(5, 16, 8, 8).relu()
+    kept = torch.tensor([1, 3])  # 2 of 5 samples run the branch
+    out = blk(h, kept)
+    expected = h.clone()
+    expected[kept] = h[kept] + blk.branch(h[kept]) * (5 / 2)  # train-mode BN sees the kept rows only, too
+    torch.testing.assert_close(out, F.relu(expected))
