@@ -20,6 +20,7 @@ import torch
 
 import timm
 import sdzoo  # registers the zoo, which local-dir: and hf-hub: models need
+from sdzoo.checkpoint import state_dict_mismatch
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.onnx_export import (
     DEFAULT_OPSET, ExportError, benchmark, digits_images, export_onnx, format_benchmark, onnx_metadata,
@@ -130,7 +131,7 @@ def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str)
         fail(args, f"--checkpoint {path}: cannot read it as .safetensors or a weights-only torch file: "
                    f"{_short(err)}")
     state = _unwrap_state_dict(state)
-    problems = _state_dict_mismatch(model.state_dict(), state)
+    problems = state_dict_mismatch(model.state_dict(), state)
     if problems:
         fail(args, f"--checkpoint {path} does not match --model {args.model} "
                    f"(num_classes={model.num_classes}): {problems}")
@@ -150,20 +151,6 @@ def _unwrap_state_dict(state: Any) -> Dict[str, torch.Tensor]:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
-
-
-def _state_dict_mismatch(expected: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor]) -> str:
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in sorted(expected.keys() & given.keys())
-              if tuple(getattr(given[k], "shape", ())) != tuple(expected[k].shape)]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
-            parts.append(f"{label}: {', '.join(items[:3])}{more}")
-    return "; ".join(parts)
 
 
 def _short(err: BaseException, lines: int = 3, width: int = 240) -> str:

@@ -19,6 +19,7 @@ from ._files import TEMP_SUFFIX, atomic_write, save_json
 __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "CheckpointError", "atomic_write", "save_json",
     "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
+    "state_dict_mismatch",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -78,3 +79,18 @@ def save_model_config(path: PathLike, model: nn.Module, data_config: Dict[str, A
         model_config["label_names"] = list(label_names)
     atomic_write(path, lambda temp: save_config_for_hf(model, temp, model_config=model_config,
                                                        data_config=data_config))
+
+
+def state_dict_mismatch(expected: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor]) -> str:
+    """What keeps ``given`` from loading strictly where ``expected`` is: '' when it fits."""
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(expected.keys() & given.keys())
+              if tuple(getattr(given[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
+            parts.append(f"{label}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts)

@@ -39,6 +39,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 from . import __version__
+from .checkpoint import state_dict_mismatch
 from .model_card import render_model_card
 from .pretrained import (  # noqa: F401  (part of this module's API)
     PUBLISHED_WEIGHTS, NoPretrainedWeightsError, require_published_weights, with_published_weights)
@@ -181,19 +182,11 @@ def _load_weights(model: nn.Module, weights_path: Path, architecture: str, model
         state_dict = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointMismatchError(f"cannot read {weights_path} as safetensors: {e}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
-    problems = [f"{len(items)} {what} (first: {', '.join(items[:3])})"
-                for what, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                    ("shape mismatches", shapes)) if items]
+    problems = state_dict_mismatch(model.state_dict(), state_dict)
     if problems:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_args.items()))
         raise CheckpointMismatchError(
-            f"{weights_path} does not fit {architecture}({args}) as config.json describes it: "
-            + "; ".join(problems))
+            f"{weights_path} does not fit {architecture}({args}) as config.json describes it: {problems}")
     model.load_state_dict(state_dict)
 
 

@@ -321,7 +321,7 @@ def test_checkpoint_that_does_not_fit(server, tmp_path):
     (path / "model.safetensors").write_bytes((wrong / "model.safetensors").read_bytes())
     seen = len(server.requests)
     with pytest.raises(CheckpointMismatchError, match=r"model.safetensors does not fit sd_resnet20_cifar\(.*"
-                                                      r"2 shape mismatches.*fc.weight: checkpoint \(100, 64\), model \(10, 64\)"):
+                                                      r"shape mismatch: fc.bias \(100,\) vs \(10,\), fc.weight \(100, 64\) vs \(10, 64\)"):
         publish(path, f"{OWNER}/mismatch", token=TOKEN, endpoint=server.url)
     with pytest.raises(CheckpointMismatchError):
         publish(path, f"{OWNER}/mismatch", local_dir=tmp_path / "out")
