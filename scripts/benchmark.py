@@ -176,15 +176,6 @@ def training_benchmark(args, device: torch.device, amp: bool, channels_last: boo
 
 
 # -- inference measurements --------------------------------------------------------------------------
-def _ort_session(path: Path):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch: a fair comparison
-    # Idle onnxruntime threads spin by default and would steal the cores from the next callable timed.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def interleaved_medians(fns: Dict[str, Callable[[], object]], iters: int, warmup: int = 3) -> Dict[str, float]:
     """Median ms of each callable, timed round-robin so that machine noise hits them all alike."""
     for _ in range(warmup):
@@ -223,7 +214,9 @@ def inference_benchmark(args) -> List[Dict]:
         import onnx
         identical = onnx.load(str(fp32)).graph == onnx.load(str(plain_path)).graph
         print(f"  folded graph identical to the plain ResNet's (same weights): {identical}", file=sys.stderr)
-        sessions = {name: _ort_session(path) for name, path in
+        # The same threads as PyTorch (a fair comparison), and no spinning: timings are interleaved.
+        sessions = {name: onnx_export.ort_session(str(path), torch.get_num_threads(), spinning=False)
+                    for name, path in
                     (("ort_fp32", fp32), ("ort_int8", int8), ("ort_plain_fp32", plain_path))}
         for batch in (1, 32):
             x = torch.randn(batch, *cfg["input_size"])

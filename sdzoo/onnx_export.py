@@ -35,7 +35,8 @@ from ._checks import check_choice
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
     "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
-    "digits_images", "predict_onnx", "quantize_int8", "onnx_latency", "torch_latency", "benchmark", "format_benchmark",
+    "digits_images", "predict_onnx", "ort_session", "quantize_int8", "onnx_latency", "torch_latency", "benchmark",
+    "format_benchmark",
 ]
 
 DEFAULT_OPSET = 20
@@ -134,13 +135,17 @@ def _input_size_of(model: nn.Module, input_size) -> Tuple[int, int, int]:
 
 
 # -- files ------------------------------------------------------------------------------------------------
-def _session(path_or_bytes, threads: Optional[int] = None):
+def ort_session(path_or_bytes, threads: Optional[int] = None, spinning: bool = True):
+    """A CPU onnxruntime session. ``spinning=False`` stops idle worker threads from busy-waiting, which
+    would steal the cores from whatever is timed next (PyTorch, or another session, round-robin)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -151,7 +156,7 @@ def _run_onnx(session, x: np.ndarray) -> np.ndarray:
 def predict_onnx(path: PathLike, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Logits of an exported model for (N, C, H, W) ``images``, with onnxruntime on the CPU."""
     images = _check_images("images", images)
-    session = _session(os.fspath(path))
+    session = ort_session(os.fspath(path))
     return np.concatenate([_run_onnx(session, batch) for batch in _batches(images, batch_size)])
 
 
@@ -276,7 +281,7 @@ def verify_onnx(
     except onnx.checker.ValidationError as err:
         raise ExportCheckError(f"onnx checker rejected the exported model: {err}") from err
     try:
-        session = _session(path)
+        session = ort_session(path)
     except Exception as err:  # noqa: BLE001  (onnxruntime raises its own exception types)
         raise ExportCheckError(f"onnxruntime cannot load the exported model: {err}") from err
     generator = torch.Generator().manual_seed(seed)
@@ -448,7 +453,7 @@ def quantize_int8(
         except onnx.checker.ValidationError as err:
             raise ExportCheckError(f"onnx checker rejected the quantized model: {err}") from err
         threads = torch.get_num_threads()
-        fp32_session, int8_session = _session(fp32_path, threads), _session(tmp, threads)
+        fp32_session, int8_session = ort_session(fp32_path, threads), ort_session(tmp, threads)
         agreement = _top1_agreement(fp32_session, int8_session, eval_images, batch_size)
         latency = {
             name: {b: onnx_latency(session, b, input_size=eval_images.shape[1:], iters=latency_iters)
@@ -519,7 +524,7 @@ def onnx_latency(
     """
     session = path_or_session
     if isinstance(path_or_session, (str, os.PathLike)):
-        session = _session(os.fspath(path_or_session), threads or torch.get_num_threads())
+        session = ort_session(os.fspath(path_or_session), threads or torch.get_num_threads())
     x = np.random.default_rng(0).standard_normal((batch_size, *_check_input_size(input_size)), dtype=np.float32)
     return _median_ms(lambda: _run_onnx(session, x), warmup, iters)
 
@@ -549,7 +554,7 @@ def benchmark(
 ) -> List[Dict[str, float]]:
     """PyTorch eager against onnxruntime on the CPU, same threads: one row per batch size."""
     batch_sizes = _check_batch_sizes("batch_sizes", batch_sizes)
-    session = _session(os.fspath(onnx_path), torch.get_num_threads())
+    session = ort_session(os.fspath(onnx_path), torch.get_num_threads())
     rows = []
     for batch_size in batch_sizes:
         eager = torch_latency(model, batch_size, input_size=input_size, warmup=warmup, iters=iters)
