@@ -2,7 +2,7 @@
 """Export a trained stochastic-depth model to ONNX: fold p_l into the weights, export, verify, describe.
 
     python scripts/export_onnx.py --model local-dir:runs/r110 --output r110.onnx
-    python scripts/export_onnx.py --model sd_resnet110_cifar --checkpoint r110.safetensors --output r110.onnx
+    python scripts/export_onnx.py --model sd_resnet110_cifar --checkpoint r110.safetensors --survival-prob 0.5 --output r110.onnx
     python scripts/export_onnx.py --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
 
 The exported graph is a plain ResNet (p_l lives in the weights). It is kept only after onnx's full checker
