@@ -6,7 +6,8 @@ turn, so that a noisy shared machine slows them all alike; we report the median 
 constant depth, with the executed FLOPs per image (torch.utils.flop_counter) beside it:
 
   constant depth          every block runs
-  sdzoo batch             the paper's gate: a dropped block is not computed
+  sdzoo batch             the paper's gate: a dropped block is not computed, its parameters get zero gradients
+  sdzoo batch, no grads   the same, the skipped parameters' gradients left missing (None): what zero gradients cost
   sdzoo sample            per-sample drop computed on the kept samples only
   timm DropPath           the same per-block rates, as a mask (computes every block)
   torchvision SD batch    torchvision.ops.StochasticDepth(mode="batch"), a mask
@@ -37,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 import sdzoo
 from sdzoo._files import save_json
-from sdzoo.gate import ResidualGate
+from sdzoo.gate import ResidualGate, run_branch
 
 NOT_RUN = "not run"
 
@@ -51,7 +52,7 @@ class MaskGate(ResidualGate):
         self.drop = drop
 
     def forward(self, branch, x, shortcut, gate):
-        return shortcut + self.drop(branch(x))
+        return shortcut + self.drop(run_branch(branch, x))
 
 
 def build_variant(model_name: str, variant: str, survival_prob: float, seed: int) -> nn.Module:
@@ -60,8 +61,11 @@ def build_variant(model_name: str, variant: str, survival_prob: float, seed: int
     if variant == "constant depth":
         return timm.create_model(model_name, gate_mode="off")
     if variant.startswith("sdzoo"):
-        return timm.create_model(model_name, gate_mode=variant.split()[1], survival_prob=survival_prob,
-                                 gate_seed=seed)
+        model = timm.create_model(model_name, gate_mode=variant.split()[1].rstrip(","),
+                                  survival_prob=survival_prob, gate_seed=seed)
+        for blk in model.residual_blocks():
+            blk.gate.zero_grad_skipped = not variant.endswith("no grads")
+        return model
     model = timm.create_model(model_name, gate_mode="off")
     probs = sdzoo.survival_probs(len(model.residual_blocks()), survival_prob)
     for blk, p in zip(model.residual_blocks(), probs):
@@ -75,8 +79,8 @@ def build_variant(model_name: str, variant: str, survival_prob: float, seed: int
     return model
 
 
-VARIANTS = ["constant depth", "sdzoo batch", "sdzoo sample", "timm DropPath", "torchvision SD batch",
-            "torchvision SD row"]
+VARIANTS = ["constant depth", "sdzoo batch", "sdzoo batch, no grads", "sdzoo sample", "timm DropPath",
+            "torchvision SD batch", "torchvision SD row"]
 
 
 # -- training measurements ---------------------------------------------------------------------------
@@ -88,7 +92,7 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> 
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()  # PyTorch's default: gradients set to None, as in most training loops
     return step
 
 

@@ -10,7 +10,7 @@ This module is the one place a model is folded; the export tools and the Hub too
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ def fold_survival(model: nn.Module) -> nn.Module:
             "network has no p_l in it and is already a plain ResNet, there is nothing to fold")
 
     # Check every branch before touching any weight, so a refused fold leaves the model as it was.
-    affines = [_last_affine(blk.branch, idx) for idx, blk in enumerate(blocks, start=1)]
+    affines = [_last_affine(blk.branch_layers(), idx) for idx, blk in enumerate(blocks, start=1)]
     for blk, affine in zip(blocks, affines):
         p = blk.gate.survival_prob
         if p < 1.0:
@@ -90,12 +90,11 @@ def trained_settings(model: nn.Module) -> Dict[str, Any]:
     return {k: args.get(k, getattr(model, k, None)) for k in _SURVIVAL_KEYS}
 
 
-def _last_affine(branch: nn.Module, block_idx: int) -> nn.Module:
+def _last_affine(layers: List[nn.Module], block_idx: int) -> nn.Module:
     """The branch's last layer: a BatchNorm with affine parameters, or a conv a BatchNorm was fused into.
 
     Only layers without parameters that are the identity may follow it (fused BNs leave an Identity).
     """
-    layers = list(branch.children()) if isinstance(branch, nn.Sequential) else [branch]
     for layer in reversed(layers):
         if isinstance(layer, nn.Identity):
             continue

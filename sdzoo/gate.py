@@ -90,21 +90,34 @@ class GateSampler(nn.Module):
 
 
 class ResidualGate(nn.Module):
-    """``shortcut + b_l * f_l(x)`` for one residual block, with the block's survival probability p_l."""
+    """``shortcut + b_l * f_l(x)`` for one residual block, with the block's survival probability p_l.
 
-    def __init__(self, survival_prob: float = 1.0, scaling: str = "expectation"):
+    The branch f_l is given as its layers in order (the block's own modules), so the block keeps timm's
+    state-dict layout (``layer1.0.conv1``, ``layer1.0.downsample``) and the gate can run the branch with
+    substitute buffers under torch.compile.
+
+    A skipped branch runs no forward and no backward, but every one of its parameters still receives a
+    gradient: zeros. This is what torch.compile gives (the untaken side of ``torch.cond``) and what the
+    authors' optimizer saw, so eager and compiled training agree, weight decay and momentum move skipped
+    blocks with any optimizer, and DistributedDataParallel works without ``find_unused_parameters``.
+    ``zero_grad_skipped=False`` leaves a skipped branch's gradients missing instead (the cost is compared in
+    scripts/benchmark.py).
+    """
+
+    def __init__(self, survival_prob: float = 1.0, scaling: str = "expectation", zero_grad_skipped: bool = True):
         super().__init__()
         check_choice("scaling", scaling, SCALINGS)
         self.survival_prob = check_survival_prob("survival_prob", survival_prob)
         self.scaling = scaling
+        self.zero_grad_skipped = zero_grad_skipped
 
     def extra_repr(self) -> str:
         return f"survival_prob={self.survival_prob:.4f}, scaling={self.scaling!r}"
 
-    def forward(self, branch: nn.Module, x: Tensor, shortcut: Tensor, gate: Optional[Tensor]) -> Tensor:
+    def forward(self, branch: Sequence[nn.Module], x: Tensor, shortcut: Tensor, gate: Optional[Tensor]) -> Tensor:
         survival_prob = self.survival_prob
         if not self.training or gate is None:
-            out = branch(x)
+            out = run_branch(branch, x)
             # A branch with p_l = 1 stays a plain add, so the eval graph is exactly a ResNet's.
             if not self.training and self.scaling == "expectation" and survival_prob < 1.0:
                 out = out * survival_prob
@@ -114,47 +127,92 @@ class ResidualGate(nn.Module):
             if torch.compiler.is_compiling():
                 return _compiled_batch_gate(branch, x, shortcut, gate, scale)
             if not gate:
-                return shortcut
-            out = branch(x)
+                return self._skip(branch, shortcut)
+            out = run_branch(branch, x)
             return shortcut + (out if scale is None else out * scale)
         # sample mode: run the branch on the kept samples only and add it back in place. Inverted scaling
         # divides by the share actually kept, k_l / B, so the expected branch is exact at every batch size.
-        out = branch(x.index_select(0, gate))
+        out = run_branch(branch, x.index_select(0, gate))
         if scale is not None:
             out = out * (x.shape[0] / gate.shape[0])
         return shortcut.index_add(0, gate, out.to(shortcut.dtype))
 
+    def _skip(self, branch: Sequence[nn.Module], shortcut: Tensor) -> Tensor:
+        params = [p for layer in branch for p in layer.parameters() if p.requires_grad]
+        if not self.zero_grad_skipped or not params or not torch.is_grad_enabled():
+            return shortcut
+        return skipped_branch(shortcut, *params)
 
-def _compiled_batch_gate(branch: nn.Module, x: Tensor, shortcut: Tensor, keep: Tensor, scale) -> Tensor:
+
+@torch.fx.wrap  # a leaf in torch.fx graphs (timm's and torchvision's feature extractors), so its backward runs
+def skipped_branch(shortcut: Tensor, *params: Tensor) -> Tensor:
+    """The shortcut, with a zero gradient for each of ``params`` in the backward pass."""
+    return _SkippedBranch.apply(shortcut, *params)
+
+
+def run_branch(branch: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """f_l(x): the branch's layers, one after the other."""
+    for layer in branch:
+        x = layer(x)
+    return x
+
+
+class _SkippedBranch(torch.autograd.Function):
+    """A skipped branch in eager mode: the shortcut passes through, and the backward pass hands the
+    branch's parameters zero gradients without computing anything of the branch. A custom autograd function
+    is the way to give a parameter a gradient from a graph it took no part in (pytorch issue 90171)."""
+
+    @staticmethod
+    def forward(ctx, shortcut: Tensor, *params: Tensor) -> Tensor:
+        ctx.save_for_backward(*params)  # references only: nothing is copied
+        return shortcut.view_as(shortcut)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        params = ctx.saved_tensors
+        return (grad, *[torch.zeros_like(p) if needed else None
+                        for p, needed in zip(params, ctx.needs_input_grad[1:])])
+
+
+def _compiled_batch_gate(branch: Sequence[nn.Module], x: Tensor, shortcut: Tensor, keep: Tensor, scale) -> Tensor:
     """The batch gate inside a compiled graph: ``torch.cond`` keeps the draw a runtime input, so the graph
     neither bakes the first step's dice in nor recompiles when they change, and a skipped branch still
-    costs nothing (only the taken side of the cond runs, forward and backward).
+    costs nothing (only the taken side of the cond runs, forward and backward; the parameters of the side
+    not taken get zero gradients).
 
     cond branches may not mutate their inputs, but BatchNorm updates its running statistics in place.
-    The branch therefore runs on copies of its buffers, returns the updated copies, and they are written
-    back outside the cond; a skipped branch returns its statistics unchanged.
+    Each layer with buffers therefore runs on copies of them (``functional_call``), the updated copies are
+    returned, and they are written back outside the cond; a skipped branch returns its statistics unchanged.
     """
-    float_names = [n for n, b in branch.named_buffers() if b.is_floating_point()]
-    float_buffers = [b for n, b in branch.named_buffers() if b.is_floating_point()]
-    counters = {n: b for n, b in branch.named_buffers() if not b.is_floating_point()}
-    counter_copies = {n: c.clone() for n, c in counters.items()}
+    float_buffers = [[(n, b) for n, b in layer.named_buffers() if b.is_floating_point()] for layer in branch]
+    counters = [b for layer in branch for b in layer.buffers() if not b.is_floating_point()]
+    counter_copies = [{n: b.clone() for n, b in layer.named_buffers() if not b.is_floating_point()}
+                      for layer in branch]
+    flat_buffers = [b for layer_buffers in float_buffers for _, b in layer_buffers]
 
-    def run_branch(x, shortcut, *buffers):
-        state = {n: b.clone() for n, b in zip(float_names, buffers)}
-        state.update({n: c.clone() for n, c in counter_copies.items()})
-        out = functional_call(branch, state, (x,), strict=False)
+    def run(x, shortcut, *buffers):
+        updated, position, out = [], 0, x
+        for layer, names, counts in zip(branch, float_buffers, counter_copies):
+            if not names and not counts:
+                out = layer(out)
+                continue
+            state = {n: b.clone() for (n, _), b in zip(names, buffers[position:position + len(names)])}
+            state.update({n: c.clone() for n, c in counts.items()})
+            position += len(names)
+            out = functional_call(layer, state, (out,), strict=False)
+            updated.extend(state[n] for n, _ in names)
         if scale is not None:
             out = out * scale
-        return (shortcut + out, *[state[n] for n in float_names])
+        return (shortcut + out, *updated)
 
-    def skip_branch(x, shortcut, *buffers):
+    def skip(x, shortcut, *buffers):
         return (shortcut.clone(), *[b.clone() for b in buffers])
 
     # Operands are copies: the write-back below must not touch tensors that autograd saved.
-    results = torch.cond(keep, run_branch, skip_branch, (x, shortcut, *[b.clone() for b in float_buffers]))
+    results = torch.cond(keep, run, skip, (x, shortcut, *[b.clone() for b in flat_buffers]))
     with torch.no_grad():
-        for buffer, updated in zip(float_buffers, results[1:]):
+        for buffer, updated in zip(flat_buffers, results[1:]):
             buffer.copy_(updated.detach())
-        for counter in counters.values():
+        for counter in counters:
             counter.add_(keep.to(counter.dtype))
     return results[0]

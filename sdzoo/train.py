@@ -42,7 +42,7 @@ from .metrics_plot import plot_curves, read_metrics
 from .recipes import DEFAULT_RECIPE, RECIPES, recipe_for_dataset
 from .survival import SURVIVAL_RULES
 
-__all__ = ["main", "train", "build_parser", "resolve_settings", "build_optimizer", "materialize_grads",
+__all__ = ["main", "train", "build_parser", "resolve_settings", "build_optimizer",
            "train_step", "TrainError", "Diverged"]
 
 CHECKPOINT_FORMAT = 1
@@ -360,15 +360,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, s: Dict[str, Any]):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=s["lr_gamma"])
 
 
-def materialize_grads(model: nn.Module) -> None:
-    """Zero gradients for every parameter, so a block skipped in a step has a zero gradient (not None):
-    SGD skips parameters whose .grad is None, and would then neither decay nor carry momentum for them.
-    With ``zero_grad(set_to_none=False)`` the gradients stay materialised from then on."""
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
 def stage_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
     """Parameters by stage (stem, layer1.., head): the groups of the gradient-magnitude metric."""
     groups: Dict[str, List[nn.Parameter]] = {"stem": [], **{n: [] for n in model.stage_names}, "head": []}
@@ -439,7 +430,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
         correct += (logits.detach().argmax(1) == ym).sum()
     grad_abs = grad_abs_sums(grad_groups) if grad_groups else None
     optimizer.step()
-    optimizer.zero_grad(set_to_none=False)  # keep zero gradients: skipped blocks still decay
+    optimizer.zero_grad()
     return loss_sum, correct, grad_abs
 
 
@@ -599,15 +590,13 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
             # Same global batches and gates, but BatchNorm sees other per-process batches: not bit-identical.
             print(f"warning: the run was checkpointed with {checkpoint['world_size']} process(es) and resumes "
                   f"with {dist.world}; it continues correctly but not bit for bit", file=sys.stderr)
-    materialize_grads(raw_model)
 
     model = torch.compile(raw_model) if s["compile"] else raw_model
     eval_model = model
     if dist.enabled:
-        # Every rank skips the same blocks (shared gate seed); their parameters get no gradient from the
-        # graph in eager mode, which DDP must be told about.
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None, find_unused_parameters=True)
+        # A plain DDP: every rank skips the same blocks (shared gate seed), and a skipped block's parameters
+        # get zero gradients, so every parameter has a gradient in every step.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     no_sync = model.no_sync if dist.enabled else nullcontext
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
 

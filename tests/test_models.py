@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import sdzoo
+from sdzoo.gate import run_branch
 from sdzoo.models.sd_resnet import cifar_stage_depths
 
 ZOO = ["sd_resnet20_cifar", "sd_resnet56_cifar", "sd_resnet110_cifar", "sd_resnet152_cifar",
@@ -63,7 +64,7 @@ def test_cifar_depths(depth, blocks):
 
 def test_zero_pad_shortcut_is_option_a():
     model = timm.create_model("sd_resnet20_cifar")
-    shortcut = model.layer2[0].shortcut
+    shortcut = model.layer2[0].downsample
     x = torch.randn(2, 16, 8, 8)
     out = shortcut(x)
     assert out.shape == (2, 32, 4, 4)
@@ -89,7 +90,8 @@ def _predicted_flops(batch_size):
     """What the schedule predicts: constant-depth cost less each branch's cost times (1 - p_l)."""
     model = timm.create_model("sd_resnet110_cifar", gate_mode="off").train()
     total, per_module = _train_step_flops(model, torch.randn(batch_size, 3, 32, 32))
-    branch_flops = [sum(per_module[f"SDResNet.{stage}.{i}.branch"].values())
+    branch_flops = [sum(sum(per_module.get(f"SDResNet.{stage}.{i}.{layer}", {}).values())
+                        for layer in ("conv1", "bn1", "conv2", "bn2"))
                     for stage in ("layer1", "layer2", "layer3") for i in range(18)]
     probs = sdzoo.survival_probs(54, 0.5)
     return total, total - sum((1 - p) * f for p, f in zip(probs, branch_flops))
@@ -115,23 +117,25 @@ def test_dropped_branch_is_not_computed():
     model = timm.create_model("sd_resnet20_cifar", survival_prob=0.5, gate_seed=0).train()
     calls = [0] * 9
     for i, blk in enumerate(model.residual_blocks()):
-        blk.branch.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+        blk.conv1.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
     state = model.gate_sampler.get_rng_state()
     expected = model.gate_sampler.draw(2, torch.device("cpu"))
     model.gate_sampler.set_rng_state(state)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert calls == [int(k) for k in expected]
     assert 0 < sum(calls) < 9
+    # A skipped branch is not computed, but its parameters get a zero gradient, not a missing one.
     for ran, blk in zip(calls, model.residual_blocks()):
-        grads = [p.grad for p in blk.branch.parameters()]
-        assert all(g is not None for g in grads) if ran else all(g is None for g in grads)
+        grads = [p.grad for layer in blk.branch_layers() for p in layer.parameters()]
+        assert all(g is not None for g in grads)
+        assert any(torch.count_nonzero(g) for g in grads) if ran else not any(torch.count_nonzero(g) for g in grads)
 
 
 def test_sample_mode_runs_branch_on_kept_samples_only():
     model = timm.create_model("sd_resnet20_cifar", gate_mode="sample", survival_prob=0.5).train()
     sizes = []
     for blk in model.residual_blocks():
-        blk.branch.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+        blk.conv1.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
     model(torch.randn(16, 3, 32, 32))
     probs = model.block_survival_probs()
     assert sizes == [round(p * 16) for p in probs]
@@ -142,7 +146,8 @@ def _closed_form(model, x):
     """H_l = ReLU(shortcut(H_{l-1}) + p_l * f_l(H_{l-1})), written out from the modules."""
     x = model.act1(model.bn1(model.conv1(x)))
     for blk in model.residual_blocks():
-        x = F.relu(blk.shortcut(x) + blk.gate.survival_prob * blk.branch(x))
+        shortcut = x if blk.downsample is None else blk.downsample(x)
+        x = F.relu(shortcut + blk.gate.survival_prob * run_branch(blk.branch_layers(), x))
     return model.fc(x.mean((2, 3)))
 
 
@@ -180,7 +185,7 @@ def test_inverted_scaling():
         blk = model.layer1[0].train()
         h = torch.randn(2, 16, 8, 8).relu()
         out = blk(h, torch.tensor(True))
-        expected = F.relu(h + blk.branch(h) / blk.gate.survival_prob)
+        expected = F.relu(h + run_branch(blk.branch_layers(), h) / blk.gate.survival_prob)
         torch.testing.assert_close(out, expected)
 
 
@@ -220,7 +225,7 @@ def test_compile_keeps_dice_random_without_recompiles(gate_mode):
     eager = copy.deepcopy(model)
     ran = [0] * 9
     for i, blk in enumerate(eager.residual_blocks()):
-        blk.branch.register_forward_hook(lambda m, a, o, i=i: ran.__setitem__(i, ran[i] + 1))
+        blk.conv1.register_forward_hook(lambda m, a, o, i=i: ran.__setitem__(i, ran[i] + 1))
     probe = copy.deepcopy(model.gate_sampler)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
@@ -240,9 +245,10 @@ def test_compile_keeps_dice_random_without_recompiles(gate_mode):
     if gate_mode == "batch":
         assert 0 < sum(ran) < steps * 9 and len(set(ran)) > 1
     assert frames[-1] == frames[0], f"recompiled during training: frame counts {frames}"
+    # eager and compiled agree on the gradients, zeros for the skipped blocks included
     for a, b in zip(model.parameters(), eager.parameters()):
-        torch.testing.assert_close(a.grad if a.grad is not None else torch.zeros_like(a),
-                                   b.grad if b.grad is not None else torch.zeros_like(b), rtol=1e-4, atol=1e-4)
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
     for a, b in zip(model.buffers(), eager.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -375,5 +381,5 @@ def test_sample_mode_inverted_scaling_divides_by_the_kept_share():
     kept = torch.tensor([1, 3])  # 2 of 5 samples run the branch
     out = blk(h, kept)
     expected = h.clone()
-    expected[kept] = h[kept] + blk.branch(h[kept]) * (5 / 2)  # train-mode BN sees the kept rows only, too
+    expected[kept] = h[kept] + run_branch(blk.branch_layers(), h[kept]) * (5 / 2)  # train-mode BN sees the kept rows only, too
     torch.testing.assert_close(out, F.relu(expected))

@@ -21,7 +21,7 @@ import torch
 import sdzoo  # noqa: F401  (registers the models)
 from sdzoo.data import DIGITS_MEAN, DIGITS_STD, load_digits_split
 from sdzoo.metrics_plot import read_metrics
-from sdzoo.train import GateLog, build_optimizer, main, materialize_grads, train_step
+from sdzoo.train import GateLog, build_optimizer, main, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train.py")
@@ -180,7 +180,6 @@ def test_skipped_blocks_are_moved_by_weight_decay_and_momentum():
     model = timm.create_model("sd_resnet20_cifar", num_classes=10, survival_prob=0.5, gate_seed=0)
     lr, mu, wd = 0.1, 0.9, 1e-4
     optimizer = build_optimizer(model, dict(lr=lr, momentum=mu, dampening=0.0, nesterov=True, weight_decay=wd))
-    materialize_grads(model)
     log = GateLog(model.gate_sampler)
     images, labels = load_digits_split("train", image_size=16)
     x, y = images[:32], labels[:32]
@@ -198,7 +197,7 @@ def test_skipped_blocks_are_moved_by_weight_decay_and_momentum():
     else:
         pytest.fail("no block was skipped after having run")
     block = model.residual_blocks()[skipped_after_running[0]]
-    for p in block.branch.parameters():
+    for p in (p for layer in block.branch_layers() for p in layer.parameters()):
         assert p.grad is not None and not p.grad.any()  # a zero gradient, not a missing one
         # SGD with a zero gradient: weight decay and the momentum of earlier steps still move the weights.
         d = wd * before[p]

@@ -14,6 +14,7 @@ survival schedule (``sdzoo.survival``); the gates are drawn and applied by ``sdz
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import create_classifier
+from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -33,7 +34,7 @@ from ..gate import GATE_MODES, SCALINGS, GateSampler, ResidualGate
 from ..pretrained import require_published_weights, with_published_weights
 from ..survival import SURVIVAL_RULES, survival_probs
 
-__all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths"]
+__all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths", "checkpoint_filter_fn"]
 
 SHORTCUTS = ("zero_pad", "projection")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
@@ -50,8 +51,8 @@ def cifar_stage_depths(depth: int) -> Tuple[int, int, int]:
     return n, n, n
 
 
-def conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+def conv3x3(in_chs: int, out_chs: int, stride: int = 1, **dd) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
 
 
 class ZeroPadShortcut(nn.Module):
@@ -68,12 +69,13 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_chs))
 
 
-def make_shortcut(kind: str, in_chs: int, out_chs: int, stride: int) -> nn.Module:
+def make_downsample(kind: str, in_chs: int, out_chs: int, stride: int, **dd) -> Optional[nn.Module]:
+    """The shortcut of a block that changes shape (None: the identity). Named as in timm's ResNet."""
     if in_chs == out_chs and stride == 1:
-        return nn.Identity()
+        return None
     if kind == "zero_pad":
         return ZeroPadShortcut(in_chs, out_chs, stride)
-    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs))
+    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd), nn.BatchNorm2d(out_chs, **dd))
 
 
 class BasicBlock(nn.Module):
@@ -81,20 +83,25 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate):
+    def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
         super().__init__()
         out_chs = chs * self.expansion
-        self.branch = nn.Sequential()
-        self.branch.add_module("conv1", conv3x3(in_chs, chs, stride))
-        self.branch.add_module("bn1", nn.BatchNorm2d(chs))
-        self.branch.add_module("act1", nn.ReLU(inplace=True))
-        self.branch.add_module("conv2", conv3x3(chs, out_chs))
-        self.branch.add_module("bn2", nn.BatchNorm2d(out_chs))
-        self.shortcut = make_shortcut(shortcut, in_chs, out_chs, stride)
+        self.conv1 = conv3x3(in_chs, chs, stride, **dd)
+        self.bn1 = nn.BatchNorm2d(chs, **dd)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(chs, out_chs, **dd)
+        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
+        self.act2 = nn.ReLU()  # not in place: a skipped block's output is its input
+        self.downsample = make_downsample(shortcut, in_chs, out_chs, stride, **dd)
         self.gate = gate
 
+    def branch_layers(self) -> List[nn.Module]:
+        """f_l, the residual branch, layer by layer."""
+        return [self.conv1, self.bn1, self.act1, self.conv2, self.bn2]
+
     def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
-        return F.relu(self.gate(self.branch, x, self.shortcut(x), gate))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act2(self.gate(self.branch_layers(), x, shortcut, gate))
 
 
 class Bottleneck(nn.Module):
@@ -102,23 +109,28 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate):
+    def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
         super().__init__()
         out_chs = chs * self.expansion
-        self.branch = nn.Sequential()
-        self.branch.add_module("conv1", nn.Conv2d(in_chs, chs, 1, bias=False))
-        self.branch.add_module("bn1", nn.BatchNorm2d(chs))
-        self.branch.add_module("act1", nn.ReLU(inplace=True))
-        self.branch.add_module("conv2", conv3x3(chs, chs, stride))
-        self.branch.add_module("bn2", nn.BatchNorm2d(chs))
-        self.branch.add_module("act2", nn.ReLU(inplace=True))
-        self.branch.add_module("conv3", nn.Conv2d(chs, out_chs, 1, bias=False))
-        self.branch.add_module("bn3", nn.BatchNorm2d(out_chs))
-        self.shortcut = make_shortcut(shortcut, in_chs, out_chs, stride)
+        self.conv1 = nn.Conv2d(in_chs, chs, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(chs, **dd)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(chs, chs, stride, **dd)
+        self.bn2 = nn.BatchNorm2d(chs, **dd)
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(chs, out_chs, 1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
+        self.act3 = nn.ReLU()  # not in place: a skipped block's output is its input
+        self.downsample = make_downsample(shortcut, in_chs, out_chs, stride, **dd)
         self.gate = gate
 
+    def branch_layers(self) -> List[nn.Module]:
+        """f_l, the residual branch, layer by layer."""
+        return [self.conv1, self.bn1, self.act1, self.conv2, self.bn2, self.act2, self.conv3, self.bn3]
+
     def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
-        return F.relu(self.gate(self.branch, x, self.shortcut(x), gate))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act3(self.gate(self.branch_layers(), x, shortcut, gate))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -144,6 +156,8 @@ class SDResNet(nn.Module):
         drop_path_rate: timm's name for 1 - p_L; accepted when survival_prob is not given.
         folded_from: survival settings a folded (deployed) model was trained with; set by ``sdzoo.fold``.
             A folded model has every p_l in its weights and no gates.
+        device, dtype: where and in what type the parameters are created, as in timm's models
+            (``device="meta"`` builds without allocating memory).
     """
 
     def __init__(
@@ -164,8 +178,11 @@ class SDResNet(nn.Module):
             gate_seed: int = 0,
             drop_path_rate: Optional[float] = None,
             folded_from: Optional[Dict[str, Any]] = None,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         check_choice("block", block, tuple(BLOCKS))
         check_choice("stem", stem, STEMS)
         check_choice("shortcut", shortcut, SHORTCUTS)
@@ -183,6 +200,7 @@ class SDResNet(nn.Module):
         if folded_from is not None:
             gate_mode = "off"  # p_l lives in the weights now
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.survival_prob = survival_prob
@@ -205,14 +223,14 @@ class SDResNet(nn.Module):
         # Stem
         stem_chs = widths[0]
         if stem == "cifar":
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=True)
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=True, **dd)
             self.maxpool = nn.Identity()
             stem_reduction = 1
         else:
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False, **dd)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
             stem_reduction = 4
-        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
         self.feature_info = [dict(num_chs=stem_chs, reduction=stem_reduction // (2 if stem == "imagenet" else 1),
                                   module="act1")]
@@ -227,7 +245,7 @@ class SDResNet(nn.Module):
             blocks = []
             for i in range(num):
                 gate = ResidualGate(block_probs[block_idx], scaling)
-                blocks.append(block_cls(in_chs, chs, stride if i == 0 else 1, shortcut, gate))
+                blocks.append(block_cls(in_chs, chs, stride if i == 0 else 1, shortcut, gate, **dd))
                 in_chs = chs * block_cls.expansion
                 block_idx += 1
             name = f"layer{stage_idx + 1}"
@@ -236,22 +254,37 @@ class SDResNet(nn.Module):
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
 
         # Head
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.num_features = in_chs
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.stem = stem
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_load_legacy_keys)
 
     # -- init ------------------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """Kaiming normal (ReLU gain, fan_out) convs with zero bias, as the authors' code."""
+        """The initialisation of the code each layout comes from.
+
+        CIFAR, the authors' Torch7 code: convs ``nninit.kaiming`` with ReLU gain, a normal of std
+        sqrt(2 / fan_in), bias 0; BatchNorm as Torch's ``reset()``, gamma ~ U(0, 1), beta 0; the linear
+        layer as Torch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, which is also
+        PyTorch's default, so it is left as built.
+        ImageNet, fb.resnet.torch: convs normal of std sqrt(2 / fan_out), BatchNorm gamma 1, beta 0, linear
+        bias 0.
+        """
+        cifar = self.stem == "cifar"
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_in" if cifar else "fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
+                if cifar:
+                    nn.init.uniform_(m.weight, 0.0, 1.0)
+                else:
+                    nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear) and not cifar:
                 nn.init.zeros_(m.bias)
 
     # -- stochastic depth -----------------------------------------------------------------------------
@@ -280,12 +313,19 @@ class SDResNet(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head for ``num_classes`` (0: none); the current pooling is kept when global_pool is None."""
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool,
+                                                      **get_device_dtype(self))
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def _run_stage(self, stage: nn.Sequential, x: Tensor, gates: List[Optional[Tensor]], first: int) -> Tensor:
         for i, blk in enumerate(stage):
@@ -380,15 +420,51 @@ def _resolve_survival_prob(survival_prob: Optional[float], drop_path_rate: Optio
     return check_survival_prob("survival_prob", 0.5 if survival_prob is None else survival_prob)
 
 
+# -- weights written before the blocks took timm's layout ---------------------------------------------
+# ``layer1.0.branch.conv1.weight`` is ``layer1.0.conv1.weight`` now, ``layer2.0.shortcut.0.weight`` is
+# ``layer2.0.downsample.0.weight``: the keys of timm's ResNet.
+_LEGACY_BRANCH = re.compile(r"(^|\.)(layer\d+\.\d+)\.branch\.")
+_LEGACY_SHORTCUT = re.compile(r"(^|\.)(layer\d+\.\d+)\.shortcut\.")
+
+
+def _legacy_key(key: str) -> str:
+    return _LEGACY_SHORTCUT.sub(r"\1\2.downsample.", _LEGACY_BRANCH.sub(r"\1\2.", key))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
+    """A state dict in today's keys, from one in today's or in the keys of sdzoo 0.1 run folders."""
+    return {_legacy_key(k): v for k, v in state_dict.items()}
+
+
+def _load_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a plain ``model.load_state_dict(old_state_dict)`` works too."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + _legacy_key(key[len(prefix):])
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
+
+
 # -- builders -----------------------------------------------------------------------------------------
+def _as_tuples(cfg: Any) -> Any:
+    """Lists to tuples, as in timm's own cfgs: config.json brings ``input_size``, ``mean``, ``std`` as JSON
+    lists, and timm's tools concatenate them with tuples."""
+    if isinstance(cfg, dict):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    return cfg
+
+
 def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDResNet:
     # Features come from forward_intermediates: the blocks need the step's gates, which a plain
     # module-by-module feature wrapper would not pass.
     num_features = len(kwargs["layers"]) + 1
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
+        if key in kwargs:
+            kwargs[key] = _as_tuples(kwargs[key])
     if pretrained:  # a clear error, saying how to get weights, for a tag that has none
         require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     return build_model_with_cfg(
         SDResNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_features))),
         **kwargs,
     )
