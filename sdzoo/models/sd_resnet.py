@@ -327,13 +327,30 @@ class SDResNet(nn.Module):
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
-    def _run_stage(self, stage: nn.Sequential, x: Tensor, gates: List[Optional[Tensor]], first: int) -> Tensor:
-        for i, blk in enumerate(stage):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, gates[first + i], use_reentrant=False)
-            else:
-                x = blk(x, gates[first + i])
-        return x
+    def _forward_trunk(self, x: Tensor, take_indices: Sequence[int] = (), num_stages: Optional[int] = None
+                       ) -> Tuple[Tensor, List[Tensor]]:
+        """Stem and stages, with the outputs at ``take_indices`` (0: the stem, i: stage i) collected.
+
+        The gates are drawn first, before any compute and outside the compiled graph: one generator step
+        per mini-batch, blocks numbered l = 1..L across the stages.
+        """
+        gates = self.gate_sampler.draw(x.shape[0], x.device)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        first = 0
+        for feat_idx, name in enumerate(self.stage_names[:num_stages], start=1):
+            for i, blk in enumerate(getattr(self, name), start=first):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, gates[i], use_reentrant=False)
+                else:
+                    x = blk(x, gates[i])
+            first += len(getattr(self, name))
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        return x, intermediates
 
     def forward_intermediates(
             self,
@@ -347,22 +364,8 @@ class SDResNet(nn.Module):
         """Forward features that returns intermediates (stem output, then each stage's output)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt!r}")
-        num_stages = len(self.stage_names)
-        take_indices, max_index = feature_take_indices(num_stages + 1, indices)
-        intermediates = []
-        gates = self.gate_sampler.draw(x.shape[0], x.device)
-        x = self.act1(self.bn1(self.conv1(x)))
-        if 0 in take_indices:
-            intermediates.append(x)
-        x = self.maxpool(x)
-        names = self.stage_names[:max_index] if stop_early else self.stage_names
-        first = 0
-        for feat_idx, name in enumerate(names, start=1):
-            stage = getattr(self, name)
-            x = self._run_stage(stage, x, gates, first)
-            first += len(stage)
-            if feat_idx in take_indices:
-                intermediates.append(x)
+        take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
+        x, intermediates = self._forward_trunk(x, take_indices, max_index if stop_early else None)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -383,15 +386,7 @@ class SDResNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
-        # Drawn before any compute, outside the compiled graph; one generator step per mini-batch.
-        gates = self.gate_sampler.draw(x.shape[0], x.device)
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        first = 0
-        for name in self.stage_names:
-            stage = getattr(self, name)
-            x = self._run_stage(stage, x, gates, first)
-            first += len(stage)
-        return x
+        return self._forward_trunk(x)[0]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(x)
