@@ -261,8 +261,7 @@ def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Dict[str, Any]
     settings = dict(checkpoint["settings"])
     for key in CHANGEABLE_ON_RESUME:
         if key in given and given[key] != settings.get(key):
-            settings.setdefault(f"{key}_changes", [])
-            settings[f"{key}_changes"] = [*settings[f"{key}_changes"], dict(
+            settings[f"{key}_changes"] = [*settings.get(f"{key}_changes", []), dict(
                 epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
                 old=settings.get(key), new=given[key])]
             settings[key] = given[key]
@@ -798,7 +797,9 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
             img_per_s=seen / max(totals.train_time, 1e-9), mean_depth=totals.depth_sum / max(1, totals.steps),
             expected_depth=expected_depth,
             grad_mean_abs={k: v for k, v in zip(groups, (grad_abs / (group_sizes * max(1, totals.steps))).tolist())})
-        record.update({"lr_change": c for c in s.get("lr_changes", []) if c["epoch"] == epoch})
+        for change in s.get("lr_changes", []):  # a --lr given on resume took effect in this epoch
+            if change["epoch"] == epoch:
+                record["lr_change"] = change
 
         # The best epoch is the one of lowest validation error (the last one when there is no validation set).
         improved = val_error is None or best["val_error"] is None or val_error < best["val_error"]
