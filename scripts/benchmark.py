@@ -313,6 +313,12 @@ def parse_args(argv=None):
         args.variants = ["constant depth", *args.variants]  # the baseline every ratio is against
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.json is not None:  # before the benchmark runs, not after
+        if args.json.is_dir():
+            p.error(f"--json {args.json} is a directory; give the file to write")
+        existing = next((d for d in args.json.parents if d.exists()), None)
+        if existing is not None and not existing.is_dir():
+            p.error(f"--json {args.json}: {existing} is a file, not a folder")
     return args
 
 

@@ -20,7 +20,9 @@ import torch
 
 import timm
 import sdzoo  # registers the zoo, which local-dir: and hf-hub: models need
-from sdzoo.checkpoint import state_dict_mismatch
+from sdzoo.checkpoint import (
+    CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, read_run_config, read_weights_settings, state_dict_mismatch)
+from sdzoo.data import DIGITS_SPLIT_SIZES
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.onnx_export import (
     DEFAULT_OPSET, ExportError, benchmark, digits_images, export_onnx, format_benchmark, onnx_metadata,
@@ -84,13 +86,11 @@ def create_model(args: argparse.Namespace) -> torch.nn.Module:
         zoo = ", ".join(timm.list_models("sd_*"))
         fail(args, f"--model: unknown model {args.model!r}; give a registered name ({zoo}), "
                    "local-dir:PATH or hf-hub:ORG/NAME")
-    if args.checkpoint is not None and args.survival_prob is None and args.gate_mode is None:
-        # A wrong p_L would be folded into the weights and still pass the parity check: ask, do not guess.
-        fail(args, "--checkpoint with a registered name needs the settings it was trained with: give "
-                   "--survival-prob P_L (1.0 if it is already folded) or --gate-mode off (constant depth)")
     kwargs = {k: v for k, v in dict(num_classes=args.num_classes, survival_prob=args.survival_prob,
                                     survival_rule=args.survival_rule, scaling=args.scaling,
                                     gate_mode=args.gate_mode).items() if v is not None}
+    if args.checkpoint is not None:
+        kwargs = settings_of_checkpoint(args, kwargs)
     try:
         model = timm.create_model(args.model, **kwargs)
     except (ValueError, TypeError) as err:
@@ -102,13 +102,87 @@ def create_model(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
+def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> Dict[str, Any]:
+    """The model arguments of a bare checkpoint: those its safetensors metadata records (sdzoo writes them),
+    where flags given agree with them; without that metadata, every setting the fold depends on, from flags.
+    A wrong p_L or scaling would be folded into the weights and still pass the parity check: ask, never guess."""
+    recorded = None
+    if args.checkpoint.endswith(".safetensors") and os.path.isfile(args.checkpoint):
+        try:
+            recorded = read_weights_settings(args.checkpoint)
+        except Exception as err:  # noqa: BLE001  (a damaged header; load_checkpoint reports it in full)
+            fail(args, f"--checkpoint {args.checkpoint}: cannot read its metadata: {_short(err)}")
+    if recorded is None:
+        missing = [f"--{k.replace('_', '-')}" for k in SURVIVAL_SETTINGS if k not in given]
+        if missing:
+            fail(args, f"--checkpoint {args.checkpoint} does not record the settings it was trained with: give "
+                       f"{', '.join(missing)} (all of --survival-prob, --survival-rule, --scaling and --gate-mode; "
+                       "--survival-prob 1.0 for a checkpoint that is already folded, --gate-mode off for "
+                       "constant depth)")
+        return given
+    architecture = recorded.get("architecture")
+    if architecture and architecture != args.model:
+        fail(args, f"--checkpoint {args.checkpoint} holds {architecture} weights, not --model {args.model}")
+    settings = dict(recorded["model_args"], num_classes=recorded.get("num_classes"))
+    settings = {k: v for k, v in settings.items() if v is not None}
+    differ = [f"--{k.replace('_', '-')} {v} (the checkpoint's: {settings[k]})" for k, v in given.items()
+              if k in settings and settings[k] != v]
+    if differ:
+        fail(args, f"--checkpoint {args.checkpoint} records other settings than given: {', '.join(differ)}; "
+                   "leave those flags out to use the recorded ones")
+    return dict(settings, **given)
+
+
+def output_paths(args: argparse.Namespace) -> List[str]:
+    """The files this export writes, checked before any work: never one of its inputs, never a folder."""
+    outputs = [("--output", args.output)]
+    if args.quantize:
+        outputs.append(("--quant-output", quant_output_of(args)))
+    inputs = []
+    if args.checkpoint:
+        inputs.append(("--checkpoint", args.checkpoint))
+    if args.label_names and args.label_names.startswith("@"):
+        inputs.append(("--label-names", args.label_names[1:]))
+    if args.model.startswith("local-dir:"):
+        folder = args.model[len("local-dir:"):]
+        inputs += [(f"--model {args.model}", os.path.join(folder, name))
+                   for name in (CONFIG_NAME, WEIGHTS_NAME, "pytorch_model.bin")]
+    for flag, path in outputs:
+        if os.path.isdir(path):
+            fail(args, f"{flag} {path} is a directory; give the file to write (e.g. {os.path.join(path, 'model.onnx')})")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            what = "is a file" if os.path.exists(parent) else "does not exist"
+            fail(args, f"{flag}: directory {parent!r} {what}")
+        for input_flag, source in inputs:
+            if _same_file(path, source):
+                fail(args, f"{flag} {path} is the file {input_flag} reads; writing it would destroy the "
+                           "input: choose another output file")
+    if len(outputs) == 2 and _same_file(outputs[0][1], outputs[1][1]):
+        fail(args, f"--quant-output {outputs[1][1]} is --output: the int8 file would replace the checked fp32 one")
+    return [path for _, path in outputs]
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
     for flag in ("checkpoint", "num_classes", "survival_prob", "survival_rule", "scaling", "gate_mode"):
         if getattr(args, flag) is not None:
             fail(args, f"--{flag.replace('_', '-')} applies to a registered model name only; "
                        f"{args.model} brings its weights and settings with it")
-    if args.model.startswith("local-dir:") and not os.path.isdir(args.model[len("local-dir:"):]):
-        fail(args, f"--model: no such directory {args.model[len('local-dir:'):]!r}")
+    if args.model.startswith("local-dir:"):
+        folder = args.model[len("local-dir:"):]
+        if not os.path.isdir(folder):
+            fail(args, f"--model: no such directory {folder!r}")
+        if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            try:
+                read_run_config(os.path.join(folder, CONFIG_NAME))
+            except ValueError as err:
+                fail(args, f"--model {args.model}: {err}")
     try:
         return timm.create_model(args.model, pretrained=True)
     except RuntimeError as err:  # load_state_dict: the weights do not fit the architecture in config.json
@@ -231,10 +305,13 @@ def quant_output_of(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    output_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(output_dir):
-        fail(args, f"--output: directory {output_dir!r} does not exist")
+    output_paths(args)
     batch_sizes = parse_batch_sizes(args)
+    if args.quantize:
+        available = DIGITS_SPLIT_SIZES["train"]  # checked before any file is written
+        if not 0 < args.calib_images <= available:
+            fail(args, f"--calib-images must be from 1 to {available} (the {args.calib_data} training split); "
+                       f"got {args.calib_images}")
     if args.bench_iters < 1:
         fail(args, f"--bench-iters must be a positive integer; got {args.bench_iters}")
     label_names = label_names_of(args)

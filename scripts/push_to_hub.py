@@ -10,8 +10,11 @@ Then, with timm alone: timm.create_model("hf-hub:ORG/NAME", pretrained=True).
 The repo gets model.safetensors and config.json in timm's format, a README.md model card, and when present
 the ONNX file, curves.png, summary.json and metrics.jsonl. Everything goes up in one commit, then every file
 is downloaded back and compared by sha256. The token comes from HF_TOKEN or `hf auth login` (there is no
---token flag: a token on a command line ends up in shell history); it is never printed. After a verified
-upload the card is also saved as model_cards/NAME.md, the record of what the zoo has published.
+--token flag: a token on a command line ends up in shell history); it is never printed. Every request waits
+at most --timeout seconds; when an upload fails, the message says what state the repo is left in (a repo
+the upload created is deleted again). With --card-dir DIR, a verified upload's card is also saved as
+DIR/NAME.md (the zoo keeps its record in model_cards/); it never replaces a file that is not an earlier
+card of the same repo.
 """
 from __future__ import annotations
 
@@ -22,9 +25,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from sdzoo._files import write_text
-from sdzoo.hub import HubError, publish
+from sdzoo.hub import DEFAULT_TIMEOUT, HubError, publish
 
-CARD_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -40,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx", default=None, help="ONNX file to include as model.onnx (default: RUN/model.onnx if any)")
     parser.add_argument("--curves", default=None, help="training curves to include (default: RUN/curves.png if any)")
     parser.add_argument("--card-template", default=None, help="model card template (default: model_cards/template.md)")
-    parser.add_argument("--card-dir", default=str(CARD_DIR),
-                        help="where the card of a published model is saved as NAME.md; '' to skip")
+    parser.add_argument("--card-dir", default=None,
+                        help="also save the published card as CARD_DIR/NAME.md (the zoo's record: model_cards); "
+                             "default: not saved")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="seconds to wait for any one answer of the Hub (default: %(default)s)")
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
     return parser
 
@@ -52,10 +57,24 @@ def run_folder(model: str) -> str:
     return model[len("local-dir:"):] if model.startswith("local-dir:") else model
 
 
-def save_card(card: str, card_dir: Path, repo_id: str) -> Path:
-    """The published card, kept in the source tree (written atomically, never half-written)."""
-    card_dir.mkdir(parents=True, exist_ok=True)
+def card_path(card_dir: Path, repo_id: str) -> Path:
+    """Where the card of ``repo_id`` goes: NAME.md, unless that file is something else than an earlier card
+    of the same repo (the folder's README.md, the template, another repo's card): a repo id never replaces
+    a file the project ships. Checked before the upload."""
     path = card_dir / f"{repo_id.split('/')[-1]}.md"
+    if path.is_dir() or (card_dir.exists() and not card_dir.is_dir()):
+        raise ValueError(f"--card-dir: {path} cannot be written ({card_dir} or {path.name} is not what it must be)")
+    if path.exists():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if f"hf-hub:{repo_id}" not in text:
+            raise ValueError(f"--card-dir: {path} exists and is not a card of {repo_id}; --repo-id {repo_id} "
+                             "would replace it: choose another --card-dir or repo name")
+    return path
+
+
+def save_card(card: str, path: Path) -> Path:
+    """The published card, kept as a record (written atomically, never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, card)
     return path
 
@@ -64,14 +83,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
-    template = None
+    template = card = None
     try:
+        if not args.timeout > 0:
+            raise ValueError(f"--timeout must be a positive number of seconds; got {args.timeout}")
+        if args.card_dir and not args.local_dir:
+            card = card_path(Path(args.card_dir), args.repo_id)
         if args.card_template:
             template = Path(args.card_template).read_text(encoding="utf-8")
         result = publish(
             run_folder(args.model), args.repo_id, local_dir=args.local_dir, private=args.private,
             commit_message=args.commit_message, onnx=args.onnx, curves=args.curves, card_template=template,
-            endpoint=args.endpoint)
+            endpoint=args.endpoint, timeout=args.timeout)
     except (HubError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, ValueError) else EXIT_ERROR
@@ -79,8 +102,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {len(result.files)} files to {result.local_dir}; load them with "
               f"timm.create_model('local-dir:{result.local_dir}', pretrained=True)")
         return 0
-    if args.card_dir:
-        print(f"model card saved as {save_card(result.card, Path(args.card_dir), args.repo_id)}")
+    if card is not None:
+        try:
+            print(f"model card saved as {save_card(result.card, card)}")
+        except OSError as err:
+            print(f"warning: published, but the card could not be saved as {card}: {err}", file=sys.stderr)
     print(f"published {args.repo_id} at commit {result.commit_oid}, every file checked by sha256; load it with "
           f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
     return 0

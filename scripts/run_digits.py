@@ -29,12 +29,17 @@ from sdzoo.train import main as train_main
 
 
 def fresh_folder(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3``, ...: an earlier run is never overwritten."""
+    """A new folder ``path``, or ``path-2``, ``path-3``, ...: created here with a ``mkdir`` that fails when the
+    folder exists, so an earlier run is never overwritten and two jobs started together never share one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
 
 
 def train_run(output: Path, extra) -> None:

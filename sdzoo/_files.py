@@ -30,6 +30,10 @@ def staged_file(path: PathLike) -> Iterator[str]:
             os.fsync(f.fileno())
         os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual permissions
         os.replace(temp, path)
+    except OSError as e:  # disk full, a file-size limit, ...: name the file meant, not the temporary one
+        if e.filename in (None, temp) and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), path) from e
+        raise
     finally:
         if os.path.exists(temp):
             os.remove(temp)

@@ -7,7 +7,11 @@ state ``checkpoint.pt`` holds plain types and tensors only and is read with ``to
 """
 from __future__ import annotations
 
+import errno
+import io
+import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -19,12 +23,18 @@ from ._files import TEMP_SUFFIX, atomic_write, save_json
 __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "CheckpointError", "atomic_write", "save_json",
     "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
-    "state_dict_mismatch",
+    "state_dict_mismatch", "SURVIVAL_SETTINGS", "weights_metadata", "read_weights_settings", "read_run_config",
+    "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+LOCK_NAME = ".lock"
+# safetensors metadata key of the settings the weights were trained with (the values must be strings: JSON).
+SETTINGS_KEY = "sdzoo"
+# The model arguments that folding p_l into the weights depends on.
+SURVIVAL_SETTINGS = ("survival_prob", "survival_rule", "scaling", "gate_mode")
 
 PathLike = Union[str, os.PathLike]
 
@@ -39,8 +49,17 @@ def remove_stale_temp_files(folder: PathLike) -> None:
         temp.unlink(missing_ok=True)
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def save_state(path: PathLike, state: Dict[str, Any]) -> None:
-    atomic_write(path, lambda temp: torch.save(state, temp))
+    # Serialised in memory, then written by Python: a full disk is then an OSError that names the file
+    # (torch's own file writer reports it as an unexplained RuntimeError).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda temp: _write_bytes(temp, buffer.getbuffer()))
 
 
 def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> Dict[str, Any]:
@@ -50,8 +69,14 @@ def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> D
         raise CheckpointError(f"--resume: no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, which would run code from the file: not an option here.
+        raise CheckpointError(f"--resume: {path} holds objects other than tensors and plain types; it is not "
+                              "a checkpoint of this trainer and was not loaded (nothing in it was run)") from None
     except Exception as e:
-        raise CheckpointError(f"--resume: cannot read {path} ({type(e).__name__}: {e})") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"--resume: cannot read {path} as a torch file ({type(e).__name__}: "
+                              f"{first_line})") from None
 
 
 def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -59,11 +84,95 @@ def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
+def weights_metadata(model: nn.Module) -> Dict[str, str]:
+    """The metadata of a weights file: the architecture, its classes and the survival settings, so that a bare
+    ``model.safetensors`` brings what loading and folding it need (as a run folder's config.json does)."""
+    metadata = {"format": "pt"}
+    if hasattr(model, "stochastic_depth_args"):
+        args = model.stochastic_depth_args()
+        settings = {k: args.get(k) for k in SURVIVAL_SETTINGS}
+        if args.get("folded_from"):
+            settings["folded_from"] = dict(args["folded_from"])
+        architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        metadata[SETTINGS_KEY] = json.dumps(dict(architecture=architecture, num_classes=model.num_classes,
+                                                 model_args=settings))
+    return metadata
+
+
 def save_weights(path: PathLike, model: nn.Module, metadata: Optional[Dict[str, str]] = None) -> None:
-    from safetensors.torch import save_file
+    """The model's weights as safetensors, with ``weights_metadata`` (the one writer of weights files)."""
+    from safetensors.torch import save
 
     tensors = {k: v.cpu() for k, v in _weights(model).items()}
-    atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata or {"format": "pt"}))
+    data = save(tensors, metadata=dict(weights_metadata(model), **(metadata or {})))
+    atomic_write(path, lambda temp: _write_bytes(temp, data))  # as in save_state: errors name the file
+
+
+def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
+    """What ``weights_metadata`` stored in a safetensors file (architecture, num_classes, model_args), or None
+    for a file written elsewhere. Raises ValueError naming the file when the metadata is malformed."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(SETTINGS_KEY)
+    if text is None:
+        return None
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict) or not isinstance(settings.get("model_args"), dict):
+        raise ValueError(f"{path}: the {SETTINGS_KEY!r} metadata is not a JSON object with model_args")
+    return settings
+
+
+def read_run_config(path: PathLike) -> Dict[str, Any]:
+    """A run folder's config.json, checked: a JSON object whose model_args (if any) is a mapping.
+    Raises ValueError naming the file."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object (timm's config.json); got a {type(config).__name__}")
+    if not isinstance(config.get("architecture"), str):
+        raise ValueError(f"{path}: 'architecture' must be a model name; got {config.get('architecture')!r}")
+    if not isinstance(config.get("model_args", {}), dict):
+        raise ValueError(f"{path}: 'model_args' must be a JSON object of keyword arguments; got a "
+                         f"{type(config['model_args']).__name__}")
+    return config
+
+
+# -- one writer per run folder ----------------------------------------------------------------------------
+class RunFolderBusy(Exception):
+    """Another process is writing to the run folder."""
+
+
+def lock_run_folder(folder: PathLike):
+    """Hold the run folder's lock file for as long as the returned file object lives (the OS drops the lock
+    when the process ends, however it ends). Raises ``RunFolderBusy`` when another process holds it."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise RunFolderBusy(f"another process is writing to {folder} (it holds {path}); wait for it to "
+                                "finish, or choose another --output") from None
+        raise
+    return lock
+
+
+def check_run_folder_free(folder: PathLike) -> None:
+    """Raise ``RunFolderBusy`` when another process holds the folder's lock (the lock is not kept)."""
+    if (Path(folder) / LOCK_NAME).exists():
+        lock_run_folder(folder).close()
 
 
 def save_model_config(path: PathLike, model: nn.Module, data_config: Dict[str, Any], tag: Optional[str] = None,

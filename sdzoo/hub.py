@@ -8,7 +8,8 @@ survival settings and weights:
 * ``load_run`` builds the model that config.json describes and checks that the weights fit it;
 * ``stage_hub_folder`` writes the repo's files: weights and config with timm's ``save_for_hf``, the model
   card (``sdzoo.model_card``), the optional extras;
-* ``upload_hub_folder`` creates the repo and uploads every file in one commit (all or nothing);
+* ``upload_hub_folder`` creates the repo and uploads every file in one commit (all or nothing); a repo it
+  created is deleted again when the upload fails, and every request waits at most ``timeout`` seconds;
 * ``verify_upload`` downloads every file back at that commit and compares sha256 hashes;
 * ``publish`` does all of it, or with ``local_dir`` writes the same folder without uploading.
 
@@ -19,6 +20,7 @@ Which weights are published, and the zoo's cfgs that point at them, live in ``sd
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,16 +32,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import timm
-from huggingface_hub import CommitOperationAdd, HfApi, get_token, hf_hub_download
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi, get_hf_file_metadata, get_session, get_token, hf_hub_download, hf_hub_url
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.models import save_for_hf
+from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from . import __version__
-from .checkpoint import state_dict_mismatch
+from .checkpoint import read_run_config, save_weights, state_dict_mismatch
 from .model_card import render_model_card
 from .pretrained import (  # noqa: F401  (part of this module's API)
     PUBLISHED_WEIGHTS, NoPretrainedWeightsError, require_published_weights, with_published_weights)
@@ -61,6 +65,7 @@ CURVES_NAME = "curves.png"
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+DEFAULT_TIMEOUT = 60.0  # seconds to wait for any one answer of the Hub
 # Settings of a run that name local paths: left out of the published summary.json.
 _LOCAL_SETTINGS = ("data_dir", "output")
 
@@ -160,7 +165,10 @@ def load_run(model_dir: PathLike) -> Run:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         hint = f" ({', '.join(pickles)} found: pickle checkpoints are neither loaded nor published)" if pickles else ""
         raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{hint}")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = read_run_config(config_path)
+    except ValueError as e:
+        raise CheckpointMismatchError(str(e)) from None
     architecture = config.get("architecture")
     if not timm.is_model(architecture or ""):
         raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
@@ -172,7 +180,10 @@ def load_run(model_dir: PathLike) -> Run:
         raise CheckpointMismatchError(f"{config_path}: {architecture} is not an sdzoo architecture")
     _load_weights(model, weights_path, architecture, config.get("model_args") or {})
     summary_path = path / SUMMARY_NAME
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    except ValueError as e:
+        raise CheckpointMismatchError(f"{summary_path} is not valid JSON: {e}") from None
     return Run(path=path, model=model.eval(), summary=summary)
 
 
@@ -206,6 +217,24 @@ def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> D
     return {name: src for name, src in candidates.items() if src.is_file()}
 
 
+def check_onnx_matches(run: Run, onnx_path: PathLike) -> None:
+    """The ONNX file must compute what the published weights compute: the export's own onnxruntime check
+    (at the file's input size), so that a file exported from another epoch or run is never published."""
+    import onnx
+
+    from .onnx_export import ExportError, verify_onnx
+
+    try:
+        dims = onnx.load(os.fspath(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        input_size = [int(d.dim_value) for d in dims[1:]]
+        verify_onnx(onnx_path, run.model, input_size=input_size, batch_sizes=(1, 3), atol=1e-4, rtol=1e-4)
+    except (ExportError, ValueError, IndexError) as e:
+        raise CheckpointMismatchError(
+            f"onnx: {onnx_path} does not compute what {run.path / WEIGHTS_NAME} computes ({e}); it was exported "
+            f"from other weights. Export it again: python scripts/export_onnx.py --model local-dir:{run.path} "
+            f"--output {onnx_path}") from None
+
+
 def stage_hub_folder(
         run: Run,
         folder: PathLike,
@@ -217,8 +246,13 @@ def stage_hub_folder(
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
     folder = Path(folder)
     extras = _extras(run, onnx, curves)
-    # timm's own Hub format: safetensors weights and a config.json that carries the model arguments.
-    save_for_hf(run.model, folder, safe_serialization=True)
+    if ONNX_NAME in extras:
+        _logger.info(f"Checking {extras[ONNX_NAME]} against the weights with onnxruntime")
+        check_onnx_matches(run, extras[ONNX_NAME])
+    # timm's own Hub format: safetensors weights (with their survival settings in the metadata) and a
+    # config.json that carries the model arguments.
+    save_weights(folder / WEIGHTS_NAME, run.model)
+    save_config_for_hf(run.model, folder / CONFIG_NAME)
     for name, src in extras.items():
         shutil.copyfile(src, folder / name)
     if run.summary is not None:
@@ -271,17 +305,35 @@ def _http_reason(error: BaseException) -> str:
             + (f" ({detail})" if detail else ""))
 
 
-def _upload_error(repo_id: str, step: str, error: BaseException, token: str) -> UploadError:
+def _upload_error(repo_id: str, step: str, error: BaseException, token: str, state: str) -> UploadError:
     http = _http_error(error)
     status = http.response.status_code if http is not None else None
     if status == 401:
         advice = "the Hub refused the token: check HF_TOKEN or `hf auth login`"
     elif status == 403:
         advice = f"the token cannot write to {repo_id.split('/')[0]!r}"
+    elif isinstance(error, httpx2.TimeoutException):
+        advice = "the Hub did not answer in time (--timeout); rerun to retry"
     else:
         advice = "rerun to retry"
     return UploadError(_scrub(f"uploading to {repo_id} failed while {step}: {_http_reason(error)}; {advice}. "
-                              "Nothing was committed: the repo is as it was.", token))
+                              f"{state}", token))
+
+
+@contextlib.contextmanager
+def bounded_waits(timeout: float):
+    """Every request of huggingface_hub's shared HTTP client, and its downloads, wait at most ``timeout``
+    seconds for an answer (the client's own default is to wait forever)."""
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+    session = get_session()
+    old = session.timeout, hf_constants.HF_HUB_DOWNLOAD_TIMEOUT
+    session.timeout = httpx2.Timeout(timeout)
+    hf_constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout  # read at each download
+    try:
+        yield
+    finally:
+        session.timeout, hf_constants.HF_HUB_DOWNLOAD_TIMEOUT = old
 
 
 def upload_hub_folder(
@@ -291,26 +343,55 @@ def upload_hub_folder(
         private: bool = False,
         commit_message: Optional[str] = None,
         endpoint: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT,
 ):
-    """Create the repo if needed and upload every file of ``folder`` to its main branch in a single commit."""
+    """Create the repo if needed and upload every file of ``folder`` to its main branch in a single commit.
+
+    Each request waits at most ``timeout`` seconds. When the upload fails, a repo this call created is deleted
+    again, and the error says what state the repo is in."""
     folder = Path(folder)
     api = HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
-    step = "creating the repo"
+    step, created = "checking whether the repo exists", False
+    state = "Nothing was committed: the repo is as it was."
+    with bounded_waits(timeout):
+        try:
+            existed = api.repo_exists(repo_id)
+            step = "creating the repo"
+            if not existed:
+                _logger.info(f"Creating {'private ' if private else ''}repo {repo_id}")
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                created = True
+                state = None  # decided below: deleted again, or left
+            elif private and not api.model_info(repo_id).private:
+                raise UploadError(f"{repo_id} exists and is public; --private does not change an existing repo's "
+                                  "visibility (change it on the Hub, or publish to a new repo)")
+            paths = sorted(p for p in folder.iterdir() if p.is_file())
+            size = sum(p.stat().st_size for p in paths) / 2**20
+            _logger.info(f"Uploading {len(paths)} files ({size:.1f} MiB) to {repo_id} in one commit "
+                         f"(waiting at most {timeout:g} s for each answer)")
+            step = "uploading and committing the files"
+            operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in paths]
+            return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload model with sdzoo")
+        except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
+            if created:
+                state = _delete_created_repo(api, repo_id)
+            elif step.startswith("uploading") and isinstance(e, httpx2.TimeoutException):
+                state = (f"The commit request got no answer, so it may or may not have been made: look at "
+                         f"{api.endpoint}/{repo_id}/commits/main before you retry.")
+            if isinstance(e, UploadError):
+                raise UploadError(f"{e} {state}") from None
+            raise _upload_error(repo_id, step, e, token, state) from e
+
+
+def _delete_created_repo(api: HfApi, repo_id: str) -> str:
+    """A first upload that failed leaves no empty repo behind: what state the repo is left in."""
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if private and not api.model_info(repo_id).private:
-            raise UploadError(f"{repo_id} exists and is public; --private does not change an existing repo's "
-                              "visibility (change it on the Hub, or publish to a new repo)")
-        paths = sorted(p for p in folder.iterdir() if p.is_file())
-        size = sum(p.stat().st_size for p in paths) / 2**20
-        _logger.info(f"Uploading {len(paths)} files ({size:.1f} MiB) to {repo_id} in one commit")
-        step = "uploading and committing the files"
-        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in paths]
-        return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload model with sdzoo")
-    except UploadError:
-        raise
-    except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
-        raise _upload_error(repo_id, step, e, token) from e
+        api.delete_repo(repo_id, missing_ok=True)
+    except Exception as e:  # noqa: BLE001
+        return (f"Nothing was committed, but the repo {repo_id}, which this upload had created, could not be "
+                f"deleted again ({_http_reason(e)}): it is left empty (only .gitattributes); delete it on the "
+                "Hub or rerun to fill it.")
+    return f"Nothing was committed, and the repo {repo_id}, which this upload had created, was deleted again."
 
 
 def verify_upload(
@@ -319,15 +400,19 @@ def verify_upload(
         revision: str,
         token: Optional[str] = None,
         endpoint: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT,
 ) -> Dict[str, str]:
     """Download every file of ``folder`` back from the repo at ``revision`` and compare sha256 hashes."""
     expected = {p.name: _sha256(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}
     mismatched = []
-    with tempfile.TemporaryDirectory(prefix="sdzoo-verify-") as cache:
+    with tempfile.TemporaryDirectory(prefix="sdzoo-verify-") as cache, bounded_waits(timeout):
         for name, sha256 in expected.items():
             try:
+                # One bounded HEAD first: hf_hub_download retries a HEAD that gets no answer for minutes.
+                get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint), token=token,
+                                     timeout=timeout, retry_on_errors=False)
                 path = hf_hub_download(repo_id, name, revision=revision, cache_dir=cache, token=token,
-                                       endpoint=endpoint)
+                                       endpoint=endpoint, etag_timeout=timeout)
             except Exception as e:  # noqa: BLE001
                 raise VerificationError(_scrub(
                     f"commit {revision} of {repo_id} was created, but downloading {name} back failed: "
@@ -352,6 +437,7 @@ def publish(
         curves: Optional[PathLike] = None,
         card_template: Optional[str] = None,
         endpoint: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT,
 ) -> PublishResult:
     """Publish a run folder to ``repo_id`` and check it by hash, or write the repo folder to ``local_dir``.
 
@@ -359,6 +445,8 @@ def publish(
     weights fit the architecture, the summary, the extra files.
     """
     check_repo_id(repo_id)
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
     if local_dir is None:
         token = resolve_token(token)
     _logger.info(f"Loading the run in {model_dir}")
@@ -375,8 +463,8 @@ def publish(
         stage_hub_folder(run, staging, repo_id, **stage_kwargs)
         card = (Path(staging) / CARD_NAME).read_text(encoding="utf-8")
         commit = upload_hub_folder(staging, repo_id, token, private=private, commit_message=commit_message,
-                                   endpoint=endpoint)
+                                   endpoint=endpoint, timeout=timeout)
         _logger.info(f"Committed {commit.oid}; downloading every file back to check its sha256")
-        hashes = verify_upload(staging, repo_id, commit.oid, token=token, endpoint=endpoint)
+        hashes = verify_upload(staging, repo_id, commit.oid, token=token, endpoint=endpoint, timeout=timeout)
     _logger.info(f"Published and verified {len(hashes)} files: {commit.commit_url}")
     return PublishResult(repo_id, hashes, commit_oid=commit.oid, commit_url=commit.commit_url, card=card)

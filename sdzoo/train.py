@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, load_state, remove_stale_temp_files,
-    save_json, save_model_config, save_state, save_weights)
+    CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, RunFolderBusy, atomic_write, check_run_folder_free,
+    load_state, lock_run_folder, remove_stale_temp_files, save_json, save_model_config, save_state, save_weights)
 from .data import DATASETS, TENSOR_DATASETS, DataError, load_data
 from .gate import GATE_MODES, SCALINGS
 from .metrics_plot import plot_curves, read_metrics
@@ -53,6 +53,10 @@ DEFINING = (
     "recipe", "model", "dataset", "val_size", "split_seed", "image_size", "num_classes", "epochs", "batch_size",
     "accum_steps", "lr", "momentum", "nesterov", "dampening", "weight_decay", "lr_drops", "lr_gamma", "shift",
     "hflip", "survival_prob", "survival_rule", "gate_mode", "scaling", "seed", "sync_bn")
+# Defining settings a resumed run may change: a lower learning rate is the way out of a diverged run.
+CHANGEABLE_ON_RESUME = ("lr",)
+# Files of a finished or stopped run: a new run refuses a folder that holds them.
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.jsonl", "summary.json")
 # Settings of how it runs, free to change on resume.
 RUN_DEFAULTS = dict(
     data_dir="~/data", download=True, output=None, device="auto", amp=None, channels_last=None, compile=False,
@@ -112,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: runs/MODEL-DATASET)")
     add("--resume", nargs="?", const="", metavar="RUN",
         help="continue the run in RUN (a run folder or its checkpoint.pt; default: --output) exactly where "
-             "its last checkpoint left it, with its settings")
-    add("--seed", type=_number(int, 0), help="seed of the weights, the data order, the augmentation and the "
+             "its last checkpoint left it, with its settings; only --lr may change (recorded as a change)")
+    add("--seed", type=_number(int, 0, 2**63 - 1), help="seed of the weights, the data order, the augmentation and the "
                                              "gates (the same on every process; default 1)")
     add("--quiet", action="store_true", default=None, help="no progress bar or per-epoch lines")
 
@@ -126,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--val-size", type=_number(int, 0), help="training images held out for validation: the test error is "
                                                  "reported at the epoch of best validation error "
                                                  "(cifar 5000, svhn 6000; 0: report the last epoch)")
-    add("--split-seed", type=_number(int, 0), help="seed of the train/validation split (default 1)")
-    add("--image-size", type=_number(int, 8), help="input size for digits, synthetic and folder data "
+    add("--split-seed", type=_number(int, 0, 2**63 - 1), help="seed of the train/validation split (default 1)")
+    add("--image-size", type=_number(int, 8, 1024), help="input size for digits, synthetic and folder data "
                                                    "(digits 16, synthetic 32, imagenet 224)")
     add("--num-classes", type=_number(int, 2), help="classes of the synthetic data (default 10)")
     add("--shift", type=_number(int, 0), help="random shift of up to this many pixels with zero fill, done on "
@@ -160,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--momentum", type=_number(float, 0.0, 1.0, high_open=True), help="SGD momentum (default 0.9)")
     add("--nesterov", action=bool_flag, help="Nesterov momentum (default: yes)")
     add("--dampening", type=_number(float, 0.0, 1.0, high_open=True), help="SGD dampening (default 0)")
-    add("--weight-decay", type=_number(float, 0.0), help="L2 weight decay on every parameter (default 1e-4)")
+    add("--weight-decay", type=_number(float, 0.0, 1.0), help="L2 weight decay on every parameter (default 1e-4)")
 
     g = parser.add_argument_group("speed")
     add = g.add_argument
@@ -210,10 +214,31 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[Dict[str, Any], Optional
     _check_settings(settings, given)
     if settings["output"] is None:
         settings["output"] = os.path.join("runs", f"{settings['model']}-{settings['dataset']}")
-    if os.path.exists(os.path.join(settings["output"], CHECKPOINT_NAME)):
-        raise TrainError(f"--output {settings['output']} already holds a run ({CHECKPOINT_NAME}): pass --resume "
+    output = settings["output"]
+    _check_output_folder(output)
+    if os.path.exists(os.path.join(output, CHECKPOINT_NAME)):
+        raise TrainError(f"--output {output} already holds a run ({CHECKPOINT_NAME}): pass --resume "
                          "to continue it, or choose another --output")
+    others = [name for name in RUN_FILES if os.path.exists(os.path.join(output, name))]
+    if others:
+        # Its config.json would describe our weights (or its weights stay beside our config): refuse.
+        raise TrainError(f"--output {output} holds another run's files ({', '.join(others)}) and no "
+                         f"{CHECKPOINT_NAME} to resume; choose another --output, or move those files away")
     return settings, None
+
+
+def _check_output_folder(output: str) -> None:
+    """--output must be a folder (or not exist yet, under folders) that no other process is writing to."""
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise TrainError(f"--output {output} is a file; give a folder (the run folder)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainError(f"--output {output}: {parent} is a file, not a folder")
+            break
+    if path.is_dir():
+        check_run_folder_free(path)
 
 
 def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -222,12 +247,24 @@ def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Dict[str, Any]
         raise TrainError("--resume needs the run folder: --resume RUN, or --output RUN --resume")
     if path.is_dir():
         path = path / CHECKPOINT_NAME
+    if path.parent.is_dir():
+        check_run_folder_free(path.parent)
     checkpoint = load_state(path, map_location=torch.device("cpu"))
     if "output" in given and Path(given["output"]).resolve() != path.parent.resolve():
         raise TrainError(f"--output {given['output']} is not the folder of the run resumed ({path.parent})")
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"--resume: {path} is not a checkpoint of this trainer")
+    required = ("settings", "epoch", "step", "global_step", "elapsed", "best", "totals", "model", "optimizer",
+                "scheduler", "rng", "world_size")
+    if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
+            or any(k not in checkpoint for k in required) or not isinstance(checkpoint["settings"], dict)):
+        raise CheckpointError(f"--resume: {path} is not a checkpoint of this trainer (it lacks the format "
+                              f"marker or one of {', '.join(required)})")
     settings = dict(checkpoint["settings"])
+    for key in CHANGEABLE_ON_RESUME:
+        if key in given and given[key] != settings.get(key):
+            settings[f"{key}_changes"] = [*settings.get(f"{key}_changes", []), dict(
+                epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
+                old=settings.get(key), new=given[key])]
+            settings[key] = given[key]
     changed = [k for k in DEFINING if k in given and given[k] != settings.get(k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (run: {settings.get(k)})" for k in changed)
@@ -254,6 +291,10 @@ def _check_settings(s: Dict[str, Any], given: Dict[str, Any]) -> None:
         raise TrainError(f"--image-size does not apply to {dataset}: its images are 32x32")
     if "shift" in given and dataset in ("imagenet", "imagefolder"):
         raise TrainError(f"--shift applies to in-memory data sets; {dataset} augments with random resized crops")
+    if "shift" in given and s["image_size"] is not None and s["shift"] >= s["image_size"]:
+        raise TrainError(f"--shift {s['shift']} must be smaller than the image ({s['image_size']} pixels)")
+    if "shift" in given and dataset in ("cifar10", "cifar100", "svhn") and s["shift"] >= 32:
+        raise TrainError(f"--shift {s['shift']} must be smaller than the image ({dataset}: 32 pixels)")
     if s["nesterov"] and (s["momentum"] <= 0 or s["dampening"] != 0):
         raise TrainError("--nesterov needs --momentum > 0 and --dampening 0 (or pass --no-nesterov)")
 
@@ -358,6 +399,14 @@ def build_optimizer(model: nn.Module, s: Dict[str, Any]) -> torch.optim.SGD:
 def build_scheduler(optimizer: torch.optim.Optimizer, s: Dict[str, Any]):
     milestones = sorted({max(1, round(f * s["epochs"])) for f in s["lr_drops"]})
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=s["lr_gamma"])
+
+
+def _change_lr(optimizer: torch.optim.Optimizer, scheduler, old: float, new: float) -> None:
+    """A resumed run's new --lr: the schedule goes on from the new base rate (drops already passed still apply)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= new / old
+        group["initial_lr"] = new
+    scheduler.base_lrs = [new] * len(scheduler.base_lrs)
 
 
 def stage_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
@@ -537,6 +586,9 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
         raise TrainError("--amp needs a GPU with bfloat16 (Ampere or newer); pass --no-amp")
     channels_last = cuda if s["channels_last"] is None else s["channels_last"]
     out = Path(s["output"])
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        folder_lock = lock_run_folder(out)  # noqa: F841  one writer per run folder, until train() returns
     say = (lambda msg: print(msg, flush=True)) if dist.main and not s["quiet"] else (lambda msg: None)
 
     # Batch geometry: the global batch is split over ranks, then over micro-batches.
@@ -581,6 +633,10 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["settings"]["lr"] != s["lr"]:
+            _change_lr(optimizer, scheduler, checkpoint["settings"]["lr"], s["lr"])
+            say(f"--lr changed from {checkpoint['settings']['lr']} to {s['lr']} (recorded in metrics.jsonl and "
+                "summary.json)")
         _restore_rng(checkpoint["rng"], order_gen, aug_gen, gate_sampler, device)
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
         global_step, elapsed, best = checkpoint["global_step"], checkpoint["elapsed"], checkpoint["best"]
@@ -630,10 +686,14 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
         what = _divergence(loss_sum, raw_model if with_state else None, dist)
         if what is None:
             return
-        kept = (f"the last good checkpoint, {out / CHECKPOINT_NAME}, is kept" if (out / CHECKPOINT_NAME).exists()
-                else "no checkpoint had been written yet")
+        if (out / CHECKPOINT_NAME).exists():
+            advice = (f"the last good checkpoint, {out / CHECKPOINT_NAME}, is kept. Continue from it with a lower "
+                      f"learning rate: --resume {out} --lr {s['lr'] / 10:g}; or check the data")
+        else:
+            advice = ("no checkpoint had been written yet. Start again with a lower --lr (into a new --output), "
+                      "or check the data")
         raise Diverged(f"{what} became NaN or infinite in epoch {epoch + 1} (by step {step} of "
-                       f"{steps_per_epoch}); training stopped and {kept}. Lower --lr, or check the data")
+                       f"{steps_per_epoch}); training stopped and {advice}")
 
     def summarize(finished: bool) -> Dict[str, Any]:
         """summary.json: the paper's number (test error at the epoch of best validation error) and context."""
@@ -647,7 +707,7 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
             test_set="the validation set (no separate test set)" if data.test_is_val else "test",
             last_epoch_test_error=records[-1]["test_error"] if records else None,
             total_time_s=elapsed + time.perf_counter() - start_time, world_size=dist.world, device=device.type,
-            num_blocks=num_blocks, expected_depth=expected_depth, settings=s)
+            num_blocks=num_blocks, expected_depth=expected_depth, lr_changes=s.get("lr_changes", []), settings=s)
 
     say(f"{s['model']} on {s['dataset']}: {len(data)} training images, {steps_per_epoch} steps of {global_batch} "
         f"per epoch, {dist.world} process(es) on {device}, expected depth {expected_depth:.2f} of {num_blocks} "
@@ -726,6 +786,9 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
             img_per_s=seen / max(totals.train_time, 1e-9), mean_depth=totals.depth_sum / max(1, totals.steps),
             expected_depth=expected_depth,
             grad_mean_abs={k: v for k, v in zip(groups, (grad_abs / (group_sizes * max(1, totals.steps))).tolist())})
+        for change in s.get("lr_changes", []):  # a --lr given on resume took effect in this epoch
+            if change["epoch"] == epoch:
+                record["lr_change"] = change
 
         # The best epoch is the one of lowest validation error (the last one when there is no validation set).
         improved = val_error is None or best["val_error"] is None or val_error < best["val_error"]
@@ -733,10 +796,10 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
             best = dict(epoch=epoch + 1, val_error=val_error, test_error=test_error)
         if dist.main:
             if improved:
+                # config.json is rewritten with every model.safetensors, from the same model: they always agree.
+                save_model_config(out / CONFIG_NAME, raw_model, data.data_config(), tag=s["dataset"],
+                                  label_names=data.classes)
                 save_weights(out / WEIGHTS_NAME, raw_model)
-                if not (out / CONFIG_NAME).exists():
-                    save_model_config(out / CONFIG_NAME, raw_model, data.data_config(), tag=s["dataset"],
-                                      label_names=data.classes)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         save_checkpoint(epoch + 1, 0, EpochTotals.zeros(len(groups), device), order_gen.get_state(),
@@ -764,6 +827,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     rank0 = os.environ.get("RANK", "0") == "0"
+    settings = None
     try:
         settings, checkpoint = resolve_settings(args)
         summary = train(settings, checkpoint)
@@ -771,14 +835,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rank0:
             print(f"{parser.prog}: stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (TrainError, DataError, CheckpointError) as e:
+    except (TrainError, DataError, CheckpointError, RunFolderBusy) as e:
         if rank0:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # disk full, a file limit, no permission: the files written before are intact
+        if rank0:
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"{parser.prog}: error: cannot write the run folder{where}: {e.strerror or e}; the files "
+                  "written before are intact (continue with --resume once there is room)", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         if rank0:
-            print(f"{parser.prog}: interrupted; the last checkpoint is kept (continue with --resume)",
-                  file=sys.stderr)
+            checkpoint_path = settings and Path(settings["output"]) / CHECKPOINT_NAME
+            if checkpoint_path and checkpoint_path.exists():
+                status = f"the last checkpoint, {checkpoint_path}, is kept (continue with --resume)"
+            else:
+                status = "stopped before the first checkpoint: there is nothing to resume"
+            print(f"{parser.prog}: interrupted; {status}", file=sys.stderr)
         return 130
     finally:
         if torch_dist.is_initialized():

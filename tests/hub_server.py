@@ -18,6 +18,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,6 +90,9 @@ class FakeHub:
         self.lfs: Dict[str, bytes] = {}
         self.requests: List[Tuple[str, str]] = []  # (method, path) of every request, in order
         self._failures: List[list] = []  # [method, compiled pattern, status, times left]
+        self._hangs: List[tuple] = []  # (method, compiled pattern): read the request, never answer
+        self.hung: List[Tuple[float, str, str]] = []  # (time.monotonic(), method, path) of each unanswered request
+        self._release = threading.Event()
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -106,6 +110,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -123,6 +128,11 @@ class FakeHub:
         The request body is read first: the server fails after the client has sent its data."""
         with self._lock:
             self._failures.append([method.upper(), re.compile(pattern), status, times])
+
+    def hang(self, method: str, pattern: str) -> None:
+        """Read every request whose path matches ``pattern`` and never answer it (until ``stop``)."""
+        with self._lock:
+            self._hangs.append((method.upper(), re.compile(pattern)))
 
     def clear_failures(self) -> None:
         with self._lock:
@@ -225,10 +235,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         path, query = url.path, parse_qs(url.query)
-        body = self._body() if self.command in ("POST", "PUT") else b""
+        body = self._body() if self.command in ("POST", "PUT", "DELETE") else b""
         with self.hub._lock:
             self.hub.requests.append((self.command, path))
             status = self.hub._injected_failure(self.command, path)
+            hang = any(m == self.command and p.search(path) for m, p in self.hub._hangs)
+            if hang:
+                self.hub.hung.append((time.monotonic(), self.command, path))
+        if hang:
+            self.hub._release.wait()
+            self.close_connection = True
+            return
         if status is not None:
             self._json(status, {"error": f"injected failure {status}"}, {"X-Error-Message": "injected failure"})
             return
@@ -247,7 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self._json(404, {"error": f"no route for {self.command} {path}"})
 
-    do_GET = do_HEAD = do_POST = do_PUT = _dispatch
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
     # -- API -------------------------------------------------------------------------------------------
     def whoami(self, query, body):
@@ -273,6 +290,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.repos[repo_id] = repo
         self.hub._new_commit(repo, {".gitattributes": Blob(GITATTRIBUTES, lfs=False)})
         self._json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def delete_repo(self, query, body):
+        payload = json.loads(body or b"{}")
+        user = self._user()
+        namespace = payload.get("organization") or user
+        self._can_write(user, namespace)
+        repo_id = f"{namespace}/{payload.get('name')}"
+        if repo_id not in self.hub.repos:
+            raise HubError(404, "Repository not found", "RepoNotFound")
+        del self.hub.repos[repo_id]
+        self._json(200, {})
 
     def validate_yaml(self, query, body):
         content = json.loads(body).get("content", "")
@@ -438,6 +466,7 @@ _REPO = r"/([\w.\-]+)/([\w.\-]+)"
 _ROUTES = [
     (("GET",), r"/api/whoami-v2", "whoami"),
     (("POST",), r"/api/repos/create", "create_repo"),
+    (("DELETE",), r"/api/repos/delete", "delete_repo"),
     (("POST",), r"/api/validate-yaml", "validate_yaml"),
     (("GET",), r"/api/models" + _REPO, "model_info"),
     (("GET",), r"/api/models" + _REPO + r"/revision/([^/]+)", "model_info_at"),
