@@ -24,6 +24,7 @@ from sdzoo.checkpoint import (
     CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, read_run_config, read_weights_settings, state_dict_mismatch)
 from sdzoo.data import DIGITS_SPLIT_SIZES
 from sdzoo.fold import can_fold, fold_survival, is_folded
+from sdzoo.models.sd_resnet import checkpoint_filter_fn
 from sdzoo.onnx_export import (
     DEFAULT_OPSET, ExportError, benchmark, digits_images, export_onnx, format_benchmark, onnx_metadata,
     quantize_int8)
@@ -204,7 +205,7 @@ def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str)
     except Exception as err:  # noqa: BLE001
         fail(args, f"--checkpoint {path}: cannot read it as .safetensors or a weights-only torch file: "
                    f"{_short(err)}")
-    state = _unwrap_state_dict(state)
+    state = checkpoint_filter_fn(_unwrap_state_dict(state))  # sdzoo 0.1 keys too
     problems = state_dict_mismatch(model.state_dict(), state)
     if problems:
         fail(args, f"--checkpoint {path} does not match --model {args.model} "

@@ -44,6 +44,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import read_run_config, save_weights, state_dict_mismatch
+from .models.sd_resnet import checkpoint_filter_fn
 from .model_card import render_model_card
 from .pretrained import (  # noqa: F401  (part of this module's API)
     PUBLISHED_WEIGHTS, NoPretrainedWeightsError, require_published_weights, with_published_weights)
@@ -190,7 +191,7 @@ def load_run(model_dir: PathLike) -> Run:
 def _load_weights(model: nn.Module, weights_path: Path, architecture: str, model_args: Mapping[str, Any]) -> None:
     """Strict load with an error that names what does not fit (missing, unexpected, mis-shaped tensors)."""
     try:
-        state_dict = load_file(weights_path, device="cpu")
+        state_dict = checkpoint_filter_fn(load_file(weights_path, device="cpu"))  # sdzoo 0.1 keys too
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointMismatchError(f"cannot read {weights_path} as safetensors: {e}") from None
     problems = state_dict_mismatch(model.state_dict(), state_dict)

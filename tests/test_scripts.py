@@ -16,6 +16,7 @@ def run_script(*args, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_run_digits_does_the_whole_job(tmp_path):
     out = tmp_path / "digits"
     out.mkdir()  # taken: the job must not overwrite it, but use digits-2
@@ -40,6 +41,7 @@ def test_run_digits_does_the_whole_job(tmp_path):
     assert constant_model.gate_mode == "off"
 
 
+@pytest.mark.slow
 def test_benchmark_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     result = run_script("scripts/benchmark.py", "--model", "sd_resnet20_cifar", "--batch-size", "8",
