@@ -23,7 +23,7 @@ from ._files import TEMP_SUFFIX, atomic_write, save_json
 __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "CheckpointError", "atomic_write", "save_json",
     "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
-    "state_dict_mismatch", "SURVIVAL_SETTINGS", "weights_metadata", "read_weights_settings", "read_run_config",
+    "describe_load_error", "SURVIVAL_SETTINGS", "weights_metadata", "read_weights_settings", "read_run_config",
     "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME",
 ]
 
@@ -190,16 +190,10 @@ def save_model_config(path: PathLike, model: nn.Module, data_config: Dict[str, A
                                                        data_config=data_config))
 
 
-def state_dict_mismatch(expected: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor]) -> str:
-    """What keeps ``given`` from loading strictly where ``expected`` is: '' when it fits."""
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in sorted(expected.keys() & given.keys())
-              if tuple(getattr(given[k], "shape", ())) != tuple(expected[k].shape)]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
-            parts.append(f"{label}: {', '.join(items[:3])}{more}")
-    return "; ".join(parts)
+def describe_load_error(error: RuntimeError, lines: int = 4, width: int = 400) -> str:
+    """torch's strict-load error (missing, unexpected and mis-shaped tensors), cut to its first lines: for a
+    deep model it can list hundreds of keys."""
+    text = [line.strip() for line in str(error).strip().splitlines()]
+    head = [line if len(line) <= width else line[:width] + " ..." for line in text[:lines]]
+    more = f" ... ({len(text) - lines} more lines)" if len(text) > lines else ""
+    return " ".join(head) + more

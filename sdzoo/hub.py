@@ -8,9 +8,9 @@ survival settings and weights:
 * ``load_run`` builds the model that config.json describes and checks that the weights fit it;
 * ``stage_hub_folder`` writes the repo's files: weights and config with timm's ``save_for_hf``, the model
   card (``sdzoo.model_card``), the optional extras;
-* ``upload_hub_folder`` creates the repo and uploads every file in one commit (all or nothing); a repo it
-  created is deleted again when the upload fails, and every request waits at most ``timeout`` seconds;
-* ``verify_upload`` downloads every file back at that commit and compares sha256 hashes;
+* ``upload_hub_folder`` creates the repo and uploads the folder in one commit (``HfApi.upload_folder``); a
+  repo it created is deleted again when the upload fails, and every request waits at most ``timeout`` seconds;
+* ``verify_upload`` compares every file's hash with the one the Hub reports at that commit (no download);
 * ``publish`` does all of it, or with ``local_dir`` writes the same folder without uploading.
 
 The token comes from the ``token`` argument, ``HF_TOKEN`` or the user's login, and never appears in a log
@@ -29,22 +29,20 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import timm
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, get_hf_file_metadata, get_session, get_token, hf_hub_download, hf_hub_url
-from huggingface_hub import constants as hf_constants
+from huggingface_hub import HfApi, RepoFile, get_session, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils.sha import git_hash
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from . import __version__
-from .checkpoint import read_run_config, save_weights, state_dict_mismatch
-from .models.sd_resnet import checkpoint_filter_fn
+from .checkpoint import describe_load_error, read_run_config, save_weights
 from .model_card import render_model_card
 from .pretrained import (  # noqa: F401  (part of this module's API)
     PUBLISHED_WEIGHTS, NoPretrainedWeightsError, require_published_weights, with_published_weights)
@@ -174,32 +172,25 @@ def load_run(model_dir: PathLike) -> Run:
     if not timm.is_model(architecture or ""):
         raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
     try:
-        model = timm.create_model(f"local-dir:{path}", pretrained=False)
+        # timm's own loader: config.json's model_args, then a strict load of the weights (sdzoo 0.1 keys too,
+        # through the model's pretrained_filter_fn).
+        model = timm.create_model(f"local-dir:{path}", pretrained=True)
     except (TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{config_path}: cannot build {architecture} from its model_args: {e}") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointMismatchError(f"cannot read {weights_path} as safetensors: {e}") from None
+    except RuntimeError as e:  # torch's strict load: missing, unexpected or mis-shaped tensors
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted((config.get("model_args") or {}).items()))
+        raise CheckpointMismatchError(f"{weights_path} does not fit {architecture}({args}) as config.json "
+                                      f"describes it: {describe_load_error(e)}") from None
     if not isinstance(model, SDResNet):
         raise CheckpointMismatchError(f"{config_path}: {architecture} is not an sdzoo architecture")
-    _load_weights(model, weights_path, architecture, config.get("model_args") or {})
     summary_path = path / SUMMARY_NAME
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     except ValueError as e:
         raise CheckpointMismatchError(f"{summary_path} is not valid JSON: {e}") from None
     return Run(path=path, model=model.eval(), summary=summary)
-
-
-def _load_weights(model: nn.Module, weights_path: Path, architecture: str, model_args: Mapping[str, Any]) -> None:
-    """Strict load with an error that names what does not fit (missing, unexpected, mis-shaped tensors)."""
-    try:
-        state_dict = checkpoint_filter_fn(load_file(weights_path, device="cpu"))  # sdzoo 0.1 keys too
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointMismatchError(f"cannot read {weights_path} as safetensors: {e}") from None
-    problems = state_dict_mismatch(model.state_dict(), state_dict)
-    if problems:
-        args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_args.items()))
-        raise CheckpointMismatchError(
-            f"{weights_path} does not fit {architecture}({args}) as config.json describes it: {problems}")
-    model.load_state_dict(state_dict)
 
 
 # -- the Hub folder -------------------------------------------------------------------------------------
@@ -289,21 +280,20 @@ def write_hub_folder(run: Run, out_dir: PathLike, repo_id: str, **kwargs) -> Lis
 
 # -- upload and check -----------------------------------------------------------------------------------
 def _http_error(error: BaseException) -> Optional[HfHubHTTPError]:
-    """The HTTP error behind an error (the client wraps storage errors in its own)."""
+    # The client raises a storage upload's HTTP error as the cause of its own RuntimeError.
     while error is not None and not isinstance(error, HfHubHTTPError):
-        error = error.__cause__ or error.__context__
-    return error if error is not None and error.response is not None else None
+        error = error.__cause__
+    return error
 
 
-def _http_reason(error: BaseException) -> str:
-    """What went wrong, in one line: the HTTP status and the server's message, or the error itself."""
+def _reason(error: BaseException) -> str:
+    """What went wrong, in one line: the HTTP status, the request and the server's message, or the error."""
     http = _http_error(error)
     if http is None:
         return f"{type(error).__name__}: {error}"
-    response = http.response
-    detail = (response.headers.get("X-Error-Message") or "").strip()
-    return (f"HTTP {response.status_code} from {response.request.method} {response.request.url.path}"
-            + (f" ({detail})" if detail else ""))
+    request = http.response.request  # the error's own .request is httpx's, which is not always set
+    return (f"HTTP {http.response.status_code} from {request.method} {request.url.path}"
+            + (f" ({http.server_message})" if http.server_message else ""))
 
 
 def _upload_error(repo_id: str, step: str, error: BaseException, token: str, state: str) -> UploadError:
@@ -317,24 +307,23 @@ def _upload_error(repo_id: str, step: str, error: BaseException, token: str, sta
         advice = "the Hub did not answer in time (--timeout); rerun to retry"
     else:
         advice = "rerun to retry"
-    return UploadError(_scrub(f"uploading to {repo_id} failed while {step}: {_http_reason(error)}; {advice}. "
+    return UploadError(_scrub(f"uploading to {repo_id} failed while {step}: {_reason(error)}; {advice}. "
                               f"{state}", token))
 
 
 @contextlib.contextmanager
 def bounded_waits(timeout: float):
-    """Every request of huggingface_hub's shared HTTP client, and its downloads, wait at most ``timeout``
-    seconds for an answer (the client's own default is to wait forever)."""
+    """Every request of huggingface_hub's shared HTTP client waits at most ``timeout`` seconds for an answer
+    (the client's own default is to wait forever)."""
     if not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
     session = get_session()
-    old = session.timeout, hf_constants.HF_HUB_DOWNLOAD_TIMEOUT
+    old = session.timeout
     session.timeout = httpx2.Timeout(timeout)
-    hf_constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout  # read at each download
     try:
         yield
     finally:
-        session.timeout, hf_constants.HF_HUB_DOWNLOAD_TIMEOUT = old
+        session.timeout = old
 
 
 def upload_hub_folder(
@@ -346,7 +335,8 @@ def upload_hub_folder(
         endpoint: Optional[str] = None,
         timeout: float = DEFAULT_TIMEOUT,
 ):
-    """Create the repo if needed and upload every file of ``folder`` to its main branch in a single commit.
+    """Create the repo if needed and upload ``folder`` to its main branch with ``HfApi.upload_folder``: one
+    commit for a folder this size (timm's ``push_to_hf_hub`` does the same).
 
     Each request waits at most ``timeout`` seconds. When the upload fails, a repo this call created is deleted
     again, and the error says what state the repo is in."""
@@ -371,8 +361,8 @@ def upload_hub_folder(
             _logger.info(f"Uploading {len(paths)} files ({size:.1f} MiB) to {repo_id} in one commit "
                          f"(waiting at most {timeout:g} s for each answer)")
             step = "uploading and committing the files"
-            operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in paths]
-            return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload model with sdzoo")
+            return api.upload_folder(repo_id=repo_id, folder_path=folder,
+                                     commit_message=commit_message or "Upload model with sdzoo")
         except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
             if created:
                 state = _delete_created_repo(api, repo_id)
@@ -390,7 +380,7 @@ def _delete_created_repo(api: HfApi, repo_id: str) -> str:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as e:  # noqa: BLE001
         return (f"Nothing was committed, but the repo {repo_id}, which this upload had created, could not be "
-                f"deleted again ({_http_reason(e)}): it is left empty (only .gitattributes); delete it on the "
+                f"deleted again ({_reason(e)}): it is left empty (only .gitattributes); delete it on the "
                 "Hub or rerun to fill it.")
     return f"Nothing was committed, and the repo {repo_id}, which this upload had created, was deleted again."
 
@@ -403,27 +393,32 @@ def verify_upload(
         endpoint: Optional[str] = None,
         timeout: float = DEFAULT_TIMEOUT,
 ) -> Dict[str, str]:
-    """Download every file of ``folder`` back from the repo at ``revision`` and compare sha256 hashes."""
-    expected = {p.name: _sha256(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}
-    mismatched = []
-    with tempfile.TemporaryDirectory(prefix="sdzoo-verify-") as cache, bounded_waits(timeout):
-        for name, sha256 in expected.items():
-            try:
-                # One bounded HEAD first: hf_hub_download retries a HEAD that gets no answer for minutes.
-                get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint), token=token,
-                                     timeout=timeout, retry_on_errors=False)
-                path = hf_hub_download(repo_id, name, revision=revision, cache_dir=cache, token=token,
-                                       endpoint=endpoint, etag_timeout=timeout)
-            except Exception as e:  # noqa: BLE001
-                raise VerificationError(_scrub(
-                    f"commit {revision} of {repo_id} was created, but downloading {name} back failed: "
-                    f"{_http_reason(e)}", token)) from None
-            if _sha256(path) != sha256:
-                mismatched.append(name)
+    """Check every file of ``folder`` against what the repo holds at ``revision``, without downloading: the
+    Hub's sha256 of each LFS file, the git blob id of each other file (``HfApi.get_paths_info``).
+    Returns name -> sha256 of the local files."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    api = HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
+    with bounded_waits(timeout):
+        try:
+            remote = {f.path: f for f in api.get_paths_info(repo_id, [p.name for p in paths], revision=revision)}
+        except Exception as e:  # noqa: BLE001
+            raise VerificationError(_scrub(f"commit {revision} of {repo_id} was created, but asking the Hub what "
+                                           f"it holds failed: {_reason(e)}", token)) from None
+    hashes, mismatched = {}, []
+    for path in paths:
+        hashes[path.name] = _sha256(path)
+        entry = remote.get(path.name)
+        if not isinstance(entry, RepoFile):
+            mismatched.append(f"{path.name} (missing)")
+        elif entry.lfs is not None:
+            if entry.lfs.sha256 != hashes[path.name]:
+                mismatched.append(f"{path.name} (sha256 {entry.lfs.sha256})")
+        elif entry.blob_id != git_hash(path.read_bytes()):  # a small file, stored in git itself
+            mismatched.append(f"{path.name} (git blob {entry.blob_id})")
     if mismatched:
-        raise VerificationError(f"commit {revision} of {repo_id} was created, but {', '.join(mismatched)} "
-                                "came back with a different sha256 than was uploaded")
-    return expected
+        raise VerificationError(f"commit {revision} of {repo_id} was created, but the Hub holds other content "
+                                f"than was uploaded: {', '.join(mismatched)}")
+    return hashes
 
 
 def publish(
@@ -465,7 +460,7 @@ def publish(
         card = (Path(staging) / CARD_NAME).read_text(encoding="utf-8")
         commit = upload_hub_folder(staging, repo_id, token, private=private, commit_message=commit_message,
                                    endpoint=endpoint, timeout=timeout)
-        _logger.info(f"Committed {commit.oid}; downloading every file back to check its sha256")
+        _logger.info(f"Committed {commit.oid}; checking every file's hash on the Hub")
         hashes = verify_upload(staging, repo_id, commit.oid, token=token, endpoint=endpoint, timeout=timeout)
     _logger.info(f"Published and verified {len(hashes)} files: {commit.commit_url}")
     return PublishResult(repo_id, hashes, commit_oid=commit.oid, commit_url=commit.commit_url, card=card)

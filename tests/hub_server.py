@@ -1,9 +1,9 @@
 """A Hub-compatible HTTP server for the tests, on 127.0.0.1.
 
 It implements what huggingface_hub's client uses to create a repo, upload to it (preupload, the LFS batch
-API with a single-part PUT and a verify call, then the ndjson commit), describe it (model info, tree) and
-download from it (``resolve/``, HEAD then GET, with the ETag / X-Repo-Commit / X-Linked-* headers that
-``hf_hub_download`` checks). State lives in memory; a commit is all-or-nothing, as on the Hub.
+API with a single-part PUT and a verify call, then the ndjson commit), describe it (model info, tree,
+paths-info) and download from it (``resolve/``, HEAD then GET, with the ETag / X-Repo-Commit / X-Linked-*
+headers that ``hf_hub_download`` checks). State lives in memory; a commit is all-or-nothing, as on the Hub.
 
 Errors can be injected with ``FakeHub.fail`` (say, a 500 on the weights' PUT or on the commit) to check what
 a client does when the server breaks mid-upload. Set ``HF_HUB_DISABLE_XET=1`` in clients: this server speaks
@@ -352,12 +352,16 @@ class _Handler(BaseHTTPRequestHandler):
             if "/" in rest and not recursive:
                 folders.add(f"{prefix}/{rest.split('/')[0]}".strip("/"))
                 continue
-            entry = {"type": "file", "oid": blob.oid, "size": len(blob.data), "path": path}
-            if blob.lfs:
-                entry["lfs"] = {"oid": blob.sha256, "size": len(blob.data), "pointerSize": len(blob.pointer)}
-            entries.append(entry)
+            entries.append(_file_entry(path, blob))
         entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
         self._json(200, entries)
+
+    def paths_info(self, owner, name, revision, query, body):
+        """The entries of the given paths at a revision (form-encoded ``paths``); unknown paths are left out."""
+        repo = self._repo(f"{owner}/{name}", self._user())
+        files = repo.commits[self._commit_of(repo, revision)]
+        paths = parse_qs(body.decode()).get("paths", [])
+        self._json(200, [_file_entry(p, files[p]) for p in paths if p in files])
 
     def preupload(self, owner, name, revision, query, body):
         repo = self._repo(f"{owner}/{name}", self._user(), write=True)
@@ -452,6 +456,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, data, headers)
 
 
+def _file_entry(path: str, blob: Blob) -> dict:
+    entry = {"type": "file", "oid": blob.oid, "size": len(blob.data), "path": path}
+    if blob.lfs:
+        entry["lfs"] = {"oid": blob.sha256, "size": len(blob.data), "pointerSize": len(blob.pointer)}
+    return entry
+
+
 def _front_matter(blob: Optional[Blob]) -> Optional[dict]:
     if blob is None:
         return None
@@ -471,6 +482,7 @@ _ROUTES = [
     (("GET",), r"/api/models" + _REPO, "model_info"),
     (("GET",), r"/api/models" + _REPO + r"/revision/([^/]+)", "model_info_at"),
     (("GET",), r"/api/models" + _REPO + r"/tree/([^/]+)(/.*)?", "tree"),
+    (("POST",), r"/api/models" + _REPO + r"/paths-info/([^/]+)", "paths_info"),
     (("POST",), r"/api/models" + _REPO + r"/preupload/([^/]+)", "preupload"),
     (("POST",), r"/api/models" + _REPO + r"/commit/([^/]+)", "commit"),
     (("POST",), _REPO + r"\.git/info/lfs/objects/batch", "lfs_batch"),

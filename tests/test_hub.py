@@ -137,9 +137,29 @@ def test_publish_uploads_timm_format_in_one_commit_and_verifies(published, serve
     assert "data_dir" not in summary["settings"] and "output" not in summary["settings"]  # no local paths
     assert summary["test_error"] == json.loads((run[0] / "summary.json").read_text())["test_error"]
     assert files["curves.png"] == (run[0] / "curves.png").read_bytes()
-    # every file was downloaded back at the new commit
-    downloaded = {p.rsplit("/", 1)[-1] for m, p in server.requests if m == "GET" and result.commit_oid in p}
-    assert downloaded == set(result.files)
+    # every file was checked against the Hub's hashes at the new commit, and none was downloaded to do it
+    assert ("POST", f"/api/models/{repo_id}/paths-info/{result.commit_oid}") in server.requests
+    assert not [p for m, p in server.requests if "/resolve/" in p]
+
+
+@pytest.mark.slow
+def test_verify_upload_names_a_file_the_hub_holds_otherwise(published, server, run, tmp_path):
+    repo_id, result = published
+    folder = tmp_path / "uploaded"
+    folder.mkdir()
+    for name, data in server.files(repo_id).items():
+        if name != ".gitattributes":
+            (folder / name).write_bytes(data)
+    assert hub.verify_upload(folder, repo_id, result.commit_oid, endpoint=server.url) == result.files
+    # One LFS file and one git file differ from what the commit holds; a third is not in the repo at all.
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    (folder / "config.json").write_text("{}")
+    (folder / "extra.txt").write_text("never uploaded")
+    with pytest.raises(hub.VerificationError) as info:
+        hub.verify_upload(folder, repo_id, result.commit_oid, endpoint=server.url)
+    message = str(info.value)
+    assert "config.json (git blob" in message and "model.safetensors (sha256" in message
+    assert "extra.txt (missing)" in message and "README.md" not in message
 
 
 LOAD_CHILD = """
@@ -330,7 +350,8 @@ def test_checkpoint_that_does_not_fit(server, tmp_path):
     (path / "model.safetensors").write_bytes((wrong / "model.safetensors").read_bytes())
     seen = len(server.requests)
     with pytest.raises(CheckpointMismatchError, match=r"model.safetensors does not fit sd_resnet20_cifar\(.*"
-                                                      r"shape mismatch: fc.bias \(100,\) vs \(10,\), fc.weight \(100, 64\) vs \(10, 64\)"):
+                                                      r"size mismatch for fc.weight: copying a param with shape "
+                                                      r"torch.Size\(\[100, 64\]\) from checkpoint"):
         publish(path, f"{OWNER}/mismatch", token=TOKEN, endpoint=server.url)
     with pytest.raises(CheckpointMismatchError):
         publish(path, f"{OWNER}/mismatch", local_dir=tmp_path / "out")
