@@ -20,14 +20,14 @@ import torch
 
 import timm
 import sdzoo  # registers the zoo, which local-dir: and hf-hub: models need
+from timm.models import load_state_dict
+
 from sdzoo.checkpoint import (
-    CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, read_run_config, read_weights_settings, state_dict_mismatch)
+    CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings)
 from sdzoo.data import DIGITS_SPLIT_SIZES
 from sdzoo.fold import can_fold, fold_survival, is_folded
-from sdzoo.models.sd_resnet import checkpoint_filter_fn
-from sdzoo.onnx_export import (
-    DEFAULT_OPSET, ExportError, benchmark, digits_images, export_onnx, format_benchmark, onnx_metadata,
-    quantize_int8)
+from sdzoo.latency import compare_latency, format_latency
+from sdzoo.onnx_export import DEFAULT_OPSET, ExportError, digits_images, export_onnx, onnx_metadata, quantize_int8
 
 HUB_PREFIXES = ("local-dir:", "hf-hub:")
 CALIB_DATA = ("digits",)
@@ -66,9 +66,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--calib-images", type=int, default=256,
                         help="training images used to calibrate; the test split measures top-1 agreement")
     parser.add_argument("--benchmark", action="store_true",
-                        help="onnxruntime CPU latency at batch 1 and 32 against PyTorch eager")
-    parser.add_argument("--bench-iters", type=int, default=20,
-                        help="timed runs per latency (the median is reported), for --benchmark and --quantize")
+                        help="CPU latency at batch 1 and 32: onnxruntime (int8 too, with --quantize) against PyTorch")
+    parser.add_argument("--bench-seconds", type=float, default=0.5,
+                        help="seconds of timed runs per latency (torch.utils.benchmark's blocked_autorange; the "
+                             "median is reported)")
     args = parser.parse_args(argv)
     args.parser = parser
     return args
@@ -187,49 +188,34 @@ def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
     try:
         return timm.create_model(args.model, pretrained=True)
     except RuntimeError as err:  # load_state_dict: the weights do not fit the architecture in config.json
-        fail(args, f"--model {args.model}: the weights do not match the architecture: {_short(err)}")
+        fail(args, f"--model {args.model}: the weights do not match the architecture: {describe_load_error(err)}")
     except Exception as err:  # noqa: BLE001  (missing files, unknown architecture, no network, ...)
         fail(args, f"--model {args.model}: cannot load it: {type(err).__name__}: {_short(err)}")
 
 
 def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str) -> None:
-    """Load a state dict (safetensors, or a torch file read weights-only) strictly into ``model``."""
+    """Load a state dict (safetensors, or a torch file read weights-only) strictly into ``model``.
+
+    timm's ``load_state_dict`` reads it (the EMA or plain weights of a timm training checkpoint, DDP and
+    torch.compile prefixes removed); the model's load pre-hook maps sdzoo 0.1 keys; torch's strict load names
+    what does not fit. Read and load are two steps so that an unreadable file and a mismatch get their own message.
+    """
     if not os.path.isfile(path):
         fail(args, f"--checkpoint: no such file {path!r}")
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
+        state = load_state_dict(path, use_ema=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001  (safetensors, zip and unpickling errors alike)
         fail(args, f"--checkpoint {path}: cannot read it as .safetensors or a weights-only torch file: "
                    f"{_short(err)}")
-    state = checkpoint_filter_fn(_unwrap_state_dict(state))  # sdzoo 0.1 keys too
-    problems = state_dict_mismatch(model.state_dict(), state)
-    if problems:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
         fail(args, f"--checkpoint {path} does not match --model {args.model} "
-                   f"(num_classes={model.num_classes}): {problems}")
-    model.load_state_dict(state)
-
-
-def _unwrap_state_dict(state: Any) -> Dict[str, torch.Tensor]:
-    # timm's training checkpoints nest the weights; DDP and torch.compile prefix the names.
-    if isinstance(state, dict):
-        for key in ("state_dict_ema", "state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        return {}
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
+                   f"(num_classes={model.num_classes}): {describe_load_error(err)}")
 
 
 def _short(err: BaseException, lines: int = 3, width: int = 240) -> str:
-    """The head of an error message: state-dict errors can list hundreds of keys."""
+    """The head of an error message."""
     text = [line.strip()[:width] for line in str(err).strip().splitlines()[:lines]]
     return " ".join(text) or type(err).__name__
 
@@ -313,8 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not 0 < args.calib_images <= available:
             fail(args, f"--calib-images must be from 1 to {available} (the {args.calib_data} training split); "
                        f"got {args.calib_images}")
-    if args.bench_iters < 1:
-        fail(args, f"--bench-iters must be a positive integer; got {args.bench_iters}")
+    if not args.bench_seconds > 0:
+        fail(args, f"--bench-seconds must be a positive number of seconds; got {args.bench_seconds}")
     label_names = label_names_of(args)
 
     model = create_model(args).eval()
@@ -334,15 +320,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quantize == "int8":
         calib, held_out = calibration_split(args, model, input_size)
         try:
-            quant = quantize_int8(args.output, quant_output_of(args), calib, held_out,
-                                  latency_iters=args.bench_iters)
+            quant = quantize_int8(args.output, quant_output_of(args), calib, held_out)
         except (ValueError, ExportError) as err:
             print(f"error: int8 quantization failed, no int8 file written: {err}", file=sys.stderr)
             return 1
         print(quant.summary())
 
     if args.benchmark:
-        print(format_benchmark(benchmark(model, args.output, input_size=input_size, iters=args.bench_iters)))
+        files, labels = {"fp32": args.output}, {"torch_ms": "PyTorch eager", "fp32_ms": "onnxruntime"}
+        if args.quantize:
+            files["int8"], labels["int8_ms"] = quant_output_of(args), "ort int8"
+        rows = compare_latency(model, files, input_size=input_size, min_run_time=args.bench_seconds)
+        print(format_latency(rows, labels))
     return 0
 
 

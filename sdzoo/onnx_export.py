@@ -1,4 +1,4 @@
-"""ONNX export of the zoo's models: export, verify, describe, quantize, time.
+"""ONNX export of the zoo's models: export, verify, describe, quantize.
 
 ``export_onnx`` writes a model that has been checked before it is kept: the graph goes to a temporary file
 next to the output, passes onnx's full checker, and matches PyTorch under onnxruntime at several batch
@@ -7,8 +7,9 @@ nothing behind. Fold a stochastic-depth model first (``sdzoo.fold.fold_survival`
 is a plain ResNet: no multiply by p_l, no random ops (pytorch issue 96926 is about exporting those).
 
 The other helpers are shared with the scripts: ``quantize_int8`` (onnxruntime static QDQ quantization
-calibrated on real images), ``onnx_latency`` / ``torch_latency`` / ``benchmark`` (CPU latency), and
-``digits_images`` (the digits splits of ``sdzoo.data`` as model-sized, normalised images, for calibration).
+calibrated on real images, checked for top-1 agreement with the fp32 file) and ``digits_images`` (the digits
+splits of ``sdzoo.data`` as model-sized, normalised images, for calibration). Latency is measured in
+``sdzoo.latency``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import contextlib
 import json
 import os
 import tempfile
-import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,8 +35,7 @@ from ._checks import check_choice
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
     "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
-    "digits_images", "predict_onnx", "ort_session", "quantize_int8", "onnx_latency", "torch_latency", "benchmark",
-    "format_benchmark",
+    "digits_images", "predict_onnx", "ort_session", "quantize_int8",
 ]
 
 DEFAULT_OPSET = 20
@@ -81,7 +80,6 @@ class QuantizeReport:
     path: str
     fp32_size: int
     int8_size: int
-    latency_ms: Dict[str, Dict[int, float]]  # "fp32" / "int8" -> batch size -> median ms
     top1_agreement: float  # fraction of held-out images where int8 and fp32 predict the same class
     num_calibration: int
     num_eval: int
@@ -91,13 +89,8 @@ class QuantizeReport:
             f"wrote {self.path}: int8 static QDQ, calibrated on {self.num_calibration} images",
             f"file size: fp32 {self.fp32_size / 2**20:.2f} MiB -> int8 {self.int8_size / 2**20:.2f} MiB "
             f"({self.fp32_size / max(self.int8_size, 1):.1f}x smaller)",
+            f"top-1 agreement with fp32 on {self.num_eval} held-out images: {100 * self.top1_agreement:.1f}%",
         ]
-        for batch_size in self.latency_ms["fp32"]:
-            fp32, int8 = self.latency_ms["fp32"][batch_size], self.latency_ms["int8"][batch_size]
-            lines.append(f"onnxruntime latency, batch {batch_size}: fp32 {fp32:.2f} ms, int8 {int8:.2f} ms "
-                         f"({fp32 / int8:.2f}x)")
-        lines.append(f"top-1 agreement with fp32 on {self.num_eval} held-out images: "
-                     f"{100 * self.top1_agreement:.1f}%")
         return "\n".join(lines)
 
 
@@ -214,13 +207,9 @@ def read_metadata(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Dict[str, 
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def _set_metadata(proto: onnx.ModelProto, metadata: Dict[str, str]) -> None:
-    merged = dict(metadata)  # ours first, then what the tools that made the file recorded
-    merged.update({p.key: p.value for p in proto.metadata_props if p.key not in merged})
-    del proto.metadata_props[:]
-    for key, value in merged.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = str(key), str(value)
+def _add_metadata(proto: onnx.ModelProto, metadata: Dict[str, str]) -> None:
+    # set_model_props replaces every entry: keep what the tools that made the file recorded, unless ours differ.
+    onnx.helper.set_model_props(proto, {**read_metadata(proto), **metadata})
 
 
 def op_histogram(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Counter:
@@ -241,6 +230,7 @@ def _eval_mode(model: nn.Module):
 
 
 def _export_graph(model: nn.Module, path: str, input_size: Tuple[int, int, int], opset: int) -> None:
+    # torch.onnx.export(dynamo=True) directly: timm's export helper uses the legacy TorchScript exporter.
     # Batch 2 as the example: torch.export would specialise a batch of 1 into the graph.
     example = torch.randn(2, *input_size)
     try:
@@ -284,6 +274,9 @@ def verify_onnx(
         session = ort_session(path)
     except Exception as err:  # noqa: BLE001  (onnxruntime raises its own exception types)
         raise ExportCheckError(f"onnxruntime cannot load the exported model: {err}") from err
+    # Hand-written rather than torch.onnx.verification.verify_onnx_program / torch.onnx.testing.assert_onnx_program:
+    # those run an in-memory ONNXProgram against its own exported program, while this checks the file on disk
+    # (metadata and all) against the eager model, and also a file exported elsewhere (the Hub's ONNX check).
     generator = torch.Generator().manual_seed(seed)
     diffs, scale = {}, 0.0
     with _eval_mode(model), torch.no_grad():
@@ -348,7 +341,7 @@ def export_onnx(
         with _eval_mode(model):
             _export_graph(model, tmp, input_size, opset)
         proto = onnx.load(tmp)
-        _set_metadata(proto, metadata)
+        _add_metadata(proto, metadata)
         onnx.save(proto, tmp)
         diffs = verify_onnx(tmp, model, input_size=input_size, batch_sizes=verify_batch_sizes, atol=atol,
                             rtol=rtol, seed=seed)
@@ -410,14 +403,12 @@ def quantize_int8(
         *,
         per_channel: bool = True,
         batch_size: int = 32,
-        latency_batch_sizes: Sequence[int] = (1, 32),
-        latency_iters: int = 20,
         metadata: Optional[Dict[str, str]] = None,
 ) -> QuantizeReport:
     """Static int8 QDQ quantization with onnxruntime, calibrated on ``calibration_images`` (N, C, H, W).
 
-    Reports file sizes, onnxruntime latency of both models and how often they agree on the top-1 class of
-    ``eval_images`` (keep them apart from the calibration images). The fp32 file's metadata is carried over.
+    Reports file sizes and how often the two models agree on the top-1 class of ``eval_images`` (keep them
+    apart from the calibration images). The fp32 file's metadata is carried over.
     The output is written only when the quantized model passes onnx's checker and runs.
     """
     from onnxruntime.quantization import CalibrationDataReader
@@ -427,7 +418,6 @@ def quantize_int8(
         raise ValueError(f"fp32_path must be an existing ONNX file; got {fp32_path!r}")
     calibration_images = _check_images("calibration_images", calibration_images)
     eval_images = _check_images("eval_images", eval_images)
-    latency_batch_sizes = _check_batch_sizes("latency_batch_sizes", latency_batch_sizes)
 
     class _Reader(CalibrationDataReader):
         def __init__(self):
@@ -446,7 +436,7 @@ def quantize_int8(
     with staged_file(output_path) as tmp:
         _quantize_static(fp32_path, tmp, _Reader(), per_channel)
         proto = onnx.load(tmp)
-        _set_metadata(proto, metadata)
+        _add_metadata(proto, metadata)
         onnx.save(proto, tmp)
         try:
             onnx.checker.check_model(tmp, full_check=True)
@@ -455,15 +445,10 @@ def quantize_int8(
         threads = torch.get_num_threads()
         fp32_session, int8_session = ort_session(fp32_path, threads), ort_session(tmp, threads)
         agreement = _top1_agreement(fp32_session, int8_session, eval_images, batch_size)
-        latency = {
-            name: {b: onnx_latency(session, b, input_size=eval_images.shape[1:], iters=latency_iters)
-                   for b in latency_batch_sizes}
-            for name, session in (("fp32", fp32_session), ("int8", int8_session))
-        }
         int8_size = os.path.getsize(tmp)
     return QuantizeReport(
         path=os.fspath(output_path), fp32_size=os.path.getsize(fp32_path), int8_size=int8_size,
-        latency_ms=latency, top1_agreement=agreement, num_calibration=len(calibration_images),
+        top1_agreement=agreement, num_calibration=len(calibration_images),
         num_eval=len(eval_images))
 
 
@@ -495,78 +480,3 @@ def _check_images(name: str, images) -> np.ndarray:
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"{name} must be a non-empty (N, C, H, W) array; got shape {images.shape}")
     return images
-
-
-# -- latency ----------------------------------------------------------------------------------------------
-def _median_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
-
-
-def onnx_latency(
-        path_or_session,
-        batch_size: int,
-        *,
-        input_size: Sequence[int],
-        warmup: int = 3,
-        iters: int = 20,
-        threads: Optional[int] = None,
-) -> float:
-    """Median onnxruntime CPU latency in ms of one batch of random inputs.
-
-    ``threads`` defaults to PyTorch's intra-op thread count, so the comparison with ``torch_latency`` is fair.
-    """
-    session = path_or_session
-    if isinstance(path_or_session, (str, os.PathLike)):
-        session = ort_session(os.fspath(path_or_session), threads or torch.get_num_threads())
-    x = np.random.default_rng(0).standard_normal((batch_size, *_check_input_size(input_size)), dtype=np.float32)
-    return _median_ms(lambda: _run_onnx(session, x), warmup, iters)
-
-
-def torch_latency(
-        model: nn.Module,
-        batch_size: int,
-        *,
-        input_size: Sequence[int],
-        warmup: int = 3,
-        iters: int = 20,
-) -> float:
-    """Median PyTorch eager CPU latency in ms of one batch (eval mode, inference mode)."""
-    x = torch.randn(batch_size, *_check_input_size(input_size))
-    with _eval_mode(model), torch.inference_mode():
-        return _median_ms(lambda: model(x), warmup, iters)
-
-
-def benchmark(
-        model: nn.Module,
-        onnx_path: PathLike,
-        *,
-        input_size: Sequence[int],
-        batch_sizes: Sequence[int] = (1, 32),
-        warmup: int = 3,
-        iters: int = 20,
-) -> List[Dict[str, float]]:
-    """PyTorch eager against onnxruntime on the CPU, same threads: one row per batch size."""
-    batch_sizes = _check_batch_sizes("batch_sizes", batch_sizes)
-    session = ort_session(os.fspath(onnx_path), torch.get_num_threads())
-    rows = []
-    for batch_size in batch_sizes:
-        eager = torch_latency(model, batch_size, input_size=input_size, warmup=warmup, iters=iters)
-        ort_ms = onnx_latency(session, batch_size, input_size=input_size, warmup=warmup, iters=iters)
-        rows.append(dict(batch_size=batch_size, torch_ms=eager, onnxruntime_ms=ort_ms))
-    return rows
-
-
-def format_benchmark(rows: List[Dict[str, float]]) -> str:
-    lines = [f"CPU latency, median ms ({torch.get_num_threads()} threads)",
-             f"{'batch':>5}  {'PyTorch eager':>13}  {'onnxruntime':>11}  {'speed-up':>8}"]
-    for row in rows:
-        lines.append(f"{row['batch_size']:>5}  {row['torch_ms']:>13.2f}  {row['onnxruntime_ms']:>11.2f}  "
-                     f"{row['torch_ms'] / row['onnxruntime_ms']:>7.2f}x")
-    return "\n".join(lines)
