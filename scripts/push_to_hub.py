@@ -8,11 +8,11 @@
 Then, with timm alone: timm.create_model("hf-hub:ORG/NAME", pretrained=True).
 
 The repo gets model.safetensors and config.json in timm's format, a README.md model card, and when present
-the ONNX file, curves.png, summary.json and metrics.jsonl. Everything goes up in one commit, then every file
-is downloaded back and compared by sha256. The token comes from HF_TOKEN or `hf auth login` (there is no
---token flag: a token on a command line ends up in shell history); it is never printed. Every request waits
-at most --timeout seconds; when an upload fails, the message says what state the repo is left in (a repo
-the upload created is deleted again). With --card-dir DIR, a verified upload's card is also saved as
+the ONNX file, curves.png, summary.json and metrics.jsonl. Everything goes up in one commit, then every file's
+hash is compared with the one the Hub reports for that commit (no download). The token comes from HF_TOKEN
+or `hf auth login` (there is no --token flag: a token on a command line ends up in shell history); it is
+never printed. Every request waits at most --timeout seconds; when an upload fails, the message says what
+state the repo is left in (a repo the upload created is deleted again). With --card-dir DIR, a verified upload's card is also saved as
 DIR/NAME.md (the zoo keeps its record in model_cards/); it never replaces a file that is not an earlier
 card of the same repo.
 """
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit-message", default=None, help="commit message")
     parser.add_argument("--onnx", default=None, help="ONNX file to include as model.onnx (default: RUN/model.onnx if any)")
     parser.add_argument("--curves", default=None, help="training curves to include (default: RUN/curves.png if any)")
-    parser.add_argument("--card-template", default=None, help="model card template (default: model_cards/template.md)")
+    parser.add_argument("--card-template", default=None, help="model card, a Jinja template (default: model_cards/template.md)")
     parser.add_argument("--card-dir", default=None,
                         help="also save the published card as CARD_DIR/NAME.md (the zoo's record: model_cards); "
                              "default: not saved")
@@ -107,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"model card saved as {save_card(result.card, card)}")
         except OSError as err:
             print(f"warning: published, but the card could not be saved as {card}: {err}", file=sys.stderr)
-    print(f"published {args.repo_id} at commit {result.commit_oid}, every file checked by sha256; load it with "
+    print(f"published {args.repo_id} at commit {result.commit_oid}, every file's hash checked; load it with "
           f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
     return 0
 

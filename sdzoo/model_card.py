@@ -1,18 +1,17 @@
 """Model cards for published runs: front matter the Hub reads, and a body rendered from a template.
 
 The front matter (library_name, license, tags, datasets, metrics and a ``model-index`` of the run's results)
-is built with huggingface_hub's ``ModelCardData``, so it is in the exact form the Hub parses. The body comes
-from ``model_cards/template.md`` (``string.Template`` placeholders): what stochastic depth is, the model's
-survival settings, the training recipe, its results next to the paper's, usage with timm and with
-onnxruntime, and the citation. The paper's numbers are those reported by Huang et al. (2016).
+is huggingface_hub's ``ModelCardData``, in the exact form the Hub parses; ``ModelCard.from_template`` renders
+it and the body from the Jinja template ``model_cards/template.md``. This module gathers what the template
+shows: the run's results, its survival settings and recipe, and the paper's numbers (Huang et al., 2016).
 """
 from __future__ import annotations
 
-import json
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from huggingface_hub import ModelCard
 
 __all__ = [
     "DATASETS", "PAPER_RESULTS", "RunResults", "read_results", "card_metadata", "render_model_card",
@@ -140,23 +139,7 @@ def default_template_path() -> Path:
     return Path(__file__).with_name(TEMPLATE_NAME)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _survival_table(model_args: Mapping[str, Any], block_probs: Sequence[float]) -> str:
+def _survival_rows(model_args: Mapping[str, Any], block_probs: Sequence[float]) -> List[Tuple[str, Any]]:
     folded = model_args.get("folded_from")
     settings = dict(folded) if folded else dict(model_args)
     rows = [
@@ -171,81 +154,7 @@ def _survival_table(model_args: Mapping[str, Any], block_probs: Sequence[float])
     if block_probs and not folded:
         rows += [("p_l of the first / last block", f"{block_probs[0]:.4f} / {block_probs[-1]:.4f}"),
                  ("expected blocks per training step", f"{sum(block_probs):.2f} of {len(block_probs)}")]
-    text = _table(("setting", "value"), [r for r in rows if r[1] is not None])
-    if folded:
-        text += ("\n\nThese weights are *folded*: each p_l was multiplied into its block's last BatchNorm, so the"
-                 " network is a plain ResNet with no gates. The settings above are those it was trained with.")
-    return text
-
-
-def _recipe_text(results: Optional[RunResults]) -> str:
-    settings = results.settings if results is not None else {}
-    rows = [(k, settings[k]) for k in _RECIPE_KEYS if k in settings]
-    if not rows:
-        return "The run folder recorded no training settings."
-    return _table(("setting", "value"), rows) + (
-        "\n\nlr_drops are fractions of the run where lr is multiplied by lr_gamma. The paper's recipe: SGD with"
-        " Nesterov momentum 0.9, lr 0.1, weight decay 1e-4 on every parameter, batch 128; CIFAR 500 epochs with"
-        " lr / 10 at epochs 250 and 375, SVHN 50 epochs with lr / 10 at 60% and 70% of training; p_L = 0.5 with"
-        " the linear decay rule.")
-
-
-def _results_text(architecture: str, results: Optional[RunResults]) -> str:
-    if results is None:
-        return "The run folder had no summary.json, so this card reports no results."
-    epochs = f" of {results.epochs}" if results.epochs else ""
-    rows = [(f"this model ({architecture})", results.dataset_name, f"{results.test_error:.2f}",
-             f"{results.best_epoch}{epochs}")]
-    for setting, constant, stochastic in PAPER_RESULTS.get((architecture, results.dataset), []):
-        rows.append((f"paper, stochastic depth: {setting}", results.dataset_name, f"{stochastic:.2f}", ""))
-        rows.append((f"paper, constant depth: {setting}", results.dataset_name, f"{constant:.2f}", ""))
-    text = _table(("model", "data set", "test error (%)", "epoch"), rows)
-    text += (f"\n\nThe test error of this model is the one at epoch {results.best_epoch}, chosen by"
-             f" {results.selection}.")
-    if results.val_error is not None:
-        text += f" Validation error at that epoch: {results.val_error:.2f}%."
-    if not results.finished:
-        text += (f" The run had not finished: {results.epochs_done} of {results.epochs} epochs."
-                 if results.epochs_done is not None else " The run had not finished.")
-    if (architecture, results.dataset) not in PAPER_RESULTS:
-        text += " The paper reports no result for this architecture on this data set."
-    return text
-
-
-def _paper_table() -> str:
-    rows = [(setting, f"{constant:.2f}", f"{stochastic:.2f}")
-            for entries in PAPER_RESULTS.values() for setting, constant, stochastic in entries]
-    text = _table(("setting", "constant depth", "stochastic depth"), rows)
-    return text + ("\n\nTraining time with stochastic depth was about 25% lower (CIFAR-10+: 15h7m against"
-                   " 20h42m).")
-
-
-def _onnx_text(repo_id: str, onnx_name: Optional[str], pretrained_cfg: Mapping[str, Any]) -> str:
-    channels, height, width = tuple(pretrained_cfg.get("input_size") or (3, 224, 224))
-    mean = list(pretrained_cfg.get("mean") or (0.485, 0.456, 0.406))
-    std = list(pretrained_cfg.get("std") or (0.229, 0.224, 0.225))
-    if onnx_name is None:
-        intro = ("With onnxruntime: this repo has no ONNX file; export one with sdzoo's"
-                 f" `python scripts/export_onnx.py --model hf-hub:{repo_id} --output model.onnx` (it folds p_l into"
-                 " the weights and checks the graph against PyTorch with onnxruntime), then:")
-        source, download = '"model.onnx"', ""
-    else:
-        intro = f"With onnxruntime (`{onnx_name}`: p_l folded into the weights, a plain ResNet graph):"
-        source = f'hf_hub_download("{repo_id}", "{onnx_name}")'
-        download = "from huggingface_hub import hf_hub_download\n"
-    return f"""{intro}
-
-```python
-import numpy as np
-import onnxruntime as ort
-{download}
-session = ort.InferenceSession({source}, providers=["CPUExecutionProvider"])
-mean = np.array({mean}, dtype=np.float32).reshape(1, {channels}, 1, 1)
-std = np.array({std}, dtype=np.float32).reshape(1, {channels}, 1, 1)
-# images: float32 in [0, 1], shape (N, {channels}, {height}, {width})
-images = np.random.rand(1, {channels}, {height}, {width}).astype(np.float32)
-logits = session.run(None, {{session.get_inputs()[0].name: (images - mean) / std}})[0]
-```"""
+    return [r for r in rows if r[1] is not None]
 
 
 _FILE_NOTES = {
@@ -277,13 +186,11 @@ def render_model_card(
         block_probs: survival probability of each residual block (``SDResNet.block_survival_probs()``).
         num_params: number of parameters of the model.
         files: names of the files in the repo.
-        template: template text; default ``model_cards/template.md``.
+        template: Jinja template text; default ``model_cards/template.md``.
     """
-    if template is None:
-        path = default_template_path()
-        if not path.is_file():
-            raise FileNotFoundError(f"model card template not found at {path}; pass template= (the text of one)")
-        template = path.read_text(encoding="utf-8")
+    template_path = default_template_path() if template is None else None
+    if template_path is not None and not template_path.is_file():
+        raise FileNotFoundError(f"model card template not found at {template_path}; pass template= (the text of one)")
     architecture = config["architecture"]
     model_args = config.get("model_args") or {}
     pretrained_cfg = config.get("pretrained_cfg") or {}
@@ -292,23 +199,28 @@ def render_model_card(
 
     trained_on = f" trained on {results.dataset_name}" if results else ""
     scored = f": {results.test_error:.2f}% test error" if results else ""
-    summary_line = (f"A stochastic-depth ResNet ({architecture}, {num_params / 1e6:.2f}M parameters){trained_on}"
-                    f"{scored}.")
-    onnx_name = next((f for f in files if f.endswith(".onnx")), None)
-    curves_text = ("![Training curves](curves.png)\n\nTraining curves of this run (`curves.png`)."
-                   if "curves.png" in files else "")
-    files_list = "\n".join(f"- `{f}`: {_FILE_NOTES.get(f, 'extra file of the run')}" for f in sorted(files))
-    return string.Template(template).substitute(
-        front_matter=metadata.to_yaml(),
+    settings = results.settings if results is not None else {}
+    channels, height, width = tuple(pretrained_cfg.get("input_size") or (3, 224, 224))
+    card = ModelCard.from_template(
+        metadata,
+        template_path=template_path,
+        template_str=template,
         repo_id=repo_id,
         repo_name=repo_id.split("/")[-1],
-        summary_line=summary_line,
+        summary_line=(f"A stochastic-depth ResNet ({architecture}, {num_params / 1e6:.2f}M parameters){trained_on}"
+                      f"{scored}."),
         architecture=architecture,
-        survival_table=_survival_table(model_args, block_probs),
-        recipe_text=_recipe_text(results),
-        results_text=_results_text(architecture, results),
-        paper_table=_paper_table(),
-        curves_text=curves_text,
-        onnx_text=_onnx_text(repo_id, onnx_name, pretrained_cfg),
-        files_list=files_list,
+        survival_rows=_survival_rows(model_args, block_probs),
+        folded=bool(model_args.get("folded_from")),
+        recipe_rows=[(k, settings[k]) for k in _RECIPE_KEYS if k in settings],
+        results=results,
+        run_paper_rows=PAPER_RESULTS.get((architecture, results.dataset), []) if results else [],
+        paper_rows=[row for rows in PAPER_RESULTS.values() for row in rows],
+        files=sorted(files),
+        file_notes=_FILE_NOTES,
+        onnx_name=next((f for f in files if f.endswith(".onnx")), None),
+        channels=channels, height=height, width=width,
+        mean=list(pretrained_cfg.get("mean") or (0.485, 0.456, 0.406)),
+        std=list(pretrained_cfg.get("std") or (0.229, 0.224, 0.225)),
     )
+    return str(card)

@@ -3,7 +3,8 @@
 ``PUBLISHED_WEIGHTS`` maps ``architecture.tag`` to the Hub repo that holds verified weights. The models file
 passes its cfgs through ``with_published_weights`` and calls ``require_published_weights`` on
 ``pretrained=True``, so a tag without weights fails with a message that says how to get some.
-Kept free of heavy imports: the models module imports it.
+Kept free of heavy imports: the models module imports it. It exists because timm's own pretrained=True on
+a cfg without weights only warns and builds random weights.
 """
 from __future__ import annotations
 
