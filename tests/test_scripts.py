@@ -50,8 +50,10 @@ def test_benchmark_table_and_json(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["training"] if r["setting"] == "cpu"}
-    assert set(rows) == {"constant depth", "sdzoo batch", "sdzoo sample", "timm DropPath",
-                         "torchvision SD batch", "torchvision SD row"}
+    assert set(rows) == {"constant depth", "sdzoo batch", "sdzoo batch, no grads", "sdzoo sample",
+                         "timm DropPath", "torchvision SD batch", "torchvision SD row"}
+    # zero gradients or none: the same draws (same seed), the same executed FLOPs
+    assert rows["sdzoo batch, no grads"]["flop_ratio"] == pytest.approx(rows["sdzoo batch"]["flop_ratio"])
     # masks save nothing; the real skip saves about what the schedule predicts (ResNet-20: 6.5 of 9 blocks)
     for masked in ("timm DropPath", "torchvision SD batch", "torchvision SD row"):
         assert rows[masked]["flop_ratio"] == pytest.approx(1.0)
