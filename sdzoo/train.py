@@ -96,7 +96,9 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
 def build_parser() -> argparse.ArgumentParser:
     recipes = "\n".join(
         f"  {name:<10} {r.model}, {r.epochs} epochs, batch {r.batch_size}, lr {r.lr} / 10 at "
-        f"{', '.join(f'{d:.0%}' for d in r.lr_drops)}: {r.note}" for name, r in RECIPES.items())
+        f"{', '.join(f'{d:.0%}' for d in r.lr_drops)}"
+        f"{f', evaluated every {r.eval_every_steps} steps' if r.eval_every_steps else ''}: {r.note}"
+        for name, r in RECIPES.items())
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train a stochastic-depth ResNet (Huang et al., 2016) with the paper's recipe. "
