@@ -12,7 +12,8 @@ Data sets (``--dataset``):
 CIFAR-sized data sets live in memory as one tensor (on the GPU when training there), so a batch is an
 index, and the augmentation (random shift with zero fill + horizontal flip) is one batched tensor op on
 the training device: no loader processes, no host round trip. ImageFolder data is decoded and augmented
-by DataLoader workers, as usual.
+by DataLoader workers, as usual, with fb.resnet.torch's ImageNet training transform: random sized crop,
+colour jitter, PCA lighting noise, flip (``imagenet_train_transform``).
 
 Randomness is planned per epoch: at the start of an epoch the data order and every image's augmentation
 are drawn from two seeded generators. A process resumed in the middle of an epoch redraws the same plan
@@ -32,7 +33,8 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS", "DataError", "DIGITS_MEAN", "DIGITS_STD", "DIGITS_SPLIT_SIZES", "EpochPlan", "InMemoryData",
-    "FolderData", "load_data", "load_digits_split", "random_shift_flip", "normalize",
+    "FolderData", "load_data", "load_digits_split", "random_shift_flip", "normalize", "ColorJitter", "Lighting",
+    "imagenet_train_transform", "IMAGENET_PCA_EIGVAL", "IMAGENET_PCA_EIGVEC",
 ]
 
 DATASETS = ("cifar10", "cifar100", "svhn", "imagenet", "imagefolder", "digits", "synthetic")
@@ -42,6 +44,12 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Principal components of ImageNet's RGB pixels (values in [0, 1]), as fb.resnet.torch's datasets/imagenet.lua
+# gives them: the columns of the matrix are the eigenvectors.
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                       (-0.5808, -0.0045, -0.8140),
+                       (-0.5836, -0.6948, 0.4203))
 # Pixel statistics of the digits training split (values / 16, as in load_digits_split), one grey channel
 # repeated three times. tests/test_data.py recomputes them.
 DIGITS_MEAN, DIGITS_STD = (0.3049,) * 3, (0.3758,) * 3
@@ -318,6 +326,87 @@ def _load_synthetic(image_size: int, num_classes: int, **aug) -> InMemoryData:
 
 
 # -- ImageFolder-style directories ---------------------------------------------------------------------------
+# fb.resnet.torch's colour augmentation, on float RGB images in [0, 1] of shape (3, H, W). Hand-written because
+# the libraries differ: torchvision's ColorJitter also applies its steps in random order with the same factor
+# ranges, but clamps to [0, 1] after each step (and rounds to uint8 on PIL images), where fb.resnet.torch
+# blends without clamping; neither torchvision nor timm has the PCA lighting noise.
+_GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _grey(image: Tensor) -> Tensor:
+    w = _GREY_WEIGHTS
+    return (w[0] * image[0] + w[1] * image[1] + w[2] * image[2]).expand_as(image)
+
+
+class ColorJitter(torch.nn.Module):
+    """fb.resnet.torch's ``ColorJitter``: brightness, contrast and saturation in a random order, each a blend
+    ``alpha * image + (1 - alpha) * other`` with ``alpha ~ U(1 - v, 1 + v)``, where ``other`` is black, the mean
+    grey level, or the grey image. No clamping. Uses torch's global generator (seeded per image by the loader)."""
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4):
+        super().__init__()
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+
+    def forward(self, image: Tensor) -> Tensor:
+        steps = [(v, other) for v, other in (
+            (self.brightness, lambda img: torch.zeros_like(img)),
+            (self.contrast, lambda img: _grey(img).mean().expand_as(img)),
+            (self.saturation, _grey)) if v]
+        for i in torch.randperm(len(steps)).tolist():
+            var, other = steps[i]
+            alpha = 1.0 + float(torch.empty(()).uniform_(-var, var))
+            image = alpha * image + (1.0 - alpha) * other(image)
+        return image
+
+    def extra_repr(self) -> str:
+        return f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}"
+
+
+class Lighting(torch.nn.Module):
+    """AlexNet-style PCA lighting noise as fb.resnet.torch's ``Lighting``: adds ``eigvec @ (alpha * eigval)``
+    to the RGB channels, ``alpha ~ N(0, alphastd)`` per image. No clamping."""
+
+    def __init__(self, alphastd: float = 0.1, eigval: Sequence[float] = IMAGENET_PCA_EIGVAL,
+                 eigvec: Sequence[Sequence[float]] = IMAGENET_PCA_EIGVEC):
+        super().__init__()
+        self.alphastd = float(alphastd)
+        self.register_buffer("eigval", torch.tensor(eigval, dtype=torch.float32), persistent=False)
+        self.register_buffer("eigvec", torch.tensor(eigvec, dtype=torch.float32), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        if self.alphastd == 0:
+            return image
+        alpha = torch.empty(3).normal_(0.0, self.alphastd)
+        rgb = self.eigvec @ (alpha * self.eigval)
+        return image + rgb.view(3, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"alphastd={self.alphastd}"
+
+
+def imagenet_train_transform(image_size: int, hflip: bool = True, color_jitter: float = 0.4,
+                             lighting: float = 0.1):
+    """fb.resnet.torch's ImageNet training transform on a PIL image: RandomSizedCrop (8-100% of the area,
+    aspect 3/4-4/3, bicubic), flip, ColorJitter(``color_jitter`` for brightness, contrast and saturation),
+    Lighting(``lighting``). With jitter or lighting the result is a float32 tensor in about [0, 1] (not
+    clamped, as in fb.resnet.torch); without, a uint8 tensor. fb.resnet.torch flips after normalising; every
+    step here acts per pixel or on the whole image, so flipping first gives the same images."""
+    from torchvision import transforms as T
+
+    steps = [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                 interpolation=T.InterpolationMode.BICUBIC)]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps.append(T.PILToTensor())
+    if color_jitter or lighting:
+        steps.append(T.ConvertImageDtype(torch.float32))  # [0, 1], the range of fb.resnet.torch's constants
+    if color_jitter:
+        steps.append(ColorJitter(color_jitter, color_jitter, color_jitter))
+    if lighting:
+        steps.append(Lighting(lighting))
+    return T.Compose(steps)
+
+
 class _SeededTransform(torch.utils.data.Dataset):
     """An ImageFolder whose items are ``(index, seed)``: each image's augmentation is a function of its seed,
     so it does not depend on the loader's worker count or on where a resumed epoch starts."""
@@ -338,9 +427,11 @@ class _SeededTransform(torch.utils.data.Dataset):
 
 
 class FolderData:
-    """An ImageFolder-style directory, decoded and augmented by DataLoader workers (uint8 batches)."""
+    """An ImageFolder-style directory, decoded and augmented by DataLoader workers (uint8 batches, float32
+    training batches with colour jitter or lighting)."""
 
-    def __init__(self, name: str, root: str, image_size: int, hflip: bool, workers: int):
+    def __init__(self, name: str, root: str, image_size: int, hflip: bool, workers: int,
+                 color_jitter: float = 0.0, lighting: float = 0.0):
         from torchvision import datasets, transforms as T
 
         for split in ("train", "val"):
@@ -364,8 +455,8 @@ class FolderData:
         self.num_classes = len(self.classes)
         self.test_is_val = "test" not in folders
         resize = int(math.floor(image_size / 0.875))
-        train_tf = [T.RandomResizedCrop(image_size)] + ([T.RandomHorizontalFlip()] if hflip else [])
-        self.train = _SeededTransform(folders["train"], T.Compose(train_tf + [T.PILToTensor()]))
+        self.train_transform = imagenet_train_transform(image_size, hflip, color_jitter, lighting)
+        self.train = _SeededTransform(folders["train"], self.train_transform)
         eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
         self.val = _SeededTransform(folders["val"], eval_tf)
         self.test = self.val if self.test_is_val else _SeededTransform(folders["test"], eval_tf)
@@ -413,8 +504,9 @@ class FolderData:
 # -- entry point ---------------------------------------------------------------------------------------------
 def load_data(name: str, data_dir: str = "~/data", *, download: bool = True, val_size: int = 0,
               split_seed: int = 1, image_size: int = 32, num_classes: int = 10, shift: int = 0,
-              hflip: bool = False, workers: int = 4):
-    """Load a data set by ``--dataset`` name: an ``InMemoryData`` or a ``FolderData``."""
+              hflip: bool = False, workers: int = 4, color_jitter: float = 0.0, lighting: float = 0.0):
+    """Load a data set by ``--dataset`` name: an ``InMemoryData`` or a ``FolderData``. ``shift`` applies to
+    in-memory data, ``color_jitter`` and ``lighting`` (fb.resnet.torch's 0.4 and 0.1) to folder data."""
     if name not in DATASETS:
         raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
     root = os.path.expanduser(data_dir)
@@ -427,4 +519,4 @@ def load_data(name: str, data_dir: str = "~/data", *, download: bool = True, val
         return _load_digits(image_size, **aug)
     if name == "synthetic":
         return _load_synthetic(image_size, num_classes, **aug)
-    return FolderData(name, root, image_size, hflip, workers)
+    return FolderData(name, root, image_size, hflip, workers, color_jitter, lighting)

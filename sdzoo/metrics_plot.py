@@ -1,16 +1,23 @@
 """Training curves of a run, drawn from its ``metrics.jsonl`` (the layout of the paper's figure 3:
-error on the left axis, training loss on the right, against epochs)."""
+error on the left axis, training loss on the right, against epochs).
+
+``metrics.jsonl`` holds two kinds of records, in the order they happened, each with its global ``step``:
+``"kind": "epoch"`` at the end of each epoch (training loss and error, time, depth, gradients; with
+``--eval-every-steps 0`` also the epoch's validation and test error), and, with ``--eval-every-steps N``,
+``"kind": "eval"`` every N steps (validation and test error at that step; ``epochs_done`` places it on the
+epoch axis) while the epoch records carry no evaluation. Records written before kinds existed are epochs.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-__all__ = ["read_metrics", "plot_curves"]
+__all__ = ["read_metrics", "epoch_records", "evaluations", "plot_curves"]
 
 
 def read_metrics(path) -> List[Dict]:
-    """The per-epoch records of a run, in order."""
+    """The records of a run, in order."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -18,10 +25,25 @@ def read_metrics(path) -> List[Dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def epoch_records(records: List[Dict]) -> List[Dict]:
+    """The end-of-epoch records."""
+    return [r for r in records if r.get("kind", "epoch") == "epoch"]
+
+
+def evaluations(records: List[Dict]) -> List[Dict]:
+    """The records that hold an evaluation (a test error), whichever their kind."""
+    return [r for r in records if r.get("test_error") is not None]
+
+
+def _epochs_done(record: Dict) -> float:
+    return record.get("epochs_done", record["epoch"])
+
+
 def plot_curves(metrics_path, out_path, title: Optional[str] = None) -> bool:
     """Write ``curves.png``: train/val/test error (%) and train loss against epochs. False if no data."""
     records = read_metrics(metrics_path)
-    if not records:
+    epochs, evals = epoch_records(records), evaluations(records)
+    if not epochs and not evals:
         return False
     import matplotlib
     matplotlib.use("Agg")  # files only, never a window
@@ -29,18 +51,19 @@ def plot_curves(metrics_path, out_path, title: Optional[str] = None) -> bool:
 
     from .checkpoint import atomic_write
 
-    epochs = [r["epoch"] for r in records]
     fig, ax_err = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for key, label, style in (("train_error", "train error", "--"), ("val_error", "val error", "-"),
-                              ("test_error", "test error", "-")):
-        values = [r.get(key) for r in records]
+    for key, label, style, rows in (("train_error", "train error", "--", epochs),
+                                    ("val_error", "val error", "-", evals), ("test_error", "test error", "-", evals)):
+        values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
-            ax_err.plot(epochs, [float("nan") if v is None else v for v in values], style, label=label)
+            ax_err.plot([_epochs_done(r) for r in rows], [float("nan") if v is None else v for v in values], style,
+                        label=label)
     ax_err.set_xlabel("epoch")
     ax_err.set_ylabel("error (%)")
     ax_err.grid(alpha=0.3)
     ax_loss = ax_err.twinx()
-    ax_loss.plot(epochs, [r["train_loss"] for r in records], ":", color="grey", label="train loss")
+    ax_loss.plot([_epochs_done(r) for r in epochs], [r["train_loss"] for r in epochs], ":", color="grey",
+                 label="train loss")
     ax_loss.set_ylabel("training loss")
     lines = ax_err.get_legend_handles_labels()[0] + ax_loss.get_legend_handles_labels()[0]
     ax_err.legend(lines, [line.get_label() for line in lines], loc="upper right")

@@ -8,7 +8,9 @@ The file reads top to bottom: command-line flags, settings (a named recipe overr
 processes and device, then ``train()``: data, model, optimizer, resume, and the loop. Each step trains on
 one global batch, split evenly over the processes (and over ``--accum-steps`` micro-batches), with one
 draw of the gates for the whole global batch: every rank skips the same blocks. Each epoch ends with the
-validation and test error, a line of ``metrics.jsonl``, the best weights so far, and a checkpoint.
+validation and test error (or, with ``--eval-every-steps N``, these come every N steps), a line of
+``metrics.jsonl``, the best weights so far, and a checkpoint. Evaluation runs in fp32, also when training
+autocasts to bf16.
 
 Exactness, as in the authors' code: every parameter decays (BN and biases too), and a skipped block's
 parameters see a zero gradient, not a missing one, so weight decay and momentum still move them.
@@ -38,8 +40,8 @@ from .checkpoint import (
     load_state, lock_run_folder, remove_stale_temp_files, save_json, save_model_config, save_state, save_weights)
 from .data import DATASETS, TENSOR_DATASETS, DataError, load_data
 from .gate import GATE_MODES, SCALINGS
-from .metrics_plot import plot_curves, read_metrics
-from .recipes import DEFAULT_RECIPE, RECIPES, recipe_for_dataset
+from .metrics_plot import epoch_records, evaluations, plot_curves, read_metrics
+from .recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, recipe_for_dataset
 from .survival import SURVIVAL_RULES
 
 __all__ = ["main", "train", "build_parser", "resolve_settings", "build_optimizer",
@@ -51,8 +53,11 @@ EXIT_USAGE, EXIT_DIVERGED = 2, 3
 # Settings that define the training run: a resumed run must keep them (it would not be the same run).
 DEFINING = (
     "recipe", "model", "dataset", "val_size", "split_seed", "image_size", "num_classes", "epochs", "batch_size",
-    "accum_steps", "lr", "momentum", "nesterov", "dampening", "weight_decay", "lr_drops", "lr_gamma", "shift",
-    "hflip", "survival_prob", "survival_rule", "gate_mode", "scaling", "seed", "sync_bn")
+    "accum_steps", "lr", "momentum", "nesterov", "dampening", "weight_decay", "lr_drops", "lr_gamma",
+    "lr_drop_rule", "shift", "hflip", "color_jitter", "lighting", "survival_prob", "survival_rule", "gate_mode",
+    "scaling", "seed", "sync_bn", "eval_every_steps")
+# Defining settings added after the first checkpoints were written: a run resumed from one of those had them so.
+LATER_DEFINING = dict(lr_drop_rule="fb.resnet.torch", color_jitter=0.0, lighting=0.0, eval_every_steps=0)
 # Defining settings a resumed run may change: a lower learning rate is the way out of a diverged run.
 CHANGEABLE_ON_RESUME = ("lr",)
 # Files of a finished or stopped run: a new run refuses a folder that holds them.
@@ -95,7 +100,9 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
 def build_parser() -> argparse.ArgumentParser:
     recipes = "\n".join(
         f"  {name:<10} {r.model}, {r.epochs} epochs, batch {r.batch_size}, lr {r.lr} / 10 at "
-        f"{', '.join(f'{d:.0%}' for d in r.lr_drops)}: {r.note}" for name, r in RECIPES.items())
+        f"{', '.join(f'{d:.0%}' for d in r.lr_drops)}"
+        f"{f', evaluated every {r.eval_every_steps} steps' if r.eval_every_steps else ''}: {r.note}"
+        for name, r in RECIPES.items())
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train a stochastic-depth ResNet (Huang et al., 2016) with the paper's recipe. "
@@ -137,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shift", type=_number(int, 0), help="random shift of up to this many pixels with zero fill, done on "
                                               "the training device (cifar 4)")
     add("--hflip", action=bool_flag, help="random horizontal flip (cifar: yes)")
+    add("--color-jitter", type=_number(float, 0.0, 1.0), help="brightness, contrast and saturation jitter of "
+                                                              "folder data, as fb.resnet.torch (imagenet 0.4)")
+    add("--lighting", type=_number(float, 0.0), help="std of the PCA lighting noise of folder data, as "
+                                                    "fb.resnet.torch (imagenet 0.1)")
     add("--workers", type=_number(int, 0), help="loader processes for folder data (default 8)")
 
     g = parser.add_argument_group("model")
@@ -161,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fractions of the run where lr is multiplied by --lr-gamma (cifar 0.5 0.75, svhn 0.6 0.7; "
              "none: constant lr)")
     add("--lr-gamma", type=_number(float, 0.0, 1.0, low_open=True), help="lr factor at each drop (default 0.1)")
+    add("--lr-drop-rule", choices=LR_DROP_RULES,
+        help="which epoch a drop at fraction f of E epochs lands on, counting from 1: main.lua keeps the old lr "
+             "while epoch < f x E (the authors' CIFAR/SVHN code: 0.1 for epochs 1-249 of 500); fb.resnet.torch "
+             "while epoch <= f x E (imagenet: 0.1 for 1-30 of 90)")
     add("--momentum", type=_number(float, 0.0, 1.0, high_open=True), help="SGD momentum (default 0.9)")
     add("--nesterov", action=bool_flag, help="Nesterov momentum (default: yes)")
     add("--dampening", type=_number(float, 0.0, 1.0, high_open=True), help="SGD dampening (default 0)")
@@ -169,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("speed")
     add = g.add_argument
     add("--device", choices=("auto", "cpu", "cuda"), help="auto: cuda when there is a GPU (default)")
-    add("--amp", action=bool_flag, help="bfloat16 autocast (default: on with cuda)")
+    add("--amp", action=bool_flag, help="bfloat16 autocast of the training forward pass (default: on with "
+                                         "cuda); the loss, the weights and every evaluation stay fp32")
     add("--channels-last", action=bool_flag, help="channels-last memory format (default: on with cuda)")
     add("--compile", action="store_true", default=None, help="torch.compile the model (gates stay random)")
     add("--deterministic", action="store_true", default=None,
@@ -180,12 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("distributed")
     add = g.add_argument
-    add("--sync-bn", action="store_true", default=None,
-        help="BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only). Without it each process "
-             "normalises its own part, as a single process with --accum-steps = processes would")
+    add("--sync-bn", action=bool_flag,
+        help="BatchNorm statistics over the global batch when several GPUs train (SyncBatchNorm; CUDA only; "
+             "default: yes in the paper recipes, whose BatchNorm saw the whole batch). With --no-sync-bn each "
+             "process normalises its own part, as a single process with --accum-steps = processes would")
 
     g = parser.add_argument_group("checkpoints and logs")
     add = g.add_argument
+    add("--eval-every-steps", type=_number(int, 0),
+        help="evaluate validation and test every N optimizer steps (and after the last step), each a line of "
+             "metrics.jsonl; the best weights are those of the evaluation of lowest validation error (svhn "
+             "200, as main.lua; default 0: at the end of each epoch)")
     add("--checkpoint-every-steps", type=_number(int, 0),
         help="also checkpoint every N optimizer steps inside an epoch (default 0: at the end of each epoch)")
     add("--log-every", type=_number(int, 1), help="steps between progress updates and loss checks (default 20)")
@@ -208,8 +229,7 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[Dict[str, Any], Optional
                                           else DEFAULT_RECIPE)
     recipe = RECIPES[recipe_name].to_dict()
     recipe.pop("note")
-    settings = dict(recipe, recipe=recipe_name, split_seed=1, num_classes=10, accum_steps=1, sync_bn=False,
-                    **RUN_DEFAULTS)
+    settings = dict(recipe, recipe=recipe_name, split_seed=1, num_classes=10, accum_steps=1, **RUN_DEFAULTS)
     settings.update(given)
     _check_settings(settings, given)
     if settings["output"] is None:
@@ -258,7 +278,7 @@ def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Dict[str, Any]
             or any(k not in checkpoint for k in required) or not isinstance(checkpoint["settings"], dict)):
         raise CheckpointError(f"--resume: {path} is not a checkpoint of this trainer (it lacks the format "
                               f"marker or one of {', '.join(required)})")
-    settings = dict(checkpoint["settings"])
+    settings = dict(LATER_DEFINING, **checkpoint["settings"])
     for key in CHANGEABLE_ON_RESUME:
         if key in given and given[key] != settings.get(key):
             settings[f"{key}_changes"] = [*settings.get(f"{key}_changes", []), dict(
@@ -295,6 +315,12 @@ def _check_settings(s: Dict[str, Any], given: Dict[str, Any]) -> None:
         raise TrainError(f"--shift {s['shift']} must be smaller than the image ({s['image_size']} pixels)")
     if "shift" in given and dataset in ("cifar10", "cifar100", "svhn") and s["shift"] >= 32:
         raise TrainError(f"--shift {s['shift']} must be smaller than the image ({dataset}: 32 pixels)")
+    for flag in ("color_jitter", "lighting"):
+        if flag in given and dataset not in ("imagenet", "imagefolder"):
+            raise TrainError(f"--{flag.replace('_', '-')} applies to imagenet and imagefolder data; {dataset} "
+                             "is augmented on the device")
+    if given.get("sync_bn") and (s["device"] == "cpu" or not torch.cuda.is_available()):
+        raise TrainError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
     if s["nesterov"] and (s["momentum"] <= 0 or s["dampening"] != 0):
         raise TrainError("--nesterov needs --momentum > 0 and --dampening 0 (or pass --no-nesterov)")
 
@@ -325,8 +351,6 @@ def setup_processes(s: Dict[str, Any]) -> Tuple[Dist, torch.device]:
     device = torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if s["sync_bn"] and not use_cuda:
-        raise TrainError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
     if s["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -365,7 +389,8 @@ def load_data_everywhere(s: Dict[str, Any], dist: Dist):
     def load():
         return load_data(s["dataset"], s["data_dir"], download=s["download"], val_size=s["val_size"],
                          split_seed=s["split_seed"], image_size=s["image_size"], num_classes=s["num_classes"],
-                         shift=s["shift"], hflip=s["hflip"], workers=s["workers"])
+                         shift=s["shift"], hflip=s["hflip"], workers=s["workers"], color_jitter=s["color_jitter"],
+                         lighting=s["lighting"])
     data, error = None, None
     if dist.main:
         try:
@@ -396,9 +421,35 @@ def build_optimizer(model: nn.Module, s: Dict[str, Any]) -> torch.optim.SGD:
                            nesterov=s["nesterov"], weight_decay=s["weight_decay"])
 
 
+def lr_milestones(s: Dict[str, Any]) -> List[int]:
+    """Epochs done when each lr drop takes effect (MultiStepLR's milestones), by --lr-drop-rule."""
+    milestones = set()
+    for fraction in s["lr_drops"]:
+        at = round(fraction * s["epochs"], 9)  # 0.6 x 50 is not exactly 30 in floating point
+        # main.lua: lr 0.1 while epoch < f x E (epochs from 1); fb.resnet.torch: while epoch <= f x E.
+        done = math.ceil(at) - 1 if s["lr_drop_rule"] == "main.lua" else math.floor(at)
+        milestones.add(max(1, done))
+    return sorted(milestones)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, s: Dict[str, Any]):
-    milestones = sorted({max(1, round(f * s["epochs"])) for f in s["lr_drops"]})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=s["lr_gamma"])
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(s), gamma=s["lr_gamma"])
+
+
+def use_sync_batchnorm(s: Dict[str, Any], dist: Dist, cuda: bool, micro_batch: int) -> bool:
+    """Whether BatchNorm normalises over every process's images (SyncBatchNorm). Where the settings ask for it
+    but it cannot run (gloo on CPUs), rank 0 says once what differs."""
+    if not (s["sync_bn"] and dist.enabled):
+        return False
+    if cuda:
+        return True
+    if dist.main:
+        print(f"warning: SyncBatchNorm runs on GPUs only, so on these {dist.world} CPU processes BatchNorm "
+              f"normalises each process's own {micro_batch} images, not the {micro_batch * dist.world} of "
+              f"the step across processes as the recipe's single-GPU BatchNorm did (a single process with "
+              f"--accum-steps {dist.world} would match this run); pass --no-sync-bn to accept it silently",
+              file=sys.stderr)
+    return False
 
 
 def _change_lr(optimizer: torch.optim.Optimizer, scheduler, old: float, new: float) -> None:
@@ -485,15 +536,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, split: str, dist: Dist, batch_size: int, device: torch.device,
-             autocast=nullcontext, channels_last: bool = False) -> Tuple[float, float]:
-    """(mean loss, error %) of a split, each rank evaluating its part. No gates are drawn in eval mode."""
+             channels_last: bool = False) -> Tuple[float, float]:
+    """(mean loss, error %) of a split, each rank evaluating its part. No gates are drawn in eval mode.
+
+    Always fp32, as the authors evaluated: no autocast here, even when training autocasts to bf16, since bf16
+    logits can flip borderline predictions and so the reported error."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for x, y in data.eval_batches(split, dist.rank, dist.world, batch_size, device):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(x).float()
+        logits = model(x).float()
         totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(y)
@@ -610,7 +663,8 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
     # Model
     torch.manual_seed(s["seed"])
     raw_model = create_model(s, data.num_classes)
-    if s["sync_bn"] and dist.enabled:
+    sync_bn = use_sync_batchnorm(s, dist, cuda, global_batch // (dist.world * accum))
+    if sync_bn:
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(device)
     if channels_last:
@@ -627,7 +681,8 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
     order_gen = torch.Generator().manual_seed(_stream_seed(s["seed"], 1))
     aug_gen = torch.Generator().manual_seed(_stream_seed(s["seed"], 2))
     start_epoch, start_step, global_step, elapsed = 0, 0, 0, 0.0
-    best = dict(epoch=None, val_error=None, test_error=None)
+    best = dict(epoch=None, step=None, val_error=None, test_error=None)
+    eval_every = s["eval_every_steps"]
     totals_state = None
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
@@ -660,7 +715,7 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
-        _truncate_lines(out / "metrics.jsonl", lambda line: json.loads(line)["epoch"] <= start_epoch)
+        _truncate_lines(out / "metrics.jsonl", lambda line: json.loads(line)["step"] <= global_step)
     gates_file = None
     if s["record_gates"]:
         if dist.enabled:
@@ -695,17 +750,56 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
         raise Diverged(f"{what} became NaN or infinite in epoch {epoch + 1} (by step {step} of "
                        f"{steps_per_epoch}); training stopped and {advice}")
 
+    def run_evaluation(epoch: int) -> Dict[str, Any]:
+        """Validation and test loss and error of the weights now; the best weights are those of the lowest
+        validation error so far (of the latest evaluation when there is no validation set)."""
+        nonlocal best
+        started = time.perf_counter()
+        val_loss = val_error = None
+        if data.val is not None:
+            val_loss, val_error = evaluate(eval_model, data, "val", dist, eval_batch, device, channels_last)
+        if data.test_is_val:
+            test_loss, test_error = val_loss, val_error
+        else:
+            test_loss, test_error = evaluate(eval_model, data, "test", dist, eval_batch, device, channels_last)
+        improved = val_error is None or best["val_error"] is None or val_error < best["val_error"]
+        if improved:
+            best = dict(epoch=epoch + 1, step=global_step, val_error=val_error, test_error=test_error)
+            if dist.main:
+                # config.json is rewritten with every model.safetensors, from the same model: they always agree.
+                save_model_config(out / CONFIG_NAME, raw_model, data.data_config(), tag=s["dataset"],
+                                  label_names=data.classes)
+                save_weights(out / WEIGHTS_NAME, raw_model)
+        return dict(val_loss=val_loss, val_error=val_error, test_loss=test_loss, test_error=test_error,
+                    eval_time_s=time.perf_counter() - started)
+
+    def record_evaluation(epoch: int, lr: float) -> None:
+        """An evaluation inside the epochs (--eval-every-steps): a line of metrics.jsonl of its own."""
+        result = run_evaluation(epoch)
+        if dist.main:
+            record = dict(kind="eval", epoch=epoch + 1, step=global_step, epochs_done=global_step / steps_per_epoch,
+                          lr=lr, **result)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if not s["quiet"]:
+                val = "-" if result["val_error"] is None else f"{result['val_error']:.2f}%"
+                tqdm.write(f"step {global_step} (epoch {epoch + 1})  val err {val}  test err "
+                           f"{result['test_error']:.2f}%  lr {lr:.3g}  best val @ step {best['step']}")
+
     def summarize(finished: bool) -> Dict[str, Any]:
-        """summary.json: the paper's number (test error at the epoch of best validation error) and context."""
+        """summary.json: the paper's number (test error at the evaluation of best validation error) and context."""
         records = read_metrics(out / "metrics.jsonl") if dist.main else []
+        evals = evaluations(records)
+        points = f"evaluation (every {eval_every} steps)" if eval_every else "epoch"
         return dict(
-            finished=finished, epochs_done=len(records), best_epoch=best["epoch"], best_val_error=best["val_error"],
+            finished=finished, epochs_done=len(epoch_records(records)), evaluations=len(evals),
+            best_epoch=best["epoch"], best_step=best.get("step"), best_val_error=best["val_error"],
             test_error=best["test_error"],
             test_accuracy=None if best["test_error"] is None else 100.0 - best["test_error"],
-            selection=("epoch of lowest validation error" if best["val_error"] is not None
-                       else "last epoch (no validation set)"),
+            selection=(f"{points} of lowest validation error" if best["val_error"] is not None
+                       else f"last {points} (no validation set)"),
             test_set="the validation set (no separate test set)" if data.test_is_val else "test",
-            last_epoch_test_error=records[-1]["test_error"] if records else None,
+            last_epoch_test_error=evals[-1]["test_error"] if evals else None,
             total_time_s=elapsed + time.perf_counter() - start_time, world_size=dist.world, device=device.type,
             num_blocks=num_blocks, expected_depth=expected_depth, lr_changes=s.get("lr_changes", []), settings=s)
 
@@ -744,6 +838,13 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
                 gates_file.write(f"{global_step} {gate_log.line()}\n")
             bar.update(1)
             last_step = step == steps_per_epoch
+            if eval_every and global_step % eval_every == 0:
+                if not sync_bn:
+                    _sync_buffers(raw_model, dist)  # rank 0's statistics, which DDP gives every rank anyway
+                check_finite(epoch, step, totals.loss_sum, with_state=True)  # before the weights may be saved
+                totals.train_time += time.perf_counter() - t0
+                record_evaluation(epoch, lr)
+                t0 = time.perf_counter()
             if step % s["log_every"] == 0 or last_step:
                 check_finite(epoch, step, totals.loss_sum, with_state=False)
                 now, loss_now = time.perf_counter(), totals.loss_sum.item()
@@ -763,53 +864,44 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
         totals.train_time += time.perf_counter() - t0
         seen = totals.seen * dist.world
         scheduler.step()
-        if not s["sync_bn"]:
+        if not sync_bn:
             _sync_buffers(raw_model, dist)
         check_finite(epoch, step, totals.loss_sum, with_state=True)  # before anything is saved
 
-        # Evaluation: the full network, each branch scaled by its survival probability.
-        eval_start = time.perf_counter()
-        val_loss = val_error = None
-        if data.val is not None:
-            val_loss, val_error = evaluate(eval_model, data, "val", dist, eval_batch, device, autocast, channels_last)
-        if data.test_is_val:
-            test_loss, test_error = val_loss, val_error
+        # Evaluation: the full network, each branch scaled by its survival probability; with --eval-every-steps
+        # the evaluations came during the epoch, and the run's last step gets one if it fell between two.
+        no_evaluation = dict(val_loss=None, val_error=None, test_loss=None, test_error=None, eval_time_s=0.0)
+        if not eval_every:
+            result = run_evaluation(epoch)
         else:
-            test_loss, test_error = evaluate(eval_model, data, "test", dist, eval_batch, device, autocast,
-                                             channels_last)
+            result = no_evaluation
+            if epoch + 1 == s["epochs"] and global_step % eval_every:
+                record_evaluation(epoch, lr)
         grad_abs = totals.grad_abs.cpu()  # the same on every rank: gradients are all-reduced before the step
         record = dict(
-            epoch=epoch + 1, step=global_step, lr=lr, train_loss=train_loss_sum / seen,
-            train_error=100.0 * (1.0 - train_correct / seen), val_loss=val_loss, val_error=val_error,
-            test_loss=test_loss, test_error=test_error,
-            epoch_time_s=totals.train_time + time.perf_counter() - eval_start, train_time_s=totals.train_time,
+            kind="epoch", epoch=epoch + 1, step=global_step, lr=lr, train_loss=train_loss_sum / seen,
+            train_error=100.0 * (1.0 - train_correct / seen), val_loss=result["val_loss"],
+            val_error=result["val_error"], test_loss=result["test_loss"], test_error=result["test_error"],
+            epoch_time_s=totals.train_time + result["eval_time_s"], train_time_s=totals.train_time,
             img_per_s=seen / max(totals.train_time, 1e-9), mean_depth=totals.depth_sum / max(1, totals.steps),
             expected_depth=expected_depth,
             grad_mean_abs={k: v for k, v in zip(groups, (grad_abs / (group_sizes * max(1, totals.steps))).tolist())})
         for change in s.get("lr_changes", []):  # a --lr given on resume took effect in this epoch
             if change["epoch"] == epoch:
                 record["lr_change"] = change
-
-        # The best epoch is the one of lowest validation error (the last one when there is no validation set).
-        improved = val_error is None or best["val_error"] is None or val_error < best["val_error"]
-        if improved:
-            best = dict(epoch=epoch + 1, val_error=val_error, test_error=test_error)
         if dist.main:
-            if improved:
-                # config.json is rewritten with every model.safetensors, from the same model: they always agree.
-                save_model_config(out / CONFIG_NAME, raw_model, data.data_config(), tag=s["dataset"],
-                                  label_names=data.classes)
-                save_weights(out / WEIGHTS_NAME, raw_model)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         save_checkpoint(epoch + 1, 0, EpochTotals.zeros(len(groups), device), order_gen.get_state(),
                         aug_gen.get_state())
         if dist.main and not s["quiet"]:
-            val = "-" if val_error is None else f"{val_error:.2f}%"
+            errors = "" if eval_every else (
+                f"val err {'-' if result['val_error'] is None else format(result['val_error'], '.2f') + '%'}  "
+                f"test err {result['test_error']:.2f}%  ")
             tqdm.write(f"epoch {epoch + 1}/{s['epochs']}  loss {record['train_loss']:.4f}  train err "
-                       f"{record['train_error']:.2f}%  val err {val}  test err {test_error:.2f}%  lr {lr:.3g}  "
+                       f"{record['train_error']:.2f}%  {errors}lr {lr:.3g}  "
                        f"{record['img_per_s']:.0f} img/s  depth {record['mean_depth']:.1f}/{num_blocks}  "
-                       f"best val @ {best['epoch']}")
+                       f"best val @ {'step ' + str(best['step']) if eval_every else best['epoch']}")
         if dist.main:
             save_json(out / "summary.json", summarize(finished=False))
 
@@ -859,7 +951,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch_dist.destroy_process_group()
     if rank0:
         test = "-" if summary["test_error"] is None else f"{summary['test_error']:.2f}%"
-        print(f"done: best validation epoch {summary['best_epoch']}, test error there {test} "
+        at = f"step {summary['best_step']} (epoch {summary['best_epoch']})" if settings["eval_every_steps"] \
+            else f"epoch {summary['best_epoch']}"
+        print(f"done: best validation at {at}, test error there {test} "
               f"(accuracy {summary['test_accuracy']:.2f}%), {summary['total_time_s']:.1f} s; "
               f"run folder {settings['output']}")
     return 0

@@ -1,4 +1,5 @@
-"""Data: digits splits and statistics, the on-device shift + flip, epoch plans, missing data sets."""
+"""Data: digits splits and statistics, the on-device shift + flip, epoch plans, missing data sets, and
+fb.resnet.torch's ImageNet augmentation (colour jitter, PCA lighting)."""
 import os
 
 import pytest
@@ -6,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from sdzoo.data import (
-    DIGITS_MEAN, DIGITS_SPLIT_SIZES, DIGITS_STD, DataError, load_data, load_digits_split, random_shift_flip)
+    DIGITS_MEAN, DIGITS_SPLIT_SIZES, DIGITS_STD, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, ColorJitter, DataError,
+    Lighting, load_data, load_digits_split, random_shift_flip)
+from sdzoo.recipes import RECIPES
 
 
 def test_digits_splits_are_fixed_disjoint_and_cover_the_set():
@@ -94,16 +97,21 @@ def test_a_failed_download_is_a_clear_error(tmp_path, monkeypatch):
         load_data("cifar10", str(tmp_path), download=True)
 
 
-def test_imagefolder_batches_are_deterministic_per_image(tmp_path):
+def _image_folder(root, size=20):
+    """A tiny ImageFolder: train/ and val/, two classes of four random images each."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
         for cls in ("a", "b"):
-            os.makedirs(tmp_path / split / cls)
+            os.makedirs(root / split / cls)
             for i in range(4):
-                pixels = torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8, generator=g).numpy()
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+                pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_imagefolder_batches_are_deterministic_per_image(tmp_path):
+    _image_folder(tmp_path)
     data = load_data("imagefolder", str(tmp_path), image_size=16, hflip=True, workers=0)
     assert data.num_classes == 2 and data.test_is_val and len(data) == 8
     plan = data.plan_epoch(torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
@@ -169,3 +177,81 @@ def test_svhn_validation_set_takes_two_thirds_from_train_and_one_third_from_extr
     train_rows = torch.from_numpy(torchvision.datasets.SVHN("x", split="train").data).flatten(1)
     from_train = sum(bool((train_rows == row).all(1).any()) for row in data.val.images.flatten(1))
     assert from_train == 40
+
+
+# -- fb.resnet.torch's ImageNet augmentation -----------------------------------------------------------------
+def test_imagenet_training_transform_has_the_jitter_and_lighting_of_fb_resnet_torch(tmp_path):
+    _image_folder(tmp_path, size=24)
+    recipe = RECIPES["imagenet"]
+    assert (recipe.color_jitter, recipe.lighting) == (0.4, 0.1)
+    data = load_data("imagefolder", str(tmp_path), image_size=16, hflip=True, workers=0,
+                     color_jitter=recipe.color_jitter, lighting=recipe.lighting)
+    steps = data.train_transform.transforms
+    names = [type(t).__name__ for t in steps]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor", "ConvertImageDtype", "ColorJitter",
+                     "Lighting"]
+    crop, jitter, lighting = steps[0], steps[4], steps[5]
+    assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert (jitter.brightness, jitter.contrast, jitter.saturation) == (0.4, 0.4, 0.4)
+    assert lighting.alphastd == 0.1
+    assert lighting.eigval.tolist() == pytest.approx([0.2175, 0.0188, 0.0045])
+    assert lighting.eigvec[0].tolist() == pytest.approx([-0.5675, 0.7192, 0.4009])
+
+    # The same epoch plan with and without jitter + lighting: the same crops and flips, other colours.
+    plain = load_data("imagefolder", str(tmp_path), image_size=16, hflip=True, workers=0)
+    assert [type(t).__name__ for t in plain.train_transform.transforms] == [
+        "RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor"]
+    plan = data.plan_epoch(torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    cpu = torch.device("cpu")
+    jittered = next(data.train_batches(plan, 0, 1, 0, 1, 4, cpu))[0]
+    original = next(plain.train_batches(plan, 0, 1, 0, 1, 4, cpu))[0]
+    assert jittered.dtype == original.dtype == torch.float32 and jittered.shape == (4, 3, 16, 16)
+    difference = (jittered - original).abs().flatten(1).amax(1)
+    assert (difference > 0.05).all()  # every image's colours changed
+    again = next(data.train_batches(plan, 0, 1, 0, 1, 4, cpu))[0]
+    assert torch.equal(jittered, again)  # a function of the image's seed
+
+
+def _lighting_reference(image, alpha):
+    """fb.resnet.torch's Lighting, written as transforms.lua does it: rgb[i] = sum_j eigvec[i][j] alpha[j] eigval[j]."""
+    out = image.clone()
+    for i in range(3):
+        out[i] += sum(IMAGENET_PCA_EIGVEC[i][j] * float(alpha[j]) * IMAGENET_PCA_EIGVAL[j] for j in range(3))
+    return out
+
+
+def test_lighting_adds_the_pca_offset_and_does_not_clamp():
+    image = torch.rand(3, 5, 6, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    out = Lighting(0.1)(image)
+    torch.manual_seed(3)
+    alpha = torch.empty(3).normal_(0.0, 0.1)
+    assert torch.allclose(out, _lighting_reference(image, alpha), atol=1e-6)
+    assert not torch.equal(out, image)
+    assert torch.equal(Lighting(0.0)(image), image)
+    white = torch.ones(3, 2, 2)
+    assert any((Lighting(0.1)(white) > 1).any() for _ in range(10))  # no clamp to [0, 1]
+
+
+def test_color_jitter_blends_as_fb_resnet_torch():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 6, 7, generator=g)
+    grey_weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    grey = (image * grey_weights).sum(0, keepdim=True).expand_as(image)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        # brightness: alpha * image, alpha in [0.6, 1.4], not clamped
+        ratio = ColorJitter(0.4, 0, 0)(image) / image
+        assert torch.allclose(ratio, ratio.flatten()[0]) and 0.6 <= ratio.flatten()[0] <= 1.4
+        # contrast: a blend with the mean grey level
+        mean = grey.mean()
+        out = ColorJitter(0, 0.4, 0)(image)
+        scale = (out - mean) / (image - mean)
+        assert torch.allclose(scale, scale.flatten()[0], atol=1e-4) and 0.6 - 1e-4 <= scale.flatten()[0] <= 1.4 + 1e-4
+        # saturation: a blend with the grey image, which it leaves alone
+        out = ColorJitter(0, 0, 0.4)(image)
+        scale = (out - grey) / (image - grey)
+        assert torch.allclose(scale, scale.flatten()[0], atol=1e-3)
+        flat_grey = torch.full((3, 4, 4), 0.3)
+        assert torch.allclose(ColorJitter(0, 0, 0.4)(flat_grey), flat_grey)
+    assert any((ColorJitter(0.4, 0.4, 0.4)(torch.ones(3, 2, 2)) > 1).any() for _ in range(20))  # no clamp

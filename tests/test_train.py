@@ -1,5 +1,6 @@
 """The training script: accuracy on digits, exact resume after SIGKILL, DDP on gloo, the paper's optimizer
-semantics for skipped blocks, divergence and usage errors.
+semantics for skipped blocks, evaluation every N steps and in fp32, the lr schedule of the authors' code,
+SyncBatchNorm defaults, divergence and usage errors.
 
 Runs that the tests compare go through the real command line in subprocesses (``scripts/train.py``,
 ``torchrun``); small checks call ``sdzoo.train.main`` in-process. Subprocesses use one thread each so
@@ -20,8 +21,11 @@ import torch
 
 import sdzoo  # noqa: F401  (registers the models)
 from sdzoo.data import DIGITS_MEAN, DIGITS_STD, load_digits_split
-from sdzoo.metrics_plot import read_metrics
-from sdzoo.train import GateLog, build_optimizer, main, train_step
+from sdzoo.metrics_plot import epoch_records, evaluations, read_metrics
+from sdzoo.recipes import RECIPES
+from sdzoo.train import (
+    Dist, GateLog, build_optimizer, build_parser, build_scheduler, main, resolve_settings,
+    train_step, use_sync_batchnorm)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train.py")
@@ -55,6 +59,7 @@ def _checkpoint(run: Path) -> dict:
 
 
 # -- the digits recipe ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_digits_recipe_reaches_95_percent_in_under_two_minutes(tmp_path):
     run = tmp_path / "digits"
     start = time.perf_counter()
@@ -76,7 +81,7 @@ def test_digits_recipe_reaches_95_percent_in_under_two_minutes(tmp_path):
     assert set(records[0]["grad_mean_abs"]) == {"stem", "layer1", "layer2", "layer3", "head"}
     assert all(v > 0 for v in records[0]["grad_mean_abs"].values())
     assert records[0]["mean_depth"] < 9  # blocks were skipped
-    assert [r["lr"] for r in records][::15] == pytest.approx([0.1, 0.01])
+    assert [r["lr"] for r in records][13:15] == pytest.approx([0.1, 0.01])  # main.lua: 0.1 while epoch < 15
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The run folder is a timm local-dir holding the best weights: they give the reported test error.
@@ -92,6 +97,25 @@ def test_digits_recipe_reaches_95_percent_in_under_two_minutes(tmp_path):
 
 
 # -- exact resume --------------------------------------------------------------------------------------------
+def _kill_after_checkpoint(victim: subprocess.Popen, run: Path, target: int, delay: float, accept=lambda s: True):
+    """SIGKILL the run ``delay`` s after its first checkpoint at or past global step ``target`` that ``accept``s."""
+    seen_mtime = None
+    deadline = time.monotonic() + 240
+    while victim.poll() is None and time.monotonic() < deadline:
+        ckpt = run / "checkpoint.pt"
+        if ckpt.exists() and ckpt.stat().st_mtime_ns != seen_mtime:
+            seen_mtime = ckpt.stat().st_mtime_ns
+            step = torch.load(ckpt, weights_only=True)["global_step"]
+            if step >= target and accept(step):
+                time.sleep(delay)
+                victim.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, f"the run ended before step {target} could be reached"
+
+
+@pytest.mark.slow
 def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
     args = TINY + ["--image-size", 32, "--batch-size", 16, "--epochs", 2, "--checkpoint-every-steps", 7,
                    "--record-gates", "--threads", 1]
@@ -102,19 +126,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
     # so that the kill usually lands between checkpoints and the steps since the last one are redone.
     rng = random.Random()
     target, delay = rng.randint(10, 90), rng.uniform(0.0, 0.15)
-    seen_mtime = None
-    deadline = time.monotonic() + 240
-    while victim.poll() is None and time.monotonic() < deadline:
-        ckpt = killed / "checkpoint.pt"
-        if ckpt.exists() and ckpt.stat().st_mtime_ns != seen_mtime:
-            seen_mtime = ckpt.stat().st_mtime_ns
-            if torch.load(ckpt, weights_only=True)["global_step"] >= target:
-                time.sleep(delay)
-                victim.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.005)
-    victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, f"the run ended before step {target} could be reached"
+    _kill_after_checkpoint(victim, killed, target, delay)
     resumed_from = _checkpoint(killed)
     print(f"\nkilled {delay * 1000:.0f} ms after the checkpoint past step {target}; resuming from the checkpoint "
           f"of step {resumed_from['global_step']} (epoch {resumed_from['epoch'] + 1}, step {resumed_from['step']})")
@@ -142,6 +154,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
 
 
 # -- distributed ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_path):
     """2 ranks x 16 images against 1 process with the same 32 images as 2 micro-batches of 16.
 
@@ -297,3 +310,167 @@ def test_imagefolder_directory_trains(tmp_path):
     assert summary["settings"]["recipe"] == "imagenet" and summary["epochs_done"] == 2
     model = timm.create_model(f"local-dir:{run}", pretrained=True)
     assert model.num_classes == 2
+
+
+# -- evaluation every N steps (the authors' SVHN protocol) ---------------------------------------------------
+def _evaluate_run_weights(run: Path, split: str = "test") -> float:
+    """Error (%) of the run folder's model.safetensors on a digits split, computed outside the trainer."""
+    model = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
+    images, labels = load_digits_split(split, image_size=size)
+    x = (images - torch.tensor(DIGITS_MEAN).view(1, 3, 1, 1)) / torch.tensor(DIGITS_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return 100.0 * (model(x).argmax(1) != labels).double().mean().item()
+
+
+def test_eval_every_steps_records_each_evaluation_and_keeps_the_best_of_them(tmp_path):
+    run = tmp_path / "run"
+    # 1257 digits / 64 = 19 steps per epoch, 38 in all: evaluations at steps 5, 10, ..., 35 and the last, 38.
+    assert _main(*TINY, "--image-size", 8, "--batch-size", 64, "--epochs", 2, "--eval-every-steps", 5,
+                 "--threads", 2, "--output", run) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    evals = evaluations(records)
+    assert [r["step"] for r in evals] == [5, 10, 15, 20, 25, 30, 35, 38]
+    assert all(r["kind"] == "eval" and r["val_error"] is not None for r in evals)
+    assert [r["epoch"] for r in evals] == [1, 1, 1, 2, 2, 2, 2, 2]
+    assert evals[-1]["epochs_done"] == 2.0 and evals[0]["epochs_done"] == pytest.approx(5 / 19)
+    epochs = epoch_records(records)
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 19), (2, 38)]
+    assert all(r["test_error"] is None and r["train_loss"] > 0 for r in epochs)
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)  # in the order they happened
+
+    # The best-validation choice runs over all 8 evaluations, and the saved weights are those of that step.
+    summary = json.loads((run / "summary.json").read_text())
+    best = min(evals, key=lambda r: (r["val_error"], r["step"]))
+    assert summary["evaluations"] == 8 and summary["epochs_done"] == 2
+    assert (summary["best_step"], summary["best_epoch"]) == (best["step"], best["epoch"])
+    assert summary["test_error"] == best["test_error"] and summary["best_val_error"] == best["val_error"]
+    assert len({r["val_error"] for r in evals}) > 1  # the choice was not trivial
+    assert _evaluate_run_weights(run) == pytest.approx(best["test_error"], abs=1e-9)
+    assert _evaluate_run_weights(run, "val") == pytest.approx(best["val_error"], abs=1e-9)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_svhn_recipe_evaluates_every_200_steps():
+    settings, _ = resolve_settings(build_parser().parse_args(["--dataset", "svhn", "--output", "unused"]))
+    assert settings["eval_every_steps"] == 200
+    settings, _ = resolve_settings(build_parser().parse_args(["--dataset", "cifar10", "--output", "unused"]))
+    assert settings["eval_every_steps"] == 0
+
+
+@pytest.mark.slow
+def test_sigkill_between_two_evaluations_then_resume_is_bit_identical(tmp_path):
+    args = TINY + ["--image-size", 8, "--batch-size", 16, "--epochs", 2, "--eval-every-steps", 10,
+                   "--checkpoint-every-steps", 7, "--threads", 1]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    ref_proc = _start(_cli(*args, "--output", reference))
+    victim = _start(_cli(*args, "--output", killed))
+    rng = random.Random()
+    target, delay = rng.randint(15, 120), rng.uniform(0.0, 0.1)
+    _kill_after_checkpoint(victim, killed, target, delay, accept=lambda step: step % 10 != 0)
+    resumed_from = _checkpoint(killed)["global_step"]
+    evaluated_before_kill = [r["step"] for r in evaluations(read_metrics(killed / "metrics.jsonl"))]
+    print(f"\nkilled {delay * 1000:.0f} ms after the checkpoint of step {resumed_from}; evaluations written by "
+          f"then: {evaluated_before_kill}")
+    assert resumed_from % 10 and 10 < resumed_from < 156  # between two evaluations, after the first
+    assert evaluated_before_kill and evaluated_before_kill[0] == 10
+
+    proc = _run(_cli("--output", killed, "--resume", "--quiet", "--threads", 1))
+    assert proc.returncode == 0, proc.stderr
+    _finish(ref_proc)
+
+    assert (reference / "model.safetensors").read_bytes() == (killed / "model.safetensors").read_bytes()
+    a, b = _checkpoint(reference), _checkpoint(killed)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}  # noqa: E731
+    ref_records, killed_records = read_metrics(reference / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [strip(r) for r in ref_records] == [strip(r) for r in killed_records]
+    assert [r["step"] for r in evaluations(killed_records)] == list(range(10, 151, 10)) + [156]
+    ref_summary, killed_summary = (json.loads((run / "summary.json").read_text()) for run in (reference, killed))
+    for key in ("best_step", "best_val_error", "test_error", "evaluations"):
+        assert ref_summary[key] == killed_summary[key], key
+
+
+# -- evaluation precision ------------------------------------------------------------------------------------
+def test_bf16_training_evaluates_in_fp32(tmp_path, monkeypatch):
+    """--amp autocasts the training forward pass to bfloat16; every evaluation runs in float32."""
+    import sdzoo.data
+    import sdzoo.train
+
+    # bf16 convolutions are slow on most CPUs: train on 64 of the digits (2 steps of 32), evaluate on all.
+    real_split = sdzoo.data.load_digits_split
+    monkeypatch.setattr(sdzoo.data, "load_digits_split", lambda split, image_size=32: (
+        tuple(t[:64] for t in real_split(split, image_size)) if split == "train" else real_split(split, image_size)))
+    seen = []  # (training?, dtype of a convolution's output)
+    real_create = sdzoo.train.create_model
+
+    def create_model(s, num_classes):
+        model = real_create(s, num_classes)
+        model.conv1.register_forward_hook(lambda module, args, out: seen.append((module.training, out.dtype)))
+        return model
+
+    monkeypatch.setattr(sdzoo.train, "create_model", create_model)
+    run = tmp_path / "run"
+    assert _main(*TINY, "--image-size", 8, "--batch-size", 32, "--epochs", 1, "--eval-every-steps", 1, "--amp",
+                 "--threads", 2, "--output", run) == 0
+    training = [dtype for is_training, dtype in seen if is_training]
+    evaluating = [dtype for is_training, dtype in seen if not is_training]
+    assert training == [torch.bfloat16] * 2
+    assert evaluating and set(evaluating) == {torch.float32}
+    assert len(evaluations(read_metrics(run / "metrics.jsonl"))) == 2
+    # fp32 evaluation: the reported error is what the saved weights give in plain fp32 PyTorch
+    summary = json.loads((run / "summary.json").read_text())
+    assert _evaluate_run_weights(run) == pytest.approx(summary["test_error"], abs=1e-9)
+
+
+# -- the lr schedule of the authors' code --------------------------------------------------------------------
+@pytest.mark.parametrize("recipe, epochs_per_lr", [
+    ("cifar10", [249, 125, 126]),   # main.lua: lr 0.1 while epoch < 250, 0.01 while epoch < 375, then 0.001
+    ("svhn", [29, 5, 16]),          # main.lua with drops at 60% and 70% of 50 epochs
+    ("imagenet", [30, 30, 30]),     # fb.resnet.torch: 0.1 * 0.1 ^ floor((epoch - 1) / 30)
+])
+def test_lr_drops_on_the_epochs_of_the_authors_code(recipe, epochs_per_lr):
+    s = RECIPES[recipe].to_dict()
+    optimizer = build_optimizer(torch.nn.Linear(1, 1), s)
+    scheduler = build_scheduler(optimizer, s)
+    lrs = []
+    for _ in range(s["epochs"]):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    counts = [sum(1 for lr in lrs if lr == pytest.approx(value)) for value in (0.1, 0.01, 0.001)]
+    assert counts == epochs_per_lr
+    assert lrs == sorted(lrs, reverse=True)
+
+
+# -- BatchNorm over several processes ------------------------------------------------------------------------
+def test_paper_recipes_default_to_sync_batchnorm_and_say_where_it_cannot_run(capsys):
+    parse = lambda *flags: resolve_settings(build_parser().parse_args([*flags, "--output", "unused"]))[0]  # noqa
+    for dataset in ("cifar10", "cifar100", "svhn", "imagenet"):
+        assert parse("--dataset", dataset)["sync_bn"] is True, dataset
+    assert parse("--dataset", "cifar10", "--no-sync-bn")["sync_bn"] is False
+    assert parse("--dataset", "digits")["sync_bn"] is False
+    cifar = parse("--dataset", "cifar10")
+
+    assert use_sync_batchnorm(cifar, Dist(rank=0, world=4), cuda=True, micro_batch=32)
+    assert not use_sync_batchnorm(cifar, Dist(rank=0, world=1), cuda=False, micro_batch=128)
+    assert not use_sync_batchnorm(dict(cifar, sync_bn=False), Dist(rank=0, world=4), cuda=False, micro_batch=32)
+    assert capsys.readouterr().err == ""
+    # gloo on CPUs: no SyncBatchNorm, and one warning (from rank 0 only) that says what differs
+    assert not use_sync_batchnorm(cifar, Dist(rank=1, world=4), cuda=False, micro_batch=32)
+    assert capsys.readouterr().err == ""
+    assert not use_sync_batchnorm(cifar, Dist(rank=0, world=4), cuda=False, micro_batch=32)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "SyncBatchNorm runs on GPUs only" in err and "own 32 images, not the 128" in err
+    assert "--no-sync-bn" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--color-jitter", "0.4"], "--color-jitter applies to imagenet and imagefolder data; digits"),
+    (["--lighting", "0.1"], "--lighting applies to imagenet and imagefolder data; digits"),
+])
+def test_imagenet_augmentation_flags_on_in_memory_data_are_an_error(flags, message, tmp_path, capsys):
+    assert main(flags + ["--output", str(tmp_path / "run"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
