@@ -13,15 +13,15 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ._files import TEMP_SUFFIX, atomic_write, save_json
+from ._files import TEMP_SUFFIX, PathLike, atomic_write
 
 __all__ = [
-    "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "CheckpointError", "atomic_write", "save_json",
+    "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "CheckpointError",
     "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
     "describe_load_error", "SURVIVAL_SETTINGS", "weights_metadata", "read_weights_settings", "read_run_config",
     "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME",
@@ -36,7 +36,6 @@ SETTINGS_KEY = "sdzoo"
 # The model arguments that folding p_l into the weights depends on.
 SURVIVAL_SETTINGS = ("survival_prob", "survival_rule", "scaling", "gate_mode")
 
-PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(Exception):

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import timm
 import httpx2
@@ -42,6 +42,7 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from . import __version__
+from ._files import PathLike
 from .checkpoint import describe_load_error, read_run_config, save_weights
 from .model_card import render_model_card
 from .pretrained import (  # noqa: F401  (part of this module's API)
@@ -69,7 +70,6 @@ DEFAULT_TIMEOUT = 60.0  # seconds to wait for any one answer of the Hub
 _LOCAL_SETTINGS = ("data_dir", "output")
 
 
-PathLike = Union[str, os.PathLike]
 
 
 class HubError(RuntimeError):

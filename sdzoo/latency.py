@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
+from ._files import PathLike
 from .onnx_export import INPUT_NAME, ort_session
 
 __all__ = ["median_ms", "onnx_latency", "torch_latency", "compare_latency", "format_latency"]
 
-PathLike = Union[str, os.PathLike]
 
 
 def median_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:

@@ -49,7 +49,7 @@ def plot_curves(metrics_path, out_path, title: Optional[str] = None) -> bool:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from ._files import atomic_write
 
     fig, ax_err = plt.subplots(figsize=(7, 4.5), dpi=120)
     for key, label, style, rows in (("train_error", "train error", "--", epochs),

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from ._files import staged_file
+from ._files import PathLike, staged_file
 from .fold import trained_settings
 from ._checks import check_choice
 
@@ -44,7 +44,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 _BATCH_AXIS = "batch"
 
-PathLike = Union[str, os.PathLike]
 
 
 class ExportError(RuntimeError):

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, RunFolderBusy, atomic_write, check_run_folder_free,
-    load_state, lock_run_folder, remove_stale_temp_files, save_json, save_model_config, save_state, save_weights)
+    CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, RunFolderBusy, check_run_folder_free, load_state,
+    lock_run_folder, remove_stale_temp_files, save_model_config, save_state, save_weights)
+from ._files import atomic_write, save_json
 from .data import DATASETS, TENSOR_DATASETS, DataError, load_data
 from .gate import GATE_MODES, SCALINGS
 from .metrics_plot import epoch_records, evaluations, plot_curves, read_metrics

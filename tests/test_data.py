@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdzoo.data import (
-    DIGITS_MEAN, DIGITS_SPLIT_SIZES, DIGITS_STD, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, ColorJitter, DataError,
-    Lighting, load_data, load_digits_split, random_shift_flip)
+from sdzoo.data import DIGITS_SPLIT_SIZES, ColorJitter, DataError, Lighting, load_data, load_digits_split, random_shift_flip
+from sdzoo.dataset_stats import DIGITS_MEAN, DIGITS_STD, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC
 from sdzoo.recipes import RECIPES
 
 

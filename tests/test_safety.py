@@ -3,7 +3,6 @@
 Each test makes the mistake a user would make and checks that the command stops with a message, and that
 what was there before is intact, byte for byte.
 """
-import errno
 import hashlib
 import importlib.util
 import json

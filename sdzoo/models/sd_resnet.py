@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 
 from .._checks import check_choice, check_int, check_survival_prob
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
-from ..data import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, SVHN_MEAN, SVHN_STD
+from ..dataset_stats import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, SVHN_MEAN, SVHN_STD
 from ..gate import GATE_MODES, SCALINGS, GateSampler, ResidualGate
 from ..pretrained import require_published_weights, with_published_weights
 from ..survival import SURVIVAL_RULES, survival_probs
