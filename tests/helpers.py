@@ -1,5 +1,18 @@
 """Small helpers shared by the test files."""
+import importlib.util
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module, so that tests can call its functions and main() in process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

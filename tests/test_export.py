@@ -1,5 +1,4 @@
 """Folding p_l into the weights, ONNX export and its checks, and the export CLI."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import sdzoo
 import sdzoo.onnx_export as onnx_export
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.onnx_export import ExportCheckError, digits_images, export_onnx, op_histogram, read_metadata
-from helpers import randomize_batchnorm
+from helpers import load_script, randomize_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial",
@@ -31,13 +30,6 @@ def make_model(name="sd_resnet20_cifar", seed=0, **kwargs):
 def logits(model, x):
     with torch.no_grad():
         return model(x)
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("export_onnx_script", ROOT / "scripts" / "export_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- fold -------------------------------------------------------------------------------------------------
@@ -206,7 +198,7 @@ def test_digits_images_are_normalised_model_inputs():
 # -- CLI --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return load_script("export_onnx")
 
 
 @pytest.fixture(scope="module")

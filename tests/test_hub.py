@@ -6,7 +6,6 @@ that never import sdzoo, the way a user of the published model would.
 """
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -33,7 +32,7 @@ from sdzoo import hub
 from sdzoo.hub import (CheckpointMismatchError, MissingTokenError, NoPretrainedWeightsError, UploadError,
                        publish, require_published_weights, with_published_weights)
 from sdzoo.model_card import render_model_card
-from helpers import randomize_batchnorm
+from helpers import load_script, randomize_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)  # random, so that a leak is found by search, not by luck
@@ -293,17 +292,10 @@ def test_local_dir_writes_the_same_folder_without_upload(server, run, tmp_path):
         publish(path, f"{OWNER}/local", local_dir=out)
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("push_to_hub", ROOT / "scripts" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_cli_publishes_private_repo_saves_card_and_never_shows_token(server, run, tmp_path, monkeypatch, capsys,
                                                                      caplog):
-    cli = load_cli()
+    cli = load_script("push_to_hub")
     repo_id = f"{OWNER}/cli-private"
     common = ["--model", f"local-dir:{run[0]}", "--repo-id", repo_id, "--endpoint", server.url,
               "--card-dir", str(tmp_path / "cards")]

@@ -383,3 +383,18 @@ def test_sample_mode_inverted_scaling_divides_by_the_kept_share():
     expected = h.clone()
     expected[kept] = h[kept] + run_branch(blk.branch_layers(), h[kept]) * (5 / 2)  # train-mode BN sees the kept rows only, too
     torch.testing.assert_close(out, F.relu(expected))
+
+
+# -- every model -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ZOO)
+def test_every_model_trains_a_step_and_has_a_cfg(name):
+    """timm's sweep in small: every registered model builds, runs forward and backward, and has a cfg."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3).train()
+    cfg = model.pretrained_cfg
+    assert isinstance(cfg["input_size"], tuple) and len(cfg["mean"]) == len(cfg["std"]) == 3
+    size = 32 if name.endswith("_cifar") else 64  # the ImageNet layout at a small input, as timm's tests do
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -4,7 +4,6 @@ Each test makes the mistake a user would make and checks that the command stops 
 what was there before is intact, byte for byte.
 """
 import hashlib
-import importlib.util
 import json
 import os
 import secrets
@@ -26,7 +25,7 @@ from sdzoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_weights_settings, s
 from sdzoo.fold import fold_survival
 
 from hub_server import FakeHub
-from helpers import randomize_batchnorm
+from helpers import load_script, randomize_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -34,13 +33,6 @@ TOKEN = "hf_sdzoo_safety_" + secrets.token_hex(12)
 FAST = ["--dataset", "digits", "--batch-size", "128", "--device", "cpu", "--quiet", "--threads", "1"]
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def snapshot(folder: Path):
