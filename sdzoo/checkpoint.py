@@ -86,24 +86,25 @@ def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
 def weights_metadata(model: nn.Module) -> Dict[str, str]:
     """The metadata of a weights file: the architecture, its classes and the survival settings, so that a bare
     ``model.safetensors`` brings what loading and folding it need (as a run folder's config.json does)."""
-    metadata = {"format": "pt"}
-    if hasattr(model, "stochastic_depth_args"):
-        args = model.stochastic_depth_args()
-        settings = {k: args.get(k) for k in SURVIVAL_SETTINGS}
-        if args.get("folded_from"):
-            settings["folded_from"] = dict(args["folded_from"])
-        architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        metadata[SETTINGS_KEY] = json.dumps(dict(architecture=architecture, num_classes=model.num_classes,
-                                                 model_args=settings))
-    return metadata
+    # One key: safetensors writes its metadata map in hash order, so with two keys the same weights would give
+    # files that differ in bytes from one process to the next.
+    if not hasattr(model, "stochastic_depth_args"):
+        return {"format": "pt"}
+    args = model.stochastic_depth_args()
+    settings = {k: args.get(k) for k in SURVIVAL_SETTINGS}
+    if args.get("folded_from"):
+        settings["folded_from"] = dict(args["folded_from"])
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    return {SETTINGS_KEY: json.dumps(dict(architecture=architecture, num_classes=model.num_classes,
+                                          model_args=settings))}
 
 
-def save_weights(path: PathLike, model: nn.Module, metadata: Optional[Dict[str, str]] = None) -> None:
+def save_weights(path: PathLike, model: nn.Module) -> None:
     """The model's weights as safetensors, with ``weights_metadata`` (the one writer of weights files)."""
     from safetensors.torch import save
 
     tensors = {k: v.cpu() for k, v in _weights(model).items()}
-    data = save(tensors, metadata=dict(weights_metadata(model), **(metadata or {})))
+    data = save(tensors, metadata=weights_metadata(model))
     atomic_write(path, lambda temp: _write_bytes(temp, data))  # as in save_state: errors name the file
 
 
