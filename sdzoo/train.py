@@ -40,7 +40,7 @@ from .data import DATASETS, TENSOR_DATASETS, DataError, load_data
 from .gate import GATE_MODES, SCALINGS
 from .metrics_plot import plot_curves, read_metrics
 from .recipes import DEFAULT_RECIPE, RECIPES, recipe_for_dataset
-from .survival import SURVIVAL_RULES
+from .survival import SURVIVAL_RULES, drop_warmup_factor
 
 __all__ = ["main", "train", "build_parser", "resolve_settings", "build_optimizer",
            "train_step", "TrainError", "Diverged"]
@@ -57,7 +57,7 @@ DEFINING = (
 RUN_DEFAULTS = dict(
     data_dir="~/data", download=True, output=None, device="auto", amp=None, channels_last=None, compile=False,
     deterministic=False, workers=8, eval_batch_size=None, checkpoint_every_steps=0, log_every=20, quiet=False,
-    record_gates=False, threads=None)
+    record_gates=False, threads=None, drop_warmup=0.0)
 
 
 class TrainError(Exception):
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "sample: per-sample drop; off: constant depth")
     add("--scaling", choices=SCALINGS, help="expectation: branch times p_l at test time (the paper's); "
                                             "inverted: branch / p_l in training")
+    add("--drop-warmup", type=_number(float, 0.0, 1.0), metavar="FRACTION",
+        help="ramp the drop rates linearly from 0 over this fraction of training (default 0: none)")
 
     g = parser.add_argument_group("optimisation")
     add = g.add_argument
@@ -454,6 +456,12 @@ def evaluate(model: nn.Module, data, split: str, dist: Dist, batch_size: int, de
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
+def apply_drop_warmup(gate_sampler, step: int, total_steps: int, fraction: float) -> None:
+    """--drop-warmup: the share of the drop rates in effect at this step (sdzoo.survival.drop_warmup_factor)."""
+    if fraction:
+        gate_sampler.set_drop_rate_factor(drop_warmup_factor(step, total_steps, fraction))
+
+
 def _rng_states(order_state: Tensor, aug_state: Tensor, gate_sampler, device: torch.device) -> Dict[str, Any]:
     return dict(order=order_state, augment=aug_state, gates=gate_sampler.get_rng_state(),
                 torch=torch.get_rng_state(),
@@ -669,6 +677,7 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
         for x, y in data.train_batches(plan, step, steps_per_epoch, dist.rank, dist.world, local_batch, device):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            apply_drop_warmup(gate_sampler, global_step, s["epochs"] * steps_per_epoch, s["drop_warmup"])
             loss_sum, correct, grad_abs = train_step(
                 model, optimizer, x, y, gate_sampler=gate_sampler, accum_steps=accum, autocast=autocast,
                 no_sync=no_sync, grad_groups=groups)
