@@ -58,6 +58,13 @@ class DropPathSampler(GateSampler):
         super().__init__(survival_probs, mode, seed, scale_in_gate=True)
         self.gates: Optional[List[Optional[Tensor]]] = None  # the step's draws
         self._taken: set = set()
+        # timm's masks left below min_drop_rate, with their target rates, for the warmup to ramp as well.
+        self.masks: List[Tuple[DropPath, float]] = []
+
+    def set_drop_rate_factor(self, factor: float) -> None:
+        super().set_drop_rate_factor(factor)
+        for mask, target in self.masks:  # timm's float rate: under torch.compile a change recompiles
+            mask.drop_prob = factor * target
 
     @torch.compiler.disable
     def take(self, index: int, batch_size: int, device: torch.device) -> Optional[Tensor]:
@@ -246,6 +253,7 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
 
     converted = [(block, adapter, name, rate) for block, adapter, name, rate in slots if rate >= min_drop_rate]
     sampler = DropPathSampler([1.0 - rate for *_, rate in converted], mode, seed)
+    sampler.masks = [(getattr(block, name), rate) for block, _, name, rate in slots if rate < min_drop_rate]
     model.drop_path_sampler = sampler
     for index, (block, adapter, name, rate) in enumerate(converted):
         setattr(block, name, DropPathGate(rate, index, sampler))

@@ -196,6 +196,10 @@ def test_branches_below_the_break_even_stay_timms_mask():
     for name, module in model.named_modules():
         if isinstance(module, (DropPath, DropPathGate)):
             assert isinstance(module, DropPathGate) == (module.drop_prob >= 0.1), name
+    masks = [m for m in model.modules() if isinstance(m, DropPath)]
+    targets = [m.drop_prob for m in masks]
+    assert masks and set_drop_rate_factor(model, 0.5) == 1  # the warmup ramps the masks too
+    assert [m.drop_prob for m in masks] == pytest.approx([0.5 * t for t in targets])
 
 
 # -- warmup ----------------------------------------------------------------------------------------------
