@@ -18,7 +18,7 @@ forward, so timm's checkpoints load both ways.
 Each family is one adapter (``ADAPTERS``): the block class it converts, the names of its DropPath slots, and
 a forward that hands each residual's branch to its gate. A branch whose rate is below ``min_drop_rate``
 stays timm's mask: there the real skip's gather and scatter cost more than the branch time it saves
-(``BREAK_EVEN_DROP_RATE``, measured with ``scripts/benchmark.py --convert``).
+(``BREAK_EVEN_DROP_RATE``; ``scripts/benchmark.py --convert --uniform-rate`` measures it).
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "ADAPTE
            "DropPathSampler"]
 
 CONVERT_MODES = ("sample", "batch")
-# Below this per-branch rate the real skip does not pay on the CPU (scripts/benchmark.py --convert
-# --uniform-rate; README, "Real skip for timm's drop-path models"): such a branch stays timm's mask.
+# Below this per-branch rate a branch stays timm's mask. Provisional: the 2-core shared CPU's step times
+# were too noisy to resolve the break-even (README, "Real skip for timm's drop-path models"); DINOv2 reports
+# ~0.1. Measure with scripts/benchmark.py --convert MODEL --uniform-rate --drop-path-rate 0.02 0.05 0.1.
 BREAK_EVEN_DROP_RATE = 0.05
 
 
@@ -216,7 +217,7 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
             branch for the whole batch). Both scale a kept branch as timm does (divided by the kept share).
         seed: seed of the model's gate generator: the same seed gives the same gates on every run and rank.
         min_drop_rate: a branch whose drop rate is below this stays timm's mask, where the real skip does not
-            pay (default: ``BREAK_EVEN_DROP_RATE``, measured; 0 converts every DropPath'd branch).
+            pay (default: ``BREAK_EVEN_DROP_RATE``, provisional; 0 converts every DropPath'd branch).
 
     Raises ValueError when the model has no DropPath with a positive rate, or when one sits in a block no
     adapter knows (the message lists the supported families).
