@@ -279,6 +279,62 @@ def machine() -> Dict[str, str]:
     return info
 
 
+# -- a real skip for timm's drop-path models (--convert) -----------------------------------------------
+CONVERT_VARIANTS = ["timm DropPath (mask)", "sdzoo sample", "sdzoo batch"]
+
+
+def build_timm_variant(model_name: str, variant: str, rate: float, img_size: int, seed: int,
+                       uniform: bool, device=None) -> nn.Module:
+    """timm's model built with drop_path_rate (its mask), or the same weights converted by sdzoo."""
+    from timm.layers import DropPath
+    torch.manual_seed(seed)
+    size = dict(img_size=img_size) if model_name.startswith(("vit_", "deit_")) else {}
+    model = timm.create_model(model_name, drop_path_rate=rate, num_classes=10, device=device, **size)
+    if uniform:  # every branch at the rate itself: the per-branch break-even
+        for m in model.modules():
+            if isinstance(m, DropPath):
+                m.drop_prob = rate
+    if variant.startswith("sdzoo"):
+        sdzoo.convert_drop_path(model, mode=variant.split()[1], seed=seed, min_drop_rate=0.0)
+    return model.train()
+
+
+def convert_benchmark(args) -> int:
+    """Training step time and executed FLOPs of timm's mask against sdzoo sample and batch, per rate."""
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (args.batch_size,))
+    rows = []
+    for rate in args.drop_path_rate:
+        print(f"{args.convert}, drop_path_rate {rate}", file=sys.stderr)
+        flops = {}
+        for variant in CONVERT_VARIANTS:  # counted from shapes on the meta device: no compute
+            model = build_timm_variant(args.convert, variant, rate, args.img_size, args.seed, args.uniform_rate,
+                                       device="meta")
+            flops[variant] = flops_per_image(model, x.to("meta"), y.to("meta"), args.flop_steps)
+        models = {v: build_timm_variant(args.convert, v, rate, args.img_size, args.seed, args.uniform_rate)
+                  for v in CONVERT_VARIANTS}
+        timed = time_training(models, x, y, args.steps, args.warmup, amp=False, measure_memory=False)
+        base = CONVERT_VARIANTS[0]
+        for v in CONVERT_VARIANTS:
+            rows.append(dict(rate=rate, variant=v, step_ms=timed[v]["step_ms"],
+                             time_ratio=timed[v]["step_ms"] / timed[base]["step_ms"],
+                             gflops_per_img=flops[v] / 1e9, flop_ratio=flops[v] / flops[base]))
+    rates = "every branch at the rate" if args.uniform_rate else "timm's per-block rates, 0 to the rate"
+    print(f"\n## {args.convert}, {args.img_size} px, batch {args.batch_size}, CPU, {rates}; median of "
+          f"{args.steps} steps after {args.warmup} warm-up, FLOPs averaged over {args.flop_steps} steps\n")
+    print("| drop_path_rate | variant | step ms | time vs mask | GFLOP/img | FLOPs vs mask |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['rate']} | {r['variant']} | {r['step_ms']:.1f} | {r['time_ratio']:.3f} "
+              f"| {r['gflops_per_img']:.3f} | {r['flop_ratio']:.3f} |")
+    print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
+    if args.json:
+        save_json(args.json, dict(convert=args.convert, img_size=args.img_size, batch_size=args.batch_size,
+                                  uniform_rate=args.uniform_rate, machine=machine(), rows=rows))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd_resnet110_cifar", help="registered sdzoo model (default: %(default)s)")
@@ -298,7 +354,24 @@ def parse_args(argv=None):
     p.add_argument("--infer-iters", type=int, default=30, help="timed iterations per latency (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    g = p.add_argument_group("a real skip for timm's drop-path models")
+    g.add_argument("--convert", metavar="MODEL", default=None,
+                   help="a timm model (resnet*, convnext_*, vit_*, deit_*): timm's DropPath mask against "
+                        "sdzoo.convert_drop_path sample and batch (uses --batch-size, --steps, --warmup, --flop-steps)")
+    g.add_argument("--drop-path-rate", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4], metavar="R",
+                   help="timm's drop_path_rate values to compare (default: %(default)s)")
+    g.add_argument("--img-size", type=int, default=32, help="image size for --convert (default: %(default)s)")
+    g.add_argument("--uniform-rate", action="store_true",
+                   help="every branch at the rate R instead of timm's 0-to-R decay (the per-branch break-even)")
     args = p.parse_args(argv)
+    if args.convert is not None:
+        if args.convert not in timm.list_models():
+            p.error(f"--convert must be a timm model name (resnet26, convnext_atto, vit_tiny_patch16_224, ...); "
+                    f"got {args.convert!r}")
+        if any(not 0.0 < r < 1.0 for r in args.drop_path_rate):
+            p.error(f"--drop-path-rate values must be in (0, 1); got {args.drop_path_rate}")
+        if args.img_size < 8:
+            p.error(f"--img-size must be at least 8; got {args.img_size}")
     for flag in ("batch_size", "steps", "flop_steps", "infer_iters"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer; got {getattr(args, flag)}")
@@ -323,6 +396,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.convert is not None:
+        return convert_benchmark(args)
     use_cpu = args.device in ("auto", "cpu")
     use_gpu = args.device in ("auto", "cuda") and torch.cuda.is_available()
     train_rows = []

@@ -19,6 +19,12 @@ Gate modes:
 Scalings:
   ``expectation`` no scaling in training, branch times p_l at eval (the paper's).
   ``inverted``    kept branch divided by p_l in training, identity at eval (timm's DropPath, torchvision).
+
+Drop-rate warmup (Composer's ``drop_warmup``): ``set_drop_rate_factor(model, f)`` puts a share f of every
+drop rate in effect, p_l = 1 - f (1 - target p_l); ``sdzoo.survival.drop_warmup_factor`` gives f for a step.
+The rates stay out of any compiled graph: the sampler draws with them on the CPU, and a batch gate then
+carries the inverted scale as its value (a 0-dim float, 0 when the branch is skipped) instead of a Python
+float the graph would bake in.
 """
 from __future__ import annotations
 
@@ -47,13 +53,19 @@ class GateSampler(nn.Module):
     not shift the training dice.
     """
 
-    def __init__(self, survival_probs: Sequence[float], mode: str = "batch", seed: int = 0):
+    def __init__(self, survival_probs: Sequence[float], mode: str = "batch", seed: int = 0,
+                 scale_in_gate: bool = False):
         super().__init__()
         check_choice("gate_mode", mode, GATE_MODES)
         self.survival_probs = [check_survival_prob("survival_probs", p) for p in survival_probs]
         self.mode = mode
         self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
         self.generator = torch.Generator().manual_seed(self.seed)
+        # Share of each block's drop rate in effect (drop-rate warmup); 1.0: the targets.
+        self.drop_rate_factor = 1.0
+        # Batch gates as 0-dim floats holding 1/p_l in effect (0: skipped), so a moving rate never enters a
+        # compiled graph as a constant. Off by default: the zoo's gates stay the bools they always were.
+        self.scale_in_gate = scale_in_gate
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, num_blocks={len(self.survival_probs)}, seed={self.seed}"
@@ -66,6 +78,19 @@ class GateSampler(nn.Module):
         self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
         self.generator.manual_seed(self.seed)
 
+    def set_drop_rate_factor(self, factor: float) -> None:
+        """Put ``factor`` (in [0, 1]) of every target drop rate in effect, from the next draw on."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 <= factor <= 1.0:
+            raise ValueError(f"drop_rate_factor must be a number in [0, 1]; got {factor!r}")
+        self.drop_rate_factor = float(factor)
+        self.scale_in_gate = True  # from now on the rate moves: keep it out of the graph
+
+    def current_survival_probs(self) -> List[float]:
+        """The p_l the next draw uses: the targets, or with a warmup factor f, 1 - f (1 - p_l)."""
+        if self.drop_rate_factor == 1.0:
+            return list(self.survival_probs)
+        return [1.0 - self.drop_rate_factor * (1.0 - p) for p in self.survival_probs]
+
     def get_rng_state(self) -> Tensor:
         return self.generator.get_state()
 
@@ -74,18 +99,29 @@ class GateSampler(nn.Module):
 
     @torch.compiler.disable
     def draw(self, batch_size: int, device: torch.device) -> List[Optional[Tensor]]:
-        """One gate per block: None (branch runs for all), a 0-dim CPU bool (batch), or kept indices (sample)."""
+        """One gate per block: None (branch runs for all), a 0-dim CPU bool (batch), or kept indices (sample).
+
+        With ``scale_in_gate`` a batch gate is a 0-dim CPU float instead: 1/p_l when kept, 0 when skipped.
+        """
         num_blocks = len(self.survival_probs)
         if not self.active:
             return [None] * num_blocks
+        probs = self.current_survival_probs()
         if self.mode == "batch":
-            keep = torch.rand(num_blocks, generator=self.generator) < torch.tensor(self.survival_probs)
+            probs = torch.tensor(probs)
+            keep = torch.rand(num_blocks, generator=self.generator) < probs
+            if self.scale_in_gate:
+                return list(torch.where(keep, 1.0 / probs, 0.0).to(torch.float32).unbind(0))
             return list(keep.unbind(0))
         gates = []
-        for survival_prob in self.survival_probs:
+        for survival_prob in probs:
             count = kept_per_sample_count(survival_prob, batch_size)
             kept = torch.randperm(batch_size, generator=self.generator)[:count].sort().values
-            gates.append(kept.to(device, non_blocking=True))
+            kept = kept.to(device, non_blocking=True)
+            if self.drop_rate_factor != 1.0:
+                # The kept count follows the moving rate: a dynamic size, not a recompile per count.
+                torch._dynamo.maybe_mark_dynamic(kept, 0)
+            gates.append(kept)
         return gates
 
 
@@ -124,6 +160,9 @@ class ResidualGate(nn.Module):
             return shortcut + out
         scale = 1.0 / survival_prob if self.scaling == "inverted" and survival_prob < 1.0 else None
         if gate.dim() == 0:  # batch mode: the whole mini-batch keeps or skips the branch
+            if gate.is_floating_point():  # the gate carries the inverted scale in effect (see GateSampler)
+                scale = gate if self.scaling == "inverted" else None
+                gate = gate > 0
             if torch.compiler.is_compiling():
                 return _compiled_batch_gate(branch, x, shortcut, gate, scale)
             if not gate:
@@ -216,3 +255,13 @@ def _compiled_batch_gate(branch: Sequence[nn.Module], x: Tensor, shortcut: Tenso
         for counter in counters:
             counter.add_(keep.to(counter.dtype))
     return results[0]
+
+
+def set_drop_rate_factor(model: nn.Module, factor: float) -> int:
+    """Put ``factor`` of every target drop rate of ``model`` in effect (drop-rate warmup), on each of its
+    gate samplers: the zoo's models and models converted by ``sdzoo.convert_drop_path``. Returns how many
+    samplers were set (0: the model has no sdzoo gates)."""
+    samplers = [m for m in model.modules() if isinstance(m, GateSampler)]
+    for sampler in samplers:
+        sampler.set_drop_rate_factor(factor)
+    return len(samplers)

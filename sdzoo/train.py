@@ -43,7 +43,7 @@ from .data import DATASETS, TENSOR_DATASETS, DataError, load_data
 from .gate import GATE_MODES, SCALINGS
 from .metrics_plot import epoch_records, evaluations, plot_curves, read_metrics
 from .recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, recipe_for_dataset
-from .survival import SURVIVAL_RULES
+from .survival import SURVIVAL_RULES, drop_warmup_factor
 
 __all__ = ["main", "train", "build_parser", "resolve_settings", "build_optimizer",
            "train_step", "TrainError", "Diverged"]
@@ -56,9 +56,10 @@ DEFINING = (
     "recipe", "model", "dataset", "val_size", "split_seed", "image_size", "num_classes", "epochs", "batch_size",
     "accum_steps", "lr", "momentum", "nesterov", "dampening", "weight_decay", "lr_drops", "lr_gamma",
     "lr_drop_rule", "shift", "hflip", "color_jitter", "lighting", "survival_prob", "survival_rule", "gate_mode",
-    "scaling", "seed", "sync_bn", "eval_every_steps")
+    "scaling", "seed", "sync_bn", "eval_every_steps", "drop_warmup")
 # Defining settings added after the first checkpoints were written: a run resumed from one of those had them so.
-LATER_DEFINING = dict(lr_drop_rule="fb.resnet.torch", color_jitter=0.0, lighting=0.0, eval_every_steps=0)
+LATER_DEFINING = dict(lr_drop_rule="fb.resnet.torch", color_jitter=0.0, lighting=0.0, eval_every_steps=0,
+                      drop_warmup=0.0)
 # Defining settings a resumed run may change: a lower learning rate is the way out of a diverged run.
 CHANGEABLE_ON_RESUME = ("lr",)
 # Files of a finished or stopped run: a new run refuses a folder that holds them.
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "sample: per-sample drop; off: constant depth")
     add("--scaling", choices=SCALINGS, help="expectation: branch times p_l at test time (the paper's); "
                                             "inverted: branch / p_l in training")
+    add("--drop-warmup", type=_number(float, 0.0, 1.0), metavar="FRACTION",
+        help="ramp the drop rates linearly from 0 over this fraction of training (default 0: none)")
 
     g = parser.add_argument_group("optimisation")
     add = g.add_argument
@@ -230,7 +233,8 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[Dict[str, Any], Optional
                                           else DEFAULT_RECIPE)
     recipe = RECIPES[recipe_name].to_dict()
     recipe.pop("note")
-    settings = dict(recipe, recipe=recipe_name, split_seed=1, num_classes=10, accum_steps=1, **RUN_DEFAULTS)
+    settings = dict(recipe, recipe=recipe_name, split_seed=1, num_classes=10, accum_steps=1, drop_warmup=0.0,
+                    **RUN_DEFAULTS)
     settings.update(given)
     _check_settings(settings, given)
     if settings["output"] is None:
@@ -557,6 +561,12 @@ def evaluate(model: nn.Module, data, split: str, dist: Dist, batch_size: int, de
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
+def apply_drop_warmup(gate_sampler, step: int, total_steps: int, fraction: float) -> None:
+    """--drop-warmup: the share of the drop rates in effect at this step (sdzoo.survival.drop_warmup_factor)."""
+    if fraction:
+        gate_sampler.set_drop_rate_factor(drop_warmup_factor(step, total_steps, fraction))
+
+
 def _rng_states(order_state: Tensor, aug_state: Tensor, gate_sampler, device: torch.device) -> Dict[str, Any]:
     return dict(order=order_state, augment=aug_state, gates=gate_sampler.get_rng_state(),
                 torch=torch.get_rng_state(),
@@ -824,6 +834,7 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
         for x, y in data.train_batches(plan, step, steps_per_epoch, dist.rank, dist.world, local_batch, device):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            apply_drop_warmup(gate_sampler, global_step, s["epochs"] * steps_per_epoch, s["drop_warmup"])
             loss_sum, correct, grad_abs = train_step(
                 model, optimizer, x, y, gate_sampler=gate_sampler, accum_steps=accum, autocast=autocast,
                 no_sync=no_sync, grad_groups=groups)
