@@ -28,7 +28,7 @@ float the graph would bake in.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,8 @@ class GateSampler(nn.Module):
         # Batch gates as 0-dim floats holding 1/p_l in effect (0: skipped), so a moving rate never enters a
         # compiled graph as a constant. Off by default: the zoo's gates stay the bools they always were.
         self.scale_in_gate = scale_in_gate
+        # The gates of the last training draw and its batch size, for logs (the depth a step ran at).
+        self.last_draw: Optional[Tuple[List[Optional[Tensor]], int]] = None
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, num_blocks={len(self.survival_probs)}, seed={self.seed}"
@@ -103,13 +105,17 @@ class GateSampler(nn.Module):
 
         With ``scale_in_gate`` a batch gate is a 0-dim CPU float instead: 1/p_l when kept, 0 when skipped.
         """
-        num_blocks = len(self.survival_probs)
         if not self.active:
-            return [None] * num_blocks
+            return [None] * len(self.survival_probs)
+        gates = self._draw(batch_size, device)
+        self.last_draw = (gates, batch_size)
+        return gates
+
+    def _draw(self, batch_size: int, device: torch.device) -> List[Tensor]:
         probs = self.current_survival_probs()
         if self.mode == "batch":
             probs = torch.tensor(probs)
-            keep = torch.rand(num_blocks, generator=self.generator) < probs
+            keep = torch.rand(len(probs), generator=self.generator) < probs
             if self.scale_in_gate:
                 return list(torch.where(keep, 1.0 / probs, 0.0).to(torch.float32).unbind(0))
             return list(keep.unbind(0))

@@ -481,30 +481,26 @@ def grad_abs_sums(groups: Dict[str, List[nn.Parameter]]) -> Tensor:
 
 
 class GateLog:
-    """Sees the gates of each step as the model draws them, by wrapping the gate sampler's ``draw``."""
+    """The gates of the last training step, as the model's gate sampler recorded its last draw."""
 
     def __init__(self, sampler: nn.Module):
-        self.last: Optional[Tuple[list, int]] = None
-        original = sampler.draw
+        self.sampler = sampler
 
-        @torch.compiler.disable
-        def draw(batch_size: int, device: torch.device):
-            gates = original(batch_size, device)
-            self.last = (gates, batch_size)
-            return gates
-
-        sampler.draw = draw
+    @property
+    def last(self) -> Optional[Tuple[list, int]]:
+        return self.sampler.last_draw
 
     def depth(self) -> float:
         """Blocks that ran in the last step (per sample, averaged, in sample mode)."""
         if self.last is None:
             return float("nan")
         gates, batch = self.last
-        return sum(1.0 if g is None else float(g) if g.dim() == 0 else g.numel() / batch for g in gates)
+        # A batch gate is a bool, or a float holding the inverted scale (0: skipped) under drop-rate warmup.
+        return sum(1.0 if g is None else float(g > 0) if g.dim() == 0 else g.numel() / batch for g in gates)
 
     def line(self) -> str:
         gates, _ = self.last
-        return " ".join("1" if g is None else str(int(g)) if g.dim() == 0 else ",".join(map(str, g.tolist()))
+        return " ".join("1" if g is None else str(int(g > 0)) if g.dim() == 0 else ",".join(map(str, g.tolist()))
                         for g in gates)
 
 
