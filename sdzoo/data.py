@@ -166,7 +166,9 @@ class InMemoryData:
 
     def to(self, device: torch.device) -> "InMemoryData":
         """Keep the whole data set on the training device (a batch is then an index)."""
-        move = lambda s: None if s is None else s.to(device)  # noqa: E731
+        def move(split: Optional[Split]) -> Optional[Split]:
+            return None if split is None else split.to(device)
+
         self.train, self.val, self.test = move(self.train), move(self.val), move(self.test)
         return self
 
@@ -271,8 +273,10 @@ def _load_svhn(root: str, download: bool, val_size: int, split_seed: int, **aug)
     def as_split(ds) -> Split:
         return Split(torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64))
 
-    get = lambda split: as_split(_torchvision_split(  # noqa: E731
-        torchvision.datasets.SVHN, f"SVHN ({split}_32x32.mat)", root, root, download, split=split))
+    def get(split: str) -> Split:
+        return as_split(_torchvision_split(
+            torchvision.datasets.SVHN, f"SVHN ({split}_32x32.mat)", root, root, download, split=split))
+
     train, extra, test = get("train"), get("extra"), get("test")
     # The paper's validation set: 400 images per class from train and 200 per class from extra (6,000 in
     # all), so the size must split 2:1 over train and extra, evenly over the 10 classes.
@@ -291,7 +295,9 @@ def _load_svhn(root: str, download: bool, val_size: int, split_seed: int, **aug)
             val_mask[members[torch.randperm(len(members), generator=generator)[:per_class]]] = True
         keep.append(Split(part.images[~val_mask], part.labels[~val_mask]))
         held.append(Split(part.images[val_mask], part.labels[val_mask]))
-    cat = lambda parts: Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))  # noqa
+    def cat(parts: List[Split]) -> Split:
+        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+
     val = cat(held) if val_size else None
     return InMemoryData("svhn", cat(keep), val, test, 10, SVHN_MEAN, SVHN_STD, classes=[str(c) for c in range(10)],
                         **aug)

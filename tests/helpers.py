@@ -1,10 +1,21 @@
 """Small helpers shared by the test files."""
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_two_processes(script: Path, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 SCRIPT ARGS`` (gloo on the CPU), one thread a process."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def load_script(name: str):

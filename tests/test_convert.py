@@ -6,14 +6,10 @@ gates are drawn for real (on the CPU, from the model's generator), so a step cos
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 import timm
 from timm.layers import DropPath
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,7 +19,7 @@ from sdzoo.convert import DropPathGate
 from sdzoo.gate import kept_per_sample_count, set_drop_rate_factor
 from sdzoo.survival import drop_warmup_factor
 
-from helpers import randomize_batchnorm
+from helpers import randomize_batchnorm, run_two_processes
 
 MODELS = ["resnet26", "convnext_atto", "vit_tiny_patch16_224"]
 MODES = ["sample", "batch"]
@@ -302,11 +298,7 @@ def test_plain_ddp_loop_trains_converted_models(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(PLAIN_DDP_LOOP)
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(out), "2"],  # DDP refuses the second step when a parameter had no gradient
-        capture_output=True, text=True, timeout=600, env=env)
+    proc = run_two_processes(script, out, 2)  # DDP refuses the second step when a parameter had no gradient
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert len(results) == 6

@@ -18,7 +18,7 @@ from timm.models import save_for_hf
 from sdzoo.fold import fold_survival
 from sdzoo.models.sd_resnet import checkpoint_filter_fn
 
-from helpers import randomize_batchnorm
+from helpers import randomize_batchnorm, run_two_processes
 
 # -- a plain DDP loop ------------------------------------------------------------------------------------
 PLAIN_DDP_LOOP = textwrap.dedent("""
@@ -64,11 +64,7 @@ def test_plain_ddp_loop_trains_and_replicas_stay_equal(tmp_path, name, size):
     script = tmp_path / "loop.py"
     script.write_text(PLAIN_DDP_LOOP)
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), name, str(size), "6", str(out)],
-        capture_output=True, text=True, timeout=600, env=env)
+    proc = run_two_processes(script, name, size, 6, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["skipped"] > 0, "no block was skipped: the loop did not test the skip"
