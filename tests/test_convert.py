@@ -280,7 +280,8 @@ PLAIN_DDP_LOOP = textwrap.dedent("""
                 optimizer.step()
                 gates = model.drop_path_sampler.gates
                 skipped += sum(int(g.numel() < 4) if mode == "sample" else int(float(g) == 0) for g in gates)
-            flat = torch.cat([t.detach().flatten().float() for t in model.state_dict().values()])
+            # the weights; BatchNorm statistics are each rank's own until DDP broadcasts rank 0's at a forward
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
             replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
             dist.all_gather(replicas, flat)
             moved = max((p.detach() - s).abs().max().item() for p, s in zip(model.parameters(), start))
