@@ -105,10 +105,9 @@ class GateSampler(nn.Module):
 
         With ``scale_in_gate`` a batch gate is a 0-dim CPU float instead: 1/p_l when kept, 0 when skipped.
         """
-        if not self.active:
-            return [None] * len(self.survival_probs)
-        gates = self._draw(batch_size, device)
-        self.last_draw = (gates, batch_size)
+        gates = self._draw(batch_size, device) if self.active else [None] * len(self.survival_probs)
+        if self.training:  # what the last training step ran (constant depth too); eval draws nothing
+            self.last_draw = (gates, batch_size)
         return gates
 
     def _draw(self, batch_size: int, device: torch.device) -> List[Tensor]:
