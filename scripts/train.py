@@ -3,7 +3,7 @@
 
     python scripts/train.py --model sd_resnet110_cifar --dataset cifar10 --data-dir ~/data --output runs/r110
     torchrun --nproc_per_node 8 scripts/train.py --dataset cifar10 --data-dir ~/data --output runs/r110
-    python scripts/train.py                      # digits, offline, about 20 s on 2 CPU cores
+    python scripts/train.py                      # digits, offline, about a minute on 2 CPU cores
 """
 import sys
 
