@@ -19,7 +19,7 @@ from sdzoo.convert import DropPathGate
 from sdzoo.gate import kept_per_sample_count, set_drop_rate_factor
 from sdzoo.survival import drop_warmup_factor
 
-from helpers import randomize_batchnorm, run_two_processes
+from helpers import randomize_batchnorm, run_two_processes, step_compiled_and_eager
 
 MODELS = ["resnet26", "convnext_atto", "vit_tiny_patch16_224"]
 MODES = ["sample", "batch"]
@@ -241,11 +241,7 @@ def test_warmup_moves_the_rates_without_recompiling(kind):
         factor = drop_warmup_factor(step, 6, 0.5)
         set_drop_rate_factor(model, factor)
         set_drop_rate_factor(eager, factor)
-        out = compiled(x)
-        out.sum().backward()
-        ref = eager(x)
-        ref.sum().backward()
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        step_compiled_and_eager(compiled, eager, x)
         frames.append(counter.frame_count)
     assert frames[-1] == frames[0], f"recompiled while the rates moved: frame counts {frames}"
 

@@ -11,6 +11,8 @@ import sdzoo
 from sdzoo.gate import run_branch
 from sdzoo.models.sd_resnet import cifar_stage_depths
 
+from helpers import step_compiled_and_eager
+
 ZOO = ["sd_resnet20_cifar", "sd_resnet56_cifar", "sd_resnet110_cifar", "sd_resnet152_cifar",
        "sd_resnet1202_cifar", "sd_resnet50", "sd_resnet101", "sd_resnet152"]
 
@@ -234,11 +236,7 @@ def test_compile_keeps_dice_random_without_recompiles(gate_mode):
     for _ in range(steps):
         for i, g in enumerate(probe.draw(4, torch.device("cpu"))):
             drawn[i] += int(g) if gate_mode == "batch" else 1
-        out = compiled(x)
-        out.sum().backward()
-        ref = eager(x)
-        ref.sum().backward()
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        step_compiled_and_eager(compiled, eager, x)
         frames.append(counter.frame_count)
     # the compiled model followed every step's draws, as the eager twin that counted its branch calls
     assert ran == drawn
