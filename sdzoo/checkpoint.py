@@ -1,9 +1,11 @@
-"""Run-folder files, written so that nothing is ever half-written.
+"""Run-folder files and the resume state, written so that nothing is ever half-written.
 
-Every file goes through ``sdzoo._files`` (a temporary file in the same directory, then renamed over the
-old one), so a run killed at any moment leaves either the previous version or the new one. The run folder is a timm local-dir (``config.json`` + ``model.safetensors``), so
-``timm.create_model("local-dir:RUN", pretrained=True)`` loads the best weights; beside them, the resume
-state ``checkpoint.pt`` holds plain types and tensors only and is read with ``torch.load(weights_only=True)``.
+Every file goes through ``sdzoo._files`` (a temporary file, then renamed over the old one), so a run killed
+at any moment leaves the previous version or the new one. The run folder is a timm local-dir (``config.json``
++ ``model.safetensors``); beside them, ``checkpoint.pt`` holds plain types and tensors only, read with
+``torch.load(weights_only=True)``: the run's position (``TrainState``), its random streams
+(``RandomStreams``) and the running sums of the epoch in progress (``EpochTotals``), so that a resumed run
+ends with the same weights, bit for bit, as one that was never stopped.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import io
 import json
 import os
 import pickle
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._files import TEMP_SUFFIX, PathLike, atomic_write
 
@@ -25,17 +28,18 @@ __all__ = [
     "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
     "describe_load_error", "SURVIVAL_SETTINGS", "weights_metadata", "read_weights_settings", "read_run_config",
     "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME",
+    "CHECKPOINT_FORMAT", "load_resume_state", "TrainState", "EpochTotals", "RandomStreams", "truncate_lines",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LOCK_NAME = ".lock"
+CHECKPOINT_FORMAT = 1
 # safetensors metadata key of the settings the weights were trained with (the values must be strings: JSON).
 SETTINGS_KEY = "sdzoo"
 # The model arguments that folding p_l into the weights depends on.
 SURVIVAL_SETTINGS = ("survival_prob", "survival_rule", "scaling", "gate_mode")
-
 
 
 class CheckpointError(Exception):
@@ -197,3 +201,133 @@ def describe_load_error(error: RuntimeError, lines: int = 4, width: int = 400) -
     head = [line if len(line) <= width else line[:width] + " ..." for line in text[:lines]]
     more = f" ... ({len(text) - lines} more lines)" if len(text) > lines else ""
     return " ".join(head) + more
+
+
+# -- the resume state -----------------------------------------------------------------------------------------
+_RESUME_KEYS = ("settings", "epoch", "step", "global_step", "elapsed", "best", "totals", "model", "optimizer",
+                "scheduler", "rng", "world_size")
+
+
+def load_resume_state(path: PathLike) -> Dict[str, Any]:
+    """A trainer checkpoint, checked for its format marker and keys (read on the CPU)."""
+    checkpoint = load_state(path, map_location=torch.device("cpu"))
+    if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
+            or any(k not in checkpoint for k in _RESUME_KEYS) or not isinstance(checkpoint["settings"], dict)):
+        raise CheckpointError(f"--resume: {path} is not a checkpoint of this trainer (it lacks the format "
+                              f"marker or one of {', '.join(_RESUME_KEYS)})")
+    return checkpoint
+
+
+def _no_evaluation_yet() -> Dict[str, Any]:
+    return dict(epoch=None, step=None, val_error=None, test_error=None)
+
+
+@dataclass
+class TrainState:
+    """Where a run is: epochs and steps done, seconds spent by earlier processes, and the best evaluation."""
+    epoch: int = 0                  # epochs done
+    step: int = 0                   # steps done in the epoch in progress
+    global_step: int = 0
+    elapsed: float = 0.0
+    best: Dict[str, Any] = field(default_factory=_no_evaluation_yet)  # epoch, step, val_error, test_error
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Dict[str, Any]) -> "TrainState":
+        return cls(*(checkpoint[k] for k in ("epoch", "step", "global_step", "elapsed", "best")))
+
+    def to_checkpoint(self, elapsed: float, **parts: Any) -> Dict[str, Any]:
+        """The checkpoint's dict: this position, ``elapsed`` (the seconds so far, this process's included) and
+        ``parts`` (settings, model, optimizer, ... states)."""
+        return dict(format=CHECKPOINT_FORMAT, **dict(asdict(self), elapsed=elapsed), **parts)
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch, saved in mid-epoch checkpoints so a resumed epoch reports the same."""
+    loss_sum: Tensor
+    correct: Tensor
+    grad_abs: Tensor
+    seen: int = 0
+    steps: int = 0
+    depth_sum: float = 0.0
+    train_time: float = 0.0
+
+    @classmethod
+    def zeros(cls, num_groups: int, device: torch.device) -> "EpochTotals":
+        return cls(torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.int64, device=device),
+                   torch.zeros(num_groups, dtype=torch.float64, device=device))
+
+    def add_step(self, loss_sum: Tensor, correct: Tensor, grad_abs: Tensor, images: int, depth: float) -> None:
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.grad_abs += grad_abs
+        self.seen += images
+        self.steps += 1
+        self.depth_sum += depth
+
+    def to_state(self) -> Dict[str, Any]:
+        return dict(loss_sum=self.loss_sum.item(), correct=self.correct.item(), seen=self.seen, steps=self.steps,
+                    depth_sum=self.depth_sum, train_time=self.train_time, grad_abs=self.grad_abs.tolist())
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any], device: torch.device) -> "EpochTotals":
+        return cls(torch.tensor(state["loss_sum"], dtype=torch.float64, device=device),
+                   torch.tensor(state["correct"], dtype=torch.int64, device=device),
+                   torch.tensor(state["grad_abs"], dtype=torch.float64, device=device),
+                   state["seen"], state["steps"], state["depth_sum"], state["train_time"])
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """Independent seeds for the data order and the augmentation, derived from the run's seed."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class RandomStreams:
+    """Every random state of a run: the data order and augmentation generators, the gates' sampler and
+    torch's global generators. An epoch's data plan is drawn at its start, so a checkpoint inside an epoch
+    keeps the generators' epoch-start states (the plan is redrawn on resume) and the others' current ones."""
+
+    def __init__(self, seed: int, gate_sampler: nn.Module, device: torch.device):
+        self.order = torch.Generator().manual_seed(_stream_seed(seed, 1))
+        self.augment = torch.Generator().manual_seed(_stream_seed(seed, 2))
+        self.gate_sampler, self.device = gate_sampler, device
+        self._epoch_start: Optional[tuple] = None
+
+    def plan_epoch(self, data):
+        """The epoch's data plan (order and augmentation), drawn from the order and augmentation streams."""
+        self._epoch_start = (self.order.get_state(), self.augment.get_state())
+        return data.plan_epoch(self.order, self.augment)
+
+    def end_epoch(self) -> None:
+        self._epoch_start = None
+
+    def state(self) -> Dict[str, Any]:
+        order, augment = self._epoch_start or (self.order.get_state(), self.augment.get_state())
+        cuda = self.device.type == "cuda"
+        return dict(order=order, augment=augment, gates=self.gate_sampler.get_rng_state(),
+                    torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(self.device) if cuda else None)
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        self.order.set_state(state["order"])
+        self.augment.set_state(state["augment"])
+        self.gate_sampler.set_rng_state(state["gates"])
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+def truncate_lines(path: Path, keep: Callable[[str], bool]) -> None:
+    """Drop the lines of a log that a killed run wrote after its last checkpoint (and any half-written line):
+    those where ``keep`` is false or raises on a malformed line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if keep(line):
+                kept.append(line + "\n")
+        except (ValueError, KeyError, IndexError):
+            pass
+    atomic_write(path, lambda temp: Path(temp).write_text("".join(kept)))

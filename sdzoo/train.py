@@ -1,25 +1,14 @@
-"""Train a stochastic-depth ResNet with the paper's recipe, on one process or many.
+"""The training loop: one run of a stochastic-depth ResNet from its ``Settings``, on one process or many.
 
-    python scripts/train.py --dataset cifar10 --data-dir ~/data --output runs/r110
-    torchrun --nproc_per_node 8 scripts/train.py --dataset cifar10 --data-dir ~/data --output runs/r110
-    python scripts/train.py --output runs/r110 --resume
-
-The file reads top to bottom: command-line flags, settings (a named recipe overridden by the flags),
-processes and device, then ``train()``: data, model, optimizer, resume, and the loop. Each step trains on
-one global batch, split evenly over the processes (and over ``--accum-steps`` micro-batches), with one
-draw of the gates for the whole global batch: every rank skips the same blocks. Each epoch ends with the
-validation and test error (or, with ``--eval-every-steps N``, these come every N steps), a line of
-``metrics.jsonl``, the best weights so far, and a checkpoint. Evaluation runs in fp32, also when training
-autocasts to bf16.
-
-Exactness, as in the authors' code: every parameter decays (BN and biases too), and a skipped block's
-parameters see a zero gradient, not a missing one, so weight decay and momentum still move them.
-Checkpoints hold every random state (data order, augmentation, gates, torch), so a resumed run ends with
-the same weights, bit for bit, as one that was never stopped.
+Each step trains on one global batch, split evenly over the processes (and over ``accum_steps``
+micro-batches), with one draw of the gates for the whole global batch: every rank skips the same blocks.
+Evaluation (each epoch, or every ``eval_every_steps``) runs the full network in fp32. Every parameter decays,
+BatchNorm's and biases too, and a skipped block's parameters see a zero gradient, so that weight decay and
+momentum still move them, as in the authors' code. The settings and flags live in ``sdzoo.settings``, the
+resume state in ``sdzoo.checkpoint``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,299 +24,23 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._files import save_json
 from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, RunFolderBusy, check_run_folder_free, load_state,
-    lock_run_folder, remove_stale_temp_files, save_model_config, save_state, save_weights)
-from ._files import atomic_write, save_json
-from .data import DATASETS, TENSOR_DATASETS, DataError, load_data
-from .gate import GATE_MODES, SCALINGS
+    CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, EpochTotals, RandomStreams, RunFolderBusy,
+    TrainState, lock_run_folder, remove_stale_temp_files, save_model_config, save_state, save_weights,
+    truncate_lines)
+from .data import TENSOR_DATASETS, DataError, load_data
 from .metrics_plot import epoch_records, evaluations, plot_curves, read_metrics
-from .recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, recipe_for_dataset
-from .survival import SURVIVAL_RULES, drop_warmup_factor
+from .settings import Settings, TrainError, build_parser, resolve_settings
+from .survival import drop_warmup_factor
 
-__all__ = ["main", "train", "build_parser", "resolve_settings", "build_optimizer",
-           "train_step", "TrainError", "Diverged"]
+__all__ = ["main", "train", "build_optimizer", "build_scheduler", "train_step", "Diverged"]
 
-CHECKPOINT_FORMAT = 1
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
-
-# Settings that define the training run: a resumed run must keep them (it would not be the same run).
-DEFINING = (
-    "recipe", "model", "dataset", "val_size", "split_seed", "image_size", "num_classes", "epochs", "batch_size",
-    "accum_steps", "lr", "momentum", "nesterov", "dampening", "weight_decay", "lr_drops", "lr_gamma",
-    "lr_drop_rule", "shift", "hflip", "color_jitter", "lighting", "survival_prob", "survival_rule", "gate_mode",
-    "scaling", "seed", "sync_bn", "eval_every_steps", "drop_warmup")
-# Defining settings added after the first checkpoints were written: a run resumed from one of those had them so.
-LATER_DEFINING = dict(lr_drop_rule="fb.resnet.torch", color_jitter=0.0, lighting=0.0, eval_every_steps=0,
-                      drop_warmup=0.0)
-# Defining settings a resumed run may change: a lower learning rate is the way out of a diverged run.
-CHANGEABLE_ON_RESUME = ("lr",)
-# Files of a finished or stopped run: a new run refuses a folder that holds them.
-RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.jsonl", "summary.json")
-# Settings of how it runs, free to change on resume.
-RUN_DEFAULTS = dict(
-    data_dir="~/data", download=True, output=None, device="auto", amp=None, channels_last=None, compile=False,
-    deterministic=False, workers=8, eval_batch_size=None, checkpoint_every_steps=0, log_every=20, quiet=False,
-    record_gates=False, threads=None)
-
-
-class TrainError(Exception):
-    """A user error (a bad flag, an impossible combination): reported without a traceback."""
 
 
 class Diverged(TrainError):
     """The loss became NaN or infinite."""
-
-
-# -- flags ---------------------------------------------------------------------------------------------------
-def _number(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: a number in a range, with an error message that says which range."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}; got {text!r}")
-        bad = (low is not None and (value <= low if low_open else value < low)) or \
-              (high is not None and (value >= high if high_open else value > high)) or \
-              (kind is float and not math.isfinite(value))
-        if bad:
-            lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
-            hi = "inf)" if high is None else f"{high}" + (")" if high_open else "]")
-            raise argparse.ArgumentTypeError(f"must be in {lo or '(-inf, '}{hi}; got {text!r}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    recipes = "\n".join(
-        f"  {name:<10} {r.model}, {r.epochs} epochs, batch {r.batch_size}, lr {r.lr} / 10 at "
-        f"{', '.join(f'{d:.0%}' for d in r.lr_drops)}"
-        f"{f', evaluated every {r.eval_every_steps} steps' if r.eval_every_steps else ''}: {r.note}"
-        for name, r in RECIPES.items())
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train a stochastic-depth ResNet (Huang et al., 2016) with the paper's recipe. "
-                    "Flags left out take the recipe's value; with no flags at all it trains on the digits "
-                    "that scikit-learn ships (offline, about a minute on 2 CPU cores).",
-        epilog=f"recipes (--recipe; by default the one named after --dataset):\n{recipes}\n\n"
-               "several processes: torchrun --nproc_per_node N train.py ... (--batch-size stays the global "
-               "batch).\nexit status: 0 done, 2 bad usage or data, 3 the loss became NaN or infinite.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    bool_flag = argparse.BooleanOptionalAction
-
-    g = parser.add_argument_group("run")
-    add = g.add_argument
-    add("--recipe", choices=list(RECIPES), help="named preset of the settings below (default: the --dataset's)")
-    add("--output", help="run folder: a timm local-dir (config.json + model.safetensors of the best "
-                         "validation epoch), metrics.jsonl, summary.json, curves.png, checkpoint.pt "
-                         "(default: runs/MODEL-DATASET)")
-    add("--resume", nargs="?", const="", metavar="RUN",
-        help="continue the run in RUN (a run folder or its checkpoint.pt; default: --output) exactly where "
-             "its last checkpoint left it, with its settings; only --lr may change (recorded as a change)")
-    add("--seed", type=_number(int, 0, 2**63 - 1), help="seed of the weights, the data order, the augmentation and the "
-                                             "gates (the same on every process; default 1)")
-    add("--quiet", action="store_true", default=None, help="no progress bar or per-epoch lines")
-
-    g = parser.add_argument_group("data")
-    add = g.add_argument
-    add("--dataset", choices=DATASETS, help="data set (default: digits, which needs no download)")
-    add("--data-dir", help="folder of the data set; torchvision's files for cifar10/cifar100/svhn, "
-                           "train/ val/ [test/] class folders for imagenet/imagefolder (default: ~/data)")
-    add("--download", action=bool_flag, help="download cifar10/cifar100/svhn when missing (default: yes)")
-    add("--val-size", type=_number(int, 0), help="training images held out for validation: the test error is "
-                                                 "reported at the epoch of best validation error "
-                                                 "(cifar 5000, svhn 6000; 0: report the last epoch)")
-    add("--split-seed", type=_number(int, 0, 2**63 - 1), help="seed of the train/validation split (default 1)")
-    add("--image-size", type=_number(int, 8, 1024), help="input size for digits, synthetic and folder data "
-                                                   "(digits 16, synthetic 32, imagenet 224)")
-    add("--num-classes", type=_number(int, 2), help="classes of the synthetic data (default 10)")
-    add("--shift", type=_number(int, 0), help="random shift of up to this many pixels with zero fill, done on "
-                                              "the training device (cifar 4)")
-    add("--hflip", action=bool_flag, help="random horizontal flip (cifar: yes)")
-    add("--color-jitter", type=_number(float, 0.0, 1.0), help="brightness, contrast and saturation jitter of "
-                                                              "folder data, as fb.resnet.torch (imagenet 0.4)")
-    add("--lighting", type=_number(float, 0.0), help="std of the PCA lighting noise of folder data, as "
-                                                    "fb.resnet.torch (imagenet 0.1)")
-    add("--workers", type=_number(int, 0), help="loader processes for folder data (default 8)")
-
-    g = parser.add_argument_group("model")
-    add = g.add_argument
-    add("--model", help="a model of the zoo, e.g. sd_resnet110_cifar, sd_resnet152 (default: the recipe's)")
-    add("--survival-prob", type=_number(float, 0.0, 1.0, low_open=True),
-        help="p_L, survival probability of the last residual block; 1 is constant depth (default 0.5)")
-    add("--survival-rule", choices=SURVIVAL_RULES, help="linear decay from 1 to p_L (the paper's) or uniform")
-    add("--gate-mode", choices=GATE_MODES, help="batch: one draw per block per mini-batch (the paper's); "
-                                                "sample: per-sample drop; off: constant depth")
-    add("--scaling", choices=SCALINGS, help="expectation: branch times p_l at test time (the paper's); "
-                                            "inverted: branch / p_l in training")
-    add("--drop-warmup", type=_number(float, 0.0, 1.0), metavar="FRACTION",
-        help="ramp the drop rates linearly from 0 over this fraction of training (default 0: none)")
-
-    g = parser.add_argument_group("optimisation")
-    add = g.add_argument
-    add("--epochs", type=_number(int, 1), help="epochs (cifar 500, svhn 50, imagenet 90)")
-    add("--batch-size", type=_number(int, 1), help="global batch, split evenly over the processes (default 128)")
-    add("--accum-steps", type=_number(int, 1), help="micro-batches per process and step; they share one draw "
-                                                    "of the gates (default 1)")
-    add("--lr", type=_number(float, 0.0, low_open=True), help="learning rate (default 0.1)")
-    add("--lr-drops", type=_number(float, 0.0, 1.0, True, True), nargs="*", metavar="FRACTION",
-        help="fractions of the run where lr is multiplied by --lr-gamma (cifar 0.5 0.75, svhn 0.6 0.7; "
-             "none: constant lr)")
-    add("--lr-gamma", type=_number(float, 0.0, 1.0, low_open=True), help="lr factor at each drop (default 0.1)")
-    add("--lr-drop-rule", choices=LR_DROP_RULES,
-        help="which epoch a drop at fraction f of E epochs lands on, counting from 1: main.lua keeps the old lr "
-             "while epoch < f x E (the authors' CIFAR/SVHN code: 0.1 for epochs 1-249 of 500); fb.resnet.torch "
-             "while epoch <= f x E (imagenet: 0.1 for 1-30 of 90)")
-    add("--momentum", type=_number(float, 0.0, 1.0, high_open=True), help="SGD momentum (default 0.9)")
-    add("--nesterov", action=bool_flag, help="Nesterov momentum (default: yes)")
-    add("--dampening", type=_number(float, 0.0, 1.0, high_open=True), help="SGD dampening (default 0)")
-    add("--weight-decay", type=_number(float, 0.0, 1.0), help="L2 weight decay on every parameter (default 1e-4)")
-
-    g = parser.add_argument_group("speed")
-    add = g.add_argument
-    add("--device", choices=("auto", "cpu", "cuda"), help="auto: cuda when there is a GPU (default)")
-    add("--amp", action=bool_flag, help="bfloat16 autocast of the training forward pass (default: on with "
-                                         "cuda); the loss, the weights and every evaluation stay fp32")
-    add("--channels-last", action=bool_flag, help="channels-last memory format (default: on with cuda)")
-    add("--compile", action="store_true", default=None, help="torch.compile the model (gates stay random)")
-    add("--deterministic", action="store_true", default=None,
-        help="deterministic kernels, for bit-exact resume on a GPU (CPU runs are deterministic anyway)")
-    add("--threads", type=_number(int, 1), help="CPU threads of torch (default: torch's choice)")
-    add("--eval-batch-size", type=_number(int, 1), help="batch per process for evaluation "
-                                                        "(default: max(256, 2 x the training batch))")
-
-    g = parser.add_argument_group("distributed")
-    add = g.add_argument
-    add("--sync-bn", action=bool_flag,
-        help="BatchNorm statistics over the global batch when several GPUs train (SyncBatchNorm; CUDA only; "
-             "default: yes in the paper recipes, whose BatchNorm saw the whole batch). With --no-sync-bn each "
-             "process normalises its own part, as a single process with --accum-steps = processes would")
-
-    g = parser.add_argument_group("checkpoints and logs")
-    add = g.add_argument
-    add("--eval-every-steps", type=_number(int, 0),
-        help="evaluate validation and test every N optimizer steps (and after the last step), each a line of "
-             "metrics.jsonl; the best weights are those of the evaluation of lowest validation error (svhn "
-             "200, as main.lua; default 0: at the end of each epoch)")
-    add("--checkpoint-every-steps", type=_number(int, 0),
-        help="also checkpoint every N optimizer steps inside an epoch (default 0: at the end of each epoch)")
-    add("--log-every", type=_number(int, 1), help="steps between progress updates and loss checks (default 20)")
-    add("--record-gates", action="store_true", default=None,
-        help="write each step's gates to gates_rankR.txt in the run folder (to check that every process "
-             "skips the same blocks)")
-    return parser
-
-
-# -- settings ------------------------------------------------------------------------------------------------
-def resolve_settings(args: argparse.Namespace) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
-    """The run's settings (recipe < flags, or the checkpoint's < run flags on resume) and the checkpoint."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if "lr_drops" in given:
-        given["lr_drops"] = sorted(given["lr_drops"])
-    resume = given.pop("resume", None)
-    if resume is not None:
-        return _resume_settings(resume, given)
-    recipe_name = given.get("recipe") or (recipe_for_dataset(given["dataset"]) if "dataset" in given
-                                          else DEFAULT_RECIPE)
-    recipe = RECIPES[recipe_name].to_dict()
-    recipe.pop("note")
-    settings = dict(recipe, recipe=recipe_name, split_seed=1, num_classes=10, accum_steps=1, drop_warmup=0.0,
-                    **RUN_DEFAULTS)
-    settings.update(given)
-    _check_settings(settings, given)
-    if settings["output"] is None:
-        settings["output"] = os.path.join("runs", f"{settings['model']}-{settings['dataset']}")
-    output = settings["output"]
-    _check_output_folder(output)
-    if os.path.exists(os.path.join(output, CHECKPOINT_NAME)):
-        raise TrainError(f"--output {output} already holds a run ({CHECKPOINT_NAME}): pass --resume "
-                         "to continue it, or choose another --output")
-    others = [name for name in RUN_FILES if os.path.exists(os.path.join(output, name))]
-    if others:
-        # Its config.json would describe our weights (or its weights stay beside our config): refuse.
-        raise TrainError(f"--output {output} holds another run's files ({', '.join(others)}) and no "
-                         f"{CHECKPOINT_NAME} to resume; choose another --output, or move those files away")
-    return settings, None
-
-
-def _check_output_folder(output: str) -> None:
-    """--output must be a folder (or not exist yet, under folders) that no other process is writing to."""
-    path = Path(output)
-    if path.exists() and not path.is_dir():
-        raise TrainError(f"--output {output} is a file; give a folder (the run folder)")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise TrainError(f"--output {output}: {parent} is a file, not a folder")
-            break
-    if path.is_dir():
-        check_run_folder_free(path)
-
-
-def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    path = Path(resume or given.get("output") or "")
-    if not str(path) or str(path) == ".":
-        raise TrainError("--resume needs the run folder: --resume RUN, or --output RUN --resume")
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if path.parent.is_dir():
-        check_run_folder_free(path.parent)
-    checkpoint = load_state(path, map_location=torch.device("cpu"))
-    if "output" in given and Path(given["output"]).resolve() != path.parent.resolve():
-        raise TrainError(f"--output {given['output']} is not the folder of the run resumed ({path.parent})")
-    required = ("settings", "epoch", "step", "global_step", "elapsed", "best", "totals", "model", "optimizer",
-                "scheduler", "rng", "world_size")
-    if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
-            or any(k not in checkpoint for k in required) or not isinstance(checkpoint["settings"], dict)):
-        raise CheckpointError(f"--resume: {path} is not a checkpoint of this trainer (it lacks the format "
-                              f"marker or one of {', '.join(required)})")
-    settings = dict(LATER_DEFINING, **checkpoint["settings"])
-    for key in CHANGEABLE_ON_RESUME:
-        if key in given and given[key] != settings.get(key):
-            settings[f"{key}_changes"] = [*settings.get(f"{key}_changes", []), dict(
-                epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
-                old=settings.get(key), new=given[key])]
-            settings[key] = given[key]
-    changed = [k for k in DEFINING if k in given and given[k] != settings.get(k)]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (run: {settings.get(k)})" for k in changed)
-        raise TrainError(f"--resume continues a run with its own settings; these flags differ: {flags}. "
-                         "Start a new run (another --output) to change them")
-    settings.update({k: v for k, v in given.items() if k in RUN_DEFAULTS})
-    settings["output"] = str(path.parent)
-    return settings, checkpoint
-
-
-def _check_settings(s: Dict[str, Any], given: Dict[str, Any]) -> None:
-    """Combinations the flag parser cannot see; each message names the flag."""
-    import timm
-
-    models = timm.list_models("sd_*")
-    if s["model"] not in models:
-        raise TrainError(f"--model must be one of {', '.join(models)}; got {s['model']!r}")
-    dataset = s["dataset"]
-    if "num_classes" in given and dataset != "synthetic":
-        raise TrainError(f"--num-classes applies to --dataset synthetic only ({dataset} fixes its classes)")
-    if "val_size" in given and dataset not in ("cifar10", "cifar100", "svhn"):
-        raise TrainError(f"--val-size applies to cifar10, cifar100 and svhn; {dataset} has fixed splits")
-    if "image_size" in given and dataset in ("cifar10", "cifar100", "svhn"):
-        raise TrainError(f"--image-size does not apply to {dataset}: its images are 32x32")
-    if "shift" in given and dataset in ("imagenet", "imagefolder"):
-        raise TrainError(f"--shift applies to in-memory data sets; {dataset} augments with random resized crops")
-    if "shift" in given and s["image_size"] is not None and s["shift"] >= s["image_size"]:
-        raise TrainError(f"--shift {s['shift']} must be smaller than the image ({s['image_size']} pixels)")
-    if "shift" in given and dataset in ("cifar10", "cifar100", "svhn") and s["shift"] >= 32:
-        raise TrainError(f"--shift {s['shift']} must be smaller than the image ({dataset}: 32 pixels)")
-    for flag in ("color_jitter", "lighting"):
-        if flag in given and dataset not in ("imagenet", "imagefolder"):
-            raise TrainError(f"--{flag.replace('_', '-')} applies to imagenet and imagefolder data; {dataset} "
-                             "is augmented on the device")
-    if given.get("sync_bn") and (s["device"] == "cpu" or not torch.cuda.is_available()):
-        raise TrainError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
-    if s["nesterov"] and (s["momentum"] <= 0 or s["dampening"] != 0):
-        raise TrainError("--nesterov needs --momentum > 0 and --dampening 0 (or pass --no-nesterov)")
 
 
 # -- processes and device ------------------------------------------------------------------------------------
@@ -346,25 +59,24 @@ class Dist:
         return self.rank == 0
 
 
-def setup_processes(s: Dict[str, Any]) -> Tuple[Dist, torch.device]:
+def setup_processes(s: Settings) -> Tuple[Dist, torch.device]:
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process; the device to train on."""
-    if s["device"] == "cuda" and not torch.cuda.is_available():
+    if s.device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: CUDA is not available here; use --device cpu (or auto)")
-    use_cuda = s["device"] == "cuda" or (s["device"] == "auto" and torch.cuda.is_available())
+    use_cuda = s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available())
     dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                 int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if s["deterministic"]:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if use_cuda:
-        torch.backends.cudnn.benchmark = not s["deterministic"]
+        torch.backends.cudnn.benchmark = not s.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
+    if s.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     if dist.enabled and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if use_cuda else "gloo")
     return dist, device
@@ -376,26 +88,21 @@ def _all_reduce(t: Tensor, dist: Dist, op=torch_dist.ReduceOp.SUM) -> Tensor:
     return t
 
 
-def _sync_buffers(model: nn.Module, dist: Dist) -> None:
-    """BatchNorm running statistics from rank 0 (what DDP gives every rank at its next forward)."""
-    if dist.enabled:
-        for buffer in model.buffers():
-            torch_dist.broadcast(buffer, 0)
+def local_batch_size(s: Settings, dist: Dist) -> int:
+    """The global batch is split over the processes, then over micro-batches."""
+    if s.batch_size % (dist.world * s.accum_steps):
+        raise TrainError(f"--batch-size {s.batch_size} must be divisible by processes x --accum-steps "
+                         f"({dist.world} x {s.accum_steps})")
+    return s.batch_size // dist.world
 
 
-def _stream_seed(seed: int, stream: int) -> int:
-    """Independent seeds for the data order and the augmentation, derived from --seed."""
-    import numpy as np
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def load_data_everywhere(s: Dict[str, Any], dist: Dist):
-    """Rank 0 loads first (it may download), then the others; an error on rank 0 stops every rank."""
+def load_data_everywhere(s: Settings, dist: Dist, device: torch.device):
+    """Rank 0 loads first (it may download), then the others; an error on rank 0 stops every rank. CIFAR-sized
+    data then sits on the GPU, so that a batch is an index and its augmentation a tensor op."""
     def load():
-        return load_data(s["dataset"], s["data_dir"], download=s["download"], val_size=s["val_size"],
-                         split_seed=s["split_seed"], image_size=s["image_size"], num_classes=s["num_classes"],
-                         shift=s["shift"], hflip=s["hflip"], workers=s["workers"], color_jitter=s["color_jitter"],
-                         lighting=s["lighting"])
+        return load_data(s.dataset, s.data_dir, download=s.download, val_size=s.val_size, split_seed=s.split_seed,
+                         image_size=s.image_size, num_classes=s.num_classes, shift=s.shift, hflip=s.hflip,
+                         workers=s.workers, color_jitter=s.color_jitter, lighting=s.lighting)
     data, error = None, None
     if dist.main:
         try:
@@ -408,43 +115,36 @@ def load_data_everywhere(s: Dict[str, Any], dist: Dist):
         error = message[0]
     if error:
         raise DataError(error)
-    return data if dist.main else load()
+    data = data if dist.main else load()
+    if device.type == "cuda" and s.dataset in TENSOR_DATASETS:
+        data.to(device)
+    if len(data) < s.batch_size:
+        raise TrainError(f"--batch-size {s.batch_size} is larger than the {len(data)} training images")
+    return data
 
 
 # -- model and optimizer -------------------------------------------------------------------------------------
-def create_model(s: Dict[str, Any], num_classes: int) -> nn.Module:
+def create_model(s: Settings, num_classes: int) -> nn.Module:
     import timm
     # The gate generator is seeded from --seed on every rank, so every rank draws the same gates.
-    return timm.create_model(
-        s["model"], num_classes=num_classes, survival_prob=s["survival_prob"], survival_rule=s["survival_rule"],
-        gate_mode=s["gate_mode"], scaling=s["scaling"], gate_seed=s["seed"])
+    return timm.create_model(s.model, num_classes=num_classes, survival_prob=s.survival_prob,
+                             survival_rule=s.survival_rule, gate_mode=s.gate_mode, scaling=s.scaling,
+                             gate_seed=s.seed)
 
 
-def build_optimizer(model: nn.Module, s: Dict[str, Any]) -> torch.optim.SGD:
-    # One group: BN weights and biases decay too, as the authors' code flattens all parameters.
-    return torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"], dampening=s["dampening"],
-                           nesterov=s["nesterov"], weight_decay=s["weight_decay"])
+def build_model(s: Settings, num_classes: int, dist: Dist, device: torch.device, channels_last: bool) -> nn.Module:
+    torch.manual_seed(s.seed)
+    model = create_model(s, num_classes)
+    if use_sync_batchnorm(s, dist, device.type == "cuda", s.batch_size // (dist.world * s.accum_steps)):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def lr_milestones(s: Dict[str, Any]) -> List[int]:
-    """Epochs done when each lr drop takes effect (MultiStepLR's milestones), by --lr-drop-rule."""
-    milestones = set()
-    for fraction in s["lr_drops"]:
-        at = round(fraction * s["epochs"], 9)  # 0.6 x 50 is not exactly 30 in floating point
-        # main.lua: lr 0.1 while epoch < f x E (epochs from 1); fb.resnet.torch: while epoch <= f x E.
-        done = math.ceil(at) - 1 if s["lr_drop_rule"] == "main.lua" else math.floor(at)
-        milestones.add(max(1, done))
-    return sorted(milestones)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, s: Dict[str, Any]):
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(s), gamma=s["lr_gamma"])
-
-
-def use_sync_batchnorm(s: Dict[str, Any], dist: Dist, cuda: bool, micro_batch: int) -> bool:
+def use_sync_batchnorm(s: Settings, dist: Dist, cuda: bool, micro_batch: int) -> bool:
     """Whether BatchNorm normalises over every process's images (SyncBatchNorm). Where the settings ask for it
     but it cannot run (gloo on CPUs), rank 0 says once what differs."""
-    if not (s["sync_bn"] and dist.enabled):
+    if not (s.sync_bn and dist.enabled):
         return False
     if cuda:
         return True
@@ -457,51 +157,61 @@ def use_sync_batchnorm(s: Dict[str, Any], dist: Dist, cuda: bool, micro_batch: i
     return False
 
 
-def _change_lr(optimizer: torch.optim.Optimizer, scheduler, old: float, new: float) -> None:
-    """A resumed run's new --lr: the schedule goes on from the new base rate (drops already passed still apply)."""
-    for group in optimizer.param_groups:
-        group["lr"] *= new / old
-        group["initial_lr"] = new
-    scheduler.base_lrs = [new] * len(scheduler.base_lrs)
+def sync_batchnorm_statistics(model: nn.Module, dist: Dist) -> None:
+    """Rank 0's BatchNorm statistics on every rank (what DDP gives every rank at its next forward anyway)."""
+    if dist.enabled and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        from timm.utils import distribute_bn
+        distribute_bn(model, dist.world, reduce=False)
 
 
-def stage_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
-    """Parameters by stage (stem, layer1.., head): the groups of the gradient-magnitude metric."""
-    groups: Dict[str, List[nn.Parameter]] = {"stem": [], **{n: [] for n in model.stage_names}, "head": []}
-    for name, p in model.named_parameters():
-        top = name.split(".")[0]
-        groups[top if top in model.stage_names else "head" if top in ("fc", "global_pool") else "stem"].append(p)
-    return {k: v for k, v in groups.items() if v}
+def build_optimizer(model: nn.Module, s: Settings) -> torch.optim.SGD:
+    # One group: BN weights and biases decay too, as the authors' code flattens all parameters.
+    return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, dampening=s.dampening,
+                           nesterov=s.nesterov, weight_decay=s.weight_decay)
 
 
-def grad_abs_sums(groups: Dict[str, List[nn.Parameter]]) -> Tensor:
-    """Sum of |gradient| per group, on the device (no sync)."""
-    return torch.stack([torch.stack(torch._foreach_norm([p.grad for p in ps], 1)).sum().double()
-                        for ps in groups.values()])
+def lr_milestones(s: Settings) -> List[int]:
+    """Epochs done when each lr drop takes effect (MultiStepLR's milestones), by ``lr_drop_rule``."""
+    milestones = set()
+    for fraction in s.lr_drops:
+        at = round(fraction * s.epochs, 9)  # 0.6 x 50 is not exactly 30 in floating point
+        # main.lua: lr 0.1 while epoch < f x E (epochs from 1); fb.resnet.torch: while epoch <= f x E.
+        done = math.ceil(at) - 1 if s.lr_drop_rule == "main.lua" else math.floor(at)
+        milestones.add(max(1, done))
+    return sorted(milestones)
 
 
-class GateLog:
-    """The gates of the last training step, as the model's gate sampler recorded its last draw."""
+def build_scheduler(optimizer: torch.optim.Optimizer, s: Settings):
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(s), gamma=s.lr_gamma)
 
-    def __init__(self, sampler: nn.Module):
-        self.sampler = sampler
 
-    @property
-    def last(self) -> Optional[Tuple[list, int]]:
-        return self.sampler.last_draw
+def resume_from(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optimizer, scheduler,
+                streams: RandomStreams) -> TrainState:
+    """Load a checkpoint's states; a new ``--lr`` takes over from the saved one (drops already passed apply)."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    old_lr = checkpoint["settings"]["lr"]
+    if old_lr != s.lr:
+        for group in optimizer.param_groups:
+            group["lr"] *= s.lr / old_lr
+            group["initial_lr"] = s.lr
+        scheduler.base_lrs = [s.lr] * len(scheduler.base_lrs)
+    streams.restore(checkpoint["rng"])
+    return TrainState.from_checkpoint(checkpoint)
 
-    def depth(self) -> float:
-        """Blocks that ran in the last step (per sample, averaged, in sample mode)."""
-        if self.last is None:
-            return float("nan")
-        gates, batch = self.last
-        # A batch gate is a bool, or a float holding the inverted scale (0: skipped) under drop-rate warmup.
-        return sum(1.0 if g is None else float(g > 0) if g.dim() == 0 else g.numel() / batch for g in gates)
 
-    def line(self) -> str:
-        gates, _ = self.last
-        return " ".join("1" if g is None else str(int(g > 0)) if g.dim() == 0 else ",".join(map(str, g.tolist()))
-                        for g in gates)
+def wrap_model(model: nn.Module, s: Settings, dist: Dist, device: torch.device):
+    """(the model that trains, the one that evaluates, the no_sync context for all but a step's last
+    micro-batch): compiled with ``compile``, and the training one in DDP on several processes."""
+    if s.compile:
+        model = torch.compile(model)
+    if not dist.enabled:
+        return model, model, nullcontext
+    # A plain DDP: every rank skips the same blocks (shared gate seed), and a skipped block's parameters get
+    # zero gradients, so every parameter has a gradient in every step.
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp, model, ddp.no_sync
 
 
 # -- one step and one evaluation -----------------------------------------------------------------------------
@@ -511,10 +221,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
     """One optimizer step on this process's part of the global batch.
 
     Returns the summed loss, the number of correct predictions and, with ``grad_groups``, the summed
-    |gradient| of each group (all on the device, no sync).
-
-    Micro-batches of a step share one draw of the gates (the sampler is rewound before each): the whole
-    mini-batch keeps or skips a block, as in the paper, however it is split over processes and micro-batches.
+    |gradient| of each group (all on the device, no sync). Micro-batches of a step share one draw of the gates
+    (the sampler is rewound before each): the whole mini-batch keeps or skips a block, as in the paper.
     """
     gate_state = gate_sampler.get_rng_state() if accum_steps > 1 else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -556,249 +264,156 @@ def evaluate(model: nn.Module, data, split: str, dist: Dist, batch_size: int, de
     return loss_sum / count, 100.0 * (1.0 - correct / count)
 
 
-# -- checkpoints ---------------------------------------------------------------------------------------------
-def apply_drop_warmup(gate_sampler, step: int, total_steps: int, fraction: float) -> None:
-    """--drop-warmup: the share of the drop rates in effect at this step (sdzoo.survival.drop_warmup_factor)."""
-    if fraction:
-        gate_sampler.set_drop_rate_factor(drop_warmup_factor(step, total_steps, fraction))
+class Evaluator:
+    """Validation and test of the weights now. The best weights, those of the lowest validation error so far
+    (of the latest evaluation when there is no validation set), are saved to the run folder."""
+
+    def __init__(self, model: nn.Module, raw_model: nn.Module, data, s: Settings, dist: Dist,
+                 device: torch.device, channels_last: bool, out: Path):
+        self.model, self.raw_model, self.data, self.s, self.dist = model, raw_model, data, s, dist
+        self.device, self.channels_last, self.out = device, channels_last, out
+        self.batch_size = s.eval_batch_size or max(256, 2 * (s.batch_size // dist.world))
+
+    def _error(self, split: str) -> Tuple[float, float]:
+        return evaluate(self.model, self.data, split, self.dist, self.batch_size, self.device, self.channels_last)
+
+    def __call__(self, state: TrainState, epoch: int) -> Dict[str, Any]:
+        started = time.perf_counter()
+        val_loss, val_error = self._error("val") if self.data.val is not None else (None, None)
+        test_loss, test_error = (val_loss, val_error) if self.data.test_is_val else self._error("test")
+        best = state.best
+        if val_error is None or best["val_error"] is None or val_error < best["val_error"]:
+            state.best = dict(epoch=epoch + 1, step=state.global_step, val_error=val_error, test_error=test_error)
+            if self.dist.main:
+                # config.json is rewritten with every model.safetensors, from the same model: they always agree.
+                save_model_config(self.out / CONFIG_NAME, self.raw_model, self.data.data_config(),
+                                  tag=self.s.dataset, label_names=self.data.classes)
+                save_weights(self.out / WEIGHTS_NAME, self.raw_model)
+        return dict(val_loss=val_loss, val_error=val_error, test_loss=test_loss, test_error=test_error,
+                    eval_time_s=time.perf_counter() - started)
 
 
-def _rng_states(order_state: Tensor, aug_state: Tensor, gate_sampler, device: torch.device) -> Dict[str, Any]:
-    return dict(order=order_state, augment=aug_state, gates=gate_sampler.get_rng_state(),
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _restore_rng(rng: Dict[str, Any], order_gen, aug_gen, gate_sampler, device: torch.device) -> None:
-    order_gen.set_state(rng["order"])
-    aug_gen.set_state(rng["augment"])
-    gate_sampler.set_rng_state(rng["gates"])
-    torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-
-
-def _truncate_lines(path: Path, keep) -> None:
-    """Drop the lines a killed run wrote after its last checkpoint (and any half-written line)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if keep(line):
-                kept.append(line + "\n")
-        except (ValueError, KeyError, IndexError):
-            pass
-    atomic_write(path, lambda temp: Path(temp).write_text("".join(kept)))
-
-
-@dataclass
-class EpochTotals:
-    """Running sums of one epoch, saved in mid-epoch checkpoints so a resumed epoch reports the same."""
-    loss_sum: Tensor
-    correct: Tensor
-    seen: int = 0
-    steps: int = 0
-    depth_sum: float = 0.0
-    train_time: float = 0.0
-    grad_abs: Optional[Tensor] = None
-
-    @classmethod
-    def zeros(cls, num_groups: int, device: torch.device) -> "EpochTotals":
-        return cls(torch.zeros((), dtype=torch.float64, device=device),
-                   torch.zeros((), dtype=torch.int64, device=device),
-                   grad_abs=torch.zeros(num_groups, dtype=torch.float64, device=device))
-
-    def to_state(self) -> Dict[str, Any]:
-        return dict(loss_sum=self.loss_sum.item(), correct=self.correct.item(), seen=self.seen, steps=self.steps,
-                    depth_sum=self.depth_sum, train_time=self.train_time, grad_abs=self.grad_abs.tolist())
-
-    @classmethod
-    def from_state(cls, state: Dict[str, Any], device: torch.device) -> "EpochTotals":
-        return cls(torch.tensor(state["loss_sum"], dtype=torch.float64, device=device),
-                   torch.tensor(state["correct"], dtype=torch.int64, device=device),
-                   state["seen"], state["steps"], state["depth_sum"], state["train_time"],
-                   torch.tensor(state["grad_abs"], dtype=torch.float64, device=device))
-
-
-def _divergence(loss_sum: Tensor, model: Optional[nn.Module], dist: Dist) -> Optional[str]:
-    """What became NaN or infinite on any rank, or None: the loss (a NaN or inf loss in any step leaves the
-    epoch's sum non-finite, so no step escapes) and, before anything is saved, the weights and statistics."""
+def check_finite(loss_sum: Tensor, model: Optional[nn.Module], dist: Dist, out: Path, s: Settings,
+                 epoch: int, where: str) -> None:
+    """Stop with ``Diverged`` when something became NaN or infinite on any rank: the loss (a NaN or inf loss
+    in any step leaves the epoch's sum non-finite, so no step escapes) and, with ``model`` (before anything is
+    saved), the weights and statistics."""
     bad = torch.zeros(2, device=loss_sum.device)
     bad[0] = (~torch.isfinite(loss_sum)).float()
     if model is not None:
         tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
         bad[1] = (~torch.stack([torch.isfinite(t).all() for t in tensors])).any().float()
     loss_bad, state_bad = _all_reduce(bad, dist, torch_dist.ReduceOp.MAX).tolist()
-    if loss_bad:
-        return "the training loss"
-    return "the weights or BatchNorm statistics" if state_bad else None
+    if not (loss_bad or state_bad):
+        return
+    what = "the training loss" if loss_bad else "the weights or BatchNorm statistics"
+    if (out / CHECKPOINT_NAME).exists():
+        advice = (f"the last good checkpoint, {out / CHECKPOINT_NAME}, is kept. Continue from it with a lower "
+                  f"learning rate: --resume {out} --lr {s.lr / 10:g}; or check the data")
+    else:
+        advice = "no checkpoint had been written yet. Start again with a lower --lr (into a new --output), or " \
+                 "check the data"
+    raise Diverged(f"{what} became NaN or infinite in epoch {epoch + 1} ({where}); training stopped and {advice}")
 
 
-# -- training ------------------------------------------------------------------------------------------------
-def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Run (or continue) a training run with settings ``s``; returns the summary written to summary.json."""
-    start_time = time.perf_counter()
-    dist, device = setup_processes(s)
-    cuda = device.type == "cuda"
-    amp = cuda if s["amp"] is None else s["amp"]
-    if amp and cuda and not torch.cuda.is_bf16_supported():
-        raise TrainError("--amp needs a GPU with bfloat16 (Ampere or newer); pass --no-amp")
-    channels_last = cuda if s["channels_last"] is None else s["channels_last"]
-    out = Path(s["output"])
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        folder_lock = lock_run_folder(out)  # noqa: F841  one writer per run folder, until train() returns
-    say = (lambda msg: print(msg, flush=True)) if dist.main and not s["quiet"] else (lambda msg: None)
+# -- what the loop records -----------------------------------------------------------------------------------
+def stage_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
+    """Parameters by stage (stem, layer1.., head): the groups of the gradient-magnitude metric."""
+    groups: Dict[str, List[nn.Parameter]] = {"stem": [], **{n: [] for n in model.stage_names}, "head": []}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        groups[top if top in model.stage_names else "head" if top in ("fc", "global_pool") else "stem"].append(p)
+    return {k: v for k, v in groups.items() if v}
 
-    # Batch geometry: the global batch is split over ranks, then over micro-batches.
-    global_batch, accum = s["batch_size"], s["accum_steps"]
-    if global_batch % (dist.world * accum):
-        raise TrainError(f"--batch-size {global_batch} must be divisible by processes x --accum-steps "
-                         f"({dist.world} x {accum})")
-    local_batch = global_batch // dist.world
 
-    # Data
-    data = load_data_everywhere(s, dist)
-    if cuda and s["dataset"] in TENSOR_DATASETS:
-        data.to(device)  # the whole data set on the GPU: a batch is an index, the augmentation a tensor op
-    steps_per_epoch = len(data) // global_batch
-    if steps_per_epoch == 0:
-        raise TrainError(f"--batch-size {global_batch} is larger than the {len(data)} training images")
-    eval_batch = s["eval_batch_size"] or max(256, 2 * local_batch)
+def grad_abs_sums(groups: Dict[str, List[nn.Parameter]]) -> Tensor:
+    """Sum of |gradient| per group, on the device (no sync)."""
+    return torch.stack([torch.stack(torch._foreach_norm([p.grad for p in ps], 1)).sum().double()
+                        for ps in groups.values()])
 
-    # Model
-    torch.manual_seed(s["seed"])
-    raw_model = create_model(s, data.num_classes)
-    sync_bn = use_sync_batchnorm(s, dist, cuda, global_batch // (dist.world * accum))
-    if sync_bn:
-        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    raw_model.to(device)
-    if channels_last:
-        raw_model.to(memory_format=torch.channels_last)
-    gate_sampler = raw_model.gate_sampler
-    gate_log = GateLog(gate_sampler)
-    groups = stage_groups(raw_model)
-    group_sizes = torch.tensor([sum(p.numel() for p in ps) for ps in groups.values()], dtype=torch.float64)
-    num_blocks, expected_depth = len(raw_model.residual_blocks()), raw_model.expected_depth()
 
-    # Optimizer, lr schedule, random streams
-    optimizer = build_optimizer(raw_model, s)
-    scheduler = build_scheduler(optimizer, s)
-    order_gen = torch.Generator().manual_seed(_stream_seed(s["seed"], 1))
-    aug_gen = torch.Generator().manual_seed(_stream_seed(s["seed"], 2))
-    start_epoch, start_step, global_step, elapsed = 0, 0, 0, 0.0
-    best = dict(epoch=None, step=None, val_error=None, test_error=None)
-    eval_every = s["eval_every_steps"]
-    totals_state = None
-    if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint["settings"]["lr"] != s["lr"]:
-            _change_lr(optimizer, scheduler, checkpoint["settings"]["lr"], s["lr"])
-            say(f"--lr changed from {checkpoint['settings']['lr']} to {s['lr']} (recorded in metrics.jsonl and "
-                "summary.json)")
-        _restore_rng(checkpoint["rng"], order_gen, aug_gen, gate_sampler, device)
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
-        global_step, elapsed, best = checkpoint["global_step"], checkpoint["elapsed"], checkpoint["best"]
-        totals_state = checkpoint["totals"]
-        say(f"resuming {out} at epoch {start_epoch + 1}, step {start_step} (global step {global_step})")
-        if checkpoint["world_size"] != dist.world and dist.main:
-            # Same global batches and gates, but BatchNorm sees other per-process batches: not bit-identical.
-            print(f"warning: the run was checkpointed with {checkpoint['world_size']} process(es) and resumes "
-                  f"with {dist.world}; it continues correctly but not bit for bit", file=sys.stderr)
+class GateLog:
+    """The gates of the last training step, as the model's gate sampler recorded its last draw."""
 
-    model = torch.compile(raw_model) if s["compile"] else raw_model
-    eval_model = model
-    if dist.enabled:
-        # A plain DDP: every rank skips the same blocks (shared gate seed), and a skipped block's parameters
-        # get zero gradients, so every parameter has a gradient in every step.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    no_sync = model.no_sync if dist.enabled else nullcontext
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    def __init__(self, sampler: nn.Module):
+        self.sampler = sampler
 
-    # Run folder
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out)
-        _truncate_lines(out / "metrics.jsonl", lambda line: json.loads(line)["step"] <= global_step)
-    gates_file = None
-    if s["record_gates"]:
-        if dist.enabled:
-            torch_dist.barrier()  # the folder exists
-        gates_path = out / f"gates_rank{dist.rank}.txt"
-        _truncate_lines(gates_path, lambda line: int(line.split(" ", 1)[0]) <= global_step)
-        gates_file = open(gates_path, "a")
+    @property
+    def last(self) -> Optional[Tuple[list, int]]:
+        return self.sampler.last_draw
 
-    def save_checkpoint(epoch: int, step: int, totals: EpochTotals, order_state, aug_state) -> None:
-        """Everything needed to continue at (epoch, step): the data plan is redrawn from the epoch-start
-        states of its generators, the other random states are those of this moment."""
-        if gates_file is not None:
-            gates_file.flush()
+    def depth(self) -> float:
+        """Blocks that ran in the last step (per sample, averaged, in sample mode)."""
+        if self.last is None:
+            return float("nan")
+        gates, batch = self.last
+        # A batch gate is a bool, or a float holding the inverted scale (0: skipped) under drop-rate warmup.
+        return sum(1.0 if g is None else float(g > 0) if g.dim() == 0 else g.numel() / batch for g in gates)
+
+    def line(self) -> str:
+        gates, _ = self.last
+        return " ".join("1" if g is None else str(int(g > 0)) if g.dim() == 0 else ",".join(map(str, g.tolist()))
+                        for g in gates)
+
+
+class RunLog:
+    """The run folder and its logs: the folder's lock (rank 0 is its one writer), metrics.jsonl, the gates files
+    (``record_gates``), summary.json, and the progress lines. On resume, the lines that a killed process wrote
+    after its last checkpoint go."""
+
+    def __init__(self, out: Path, s: Settings, dist: Dist, global_step: int):
+        self.out, self.s, self.dist = out, s, dist
+        self.metrics = out / "metrics.jsonl"
+        self.speaks = dist.main and not s.quiet
+        self.start_time = time.perf_counter()
+        self.lock = None
         if dist.main:
-            save_state(out / CHECKPOINT_NAME, dict(
-                format=CHECKPOINT_FORMAT, settings=s, epoch=epoch, step=step, global_step=global_step,
-                world_size=dist.world,
-                elapsed=elapsed + time.perf_counter() - start_time, best=best, totals=totals.to_state(),
-                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                rng=_rng_states(order_state, aug_state, gate_sampler, device)))
+            out.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_run_folder(out)  # held until close(), or until the process ends
+            remove_stale_temp_files(out)
+            truncate_lines(self.metrics, lambda line: json.loads(line)["step"] <= global_step)
+        self.gates = None
+        if s.record_gates:
+            if dist.enabled:
+                torch_dist.barrier()  # rank 0 made the folder
+            gates_path = out / f"gates_rank{dist.rank}.txt"
+            truncate_lines(gates_path, lambda line: int(line.split(" ", 1)[0]) <= global_step)
+            self.gates = open(gates_path, "a")
 
-    def check_finite(epoch: int, step: int, loss_sum: Tensor, with_state: bool) -> None:
-        what = _divergence(loss_sum, raw_model if with_state else None, dist)
-        if what is None:
-            return
-        if (out / CHECKPOINT_NAME).exists():
-            advice = (f"the last good checkpoint, {out / CHECKPOINT_NAME}, is kept. Continue from it with a lower "
-                      f"learning rate: --resume {out} --lr {s['lr'] / 10:g}; or check the data")
-        else:
-            advice = ("no checkpoint had been written yet. Start again with a lower --lr (into a new --output), "
-                      "or check the data")
-        raise Diverged(f"{what} became NaN or infinite in epoch {epoch + 1} (by step {step} of "
-                       f"{steps_per_epoch}); training stopped and {advice}")
+    def say(self, message: str) -> None:
+        if self.speaks:
+            from tqdm import tqdm
+            tqdm.write(message)
 
-    def run_evaluation(epoch: int) -> Dict[str, Any]:
-        """Validation and test loss and error of the weights now; the best weights are those of the lowest
-        validation error so far (of the latest evaluation when there is no validation set)."""
-        nonlocal best
-        started = time.perf_counter()
-        val_loss = val_error = None
-        if data.val is not None:
-            val_loss, val_error = evaluate(eval_model, data, "val", dist, eval_batch, device, channels_last)
-        if data.test_is_val:
-            test_loss, test_error = val_loss, val_error
-        else:
-            test_loss, test_error = evaluate(eval_model, data, "test", dist, eval_batch, device, channels_last)
-        improved = val_error is None or best["val_error"] is None or val_error < best["val_error"]
-        if improved:
-            best = dict(epoch=epoch + 1, step=global_step, val_error=val_error, test_error=test_error)
-            if dist.main:
-                # config.json is rewritten with every model.safetensors, from the same model: they always agree.
-                save_model_config(out / CONFIG_NAME, raw_model, data.data_config(), tag=s["dataset"],
-                                  label_names=data.classes)
-                save_weights(out / WEIGHTS_NAME, raw_model)
-        return dict(val_loss=val_loss, val_error=val_error, test_loss=test_loss, test_error=test_error,
-                    eval_time_s=time.perf_counter() - started)
-
-    def record_evaluation(epoch: int, lr: float) -> None:
-        """An evaluation inside the epochs (--eval-every-steps): a line of metrics.jsonl of its own."""
-        result = run_evaluation(epoch)
-        if dist.main:
-            record = dict(kind="eval", epoch=epoch + 1, step=global_step, epochs_done=global_step / steps_per_epoch,
-                          lr=lr, **result)
-            with open(out / "metrics.jsonl", "a") as f:
+    def record(self, record: Dict[str, Any]) -> None:
+        if self.dist.main:
+            with open(self.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if not s["quiet"]:
-                val = "-" if result["val_error"] is None else f"{result['val_error']:.2f}%"
-                tqdm.write(f"step {global_step} (epoch {epoch + 1})  val err {val}  test err "
-                           f"{result['test_error']:.2f}%  lr {lr:.3g}  best val @ step {best['step']}")
 
-    def summarize(finished: bool) -> Dict[str, Any]:
-        """summary.json: the paper's number (test error at the evaluation of best validation error) and context."""
-        records = read_metrics(out / "metrics.jsonl") if dist.main else []
-        evals = evaluations(records)
-        points = f"evaluation (every {eval_every} steps)" if eval_every else "epoch"
-        return dict(
+    def record_gates(self, global_step: int, gate_log: GateLog) -> None:
+        if self.gates is not None:
+            self.gates.write(f"{global_step} {gate_log.line()}\n")
+
+    def flush(self) -> None:
+        if self.gates is not None:
+            self.gates.flush()
+
+    def close(self) -> None:
+        for f in (self.gates, self.lock):
+            if f is not None:
+                f.close()
+
+    def seconds(self, state: TrainState) -> float:
+        """Seconds the run has taken, over every process that worked on it."""
+        return state.elapsed + time.perf_counter() - self.start_time
+
+    def summary(self, state: TrainState, data, finished: bool, **context: Any) -> Dict[str, Any]:
+        """summary.json: the paper's number (test error at the evaluation of best validation error), the run's
+        time and ``context``."""
+        records = read_metrics(self.metrics) if self.dist.main else []
+        evals, best, every = evaluations(records), state.best, self.s.eval_every_steps
+        points = f"evaluation (every {every} steps)" if every else "epoch"
+        summary = dict(
             finished=finished, epochs_done=len(epoch_records(records)), evaluations=len(evals),
             best_epoch=best["epoch"], best_step=best.get("step"), best_val_error=best["val_error"],
             test_error=best["test_error"],
@@ -806,121 +421,206 @@ def train(s: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> Dic
             selection=(f"{points} of lowest validation error" if best["val_error"] is not None
                        else f"last {points} (no validation set)"),
             test_set="the validation set (no separate test set)" if data.test_is_val else "test",
-            last_epoch_test_error=evals[-1]["test_error"] if evals else None,
-            total_time_s=elapsed + time.perf_counter() - start_time, world_size=dist.world, device=device.type,
-            num_blocks=num_blocks, expected_depth=expected_depth, lr_changes=s.get("lr_changes", []), settings=s)
+            last_epoch_test_error=evals[-1]["test_error"] if evals else None, total_time_s=self.seconds(state),
+            **context,
+            lr_changes=list(self.s.lr_changes), settings=self.s.to_dict())
+        if self.dist.main:
+            save_json(self.out / "summary.json", summary)
+        return summary
 
-    say(f"{s['model']} on {s['dataset']}: {len(data)} training images, {steps_per_epoch} steps of {global_batch} "
-        f"per epoch, {dist.world} process(es) on {device}, expected depth {expected_depth:.2f} of {num_blocks} "
-        f"blocks; run folder {out}")
-    from tqdm import tqdm
+
+class Progress:
+    """The epoch's progress bar (rank 0, unless quiet): loss, lr, images/s and depth over the last window."""
+
+    def __init__(self, epoch: int, s: Settings, dist: Dist, steps: int, done: int, totals: EpochTotals,
+                 depth: Tuple[int, float]):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False,
+                        disable=not dist.main or s.quiet, dynamic_ncols=True)
+        self.world, (self.num_blocks, self.expected_depth) = dist.world, depth
+        self.window = (time.perf_counter(), totals.seen, totals.loss_sum.item())
+
+    def update(self, totals: EpochTotals, lr: float, show: bool) -> None:
+        self.bar.update(1)
+        if not show:
+            return
+        now, loss_now = time.perf_counter(), totals.loss_sum.item()
+        started, seen, loss = self.window
+        images = totals.seen - seen
+        self.bar.set_postfix(loss=f"{(loss_now - loss) / max(1, images):.4f}", lr=f"{lr:.3g}",
+                             img_s=f"{images * self.world / max(now - started, 1e-9):.0f}",
+                             depth=f"{totals.depth_sum / totals.steps:.1f}/{self.num_blocks} "
+                                   f"(E {self.expected_depth:.1f})")
+        self.window = (now, totals.seen, loss_now)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def epoch_record(epoch: int, state: TrainState, lr: float, totals: EpochTotals, result: Dict[str, Any],
+                 dist: Dist, groups: Dict[str, List[nn.Parameter]], expected_depth: float) -> Dict[str, Any]:
+    """The epoch's line of metrics.jsonl: training loss and error over every rank, the evaluation (if it ran at
+    the epoch's end), time, throughput, depth, and the mean |gradient| of each stage."""
+    loss_sum = _all_reduce(totals.loss_sum.clone(), dist).item()
+    correct = _all_reduce(totals.correct.double(), dist).item()
+    seen, steps = totals.seen * dist.world, max(1, totals.steps)
+    sizes = torch.tensor([sum(p.numel() for p in ps) for ps in groups.values()], dtype=torch.float64)
+    grad_mean_abs = (totals.grad_abs.cpu() / (sizes * steps)).tolist()  # the same on every rank: all-reduced grads
+    return dict(
+        kind="epoch", epoch=epoch + 1, step=state.global_step, lr=lr, train_loss=loss_sum / seen,
+        train_error=100.0 * (1.0 - correct / seen), val_loss=result["val_loss"], val_error=result["val_error"],
+        test_loss=result["test_loss"], test_error=result["test_error"],
+        epoch_time_s=totals.train_time + result["eval_time_s"], train_time_s=totals.train_time,
+        img_per_s=seen / max(totals.train_time, 1e-9), mean_depth=totals.depth_sum / steps,
+        expected_depth=expected_depth, grad_mean_abs=dict(zip(groups, grad_mean_abs)))
+
+
+def _error_text(error: Optional[float]) -> str:
+    return "-" if error is None else f"{error:.2f}%"
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Run (or continue) a training run; returns the summary written to summary.json."""
+    dist, device = setup_processes(s)
+    cuda, out = device.type == "cuda", Path(s.output)
+    amp = cuda if s.amp is None else s.amp
+    if amp and cuda and not torch.cuda.is_bf16_supported():
+        raise TrainError("--amp needs a GPU with bfloat16 (Ampere or newer); pass --no-amp")
+    channels_last = cuda if s.channels_last is None else s.channels_last
+    log = RunLog(out, s, dist, checkpoint["global_step"] if checkpoint else 0)
+
+    # Data
+    local_batch = local_batch_size(s, dist)
+    data = load_data_everywhere(s, dist, device)
+    steps_per_epoch, every = len(data) // s.batch_size, s.eval_every_steps
+
+    # Model, optimizer, random streams
+    raw_model = build_model(s, data.num_classes, dist, device, channels_last)
+    optimizer, gate_sampler = build_optimizer(raw_model, s), raw_model.gate_sampler
+    scheduler = build_scheduler(optimizer, s)
+    streams = RandomStreams(s.seed, gate_sampler, device)
+    state = TrainState() if checkpoint is None else resume_from(checkpoint, s, raw_model, optimizer, scheduler,
+                                                                streams)
+    totals_state = checkpoint["totals"] if checkpoint else None  # the sums of the epoch it stopped in
+    model, eval_model, no_sync = wrap_model(raw_model, s, dist, device)
+    autocast = _bf16_autocast(device) if amp else nullcontext
+    evaluator = Evaluator(eval_model, raw_model, data, s, dist, device, channels_last, out)
+    gate_log, groups = GateLog(gate_sampler), stage_groups(raw_model)
+    depth = num_blocks, expected_depth = len(raw_model.residual_blocks()), raw_model.expected_depth()
+    context = dict(world_size=dist.world, device=device.type, num_blocks=num_blocks, expected_depth=expected_depth)
+    if checkpoint is not None:
+        _say_resumed(log, checkpoint, s, state, dist)
+    log.say(f"{s.model} on {s.dataset}: {len(data)} training images, {steps_per_epoch} steps of {s.batch_size} "
+            f"per epoch, {dist.world} process(es) on {device}, expected depth {expected_depth:.2f} of "
+            f"{num_blocks} blocks; run folder {out}")
+
+    def save_checkpoint(totals: EpochTotals) -> None:
+        log.flush()
+        if dist.main:
+            save_state(out / CHECKPOINT_NAME, state.to_checkpoint(
+                log.seconds(state), settings=s.to_dict(), world_size=dist.world, totals=totals.to_state(),
+                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                rng=streams.state()))
+
+    def evaluate_and_record(epoch: int, lr: float) -> None:
+        """An evaluation inside the epochs (--eval-every-steps): a line of metrics.jsonl of its own."""
+        result = evaluator(state, epoch)
+        log.record(dict(kind="eval", epoch=epoch + 1, step=state.global_step,
+                        epochs_done=state.global_step / steps_per_epoch, lr=lr, **result))
+        log.say(f"step {state.global_step} (epoch {epoch + 1})  val err {_error_text(result['val_error'])}  "
+                f"test err {result['test_error']:.2f}%  lr {lr:.3g}  best val @ step {state.best['step']}")
 
     model.train()
-    for epoch in range(start_epoch, s["epochs"]):
-        order_state, aug_state = order_gen.get_state(), aug_gen.get_state()  # epoch-start states
-        plan = data.plan_epoch(order_gen, aug_gen)
-        step = start_step if epoch == start_epoch else 0
-        totals = (EpochTotals.from_state(totals_state, device) if epoch == start_epoch and totals_state
-                  else EpochTotals.zeros(len(groups), device))
-        lr = optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False,
-                   disable=not dist.main or s["quiet"], dynamic_ncols=True)
-        window_start, window_images, window_loss = time.perf_counter(), 0, totals.loss_sum.item()
+    for epoch in range(state.epoch, s.epochs):
+        plan = streams.plan_epoch(data)
+        totals = EpochTotals.from_state(totals_state, device) if totals_state else \
+            EpochTotals.zeros(len(groups), device)
+        totals_state, lr = None, optimizer.param_groups[0]["lr"]
+        progress = Progress(epoch, s, dist, steps_per_epoch, state.step, totals, depth)
         t0 = time.perf_counter()
-        for x, y in data.train_batches(plan, step, steps_per_epoch, dist.rank, dist.world, local_batch, device):
+        for x, y in data.train_batches(plan, state.step, steps_per_epoch, dist.rank, dist.world, local_batch,
+                                       device):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            apply_drop_warmup(gate_sampler, global_step, s["epochs"] * steps_per_epoch, s["drop_warmup"])
+            if s.drop_warmup:
+                gate_sampler.set_drop_rate_factor(
+                    drop_warmup_factor(state.global_step, s.epochs * steps_per_epoch, s.drop_warmup))
             loss_sum, correct, grad_abs = train_step(
-                model, optimizer, x, y, gate_sampler=gate_sampler, accum_steps=accum, autocast=autocast,
+                model, optimizer, x, y, gate_sampler=gate_sampler, accum_steps=s.accum_steps, autocast=autocast,
                 no_sync=no_sync, grad_groups=groups)
-            totals.grad_abs += grad_abs
-            step += 1
-            global_step += 1
-            totals.loss_sum += loss_sum
-            totals.correct += correct
-            totals.seen += len(y)
-            totals.steps += 1
-            totals.depth_sum += gate_log.depth()
-            if gates_file is not None:
-                gates_file.write(f"{global_step} {gate_log.line()}\n")
-            bar.update(1)
-            last_step = step == steps_per_epoch
-            if eval_every and global_step % eval_every == 0:
-                if not sync_bn:
-                    _sync_buffers(raw_model, dist)  # rank 0's statistics, which DDP gives every rank anyway
-                check_finite(epoch, step, totals.loss_sum, with_state=True)  # before the weights may be saved
+            state.step += 1
+            state.global_step += 1
+            totals.add_step(loss_sum, correct, grad_abs, len(y), gate_log.depth())
+            log.record_gates(state.global_step, gate_log)
+            last_step, where = state.step == steps_per_epoch, f"by step {state.step} of {steps_per_epoch}"
+            show = state.step % s.log_every == 0 or last_step
+            if show:
+                check_finite(totals.loss_sum, None, dist, out, s, epoch, where)
+            progress.update(totals, lr, show)
+            evaluate_now = every and state.global_step % every == 0
+            checkpoint_now = (s.checkpoint_every_steps and state.global_step % s.checkpoint_every_steps == 0
+                              and not last_step)
+            if evaluate_now or checkpoint_now:
+                if evaluate_now:
+                    sync_batchnorm_statistics(raw_model, dist)
+                check_finite(totals.loss_sum, raw_model, dist, out, s, epoch, where)  # before anything is saved
                 totals.train_time += time.perf_counter() - t0
-                record_evaluation(epoch, lr)
+                if evaluate_now:
+                    evaluate_and_record(epoch, lr)
+                if checkpoint_now:
+                    save_checkpoint(totals)
                 t0 = time.perf_counter()
-            if step % s["log_every"] == 0 or last_step:
-                check_finite(epoch, step, totals.loss_sum, with_state=False)
-                now, loss_now = time.perf_counter(), totals.loss_sum.item()
-                local_images = totals.seen - window_images
-                bar.set_postfix(loss=f"{(loss_now - window_loss) / max(1, local_images):.4f}", lr=f"{lr:.3g}",
-                                img_s=f"{local_images * dist.world / max(now - window_start, 1e-9):.0f}",
-                                depth=f"{totals.depth_sum / totals.steps:.1f}/{num_blocks} (E {expected_depth:.1f})")
-                window_start, window_images, window_loss = now, totals.seen, loss_now
-            if s["checkpoint_every_steps"] and global_step % s["checkpoint_every_steps"] == 0 and not last_step:
-                check_finite(epoch, step, totals.loss_sum, with_state=True)
-                totals.train_time += time.perf_counter() - t0
-                save_checkpoint(epoch, step, totals, order_state, aug_state)
-                t0 = time.perf_counter()
-        bar.close()
-        train_loss_sum = _all_reduce(totals.loss_sum.clone(), dist).item()
-        train_correct = _all_reduce(totals.correct.double(), dist).item()
+        progress.close()
         totals.train_time += time.perf_counter() - t0
-        seen = totals.seen * dist.world
+
+        # Epoch end: the full network is evaluated (each branch scaled by its survival probability), unless the
+        # evaluations come every N steps, when the run's last step gets one if it fell between two.
         scheduler.step()
-        if not sync_bn:
-            _sync_buffers(raw_model, dist)
-        check_finite(epoch, step, totals.loss_sum, with_state=True)  # before anything is saved
+        sync_batchnorm_statistics(raw_model, dist)
+        check_finite(totals.loss_sum, raw_model, dist, out, s, epoch, f"by step {state.step} of {steps_per_epoch}")
+        result = dict(val_loss=None, val_error=None, test_loss=None, test_error=None, eval_time_s=0.0)
+        if not every:
+            result = evaluator(state, epoch)
+        elif epoch + 1 == s.epochs and state.global_step % every:
+            evaluate_and_record(epoch, lr)
+        record = epoch_record(epoch, state, lr, totals, result, dist, groups, expected_depth)
+        record.update({"lr_change": c for c in s.lr_changes if c["epoch"] == epoch})  # a --lr given on resume
+        log.record(record)
+        state.epoch, state.step = epoch + 1, 0
+        streams.end_epoch()
+        save_checkpoint(EpochTotals.zeros(len(groups), device))
+        errors = "" if every else f"val err {_error_text(result['val_error'])}  test err {result['test_error']:.2f}%  "
+        log.say(f"epoch {epoch + 1}/{s.epochs}  loss {record['train_loss']:.4f}  train err "
+                f"{record['train_error']:.2f}%  {errors}lr {lr:.3g}  {record['img_per_s']:.0f} img/s  depth "
+                f"{record['mean_depth']:.1f}/{num_blocks}  best val @ "
+                f"{'step ' + str(state.best['step']) if every else state.best['epoch']}")
+        log.summary(state, data, finished=False, **context)
 
-        # Evaluation: the full network, each branch scaled by its survival probability; with --eval-every-steps
-        # the evaluations came during the epoch, and the run's last step gets one if it fell between two.
-        no_evaluation = dict(val_loss=None, val_error=None, test_loss=None, test_error=None, eval_time_s=0.0)
-        if not eval_every:
-            result = run_evaluation(epoch)
-        else:
-            result = no_evaluation
-            if epoch + 1 == s["epochs"] and global_step % eval_every:
-                record_evaluation(epoch, lr)
-        grad_abs = totals.grad_abs.cpu()  # the same on every rank: gradients are all-reduced before the step
-        record = dict(
-            kind="epoch", epoch=epoch + 1, step=global_step, lr=lr, train_loss=train_loss_sum / seen,
-            train_error=100.0 * (1.0 - train_correct / seen), val_loss=result["val_loss"],
-            val_error=result["val_error"], test_loss=result["test_loss"], test_error=result["test_error"],
-            epoch_time_s=totals.train_time + result["eval_time_s"], train_time_s=totals.train_time,
-            img_per_s=seen / max(totals.train_time, 1e-9), mean_depth=totals.depth_sum / max(1, totals.steps),
-            expected_depth=expected_depth,
-            grad_mean_abs={k: v for k, v in zip(groups, (grad_abs / (group_sizes * max(1, totals.steps))).tolist())})
-        for change in s.get("lr_changes", []):  # a --lr given on resume took effect in this epoch
-            if change["epoch"] == epoch:
-                record["lr_change"] = change
-        if dist.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        save_checkpoint(epoch + 1, 0, EpochTotals.zeros(len(groups), device), order_gen.get_state(),
-                        aug_gen.get_state())
-        if dist.main and not s["quiet"]:
-            errors = "" if eval_every else (
-                f"val err {'-' if result['val_error'] is None else format(result['val_error'], '.2f') + '%'}  "
-                f"test err {result['test_error']:.2f}%  ")
-            tqdm.write(f"epoch {epoch + 1}/{s['epochs']}  loss {record['train_loss']:.4f}  train err "
-                       f"{record['train_error']:.2f}%  {errors}lr {lr:.3g}  "
-                       f"{record['img_per_s']:.0f} img/s  depth {record['mean_depth']:.1f}/{num_blocks}  "
-                       f"best val @ {'step ' + str(best['step']) if eval_every else best['epoch']}")
-        if dist.main:
-            save_json(out / "summary.json", summarize(finished=False))
-
-    if gates_file is not None:
-        gates_file.close()
-    summary = summarize(finished=True)
+    summary = log.summary(state, data, finished=True, **context)
     if dist.main:
-        save_json(out / "summary.json", summary)
         plot_curves(out / "metrics.jsonl", out / "curves.png",
-                    title=f"{s['model']} on {s['dataset']} (p_L = {s['survival_prob']}, {s['survival_rule']})")
+                    title=f"{s.model} on {s.dataset} (p_L = {s.survival_prob}, {s.survival_rule})")
+    log.close()
     return summary
+
+
+def _bf16_autocast(device: torch.device):
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return autocast
+
+
+def _say_resumed(log: RunLog, checkpoint: Dict[str, Any], s: Settings, state: TrainState, dist: Dist) -> None:
+    old_lr = checkpoint["settings"]["lr"]
+    if old_lr != s.lr:
+        log.say(f"--lr changed from {old_lr} to {s.lr} (recorded in metrics.jsonl and summary.json)")
+    log.say(f"resuming {log.out} at epoch {state.epoch + 1}, step {state.step} (global step {state.global_step})")
+    if checkpoint["world_size"] != dist.world and dist.main:
+        # Same global batches and gates, but BatchNorm sees other per-process batches: not bit-identical.
+        print(f"warning: the run was checkpointed with {checkpoint['world_size']} process(es) and resumes "
+              f"with {dist.world}; it continues correctly but not bit for bit", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -947,7 +647,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         if rank0:
-            checkpoint_path = settings and Path(settings["output"]) / CHECKPOINT_NAME
+            checkpoint_path = settings and Path(settings.output) / CHECKPOINT_NAME
             if checkpoint_path and checkpoint_path.exists():
                 status = f"the last checkpoint, {checkpoint_path}, is kept (continue with --resume)"
             else:
@@ -959,9 +659,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch_dist.destroy_process_group()
     if rank0:
         test = "-" if summary["test_error"] is None else f"{summary['test_error']:.2f}%"
-        at = f"step {summary['best_step']} (epoch {summary['best_epoch']})" if settings["eval_every_steps"] \
+        at = f"step {summary['best_step']} (epoch {summary['best_epoch']})" if settings.eval_every_steps \
             else f"epoch {summary['best_epoch']}"
         print(f"done: best validation at {at}, test error there {test} "
               f"(accuracy {summary['test_accuracy']:.2f}%), {summary['total_time_s']:.1f} s; "
-              f"run folder {settings['output']}")
+              f"run folder {settings.output}")
     return 0

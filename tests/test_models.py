@@ -88,23 +88,44 @@ def _mean_train_flops(steps, batch_size, **kwargs):
     return sum(_train_step_flops(model, x)[0] for _ in range(steps)) / steps
 
 
-def _predicted_flops(batch_size):
-    """What the schedule predicts: constant-depth cost less each branch's cost times (1 - p_l)."""
+def _branch_flops(batch_size):
+    """Constant depth's training-step FLOPs, and each of the 54 branches' share of them."""
     model = timm.create_model("sd_resnet110_cifar", gate_mode="off").train()
     total, per_module = _train_step_flops(model, torch.randn(batch_size, 3, 32, 32))
     branch_flops = [sum(sum(per_module.get(f"SDResNet.{stage}.{i}.{layer}", {}).values())
                         for layer in ("conv1", "bn1", "conv2", "bn2"))
                     for stage in ("layer1", "layer2", "layer3") for i in range(18)]
+    return total, branch_flops
+
+
+def _predicted_flops(batch_size):
+    """What the schedule predicts: constant-depth cost less each branch's cost times (1 - p_l)."""
+    total, branch_flops = _branch_flops(batch_size)
     probs = sdzoo.survival_probs(54, 0.5)
     return total, total - sum((1 - p) * f for p, f in zip(probs, branch_flops))
 
 
 def test_training_flops_follow_the_schedule():
-    off, predicted = _predicted_flops(batch_size=2)
-    batch = _mean_train_flops(steps=100, batch_size=2, gate_mode="batch")
-    assert batch == pytest.approx(predicted, rel=0.02)
-    assert 0.72 < batch / off < 0.78  # about 0.75 of constant depth
+    # Each step computes exactly the branches its draw kept, and block l is kept with probability p_l: so
+    # the executed FLOPs follow the schedule in expectation, as many cheap draws then show.
+    off, branch_flops = _branch_flops(batch_size=2)
+    model = timm.create_model("sd_resnet110_cifar", gate_seed=1).train()
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(6):
+        executed = _train_step_flops(model, x)[0]
+        gates, _ = model.gate_sampler.last_draw
+        assert 0 < sum(not bool(g) for g in gates) < 54
+        assert executed == off - sum(f for g, f in zip(gates, branch_flops) if not bool(g))
     assert _mean_train_flops(steps=1, batch_size=2, gate_mode="off") == off
+
+    draws = 4000
+    kept = torch.stack([torch.stack(model.gate_sampler.draw(2, torch.device("cpu"))) for _ in range(draws)])
+    probs = torch.tensor(sdzoo.survival_probs(54, 0.5))
+    assert (kept.double().mean(0) - probs).abs().max() < 4 * (0.25 / draws) ** 0.5  # 4 standard deviations
+    mean_flops = off - (~kept).double().mean(0) @ torch.tensor(branch_flops, dtype=torch.float64)
+    predicted = off - ((1 - probs.double()) * torch.tensor(branch_flops, dtype=torch.float64)).sum()
+    assert float(mean_flops) == pytest.approx(float(predicted), rel=0.005)
+    assert 0.72 < float(predicted) / off < 0.78  # about 0.75 of constant depth
 
 
 def test_sample_mode_flops_follow_the_schedule():

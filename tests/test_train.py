@@ -6,6 +6,7 @@ Runs that the tests compare go through the real command line in subprocesses (``
 ``torchrun``); small checks call ``sdzoo.train.main`` in-process. Subprocesses use one thread each so
 that two of them can share two cores.
 """
+import dataclasses
 import json
 import os
 import random
@@ -23,10 +24,8 @@ import sdzoo  # noqa: F401  (registers the models)
 from sdzoo.data import load_digits_split
 from sdzoo.dataset_stats import DIGITS_MEAN, DIGITS_STD
 from sdzoo.metrics_plot import epoch_records, evaluations, read_metrics
-from sdzoo.recipes import RECIPES
-from sdzoo.train import (
-    Dist, GateLog, build_optimizer, build_parser, build_scheduler, main, resolve_settings,
-    train_step, use_sync_batchnorm)
+from sdzoo.settings import Settings, build_parser, resolve_settings
+from sdzoo.train import Dist, GateLog, build_optimizer, build_scheduler, main, train_step, use_sync_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train.py")
@@ -57,6 +56,15 @@ def _finish(proc: subprocess.Popen, timeout=300) -> str:
 
 def _checkpoint(run: Path) -> dict:
     return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+def _without_times(record: dict) -> dict:
+    """A metrics.jsonl record without its wall-clock fields, which differ from run to run."""
+    return {k: v for k, v in record.items() if not k.endswith(("time_s", "per_s"))}
+
+
+def _settings(*flags) -> Settings:
+    return resolve_settings(build_parser().parse_args([*flags, "--output", "unused"]))[0]
 
 
 # -- the digits recipe ---------------------------------------------------------------------------------------
@@ -154,9 +162,8 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
                            b["optimizer"]["state"][key]["momentum_buffer"])
     assert torch.equal(a["rng"]["gates"], b["rng"]["gates"])
     assert (ref / "gates_rank0.txt").read_text() == (killed / "gates_rank0.txt").read_text()
-    strip = lambda r: {k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}  # noqa: E731
-    assert [strip(r) for r in read_metrics(ref / "metrics.jsonl")] == \
-           [strip(r) for r in read_metrics(killed / "metrics.jsonl")]
+    assert [_without_times(r) for r in read_metrics(ref / "metrics.jsonl")] == \
+           [_without_times(r) for r in read_metrics(killed / "metrics.jsonl")]
     assert not list(killed.glob(".*.tmp"))
 
 
@@ -199,7 +206,7 @@ def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_pat
 def test_skipped_blocks_are_moved_by_weight_decay_and_momentum():
     model = timm.create_model("sd_resnet20_cifar", num_classes=10, survival_prob=0.5, gate_seed=0)
     lr, mu, wd = 0.1, 0.9, 1e-4
-    optimizer = build_optimizer(model, dict(lr=lr, momentum=mu, dampening=0.0, nesterov=True, weight_decay=wd))
+    optimizer = build_optimizer(model, Settings(lr=lr, momentum=mu, dampening=0.0, nesterov=True, weight_decay=wd))
     log = GateLog(model.gate_sampler)
     grads_seen = {}  # what the optimizer sees when it steps
     optimizer.register_step_pre_hook(lambda *_: grads_seen.update(
@@ -362,10 +369,8 @@ def test_eval_every_steps_records_each_evaluation_and_keeps_the_best_of_them(tmp
 
 
 def test_svhn_recipe_evaluates_every_200_steps():
-    settings, _ = resolve_settings(build_parser().parse_args(["--dataset", "svhn", "--output", "unused"]))
-    assert settings["eval_every_steps"] == 200
-    settings, _ = resolve_settings(build_parser().parse_args(["--dataset", "cifar10", "--output", "unused"]))
-    assert settings["eval_every_steps"] == 0
+    assert _settings("--dataset", "svhn").eval_every_steps == 200
+    assert _settings("--dataset", "cifar10").eval_every_steps == 0
 
 
 @pytest.mark.slow
@@ -393,9 +398,8 @@ def test_sigkill_between_two_evaluations_then_resume_is_bit_identical(tmp_path):
     a, b = _checkpoint(reference), _checkpoint(killed)
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
-    strip = lambda r: {k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}  # noqa: E731
     ref_records, killed_records = read_metrics(reference / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
-    assert [strip(r) for r in ref_records] == [strip(r) for r in killed_records]
+    assert [_without_times(r) for r in ref_records] == [_without_times(r) for r in killed_records]
     assert [r["step"] for r in evaluations(killed_records)] == list(range(10, 151, 10)) + [156]
     ref_summary, killed_summary = (json.loads((run / "summary.json").read_text()) for run in (reference, killed))
     for key in ("best_step", "best_val_error", "test_error", "evaluations"):
@@ -441,11 +445,11 @@ def test_bf16_training_evaluates_in_fp32(tmp_path, monkeypatch):
     ("imagenet", [30, 30, 30]),     # fb.resnet.torch: 0.1 * 0.1 ^ floor((epoch - 1) / 30)
 ])
 def test_lr_drops_on_the_epochs_of_the_authors_code(recipe, epochs_per_lr):
-    s = RECIPES[recipe].to_dict()
+    s = Settings.from_recipe(recipe)
     optimizer = build_optimizer(torch.nn.Linear(1, 1), s)
     scheduler = build_scheduler(optimizer, s)
     lrs = []
-    for _ in range(s["epochs"]):
+    for _ in range(s.epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
@@ -456,16 +460,15 @@ def test_lr_drops_on_the_epochs_of_the_authors_code(recipe, epochs_per_lr):
 
 # -- BatchNorm over several processes ------------------------------------------------------------------------
 def test_paper_recipes_default_to_sync_batchnorm_and_say_where_it_cannot_run(capsys):
-    parse = lambda *flags: resolve_settings(build_parser().parse_args([*flags, "--output", "unused"]))[0]  # noqa
     for dataset in ("cifar10", "cifar100", "svhn", "imagenet"):
-        assert parse("--dataset", dataset)["sync_bn"] is True, dataset
-    assert parse("--dataset", "cifar10", "--no-sync-bn")["sync_bn"] is False
-    assert parse("--dataset", "digits")["sync_bn"] is False
-    cifar = parse("--dataset", "cifar10")
+        assert _settings("--dataset", dataset).sync_bn is True, dataset
+    assert _settings("--dataset", "cifar10", "--no-sync-bn").sync_bn is False
+    assert _settings("--dataset", "digits").sync_bn is False
+    cifar = _settings("--dataset", "cifar10")
 
     assert use_sync_batchnorm(cifar, Dist(rank=0, world=4), cuda=True, micro_batch=32)
     assert not use_sync_batchnorm(cifar, Dist(rank=0, world=1), cuda=False, micro_batch=128)
-    assert not use_sync_batchnorm(dict(cifar, sync_bn=False), Dist(rank=0, world=4), cuda=False, micro_batch=32)
+    assert not use_sync_batchnorm(dataclasses.replace(cifar, sync_bn=False), Dist(rank=0, world=4), cuda=False, micro_batch=32)
     assert capsys.readouterr().err == ""
     # gloo on CPUs: no SyncBatchNorm, and one warning (from rank 0 only) that says what differs
     assert not use_sync_batchnorm(cifar, Dist(rank=1, world=4), cuda=False, micro_batch=32)
