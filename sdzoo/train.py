@@ -433,12 +433,12 @@ class Progress:
     """The epoch's progress bar (rank 0, unless quiet): loss, lr, images/s and depth over the last window."""
 
     def __init__(self, epoch: int, s: Settings, dist: Dist, steps: int, done: int, totals: EpochTotals,
-                 depth: Tuple[int, float]):
+                 num_blocks: int, expected_depth: float):
         from tqdm import tqdm
 
         self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False,
                         disable=not dist.main or s.quiet, dynamic_ncols=True)
-        self.world, (self.num_blocks, self.expected_depth) = dist.world, depth
+        self.world, self.num_blocks, self.expected_depth = dist.world, num_blocks, expected_depth
         self.window = (time.perf_counter(), totals.seen, totals.loss_sum.item())
 
     def update(self, totals: EpochTotals, lr: float, show: bool) -> None:
@@ -508,7 +508,7 @@ def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str,
     autocast = _bf16_autocast(device) if amp else nullcontext
     evaluator = Evaluator(eval_model, raw_model, data, s, dist, device, channels_last, out)
     gate_log, groups = GateLog(gate_sampler), stage_groups(raw_model)
-    depth = num_blocks, expected_depth = len(raw_model.residual_blocks()), raw_model.expected_depth()
+    num_blocks, expected_depth = len(raw_model.residual_blocks()), raw_model.expected_depth()
     context = dict(world_size=dist.world, device=device.type, num_blocks=num_blocks, expected_depth=expected_depth)
     if checkpoint is not None:
         _say_resumed(log, checkpoint, s, state, dist)
@@ -538,7 +538,7 @@ def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str,
         totals = EpochTotals.from_state(totals_state, device) if totals_state else \
             EpochTotals.zeros(len(groups), device)
         totals_state, lr = None, optimizer.param_groups[0]["lr"]
-        progress = Progress(epoch, s, dist, steps_per_epoch, state.step, totals, depth)
+        progress = Progress(epoch, s, dist, steps_per_epoch, state.step, totals, num_blocks, expected_depth)
         t0 = time.perf_counter()
         for x, y in data.train_batches(plan, state.step, steps_per_epoch, dist.rank, dist.world, local_batch,
                                        device):

@@ -24,6 +24,7 @@ import sdzoo  # noqa: F401  (registers the models)
 from sdzoo.data import load_digits_split
 from sdzoo.dataset_stats import DIGITS_MEAN, DIGITS_STD
 from sdzoo.metrics_plot import epoch_records, evaluations, read_metrics
+from sdzoo.checkpoint import CheckpointError
 from sdzoo.settings import Settings, build_parser, resolve_settings
 from sdzoo.train import Dist, GateLog, build_optimizer, build_scheduler, main, train_step, use_sync_batchnorm
 
@@ -304,8 +305,25 @@ def test_resume_keeps_the_run_settings_and_output_is_never_overwritten(tmp_path,
     assert "already holds a run" in capsys.readouterr().err
     assert _main("--output", run, "--resume", "--momentum", 0.5) == 2  # only --lr may change (test_safety)
     assert "--momentum 0.5 (run: 0.9)" in capsys.readouterr().err
+    # Flags equal to the run's are not a change, whatever their type on the command line (a list for tuples).
+    assert _main("--resume", run, "--quiet", "--lr-drops", 0.75, 0.5, "--epochs", 1) == 0
     assert _main("--resume", run, "--quiet") == 0  # finished: nothing left to do
     assert len(read_metrics(run / "metrics.jsonl")) == 1
+
+
+def test_settings_round_trip_and_older_checkpoints_get_the_settings_they_ran_with():
+    s = Settings.from_recipe("cifar10", lr=0.05, lr_changes=(dict(epoch=3, step=0, global_step=9, old=0.1, new=0.05),))
+    saved = s.to_dict()
+    assert isinstance(saved["lr_drops"], list) and saved["lr_changes"][0]["new"] == 0.05
+    assert Settings.from_dict(saved) == s
+    # Written before lr_drop_rule, jitter, lighting, eval_every_steps and drop_warmup were settings:
+    older = {k: v for k, v in saved.items()
+             if k not in ("lr_drop_rule", "color_jitter", "lighting", "eval_every_steps", "drop_warmup")}
+    restored = Settings.from_dict(older)
+    assert restored.lr_drop_rule == "fb.resnet.torch" and restored.eval_every_steps == 0
+    assert restored.color_jitter == restored.lighting == restored.drop_warmup == 0.0
+    with pytest.raises(CheckpointError, match="does not know: warp_speed"):
+        Settings.from_dict(dict(saved, warp_speed=9))
 
 
 def test_imagefolder_directory_trains(tmp_path):
