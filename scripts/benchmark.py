@@ -199,6 +199,7 @@ def inference_benchmark(args) -> List[Dict]:
     """Folded model: PyTorch eager vs onnxruntime fp32 vs int8 (CPU), batch 1 and 32, and the folded ONNX
     against the same architecture built without stochastic depth (deployment should cost nothing extra)."""
     from sdzoo import onnx_export
+    from sdzoo.data import digits_images
     from sdzoo.fold import fold_survival
     print("inference: eager vs onnxruntime", file=sys.stderr)
     torch.manual_seed(args.seed)
@@ -206,7 +207,7 @@ def inference_benchmark(args) -> List[Dict]:
     plain = timm.create_model(args.model, gate_mode="off").eval()
     plain.load_state_dict(model.state_dict())  # same weights: only the architecture's build differs
     cfg = model.pretrained_cfg
-    images, _ = onnx_export.digits_images(cfg["input_size"], cfg["mean"], cfg["std"])
+    images, _ = digits_images(cfg["input_size"], cfg["mean"], cfg["std"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8, plain_path = (Path(tmp) / n for n in ("model.onnx", "model.int8.onnx", "plain.onnx"))

@@ -24,10 +24,10 @@ from timm.models import load_state_dict
 
 from sdzoo.checkpoint import (
     CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings)
-from sdzoo.data import DIGITS_SPLIT_SIZES
+from sdzoo.data import DIGITS_SPLIT_SIZES, digits_images
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.latency import compare_latency, format_latency
-from sdzoo.onnx_export import DEFAULT_OPSET, ExportError, digits_images, export_onnx, onnx_metadata, quantize_int8
+from sdzoo.onnx_export import DEFAULT_OPSET, ExportError, export_onnx, onnx_metadata, quantize_int8
 
 HUB_PREFIXES = ("local-dir:", "hf-hub:")
 CALIB_DATA = ("digits",)

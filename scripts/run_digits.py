@@ -24,6 +24,7 @@ import torch
 
 import sdzoo
 from sdzoo import hub, onnx_export
+from sdzoo.data import digits_images
 from sdzoo.fold import fold_survival
 from sdzoo.train import main as train_main
 
@@ -54,7 +55,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def test_split(model) -> tuple:
     cfg = model.pretrained_cfg
-    return onnx_export.digits_images(cfg["input_size"], cfg["mean"], cfg["std"], split="test")
+    return digits_images(cfg["input_size"], cfg["mean"], cfg["std"], split="test")
 
 
 def parse_args(argv=None):

@@ -1,24 +1,12 @@
-"""A real skip for timm's own drop-path models: ``convert_drop_path(model, mode)``.
+"""A real skip for timm's own drop-path models: ``convert_drop_path`` moves their DropPath'd residuals onto the
+zoo's gates (``sdzoo.gate``), in place.
 
-timm's DropPath computes a residual branch for the whole batch and then multiplies it by a random mask, so
-a dropped branch costs as much as a kept one. ``convert_drop_path`` rewires each DropPath'd residual of a
-timm model, in place, onto the zoo's gates (``sdzoo.gate``):
-
-  ``sample``  DINOv2's fixed-size subset: the branch runs on k = round(keep * B) samples only and is added
-              back to them, divided by the kept share k / B (timm's inverted scaling: the expectation
-              matches).
-  ``batch``   the paper's whole-batch gate: the branch runs for the whole batch or not at all, divided by
-              the keep probability when it runs.
-
-Each branch keeps the rate timm gave it; eval outputs are timm's; a skipped branch's parameters get zero
-gradients (plain DDP works); the gates are drawn on the CPU from the model's own seeded generator, outside
-any compiled graph. The state dict does not change: a converted block is the same module with another
-forward, so timm's checkpoints load both ways.
-
-Each family is one adapter (``ADAPTERS``): the block class it converts, the names of its DropPath slots, and
-a forward that hands each residual's branch to its gate. A branch whose rate is below ``min_drop_rate``
-stays timm's mask: there the real skip's gather and scatter cost more than the branch time it saves
-(``BREAK_EVEN_DROP_RATE``; ``scripts/benchmark.py --convert --uniform-rate`` measures it).
+timm's DropPath computes a branch for the whole batch and then multiplies it by a random mask, so a dropped
+branch costs as much as a kept one. A converted block is the same module with another forward, so the state
+dict, and with it timm's checkpoints, do not change. Each block family is one adapter (``ADAPTERS``): the block
+class, the names of its DropPath slots, and a forward that hands each residual's branch to its gate. A branch
+whose rate is below ``min_drop_rate`` stays timm's mask: there the real skip's gather and scatter cost more than
+the branch time they save (``BREAK_EVEN_DROP_RATE``).
 """
 from __future__ import annotations
 

@@ -1,43 +1,35 @@
-"""Data for training: data sets, their splits, and augmentation done on the training device.
+"""The data sets of the training script, their fixed splits, and augmentation done on the training device.
 
-Data sets (``--dataset``):
-  cifar10, cifar100  torchvision's copies; 50k training images shuffled and split into train/validation.
-  svhn               train + extra minus a validation set (2/3 of it from train, 1/3 from extra, equal per
-                     class: the paper's 400 + 200 per class for 6,000), test.
-  imagenet,          an ImageFolder-style directory: ``train/`` and ``val/`` with one sub-folder per class,
-  imagefolder        and optionally ``test/`` (without it, ``val/`` is the test set too).
-  digits             the 1,797 8x8 handwritten digits that scikit-learn ships, upsampled; works offline.
-  synthetic          random images and labels, for throughput runs.
+CIFAR-sized data sets are held in memory as one tensor (on the GPU when training there): a batch is an
+index and the augmentation one batched tensor op on the device, with no loader processes and no host round
+trip. ImageFolder directories go through timm's folder reader and eval transform, with fb.resnet.torch's
+training augmentation, in DataLoader workers.
 
-CIFAR-sized data sets live in memory as one tensor (on the GPU when training there), so a batch is an
-index, and the augmentation (random shift with zero fill + horizontal flip) is one batched tensor op on
-the training device: no loader processes, no host round trip. ImageFolder data is decoded and augmented
-by DataLoader workers, as usual, with fb.resnet.torch's ImageNet training transform: random sized crop,
-colour jitter, PCA lighting noise, flip (``imagenet_train_transform``).
-
-Randomness is planned per epoch: at the start of an epoch the data order and every image's augmentation
-are drawn from two seeded generators. A process resumed in the middle of an epoch redraws the same plan
-from the saved generator states and skips the batches already done, and every distributed rank reads
-its slice of the same global batch, so the data seen does not depend on the number of processes.
+Everything random about an epoch's data (order, and each image's augmentation) is drawn up front from two
+seeded generators (``EpochPlan``), so a run resumed mid-epoch redraws the same plan and skips the batches
+done, and each distributed rank reads its slice of the same global batch: the data seen does not depend on
+the number of processes.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_choice
 from .dataset_stats import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
     IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
 
 __all__ = [
     "DATASETS", "DataError", "DIGITS_SPLIT_SIZES", "EpochPlan", "InMemoryData", "FolderData", "load_data",
-    "load_digits_split", "random_shift_flip", "normalize", "ColorJitter", "Lighting", "imagenet_train_transform",
+    "load_digits_split", "digits_images", "random_shift_flip", "normalize", "ColorJitter", "Lighting",
+    "imagenet_train_transform",
 ]
 
 DATASETS = ("cifar10", "cifar100", "svhn", "imagenet", "imagefolder", "digits", "synthetic")
@@ -52,18 +44,21 @@ class DataError(Exception):
 
 
 # -- digits --------------------------------------------------------------------------------------------------
-def load_digits_split(split: str, image_size: int = 32) -> Tuple[Tensor, Tensor]:
+def load_digits_split(split: str, image_size: Union[int, Tuple[int, int]] = 32) -> Tuple[Tensor, Tensor]:
     """One fixed split of scikit-learn's digits: ``(images, labels)``.
 
-    images: float32 ``(N, 3, image_size, image_size)`` in [0, 1] (the 0..16 grey levels divided by 16,
-    bilinearly upsampled from 8x8, the grey channel repeated three times), not normalised: normalise
-    with ``DIGITS_MEAN`` / ``DIGITS_STD``. labels: int64 ``(N,)``, the digit 0..9.
+    images: float32 ``(N, 3, H, W)`` in [0, 1] (the 0..16 grey levels divided by 16, bilinearly upsampled
+    from 8x8 to ``image_size``, an int or ``(H, W)``, the grey channel repeated three times), not
+    normalised: normalise with ``DIGITS_MEAN`` / ``DIGITS_STD``. labels: int64 ``(N,)``, the digit 0..9.
     The splits are stratified and fixed: train 1,257, val 180, test 360 images.
     """
-    if split not in DIGITS_SPLIT_SIZES:
-        raise ValueError(f"split must be one of {', '.join(map(repr, DIGITS_SPLIT_SIZES))}; got {split!r}")
-    if not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size must be an integer >= 8; got {image_size!r}")
+    check_choice("split", split, DIGITS_SPLIT_SIZES)
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 8 for s in size)):
+        raise ValueError(f"image_size must be an integer >= 8 or a (height, width) pair of them; "
+                         f"got {image_size!r}")
+    size = tuple(size)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -75,11 +70,43 @@ def load_digits_split(split: str, image_size: int = 32) -> Tuple[Tensor, Tensor]
                                   random_state=0)
     chosen = {"train": train, "val": val, "test": test}[split]
     images = torch.as_tensor(digits.images[chosen], dtype=torch.float32).div_(16.0).unsqueeze(1)
-    if image_size != 8:
-        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if size != (8, 8):
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     images = images.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
     labels = torch.as_tensor(digits.target[chosen], dtype=torch.int64)
     return images, labels
+
+
+def digits_images(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                  split: str = "all") -> Tuple[np.ndarray, np.ndarray]:
+    """The digits as a model's inputs, for ONNX calibration and measurement: (N, C, H, W) float32 images,
+    normalised with ``mean`` and ``std`` (one value, or one per channel), and (N,) int64 labels.
+
+    ``split`` is one of the fixed splits ('train', 'val', 'test') or 'all' (1,797 images, in that order):
+    calibrate on 'train', measure on 'test'.
+    """
+    check_choice("split", split, ("all", *DIGITS_SPLIT_SIZES))
+    try:
+        channels, height, width = (int(s) for s in input_size)
+    except (TypeError, ValueError):
+        channels = height = width = 0
+    if channels < 1 or min(height, width) < 8:
+        raise ValueError(f"input_size must be (channels, height, width) with height and width >= 8; "
+                         f"got {input_size!r}")
+    parts = [load_digits_split(s, (height, width)) for s in (DIGITS_SPLIT_SIZES if split == "all" else [split])]
+    images = torch.cat([p[0][:, :1] for p in parts]).expand(-1, channels, -1, -1)
+    labels = torch.cat([p[1] for p in parts])
+    images = normalize(images, _per_channel("mean", mean, channels), _per_channel("std", std, channels))
+    return images.numpy(), labels.numpy()
+
+
+def _per_channel(name: str, values: Sequence[float], channels: int) -> List[float]:
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"{name} must have 1 or {channels} values; got {len(values)}")
+    return values
 
 
 # -- tensor ops on the training device -----------------------------------------------------------------------
@@ -147,7 +174,21 @@ class Split:
         return Split(self.images.to(device), self.labels.to(device))
 
 
-class InMemoryData:
+class _Data:
+    """What both kinds of data set share: the size of an epoch, and the timm data config (preprocessing) that
+    the models trained on them are saved with."""
+    crop_pct = 1.0  # of the evaluation images: 1.0 is the whole image
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def data_config(self) -> dict:
+        size = self.image_size
+        return dict(input_size=(3, size, size), mean=self.mean, std=self.std, crop_pct=self.crop_pct,
+                    interpolation="bilinear")
+
+
+class InMemoryData(_Data):
     """A data set held as tensors; batches are gathered, normalised and augmented on the device."""
 
     def __init__(self, name: str, train: Split, val: Optional[Split], test: Split, num_classes: int,
@@ -161,9 +202,6 @@ class InMemoryData:
         self.test_is_val = test_is_val
         self.image_size = int(train.images.shape[-1])
 
-    def __len__(self) -> int:
-        return len(self.train)
-
     def to(self, device: torch.device) -> "InMemoryData":
         """Keep the whole data set on the training device (a batch is then an index)."""
         def move(split: Optional[Split]) -> Optional[Split]:
@@ -171,11 +209,6 @@ class InMemoryData:
 
         self.train, self.val, self.test = move(self.train), move(self.val), move(self.test)
         return self
-
-    def data_config(self) -> dict:
-        size = self.image_size
-        return dict(input_size=(3, size, size), mean=self.mean, std=self.std, crop_pct=1.0,
-                    interpolation="bilinear")
 
     def plan_epoch(self, order_gen: torch.Generator, aug_gen: torch.Generator) -> EpochPlan:
         n = len(self.train)
@@ -404,31 +437,49 @@ def imagenet_train_transform(image_size: int, hflip: bool = True, color_jitter: 
 
 
 class _SeededTransform(torch.utils.data.Dataset):
-    """An ImageFolder whose items are ``(index, seed)``: each image's augmentation is a function of its seed,
-    so it does not depend on the loader's worker count or on where a resumed epoch starts."""
+    """A data set of PIL images whose items are asked for as ``(index, seed)``: each image's augmentation is a
+    function of its seed, so it does not depend on the loader's worker count or on where a resumed epoch starts."""
 
-    def __init__(self, folder, transform):
-        self.folder, self.transform = folder, transform
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.images)
 
     def __getitem__(self, item):
         index, seed = item
-        image, label = self.folder[index]
+        image, label = self.images[index]
         with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone (workers=0)
             torch.manual_seed(int(seed))
             image = self.transform(image)
         return image, label
 
 
-class FolderData:
-    """An ImageFolder-style directory, decoded and augmented by DataLoader workers (uint8 batches, float32
-    training batches with colour jitter or lighting)."""
+def _class_names(images) -> List[str]:
+    """The classes of a timm ImageDataset, in the order of their indices."""
+    class_to_idx = images.reader.class_to_idx
+    return sorted(class_to_idx, key=class_to_idx.get)
+
+
+def _check_classes(root: str, split: str, classes: List[str], train_classes: List[str]) -> None:
+    if "" in classes:  # timm's reader labels the images that lie in the split folder itself ''
+        raise DataError(f"--data-dir {root}: {split}/ holds images outside class folders; put each class's "
+                        f"images in a sub-folder of {split}/ named after the class")
+    if classes != train_classes:
+        missing, extra = sorted(set(train_classes) - set(classes)), sorted(set(classes) - set(train_classes))
+        detail = "; ".join(f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                           for what, names in (("missing", missing), ("not in train/", extra)) if names)
+        raise DataError(f"--data-dir {root}: the class folders of {split}/ differ from those of train/ ({detail})")
+
+
+class FolderData(_Data):
+    """An ImageFolder-style directory read with timm's folder reader, decoded and augmented by DataLoader
+    workers (uint8 batches, float32 training batches with colour jitter or lighting)."""
+    crop_pct = 0.875  # evaluation: shorter side resized to size / 0.875 (256 for 224), then the centre crop
 
     def __init__(self, name: str, root: str, image_size: int, hflip: bool, workers: int,
                  color_jitter: float = 0.0, lighting: float = 0.0):
-        from torchvision import datasets, transforms as T
+        from timm.data import create_dataset, create_transform
 
         for split in ("train", "val"):
             path = os.path.join(root, split)
@@ -439,62 +490,56 @@ class FolderData:
         self.name, self.root = name, root
         self.image_size, self.workers = int(image_size), int(workers)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.train_transform = imagenet_train_transform(image_size, hflip, color_jitter, lighting)
+        # timm's eval transform of the cfg the models are saved with (resize to size / crop_pct, centre crop);
+        # use_prefetcher: uint8 tensors, normalised on the training device as the training batches are.
+        self.eval_transform = create_transform(**self.data_config(), is_training=False, use_prefetcher=True)
+        splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
         try:
-            folders = {s: datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val", "test")
-                       if os.path.isdir(os.path.join(root, s))}
-        except (FileNotFoundError, RuntimeError) as e:
+            # Each split folder by its path: timm's split search falls back to the whole root when one is missing.
+            # Each is read with its own class index, checked against train/'s below; given train/'s class_map, the
+            # reader would silently leave out the images of classes that train/ lacks.
+            folders = {s: create_dataset("", root=os.path.join(root, s), search_split=False,
+                                         transform=None if s == "train" else self.eval_transform) for s in splits}
+        except RuntimeError as e:  # a split without images
             raise DataError(f"--data-dir {root}: {e}") from None
+        self.classes = _class_names(folders["train"])
         for split, folder in folders.items():
-            if folder.classes != folders["train"].classes:
-                raise DataError(f"--data-dir {root}: the class folders of {split}/ differ from those of train/")
-        self.classes = list(folders["train"].classes)
+            _check_classes(root, split, _class_names(folder), self.classes)
         self.num_classes = len(self.classes)
         self.test_is_val = "test" not in folders
-        resize = int(math.floor(image_size / 0.875))
-        self.train_transform = imagenet_train_transform(image_size, hflip, color_jitter, lighting)
         self.train = _SeededTransform(folders["train"], self.train_transform)
-        eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
-        self.val = _SeededTransform(folders["val"], eval_tf)
-        self.test = self.val if self.test_is_val else _SeededTransform(folders["test"], eval_tf)
-
-    def __len__(self) -> int:
-        return len(self.train)
+        self.val = folders["val"]
+        self.test = folders.get("test", self.val)
 
     def to(self, device: torch.device) -> "FolderData":
         return self
-
-    def data_config(self) -> dict:
-        size = self.image_size
-        return dict(input_size=(3, size, size), mean=self.mean, std=self.std, crop_pct=0.875,
-                    interpolation="bilinear")
 
     def plan_epoch(self, order_gen: torch.Generator, aug_gen: torch.Generator) -> EpochPlan:
         n = len(self.train)
         return EpochPlan(order=torch.randperm(n, generator=order_gen),
                          seeds=torch.randint(0, 2 ** 62, (n,), generator=aug_gen))
 
-    def _loader(self, dataset, batches: List[List[Tuple[int, int]]], device: torch.device):
-        return torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=device.type == "cuda")
+    def _batches(self, dataset, batches, device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
+        # Our own DataLoader over explicit batches, not timm's create_loader: its samplers would replace the seeded
+        # per-epoch plan, and with it the bit-exact mid-epoch resume; and its OrderedDistributedSampler pads the
+        # evaluation shards with repeated images, which would miscount the error.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
+                                             pin_memory=device.type == "cuda")
+        for x, y in loader:
+            yield normalize(x.to(device, non_blocking=True), self.mean, self.std), y.to(device, non_blocking=True)
 
     def train_batches(self, plan: EpochPlan, start_step: int, num_steps: int, rank: int, world: int,
                       local_batch: int, device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
-        batches = []
-        for step in range(start_step, num_steps):
-            pos = plan.rank_positions(step, rank, world, local_batch)
-            batches.append(list(zip(plan.order[pos].tolist(), plan.seeds[pos].tolist())))
-        for x, y in self._loader(self.train, batches, device):
-            x = normalize(x.to(device, non_blocking=True), self.mean, self.std)
-            yield x, y.to(device, non_blocking=True)
+        positions = [plan.rank_positions(step, rank, world, local_batch) for step in range(start_step, num_steps)]
+        batches = [list(zip(plan.order[pos].tolist(), plan.seeds[pos].tolist())) for pos in positions]
+        yield from self._batches(self.train, batches, device)
 
     def eval_batches(self, split: str, rank: int, world: int, batch_size: int,
                      device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
-        part = _shard(len(getattr(self, split)), rank, world)
-        batches = [[(i, 0) for i in range(s, min(s + batch_size, part.stop))]
-                   for s in range(part.start, part.stop, batch_size)]
-        for x, y in self._loader(getattr(self, split), batches, device):
-            x = normalize(x.to(device, non_blocking=True), self.mean, self.std)
-            yield x, y.to(device, non_blocking=True)
+        images = getattr(self, split)
+        part = _shard(len(images), rank, world)
+        yield from self._batches(images, torch.utils.data.BatchSampler(part, batch_size, drop_last=False), device)
 
 
 # -- entry point ---------------------------------------------------------------------------------------------

@@ -1,12 +1,8 @@
-"""Fold the test-time rescaling of stochastic depth into the weights.
+"""Fold the test-time rescaling of stochastic depth into the weights: the one place a model is folded.
 
-At test time a block computes ``shortcut(x) + p_l * f_l(x)`` (``expectation`` scaling). The branch f_l ends
-in an affine layer (its last BatchNorm, or the conv that BatchNorm was fused into), and an affine layer
-times p_l is the same layer with its weight and bias times p_l. Folding does exactly that and then sets
-every p_l to 1, so the model becomes a plain ResNet: same outputs, no multiply, no gates. Its state dict
-loads into the same architecture built with ``gate_mode='off'``.
-
-This module is the one place a model is folded; the export tools and the Hub tools call it.
+At test time a block computes ``shortcut(x) + p_l * f_l(x)`` (``expectation`` scaling). The branch f_l ends in
+an affine layer (its last BatchNorm, or the conv that BatchNorm was fused into), and an affine layer times p_l
+is the same layer with its weight and bias times p_l: folding scales that layer and sets every p_l to 1.
 """
 from __future__ import annotations
 
@@ -15,10 +11,9 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
-__all__ = ["fold_survival", "is_folded", "can_fold", "trained_settings"]
+from .checkpoint import SURVIVAL_SETTINGS
 
-# The model arguments that describe how a model was trained: what a folded model records.
-_SURVIVAL_KEYS = ("survival_prob", "survival_rule", "gate_mode", "scaling")
+__all__ = ["fold_survival", "is_folded", "can_fold", "trained_settings"]
 
 
 def is_folded(model: nn.Module) -> bool:
@@ -87,7 +82,7 @@ def _residual_blocks(model: nn.Module):
 def trained_settings(model: nn.Module) -> Dict[str, Any]:
     """The survival settings a model trains with (what a folded model records)."""
     args = getattr(model, "_model_args", None) or {}
-    return {k: args.get(k, getattr(model, k, None)) for k in _SURVIVAL_KEYS}
+    return {k: args.get(k, getattr(model, k, None)) for k in SURVIVAL_SETTINGS}
 
 
 def _last_affine(layers: List[nn.Module], block_idx: int) -> nn.Module:

@@ -1,29 +1,16 @@
-"""Gates: which residual branches run in a training step, and how a branch is scaled.
+"""Gates: which residual branches run in a training step, and how a branch is scaled (the models'
+``gate_mode`` and ``scaling`` arguments).
 
-Two pieces, used by every model in the zoo:
+* ``GateSampler`` (one per model) draws a step's gates from its own seeded ``torch.Generator``, so that every
+  run and every data-parallel rank draws the same ones. It runs outside any compiled graph, so that
+  torch.compile cannot bake one step's draws into the graph (pytorch issue 95425).
+* ``ResidualGate`` (one per block) applies a draw, ``shortcut + b_l * f_l(x)``; a dropped branch is not
+  computed at all, which is where stochastic depth saves its time.
 
-* ``GateSampler`` (one per model) rolls the dice for a step. It owns a seeded ``torch.Generator``, so the
-  same seed gives the same gates on every run and on every data-parallel rank, and it runs outside any
-  compiled graph so that torch.compile cannot bake one step's draws into the graph (pytorch issue 95425).
-* ``ResidualGate`` (one per block) applies a draw: ``shortcut + b_l * f_l(x)``. A dropped branch is not
-  computed at all, which is where stochastic depth saves its forward, backward and weight-gradient time.
-
-Gate modes:
-  ``batch``  one Bernoulli(p_l) draw per block per step for the whole mini-batch (the paper's).
-  ``sample`` per-sample drop: a fixed number k_l = round(p_l * B) (at least 1) of the B samples run the
-             branch, the others skip it; the branch is computed on the kept samples only, and shapes stay
-             static. The kept share is k_l / B, which is p_l up to rounding: at small batches (p_l * B
-             near 1) it can be far from p_l, so use ``batch`` mode there.
-  ``off``    constant depth: every branch runs, p_l = 1.
-
-Scalings:
-  ``expectation`` no scaling in training, branch times p_l at eval (the paper's).
-  ``inverted``    kept branch divided by p_l in training, identity at eval (timm's DropPath, torchvision).
-
-Drop-rate warmup (Composer's ``drop_warmup``): ``set_drop_rate_factor(model, f)`` puts a share f of every
-drop rate in effect, p_l = 1 - f (1 - target p_l); ``sdzoo.survival.drop_warmup_factor`` gives f for a step.
-The rates stay out of any compiled graph: the sampler draws with them on the CPU, and a batch gate then
-carries the inverted scale as its value (a 0-dim float, 0 when the branch is skipped) instead of a Python
+``sample`` mode runs the branch on a fixed k_l = round(p_l * B) (at least 1) of the B samples, so that shapes
+stay static; at small batches the kept share k_l / B can be far from p_l. The drop rates, warm-up included
+(``set_drop_rate_factor``), stay out of any compiled graph too: the sampler draws with them on the CPU, and a
+batch gate carries its inverted scale as a 0-dim tensor (0 when the branch is skipped) instead of a Python
 float the graph would bake in.
 """
 from __future__ import annotations

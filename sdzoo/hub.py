@@ -1,22 +1,10 @@
-"""Publish a training run to the Hugging Face Hub, so that others load it with timm alone.
+"""Publishing a training run to the Hugging Face Hub in timm's own format, so that ``hf-hub:`` loads it with timm
+alone.
 
-A run folder (timm's local-dir format: ``config.json`` + ``model.safetensors``, plus the training script's
-``summary.json``, ``metrics.jsonl`` and ``curves.png``, and optionally an exported ONNX file) becomes a Hub
-repo that ``timm.create_model("hf-hub:OWNER/REPO", pretrained=True)`` restores with its architecture,
-survival settings and weights:
-
-* ``load_run`` builds the model that config.json describes and checks that the weights fit it;
-* ``stage_hub_folder`` writes the repo's files: weights and config with timm's ``save_for_hf``, the model
-  card (``sdzoo.model_card``), the optional extras;
-* ``upload_hub_folder`` creates the repo and uploads the folder in one commit (``HfApi.upload_folder``); a
-  repo it created is deleted again when the upload fails, and every request waits at most ``timeout`` seconds;
-* ``verify_upload`` compares every file's hash with the one the Hub reports at that commit (no download);
-* ``publish`` does all of it, or with ``local_dir`` writes the same folder without uploading.
-
-The token comes from the ``token`` argument, ``HF_TOKEN`` or the user's login, and never appears in a log
-line or an error message. Weights are read and written as safetensors only; nothing is unpickled.
-
-Which weights are published, and the zoo's cfgs that point at them, live in ``sdzoo.pretrained``.
+Everything that can be checked is checked before the upload (the weights fit config.json; an ONNX file computes
+what the weights compute), and after it every file's hash is compared with what the Hub reports, without a
+download. Error messages say what state the repo is left in and never contain the token (``_scrub``). Which
+weights are published, and the cfgs that point at them, live in ``sdzoo.pretrained``.
 """
 from __future__ import annotations
 
@@ -43,33 +31,36 @@ from torch import nn
 
 from . import __version__
 from ._files import PathLike
-from .checkpoint import describe_load_error, read_run_config, save_weights
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, describe_load_error, read_run_config, save_weights
 from .model_card import render_model_card
-from .pretrained import (  # noqa: F401  (part of this module's API)
-    PUBLISHED_WEIGHTS, NoPretrainedWeightsError, require_published_weights, with_published_weights)
 
 __all__ = [
-    "PUBLISHED_WEIGHTS", "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError",
-    "VerificationError", "NoPretrainedWeightsError", "Run", "PublishResult", "check_repo_id", "resolve_token",
-    "load_run", "stage_hub_folder", "write_hub_folder", "upload_hub_folder", "verify_upload", "publish",
-    "require_published_weights", "with_published_weights",
+    "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError", "Run",
+    "PublishResult", "check_repo_id", "resolve_token", "load_run", "stage_hub_folder", "write_hub_folder",
+    "upload_hub_folder", "verify_upload", "publish",
 ]
 
 _logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 ONNX_NAME = "model.onnx"
 CURVES_NAME = "curves.png"
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
+# What each file of a published repo is, for the model card's list of files.
+FILE_NOTES = {
+    WEIGHTS_NAME: "the weights (safetensors)",
+    CONFIG_NAME: "architecture, survival settings and preprocessing, in timm's format",
+    CARD_NAME: "this card",
+    ONNX_NAME: "the model in ONNX, p_l folded into the weights",
+    CURVES_NAME: "training curves",
+    SUMMARY_NAME: "the run's summary: best epoch, errors, settings",
+    METRICS_NAME: "per-epoch metrics of the run",
+}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 DEFAULT_TIMEOUT = 60.0  # seconds to wait for any one answer of the Hub
 # Settings of a run that name local paths: left out of the published summary.json.
 _LOCAL_SETTINGS = ("data_dir", "output")
-
-
 
 
 class HubError(RuntimeError):
@@ -227,14 +218,8 @@ def check_onnx_matches(run: Run, onnx_path: PathLike) -> None:
             f"--output {onnx_path}") from None
 
 
-def stage_hub_folder(
-        run: Run,
-        folder: PathLike,
-        repo_id: str,
-        onnx: Optional[PathLike] = None,
-        curves: Optional[PathLike] = None,
-        card_template: Optional[str] = None,
-) -> List[str]:
+def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[PathLike] = None,
+                     curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
     folder = Path(folder)
     extras = _extras(run, onnx, curves)
@@ -255,7 +240,8 @@ def stage_hub_folder(
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     card = render_model_card(
         repo_id, config, run.summary, block_probs=run.model.block_survival_probs(),
-        num_params=sum(p.numel() for p in run.model.parameters()), files=files, template=card_template)
+        num_params=sum(p.numel() for p in run.model.parameters()), files=files, file_notes=FILE_NOTES,
+        template=card_template)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return files
 

@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from huggingface_hub import ModelCard
 
+from .dataset_stats import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "DATASETS", "PAPER_RESULTS", "RunResults", "read_results", "card_metadata", "render_model_card",
     "default_template_path",
@@ -157,17 +159,6 @@ def _survival_rows(model_args: Mapping[str, Any], block_probs: Sequence[float]) 
     return [r for r in rows if r[1] is not None]
 
 
-_FILE_NOTES = {
-    "model.safetensors": "the weights (safetensors)",
-    "config.json": "architecture, survival settings and preprocessing, in timm's format",
-    "README.md": "this card",
-    "model.onnx": "the model in ONNX, p_l folded into the weights",
-    "curves.png": "training curves",
-    "summary.json": "the run's summary: best epoch, errors, settings",
-    "metrics.jsonl": "per-epoch metrics of the run",
-}
-
-
 def render_model_card(
         repo_id: str,
         config: Mapping[str, Any],
@@ -176,6 +167,7 @@ def render_model_card(
         num_params: int,
         files: Sequence[str],
         template: Optional[str] = None,
+        file_notes: Optional[Mapping[str, str]] = None,
 ) -> str:
     """The README.md of a Hub repo.
 
@@ -187,6 +179,7 @@ def render_model_card(
         num_params: number of parameters of the model.
         files: names of the files in the repo.
         template: Jinja template text; default ``model_cards/template.md``.
+        file_notes: what each file is (name -> a few words), for the card's list of files.
     """
     template_path = default_template_path() if template is None else None
     if template_path is not None and not template_path.is_file():
@@ -217,10 +210,11 @@ def render_model_card(
         run_paper_rows=PAPER_RESULTS.get((architecture, results.dataset), []) if results else [],
         paper_rows=[row for rows in PAPER_RESULTS.values() for row in rows],
         files=sorted(files),
-        file_notes=_FILE_NOTES,
+        file_notes=dict(file_notes or {}),
         onnx_name=next((f for f in files if f.endswith(".onnx")), None),
+        curves_name=next((f for f in files if f.endswith(".png")), None),
         channels=channels, height=height, width=width,
-        mean=list(pretrained_cfg.get("mean") or (0.485, 0.456, 0.406)),
-        std=list(pretrained_cfg.get("std") or (0.229, 0.224, 0.225)),
+        mean=list(pretrained_cfg.get("mean") or IMAGENET_MEAN),
+        std=list(pretrained_cfg.get("std") or IMAGENET_STD),
     )
     return str(card)

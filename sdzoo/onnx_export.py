@@ -1,15 +1,8 @@
-"""ONNX export of the zoo's models: export, verify, describe, quantize.
+"""ONNX export of the zoo's models: export, check, describe (metadata), quantize to int8.
 
-``export_onnx`` writes a model that has been checked before it is kept: the graph goes to a temporary file
-next to the output, passes onnx's full checker, and matches PyTorch under onnxruntime at several batch
-sizes; only then does it replace the output path. A failed check raises ``ExportCheckError`` and leaves
-nothing behind. Fold a stochastic-depth model first (``sdzoo.fold.fold_survival``) and the exported graph
-is a plain ResNet: no multiply by p_l, no random ops (pytorch issue 96926 is about exporting those).
-
-The other helpers are shared with the scripts: ``quantize_int8`` (onnxruntime static QDQ quantization
-calibrated on real images, checked for top-1 agreement with the fp32 file) and ``digits_images`` (the digits
-splits of ``sdzoo.data`` as model-sized, normalised images, for calibration). Latency is measured in
-``sdzoo.latency``.
+Every file is checked before it is kept: written beside the output, it must pass onnx's full checker and match
+PyTorch under onnxruntime, and only then replaces the output (``sdzoo._files.staged_file``). Models come here
+folded (``sdzoo.fold``); calibration and test images come from ``sdzoo.data.digits_images``.
 """
 from __future__ import annotations
 
@@ -20,7 +13,7 @@ import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -30,12 +23,11 @@ from torch import nn
 from . import __version__
 from ._files import PathLike, staged_file
 from .fold import trained_settings
-from ._checks import check_choice
 
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
     "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
-    "digits_images", "predict_onnx", "ort_session", "quantize_int8",
+    "predict_onnx", "ort_session", "quantize_int8",
 ]
 
 DEFAULT_OPSET = 20
@@ -43,7 +35,6 @@ MIN_OPSET = 18  # the torch.export-based exporter emits opset 18 and later
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 _BATCH_AXIS = "batch"
-
 
 
 class ExportError(RuntimeError):
@@ -348,44 +339,6 @@ def export_onnx(
     return ExportReport(
         path=os.fspath(path), opset=opset, input_size=input_size, max_abs_diff=diffs, atol=atol, rtol=rtol,
         file_size=file_size, op_histogram=dict(op_histogram(proto)), metadata=metadata)
-
-
-# -- calibration data -------------------------------------------------------------------------------------
-def digits_images(
-        input_size: Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
-        split: str = "all",
-) -> Tuple[np.ndarray, np.ndarray]:
-    """sklearn's handwritten digits as model inputs: (N, C, H, W) float32 images and (N,) labels.
-
-    ``split`` is one of the fixed splits of ``sdzoo.data`` ('train', 'val', 'test') or 'all' (1,797
-    images, in that order). The 8x8 images (0..16 grey levels, scaled to [0, 1]) are upsampled bilinearly
-    to H x W, repeated over the channels and normalised with ``mean`` and ``std``, as a model trained on
-    them sees them: calibrate on 'train', measure on 'test'.
-    """
-    from .data import DIGITS_SPLIT_SIZES, load_digits_split
-
-    check_choice("split", split, ("all", *DIGITS_SPLIT_SIZES))
-    channels, height, width = _check_input_size(input_size)
-    parts = [load_digits_split(s, image_size=8) for s in (DIGITS_SPLIT_SIZES if split == "all" else [split])]
-    images = torch.cat([p[0][:, :1] for p in parts])  # one grey channel at 8x8
-    labels = torch.cat([p[1] for p in parts])
-    images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
-    images = images.clamp_(0.0, 1.0).expand(-1, channels, -1, -1)
-    mean_t = torch.tensor(_per_channel("mean", mean, channels)).view(1, -1, 1, 1)
-    std_t = torch.tensor(_per_channel("std", std, channels)).view(1, -1, 1, 1)
-    images = ((images - mean_t) / std_t).contiguous()
-    return images.numpy().astype(np.float32), labels.numpy()
-
-
-def _per_channel(name: str, values: Sequence[float], channels: int) -> List[float]:
-    values = [float(v) for v in values]
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(f"{name} must have 1 or {channels} values; got {len(values)}")
-    return values
 
 
 def _batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

@@ -1,12 +1,15 @@
-"""Data: digits splits and statistics, the on-device shift + flip, epoch plans, missing data sets, and
-fb.resnet.torch's ImageNet augmentation (colour jitter, PCA lighting)."""
+"""Data: digits splits, statistics and model inputs, the on-device shift + flip, epoch plans, missing data sets,
+ImageFolder directories, and fb.resnet.torch's ImageNet augmentation (colour jitter, PCA lighting)."""
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sdzoo.data import DIGITS_SPLIT_SIZES, ColorJitter, DataError, Lighting, load_data, load_digits_split, random_shift_flip
+from sdzoo.data import (DIGITS_SPLIT_SIZES, ColorJitter, DataError, Lighting, digits_images, load_data,
+                        load_digits_split, normalize, random_shift_flip)
 from sdzoo.dataset_stats import DIGITS_MEAN, DIGITS_STD, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC
 from sdzoo.recipes import RECIPES
 
@@ -36,6 +39,32 @@ def test_digits_mean_std_match_the_training_split():
     assert images.mean().item() == pytest.approx(DIGITS_MEAN[0], abs=1e-4)
     assert images.std().item() == pytest.approx(DIGITS_STD[0], abs=1e-4)
 
+
+
+def test_digits_images_are_normalised_model_inputs():
+    images, labels = digits_images((3, 32, 32), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.5))
+    assert images.shape == (1797, 3, 32, 32) and images.dtype == np.float32
+    assert sorted(set(labels.tolist())) == list(range(10))
+    # the training split, as the training data normalises it
+    train, train_labels = digits_images((3, 16, 16), DIGITS_MEAN, DIGITS_STD, split="train")
+    split_images, split_labels = load_digits_split("train", image_size=16)
+    assert torch.equal(torch.from_numpy(train), normalize(split_images, DIGITS_MEAN, DIGITS_STD))
+    assert torch.equal(torch.from_numpy(train_labels), split_labels)
+    # any channel count and a non-square size; the splits do not overlap
+    train, _ = digits_images((1, 16, 24), mean=(0.5,), std=(0.25,), split="train")
+    test, _ = digits_images((1, 16, 24), mean=(0.5,), std=(0.25,), split="test")
+    assert train.shape == (1257, 1, 16, 24) and test.shape == (360, 1, 16, 24)
+    assert not any(np.array_equal(test[0], t) for t in train)
+    # undo the normalisation: every channel holds the same [0, 1] digit
+    raw = images * np.array([0.25, 0.2, 0.5]).reshape(1, 3, 1, 1) + np.array([0.5, 0.4, 0.3]).reshape(1, 3, 1, 1)
+    assert raw.min() > -1e-5 and raw.max() < 1 + 1e-5
+    np.testing.assert_allclose(raw[:, 0], raw[:, 2], atol=1e-5)
+    with pytest.raises(ValueError, match="split must be one of 'all', 'train', 'val', 'test'; got 'holdout'"):
+        digits_images((3, 32, 32), (0.5,), (0.25,), split="holdout")
+    with pytest.raises(ValueError, match=r"input_size must be \(channels, height, width\)"):
+        digits_images((32, 32), (0.5,), (0.25,))
+    with pytest.raises(ValueError, match="mean must have 1 or 3 values; got 2"):
+        digits_images((3, 32, 32), (0.5, 0.5), (0.25,))
 
 def _shift_flip_reference(x, shifts, flips, pad):
     out = torch.empty_like(x)
@@ -121,6 +150,67 @@ def test_imagefolder_batches_are_deterministic_per_image(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert torch.equal(next(data.train_batches(plan, 1, 2, 0, 1, 4, cpu))[0], first[1])
 
+
+
+def test_imagefolder_eval_transform_is_the_resize_and_centre_crop_of_before(tmp_path):
+    """timm's eval transform gives, pixel for pixel, what Resize(floor(size / 0.875)) + CenterCrop + PILToTensor
+    gave: uint8 images, normalised on the device."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    _image_folder(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    for i, (h, w) in enumerate(((37, 51), (64, 30), (16, 16), (300, 200))):
+        pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy()
+        Image.fromarray(pixels).save(tmp_path / "val" / "b" / f"sized{i}.png")
+    data = load_data("imagefolder", str(tmp_path), image_size=16, workers=0)
+    before = T.Compose([T.Resize(math.floor(16 / 0.875)), T.CenterCrop(16), T.PILToTensor()])
+    paths = data.val.filenames(absolute=True)
+    assert len(paths) == len(data.val) == 12
+    for i, path in enumerate(paths):
+        image, label = data.val[i]
+        assert image.dtype == torch.uint8 and torch.equal(image, before(Image.open(path).convert("RGB"))), path
+        assert data.classes[label] == os.path.basename(os.path.dirname(path))
+    x, y = next(data.eval_batches("val", 0, 1, 12, torch.device("cpu")))
+    assert torch.equal(x, normalize(torch.stack([data.val[i][0] for i in range(12)]), data.mean, data.std))
+    assert y.tolist() == [data.val[i][1] for i in range(12)]
+
+
+def test_imagefolder_evaluation_shards_hold_each_image_once(tmp_path):
+    _image_folder(tmp_path)
+    data = load_data("imagefolder", str(tmp_path), image_size=16, workers=0)
+    cpu = torch.device("cpu")
+    whole = list(data.eval_batches("test", 0, 1, 3, cpu))
+    shards = [batch for rank in range(3) for batch in data.eval_batches("test", rank, 3, 2, cpu)]
+    for part in (0, 1):
+        assert torch.equal(torch.cat([b[part] for b in shards]), torch.cat([b[part] for b in whole]))
+    assert sum(len(y) for _, y in shards) == 8  # 3 + 3 + 2: no shard is padded with repeated images
+
+
+def test_imagefolder_splits_must_have_the_same_class_folders(tmp_path):
+    import shutil
+
+    def folder(name):
+        _image_folder(tmp_path / name)
+        return tmp_path / name
+
+    root = folder("extra")
+    shutil.copytree(root / "val" / "b", root / "val" / "c")
+    with pytest.raises(DataError, match=r"--data-dir .*extra: the class folders of val/ differ from those of "
+                                        r"train/ \(not in train/: c\)"):
+        load_data("imagefolder", str(root))
+    root = folder("missing")
+    shutil.rmtree(root / "val" / "b")
+    with pytest.raises(DataError, match=r"class folders of val/ differ .*\(missing: b\)"):
+        load_data("imagefolder", str(root))
+    root = folder("loose")
+    shutil.copy(root / "train" / "a" / "0.png", root / "train" / "0.png")
+    with pytest.raises(DataError, match="--data-dir .*loose: train/ holds images outside class folders"):
+        load_data("imagefolder", str(root))
+    root = folder("empty")
+    os.makedirs(root / "test")
+    with pytest.raises(DataError, match="--data-dir .*empty: Found 0 images in subfolders of .*test"):
+        load_data("imagefolder", str(root))
 
 class _FakeTorchvision:
     """Stand-ins for torchvision's CIFAR10 / SVHN classes: the same attributes, small random contents."""

@@ -1,6 +1,5 @@
 """Folding p_l into the weights, ONNX export and its checks, and the export CLI."""
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,10 +11,9 @@ import timm
 import sdzoo
 import sdzoo.onnx_export as onnx_export
 from sdzoo.fold import can_fold, fold_survival, is_folded
-from sdzoo.onnx_export import ExportCheckError, digits_images, export_onnx, op_histogram, read_metadata
+from sdzoo.onnx_export import ExportCheckError, export_onnx, op_histogram, read_metadata
 from helpers import load_script, randomize_batchnorm
 
-ROOT = Path(__file__).resolve().parents[1]
 RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial",
               "Dropout"}
 
@@ -177,22 +175,6 @@ def test_export_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="label_names must name each of the 10 classes"):
         onnx_export.onnx_metadata(model, label_names=["a", "b"])
     assert list(tmp_path.iterdir()) == []
-
-
-def test_digits_images_are_normalised_model_inputs():
-    images, labels = digits_images((3, 32, 32), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.5))
-    assert images.shape == (1797, 3, 32, 32) and images.dtype == np.float32
-    assert sorted(set(labels.tolist())) == list(range(10))
-    train, _ = digits_images((1, 16, 24), mean=(0.5,), std=(0.25,), split="train")
-    test, _ = digits_images((1, 16, 24), mean=(0.5,), std=(0.25,), split="test")
-    assert train.shape[1:] == test.shape[1:] == (1, 16, 24) and len(train) + len(test) < 1797
-    assert not any(np.array_equal(test[0], t) for t in train)
-    with pytest.raises(ValueError, match="split must be one of"):
-        digits_images((3, 32, 32), (0.5,), (0.25,), split="holdout")
-    # Undo the normalisation: every channel holds the same [0, 1] digit.
-    raw = images * np.array([0.25, 0.2, 0.5]).reshape(1, 3, 1, 1) + np.array([0.5, 0.4, 0.3]).reshape(1, 3, 1, 1)
-    assert raw.min() > -1e-5 and raw.max() < 1 + 1e-5
-    np.testing.assert_allclose(raw[:, 0], raw[:, 2], atol=1e-5)
 
 
 # -- CLI --------------------------------------------------------------------------------------------------

@@ -28,13 +28,12 @@ import timm
 from timm.models import save_for_hf
 
 from hub_server import FakeHub
-from sdzoo import hub
-from sdzoo.hub import (CheckpointMismatchError, MissingTokenError, NoPretrainedWeightsError, UploadError,
-                       publish, require_published_weights, with_published_weights)
+from sdzoo import hub, pretrained
+from sdzoo.hub import CheckpointMismatchError, MissingTokenError, UploadError, publish
+from sdzoo.pretrained import NoPretrainedWeightsError, require_published_weights, with_published_weights
 from sdzoo.model_card import render_model_card
 from helpers import load_script, randomize_batchnorm
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)  # random, so that a leak is found by search, not by luck
 OWNER = "sdzoo-test"
 SURVIVAL = dict(survival_prob=0.7, survival_rule="linear", gate_seed=3)
@@ -263,7 +262,10 @@ def test_model_card_puts_paper_results_beside_the_run():
     summary = {"best_epoch": 401, "test_error": 5.61, "best_val_error": 5.3, "finished": False, "epochs_done": 450,
                "settings": {"dataset": "cifar100", "epochs": 500}}
     text = render_model_card(f"{OWNER}/r110", config, summary, block_probs=[1.0] * 54, num_params=1_700_000,
-                             files=["README.md", "config.json", "model.safetensors", "model.onnx"])
+                             files=["README.md", "config.json", "model.safetensors", "model.onnx", "extra.txt"],
+                             file_notes=hub.FILE_NOTES)
+    assert "- `model.onnx`: the model in ONNX, p_l folded into the weights" in text
+    assert "- `extra.txt`: extra file of the run" in text and "Training curves" not in text  # no curves.png
     assert "| this model (sd_resnet110_cifar) | CIFAR-100 | 5.61 | 401 of 500 |" in text
     assert "| paper, stochastic depth: ResNet-110, CIFAR-100+, 500 epochs | CIFAR-100 | 24.98 |" in text
     assert "| paper, constant depth: ResNet-110, CIFAR-100+, 500 epochs | CIFAR-100 | 27.76 |" in text
@@ -420,11 +422,11 @@ def test_pretrained_without_published_weights_says_how_to_get_them(monkeypatch):
 
     # published weights, and only those, get an hf_hub_id in the zoo's cfgs
     cfgs = {"sd_resnet110_cifar.cifar10": {"num_classes": 10}, "sd_resnet110_cifar.cifar100": {"num_classes": 100}}
-    monkeypatch.setitem(hub.PUBLISHED_WEIGHTS, "sd_resnet110_cifar.cifar10", f"{OWNER}/r110")
+    monkeypatch.setitem(pretrained.PUBLISHED_WEIGHTS, "sd_resnet110_cifar.cifar10", f"{OWNER}/r110")
     assert with_published_weights(cfgs) == {
         "sd_resnet110_cifar.cifar10": {"num_classes": 10, "hf_hub_id": f"{OWNER}/r110"},
         "sd_resnet110_cifar.cifar100": {"num_classes": 100}}
-    monkeypatch.setitem(hub.PUBLISHED_WEIGHTS, "sd_resnet110_cifar.imagenet", f"{OWNER}/typo")
+    monkeypatch.setitem(pretrained.PUBLISHED_WEIGHTS, "sd_resnet110_cifar.imagenet", f"{OWNER}/typo")
     with pytest.raises(KeyError, match="sd_resnet110_cifar.imagenet"):
         with_published_weights(cfgs)
 
@@ -436,4 +438,4 @@ def test_create_model_pretrained_without_weights_says_how_to_get_them():
 
 def test_zoo_cfgs_claim_no_unpublished_weights():
     for name in timm.list_models("sd_*", pretrained=True):
-        assert name in hub.PUBLISHED_WEIGHTS, f"{name} claims weights that are not published"
+        assert name in pretrained.PUBLISHED_WEIGHTS, f"{name} claims weights that are not published"

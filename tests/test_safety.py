@@ -18,16 +18,14 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import sdzoo
 from sdzoo import hub, onnx_export
 from sdzoo import train as sdtrain
 from sdzoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_weights_settings, save_weights
 from sdzoo.fold import fold_survival
 
 from hub_server import FakeHub
-from helpers import load_script, randomize_batchnorm
+from helpers import ROOT, load_script, randomize_batchnorm
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
 TOKEN = "hf_sdzoo_safety_" + secrets.token_hex(12)
 FAST = ["--dataset", "digits", "--batch-size", "128", "--device", "cpu", "--quiet", "--threads", "1"]

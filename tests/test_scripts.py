@@ -2,13 +2,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def run_script(*args, timeout=600):

@@ -1,2 +1,4 @@
 """The zoo: importing this module registers every sdzoo architecture with timm."""
-from .sd_resnet import SDResNet, BasicBlock, Bottleneck, cifar_stage_depths  # noqa: F401
+from .sd_resnet import SDResNet, BasicBlock, Bottleneck, cifar_stage_depths
+
+__all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths"]

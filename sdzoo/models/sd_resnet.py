@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .._checks import check_choice, check_int, check_survival_prob
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
-from ..dataset_stats import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, SVHN_MEAN, SVHN_STD
+from ..dataset_stats import (
+    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
 from ..gate import GATE_MODES, SCALINGS, GateSampler, ResidualGate
 from ..pretrained import require_published_weights, with_published_weights
 from ..survival import SURVIVAL_RULES, survival_probs
@@ -498,7 +498,7 @@ def _cifar_cfgs(name: str) -> Dict[str, Dict[str, Any]]:
 
 def _in1k_cfg() -> Dict[str, Any]:
     return _cfg(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 default_cfgs = generate_default_cfgs(with_published_weights({
