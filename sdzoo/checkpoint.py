@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ._files import TEMP_SUFFIX, PathLike, atomic_write
 
 __all__ = [
-    "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "CheckpointError",
+    "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "CheckpointError",
     "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
     "describe_load_error", "SURVIVAL_SETTINGS", "weights_metadata", "read_weights_settings", "read_run_config",
     "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME",
@@ -34,6 +34,9 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+CURVES_NAME = "curves.png"
 LOCK_NAME = ".lock"
 CHECKPOINT_FORMAT = 1
 # safetensors metadata key of the settings the weights were trained with (the values must be strings: JSON).

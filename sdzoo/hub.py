@@ -31,7 +31,9 @@ from torch import nn
 
 from . import __version__
 from ._files import PathLike
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, describe_load_error, read_run_config, save_weights
+from .checkpoint import (
+    CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
+    save_weights)
 from .model_card import render_model_card
 
 __all__ = [
@@ -44,9 +46,6 @@ _logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 ONNX_NAME = "model.onnx"
-CURVES_NAME = "curves.png"
-SUMMARY_NAME = "summary.json"
-METRICS_NAME = "metrics.jsonl"
 # What each file of a published repo is, for the model card's list of files.
 FILE_NOTES = {
     WEIGHTS_NAME: "the weights (safetensors)",

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free, load_resume_state)
+    CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free, load_resume_state)
 from .data import DATASETS
 from .gate import GATE_MODES, SCALINGS
 from .recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
@@ -94,7 +94,7 @@ LATER_DEFINING = dict(lr_drop_rule="fb.resnet.torch", color_jitter=0.0, lighting
 CHANGEABLE_ON_RESUME = ("lr",)
 HOW_IT_RUNS = tuple(f.name for f in fields(Settings) if f.name not in DEFINING + ("note", "lr_changes"))
 # Files of a finished or stopped run: a new run refuses a folder that holds them.
-RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.jsonl", "summary.json")
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME)
 
 
 # -- flags ---------------------------------------------------------------------------------------------------

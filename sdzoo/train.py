@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._files import save_json
 from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, EpochTotals, RandomStreams, RunFolderBusy,
+    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, EpochTotals, RandomStreams, RunFolderBusy,
     TrainState, lock_run_folder, remove_stale_temp_files, save_model_config, save_state, save_weights,
     truncate_lines)
 from .data import TENSOR_DATASETS, DataError, load_data
@@ -363,7 +363,7 @@ class RunLog:
 
     def __init__(self, out: Path, s: Settings, dist: Dist, global_step: int):
         self.out, self.s, self.dist = out, s, dist
-        self.metrics = out / "metrics.jsonl"
+        self.metrics = out / METRICS_NAME
         self.speaks = dist.main and not s.quiet
         self.start_time = time.perf_counter()
         self.lock = None
@@ -425,7 +425,7 @@ class RunLog:
             **context,
             lr_changes=list(self.s.lr_changes), settings=self.s.to_dict())
         if self.dist.main:
-            save_json(self.out / "summary.json", summary)
+            save_json(self.out / SUMMARY_NAME, summary)
         return summary
 
 
@@ -600,7 +600,7 @@ def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str,
 
     summary = log.summary(state, data, finished=True, **context)
     if dist.main:
-        plot_curves(out / "metrics.jsonl", out / "curves.png",
+        plot_curves(out / METRICS_NAME, out / CURVES_NAME,
                     title=f"{s.model} on {s.dataset} (p_L = {s.survival_prob}, {s.survival_rule})")
     log.close()
     return summary

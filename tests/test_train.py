@@ -20,7 +20,6 @@ import pytest
 import timm
 import torch
 
-import sdzoo  # noqa: F401  (registers the models)
 from sdzoo.data import load_digits_split
 from sdzoo.dataset_stats import DIGITS_MEAN, DIGITS_STD
 from sdzoo.metrics_plot import epoch_records, evaluations, read_metrics
