@@ -2,7 +2,7 @@
 
 The front matter (library_name, license, tags, datasets, metrics and a ``model-index`` of the run's results)
 is huggingface_hub's ``ModelCardData``, in the exact form the Hub parses; ``ModelCard.from_template`` renders
-it and the body from the Jinja template ``model_cards/template.md``. This module gathers what the template
+it and the body from the Jinja template ``model_card_template.md`` beside this module. This module gathers what the template
 shows: the run's results, its survival settings and recipe, and the paper's numbers (Huang et al., 2016).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from huggingface_hub import ModelCard
 
 from .dataset_stats import IMAGENET_MEAN, IMAGENET_STD
+from .settings import DEFINING
 
 __all__ = [
     "DATASETS", "PAPER_RESULTS", "RunResults", "read_results", "card_metadata", "render_model_card",
@@ -45,10 +46,9 @@ PAPER_RESULTS: Dict[Tuple[str, str], List[Tuple[str, float, float]]] = {
     ],
 }
 
-# Training settings shown in the card's recipe table, in this order (keys of summary.json's "settings").
-_RECIPE_KEYS = ("recipe", "epochs", "batch_size", "accum_steps", "lr", "momentum", "nesterov", "dampening",
-                "weight_decay", "lr_drops", "lr_gamma", "val_size", "split_seed", "image_size", "shift", "hflip",
-                "survival_prob", "survival_rule", "gate_mode", "scaling", "seed", "sync_bn")
+# Training settings shown in the card's recipe table (keys of summary.json's "settings"): every setting that
+# defines a run, in the order of sdzoo.settings.DEFINING; the model, the data set and its classes head the card.
+_RECIPE_KEYS = ("recipe",) + tuple(k for k in DEFINING if k not in ("recipe", "model", "dataset", "num_classes"))
 
 
 @dataclass

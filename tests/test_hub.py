@@ -260,7 +260,8 @@ def test_model_card_puts_paper_results_beside_the_run():
     config = {"architecture": "sd_resnet110_cifar", "model_args": dict(SURVIVAL, survival_prob=0.5),
               "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}}
     summary = {"best_epoch": 401, "test_error": 5.61, "best_val_error": 5.3, "finished": False, "epochs_done": 450,
-               "settings": {"dataset": "cifar100", "epochs": 500}}
+               "settings": {"dataset": "cifar100", "epochs": 500, "lr_drop_rule": "main.lua", "eval_every_steps": 0,
+                            "num_classes": 10, "workers": 8}}
     text = render_model_card(f"{OWNER}/r110", config, summary, block_probs=[1.0] * 54, num_params=1_700_000,
                              files=["README.md", "config.json", "model.safetensors", "model.onnx", "extra.txt"],
                              file_notes=hub.FILE_NOTES)
@@ -270,6 +271,9 @@ def test_model_card_puts_paper_results_beside_the_run():
     assert "| paper, stochastic depth: ResNet-110, CIFAR-100+, 500 epochs | CIFAR-100 | 24.98 |" in text
     assert "| paper, constant depth: ResNet-110, CIFAR-100+, 500 epochs | CIFAR-100 | 27.76 |" in text
     assert "450 of 500 epochs" in text and f'hf_hub_download("{OWNER}/r110", "model.onnx")' in text
+    # the recipe table: every setting that defines the run, none of how it ran (nor the synthetic-only classes)
+    assert "| epochs | 500 |" in text and "| lr_drop_rule | main.lua |" in text and "| eval_every_steps | 0 |" in text
+    assert "| workers |" not in text and "| num_classes |" not in text
     front = yaml.safe_load(text.split("---\n")[1])
     assert front["model-index"][0]["results"][0]["metrics"][1]["value"] == 5.61
     with pytest.raises(ValueError, match="test_error"):
