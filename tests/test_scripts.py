@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 
 def run_script(*args, timeout=600):
@@ -70,13 +70,15 @@ def test_benchmark_table_and_json(tmp_path):
     (["--model", "resnet50"], "--model"),
     (["--survival-prob", "0"], "--survival-prob"),
 ])
-def test_benchmark_bad_flags(args, flag):
-    result = run_script("scripts/benchmark.py", *args)
-    assert result.returncode == 2
-    assert flag in result.stderr and "Traceback" not in result.stderr
+def test_benchmark_bad_flags(args, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("benchmark").main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and flag in err and "Traceback" not in err
 
 
-def test_run_digits_bad_flags(tmp_path):
-    result = run_script("scripts/run_digits.py", "--epochs", "0", "--output", tmp_path / "x")
-    assert result.returncode == 2 and "--epochs" in result.stderr
+def test_run_digits_bad_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("run_digits").main(["--epochs", "0", "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "--epochs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
