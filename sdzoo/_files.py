@@ -1,7 +1,8 @@
 """Files written so that nothing is ever half-written: a temporary file beside the target, then a rename.
 
 ``os.replace`` within one directory is atomic, so a reader (or a run killed at any moment) sees either the
-old file or the new one, never a part of it. Every writer in sdzoo goes through ``staged_file``.
+old file or the new one, never a part of it. Every writer in sdzoo goes through ``staged_file``. Hand-written:
+the standard library has no atomic write, and torch, safetensors and timm write their files in place.
 """
 from __future__ import annotations
 

@@ -24,6 +24,8 @@ def survival_probs(num_blocks: int, survival_prob: float = 0.5, rule: str = "lin
     check_choice("survival_rule", rule, SURVIVAL_RULES)
     if rule == "uniform":
         return [survival_prob] * num_blocks
+    # Hand-written, not timm's calculate_drop_path_rates: that is linspace(0, r, L), which leaves block 1 at drop
+    # rate 0, where the paper's l / L gives it (1 - p_L) / L.
     return [1.0 - (block / num_blocks) * (1.0 - survival_prob) for block in range(1, num_blocks + 1)]
 
 
