@@ -231,12 +231,13 @@ class TrainState:
     epoch: int = 0                  # epochs done
     step: int = 0                   # steps done in the epoch in progress
     global_step: int = 0
-    elapsed: float = 0.0
+    elapsed: float = 0.0            # seconds of the processes before this one (the checkpoint's: all so far)
     best: Dict[str, Any] = field(default_factory=_no_evaluation_yet)  # epoch, step, val_error, test_error
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Dict[str, Any]) -> "TrainState":
-        return cls(*(checkpoint[k] for k in ("epoch", "step", "global_step", "elapsed", "best")))
+        return cls(epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
+                   elapsed=checkpoint["elapsed"], best=checkpoint["best"])
 
     def to_checkpoint(self, elapsed: float, **parts: Any) -> Dict[str, Any]:
         """The checkpoint's dict: this position, ``elapsed`` (the seconds so far, this process's included) and

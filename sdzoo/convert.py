@@ -27,9 +27,9 @@ __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "ADAPTE
            "DropPathSampler"]
 
 CONVERT_MODES = ("sample", "batch")
-# Below this per-branch rate a branch stays timm's mask. Provisional: the 2-core shared CPU's step times
-# were too noisy to resolve the break-even (README, "Real skip for timm's drop-path models"); DINOv2 reports
-# ~0.1. Measure with scripts/benchmark.py --convert MODEL --uniform-rate --drop-path-rate 0.02 0.05 0.1.
+# Below this per-branch rate a branch stays timm's mask. On a 2-core CPU, ViT-Tiny, sample mode broke even at
+# about 0.03 and batch mode was faster at every rate measured, 0.02 included (README, "Real skip for timm's
+# drop-path models"); not measured on a GPU: scripts/benchmark.py --convert MODEL --uniform-rate measures it.
 BREAK_EVEN_DROP_RATE = 0.05
 
 
@@ -205,7 +205,7 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
             branch for the whole batch). Both scale a kept branch as timm does (divided by the kept share).
         seed: seed of the model's gate generator: the same seed gives the same gates on every run and rank.
         min_drop_rate: a branch whose drop rate is below this stays timm's mask, where the real skip does not
-            pay (default: ``BREAK_EVEN_DROP_RATE``, provisional; 0 converts every DropPath'd branch).
+            pay (default: ``BREAK_EVEN_DROP_RATE``; 0 converts every DropPath'd branch).
 
     Raises ValueError when the model has no DropPath with a positive rate, or when one sits in a block no
     adapter knows (the message lists the supported families).

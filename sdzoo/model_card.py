@@ -2,8 +2,9 @@
 
 The front matter (library_name, license, tags, datasets, metrics and a ``model-index`` of the run's results)
 is huggingface_hub's ``ModelCardData``, in the exact form the Hub parses; ``ModelCard.from_template`` renders
-it and the body from the Jinja template ``model_card_template.md`` beside this module. This module gathers what the template
-shows: the run's results, its survival settings and recipe, and the paper's numbers (Huang et al., 2016).
+it and the body from the Jinja template ``model_card_template.md`` beside this module. This module gathers what
+the template shows: the run's results, its survival settings and recipe, and the paper's numbers (Huang et al.,
+2016).
 """
 from __future__ import annotations
 

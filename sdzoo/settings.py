@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free, load_resume_state)
+    CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
+    load_resume_state)
 from .data import DATASETS
 from .gate import GATE_MODES, SCALINGS
 from .recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
@@ -31,13 +32,14 @@ class TrainError(Exception):
     """A user error (a bad flag, an impossible combination): reported without a traceback."""
 
 
+# Defining settings added after the first checkpoints were written: a run resumed from one of those had them so.
+LATER_DEFINING = dict(lr_drop_rule="fb.resnet.torch", color_jitter=0.0, lighting=0.0, eval_every_steps=0,
+                      drop_warmup=0.0)
+
+
 @dataclass(frozen=True)
 class Settings(Recipe):
-    """Every setting of a run: the recipe's (what defines the run) and how it runs."""
-    model: str = RECIPES[DEFAULT_RECIPE].model
-    dataset: str = RECIPES[DEFAULT_RECIPE].dataset
-    epochs: int = RECIPES[DEFAULT_RECIPE].epochs
-    # Defining settings beyond the recipe's.
+    """Every setting of a run: the recipe's and the ones below it define the run; the rest say how it runs."""
     recipe: str = DEFAULT_RECIPE
     split_seed: int = 1
     num_classes: int = 10                    # synthetic data only
@@ -64,34 +66,33 @@ class Settings(Recipe):
 
     @classmethod
     def from_recipe(cls, name: str, **changes: Any) -> "Settings":
-        recipe = {f.name: getattr(RECIPES[name], f.name) for f in fields(Recipe)}
+        """The named recipe's settings (its note, which describes the paper's run, left out) with ``changes``."""
+        recipe = {f.name: getattr(RECIPES[name], f.name) for f in fields(Recipe) if f.name != "note"}
         return cls(**dict(recipe, recipe=name, **changes))
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "Settings":
         """Settings saved by ``to_dict`` (a checkpoint's), older ones included."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CheckpointError(f"--resume: the checkpoint's settings hold keys this version does not know: "
-                                  f"{', '.join(unknown)}")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        missing = [k for k in DEFINING if k not in values and k not in LATER_DEFINING]
+        if unknown or missing:
+            raise CheckpointError(
+                "--resume: the checkpoint's settings " + "; ".join(what for what in (
+                    unknown and f"hold keys this version does not know: {', '.join(unknown)}",
+                    missing and f"lack settings that define the run: {', '.join(missing)}") if what))
         values = dict(LATER_DEFINING, **values)
         return cls(**dict(values, lr_drops=tuple(values["lr_drops"]), lr_changes=tuple(values.get("lr_changes", ()))))
 
     def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["lr_drops"], d["lr_changes"] = list(self.lr_drops), list(d["lr_changes"])
+        d = super().to_dict()
+        d.pop("note")
+        d["lr_changes"] = list(d["lr_changes"])
         return d
 
 
 # Settings that define the training run: a resumed run must keep them (it would not be the same run).
 DEFINING = tuple(f.name for f in fields(Recipe) if f.name != "note") + (
     "recipe", "split_seed", "num_classes", "accum_steps", "drop_warmup")
-# Defining settings added after the first checkpoints were written: a run resumed from one of those had them so.
-LATER_DEFINING = dict(lr_drop_rule="fb.resnet.torch", color_jitter=0.0, lighting=0.0, eval_every_steps=0,
-                      drop_warmup=0.0)
-# Defining settings a resumed run may change: a lower learning rate is the way out of a diverged run.
-CHANGEABLE_ON_RESUME = ("lr",)
 HOW_IT_RUNS = tuple(f.name for f in fields(Settings) if f.name not in DEFINING + ("note", "lr_changes"))
 # Files of a finished or stopped run: a new run refuses a folder that holds them.
 RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME)
@@ -120,7 +121,8 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
 def _recipe_line(name: str, r: Recipe) -> str:
     drops = ", ".join(f"{d:.0%}" for d in r.lr_drops)
     every = f", evaluated every {r.eval_every_steps} steps" if r.eval_every_steps else ""
-    return f"  {name:<10} {r.model}, {r.epochs} epochs, batch {r.batch_size}, lr {r.lr} / 10 at {drops}{every}: {r.note}"
+    return (f"  {name:<10} {r.model}, {r.epochs} epochs, batch {r.batch_size}, lr {r.lr} / 10 at {drops}{every}: "
+            f"{r.note}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,19 +297,23 @@ def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Settings, Dict
     if "output" in given and Path(given["output"]).resolve() != path.parent.resolve():
         raise TrainError(f"--output {given['output']} is not the folder of the run resumed ({path.parent})")
     settings = Settings.from_dict(checkpoint["settings"])
-    for key in CHANGEABLE_ON_RESUME:
-        if key in given and given[key] != getattr(settings, key):
-            change = dict(epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
-                          old=getattr(settings, key), new=given[key])
-            settings = dataclasses.replace(settings, **{key: given[key], f"{key}_changes": (
-                *getattr(settings, f"{key}_changes"), change)})
+    if "lr" in given and given["lr"] != settings.lr:  # the one defining setting a resumed run may change
+        change = dict(epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
+                      old=settings.lr, new=given["lr"])
+        settings = dataclasses.replace(settings, lr=given["lr"], lr_changes=(*settings.lr_changes, change))
     changed = [k for k in DEFINING if k in given and given[k] != getattr(settings, k)]
     if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (run: {getattr(settings, k)})" for k in changed)
+        flags = ", ".join(f"--{k.replace('_', '-')} {_as_typed(given[k])} (run: {_as_typed(getattr(settings, k))})"
+                          for k in changed)
         raise TrainError(f"--resume continues a run with its own settings; these flags differ: {flags}. "
                          "Start a new run (another --output) to change them")
     how_it_runs = {k: v for k, v in given.items() if k in HOW_IT_RUNS}
     return dataclasses.replace(settings, **dict(how_it_runs, output=str(path.parent))), checkpoint
+
+
+def _as_typed(value: Any) -> str:
+    """A setting's value as it is given on the command line (``0.5 0.75`` for a tuple)."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _check_settings(s: Settings, given: Dict[str, Any]) -> None:

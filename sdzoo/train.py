@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from ._files import save_json
 from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, EpochTotals, RandomStreams, RunFolderBusy,
-    TrainState, lock_run_folder, remove_stale_temp_files, save_model_config, save_state, save_weights,
-    truncate_lines)
+    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError,
+    EpochTotals, RandomStreams, RunFolderBusy, TrainState, lock_run_folder, remove_stale_temp_files,
+    save_model_config, save_state, save_weights, truncate_lines)
 from .data import TENSOR_DATASETS, DataError, load_data
 from .metrics_plot import epoch_records, evaluations, plot_curves, read_metrics
 from .settings import Settings, TrainError, build_parser, resolve_settings
@@ -186,8 +186,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, s: Settings):
 
 
 def resume_from(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optimizer, scheduler,
-                streams: RandomStreams) -> TrainState:
-    """Load a checkpoint's states; a new ``--lr`` takes over from the saved one (drops already passed apply)."""
+                streams: RandomStreams) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
+    """Load a checkpoint's states; a new ``--lr`` takes over from the saved one (drops already passed apply).
+    Returns where the run is and the running sums of the epoch it stopped in."""
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
@@ -198,7 +199,7 @@ def resume_from(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optim
             group["initial_lr"] = s.lr
         scheduler.base_lrs = [s.lr] * len(scheduler.base_lrs)
     streams.restore(checkpoint["rng"])
-    return TrainState.from_checkpoint(checkpoint)
+    return TrainState.from_checkpoint(checkpoint), checkpoint["totals"]
 
 
 def wrap_model(model: nn.Module, s: Settings, dist: Dist, device: torch.device):
@@ -265,22 +266,24 @@ def evaluate(model: nn.Module, data, split: str, dist: Dist, batch_size: int, de
 
 
 class Evaluator:
-    """Validation and test of the weights now. The best weights, those of the lowest validation error so far
-    (of the latest evaluation when there is no validation set), are saved to the run folder."""
+    """Validation and test of the weights now, with rank 0's BatchNorm statistics on every rank. The best
+    weights, those of the lowest validation error so far (of the latest evaluation when there is no validation
+    set), are saved to the run folder."""
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, data, s: Settings, dist: Dist,
-                 device: torch.device, channels_last: bool, out: Path):
+                 device: torch.device, channels_last: bool, out: Path, local_batch: int):
         self.model, self.raw_model, self.data, self.s, self.dist = model, raw_model, data, s, dist
         self.device, self.channels_last, self.out = device, channels_last, out
-        self.batch_size = s.eval_batch_size or max(256, 2 * (s.batch_size // dist.world))
+        self.batch_size = s.eval_batch_size or max(256, 2 * local_batch)
 
-    def _error(self, split: str) -> Tuple[float, float]:
+    def _loss_and_error(self, split: str) -> Tuple[float, float]:
         return evaluate(self.model, self.data, split, self.dist, self.batch_size, self.device, self.channels_last)
 
-    def __call__(self, state: TrainState, epoch: int) -> Dict[str, Any]:
+    def evaluate_and_keep_best(self, state: TrainState, epoch: int) -> Dict[str, Any]:
         started = time.perf_counter()
-        val_loss, val_error = self._error("val") if self.data.val is not None else (None, None)
-        test_loss, test_error = (val_loss, val_error) if self.data.test_is_val else self._error("test")
+        sync_batchnorm_statistics(self.raw_model, self.dist)
+        val_loss, val_error = self._loss_and_error("val") if self.data.val is not None else (None, None)
+        test_loss, test_error = (val_loss, val_error) if self.data.test_is_val else self._loss_and_error("test")
         best = state.best
         if val_error is None or best["val_error"] is None or val_error < best["val_error"]:
             state.best = dict(epoch=epoch + 1, step=state.global_step, val_error=val_error, test_error=test_error)
@@ -294,7 +297,7 @@ class Evaluator:
 
 
 def check_finite(loss_sum: Tensor, model: Optional[nn.Module], dist: Dist, out: Path, s: Settings,
-                 epoch: int, where: str) -> None:
+                 epoch: int, step: int, steps_per_epoch: int) -> None:
     """Stop with ``Diverged`` when something became NaN or infinite on any rank: the loss (a NaN or inf loss
     in any step leaves the epoch's sum non-finite, so no step escapes) and, with ``model`` (before anything is
     saved), the weights and statistics."""
@@ -313,7 +316,8 @@ def check_finite(loss_sum: Tensor, model: Optional[nn.Module], dist: Dist, out: 
     else:
         advice = "no checkpoint had been written yet. Start again with a lower --lr (into a new --output), or " \
                  "check the data"
-    raise Diverged(f"{what} became NaN or infinite in epoch {epoch + 1} ({where}); training stopped and {advice}")
+    raise Diverged(f"{what} became NaN or infinite in epoch {epoch + 1} (by step {step} of {steps_per_epoch}); "
+                   f"training stopped and {advice}")
 
 
 # -- what the loop records -----------------------------------------------------------------------------------
@@ -357,26 +361,35 @@ class GateLog:
 
 
 class RunLog:
-    """The run folder and its logs: the folder's lock (rank 0 is its one writer), metrics.jsonl, the gates files
-    (``record_gates``), summary.json, and the progress lines. On resume, the lines that a killed process wrote
-    after its last checkpoint go."""
+    """The run folder and its logs: the folder's lock (rank 0 is its one writer, until ``close``), metrics.jsonl,
+    the gates files (``record_gates``), summary.json, and the progress lines."""
 
-    def __init__(self, out: Path, s: Settings, dist: Dist, global_step: int):
-        self.out, self.s, self.dist = out, s, dist
+    def __init__(self, out: Path, s: Settings, dist: Dist, started: float):
+        self.out, self.s, self.dist, self.started = out, s, dist, started
         self.metrics = out / METRICS_NAME
         self.speaks = dist.main and not s.quiet
-        self.start_time = time.perf_counter()
-        self.lock = None
+        self.context: Dict[str, Any] = {}  # what summary.json says of the run beside its results
+        self.lock = self.gates = None
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
-            self.lock = lock_run_folder(out)  # held until close(), or until the process ends
+            self.lock = lock_run_folder(out)
             remove_stale_temp_files(out)
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def start_at(self, global_step: int) -> None:
+        """Open the logs at ``global_step``: a resumed run drops the lines that a killed process wrote after its
+        last checkpoint."""
+        if self.dist.main:
             truncate_lines(self.metrics, lambda line: json.loads(line)["step"] <= global_step)
-        self.gates = None
-        if s.record_gates:
-            if dist.enabled:
+        if self.s.record_gates:
+            if self.dist.enabled:
                 torch_dist.barrier()  # rank 0 made the folder
-            gates_path = out / f"gates_rank{dist.rank}.txt"
+            gates_path = self.out / f"gates_rank{self.dist.rank}.txt"
             truncate_lines(gates_path, lambda line: int(line.split(" ", 1)[0]) <= global_step)
             self.gates = open(gates_path, "a")
 
@@ -384,6 +397,7 @@ class RunLog:
         if self.speaks:
             from tqdm import tqdm
             tqdm.write(message)
+            sys.stdout.flush()  # seen at once when the output goes to a file
 
     def record(self, record: Dict[str, Any]) -> None:
         if self.dist.main:
@@ -402,12 +416,13 @@ class RunLog:
         for f in (self.gates, self.lock):
             if f is not None:
                 f.close()
+        self.gates = self.lock = None
 
     def seconds(self, state: TrainState) -> float:
         """Seconds the run has taken, over every process that worked on it."""
-        return state.elapsed + time.perf_counter() - self.start_time
+        return state.elapsed + time.perf_counter() - self.started
 
-    def summary(self, state: TrainState, data, finished: bool, **context: Any) -> Dict[str, Any]:
+    def summary(self, state: TrainState, data, finished: bool) -> Dict[str, Any]:
         """summary.json: the paper's number (test error at the evaluation of best validation error), the run's
         time and ``context``."""
         records = read_metrics(self.metrics) if self.dist.main else []
@@ -422,7 +437,7 @@ class RunLog:
                        else f"last {points} (no validation set)"),
             test_set="the validation set (no separate test set)" if data.test_is_val else "test",
             last_epoch_test_error=evals[-1]["test_error"] if evals else None, total_time_s=self.seconds(state),
-            **context,
+            **self.context,
             lr_changes=list(self.s.lr_changes), settings=self.s.to_dict())
         if self.dist.main:
             save_json(self.out / SUMMARY_NAME, summary)
@@ -483,38 +498,52 @@ def _error_text(error: Optional[float]) -> str:
 # -- training ------------------------------------------------------------------------------------------------
 def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run (or continue) a training run; returns the summary written to summary.json."""
+    started = time.perf_counter()
     dist, device = setup_processes(s)
-    cuda, out = device.type == "cuda", Path(s.output)
+    with RunLog(Path(s.output), s, dist, started) as log:  # rank 0 holds the run folder's lock until the end
+        return _train(s, checkpoint, dist, device, log)
+
+
+def _train(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, device: torch.device,
+           log: RunLog) -> Dict[str, Any]:
+    """The run itself: data, model, optimizer, the loop, and each epoch's end."""
+    cuda, out = device.type == "cuda", log.out
     amp = cuda if s.amp is None else s.amp
     if amp and cuda and not torch.cuda.is_bf16_supported():
         raise TrainError("--amp needs a GPU with bfloat16 (Ampere or newer); pass --no-amp")
     channels_last = cuda if s.channels_last is None else s.channels_last
-    log = RunLog(out, s, dist, checkpoint["global_step"] if checkpoint else 0)
 
     # Data
     local_batch = local_batch_size(s, dist)
     data = load_data_everywhere(s, dist, device)
-    steps_per_epoch, every = len(data) // s.batch_size, s.eval_every_steps
+    steps_per_epoch = len(data) // s.batch_size
+    eval_every = s.eval_every_steps
 
     # Model, optimizer, random streams
     raw_model = build_model(s, data.num_classes, dist, device, channels_last)
-    optimizer, gate_sampler = build_optimizer(raw_model, s), raw_model.gate_sampler
+    gate_sampler = raw_model.gate_sampler
+    optimizer = build_optimizer(raw_model, s)
     scheduler = build_scheduler(optimizer, s)
     streams = RandomStreams(s.seed, gate_sampler, device)
-    state = TrainState() if checkpoint is None else resume_from(checkpoint, s, raw_model, optimizer, scheduler,
-                                                                streams)
-    totals_state = checkpoint["totals"] if checkpoint else None  # the sums of the epoch it stopped in
+    state, totals_state = TrainState(), None
+    if checkpoint is not None:
+        state, totals_state = resume_from(checkpoint, s, raw_model, optimizer, scheduler, streams)
+        _say_resumed(log, checkpoint, s, state)
+    log.start_at(state.global_step)
     model, eval_model, no_sync = wrap_model(raw_model, s, dist, device)
     autocast = _bf16_autocast(device) if amp else nullcontext
-    evaluator = Evaluator(eval_model, raw_model, data, s, dist, device, channels_last, out)
+    evaluator = Evaluator(eval_model, raw_model, data, s, dist, device, channels_last, out, local_batch)
     gate_log, groups = GateLog(gate_sampler), stage_groups(raw_model)
     num_blocks, expected_depth = len(raw_model.residual_blocks()), raw_model.expected_depth()
-    context = dict(world_size=dist.world, device=device.type, num_blocks=num_blocks, expected_depth=expected_depth)
-    if checkpoint is not None:
-        _say_resumed(log, checkpoint, s, state, dist)
+    log.context = dict(world_size=dist.world, device=device.type, num_blocks=num_blocks,
+                       expected_depth=expected_depth)
     log.say(f"{s.model} on {s.dataset}: {len(data)} training images, {steps_per_epoch} steps of {s.batch_size} "
             f"per epoch, {dist.world} process(es) on {device}, expected depth {expected_depth:.2f} of "
             f"{num_blocks} blocks; run folder {out}")
+
+    def stop_if_diverged(totals: EpochTotals, epoch: int, with_weights: bool) -> None:
+        check_finite(totals.loss_sum, raw_model if with_weights else None, dist, out, s, epoch, state.step,
+                     steps_per_epoch)
 
     def save_checkpoint(totals: EpochTotals) -> None:
         log.flush()
@@ -526,7 +555,7 @@ def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str,
 
     def evaluate_and_record(epoch: int, lr: float) -> None:
         """An evaluation inside the epochs (--eval-every-steps): a line of metrics.jsonl of its own."""
-        result = evaluator(state, epoch)
+        result = evaluator.evaluate_and_keep_best(state, epoch)
         log.record(dict(kind="eval", epoch=epoch + 1, step=state.global_step,
                         epochs_done=state.global_step / steps_per_epoch, lr=lr, **result))
         log.say(f"step {state.global_step} (epoch {epoch + 1})  val err {_error_text(result['val_error'])}  "
@@ -535,9 +564,11 @@ def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str,
     model.train()
     for epoch in range(state.epoch, s.epochs):
         plan = streams.plan_epoch(data)
-        totals = EpochTotals.from_state(totals_state, device) if totals_state else \
-            EpochTotals.zeros(len(groups), device)
-        totals_state, lr = None, optimizer.param_groups[0]["lr"]
+        if totals_state:  # the first epoch of a resumed run goes on from the sums saved mid-epoch
+            totals, totals_state = EpochTotals.from_state(totals_state, device), None
+        else:
+            totals = EpochTotals.zeros(len(groups), device)
+        lr = optimizer.param_groups[0]["lr"]
         progress = Progress(epoch, s, dist, steps_per_epoch, state.step, totals, num_blocks, expected_depth)
         t0 = time.perf_counter()
         for x, y in data.train_batches(plan, state.step, steps_per_epoch, dist.rank, dist.world, local_batch,
@@ -554,18 +585,16 @@ def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str,
             state.global_step += 1
             totals.add_step(loss_sum, correct, grad_abs, len(y), gate_log.depth())
             log.record_gates(state.global_step, gate_log)
-            last_step, where = state.step == steps_per_epoch, f"by step {state.step} of {steps_per_epoch}"
+            last_step = state.step == steps_per_epoch
             show = state.step % s.log_every == 0 or last_step
             if show:
-                check_finite(totals.loss_sum, None, dist, out, s, epoch, where)
+                stop_if_diverged(totals, epoch, with_weights=False)
             progress.update(totals, lr, show)
-            evaluate_now = every and state.global_step % every == 0
+            evaluate_now = eval_every and state.global_step % eval_every == 0
             checkpoint_now = (s.checkpoint_every_steps and state.global_step % s.checkpoint_every_steps == 0
                               and not last_step)
             if evaluate_now or checkpoint_now:
-                if evaluate_now:
-                    sync_batchnorm_statistics(raw_model, dist)
-                check_finite(totals.loss_sum, raw_model, dist, out, s, epoch, where)  # before anything is saved
+                stop_if_diverged(totals, epoch, with_weights=True)  # before anything is saved
                 totals.train_time += time.perf_counter() - t0
                 if evaluate_now:
                     evaluate_and_record(epoch, lr)
@@ -578,31 +607,27 @@ def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str,
         # Epoch end: the full network is evaluated (each branch scaled by its survival probability), unless the
         # evaluations come every N steps, when the run's last step gets one if it fell between two.
         scheduler.step()
-        sync_batchnorm_statistics(raw_model, dist)
-        check_finite(totals.loss_sum, raw_model, dist, out, s, epoch, f"by step {state.step} of {steps_per_epoch}")
+        stop_if_diverged(totals, epoch, with_weights=True)
         result = dict(val_loss=None, val_error=None, test_loss=None, test_error=None, eval_time_s=0.0)
-        if not every:
-            result = evaluator(state, epoch)
-        elif epoch + 1 == s.epochs and state.global_step % every:
+        if not eval_every:
+            result = evaluator.evaluate_and_keep_best(state, epoch)
+        elif epoch + 1 == s.epochs and state.global_step % eval_every:
             evaluate_and_record(epoch, lr)
         record = epoch_record(epoch, state, lr, totals, result, dist, groups, expected_depth)
-        record.update({"lr_change": c for c in s.lr_changes if c["epoch"] == epoch})  # a --lr given on resume
+        for change in s.lr_changes:  # a --lr given on resume took effect in this epoch
+            if change["epoch"] == epoch:
+                record["lr_change"] = change
         log.record(record)
         state.epoch, state.step = epoch + 1, 0
-        streams.end_epoch()
+        streams.end_epoch()  # so that the checkpoint holds the generators' states for the next epoch's plan
         save_checkpoint(EpochTotals.zeros(len(groups), device))
-        errors = "" if every else f"val err {_error_text(result['val_error'])}  test err {result['test_error']:.2f}%  "
-        log.say(f"epoch {epoch + 1}/{s.epochs}  loss {record['train_loss']:.4f}  train err "
-                f"{record['train_error']:.2f}%  {errors}lr {lr:.3g}  {record['img_per_s']:.0f} img/s  depth "
-                f"{record['mean_depth']:.1f}/{num_blocks}  best val @ "
-                f"{'step ' + str(state.best['step']) if every else state.best['epoch']}")
-        log.summary(state, data, finished=False, **context)
+        log.say(_epoch_line(epoch, s, record, result, state, num_blocks))
+        log.summary(state, data, finished=False)
 
-    summary = log.summary(state, data, finished=True, **context)
+    summary = log.summary(state, data, finished=True)
     if dist.main:
         plot_curves(out / METRICS_NAME, out / CURVES_NAME,
                     title=f"{s.model} on {s.dataset} (p_L = {s.survival_prob}, {s.survival_rule})")
-    log.close()
     return summary
 
 
@@ -612,15 +637,25 @@ def _bf16_autocast(device: torch.device):
     return autocast
 
 
-def _say_resumed(log: RunLog, checkpoint: Dict[str, Any], s: Settings, state: TrainState, dist: Dist) -> None:
+def _epoch_line(epoch: int, s: Settings, record: Dict[str, Any], result: Dict[str, Any], state: TrainState,
+                num_blocks: int) -> str:
+    eval_every = s.eval_every_steps
+    errors = "" if eval_every else f"val err {_error_text(result['val_error'])}  test err {result['test_error']:.2f}%  "
+    best_at = f"step {state.best['step']}" if eval_every else state.best["epoch"]
+    return (f"epoch {epoch + 1}/{s.epochs}  loss {record['train_loss']:.4f}  train err {record['train_error']:.2f}%  "
+            f"{errors}lr {record['lr']:.3g}  {record['img_per_s']:.0f} img/s  depth {record['mean_depth']:.1f}/"
+            f"{num_blocks}  best val @ {best_at}")
+
+
+def _say_resumed(log: RunLog, checkpoint: Dict[str, Any], s: Settings, state: TrainState) -> None:
     old_lr = checkpoint["settings"]["lr"]
     if old_lr != s.lr:
         log.say(f"--lr changed from {old_lr} to {s.lr} (recorded in metrics.jsonl and summary.json)")
     log.say(f"resuming {log.out} at epoch {state.epoch + 1}, step {state.step} (global step {state.global_step})")
-    if checkpoint["world_size"] != dist.world and dist.main:
+    if checkpoint["world_size"] != log.dist.world and log.dist.main:
         # Same global batches and gates, but BatchNorm sees other per-process batches: not bit-identical.
         print(f"warning: the run was checkpointed with {checkpoint['world_size']} process(es) and resumes "
-              f"with {dist.world}; it continues correctly but not bit for bit", file=sys.stderr)
+              f"with {log.dist.world}; it continues correctly but not bit for bit", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -259,7 +259,9 @@ def test_timm_model_suite_passes_on_the_zoo(tmp_path):
     # torch.jit.script cannot compile; TorchScript is deprecated in favour of torch.export, which works.
     cache = Path(os.environ.get("SDZOO_TIMM_SDIST_CACHE", Path.home() / ".cache" / "sdzoo" / "timm-sdist"))
     root = _timm_sdist_tests(cache)
-    selection = _TIMM_SUITE_FILTER + ("" if os.environ.get("SDZOO_TIMM_SUITE_ALL") == "1" else _TIMM_SUITE_SKIP_1202_FX_AND_CFGS)
+    selection = _TIMM_SUITE_FILTER
+    if os.environ.get("SDZOO_TIMM_SUITE_ALL") != "1":
+        selection += _TIMM_SUITE_SKIP_1202_FX_AND_CFGS
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root),
          str(root / "tests" / "test_models.py"), "-k", selection],

@@ -23,9 +23,10 @@ import torch
 from sdzoo.data import load_digits_split
 from sdzoo.dataset_stats import DIGITS_MEAN, DIGITS_STD
 from sdzoo.metrics_plot import epoch_records, evaluations, read_metrics
-from sdzoo.checkpoint import CheckpointError
+from sdzoo.checkpoint import CheckpointError, lock_run_folder
 from sdzoo.settings import Settings, build_parser, resolve_settings
-from sdzoo.train import Dist, GateLog, build_optimizer, build_scheduler, main, train_step, use_sync_batchnorm
+from sdzoo.train import (
+    Dist, Diverged, GateLog, build_optimizer, build_scheduler, main, train, train_step, use_sync_batchnorm)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train.py")
@@ -206,7 +207,8 @@ def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_pat
 def test_skipped_blocks_are_moved_by_weight_decay_and_momentum():
     model = timm.create_model("sd_resnet20_cifar", num_classes=10, survival_prob=0.5, gate_seed=0)
     lr, mu, wd = 0.1, 0.9, 1e-4
-    optimizer = build_optimizer(model, Settings(lr=lr, momentum=mu, dampening=0.0, nesterov=True, weight_decay=wd))
+    settings = Settings.from_recipe("digits", lr=lr, momentum=mu, dampening=0.0, nesterov=True, weight_decay=wd)
+    optimizer = build_optimizer(model, settings)
     log = GateLog(model.gate_sampler)
     grads_seen = {}  # what the optimizer sees when it steps
     optimizer.register_step_pre_hook(lambda *_: grads_seen.update(
@@ -256,6 +258,15 @@ def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 3 and "the training loss became NaN or infinite in epoch 1" in err
     assert "no checkpoint had been written yet" in err and not (run / "checkpoint.pt").exists()
+
+    # The failed run lets go of its folder's lock, even while its traceback is kept (as a notebook keeps it).
+    run = tmp_path / "traceback_kept"
+    settings, _ = resolve_settings(build_parser().parse_args(
+        [*TINY, "--image-size", "16", "--lr", "1e20", "--log-every", "1", "--output", str(run)]))
+    with pytest.raises(Diverged) as raised:
+        train(settings)
+    lock_run_folder(run).close()  # would raise RunFolderBusy if the lock were still held
+    assert "the training loss" in str(raised.value)
 
 
 # -- usage errors --------------------------------------------------------------------------------------------
@@ -323,6 +334,9 @@ def test_settings_round_trip_and_older_checkpoints_get_the_settings_they_ran_wit
     assert restored.color_jitter == restored.lighting == restored.drop_warmup == 0.0
     with pytest.raises(CheckpointError, match="does not know: warp_speed"):
         Settings.from_dict(dict(saved, warp_speed=9))
+    with pytest.raises(CheckpointError, match="lack settings that define the run: model"):
+        Settings.from_dict({k: v for k, v in saved.items() if k != "model"})
+    assert "note" not in saved  # the recipe's note describes the paper's run, not this one
 
 
 def test_imagefolder_directory_trains(tmp_path):
@@ -485,7 +499,8 @@ def test_paper_recipes_default_to_sync_batchnorm_and_say_where_it_cannot_run(cap
 
     assert use_sync_batchnorm(cifar, Dist(rank=0, world=4), cuda=True, micro_batch=32)
     assert not use_sync_batchnorm(cifar, Dist(rank=0, world=1), cuda=False, micro_batch=128)
-    assert not use_sync_batchnorm(dataclasses.replace(cifar, sync_bn=False), Dist(rank=0, world=4), cuda=False, micro_batch=32)
+    no_sync_bn = dataclasses.replace(cifar, sync_bn=False)
+    assert not use_sync_batchnorm(no_sync_bn, Dist(rank=0, world=4), cuda=False, micro_batch=32)
     assert capsys.readouterr().err == ""
     # gloo on CPUs: no SyncBatchNorm, and one warning (from rank 0 only) that says what differs
     assert not use_sync_batchnorm(cifar, Dist(rank=1, world=4), cuda=False, micro_batch=32)
