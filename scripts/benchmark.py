@@ -182,6 +182,8 @@ def training_benchmark(args, device: torch.device, amp: bool, channels_last: boo
 # -- inference measurements --------------------------------------------------------------------------
 def interleaved_medians(fns: Dict[str, Callable[[], object]], iters: int, warmup: int = 3) -> Dict[str, float]:
     """Median ms of each callable, timed round-robin so that machine noise hits them all alike."""
+    # Hand-written, not torch.utils.benchmark.Timer: a Timer measures one statement after another, so a burst
+    # of load on a shared machine lands on one variant; interleaving spreads it over all and keeps the ratios.
     for _ in range(warmup):
         for fn in fns.values():
             fn()
