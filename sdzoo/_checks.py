@@ -1,7 +1,7 @@
 """Argument checks shared by models, training and export: one wording for every error."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Tuple
 
 
 def check_choice(name: str, value, allowed: Iterable) -> None:
@@ -29,3 +29,23 @@ def check_survival_prob(name: str, value) -> float:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1] (1.0 means constant depth); got {value!r}")
     return value
+
+
+def check_fraction(name: str, value, include_one: bool = True) -> float:
+    """A number in [0, 1] (or [0, 1) without ``include_one``): a rate, a share, a fraction of training."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or not (0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be a number in [0, {'1]' if include_one else '1)'}; got {value!r}")
+    return float(value)
+
+
+def check_input_size(name: str, value, min_side: int = 1) -> Tuple[int, int, int]:
+    """A model input's (channels, height, width), with height and width at least ``min_side``."""
+    try:
+        size = tuple(int(s) for s in value)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 3 or size[0] < 1 or min(size[1:]) < min_side:
+        sides = "" if min_side == 1 else f", height and width >= {min_side}"
+        raise ValueError(f"{name} must be (channels, height, width) of positive integers{sides}; got {value!r}")
+    return size

@@ -20,7 +20,7 @@ from timm.models.convnext import ConvNeXtBlock
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as ViTBlock
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_fraction, check_int
 from .gate import GateSampler, ResidualGate, run_branch
 
 __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "ADAPTERS", "DropPathGate",
@@ -165,11 +165,16 @@ class Adapter:
     block: type
     slots: Tuple[str, ...]
     forward: type  # a mixin whose ``forward`` replaces the block's
+    # The activation applied after the residual add, if any: a skipped branch returns the block's input itself,
+    # which that activation must not overwrite in place.
+    act_after_add: Optional[str] = None
 
 
 ADAPTERS: List[Adapter] = [
-    Adapter("ResNet (timm.models.resnet BasicBlock, Bottleneck)", BasicBlock, ("drop_path",), GatedResNetBlock),
-    Adapter("ResNet (timm.models.resnet BasicBlock, Bottleneck)", Bottleneck, ("drop_path",), GatedResNetBlock),
+    Adapter("ResNet (timm.models.resnet BasicBlock, Bottleneck)", BasicBlock, ("drop_path",), GatedResNetBlock,
+            act_after_add="act2"),
+    Adapter("ResNet (timm.models.resnet BasicBlock, Bottleneck)", Bottleneck, ("drop_path",), GatedResNetBlock,
+            act_after_add="act3"),
     Adapter("ConvNeXt (ConvNeXtBlock)", ConvNeXtBlock, ("drop_path",), GatedConvNeXtBlock),
     Adapter("ViT / DeiT (timm.models.vision_transformer.Block)", ViTBlock, ("drop_path1", "drop_path2"),
             GatedViTBlock),
@@ -212,8 +217,7 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
     """
     check_choice("mode", mode, CONVERT_MODES)
     check_int("seed", seed, 0, 2**63 - 1)
-    if isinstance(min_drop_rate, bool) or not isinstance(min_drop_rate, (int, float)) or not 0 <= min_drop_rate < 1:
-        raise ValueError(f"min_drop_rate must be a number in [0, 1); got {min_drop_rate!r}")
+    check_fraction("min_drop_rate", min_drop_rate, include_one=False)
     if any(isinstance(m, DropPathSampler) for m in model.modules()):
         raise ValueError("model is already converted (it has a drop_path_sampler)")
 
@@ -249,9 +253,8 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
         if type(block) is adapter.block:
             # Same module, another forward: every attribute and the state-dict layout stay timm's.
             block.__class__ = _gated_class(adapter)
-        # A skipped branch returns its input itself: an activation after the add must not write into it.
-        last_act = {BasicBlock: "act2", Bottleneck: "act3"}.get(adapter.block)
-        if last_act is not None and hasattr(getattr(block, last_act), "inplace"):
-            getattr(block, last_act).inplace = False
+        act = getattr(block, adapter.act_after_add) if adapter.act_after_add else None
+        if hasattr(act, "inplace"):
+            act.inplace = False
     sampler.train(model.training)
     return model

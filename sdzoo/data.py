@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_choice
+from ._checks import check_choice, check_input_size
 from .dataset_stats import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
     IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
@@ -86,13 +86,7 @@ def digits_images(input_size: Sequence[int], mean: Sequence[float], std: Sequenc
     calibrate on 'train', measure on 'test'.
     """
     check_choice("split", split, ("all", *DIGITS_SPLIT_SIZES))
-    try:
-        channels, height, width = (int(s) for s in input_size)
-    except (TypeError, ValueError):
-        channels = height = width = 0
-    if channels < 1 or min(height, width) < 8:
-        raise ValueError(f"input_size must be (channels, height, width) with height and width >= 8; "
-                         f"got {input_size!r}")
+    channels, height, width = check_input_size("input_size", input_size, min_side=8)
     parts = [load_digits_split(s, (height, width)) for s in (DIGITS_SPLIT_SIZES if split == "all" else [split])]
     images = torch.cat([p[0][:, :1] for p in parts]).expand(-1, channels, -1, -1)
     labels = torch.cat([p[1] for p in parts])

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._checks import check_choice, check_int, check_survival_prob
+from ._checks import check_choice, check_fraction, check_int, check_survival_prob
 
 GATE_MODES = ("batch", "sample", "off")
 SCALINGS = ("expectation", "inverted")
@@ -69,9 +69,7 @@ class GateSampler(nn.Module):
 
     def set_drop_rate_factor(self, factor: float) -> None:
         """Put ``factor`` (in [0, 1]) of every target drop rate in effect, from the next draw on."""
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 <= factor <= 1.0:
-            raise ValueError(f"drop_rate_factor must be a number in [0, 1]; got {factor!r}")
-        self.drop_rate_factor = float(factor)
+        self.drop_rate_factor = check_fraction("drop_rate_factor", factor)
         self.scale_in_gate = True  # from now on the rate moves: keep it out of the graph
 
     def current_survival_probs(self) -> List[float]:

@@ -296,12 +296,16 @@ def _upload_error(repo_id: str, step: str, error: BaseException, token: str, sta
                               f"{state}", token))
 
 
+def _check_timeout(timeout: float) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+
+
 @contextlib.contextmanager
 def bounded_waits(timeout: float):
     """Every request of huggingface_hub's shared HTTP client waits at most ``timeout`` seconds for an answer
     (the client's own default is to wait forever)."""
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+    _check_timeout(timeout)
     session = get_session()
     old = session.timeout
     session.timeout = httpx2.Timeout(timeout)
@@ -426,8 +430,7 @@ def publish(
     weights fit the architecture, the summary, the extra files.
     """
     check_repo_id(repo_id)
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+    _check_timeout(timeout)  # before any work, not at the first request
     if local_dir is None:
         token = resolve_token(token)
     _logger.info(f"Loading the run in {model_dir}")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._checks import check_input_size
 from ._files import PathLike, staged_file
 from .fold import trained_settings
 
@@ -85,16 +86,6 @@ class QuantizeReport:
 
 
 # -- argument checks -------------------------------------------------------------------------------------
-def _check_input_size(input_size) -> Tuple[int, int, int]:
-    try:
-        size = tuple(int(s) for s in input_size)
-    except (TypeError, ValueError):
-        size = ()
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"input_size must be (channels, height, width) of positive integers; got {input_size!r}")
-    return size
-
-
 def _check_opset(opset) -> int:
     latest = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= latest:
@@ -114,7 +105,7 @@ def _input_size_of(model: nn.Module, input_size) -> Tuple[int, int, int]:
         input_size = getattr(model, "pretrained_cfg", {}).get("input_size")
         if input_size is None:
             raise ValueError("input_size must be given: the model has no pretrained_cfg['input_size']")
-    return _check_input_size(input_size)
+    return check_input_size("input_size", input_size)
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -254,7 +245,7 @@ def verify_onnx(
     Returns the max abs difference per batch size; raises ``ExportCheckError`` when a check fails.
     """
     path = os.fspath(path)
-    input_size = _check_input_size(input_size)
+    input_size = check_input_size("input_size", input_size)
     batch_sizes = _check_batch_sizes("batch_sizes", batch_sizes)
     try:
         onnx.checker.check_model(path, full_check=True)

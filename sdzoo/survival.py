@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List
 
-from ._checks import check_choice, check_survival_prob
+from ._checks import check_choice, check_fraction, check_survival_prob
 
 SURVIVAL_RULES = ("linear", "uniform")
 
@@ -37,10 +37,7 @@ def expected_depth(num_blocks: int, survival_prob: float = 0.5, rule: str = "lin
 def drop_warmup_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
     """Share of the target drop rates in effect at ``step`` (0-based) of ``total_steps``: a linear ramp from
     0 to 1 over the first ``warmup_fraction`` of training, then 1 (Composer's ``drop_warmup``)."""
-    if isinstance(warmup_fraction, bool) or not isinstance(warmup_fraction, (int, float)) \
-            or not 0.0 <= warmup_fraction <= 1.0:
-        raise ValueError(f"warmup_fraction must be a number in [0, 1]; got {warmup_fraction!r}")
-    warmup_steps = warmup_fraction * total_steps
+    warmup_steps = check_fraction("warmup_fraction", warmup_fraction) * total_steps
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, step / warmup_steps)
