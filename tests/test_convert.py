@@ -253,39 +253,45 @@ PLAIN_DDP_LOOP = textwrap.dedent("""
     import torch, torch.distributed as dist, torch.nn.functional as F
     import timm, sdzoo
 
-    out, steps = sys.argv[1], int(sys.argv[2])
+    def train(out, steps):
+        # a function, as in the DDP tutorial: the models and DDP are freed before the process group goes
+        rank = dist.get_rank()
+        results = {}
+        for name in ("resnet26", "convnext_atto", "vit_tiny_patch16_224"):
+            for mode in ("sample", "batch"):
+                torch.manual_seed(0)
+                size = dict(img_size=32) if name.startswith("vit_") else {}
+                model = timm.create_model(name, drop_path_rate=0.4, num_classes=10, **size)
+                sdzoo.convert_drop_path(model, mode=mode, seed=1, min_drop_rate=0.0)
+                start = [p.detach().clone() for p in model.parameters()]
+                ddp = torch.nn.parallel.DistributedDataParallel(model)
+                optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+                data = torch.Generator().manual_seed(100 + rank)
+                skipped = 0
+                for step in range(steps):
+                    x, y = torch.randn(4, 3, 32, 32, generator=data), torch.randint(0, 10, (4,), generator=data)
+                    loss = F.cross_entropy(ddp(x), y)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    gates = model.drop_path_sampler.gates
+                    skipped += sum(int(g.numel() < 4) if mode == "sample" else int(float(g) == 0) for g in gates)
+                # the weights; BatchNorm statistics are each rank's own until DDP broadcasts rank 0's at a forward
+                flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+                replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+                dist.all_gather(replicas, flat)
+                moved = max((p.detach() - s).abs().max().item() for p, s in zip(model.parameters(), start))
+                results[f"{name} {mode}"] = dict(
+                    skipped=skipped, moved=moved, loss=loss.item(),
+                    replica_max_diff=max((r - replicas[0]).abs().max().item() for r in replicas))
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(results, f)
+
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    results = {}
-    for name in ("resnet26", "convnext_atto", "vit_tiny_patch16_224"):
-        for mode in ("sample", "batch"):
-            torch.manual_seed(0)
-            size = dict(img_size=32) if name.startswith("vit_") else {}
-            model = timm.create_model(name, drop_path_rate=0.4, num_classes=10, **size)
-            sdzoo.convert_drop_path(model, mode=mode, seed=1, min_drop_rate=0.0)
-            start = [p.detach().clone() for p in model.parameters()]
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-            data = torch.Generator().manual_seed(100 + rank)
-            skipped = 0
-            for step in range(steps):
-                x, y = torch.randn(4, 3, 32, 32, generator=data), torch.randint(0, 10, (4,), generator=data)
-                loss = F.cross_entropy(ddp(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                gates = model.drop_path_sampler.gates
-                skipped += sum(int(g.numel() < 4) if mode == "sample" else int(float(g) == 0) for g in gates)
-            # the weights; BatchNorm statistics are each rank's own until DDP broadcasts rank 0's at a forward
-            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-            replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-            dist.all_gather(replicas, flat)
-            moved = max((p.detach() - s).abs().max().item() for p, s in zip(model.parameters(), start))
-            results[f"{name} {mode}"] = dict(
-                skipped=skipped, moved=moved, loss=loss.item(),
-                replica_max_diff=max((r - replicas[0]).abs().max().item() for r in replicas))
-    if rank == 0:
-        json.dump(results, open(out, "w"))
+    train(sys.argv[1], int(sys.argv[2]))
+    print(f"rank {dist.get_rank()}: trained", file=sys.stderr, flush=True)  # where a failure happened
+    dist.barrier()  # no rank closes its connections while another still uses them
     dist.destroy_process_group()
 """)
 
