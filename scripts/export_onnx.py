@@ -22,6 +22,7 @@ import timm
 import sdzoo  # registers the zoo, which local-dir: and hf-hub: models need
 from timm.models import load_state_dict
 
+from sdzoo._checks import check_seconds
 from sdzoo.checkpoint import (
     CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings)
 from sdzoo.data import DIGITS_SPLIT_SIZES, digits_images
@@ -299,8 +300,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not 0 < args.calib_images <= available:
             fail(args, f"--calib-images must be from 1 to {available} (the {args.calib_data} training split); "
                        f"got {args.calib_images}")
-    if not args.bench_seconds > 0:
-        fail(args, f"--bench-seconds must be a positive number of seconds; got {args.bench_seconds}")
+    try:
+        check_seconds("--bench-seconds", args.bench_seconds)
+    except ValueError as e:
+        fail(args, str(e))
     label_names = label_names_of(args)
 
     model = create_model(args).eval()

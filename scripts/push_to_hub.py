@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from sdzoo._checks import check_seconds
 from sdzoo._files import write_text
 from sdzoo.hub import DEFAULT_TIMEOUT, HubError, publish
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit-message", default=None, help="commit message")
     parser.add_argument("--onnx", default=None, help="ONNX file to include as model.onnx (default: RUN/model.onnx if any)")
     parser.add_argument("--curves", default=None, help="training curves to include (default: RUN/curves.png if any)")
-    parser.add_argument("--card-template", default=None, help="model card, a Jinja template (default: model_cards/template.md)")
+    parser.add_argument("--card-template", default=None, help="model card, a Jinja template (default: the one shipped with sdzoo)")
     parser.add_argument("--card-dir", default=None,
                         help="also save the published card as CARD_DIR/NAME.md (the zoo's record: model_cards); "
                              "default: not saved")
@@ -85,8 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
     template = card = None
     try:
-        if not args.timeout > 0:
-            raise ValueError(f"--timeout must be a positive number of seconds; got {args.timeout}")
+        check_seconds("--timeout", args.timeout)  # the flag's name, before publish() checks its argument
         if args.card_dir and not args.local_dir:
             card = card_path(Path(args.card_dir), args.repo_id)
         if args.card_template:

@@ -39,6 +39,13 @@ def check_fraction(name: str, value, include_one: bool = True) -> float:
     return float(value)
 
 
+def check_seconds(name: str, value) -> float:
+    """A positive number of seconds: a timeout, a measuring time."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds; got {value!r}")
+    return float(value)
+
+
 def check_input_size(name: str, value, min_side: int = 1) -> Tuple[int, int, int]:
     """A model input's (channels, height, width), with height and width at least ``min_side``."""
     try:

@@ -30,6 +30,7 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from . import __version__
+from ._checks import check_seconds
 from ._files import PathLike
 from .checkpoint import (
     CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
@@ -296,16 +297,11 @@ def _upload_error(repo_id: str, step: str, error: BaseException, token: str, sta
                               f"{state}", token))
 
 
-def _check_timeout(timeout: float) -> None:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
-
-
 @contextlib.contextmanager
 def bounded_waits(timeout: float):
     """Every request of huggingface_hub's shared HTTP client waits at most ``timeout`` seconds for an answer
     (the client's own default is to wait forever)."""
-    _check_timeout(timeout)
+    check_seconds("timeout", timeout)
     session = get_session()
     old = session.timeout
     session.timeout = httpx2.Timeout(timeout)
@@ -430,7 +426,7 @@ def publish(
     weights fit the architecture, the summary, the extra files.
     """
     check_repo_id(repo_id)
-    _check_timeout(timeout)  # before any work, not at the first request
+    check_seconds("timeout", timeout)  # before any work, not at the first request
     if local_dir is None:
         token = resolve_token(token)
     _logger.info(f"Loading the run in {model_dir}")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
+from ._checks import check_seconds
 from ._files import PathLike
 from .onnx_export import INPUT_NAME, ort_session
 
@@ -20,8 +21,7 @@ __all__ = ["median_ms", "onnx_latency", "torch_latency", "compare_latency", "for
 def median_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     """Median ms of one call of ``fn``, over blocks of calls timed for at least ``min_run_time`` seconds,
     with PyTorch's current thread count (Timer's own default is one thread)."""
-    if not min_run_time > 0:
-        raise ValueError(f"min_run_time must be a positive number of seconds; got {min_run_time!r}")
+    check_seconds("min_run_time", min_run_time)
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return 1000.0 * timer.blocked_autorange(min_run_time=min_run_time).median
 

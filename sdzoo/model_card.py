@@ -179,7 +179,7 @@ def render_model_card(
         block_probs: survival probability of each residual block (``SDResNet.block_survival_probs()``).
         num_params: number of parameters of the model.
         files: names of the files in the repo.
-        template: Jinja template text; default ``model_cards/template.md``.
+        template: Jinja template text; default: the one shipped with sdzoo (``default_template_path()``).
         file_notes: what each file is (name -> a few words), for the card's list of files.
     """
     template_path = default_template_path() if template is None else None

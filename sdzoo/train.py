@@ -16,6 +16,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -531,7 +532,7 @@ def _train(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, device
         _say_resumed(log, checkpoint, s, state)
     log.start_at(state.global_step)
     model, eval_model, no_sync = wrap_model(raw_model, s, dist, device)
-    autocast = _bf16_autocast(device) if amp else nullcontext
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if amp else nullcontext
     evaluator = Evaluator(eval_model, raw_model, data, s, dist, device, channels_last, out, local_batch)
     gate_log, groups = GateLog(gate_sampler), stage_groups(raw_model)
     num_blocks, expected_depth = len(raw_model.residual_blocks()), raw_model.expected_depth()
@@ -629,12 +630,6 @@ def _train(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, device
         plot_curves(out / METRICS_NAME, out / CURVES_NAME,
                     title=f"{s.model} on {s.dataset} (p_L = {s.survival_prob}, {s.survival_rule})")
     return summary
-
-
-def _bf16_autocast(device: torch.device):
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return autocast
 
 
 def _epoch_line(epoch: int, s: Settings, record: Dict[str, Any], result: Dict[str, Any], state: TrainState,

@@ -40,7 +40,6 @@ def test_digits_mean_std_match_the_training_split():
     assert images.std().item() == pytest.approx(DIGITS_STD[0], abs=1e-4)
 
 
-
 def test_digits_images_are_normalised_model_inputs():
     images, labels = digits_images((3, 32, 32), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.5))
     assert images.shape == (1797, 3, 32, 32) and images.dtype == np.float32
@@ -65,6 +64,7 @@ def test_digits_images_are_normalised_model_inputs():
         digits_images((32, 32), (0.5,), (0.25,))
     with pytest.raises(ValueError, match="mean must have 1 or 3 values; got 2"):
         digits_images((3, 32, 32), (0.5, 0.5), (0.25,))
+
 
 def _shift_flip_reference(x, shifts, flips, pad):
     out = torch.empty_like(x)
@@ -151,7 +151,6 @@ def test_imagefolder_batches_are_deterministic_per_image(tmp_path):
     assert torch.equal(next(data.train_batches(plan, 1, 2, 0, 1, 4, cpu))[0], first[1])
 
 
-
 def test_imagefolder_eval_transform_is_the_resize_and_centre_crop_of_before(tmp_path):
     """timm's eval transform gives, pixel for pixel, what Resize(floor(size / 0.875)) + CenterCrop + PILToTensor
     gave: uint8 images, normalised on the device."""
@@ -211,6 +210,7 @@ def test_imagefolder_splits_must_have_the_same_class_folders(tmp_path):
     os.makedirs(root / "test")
     with pytest.raises(DataError, match="--data-dir .*empty: Found 0 images in subfolders of .*test"):
         load_data("imagefolder", str(root))
+
 
 class _FakeTorchvision:
     """Stand-ins for torchvision's CIFAR10 / SVHN classes: the same attributes, small random contents."""

@@ -331,6 +331,18 @@ def test_invalid_repo_id(server, run, tmp_path, repo_id):
     assert len(server.requests) == seen and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("timeout", [0, -1.0, True, "5", None])
+def test_a_timeout_that_is_no_number_of_seconds_fails_before_any_work(tmp_path, timeout):
+    from sdzoo.latency import median_ms
+
+    # the run folder does not exist either: the timeout is checked first
+    with pytest.raises(ValueError, match=r"^timeout must be a positive number of seconds; got "):
+        publish(tmp_path / "no-run", "owner/name", timeout=timeout, local_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"^min_run_time must be a positive number of seconds; got "):
+        median_ms(lambda: None, min_run_time=timeout)
+
+
 @pytest.mark.slow
 def test_missing_token_fails_before_any_work(server, run):
     seen = len(server.requests)

@@ -243,7 +243,9 @@ def test_mistakes_exit_2_with_a_message_that_names_the_flag_or_file(trained_run,
     for flags, expected in ((["--output", str(tmp_path)], "is a directory"),
                             (["--output", str(a_file / "m.onnx")], "is a file"),
                             (["--output", str(tmp_path / "q.onnx"), "--quantize", "int8", "--calib-images", "0"],
-                             "--calib-images")):
+                             "--calib-images"),
+                            (["--output", str(tmp_path / "q.onnx"), "--benchmark", "--bench-seconds", "0"],
+                             "--bench-seconds must be a positive number of seconds")):
         code = exit_code(export.main, ["--model", f"local-dir:{trained_run}", *flags])
         assert code == 2 and expected in capsys.readouterr().err, flags
     assert not (tmp_path / "q.onnx").exists()
@@ -260,6 +262,12 @@ def test_mistakes_exit_2_with_a_message_that_names_the_flag_or_file(trained_run,
         assert code == 2 and expected in err and str(broken / CONFIG_NAME) in err
         with pytest.raises(hub.CheckpointMismatchError, match=expected):
             hub.load_run(broken)
+
+    push = load_script("push_to_hub")
+    assert push.main(["--model", str(trained_run), "--repo-id", "tester/t", "--local-dir", str(tmp_path / "h"),
+                      "--timeout", "-1"]) == 2
+    assert "--timeout must be a positive number of seconds" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
 
     benchmark = load_script("benchmark")
     assert exit_code(benchmark.parse_args, ["--json", str(a_file / "b.json")]) == 2

@@ -28,7 +28,8 @@ from sdzoo.settings import Settings, build_parser, resolve_settings
 from sdzoo.train import (
     Dist, Diverged, GateLog, build_optimizer, build_scheduler, main, train, train_step, use_sync_batchnorm)
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 SCRIPT = str(ROOT / "scripts" / "train.py")
 TINY = ["--dataset", "digits", "--model", "sd_resnet20_cifar", "--quiet"]
 
