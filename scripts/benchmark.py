@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 import sdzoo
 from sdzoo._files import save_json
-from sdzoo.gate import ResidualGate, run_branch
+from sdzoo.gate import ResidualGate
 
 NOT_RUN = "not run"
 
@@ -51,8 +51,8 @@ class MaskGate(ResidualGate):
         super().__init__(survival_prob, scaling="inverted")
         self.drop = drop
 
-    def forward(self, branch, x, shortcut, gate):
-        return shortcut + self.drop(run_branch(branch, x))
+    def forward(self, branch, shortcut, *inputs):
+        return shortcut + self.drop(branch(*inputs))
 
 
 def build_variant(model_name: str, variant: str, survival_prob: float, seed: int) -> nn.Module:
@@ -291,8 +291,10 @@ def build_timm_variant(model_name: str, variant: str, rate: float, img_size: int
     """timm's model built with drop_path_rate (its mask), or the same weights converted by sdzoo."""
     from timm.layers import DropPath
     torch.manual_seed(seed)
-    size = dict(img_size=img_size) if model_name.startswith(("vit_", "deit_")) else {}
-    model = timm.create_model(model_name, drop_path_rate=rate, num_classes=10, device=device, **size)
+    try:  # transformers fix their input size at build time; convnets take any
+        model = timm.create_model(model_name, drop_path_rate=rate, num_classes=10, device=device, img_size=img_size)
+    except TypeError:
+        model = timm.create_model(model_name, drop_path_rate=rate, num_classes=10, device=device)
     if uniform:  # every branch at the rate itself: the per-branch break-even
         for m in model.modules():
             if isinstance(m, DropPath):
@@ -303,32 +305,34 @@ def build_timm_variant(model_name: str, variant: str, rate: float, img_size: int
 
 
 def convert_benchmark(args) -> int:
-    """Training step time and executed FLOPs of timm's mask against sdzoo sample and batch, per rate."""
+    """Training step time and executed FLOPs of timm's mask against sdzoo sample and batch, per model and rate,
+    all variants of a model and rate timed round-robin in one run."""
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 10, (args.batch_size,))
     rows = []
-    for rate in args.drop_path_rate:
-        print(f"{args.convert}, drop_path_rate {rate}", file=sys.stderr)
-        flops = {}
-        for variant in CONVERT_VARIANTS:  # counted from shapes on the meta device: no compute
-            model = build_timm_variant(args.convert, variant, rate, args.img_size, args.seed, args.uniform_rate,
-                                       device="meta")
-            flops[variant] = flops_per_image(model, x.to("meta"), y.to("meta"), args.flop_steps)
-        models = {v: build_timm_variant(args.convert, v, rate, args.img_size, args.seed, args.uniform_rate)
-                  for v in CONVERT_VARIANTS}
-        timed = time_training(models, x, y, args.steps, args.warmup, amp=False, measure_memory=False)
-        base = CONVERT_VARIANTS[0]
-        for v in CONVERT_VARIANTS:
-            rows.append(dict(rate=rate, variant=v, step_ms=timed[v]["step_ms"],
-                             time_ratio=timed[v]["step_ms"] / timed[base]["step_ms"],
-                             gflops_per_img=flops[v] / 1e9, flop_ratio=flops[v] / flops[base]))
+    for name in args.convert:
+        for rate in args.drop_path_rate:
+            print(f"{name}, drop_path_rate {rate}", file=sys.stderr)
+            flops = {}
+            for variant in CONVERT_VARIANTS:  # counted from shapes on the meta device: no compute
+                model = build_timm_variant(name, variant, rate, args.img_size, args.seed, args.uniform_rate,
+                                           device="meta")
+                flops[variant] = flops_per_image(model, x.to("meta"), y.to("meta"), args.flop_steps)
+            models = {v: build_timm_variant(name, v, rate, args.img_size, args.seed, args.uniform_rate)
+                      for v in CONVERT_VARIANTS}
+            timed = time_training(models, x, y, args.steps, args.warmup, amp=False, measure_memory=False)
+            base = CONVERT_VARIANTS[0]
+            for v in CONVERT_VARIANTS:
+                rows.append(dict(model=name, rate=rate, variant=v, step_ms=timed[v]["step_ms"],
+                                 time_ratio=timed[v]["step_ms"] / timed[base]["step_ms"],
+                                 gflops_per_img=flops[v] / 1e9, flop_ratio=flops[v] / flops[base]))
     rates = "every branch at the rate" if args.uniform_rate else "timm's per-block rates, 0 to the rate"
-    print(f"\n## {args.convert}, {args.img_size} px, batch {args.batch_size}, CPU, {rates}; median of "
-          f"{args.steps} steps after {args.warmup} warm-up, FLOPs averaged over {args.flop_steps} steps\n")
-    print("| drop_path_rate | variant | step ms | time vs mask | GFLOP/img | FLOPs vs mask |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    print(f"\n## {args.img_size} px, batch {args.batch_size}, CPU, {rates}; median of {args.steps} steps after "
+          f"{args.warmup} warm-up, FLOPs averaged over {args.flop_steps} steps\n")
+    print("| model | drop_path_rate | variant | step ms | time vs mask | GFLOP/img | FLOPs vs mask |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['rate']} | {r['variant']} | {r['step_ms']:.1f} | {r['time_ratio']:.3f} "
+        print(f"| {r['model']} | {r['rate']} | {r['variant']} | {r['step_ms']:.1f} | {r['time_ratio']:.3f} "
               f"| {r['gflops_per_img']:.3f} | {r['flop_ratio']:.3f} |")
     print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
     if args.json:
@@ -352,14 +356,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: the CPU, and the GPU too when one is present (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows on GPU")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also time the CPU rows with channels_last inputs and weights (the GPU rows always are)")
     p.add_argument("--skip-inference", action="store_true", help="skip the eager vs onnxruntime table")
     p.add_argument("--skip-training", action="store_true", help="skip the training table")
     p.add_argument("--infer-iters", type=int, default=30, help="timed iterations per latency (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     g = p.add_argument_group("a real skip for timm's drop-path models")
-    g.add_argument("--convert", metavar="MODEL", default=None,
-                   help="a timm model (resnet*, convnext_*, vit_*, deit_*): timm's DropPath mask against "
+    g.add_argument("--convert", metavar="MODEL", nargs="+", default=None,
+                   help="timm models built with drop_path_rate: timm's DropPath mask against "
                         "sdzoo.convert_drop_path sample and batch (uses --batch-size, --steps, --warmup, --flop-steps)")
     g.add_argument("--drop-path-rate", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4], metavar="R",
                    help="timm's drop_path_rate values to compare (default: %(default)s)")
@@ -368,9 +374,10 @@ def parse_args(argv=None):
                    help="every branch at the rate R instead of timm's 0-to-R decay (the per-branch break-even)")
     args = p.parse_args(argv)
     if args.convert is not None:
-        if args.convert not in timm.list_models():
-            p.error(f"--convert must be a timm model name (resnet26, convnext_atto, vit_tiny_patch16_224, ...); "
-                    f"got {args.convert!r}")
+        unknown = [name for name in args.convert if name not in timm.list_models()]
+        if unknown:
+            p.error(f"--convert takes timm model names (resnet26, convnext_atto, vit_tiny_patch16_224, ...); "
+                    f"got {', '.join(map(repr, unknown))}")
         if any(not 0.0 < r < 1.0 for r in args.drop_path_rate):
             p.error(f"--drop-path-rate values must be in (0, 1); got {args.drop_path_rate}")
         if args.img_size < 8:
@@ -407,8 +414,9 @@ def main(argv=None) -> int:
     if args.skip_training:
         use_cpu = use_gpu = False
     if use_cpu:
-        train_rows += training_benchmark(args, torch.device("cpu"), amp=False, channels_last=False,
-                                         compile_model=False)
+        for channels_last in (False, True) if args.channels_last else (False,):
+            train_rows += training_benchmark(args, torch.device("cpu"), amp=False, channels_last=channels_last,
+                                             compile_model=False)
     if use_gpu:
         cuda = torch.device("cuda")
         torch.backends.cudnn.benchmark = True

@@ -284,8 +284,8 @@ class EpochTotals:
 
 def _stream_seed(seed: int, stream: int) -> int:
     """Independent seeds for the data order and the augmentation, derived from the run's seed."""
-    import numpy as np
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
+    from ._seeds import derived_seed
+    return derived_seed(seed, stream)
 
 
 class RandomStreams:
@@ -293,7 +293,7 @@ class RandomStreams:
     torch's global generators. An epoch's data plan is drawn at its start, so a checkpoint inside an epoch
     keeps the generators' epoch-start states (the plan is redrawn on resume) and the others' current ones."""
 
-    def __init__(self, seed: int, gate_sampler: nn.Module, device: torch.device):
+    def __init__(self, seed: int, gate_sampler, device: torch.device):
         self.order = torch.Generator().manual_seed(_stream_seed(seed, 1))
         self.augment = torch.Generator().manual_seed(_stream_seed(seed, 2))
         self.gate_sampler, self.device = gate_sampler, device
@@ -310,13 +310,14 @@ class RandomStreams:
     def state(self) -> Dict[str, Any]:
         order, augment = self._epoch_start or (self.order.get_state(), self.augment.get_state())
         cuda = self.device.type == "cuda"
-        return dict(order=order, augment=augment, gates=self.gate_sampler.get_rng_state(),
+        return dict(order=order, augment=augment, gates=self.gate_sampler.step,
                     torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(self.device) if cuda else None)
 
     def restore(self, state: Dict[str, Any]) -> None:
         self.order.set_state(state["order"])
         self.augment.set_state(state["augment"])
-        self.gate_sampler.set_rng_state(state["gates"])
+        if isinstance(state["gates"], int):  # the gates' key; checkpoints before it held a generator state,
+            self.gate_sampler.step = state["gates"]  # and then the model's state dict has restored the key
         torch.set_rng_state(state["torch"])
         if self.device.type == "cuda" and state.get("cuda") is not None:
             torch.cuda.set_rng_state(state["cuda"], self.device)

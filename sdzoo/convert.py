@@ -1,79 +1,72 @@
-"""A real skip for timm's own drop-path models: ``convert_drop_path`` moves their DropPath'd residuals onto the
-zoo's gates (``sdzoo.gate``), in place.
+"""A real skip for timm's own drop-path models: ``convert_drop_path`` moves every ``shortcut + drop_path(f(x))``
+of a model onto the zoo's gates (``sdzoo.gate``), in place.
 
 timm's DropPath computes a branch for the whole batch and then multiplies it by a random mask, so a dropped
-branch costs as much as a kept one. A converted block is the same module with another forward, so the state
-dict, and with it timm's checkpoints, do not change. Each block family is one adapter (``ADAPTERS``): the block
-class, the names of its DropPath slots, and a forward that hands each residual's branch to its gate. A branch
-whose rate is below ``min_drop_rate`` stays timm's mask: there the real skip's gather and scatter cost more than
-the branch time they save (``BREAK_EVEN_DROP_RATE``).
+branch costs as much as a kept one. One mechanism serves every block class: each block that holds a DropPath
+is traced with torch.fx (its own forward only: its submodules stay calls, and timm's registry of functions FX
+must not trace into stays opaque), the branch that feeds each DropPath is found in that graph (the nodes only
+the drop path uses), and the residual add becomes a call of the gate, which runs the branch, on the kept
+samples or not at all. The block keeps its class (a subclass with another forward in training), its
+attributes and its state dict; in eval mode it runs timm's own forward. A branch whose rate is below
+``min_drop_rate`` stays timm's mask: there the real skip's gather and scatter cost more than the branch time
+they save (``BREAK_EVEN_DROP_RATE``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import inspect
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
-from torch import Tensor, nn
-from timm.layers import DropPath
-from timm.models.convnext import ConvNeXtBlock
-from timm.models.resnet import BasicBlock, Bottleneck
-from timm.models.vision_transformer import Block as ViTBlock
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from timm.layers import DropPath, get_notrace_functions
+from timm.layers.drop import drop_path
 
 from ._checks import check_choice, check_fraction, check_int
-from .gate import GateSampler, ResidualGate, run_branch
+from .gate import Branch, GateSampler, ResidualGate
 
-__all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "ADAPTERS", "DropPathGate",
-           "DropPathSampler"]
+__all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPathGate", "DropPathSampler",
+           "inspect_drop_paths", "BlockReport"]
 
 CONVERT_MODES = ("sample", "batch")
 # Below this per-branch rate a branch stays timm's mask. On a 2-core CPU, ViT-Tiny, sample mode broke even at
 # about 0.03 and batch mode was faster at every rate measured, 0.02 included (README, "Real skip for timm's
-# drop-path models"); not measured on a GPU: scripts/benchmark.py --convert MODEL --uniform-rate measures it.
+# drop-path models"); scripts/benchmark.py --convert MODEL --uniform-rate measures it elsewhere.
 BREAK_EVEN_DROP_RATE = 0.05
 
 
 class DropPathSampler(GateSampler):
-    """The model's gate sampler, for blocks that timm's forward calls without gates.
-
-    A converted model's forward is timm's, which passes no gates down, so each branch takes its own gate
-    from here. All gates of a step are drawn at once, when the first branch asks; a step starts when a
-    branch asks again (the next forward), except during the backward pass, where activation checkpointing
-    recomputes blocks with the gates they ran with.
-    """
+    """The gate sampler of a converted model (``model.drop_path_sampler``): batch gates carry their inverted
+    scale as a tensor, so no rate is ever a constant of a compiled graph, and the masks left below
+    ``min_drop_rate`` ramp with the drop-rate warmup too."""
 
     def __init__(self, survival_probs: Sequence[float], mode: str, seed: int):
-        # Batch gates carry their inverted scale as a tensor: no rate is ever a constant of a compiled graph.
         super().__init__(survival_probs, mode, seed, scale_in_gate=True)
-        self.gates: Optional[List[Optional[Tensor]]] = None  # the step's draws
-        self._taken: set = set()
-        # timm's masks left below min_drop_rate, with their target rates, for the warmup to ramp as well.
-        self.masks: List[Tuple[DropPath, float]] = []
+        self.masks: List[Tuple[DropPath, float]] = []  # timm's masks left, with their target rates
 
     def set_drop_rate_factor(self, factor: float) -> None:
         super().set_drop_rate_factor(factor)
         for mask, target in self.masks:  # timm's float rate: under torch.compile a change recompiles
             mask.drop_prob = factor * target
 
-    @torch.compiler.disable
-    def take(self, index: int, batch_size: int, device: torch.device) -> Optional[Tensor]:
-        """Branch ``index``'s gate for this step (drawing the step's gates first when a new step begins)."""
-        in_backward = torch._C._current_graph_task_id() != -1  # checkpoint recompute: keep the step's gates
-        if self.gates is None or (index in self._taken and not in_backward):
-            self.gates = self.draw(batch_size, device)
-            self._taken = set()
-        self._taken.add(index)
-        return self.gates[index]
-
 
 class DropPathGate(ResidualGate):
-    """timm's DropPath slot, converted: the zoo's gate (inverted scaling), fed by the model's sampler."""
+    """timm's DropPath slot, converted: the zoo's gate, fed by the model's sampler.
 
-    def __init__(self, drop_prob: float, index: int, sampler: DropPathSampler):
-        super().__init__(1.0 - drop_prob, scaling="inverted")
-        self.index = index
-        # A reference, not a child module: the sampler belongs to the model root (one generator per model).
-        object.__setattr__(self, "sampler", sampler)
+    The block's rewritten forward calls it as ``slot(site, branch, shortcut, *inputs)``, one gate per place
+    (site) the block's forward uses the slot. Called as timm's forward calls a DropPath, ``slot(x)`` (eval mode,
+    or a call the rewrite does not cover), it is timm's DropPath at the rate in effect.
+    """
+
+    def __init__(self, drop_prob: float, scale_by_keep: bool, indices: Sequence[int], sampler: DropPathSampler):
+        # timm divides a kept branch by its keep rate unless scale_by_keep is off: then nothing is scaled.
+        super().__init__(1.0 - drop_prob, scaling="inverted" if scale_by_keep else "expectation", index=indices[0],
+                         sampler=sampler)
+        self.indices = tuple(indices)
+        self.scale_by_keep = scale_by_keep
 
     @property
     def drop_prob(self) -> float:
@@ -81,180 +74,700 @@ class DropPathGate(ResidualGate):
         return 1.0 - self.survival_prob
 
     def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}, mode={self.sampler.mode!r}, index={self.index}"
+        return f"drop_prob={self.drop_prob:.3f}, mode={self.sampler.mode!r}, gates={list(self.indices)}"
 
-    def forward(self, branch: Sequence[nn.Module], x: Tensor, shortcut: Tensor) -> Tensor:
-        gate = self.sampler.take(self.index, x.shape[0], x.device) if self.training else None
-        return super().forward(branch, x, shortcut, gate)
-
-
-def residual(slot: nn.Module, branch: Sequence, x: Tensor, shortcut: Tensor) -> Tensor:
-    """``shortcut + slot(f(x))``: through the gate when the slot was converted, else timm's own mask (or
-    Identity) on the whole branch, computed as timm computes it."""
-    if isinstance(slot, DropPathGate):
-        return slot(branch, x, shortcut)
-    return shortcut + slot(run_branch(branch, x))
+    def forward(self, *args: Any) -> Tensor:
+        if len(args) == 1:
+            rate = self.sampler.drop_rate_factor * self.drop_prob
+            return drop_path(args[0], rate, self.training, self.scale_by_keep)
+        site, branch, shortcut, *inputs = args
+        gate = None
+        if self.training:
+            gate = self.sampler.gate(self.indices[site], shortcut.shape[0], shortcut.device)
+        return self.apply_gate(gate, branch, shortcut, *inputs)
 
 
-class BranchFn:
-    """One step of a branch that is not a module of its own (ConvNeXt's permutes and layer-scale gamma),
-    with the parameters it uses, so a skipped branch still gives them zero gradients. No buffers."""
-
-    def __init__(self, fn: Callable[[Tensor], Tensor], params: Sequence[nn.Parameter] = ()):
-        self.fn = fn
-        self.params = [p for p in params if p is not None]
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.fn(x)
-
-    def parameters(self):
-        return iter(self.params)
-
-    def named_buffers(self):
-        return iter(())
-
-    def buffers(self):
-        return iter(())
+# -- finding the residuals of a block ------------------------------------------------------------------------
+class NotConvertible(Exception):
+    """A block whose drop paths cannot be moved onto gates; the message says why."""
 
 
-# -- adapters: one per family ------------------------------------------------------------------------
-class GatedResNetBlock:
-    """timm's ResNet BasicBlock / Bottleneck: branch, (SE), drop path, + shortcut, then the last act."""
+class _BlockTracer(fx.Tracer):
+    """Traces one block's own forward: every submodule is a call (a leaf), and timm's registered functions
+    are kept opaque, as timm's own FX feature extraction keeps them."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        if isinstance(self, Bottleneck):
-            branch = [self.conv1, self.bn1, self.act1, self.conv2, self.bn2, self.drop_block, self.act2,
-                      self.aa, self.conv3, self.bn3]
-            last_act = self.act3
+    def __init__(self):
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return True
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_SCALES = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
+_SCALE_METHODS = {"mul", "mul_", "div", "div_"}
+# Ops that move or pad values without mixing samples or changing a zero: they may follow a drop path.
+_LAYOUT_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze",
+                   "unsqueeze", "view_as", "reshape_as", "roll", "flip"}
+_LAYOUT_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten, torch.squeeze,
+                     torch.unsqueeze, torch.roll, torch.flip, operator.getitem, F.pad}
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim"}
+_SHAPE_METHODS = {"size", "dim", "numel"}
+_INT_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
+            operator.getitem, operator.truediv}
+_ASSERTS = {torch._assert, fx._symbolic_trace._assert_is_none}
+
+
+def _own_class(block: nn.Module) -> type:
+    """The class whose forward is the block's own: under a converted block, the timm class."""
+    cls = type(block)
+    return _timm_class(cls) if issubclass(cls, DropPathGatedBlock) else cls
+
+
+def _signature(block: nn.Module) -> inspect.Signature:
+    return inspect.signature(_own_class(block).forward)
+
+
+def _call_key(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
+    """What a trace of ``block``'s forward is specialised on: which arguments are tensors, and the values of
+    the others (None, flags, sizes). None: an argument the rewrite cannot take (a list of tensors, ...)."""
+    params = list(_signature(block).parameters.values())[1:]
+    if len(args) > len(params) or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    key = []
+    for i, param in enumerate(params):
+        value = args[i] if i < len(args) else kwargs.get(param.name, param.default)
+        if value is inspect.Parameter.empty:
+            return None
+        if isinstance(value, Tensor):
+            key.append(_TENSOR)
+        elif value is None or isinstance(value, (bool, int, float, str)) or (
+                isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)):
+            key.append(("value", value))
         else:
-            branch = [self.conv1, self.bn1, self.drop_block, self.act1, self.aa, self.conv2, self.bn2]
-            last_act = self.act2
-        if self.se is not None:
-            branch.append(self.se)
-        return last_act(residual(self.drop_path, branch, x, shortcut))
+            return None
+    if set(kwargs) - {p.name for p in params}:
+        return None
+    return tuple(key)
 
 
-class GatedConvNeXtBlock:
-    """timm's ConvNeXtBlock: dw conv, norm, MLP, layer-scale gamma (all in the branch), drop path, + shortcut."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        branch = [self.conv_dw, self.norm, self.mlp] if self.use_conv_mlp else \
-            [self.conv_dw, BranchFn(lambda t: t.permute(0, 2, 3, 1)), self.norm, self.mlp,
-             BranchFn(lambda t: t.permute(0, 3, 1, 2))]
-        if self.gamma is not None:
-            gamma = self.gamma
-            branch.append(BranchFn(lambda t: t.mul(gamma.reshape(1, -1, 1, 1)), [gamma]))
-        return residual(self.drop_path, branch, x, self.shortcut(x))
+_TENSOR = "tensor"
 
 
-class GatedViTBlock:
-    """timm's ViT / DeiT Block: attention and MLP residuals (with layer scale ls1 / ls2), each its own gate."""
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        attn = self.attn if attn_mask is None and not is_causal else \
-            BranchFn(lambda t: self.attn(t, attn_mask=attn_mask, is_causal=is_causal), list(self.attn.parameters()))
-        x = residual(self.drop_path1, [self.norm1, attn, self.ls1], x, x)
-        return residual(self.drop_path2, [self.norm2, self.mlp, self.ls2], x, x)
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """How one family's block is converted: its timm class, its DropPath slots, and the gated forward."""
-    family: str
-    block: type
-    slots: Tuple[str, ...]
-    forward: type  # a mixin whose ``forward`` replaces the block's
-    # The activation applied after the residual add, if any: a skipped branch returns the block's input itself,
-    # which that activation must not overwrite in place.
-    act_after_add: Optional[str] = None
+def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
+    params = list(_signature(block).parameters.values())[1:]
+    concrete = {p.name: k[1] for p, k in zip(params, key) if k != _TENSOR}
+    was_training, cls = block.training, type(block)
+    block.train()
+    block.__class__ = _own_class(block)  # trace timm's forward, also of a block converted before
+    try:
+        return _BlockTracer().trace(block, concrete_args=concrete or None)
+    except Exception as e:  # noqa: BLE001  (FX raises many kinds; each is a reason to report, not a crash)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise NotConvertible(f"its forward cannot be traced with torch.fx ({type(e).__name__}: {first[:200]})") from None
+    finally:
+        block.__class__ = cls
+        block.train(was_training)
 
 
-ADAPTERS: List[Adapter] = [
-    Adapter("ResNet (timm.models.resnet BasicBlock, Bottleneck)", BasicBlock, ("drop_path",), GatedResNetBlock,
-            act_after_add="act2"),
-    Adapter("ResNet (timm.models.resnet BasicBlock, Bottleneck)", Bottleneck, ("drop_path",), GatedResNetBlock,
-            act_after_add="act3"),
-    Adapter("ConvNeXt (ConvNeXtBlock)", ConvNeXtBlock, ("drop_path",), GatedConvNeXtBlock),
-    Adapter("ViT / DeiT (timm.models.vision_transformer.Block)", ViTBlock, ("drop_path1", "drop_path2"),
-            GatedViTBlock),
-]
+@dataclass
+class _Site:
+    """One ``shortcut + post(drop_path(branch))`` in a block's graph."""
+    slot: str
+    drop: fx.Node
+    add: fx.Node
+    shortcut: fx.Node
+    region: List[fx.Node]  # the branch, the drop path and what follows it up to the add, in graph order
+    inputs: List[fx.Node]  # what the region reads from outside it
+    end: fx.Node  # the region's value that the add adds
+
+
+def _depends_on(node: fx.Node, roots: Set[fx.Node], memo: Dict[fx.Node, bool]) -> bool:
+    if node in memo:
+        return memo[node]
+    memo[node] = node in roots or any(_depends_on(a, roots, memo) for a in node.all_input_nodes)
+    return memo[node]
+
+
+def _is_shape(node: Any) -> bool:
+    """A node that computes a size or a property of a tensor, not values: cheap to recompute from the kept
+    samples (sample mode needs a batch size taken before the branch to be the kept count inside it)."""
+    if not isinstance(node, fx.Node):
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS:
+        return True
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target in _INT_OPS:
+        return all(_is_shape(a) for a in node.all_input_nodes)
+    return False
+
+
+def _inplace_module(block: nn.Module, node: fx.Node) -> bool:
+    return node.op == "call_module" and getattr(block.get_submodule(node.target), "inplace", False) is True
+
+
+def _post_op_reason(block: nn.Module, node: fx.Node, carried: Set[fx.Node]) -> Optional[str]:
+    """Why ``node``, which reads the dropped branch (``carried``), may not sit between the drop path and the
+    add; None when it may. Allowed: a scale by something that does not depend on the branch, a layout op,
+    a size query, a module that is the identity or such a scale (LayerScale, MetaFormer's Scale)."""
+    others = [a for a in node.all_input_nodes if a not in carried]
+    if node.op == "call_function" and node.target in _SCALES or node.op == "call_method" and node.target in _SCALE_METHODS:
+        carried_args = [a for a in node.all_input_nodes if a in carried]
+        if len(carried_args) == 1 and not (node.target in (operator.truediv, torch.div, "div", "div_")
+                                           and node.args[0] is not carried_args[0]):
+            return None
+        return f"{node.format_node()} mixes the dropped branch with itself"
+    if _is_shape(node) or node.op == "call_method" and node.target in _LAYOUT_METHODS:
+        return None
+    if node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS:
+        if node.target is F.pad and node.kwargs.get("value", 0) != 0:
+            return "a non-zero pad follows the drop path"
+        return None
+    if node.op == "call_module":
+        module = block.get_submodule(node.target)
+        if isinstance(module, nn.Identity) or _is_scale_module(module):
+            return None
+    del others
+    return f"the drop path's output goes through {node.format_node()}, which is not a scale or a layout op"
+
+
+_SCALE_MODULES: Dict[Tuple[type, Tuple[Tuple[str, Any], ...]], bool] = {}
+
+
+def _is_scale_module(module: nn.Module) -> bool:
+    """A module whose forward only scales its input by its own parameters (LayerScale, MetaFormer's Scale)."""
+    flags = tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str))))
+    key = (type(module), flags)
+    if key not in _SCALE_MODULES:
+        try:
+            graph = _BlockTracer().trace(module)
+            inputs = [n for n in graph.nodes if n.op == "placeholder"]
+            carried = set(inputs[:1])
+            ok = len(inputs) == 1
+            for node in graph.nodes:
+                if node.op in ("placeholder", "get_attr", "output") or not (set(node.all_input_nodes) & carried):
+                    continue
+                ok = ok and node.op != "call_module" and _post_op_reason(module, node, carried) is None
+                carried.add(node)
+            _SCALE_MODULES[key] = ok
+        except Exception:  # noqa: BLE001  (not traceable: not known to be a scale)
+            _SCALE_MODULES[key] = False
+    return _SCALE_MODULES[key]
+
+
+def _find_sites(block: nn.Module, graph: fx.Graph, slots: Iterable[str]) -> Tuple[List[_Site], Dict[str, str]]:
+    """The residual sites of the drop-path ``slots`` in a block's graph, and for each slot that is used but
+    cannot be gated, why (slots the forward never calls are neither)."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    sites, kept_as_mask = [], {}
+    for slot in slots:
+        calls = [n for n in nodes if n.op == "call_module" and n.target == slot]
+        try:
+            found = [_site(block, slot, call, order) for call in calls]
+        except NotConvertible as e:
+            kept_as_mask[slot] = str(e)
+            continue
+        sites.extend(found)
+    sites.sort(key=lambda s: order[s.add])
+    claimed: Set[fx.Node] = set()
+    for site in sites:
+        if claimed & set(site.region):
+            raise NotConvertible(f"the branches of {site.slot} and another drop path share nodes")
+        claimed |= set(site.region)
+    return sites, kept_as_mask
+
+
+def _site(block: nn.Module, slot: str, drop: fx.Node, order: Dict[fx.Node, int]) -> _Site:
+    if len(drop.args) != 1 or drop.kwargs or not isinstance(drop.args[0], fx.Node):
+        raise NotConvertible(f"{slot} is called with {len(drop.args)} arguments")
+    # Walk from the drop path to the residual add: what follows it must scale or move its values only.
+    carried, post, add, end = {drop}, [], None, None
+    frontier = sorted(drop.users, key=order.get)
+    while frontier:
+        node = frontier.pop(0)
+        if node in carried:
+            continue
+        data_args = [a for a in node.all_input_nodes if a in carried]
+        is_add = (node.op == "call_function" and node.target in _ADDS or
+                  node.op == "call_method" and node.target in _ADD_METHODS)
+        if is_add and len(node.args) == 2 and not node.kwargs and len(data_args) == 1 and not _is_shape(node):
+            if add is not None and add is not node:
+                raise NotConvertible(f"the output of {slot} reaches two adds")
+            add, end = node, data_args[0]
+            continue
+        if node.op == "output":
+            raise NotConvertible(f"the output of {slot} is the block's output (no residual add in this block)")
+        reason = _post_op_reason(block, node, carried)
+        if reason:
+            raise NotConvertible(reason)
+        carried.add(node)
+        post.append(node)
+        frontier = sorted(set(frontier) | set(node.users), key=order.get)
+    if add is None:
+        raise NotConvertible(f"the output of {slot} is not added to a shortcut")
+    shortcut = next(a for a in add.args if a is not end)
+    if not isinstance(shortcut, fx.Node) or _depends_on(shortcut, {drop}, {}):
+        raise NotConvertible(f"the shortcut of {slot}'s residual add depends on the branch")
+    # Every value that follows the drop path must end in the add (not in the block's output as well).
+    for node in post:
+        stray = [u for u in node.users if u not in carried and u is not add]
+        if stray:
+            raise NotConvertible(f"{node.format_node()} after {slot} is also used outside the residual")
+
+    # The branch: the nodes before the drop path that nothing but the region uses.
+    region = set(post) | {drop}
+    branch_out = drop.args[0]
+    for node in sorted((n for n in order if order[n] < order[drop]), key=order.get, reverse=True):
+        if node.op in ("placeholder", "output") or not node.users:
+            continue
+        if all(u in region for u in node.users) and (node is branch_out or _depends_on(branch_out, {node}, {})
+                                                     or node.op == "get_attr"):
+            region.add(node)
+    if branch_out not in region or branch_out.op in ("placeholder", "get_attr"):
+        raise NotConvertible(f"{slot} drops the shortcut or a shared value: there is no branch of its own to skip")
+    for node in region:
+        if node.op == "call_method" and str(node.target).endswith("_") and node.args and node.args[0] not in region:
+            raise NotConvertible(f"the branch of {slot} changes a value outside it in place ({node.format_node()})")
+        if _inplace_module(block, node) and node.args and node.args[0] not in region:
+            raise NotConvertible(f"the branch of {slot} changes a value outside it in place ({node.format_node()})")
+    inputs: List[fx.Node] = []
+    for node in sorted(region, key=order.get):
+        for arg in node.all_input_nodes:
+            if arg not in region and arg not in inputs:
+                inputs.append(arg)
+    return _Site(slot, drop, add, shortcut, sorted(region, key=order.get), inputs, end)
+
+
+# -- the rewrite -------------------------------------------------------------------------------------------------
+@dataclass
+class _Rewrite:
+    """A block's training forward for one kind of call: generated code and the branches it hands its gates."""
+    fn: Any
+    branches: Tuple[Branch, ...]
+    params: Tuple[str, ...]  # the forward's parameters, in order
+
+
+def _compile_graph(graph: fx.Graph, name: str):
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<sdzoo {name}>", "exec"), namespace)  # noqa: S102  (FX's own generated code)
+    return namespace["forward"]
+
+
+def _module_names(region: Sequence[fx.Node]) -> Tuple[List[str], List[str]]:
+    modules = sorted({n.target for n in region if n.op == "call_module"})
+    params = sorted({n.target for n in region if n.op == "get_attr"})
+    return modules, params
+
+
+def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_extras: Dict[str, Optional[bool]],
+               name: str) -> Tuple[Branch, List[fx.Node]]:
+    """The site's branch as a function of its inputs, and those inputs (nodes of the block's graph). Sizes
+    read before the branch are recomputed inside it, from its own (in sample mode: gathered) inputs."""
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    inputs: List[fx.Node] = []
+    body: List[Tuple[fx.Node, bool]] = []  # (node, is a recomputed size), in order
+
+    def bring(node: fx.Node) -> None:
+        if node in env:
+            return
+        if node.op != "placeholder" and _is_shape(node) and node.all_input_nodes:
+            for arg in node.all_input_nodes:
+                bring(arg)
+            env[node] = node  # placeholder: filled in below, once every input has its placeholder
+            body.append((node, True))
+        else:
+            inputs.append(node)
+            env[node] = graph.placeholder(f"in{len(inputs)}")
+
+    region = set(site.region)
+    for node in site.region:
+        for arg in node.all_input_nodes:
+            if arg not in region:
+                bring(arg)
+        body.append((node, False))
+    for node, _ in body:  # placeholders are all made: now the nodes, in order
+        if node is site.drop:
+            env[node] = env[node.args[0]]
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[site.end])
+    graph.lint()
+    modules, params = _module_names(site.region)
+    branch = Branch(block, modules, fn=_compile_graph(graph, name), param_names=params,
+                    batched=[_input_batched(n, main, batched_extras) for n in inputs])
+    return branch, inputs
+
+
+def _input_batched(node: fx.Node, main: Optional[fx.Node], batched_extras: Dict[str, Optional[bool]]) -> Optional[bool]:
+    """Whether a branch input holds the samples first (None: "if its first dimension is the batch size").
+    Values made from the block's main input are judged by their size; an extra input of the block (a mask, a
+    rotary table, a relative-position bias) by what ``convert_drop_path`` saw of it, where it saw it."""
+    roots = _placeholder_roots(node)
+    if not roots or main in roots:
+        return None
+    flags = [batched_extras.get(_argument_name(r)) for r in roots]
+    if all(f is False for f in flags):
+        return False
+    return True if any(flags) else None
+
+
+def _argument_name(placeholder: fx.Node) -> str:
+    """The forward parameter a placeholder stands for (FX appends _1 to a specialised argument's name)."""
+    return str(placeholder.target).split("_1")[0] if str(placeholder.target).endswith("_1") else str(placeholder.target)
+
+
+def _placeholder_roots(node: fx.Node, seen: Optional[Set[fx.Node]] = None) -> List[fx.Node]:
+    seen = set() if seen is None else seen
+    if node in seen:
+        return []
+    seen.add(node)
+    if node.op == "placeholder":
+        return [node]
+    return [r for a in node.all_input_nodes for r in _placeholder_roots(a, seen)]
+
+
+def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tuple[_Rewrite, Dict[str, str], List[_Site]]:
+    """The training forward of ``block`` with each gated site's add replaced by a call of its gate."""
+    graph = _trace(block, key)
+    sites, kept_as_mask = _find_sites(block, graph, slots)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    main = placeholders[0] if placeholders else None
+    batched_extras = dict(getattr(block, "_sdzoo_batched_inputs", None) or {})
+    cls = type(block).__name__
+    branches, branch_inputs = [], []
+    for i, site in enumerate(sites):
+        branch, inputs = _branch_of(block, site, main, batched_extras, f"{cls}.{site.slot}.branch{i}")
+        branches.append(branch)
+        branch_inputs.append(inputs)
+    # The new forward: the same graph, each site's region and add replaced by ``slot(site, branch, ...)``.
+    new = fx.Graph()
+    branches_arg = new.placeholder("sdzoo_branches")
+    env: Dict[fx.Node, Any] = {}
+    skipped = {n for s in sites for n in s.region}
+    at_add = {s.add: i for i, s in enumerate(sites)}
+    site_count: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node in skipped or (node.op == "call_function" and node.target in _ASSERTS):
+            continue  # the asserts: the trace's checks of its specialised arguments, which the cache key makes
+        if node in at_add:
+            i = at_add[node]
+            site = sites[i]
+            number = site_count.get(site.slot, 0)
+            site_count[site.slot] = number + 1
+            branch = new.call_function(operator.getitem, (branches_arg, i))
+            env[node] = new.call_module(site.slot, (number, branch, env[site.shortcut],
+                                                    *[env[n] for n in branch_inputs[i]]))
+            continue
+        env[node] = new.node_copy(node, lambda n: env[n])
+    for node in reversed(list(new.nodes)):  # the comparisons that fed the dropped asserts
+        if node.op == "call_function" and node.target is operator.eq and not node.users:
+            new.erase_node(node)
+    new.lint()
+    fn = _compile_graph(new, f"{cls}.forward")
+    return _Rewrite(fn, tuple(branches), tuple(list(_signature(block).parameters)[1:])), kept_as_mask, sites
+
+
+# -- converted blocks ---------------------------------------------------------------------------------------------
+_REWRITES = "_sdzoo_rewrites"  # call key -> _Rewrite (None: the call runs timm's forward, with masks)
+
+
+class DropPathGatedBlock:
+    """The forward of a converted block: in training, the block's own forward with each residual add replaced
+    by its gate (``_rewrite``, generated once per kind of call); in eval mode, timm's forward, bit for bit.
+    Mixed into the block's own class, so the block stays an instance of it (``GatedBlock``s pickle by
+    naming that class)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training:
+            rewrite = _rewrite_for(self, args, kwargs)
+            if rewrite is not None:
+                return rewrite.fn(self, rewrite.branches, *_positional(self, args, kwargs))
+        return super().forward(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: int):
+        # The generated code is not pickled: the unpickled block generates it again when it first trains.
+        state = {k: v for k, v in self.__dict__.items() if k != _REWRITES}
+        return _new_gated_block, (_timm_class(type(self)),), state
+
 
 _GATED_CLASSES: Dict[type, type] = {}
 
 
-def _gated_class(adapter: Adapter) -> type:
-    """``Gated<Block>``: the timm block class with the adapter's forward, made once per class."""
-    if adapter.block not in _GATED_CLASSES:
-        _GATED_CLASSES[adapter.block] = type(f"Gated{adapter.block.__name__}", (adapter.forward, adapter.block),
-                                             {"__module__": __name__})
-    return _GATED_CLASSES[adapter.block]
+def _gated_class(cls: type) -> type:
+    """``Gated<Block>``: the block class with ``DropPathGatedBlock``'s forward, made once per class."""
+    if cls not in _GATED_CLASSES:
+        _GATED_CLASSES[cls] = type(f"Gated{cls.__name__}", (DropPathGatedBlock, cls),
+                                   {"__module__": __name__, "__qualname__": f"Gated{cls.__qualname__}"})
+    return _GATED_CLASSES[cls]
 
 
-def supported_families() -> str:
-    return "; ".join(dict.fromkeys(a.family for a in ADAPTERS))
+def _timm_class(cls: type) -> type:
+    """The block's own class behind a gated one (also under wrappers that subclass it, such as FSDP's)."""
+    for base in cls.__mro__:
+        if base in _GATED_CLASSES.values():
+            return base.__mro__[2]  # Gated<Block>, DropPathGatedBlock, <Block>
+    raise TypeError(f"{cls.__name__} is not a converted block class")
 
 
-def _adapter_for(module: nn.Module) -> Optional[Adapter]:
-    return next((a for a in ADAPTERS if type(module) is a.block or type(module) is _GATED_CLASSES.get(a.block)),
-                None)
+def _new_gated_block(cls: type) -> nn.Module:
+    return object.__new__(_gated_class(cls))
 
 
+def _positional(block: nn.Module, args: tuple, kwargs: dict) -> List[Any]:
+    values = list(args)
+    for name, default in block._sdzoo_params[len(args):]:
+        values.append(kwargs.get(name, default))
+    return values
+
+
+def _rewrite_for(block: nn.Module, args: tuple, kwargs: dict) -> Optional[_Rewrite]:
+    key = _call_key_fast(block, args, kwargs)
+    if key is None:
+        return None
+    rewrites = block.__dict__.get(_REWRITES)
+    if rewrites is not None and key in rewrites:
+        return rewrites[key]
+    return _build_rewrite(block, key)
+
+
+def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
+    """``_call_key`` from the parameters recorded at conversion (no ``inspect`` in the hot path, which
+    torch.compile traces)."""
+    params = block._sdzoo_params
+    if len(args) > len(params):
+        return None
+    key = []
+    for i, (name, default) in enumerate(params):
+        value = args[i] if i < len(args) else kwargs.get(name, default)
+        if isinstance(value, Tensor):
+            key.append(_TENSOR)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            key.append(("value", value))
+        elif isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            key.append(("value", value))
+        else:
+            return None
+    return tuple(key)
+
+
+@torch.compiler.disable
+def _build_rewrite(block: nn.Module, key: Tuple[Any, ...]) -> Optional[_Rewrite]:
+    """The rewrite for a kind of call not seen yet (another mask, a flag, an unpickled block). Where it cannot
+    be made the call runs timm's forward (its masks, no skip), with a warning once."""
+    slots = {name: m for name, m in block.named_children() if isinstance(m, DropPathGate)}
+    rewrite = None
+    try:
+        rewrite, _, sites = _rewrite(block, key, list(slots))
+        counts = {name: sum(s.slot == name for s in sites) for name in slots}
+        if any(counts[name] != len(gate.indices) for name, gate in slots.items()):
+            raise NotConvertible(f"this call uses its drop paths {counts} times, the conversion saw "
+                                 f"{ {n: len(g.indices) for n, g in slots.items()} }")
+    except NotConvertible as e:
+        warnings.warn(f"convert_drop_path: {type(block).__name__} called with {key}: {e}; this call runs timm's "
+                      f"drop-path masks (no real skip)", RuntimeWarning, stacklevel=3)
+        rewrite = None
+    block.__dict__.setdefault(_REWRITES, {})[key] = rewrite
+    return rewrite
+
+
+# -- what a model's drop paths are ---------------------------------------------------------------------------------
+@dataclass
+class BlockReport:
+    """What ``convert_drop_path`` finds in one block that holds DropPath layers with a positive rate."""
+    name: str  # the block's name in the model
+    block: nn.Module
+    rates: Dict[str, float]  # slot -> timm's rate
+    sites: Dict[str, int] = field(default_factory=dict)  # slot -> residual adds it feeds (0: never called)
+    masks: Dict[str, str] = field(default_factory=dict)  # slot -> why it stays timm's mask
+    refused: Optional[str] = None  # why the block cannot be converted at all
+
+    @property
+    def block_class(self) -> str:
+        cls = _own_class(self.block)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def inspect_drop_paths(model: nn.Module) -> List[BlockReport]:
+    """Every block of ``model`` that holds a DropPath with a positive rate, and what its forward does with it."""
+    reports, holders = [], {}
+    for name, module in model.named_modules():
+        for slot, child in module.named_children():
+            if isinstance(child, DropPath) and child.drop_prob > 0:
+                holders.setdefault(name, (module, {}))[1][slot] = float(child.drop_prob)
+    for name, (block, rates) in holders.items():
+        report = BlockReport(name, block, rates)
+        try:
+            graph = _trace(block, _default_key(block))
+            sites, report.masks = _find_sites(block, graph, list(rates))
+            report.sites = {slot: sum(s.slot == slot for s in sites) for slot in rates if slot not in report.masks}
+        except NotConvertible as e:
+            report.refused = str(e)
+        reports.append(report)
+    return reports
+
+
+def _default_key(block: nn.Module) -> Tuple[Any, ...]:
+    """The call key of ``block(x)``: the first argument a tensor, every other at its default."""
+    params = list(_signature(block).parameters.values())[1:]
+    key = []
+    for i, param in enumerate(params):
+        if i == 0 or param.default is inspect.Parameter.empty or isinstance(param.default, Tensor):
+            key.append(_TENSOR)
+        else:
+            key.append(("value", param.default))
+    return tuple(key)
+
+
+# -- sample mode: which extra inputs hold the samples ----------------------------------------------------------
+def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """For each block's extra tensor inputs (masks, rotary tables, relative-position biases), whether their
+    first dimension is the batch: seen on fake tensors at two batch sizes, at the model's input size. An input
+    not seen (None there, or a model this cannot run) is judged at run time by its size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    size = _input_size(model)
+    if size is None:
+        return
+    seen: Dict[int, Dict[str, List[Tuple[int, ...]]]] = {id(b): {} for b in blocks}
+
+    def record(block, args, kwargs):
+        names = [n for n, _ in block._sdzoo_params]
+        values = dict(zip(names, args[1:]), **kwargs)
+        for name, value in values.items():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                seen[id(block)].setdefault(name, []).append(tuple(value.shape))
+
+    handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for batch in (2, 3):
+                model(torch.empty(batch, *size, device=_device_of(model)))
+    except Exception:  # noqa: BLE001  (a model that needs other inputs: judged at run time)
+        return
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for block in blocks:
+        flags = {}
+        for name, shapes in seen[id(block)].items():
+            if len(shapes) >= 2 and len({len(s) for s in shapes}) == 1:
+                first, second = shapes[0][0], shapes[-1][0]
+                flags[name] = (first, second) == (2, 3)
+        block._sdzoo_batched_inputs = flags
+
+
+def _input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    chans = getattr(model, "in_chans", 3)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
+        return (chans, *img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    return tuple(size) if size else None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+# -- the conversion ------------------------------------------------------------------------------------------------
 def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
                       min_drop_rate: float = BREAK_EVEN_DROP_RATE) -> nn.Module:
     """Give a timm model built with ``drop_path_rate`` a real skip, in place; returns the model.
 
     Args:
-        model: a timm model whose residual blocks hold DropPath layers (``drop_path_rate > 0``).
+        model: a timm model whose residual blocks hold DropPath layers (``drop_path_rate > 0``); also one
+            wrapped in DistributedDataParallel (its module is converted).
         mode: "sample" (DINOv2's fixed-size subset of round(keep * B) samples) or "batch" (one gate per
             branch for the whole batch). Both scale a kept branch as timm does (divided by the kept share).
         seed: seed of the model's gate generator: the same seed gives the same gates on every run and rank.
         min_drop_rate: a branch whose drop rate is below this stays timm's mask, where the real skip does not
             pay (default: ``BREAK_EVEN_DROP_RATE``; 0 converts every DropPath'd branch).
 
-    Raises ValueError when the model has no DropPath with a positive rate, or when one sits in a block no
-    adapter knows (the message lists the supported families).
+    A DropPath that is not on a residual branch (its output is the block's output, or concatenated, or it
+    drops the shortcut) stays timm's mask: there is no shortcut to fall back on. ``inspect_drop_paths`` says
+    which and why. Raises ValueError when the model has nothing to convert, or when a block holding a
+    DropPath cannot be read (its forward cannot be traced): the message names the block class and the reason.
     """
     check_choice("mode", mode, CONVERT_MODES)
     check_int("seed", seed, 0, 2**63 - 1)
     check_fraction("min_drop_rate", min_drop_rate, include_one=False)
-    if any(isinstance(m, DropPathSampler) for m in model.modules()):
+    target = _unwrap(model)
+    if getattr(target, "drop_path_sampler", None) is not None:
         raise ValueError("model is already converted (it has a drop_path_sampler)")
 
-    # Every DropPath must sit in a block an adapter knows: a silently unconverted family would keep paying.
-    slots: List[Tuple[nn.Module, Adapter, str, float]] = []
-    owned = set()
-    for block in model.modules():
-        adapter = _adapter_for(block)
-        if adapter is None:
-            continue
-        for name in adapter.slots:
-            slot = getattr(block, name, None)
-            if isinstance(slot, DropPath):
-                owned.add(id(slot))
-                if slot.drop_prob > 0:
-                    slots.append((block, adapter, name, float(slot.drop_prob)))
-    stray = [name for name, m in model.named_modules() if isinstance(m, DropPath) and id(m) not in owned]
-    if stray:
-        raise ValueError(
-            f"convert_drop_path has no adapter for the block holding {stray[0]!r} ({type(model).__name__}); "
-            f"supported: {supported_families()}")
-    if not slots:
-        raise ValueError(
-            f"nothing to convert in {type(model).__name__}: no DropPath with a positive rate (build it with "
-            f"drop_path_rate > 0); supported: {supported_families()}")
+    reports = inspect_drop_paths(target)
+    refused = [r for r in reports if r.refused]
+    if refused:
+        first = refused[0]
+        more = f" (and {len(refused) - 1} more blocks)" if len(refused) > 1 else ""
+        raise ValueError(f"convert_drop_path cannot convert {first.block_class} ({first.name!r} of "
+                         f"{type(target).__name__}): {first.refused}{more}")
+    gated = [(r, slot) for r in reports for slot, count in r.sites.items()
+             if count and r.rates[slot] >= min_drop_rate]
+    if not gated:
+        masks = [f"{r.block_class}.{slot}: {why}" for r in reports for slot, why in r.masks.items()]
+        detail = f"; these DropPaths are not on a residual branch: {'; '.join(masks[:3])}" if masks else ""
+        raise ValueError(f"nothing to convert in {type(target).__name__}: no DropPath with a rate of at least "
+                         f"min_drop_rate={min_drop_rate} on a residual branch (build it with drop_path_rate > 0)"
+                         f"{detail}")
 
-    converted = [(block, adapter, name, rate) for block, adapter, name, rate in slots if rate >= min_drop_rate]
-    sampler = DropPathSampler([1.0 - rate for *_, rate in converted], mode, seed)
-    sampler.masks = [(getattr(block, name), rate) for block, _, name, rate in slots if rate < min_drop_rate]
-    model.drop_path_sampler = sampler
-    for index, (block, adapter, name, rate) in enumerate(converted):
-        setattr(block, name, DropPathGate(rate, index, sampler))
-        if type(block) is adapter.block:
-            # Same module, another forward: every attribute and the state-dict layout stay timm's.
-            block.__class__ = _gated_class(adapter)
-        act = getattr(block, adapter.act_after_add) if adapter.act_after_add else None
-        if hasattr(act, "inplace"):
-            act.inplace = False
-    sampler.train(model.training)
+    probs: List[float] = []
+    sampler = DropPathSampler([], mode, seed)
+    for report in reports:
+        block = report.block
+        for slot, rate in report.rates.items():
+            if not report.sites.get(slot) or rate < min_drop_rate:
+                if report.sites.get(slot):
+                    sampler.masks.append((getattr(block, slot), rate))
+                continue
+            indices = list(range(len(probs), len(probs) + report.sites[slot]))
+            probs += [1.0 - rate] * len(indices)
+            setattr(block, slot, DropPathGate(rate, getattr(block, slot).scale_by_keep, indices, sampler))
+    sampler.survival_probs = probs
+    sampler.gates = [None] * len(probs)
+
+    converted = [r.block for r in reports if any(isinstance(getattr(r.block, s), DropPathGate) for s in r.rates)]
+    for block in converted:
+        block._sdzoo_params = tuple((p.name, None if p.default is inspect.Parameter.empty else p.default)
+                                    for p in list(_signature(block).parameters.values())[1:])
+    if mode == "sample" and any(len(b._sdzoo_params) > 1 for b in converted):
+        _probe_batched_inputs(target, [b for b in converted if len(b._sdzoo_params) > 1])
+    for block in converted:
+        slots = [name for name, m in block.named_children() if isinstance(m, DropPathGate)]
+        key = _default_key(block)
+        rewrite, _, sites = _rewrite(block, key, slots)
+        for site in sites:  # a skipped branch returns the shortcut itself, which must not be changed in place
+            for user in site.add.users:
+                if _inplace_module(block, user):
+                    block.get_submodule(user.target).inplace = False
+        block.__class__ = _gated_class(type(block))
+        block.__dict__[_REWRITES] = {key: rewrite}
+
+    target.drop_path_sampler = sampler
+    sampler.attach(target)
+    return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise ValueError("convert_drop_path(model) must come before torch.compile(model): the compiled model "
+                         "has traced the unconverted forward")
+    if isinstance(model, fx.GraphModule):
+        raise ValueError("convert_drop_path cannot convert a torch.fx GraphModule (such as features_only "
+                         "with feature_cls='fx'): its code calls the layers of each block directly; convert the "
+                         "model before tracing it")
     return model

@@ -1,11 +1,15 @@
 """Gates: which residual branches run in a training step, and how a branch is scaled (the models'
 ``gate_mode`` and ``scaling`` arguments).
 
-* ``GateSampler`` (one per model) draws a step's gates from its own seeded ``torch.Generator``, so that every
-  run and every data-parallel rank draws the same ones. It runs outside any compiled graph, so that
-  torch.compile cannot bake one step's draws into the graph (pytorch issue 95425).
-* ``ResidualGate`` (one per block) applies a draw, ``shortcut + b_l * f_l(x)``; a dropped branch is not
-  computed at all, which is where stochastic depth saves its time.
+* ``GateSampler`` (one per model) draws the gates of a training forward. The draw of forward number t is a
+  function of the model's seed and t alone, so every run and every data-parallel rank draws the same gates,
+  and a model restored at forward t goes on with the gates it would have drawn. It draws in a forward
+  pre-hook on the model, which runs before and outside any compiled graph, so torch.compile can neither bake
+  one step's draws into the graph (pytorch issue 95425) nor break its graph to draw.
+* ``ResidualGate`` (one per residual branch) applies its gate, ``shortcut + b_l * f_l(x)``; a dropped branch
+  is not computed at all, which is where stochastic depth saves its time. It reads its own gate from the
+  sampler, so blocks are called as timm calls them, ``block(x)``.
+* ``Branch`` is f_l as the gate runs it: the block's own modules, so that the block keeps its state-dict layout.
 
 ``sample`` mode runs the branch on a fixed k_l = round(p_l * B) (at least 1) of the B samples, so that shapes
 stay static; at small batches the kept share k_l / B can be far from p_l. The drop rates, warm-up included
@@ -15,13 +19,20 @@ float the graph would bake in.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import contextlib
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_choice, check_fraction, check_int, check_survival_prob
+from ._seeds import derived_seed
+
+__all__ = ["GATE_MODES", "SCALINGS", "GateSampler", "ResidualGate", "Branch", "kept_per_sample_count",
+           "samplers_of", "set_drop_rate_factor", "same_gates", "gate_state", "load_gate_state"]
 
 GATE_MODES = ("batch", "sample", "off")
 SCALINGS = ("expectation", "inverted")
@@ -32,40 +43,47 @@ def kept_per_sample_count(survival_prob: float, batch_size: int) -> int:
     return min(batch_size, max(1, int(survival_prob * batch_size + 0.5)))
 
 
-class GateSampler(nn.Module):
-    """Draws, once per training step, the gates of all residual blocks of a model.
+class GateSampler:
+    """Draws, once per training forward, the gates of all residual branches of a model.
 
-    The draws happen in eager Python on the CPU (no device sync to decide a branch), from a generator
-    the model owns. Nothing is drawn in eval mode or with gates off, so evaluation between epochs does
-    not shift the training dice.
+    Attach it to a model with ``attach(model)``: a forward pre-hook draws the gates of each training forward
+    (in eager Python, on the CPU: no device sync decides a branch), and a forward hook marks the draw used.
+    A gate asked outside such a forward (a method or a submodule called directly, an FX graph of the model)
+    draws the forward's gates itself. Nothing is drawn in eval mode or with gates off.
+
+    The gates of training forward number ``step`` come from a generator seeded with (seed, step): ``step``
+    counts every training forward, as BatchNorm's ``num_batches_tracked`` does, so setting it restores the
+    gate stream (``state`` / ``load_state``). ``same_gates`` keeps one draw for several forwards (gradient
+    accumulation: one mini-batch, one draw, as in the paper).
     """
 
     def __init__(self, survival_probs: Sequence[float], mode: str = "batch", seed: int = 0,
                  scale_in_gate: bool = False):
-        super().__init__()
         check_choice("gate_mode", mode, GATE_MODES)
         self.survival_probs = [check_survival_prob("survival_probs", p) for p in survival_probs]
         self.mode = mode
         self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        # Share of each block's drop rate in effect (drop-rate warmup); 1.0: the targets.
+        self.step = 0  # training forwards so far: the key of the next draw
+        # Share of each branch's drop rate in effect (drop-rate warmup); 1.0: the targets.
         self.drop_rate_factor = 1.0
         # Batch gates as 0-dim floats holding 1/p_l in effect (0: skipped), so a moving rate never enters a
         # compiled graph as a constant. Off by default: the zoo's gates stay the bools they always were.
         self.scale_in_gate = scale_in_gate
+        self.gates: List[Optional[Tensor]] = [None] * len(self.survival_probs)  # the forward in progress
         # The gates of the last training draw and its batch size, for logs (the depth a step ran at).
         self.last_draw: Optional[Tuple[List[Optional[Tensor]], int]] = None
+        self._fresh = False  # the pre-hook drew ``gates`` for the forward in progress
+        self._batch_size = 0
+        self._taken: set = set()  # gates handed out since the last draw (outside hooked forwards)
+        self._held: Optional[List[Any]] = None  # [key] while same_gates holds one draw; key None until drawn
 
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, num_blocks={len(self.survival_probs)}, seed={self.seed}"
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(mode={self.mode!r}, num_gates={len(self.survival_probs)}, "
+                f"seed={self.seed}, step={self.step})")
 
-    @property
-    def active(self) -> bool:
-        return self.training and self.mode != "off"
-
+    # -- settings ----------------------------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
         self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
-        self.generator.manual_seed(self.seed)
 
     def set_drop_rate_factor(self, factor: float) -> None:
         """Put ``factor`` (in [0, 1]) of every target drop rate in effect, from the next draw on."""
@@ -78,72 +96,240 @@ class GateSampler(nn.Module):
             return list(self.survival_probs)
         return [1.0 - self.drop_rate_factor * (1.0 - p) for p in self.survival_probs]
 
-    def get_rng_state(self) -> Tensor:
-        return self.generator.get_state()
+    def state(self) -> Dict[str, int]:
+        """What the gate stream depends on: the seed and the number of training forwards drawn."""
+        return dict(seed=self.seed, step=self.step)
 
-    def set_rng_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
+    def load_state(self, state: Dict[str, int]) -> None:
+        self.manual_seed(state["seed"])
+        self.step = check_int("step", state["step"])
 
-    @torch.compiler.disable
-    def draw(self, batch_size: int, device: torch.device) -> List[Optional[Tensor]]:
-        """One gate per block: None (branch runs for all), a 0-dim CPU bool (batch), or kept indices (sample).
+    # -- draws -------------------------------------------------------------------------------------------
+    def draw(self, batch_size: int, device: Optional[torch.device] = None,
+             step: Optional[int] = None) -> List[Optional[Tensor]]:
+        """The gates of training forward ``step`` (default: the next one), without using it up.
 
-        With ``scale_in_gate`` a batch gate is a 0-dim CPU float instead: 1/p_l when kept, 0 when skipped.
-        """
-        gates = self._draw(batch_size, device) if self.active else [None] * len(self.survival_probs)
-        if self.training:  # what the last training step ran (constant depth too); eval draws nothing
-            self.last_draw = (gates, batch_size)
-        return gates
-
-    def _draw(self, batch_size: int, device: torch.device) -> List[Tensor]:
+        One gate per branch: None (the branch runs for all), a 0-dim CPU bool (batch mode; with
+        ``scale_in_gate`` a 0-dim CPU float, 1/p_l when kept, 0 when skipped) or the sorted indices of the
+        kept samples (sample mode)."""
+        if self.mode == "off":
+            return [None] * len(self.survival_probs)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.step if step is None else step))
         probs = self.current_survival_probs()
         if self.mode == "batch":
             probs = torch.tensor(probs)
-            keep = torch.rand(len(probs), generator=self.generator) < probs
+            keep = torch.rand(len(probs), generator=generator) < probs
             if self.scale_in_gate:
                 return list(torch.where(keep, 1.0 / probs, 0.0).to(torch.float32).unbind(0))
             return list(keep.unbind(0))
-        gates = []
-        for survival_prob in probs:
-            count = kept_per_sample_count(survival_prob, batch_size)
-            kept = torch.randperm(batch_size, generator=self.generator)[:count].sort().values
+        return [self._kept_samples(p, batch_size, generator, device) for p in probs]
+
+    def _kept_samples(self, survival_prob: float, batch_size: int, generator: torch.Generator, device) -> Tensor:
+        count = kept_per_sample_count(survival_prob, batch_size)
+        kept = torch.randperm(batch_size, generator=generator)[:count].sort().values
+        if device is not None:
             kept = kept.to(device, non_blocking=True)
-            if self.drop_rate_factor != 1.0:
-                # The kept count follows the moving rate: a dynamic size, not a recompile per count.
-                torch._dynamo.maybe_mark_dynamic(kept, 0)
-            gates.append(kept)
-        return gates
+        if self.drop_rate_factor != 1.0:
+            # The kept count follows the moving rate: a dynamic size, not a recompile per count.
+            torch._dynamo.maybe_mark_dynamic(kept, 0)
+        return kept
+
+    def start_forward(self, batch_size: int, device: Optional[torch.device] = None) -> List[Optional[Tensor]]:
+        """Draw the gates of a new training forward (or keep the held ones) and count the forward."""
+        key = self.step
+        if self._held is not None:
+            if self._held[0] is None:
+                self._held[0] = key
+            key = self._held[0]
+        self.gates = self.draw(batch_size, device, step=key)
+        self.step += 1
+        self.last_draw = (self.gates, batch_size)
+        self._batch_size, self._taken = batch_size, set()
+        return self.gates
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Every training forward inside uses the gates of the first one (see ``same_gates``)."""
+        outer, self._held = self._held, [None] if self._held is None else self._held
+        try:
+            yield
+        finally:
+            self._held = outer
+
+    # -- the model's hooks -------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Draw the gates of each training forward of ``model`` before it runs (see the class docstring)."""
+        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        model.register_forward_hook(self._after_forward, always_call=True)
+
+    # The hooks do nothing in eval mode or with gates off, in a way torch.compile and torch.export can trace
+    # (fullgraph=True, strict=True): only the draw itself runs outside any graph.
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and self.mode != "off":
+            self._draw_for_forward(args, kwargs)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._fresh:
+            self._fresh = False
+
+    @torch.compiler.disable
+    def _draw_for_forward(self, args: tuple, kwargs: dict) -> None:
+        sample = _first_tensor((args, kwargs))
+        if sample is None or sample.dim() == 0:  # no batch to draw for: the gates draw when they run
+            self._fresh = False
+            return
+        self.start_forward(sample.shape[0], sample.device)
+        self._fresh = True
+
+    def gate(self, index: int, batch_size: int, device: torch.device) -> Optional[Tensor]:
+        """Branch ``index``'s gate in the training forward in progress."""
+        if self.mode == "off":
+            return None
+        if self._fresh and (self.mode != "sample" or batch_size == self._batch_size):
+            return self.gates[index]
+        return self._gate_outside_hooked_forward(index, batch_size, device)
+
+    @torch.compiler.disable
+    def _gate_outside_hooked_forward(self, index: int, batch_size: int, device: torch.device) -> Optional[Tensor]:
+        if self._fresh:  # sample mode, a branch whose samples are not the model input's: its own draw
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, self.step - 1, index))
+            return self._kept_samples(self.current_survival_probs()[index], batch_size, generator, device)
+        # Activation checkpointing recomputes a block in the backward pass: with the gates it ran with.
+        in_backward = torch._C._current_graph_task_id() != -1
+        if self.last_draw is None or (index in self._taken and not in_backward):
+            self.start_forward(batch_size, device)
+        self._taken.add(index)
+        gate = self.gates[index]
+        if gate is not None and gate.dim() == 1 and gate.device != device:
+            gate = gate.to(device)
+        return gate
 
 
-class ResidualGate(nn.Module):
-    """``shortcut + b_l * f_l(x)`` for one residual block, with the block's survival probability p_l.
+# torch.compile(model) runs a module's hooks outside its graph, but compiles each hook's own frame, where
+# fullgraph=True would refuse the draw. The hooks' frames are therefore skipped (dynamo's mechanism behind
+# torch._dynamo.skip, which would also forbid inlining them), while a graph that inlines them (torch.export,
+# a compiled function that calls the model) still traces them: in eval mode they do nothing.
+for _hook in (GateSampler._before_forward, GateSampler._after_forward):
+    torch._dynamo.eval_frame.skip_code(_hook.__code__)
 
-    The branch f_l is given as its layers in order (the block's own modules), so the block keeps timm's
-    state-dict layout (``layer1.0.conv1``, ``layer1.0.downsample``) and the gate can run the branch with
-    substitute buffers under torch.compile.
 
-    A skipped branch runs no forward and no backward, but every one of its parameters still receives a
-    gradient: zeros. This is what torch.compile gives (the untaken side of ``torch.cond``) and what the
-    authors' optimizer saw, so eager and compiled training agree, weight decay and momentum move skipped
-    blocks with any optimizer, and DistributedDataParallel works without ``find_unused_parameters``.
-    ``zero_grad_skipped=False`` leaves a skipped branch's gradients missing instead (the cost is compared in
-    scripts/benchmark.py).
+def _first_tensor(tree: Any) -> Optional[Tensor]:
+    """The first tensor in nested args (a NaFlex dict, a tuple, ...): its first dimension is the batch."""
+    for leaf in torch.utils._pytree.tree_leaves(tree):
+        if isinstance(leaf, Tensor):
+            return leaf
+    return None
+
+
+# -- the branch -----------------------------------------------------------------------------------------------
+class Branch:
+    """f_l, the residual branch of a block, as its gate runs it: ``fn(owner, *inputs)``, where ``owner`` is
+    the block, whose modules (``module_names``) and parameters (``param_names``) the branch uses.
+
+    Without ``fn`` the branch is the modules ``module_names`` applied one after the other to one input. The
+    names are looked up at every call, so the branch follows whatever replaces a block's parameters (FSDP).
+    ``batched[i]`` says whether input i has the samples in its first dimension (sample mode gathers the kept
+    ones): True, False, or None for "if its first dimension is the batch size".
     """
 
-    def __init__(self, survival_prob: float = 1.0, scaling: str = "expectation", zero_grad_skipped: bool = True):
+    def __init__(self, owner: nn.Module, module_names: Sequence[str], fn: Optional[Callable[..., Tensor]] = None,
+                 param_names: Sequence[str] = (), batched: Optional[Sequence[Optional[bool]]] = None):
+        self.owner = owner
+        self.module_names = tuple(module_names)
+        self.param_names = tuple(param_names)
+        self.fn = fn
+        self.batched = tuple(batched) if batched is not None else (True,)
+        self._call_module = _BranchCall(self)  # made here: a module cannot be made inside a compiled graph
+
+    def __call__(self, *inputs: Any) -> Tensor:
+        if self.fn is not None:
+            return self.fn(self.owner, *inputs)
+        (x,) = inputs
+        for layer in self.modules():
+            x = layer(x)
+        return x
+
+    def modules(self) -> List[nn.Module]:
+        return [self.owner.get_submodule(name) for name in self.module_names]
+
+    def parameters(self) -> List[nn.Parameter]:
+        params = [p for module in self.modules() for p in module.parameters()]
+        params += [self.owner.get_parameter(name) for name in self.param_names]
+        return list({id(p): p for p in params}.values())
+
+    def named_parameters(self) -> List[Tuple[str, nn.Parameter]]:
+        """The branch's parameters, named for ``functional``."""
+        named = [(f"owner.{name}.{p_name}" if name else f"owner.{p_name}", p)
+                 for name, module in zip(self.module_names, self.modules()) for p_name, p in module.named_parameters()]
+        named += [(f"owner.{name}", self.owner.get_parameter(name)) for name in self.param_names]
+        return list({id(p): (n, p) for n, p in named}.values())
+
+    def buffers(self) -> Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]:
+        """(float buffers, integer buffers) of the branch's modules, named for ``functional``."""
+        floats, counters = [], []
+        for name, module in zip(self.module_names, self.modules()):
+            for buffer_name, buffer in module.named_buffers():
+                entry = (f"owner.{name}.{buffer_name}" if name else f"owner.{buffer_name}", buffer)
+                (floats if buffer.is_floating_point() else counters).append(entry)
+        return floats, counters
+
+    def functional(self, state: Dict[str, Tensor], *inputs: Any) -> Tensor:
+        """The branch with the buffers in ``state`` in place of the modules' own (torch.cond branches may not
+        mutate their inputs, and BatchNorm updates its running statistics in place)."""
+        return functional_call(self._call_module, state, inputs, strict=False)
+
+
+class _BranchCall(nn.Module):
+    """A module whose forward is the branch, with the block as its child ``owner``: what ``functional_call``
+    needs to swap the branch's buffers. Off the model's module tree, so the state dict does not see it."""
+
+    def __init__(self, branch: Branch):
+        super().__init__()
+        self.owner = branch.owner
+        object.__setattr__(self, "branch", branch)  # a reference, not state
+
+    def forward(self, *inputs: Any) -> Tensor:
+        return self.branch(*inputs)
+
+
+# -- the gate -------------------------------------------------------------------------------------------------
+class ResidualGate(nn.Module):
+    """``shortcut + b_l * f_l(inputs)`` for one residual branch, with the branch's survival probability p_l.
+
+    The gate b_l is branch ``index``'s gate of the model's ``GateSampler``. A skipped branch runs no forward
+    and no backward, but every one of its parameters still receives a gradient: zeros. This is what
+    torch.compile gives (the untaken side of ``torch.cond``) and what the authors' optimizer saw, so eager and
+    compiled training agree, weight decay and momentum move skipped blocks with any optimizer, and
+    DistributedDataParallel works without ``find_unused_parameters``. ``zero_grad_skipped=False`` leaves a
+    skipped branch's gradients missing instead (the cost is compared in scripts/benchmark.py).
+    ``checkpointing`` recomputes the branch in the backward pass (activation checkpointing), inside the gate,
+    which is where torch.compile can hold it.
+    """
+
+    def __init__(self, survival_prob: float = 1.0, scaling: str = "expectation", index: int = 0,
+                 sampler: Optional[GateSampler] = None, zero_grad_skipped: bool = True):
         super().__init__()
         check_choice("scaling", scaling, SCALINGS)
         self.survival_prob = check_survival_prob("survival_prob", survival_prob)
         self.scaling = scaling
+        self.index = index
+        self.sampler = sampler
         self.zero_grad_skipped = zero_grad_skipped
+        self.checkpointing = False
 
     def extra_repr(self) -> str:
-        return f"survival_prob={self.survival_prob:.4f}, scaling={self.scaling!r}"
+        return f"survival_prob={self.survival_prob:.4f}, scaling={self.scaling!r}, index={self.index}"
 
-    def forward(self, branch: Sequence[nn.Module], x: Tensor, shortcut: Tensor, gate: Optional[Tensor]) -> Tensor:
+    def forward(self, branch: Branch, shortcut: Tensor, *inputs: Any) -> Tensor:
+        gate = None
+        if self.training and self.sampler is not None:
+            gate = self.sampler.gate(self.index, shortcut.shape[0], shortcut.device)
+        return self.apply_gate(gate, branch, shortcut, *inputs)
+
+    def apply_gate(self, gate: Optional[Tensor], branch: Branch, shortcut: Tensor, *inputs: Any) -> Tensor:
         survival_prob = self.survival_prob
         if not self.training or gate is None:
-            out = run_branch(branch, x)
+            out = self._run(branch, inputs)
             # A branch with p_l = 1 stays a plain add, so the eval graph is exactly a ResNet's.
             if not self.training and self.scaling == "expectation" and survival_prob < 1.0:
                 out = out * survival_prob
@@ -154,36 +340,76 @@ class ResidualGate(nn.Module):
                 scale = gate if self.scaling == "inverted" else None
                 gate = gate > 0
             if torch.compiler.is_compiling():
-                return _compiled_batch_gate(branch, x, shortcut, gate, scale)
+                if not torch._dynamo.config.assume_static_by_default:  # dynamic=True: floats are symbolic
+                    _warn_dynamic_floats()  # at run time, once (dynamo catches the error below, then runs eager)
+                    raise RuntimeError(_DYNAMIC_FLOATS)
+                return _compiled_batch_gate(branch, shortcut, inputs, gate, scale, self.checkpointing)
             if not gate:
                 return self._skip(branch, shortcut)
-            out = run_branch(branch, x)
+            out = self._run(branch, inputs)
             return shortcut + (out if scale is None else out * scale)
         # sample mode: run the branch on the kept samples only and add it back in place. Inverted scaling
         # divides by the share actually kept, k_l / B, so the expected branch is exact at every batch size.
-        out = run_branch(branch, x.index_select(0, gate))
+        batch_size = shortcut.shape[0]
+        kept_inputs = [gather_samples(t, gate) if _is_batched(t, flag, batch_size) else t
+                       for t, flag in zip(inputs, _flags(branch.batched, len(inputs)))]
+        out = self._run(branch, kept_inputs)
         if scale is not None:
-            out = out * (x.shape[0] / gate.shape[0])
-        return shortcut.index_add(0, gate, out.to(shortcut.dtype))
+            out = out * (batch_size / gate.shape[0])
+        return add_samples(shortcut, gate, out.to(shortcut.dtype))
 
-    def _skip(self, branch: Sequence[nn.Module], shortcut: Tensor) -> Tensor:
-        params = [p for layer in branch for p in layer.parameters() if p.requires_grad]
-        if not self.zero_grad_skipped or not params or not torch.is_grad_enabled():
+    def _run(self, branch: Branch, inputs: Sequence[Any]) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(branch, *inputs, use_reentrant=False)
+        return branch(*inputs)
+
+    def _skip(self, branch: Branch, shortcut: Tensor) -> Tensor:
+        if not self.zero_grad_skipped or not torch.is_grad_enabled():
             return shortcut
-        return skipped_branch(shortcut, *params)
+        params = [p for p in branch.parameters() if p.requires_grad]
+        return _SkippedBranch.apply(shortcut, *params) if params else shortcut
 
 
-@torch.fx.wrap  # a leaf in torch.fx graphs (timm's and torchvision's feature extractors), so its backward runs
-def skipped_branch(shortcut: Tensor, *params: Tensor) -> Tensor:
-    """The shortcut, with a zero gradient for each of ``params`` in the backward pass."""
-    return _SkippedBranch.apply(shortcut, *params)
+def _flags(batched: Sequence[Optional[bool]], count: int) -> Sequence[Optional[bool]]:
+    return tuple(batched) + (None,) * (count - len(batched))
 
 
-def run_branch(branch: Sequence[nn.Module], x: Tensor) -> Tensor:
-    """f_l(x): the branch's layers, one after the other."""
-    for layer in branch:
-        x = layer(x)
-    return x
+def _is_batched(value: Any, flag: Optional[bool], batch_size: int) -> bool:
+    if not isinstance(value, Tensor) or value.dim() == 0 or flag is False:
+        return False
+    if value.shape[0] != batch_size:
+        if flag:
+            raise ValueError(f"sample mode: a branch input of shape {tuple(value.shape)} should hold the "
+                             f"{batch_size} samples of the batch in its first dimension")
+        return False
+    return True
+
+
+# -- kept samples, in the input's memory format -----------------------------------------------------------------
+def _samples_first(t: Tensor) -> Tuple[Tensor, Optional[Tuple[int, ...]], Optional[Tuple[int, ...]]]:
+    """A view of ``t`` that is contiguous with the samples first (``t`` itself unless it is channels_last),
+    the permutation that made it and the one that undoes it. index_select and index_add return contiguous
+    tensors; on this view that is the input's own layout, so channels_last stays channels_last."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1), (0, 2, 3, 1), (0, 3, 1, 2)
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return t.permute(0, 2, 3, 4, 1), (0, 2, 3, 4, 1), (0, 4, 1, 2, 3)
+    return t, None, None
+
+
+def gather_samples(t: Tensor, kept: Tensor) -> Tensor:
+    """``t[kept]`` along the first dimension, in ``t``'s memory format."""
+    view, _, undo = _samples_first(t)
+    out = view.index_select(0, kept)
+    return out if undo is None else out.permute(undo)
+
+
+def add_samples(shortcut: Tensor, kept: Tensor, out: Tensor) -> Tensor:
+    """``shortcut`` with ``out`` added to its rows ``kept``, in ``shortcut``'s memory format."""
+    view, perm, undo = _samples_first(shortcut)
+    if perm is None:
+        return shortcut.index_add(0, kept, out)
+    return view.index_add(0, kept, out.permute(perm)).permute(undo)
 
 
 class _SkippedBranch(torch.autograd.Function):
@@ -203,55 +429,161 @@ class _SkippedBranch(torch.autograd.Function):
                         for p, needed in zip(params, ctx.needs_input_grad[1:])])
 
 
-def _compiled_batch_gate(branch: Sequence[nn.Module], x: Tensor, shortcut: Tensor, keep: Tensor, scale) -> Tensor:
+class _GradInOperandLayout(torch.autograd.Function):
+    """Identity whose gradient has the strides of its input. Both sides of a ``torch.cond`` must give gradients
+    of one layout, and the untaken side gives zeros in the operand's, while the taken side's autograd may give
+    other strides: a 1x1 conv's weight gradient takes the layout of its input (channels_last after ConvNeXt's
+    LayerNorm2d), and for size-1 dimensions torch.cond's check tells equal layouts apart. The copy is
+    unconditional: dynamo traces this backward before it sees the real gradient's strides."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        # The strides zeros_like(x) has on the untaken side (for size-1 dimensions they can differ from x's).
+        ctx.layout = (x.shape, torch.empty_like(x, device="meta").stride())
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        shape, stride = ctx.layout
+        return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any], keep: Tensor, scale,
+                         checkpointing: bool) -> Tensor:
     """The batch gate inside a compiled graph: ``torch.cond`` keeps the draw a runtime input, so the graph
     neither bakes the first step's dice in nor recompiles when they change, and a skipped branch still
     costs nothing (only the taken side of the cond runs, forward and backward; the parameters of the side
     not taken get zero gradients).
 
-    cond branches may not mutate their inputs, but BatchNorm updates its running statistics in place.
-    Each layer with buffers therefore runs on copies of them (``functional_call``), the updated copies are
-    returned, and they are written back outside the cond; a skipped branch returns its statistics unchanged.
+    cond branches may not mutate their inputs, but BatchNorm updates its running statistics in place. The
+    branch therefore runs on copies of its buffers (``Branch.functional``), the updated copies are returned,
+    and they are written back outside the cond; a skipped branch returns its statistics unchanged.
     """
-    float_buffers = [[(n, b) for n, b in layer.named_buffers() if b.is_floating_point()] for layer in branch]
-    counters = [b for layer in branch for b in layer.buffers() if not b.is_floating_point()]
-    counter_copies = [{n: b.clone() for n, b in layer.named_buffers() if not b.is_floating_point()}
-                      for layer in branch]
-    flat_buffers = [b for layer_buffers in float_buffers for _, b in layer_buffers]
+    floats, counters = branch.buffers()
+    float_names = [name for name, _ in floats]
+    # Copies the branch may count on (BatchNorm's num_batches_tracked += 1); the real counters are moved below.
+    counter_copies = {name: c.clone() for name, c in counters}
+    tensor_at = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]
 
-    def run(x, shortcut, *buffers):
-        updated, position, out = [], 0, x
-        for layer, names, counts in zip(branch, float_buffers, counter_copies):
-            if not names and not counts:
-                out = layer(out)
-                continue
-            state = {n: b.clone() for (n, _), b in zip(names, buffers[position:position + len(names)])}
-            state.update({n: c.clone() for n, c in counts.items()})
-            position += len(names)
-            out = functional_call(layer, state, (out,), strict=False)
-            updated.extend(state[n] for n, _ in names)
+    def with_operands(operands: Sequence[Tensor]) -> List[Any]:
+        values = list(inputs)
+        for i, t in zip(tensor_at, operands):
+            values[i] = t
+        return values
+
+    params = branch.named_parameters()
+    n_tensors, n_buffers = len(tensor_at), len(floats)
+
+    def run(shortcut, *operands):
+        shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
+        # Parameters always (their gradients are small); inputs where a size-1 dimension makes layouts ambiguous.
+        tensors = [_GradInOperandLayout.apply(t) if 1 in t.shape else t for t in operands[:n_tensors]]
+        buffers = operands[n_tensors:n_tensors + n_buffers]
+        state = {name: b.clone() for name, b in zip(float_names, buffers)}
+        state.update({name: c.clone() for name, c in counter_copies.items()})
+        state.update({name: _GradInOperandLayout.apply(p) for (name, _), p in
+                      zip(params, operands[n_tensors + n_buffers:])})
+        values = with_operands(tensors)
+        if checkpointing:
+            out = checkpoint(lambda *v: branch.functional(state, *v), *values, use_reentrant=False)
+        else:
+            out = branch.functional(state, *values)
         if scale is not None:
             out = out * scale
-        return (shortcut + out, *updated)
+        # In the shortcut's layout, as the skipped side's copy is (both sides must agree; inductor fuses the two).
+        return (shortcut.clone().add_(out), *[state[name] for name in float_names])
 
-    def skip(x, shortcut, *buffers):
-        return (shortcut.clone(), *[b.clone() for b in buffers])
+    def skip(shortcut, *operands):
+        shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
+        # The parameters' zero gradients made as the taken side makes its gradients, so their layouts agree.
+        touched = sum(_GradInOperandLayout.apply(p)[(0,) * p.dim()] * 0 for p in operands[n_tensors + n_buffers:])
+        return (shortcut.clone() + touched if params else shortcut.clone(), *[b.clone() for b in operands[n_tensors:n_tensors + n_buffers]])
 
-    # Operands are copies: the write-back below must not touch tensors that autograd saved.
-    results = torch.cond(keep, run, skip, (x, shortcut, *[b.clone() for b in flat_buffers]))
+    # Buffer operands are copies: the write-back below must not touch tensors that autograd saved.
+    operands = [inputs[i] for i in tensor_at] + [b.clone() for _, b in floats] + [p for _, p in params]
+    results = torch.cond(keep, run, skip, (shortcut, *operands))
     with torch.no_grad():
-        for buffer, updated in zip(flat_buffers, results[1:]):
+        for (_, buffer), updated in zip(floats, results[1:]):
             buffer.copy_(updated.detach())
-        for counter in counters:
+        for _, counter in counters:
             counter.add_(keep.to(counter.dtype))
-    return results[0]
+    # The gradient enters the cond's backward in the output's own layout (inductor can assume another one).
+    return _GradInOperandLayout.apply(results[0])
+
+
+
+# Under torch.compile(dynamic=True), dynamo makes every float setting of a module symbolic.
+_DYNAMIC_FLOATS = (
+    "gate_mode='batch' under torch.compile(dynamic=True): the real skip is a torch.cond, and PyTorch cannot "
+    "trace a torch.cond branch whose layers hold float settings (BatchNorm's momentum and eps, LayerNorm's "
+    "eps) once dynamic=True has made every float symbolic. Use torch.compile(model) with the default "
+    "dynamic=None (a new batch size recompiles once, into a graph with a dynamic batch size), or mark the "
+    "batch dimension alone with torch._dynamo.mark_dynamic(x, 0), or gate_mode='sample'.")
+
+
+@torch.compiler.disable
+def _warn_dynamic_floats() -> None:
+    warnings.warn(f"{_DYNAMIC_FLOATS} Until then the gated blocks run in eager mode (correct, not compiled).",
+                  RuntimeWarning, stacklevel=2)
+
+
+# -- model-level calls -------------------------------------------------------------------------------------------
+def samplers_of(model: nn.Module) -> List[GateSampler]:
+    """The gate samplers of a model (the zoo's ``gate_sampler``, a converted model's ``drop_path_sampler``),
+    also inside wrappers such as DistributedDataParallel."""
+    found: Dict[int, GateSampler] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, GateSampler):
+                found.setdefault(id(value), value)
+    return list(found.values())
 
 
 def set_drop_rate_factor(model: nn.Module, factor: float) -> int:
     """Put ``factor`` of every target drop rate of ``model`` in effect (drop-rate warmup), on each of its
     gate samplers: the zoo's models and models converted by ``sdzoo.convert_drop_path``. Returns how many
     samplers were set (0: the model has no sdzoo gates)."""
-    samplers = [m for m in model.modules() if isinstance(m, GateSampler)]
+    samplers = samplers_of(model)
     for sampler in samplers:
         sampler.set_drop_rate_factor(factor)
     return len(samplers)
+
+
+@contextlib.contextmanager
+def same_gates(model: nn.Module) -> Iterator[None]:
+    """Every training forward of ``model`` inside the block uses the gates of the first one: gradient
+    accumulation over micro-batches with one draw for the whole mini-batch, as in the paper::
+
+        with sdzoo.same_gates(model):
+            for micro_x, micro_y in zip(x.chunk(4), y.chunk(4)):
+                loss_fn(model(micro_x), micro_y).div(4).backward()
+    """
+    with contextlib.ExitStack() as stack:
+        for sampler in _require_samplers(model):
+            stack.enter_context(sampler.hold())
+        yield
+
+
+def gate_state(model: nn.Module) -> Dict[str, int]:
+    """The state of ``model``'s gate stream (its seed and the training forwards drawn so far), to save
+    beside a state dict. The zoo's models need none: they restore it from their state dict (see SDResNet)."""
+    (sampler,) = _require_samplers(model, one=True)
+    return sampler.state()
+
+
+def load_gate_state(model: nn.Module, state: Dict[str, int]) -> None:
+    """Restore what ``gate_state`` returned: the model goes on with the gates it would have drawn."""
+    (sampler,) = _require_samplers(model, one=True)
+    try:
+        sampler.load_state(state)
+    except (KeyError, TypeError):
+        raise ValueError(f"state must be what sdzoo.gate_state returned, a dict with 'seed' and 'step'; "
+                         f"got {state!r}") from None
+
+
+def _require_samplers(model: nn.Module, one: bool = False) -> List[GateSampler]:
+    samplers = samplers_of(model)
+    if not samplers or (one and len(samplers) > 1):
+        raise ValueError(f"model must have {'one' if one else 'a'} sdzoo gate sampler (a zoo model or a model "
+                         f"converted by sdzoo.convert_drop_path); {type(model).__name__} has {len(samplers)}")
+    return samplers

@@ -31,6 +31,7 @@ from .checkpoint import (
     EpochTotals, RandomStreams, RunFolderBusy, TrainState, lock_run_folder, remove_stale_temp_files,
     save_model_config, save_state, save_weights, truncate_lines)
 from .data import TENSOR_DATASETS, DataError, load_data
+from .gate import GateSampler
 from .metrics_plot import epoch_records, evaluations, plot_curves, read_metrics
 from .settings import Settings, TrainError, build_parser, resolve_settings
 from .survival import drop_warmup_factor
@@ -218,27 +219,25 @@ def wrap_model(model: nn.Module, s: Settings, dist: Dist, device: torch.device):
 
 # -- one step and one evaluation -----------------------------------------------------------------------------
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
-               gate_sampler: nn.Module, accum_steps: int = 1, autocast=nullcontext, no_sync=nullcontext,
+               gate_sampler: GateSampler, accum_steps: int = 1, autocast=nullcontext, no_sync=nullcontext,
                grad_groups: Optional[Dict[str, List[nn.Parameter]]] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One optimizer step on this process's part of the global batch.
 
     Returns the summed loss, the number of correct predictions and, with ``grad_groups``, the summed
     |gradient| of each group (all on the device, no sync). Micro-batches of a step share one draw of the gates
-    (the sampler is rewound before each): the whole mini-batch keeps or skips a block, as in the paper.
+    (``GateSampler.hold``): the whole mini-batch keeps or skips a block, as in the paper.
     """
-    gate_state = gate_sampler.get_rng_state() if accum_steps > 1 else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for i, (xm, ym) in enumerate(zip(x.chunk(accum_steps), y.chunk(accum_steps))):
-        if i:
-            gate_sampler.set_rng_state(gate_state)
-        with no_sync() if i < accum_steps - 1 else nullcontext():
-            with autocast():
-                logits = model(xm)
-            loss = F.cross_entropy(logits.float(), ym)
-            (loss / accum_steps).backward()
-        loss_sum += loss.detach().double() * len(ym)
-        correct += (logits.detach().argmax(1) == ym).sum()
+    with gate_sampler.hold():
+        for i, (xm, ym) in enumerate(zip(x.chunk(accum_steps), y.chunk(accum_steps))):
+            with no_sync() if i < accum_steps - 1 else nullcontext():
+                with autocast():
+                    logits = model(xm)
+                loss = F.cross_entropy(logits.float(), ym)
+                (loss / accum_steps).backward()
+            loss_sum += loss.detach().double() * len(ym)
+            correct += (logits.detach().argmax(1) == ym).sum()
     grad_abs = grad_abs_sums(grad_groups) if grad_groups else None
     optimizer.step()
     optimizer.zero_grad()
@@ -340,7 +339,7 @@ def grad_abs_sums(groups: Dict[str, List[nn.Parameter]]) -> Tensor:
 class GateLog:
     """The gates of the last training step, as the model's gate sampler recorded its last draw."""
 
-    def __init__(self, sampler: nn.Module):
+    def __init__(self, sampler: GateSampler):
         self.sampler = sampler
 
     @property

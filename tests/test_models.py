@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import sdzoo
-from sdzoo.gate import run_branch
 from sdzoo.models.sd_resnet import cifar_stage_depths
 
 from helpers import step_compiled_and_eager
@@ -119,7 +118,7 @@ def test_training_flops_follow_the_schedule():
     assert _mean_train_flops(steps=1, batch_size=2, gate_mode="off") == off
 
     draws = 4000
-    kept = torch.stack([torch.stack(model.gate_sampler.draw(2, torch.device("cpu"))) for _ in range(draws)])
+    kept = torch.stack([torch.stack(model.gate_sampler.draw(2, step=step)) for step in range(draws)])
     probs = torch.tensor(sdzoo.survival_probs(54, 0.5))
     assert (kept.double().mean(0) - probs).abs().max() < 4 * (0.25 / draws) ** 0.5  # 4 standard deviations
     mean_flops = off - (~kept).double().mean(0) @ torch.tensor(branch_flops, dtype=torch.float64)
@@ -141,9 +140,7 @@ def test_dropped_branch_is_not_computed():
     calls = [0] * 9
     for i, blk in enumerate(model.residual_blocks()):
         blk.conv1.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
-    state = model.gate_sampler.get_rng_state()
-    expected = model.gate_sampler.draw(2, torch.device("cpu"))
-    model.gate_sampler.set_rng_state(state)
+    expected = model.gate_sampler.draw(2)  # the next training forward's gates (drawing uses nothing up)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert calls == [int(k) for k in expected]
     assert 0 < sum(calls) < 9
@@ -170,7 +167,7 @@ def _closed_form(model, x):
     x = model.act1(model.bn1(model.conv1(x)))
     for blk in model.residual_blocks():
         shortcut = x if blk.downsample is None else blk.downsample(x)
-        x = F.relu(shortcut + blk.gate.survival_prob * run_branch(blk.branch_layers(), x))
+        x = F.relu(shortcut + blk.gate.survival_prob * blk.branch(x))
     return model.fc(x.mean((2, 3)))
 
 
@@ -183,17 +180,17 @@ def test_eval_is_deterministic_closed_form(gate_mode):
     for _ in range(3):  # move BN statistics away from init
         model(x)
     model.eval()
-    state = model.gate_sampler.get_rng_state()
+    step = model.gate_sampler.step
     with torch.no_grad():
         out1, out2 = model(x), model(x)
         expected = _closed_form(model, x)
     assert torch.equal(out1, out2)
     torch.testing.assert_close(out1, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(model.gate_sampler.get_rng_state(), state), "eval must not consume gate draws"
+    assert model.gate_sampler.step == step, "eval must not consume gate draws"
     model.train()
     with torch.no_grad():
         model(x)
-    assert not torch.equal(model.gate_sampler.get_rng_state(), state), "train mode must roll the dice again"
+    assert model.gate_sampler.step == step + 1, "train mode must roll the dice again"
 
 
 def test_inverted_scaling():
@@ -207,8 +204,8 @@ def test_inverted_scaling():
         # training with every gate open: each branch divided by its p_l
         blk = model.layer1[0].train()
         h = torch.randn(2, 16, 8, 8).relu()
-        out = blk(h, torch.tensor(True))
-        expected = F.relu(h + run_branch(blk.branch_layers(), h) / blk.gate.survival_prob)
+        out = blk.act2(blk.gate.apply_gate(torch.tensor(True), blk.branch, h, h))
+        expected = F.relu(h + blk.branch(h) / blk.gate.survival_prob)
         torch.testing.assert_close(out, expected)
 
 
@@ -216,7 +213,7 @@ def test_inverted_scaling():
 def _draws(seed, steps=20, mode="batch"):
     model = timm.create_model("sd_resnet110_cifar", gate_seed=seed, gate_mode=mode).train()
     return [torch.stack([g.to(torch.int64).flatten().sum() if mode == "sample" else g for g in
-                         model.gate_sampler.draw(8, torch.device("cpu"))]) for _ in range(steps)]
+                         model.gate_sampler.draw(8, step=step)]) for step in range(steps)]
 
 
 def test_same_seed_same_gates_other_seed_other_gates():
@@ -249,13 +246,13 @@ def test_compile_keeps_dice_random_without_recompiles(gate_mode):
     ran = [0] * 9
     for i, blk in enumerate(eager.residual_blocks()):
         blk.conv1.register_forward_hook(lambda m, a, o, i=i: ran.__setitem__(i, ran[i] + 1))
-    probe = copy.deepcopy(model.gate_sampler)
+    sampler = model.gate_sampler
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
     x = torch.randn(4, 3, 32, 32)
     steps, drawn, frames = 12, [0] * 9, []
-    for _ in range(steps):
-        for i, g in enumerate(probe.draw(4, torch.device("cpu"))):
+    for step in range(steps):
+        for i, g in enumerate(sampler.draw(4, step=step)):
             drawn[i] += int(g) if gate_mode == "batch" else 1
         step_compiled_and_eager(compiled, eager, x)
         frames.append(counter.frame_count)
@@ -398,9 +395,9 @@ def test_sample_mode_inverted_scaling_divides_by_the_kept_share():
     blk = timm.create_model("sd_resnet20_cifar", gate_mode="sample", scaling="inverted").layer1[0].train()
     h = torch.randn(5, 16, 8, 8).relu()
     kept = torch.tensor([1, 3])  # 2 of 5 samples run the branch
-    out = blk(h, kept)
+    out = blk.act2(blk.gate.apply_gate(kept, blk.branch, h, h))
     expected = h.clone()
-    expected[kept] = h[kept] + run_branch(blk.branch_layers(), h[kept]) * (5 / 2)  # train-mode BN sees the kept rows only, too
+    expected[kept] = h[kept] + blk.branch(h[kept]) * (5 / 2)  # train-mode BN sees the kept rows only, too
     torch.testing.assert_close(out, F.relu(expected))
 
 

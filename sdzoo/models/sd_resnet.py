@@ -20,9 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
-
-from timm.layers import create_classifier, get_device_dtype
+from timm.layers import create_classifier, get_device_dtype, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -30,7 +28,7 @@ from .._checks import check_choice, check_int, check_survival_prob
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
 from ..dataset_stats import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
-from ..gate import GATE_MODES, SCALINGS, GateSampler, ResidualGate
+from ..gate import GATE_MODES, SCALINGS, Branch, GateSampler, ResidualGate
 from ..pretrained import require_published_weights, with_published_weights
 from ..survival import SURVIVAL_RULES, survival_probs
 
@@ -78,8 +76,12 @@ def make_downsample(kind: str, in_chs: int, out_chs: int, stride: int, **dd) -> 
     return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd), nn.BatchNorm2d(out_chs, **dd))
 
 
+# Blocks are leaves of timm's FX graphs (features_only="fx", its FX tests): a gate decides in Python.
+@register_notrace_module
 class BasicBlock(nn.Module):
     """conv3x3 - BN - ReLU - conv3x3 - BN, gated, added to the shortcut, then ReLU."""
+
+    branch_names = ("conv1", "bn1", "act1", "conv2", "bn2")
 
     expansion = 1
 
@@ -94,18 +96,22 @@ class BasicBlock(nn.Module):
         self.act2 = nn.ReLU()  # not in place: a skipped block's output is its input
         self.downsample = make_downsample(shortcut, in_chs, out_chs, stride, **dd)
         self.gate = gate
+        self.branch = Branch(self, self.branch_names)
 
     def branch_layers(self) -> List[nn.Module]:
         """f_l, the residual branch, layer by layer."""
-        return [self.conv1, self.bn1, self.act1, self.conv2, self.bn2]
+        return self.branch.modules()
 
-    def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act2(self.gate(self.branch_layers(), x, shortcut, gate))
+        return self.act2(self.gate(self.branch, shortcut, x))
 
 
+@register_notrace_module
 class Bottleneck(nn.Module):
     """conv1x1 - BN - ReLU - conv3x3(stride) - BN - ReLU - conv1x1 - BN, gated, added, then ReLU."""
+
+    branch_names = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3")
 
     expansion = 4
 
@@ -123,14 +129,15 @@ class Bottleneck(nn.Module):
         self.act3 = nn.ReLU()  # not in place: a skipped block's output is its input
         self.downsample = make_downsample(shortcut, in_chs, out_chs, stride, **dd)
         self.gate = gate
+        self.branch = Branch(self, self.branch_names)
 
     def branch_layers(self) -> List[nn.Module]:
         """f_l, the residual branch, layer by layer."""
-        return [self.conv1, self.bn1, self.act1, self.conv2, self.bn2, self.act2, self.conv3, self.bn3]
+        return self.branch.modules()
 
-    def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act3(self.gate(self.branch_layers(), x, shortcut, gate))
+        return self.act3(self.gate(self.branch, shortcut, x))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -208,17 +215,19 @@ class SDResNet(nn.Module):
         self.gate_mode = gate_mode
         self.scaling = scaling
         self.folded_from = dict(folded_from) if folded_from is not None else None
-        # What timm's save_for_hf writes to config.json, so that the survival settings round-trip.
-        self._model_args = dict(
-            survival_prob=survival_prob, survival_rule=survival_rule, gate_mode=gate_mode, scaling=scaling,
-            gate_seed=gate_seed, shortcut=shortcut)
+        self._survival_args = dict(survival_prob=survival_prob, survival_rule=survival_rule, gate_mode=gate_mode,
+                                   scaling=scaling, gate_seed=gate_seed)
         if self.folded_from is not None:
-            self._model_args["folded_from"] = self.folded_from
+            self._survival_args["folded_from"] = self.folded_from
+        # What timm's save_for_hf writes to config.json, so that the survival settings round-trip.
+        self._model_args = dict(self._survival_args, shortcut=shortcut)
 
         num_blocks = sum(layers)
         constant_depth = gate_mode == "off"
         block_probs = [1.0] * num_blocks if constant_depth else survival_probs(num_blocks, survival_prob, survival_rule)
+        # The gates of each training forward are drawn by a pre-hook on this model, before any compiled graph.
         self.gate_sampler = GateSampler(block_probs, gate_mode, gate_seed)
+        self.gate_sampler.attach(self)
 
         # Stem
         stem_chs = widths[0]
@@ -244,7 +253,7 @@ class SDResNet(nn.Module):
             reduction *= stride
             blocks = []
             for i in range(num):
-                gate = ResidualGate(block_probs[block_idx], scaling)
+                gate = ResidualGate(block_probs[block_idx], scaling, index=block_idx, sampler=self.gate_sampler)
                 blocks.append(block_cls(in_chs, chs, stride if i == 0 else 1, shortcut, gate, **dd))
                 in_chs = chs * block_cls.expansion
                 block_idx += 1
@@ -260,6 +269,7 @@ class SDResNet(nn.Module):
         self.stem = stem
         self.init_weights()
         self.register_load_state_dict_pre_hook(_load_legacy_keys)
+        self.register_load_state_dict_post_hook(_restore_gate_stream)
 
     # -- init ------------------------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -300,8 +310,9 @@ class SDResNet(nn.Module):
         return sum(self.block_survival_probs())
 
     def stochastic_depth_args(self) -> Dict[str, Any]:
-        """The survival settings of this model, as model arguments (JSON-serialisable)."""
-        return dict(self._model_args)
+        """The survival settings of this model, as model arguments (JSON-serialisable): what
+        ``timm.create_model(name, **model.stochastic_depth_args(), num_classes=...)`` takes back."""
+        return dict(self._survival_args)
 
     # -- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
@@ -310,7 +321,11 @@ class SDResNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each kept branch in the backward pass. The gate does it, inside its skip, which is
+        where torch.compile can hold it (a torch.cond inside a checkpoint cannot be compiled)."""
         self.grad_checkpointing = enable
+        for blk in self.residual_blocks():
+            blk.gate.checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
@@ -331,23 +346,15 @@ class SDResNet(nn.Module):
                        ) -> Tuple[Tensor, List[Tensor]]:
         """Stem and stages, with the outputs at ``take_indices`` (0: the stem, i: stage i) collected.
 
-        The gates are drawn first, before any compute and outside the compiled graph: one generator step
-        per mini-batch, blocks numbered l = 1..L across the stages.
+        Each block's gate reads its draw from ``gate_sampler`` (drawn before this forward by its pre-hook).
         """
-        gates = self.gate_sampler.draw(x.shape[0], x.device)
         intermediates = []
         x = self.act1(self.bn1(self.conv1(x)))
         if 0 in take_indices:
             intermediates.append(x)
         x = self.maxpool(x)
-        first = 0
         for feat_idx, name in enumerate(self.stage_names[:num_stages], start=1):
-            for i, blk in enumerate(getattr(self, name), start=first):
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = checkpoint(blk, x, gates[i], use_reentrant=False)
-                else:
-                    x = blk(x, gates[i])
-            first += len(getattr(self, name))
+            x = getattr(self, name)(x)
             if feat_idx in take_indices:
                 intermediates.append(x)
         return x, intermediates
@@ -429,6 +436,16 @@ def _legacy_key(key: str) -> str:
 def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
     """A state dict in today's keys, from one in today's or in the keys of sdzoo 0.1 run folders."""
     return {_legacy_key(k): v for k, v in state_dict.items()}
+
+
+def _restore_gate_stream(module: "SDResNet", incompatible_keys) -> None:
+    """load_state_dict post-hook: the gates of training forward t are a function of (gate_seed, t), and t is
+    the stem BatchNorm's num_batches_tracked (it counts every training forward), which every state dict
+    holds, also timm's ResNets'. So a model restored from any state dict draws the gates it would have drawn,
+    and no extra key breaks a strict load to or from timm's ResNets."""
+    counter = module.bn1.num_batches_tracked
+    if counter is not None and counter.device.type != "meta":
+        module.gate_sampler.step = int(counter)
 
 
 def _load_legacy_keys(module, state_dict, prefix, *args) -> None:

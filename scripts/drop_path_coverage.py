@@ -1,0 +1,158 @@
+"""How much of timm ``sdzoo.convert_drop_path`` reaches: every registered model, built on the meta device with
+``drop_path_rate``, converted in each mode, and (with --forward) run for one training step on fake data.
+
+    python scripts/drop_path_coverage.py                    # every model, the table by family
+    python scripts/drop_path_coverage.py --forward          # also a training forward and backward of each
+    python scripts/drop_path_coverage.py --filter 'vit_*' --json out/coverage.json
+
+Prints, by family (timm's model module), how many models hold a DropPath with a positive rate and how many
+convert in each mode, then every reason a model was refused, with its count and an example.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import timm  # noqa: E402
+from timm.layers import DropPath  # noqa: E402
+
+import sdzoo  # noqa: E402
+
+MODES = ("batch", "sample")
+
+
+def build(name: str, rate: float):
+    """The model on the meta device with drop_path_rate, or None when it takes no drop_path_rate."""
+    try:
+        return timm.create_model(name, drop_path_rate=rate, device="meta")
+    except TypeError:  # a model without drop_path_rate holds no DropPath
+        return None
+
+
+def has_drop_path(model) -> bool:
+    return any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules())
+
+
+def training_step(model) -> None:
+    """One training forward and backward at the model's input size, batch 2, on the meta device."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = sdzoo.convert._input_size(model) or tuple(cfg.get("input_size", (3, 224, 224)))
+    model.train()
+    out = model(torch.empty(2, *size, device="meta"))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    out.float().sum().backward()
+
+
+def short(error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def survey(names, rate: float, forward: bool, progress) -> dict:
+    results = {}
+    for i, name in enumerate(names, 1):
+        model = build(name, rate)
+        if model is None or not has_drop_path(model):
+            continue
+        family = type(model).__module__.replace("timm.models.", "")
+        record = dict(family=family)
+        for mode in MODES:
+            model = model if mode == MODES[0] else build(name, rate)
+            try:
+                sdzoo.convert_drop_path(model, mode=mode, min_drop_rate=0.0)
+                if forward:
+                    try:
+                        training_step(model)
+                    except Exception as e:  # noqa: BLE001  (a converted model that fails to train)
+                        record[mode] = f"converted, but a training step failed: {short(e)}"
+                        continue
+                record[mode] = "ok"
+            except ValueError as e:
+                record[mode] = short(e)
+            except Exception as e:  # noqa: BLE001  (a crash is a bug of the conversion: reported as such)
+                record[mode] = f"crash: {short(e)}"
+        results[name] = record
+        progress(i, len(names), name, record)
+    return results
+
+
+def table(results: dict) -> str:
+    families = defaultdict(lambda: Counter())
+    for record in results.values():
+        counts = families[record["family"]]
+        counts["models"] += 1
+        for mode in MODES:
+            counts[mode] += record[mode] == "ok"
+    total = Counter()
+    for counts in families.values():
+        total.update(counts)
+    lines = ["| family | DropPath models | batch | sample |", "| --- | ---: | ---: | ---: |"]
+    for family, counts in sorted(families.items(), key=lambda kv: (-kv[1]["models"], kv[0])):
+        lines.append(f"| {family} | {counts['models']} | {counts['batch']} | {counts['sample']} |")
+    n = total["models"] or 1
+    lines.append(f"| **all {len(families)} families** | **{total['models']}** | **{total['batch']} "
+                 f"({100 * total['batch'] / n:.1f}%)** | **{total['sample']} ({100 * total['sample'] / n:.1f}%)** |")
+    return "\n".join(lines)
+
+
+def reasons(results: dict) -> str:
+    found = defaultdict(list)
+    for name, record in results.items():
+        for mode in MODES:
+            if record[mode] != "ok":
+                found[(mode, record[mode])].append(name)
+    if not found:
+        return "every model converts in both modes"
+    lines = []
+    for (mode, reason), names in sorted(found.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"- {mode}, {len(names)} model(s), e.g. {names[0]}: {reason}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--filter", default="*", help="fnmatch pattern of model names (default: every model)")
+    parser.add_argument("--drop-path-rate", type=float, default=0.1, help="the rate the models are built with")
+    parser.add_argument("--forward", action="store_true", help="also run one training step of each converted model")
+    parser.add_argument("--json", type=Path, help="write every model's result to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.drop_path_rate < 1.0:
+        parser.error(f"--drop-path-rate must be in (0, 1); got {args.drop_path_rate}")
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    names = [n for n in timm.list_models() if fnmatch.fnmatch(n, args.filter)]
+    if not names:
+        parser.error(f"--filter {args.filter!r} matches no timm model")
+    started = time.perf_counter()
+
+    def progress(i, count, name, record):
+        if not args.quiet:
+            marks = " ".join(f"{m}={'ok' if record[m] == 'ok' else 'no'}" for m in MODES)
+            print(f"[{i}/{count}] {name}: {marks}", file=sys.stderr, flush=True)
+
+    results = survey(names, args.drop_path_rate, args.forward, progress)
+    print(f"timm {timm.__version__}, torch {torch.__version__}: {len(names)} models, {len(results)} hold a DropPath "
+          f"at drop_path_rate={args.drop_path_rate} ({time.perf_counter() - started:.0f} s"
+          f"{', with a training step each' if args.forward else ''})\n")
+    print(table(results))
+    print("\nNot converted:\n" + reasons(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
