@@ -14,7 +14,9 @@ they save (``BREAK_EVEN_DROP_RATE``).
 from __future__ import annotations
 
 import inspect
+import logging
 import operator
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -22,6 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_unflatten  # the counterpart of FX's pytree codegen
 from timm.layers import DropPath, get_notrace_functions
 from timm.layers.drop import drop_path
 
@@ -129,29 +132,6 @@ def _signature(block: nn.Module) -> inspect.Signature:
     return inspect.signature(_own_class(block).forward)
 
 
-def _call_key(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
-    """What a trace of ``block``'s forward is specialised on: which arguments are tensors, and the values of
-    the others (None, flags, sizes). None: an argument the rewrite cannot take (a list of tensors, ...)."""
-    params = list(_signature(block).parameters.values())[1:]
-    if len(args) > len(params) or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        return None
-    key = []
-    for i, param in enumerate(params):
-        value = args[i] if i < len(args) else kwargs.get(param.name, param.default)
-        if value is inspect.Parameter.empty:
-            return None
-        if isinstance(value, Tensor):
-            key.append(_TENSOR)
-        elif value is None or isinstance(value, (bool, int, float, str)) or (
-                isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)):
-            key.append(("value", value))
-        else:
-            return None
-    if set(kwargs) - {p.name for p in params}:
-        return None
-    return tuple(key)
-
-
 _TENSOR = "tensor"
 
 
@@ -162,13 +142,18 @@ def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
     block.train()
     block.__class__ = _own_class(block)  # trace timm's forward, also of a block converted before
     try:
-        return _BlockTracer().trace(block, concrete_args=concrete or None)
+        graph = _BlockTracer().trace(block, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001  (FX raises many kinds; each is a reason to report, not a crash)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise NotConvertible(f"its forward cannot be traced with torch.fx ({type(e).__name__}: {first[:200]})") from None
     finally:
         block.__class__ = cls
         block.train(was_training)
+    # Sizes unpacked and not used (``_, H, W, _ = x.shape``) would hold the tensor outside any branch.
+    for node in reversed(list(graph.nodes)):
+        if not node.users and node.op == "call_function" and _is_shape(node):
+            graph.erase_node(node)
+    return graph
 
 
 @dataclass
@@ -272,6 +257,12 @@ def _find_sites(block: nn.Module, graph: fx.Graph, slots: Iterable[str]) -> Tupl
             continue
         sites.extend(found)
     sites.sort(key=lambda s: order[s.add])
+    # A residual inside another's branch (EdgeNeXt: an attention residual inside the block's residual) stays
+    # timm's mask there: the outer gate skips it with the rest of its branch.
+    regions = [set(s.region) for s in sites]
+    nested = [i for i, inner in enumerate(sites) if any(
+        j != i and inner.add in regions[j] and regions[i] <= regions[j] for j in range(len(sites)))]
+    sites = [s for i, s in enumerate(sites) if i not in nested]
     claimed: Set[fx.Node] = set()
     for site in sites:
         if claimed & set(site.region):
@@ -357,6 +348,12 @@ def _compile_graph(graph: fx.Graph, name: str):
     return namespace["forward"]
 
 
+def _unflattening(fn, out_spec):
+    def forward(*args: Any) -> Any:
+        return tree_unflatten(fn(*args), out_spec)
+    return forward
+
+
 def _module_names(region: Sequence[fx.Node]) -> Tuple[List[str], List[str]]:
     modules = sorted({n.target for n in region if n.op == "call_module"})
     params = sorted({n.target for n in region if n.op == "get_attr"})
@@ -410,15 +407,20 @@ def _input_batched(node: fx.Node, main: Optional[fx.Node], batched_extras: Dict[
     roots = _placeholder_roots(node)
     if not roots or main in roots:
         return None
-    flags = [batched_extras.get(_argument_name(r)) for r in roots]
+    flags = [batched_extras.get(_argument_name(r, list(batched_extras))) for r in roots]
     if all(f is False for f in flags):
         return False
     return True if any(flags) else None
 
 
-def _argument_name(placeholder: fx.Node) -> str:
-    """The forward parameter a placeholder stands for (FX appends _1 to a specialised argument's name)."""
-    return str(placeholder.target).split("_1")[0] if str(placeholder.target).endswith("_1") else str(placeholder.target)
+def _argument_name(placeholder: fx.Node, params: Sequence[str]) -> str:
+    """The forward parameter a placeholder stands for: FX names a specialised argument's placeholders
+    ``<name>_1``, ``<name>_2``, ... (one per element of a tuple)."""
+    target = str(placeholder.target)
+    if target in params:
+        return target
+    matches = [p for p in params if re.fullmatch(rf"{re.escape(p)}_\d+", target)]
+    return max(matches, key=len) if matches else target
 
 
 def _placeholder_roots(node: fx.Node, seen: Optional[Set[fx.Node]] = None) -> List[fx.Node]:
@@ -447,12 +449,20 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tu
     # The new forward: the same graph, each site's region and add replaced by ``slot(site, branch, ...)``.
     new = fx.Graph()
     branches_arg = new.placeholder("sdzoo_branches")
+    # One placeholder per forward parameter, as the block is called: the trace has one per tensor argument and
+    # one per element of each specialised one (which only fed the asserts dropped below).
+    params = list(_signature(block).parameters)[1:]
+    arguments = {name: new.placeholder(name) for name in params}
     env: Dict[fx.Node, Any] = {}
+    for node in placeholders:
+        if _argument_name(node, params) not in arguments:
+            raise NotConvertible(f"its trace has an input {node.target!r} that is not a parameter of its forward")
+        env[node] = arguments[_argument_name(node, params)]
     skipped = {n for s in sites for n in s.region}
     at_add = {s.add: i for i, s in enumerate(sites)}
     site_count: Dict[str, int] = {}
     for node in graph.nodes:
-        if node in skipped or (node.op == "call_function" and node.target in _ASSERTS):
+        if node in skipped or node.op == "placeholder" or (node.op == "call_function" and node.target in _ASSERTS):
             continue  # the asserts: the trace's checks of its specialised arguments, which the cache key makes
         if node in at_add:
             i = at_add[node]
@@ -469,7 +479,12 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tu
             new.erase_node(node)
     new.lint()
     fn = _compile_graph(new, f"{cls}.forward")
-    return _Rewrite(fn, tuple(branches), tuple(list(_signature(block).parameters)[1:])), kept_as_mask, sites
+    # A tuple specialised (a feature size) makes FX trace with its pytree codegen, whose output node holds the
+    # flat leaves of what forward returns; FX keeps the output's structure there and nowhere public.
+    pytree_info = getattr(graph._codegen, "pytree_info", None)
+    if pytree_info is not None and pytree_info.out_spec is not None:
+        fn = _unflattening(fn, pytree_info.out_spec)
+    return _Rewrite(fn, tuple(branches), tuple(params)), kept_as_mask, sites
 
 
 # -- converted blocks ---------------------------------------------------------------------------------------------
@@ -645,6 +660,10 @@ def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
     was_training = model.training
     model.eval()
+    # A model built for another input size fails here, and the fake-tensor mode logs each failing op first.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -653,6 +672,7 @@ def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None
     except Exception:  # noqa: BLE001  (a model that needs other inputs: judged at run time)
         return
     finally:
+        fake_log.setLevel(level)
         for h in handles:
             h.remove()
         model.train(was_training)

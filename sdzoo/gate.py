@@ -185,7 +185,9 @@ class GateSampler:
         """Branch ``index``'s gate in the training forward in progress."""
         if self.mode == "off":
             return None
-        if self._fresh and (self.mode != "sample" or batch_size == self._batch_size):
+        # Under torch.compile the batch sizes are not compared: a symbolic batch size against the drawn one
+        # would specialise every graph on it (dynamic=True); the hooked forward drew for its own input.
+        if self._fresh and (self.mode != "sample" or torch.compiler.is_compiling() or batch_size == self._batch_size):
             return self.gates[index]
         return self._gate_outside_hooked_forward(index, batch_size, device)
 
@@ -341,7 +343,6 @@ class ResidualGate(nn.Module):
                 gate = gate > 0
             if torch.compiler.is_compiling():
                 if not torch._dynamo.config.assume_static_by_default:  # dynamic=True: floats are symbolic
-                    _warn_dynamic_floats()  # at run time, once (dynamo catches the error below, then runs eager)
                     raise RuntimeError(_DYNAMIC_FLOATS)
                 return _compiled_batch_gate(branch, shortcut, inputs, gate, scale, self.checkpointing)
             if not gate:
@@ -522,11 +523,6 @@ _DYNAMIC_FLOATS = (
 
 
 @torch.compiler.disable
-def _warn_dynamic_floats() -> None:
-    warnings.warn(f"{_DYNAMIC_FLOATS} Until then the gated blocks run in eager mode (correct, not compiled).",
-                  RuntimeWarning, stacklevel=2)
-
-
 # -- model-level calls -------------------------------------------------------------------------------------------
 def samplers_of(model: nn.Module) -> List[GateSampler]:
     """The gate samplers of a model (the zoo's ``gate_sampler``, a converted model's ``drop_path_sampler``),
