@@ -70,6 +70,7 @@ class DropPathGate(ResidualGate):
                          sampler=sampler)
         self.indices = tuple(indices)
         self.scale_by_keep = scale_by_keep
+        self.same_batch = False  # set by convert_drop_path where it saw the block take the model's batch
 
     @property
     def drop_prob(self) -> float:
@@ -86,7 +87,7 @@ class DropPathGate(ResidualGate):
         site, branch, shortcut, *inputs = args
         gate = None
         if self.training:
-            gate = self.sampler.gate(self.indices[site], shortcut.shape[0], shortcut.device)
+            gate = self.sampler.gate(self.indices[site], shortcut.shape[0], shortcut.device, self.same_batch)
         return self.apply_gate(gate, branch, shortcut, *inputs)
 
 
@@ -138,8 +139,10 @@ _TENSOR = "tensor"
 def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
     params = list(_signature(block).parameters.values())[1:]
     concrete = {p.name: k[1] for p, k in zip(params, key) if k != _TENSOR}
+    # The training forward: the block's own flag only (its submodules are leaves), so a user's frozen
+    # BatchNorm inside it stays as it was.
     was_training, cls = block.training, type(block)
-    block.train()
+    block.training = True
     block.__class__ = _own_class(block)  # trace timm's forward, also of a block converted before
     try:
         graph = _BlockTracer().trace(block, concrete_args=concrete or None)
@@ -148,7 +151,7 @@ def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
         raise NotConvertible(f"its forward cannot be traced with torch.fx ({type(e).__name__}: {first[:200]})") from None
     finally:
         block.__class__ = cls
-        block.train(was_training)
+        block.training = was_training
     # Sizes unpacked and not used (``_, H, W, _ = x.shape``) would hold the tensor outside any branch.
     for node in reversed(list(graph.nodes)):
         if not node.users and node.op == "call_function" and _is_shape(node):
@@ -653,12 +656,14 @@ def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None
     def record(block, args, kwargs):
         names = [n for n, _ in block._sdzoo_params]
         values = dict(zip(names, args[1:]), **kwargs)
+        if args and isinstance(args[0], Tensor):
+            seen[id(block)].setdefault(_MAIN_INPUT, []).append(tuple(args[0].shape))
         for name, value in values.items():
             if isinstance(value, Tensor) and value.dim() > 0:
                 seen[id(block)].setdefault(name, []).append(tuple(value.shape))
 
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored one by one: a frozen BatchNorm stays frozen
     model.eval()
     # A model built for another input size fails here, and the fake-tensor mode logs each failing op first.
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -675,14 +680,24 @@ def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None
         fake_log.setLevel(level)
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     for block in blocks:
         flags = {}
         for name, shapes in seen[id(block)].items():
             if len(shapes) >= 2 and len({len(s) for s in shapes}) == 1:
                 first, second = shapes[0][0], shapes[-1][0]
                 flags[name] = (first, second) == (2, 3)
+        # Whether the block sees the model's batch (MobileViT's transformer blocks see patches x batch): then
+        # its gates are the forward's draw also where torch.compile cannot compare batch sizes.
+        model_batch = flags.pop(_MAIN_INPUT, False)
+        for gate in block.children():
+            if isinstance(gate, DropPathGate):
+                gate.same_batch = model_batch
         block._sdzoo_batched_inputs = flags
+
+
+_MAIN_INPUT = "<input>"
 
 
 def _input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
@@ -762,8 +777,8 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
     for block in converted:
         block._sdzoo_params = tuple((p.name, None if p.default is inspect.Parameter.empty else p.default)
                                     for p in list(_signature(block).parameters.values())[1:])
-    if mode == "sample" and any(len(b._sdzoo_params) > 1 for b in converted):
-        _probe_batched_inputs(target, [b for b in converted if len(b._sdzoo_params) > 1])
+    if mode == "sample":
+        _probe_batched_inputs(target, converted)
     for block in converted:
         slots = [name for name, m in block.named_children() if isinstance(m, DropPathGate)]
         key = _default_key(block)

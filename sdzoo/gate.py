@@ -181,13 +181,14 @@ class GateSampler:
         self.start_forward(sample.shape[0], sample.device)
         self._fresh = True
 
-    def gate(self, index: int, batch_size: int, device: torch.device) -> Optional[Tensor]:
-        """Branch ``index``'s gate in the training forward in progress."""
+    def gate(self, index: int, batch_size: int, device: torch.device, same_batch: bool = False) -> Optional[Tensor]:
+        """Branch ``index``'s gate in the training forward in progress. ``same_batch``: the branch is known to
+        see the model's batch (the zoo's blocks), so under torch.compile its batch size is not compared with
+        the drawn one, which would specialise the graph on it (a recompile per batch size, dynamic=True too)."""
         if self.mode == "off":
             return None
-        # Under torch.compile the batch sizes are not compared: a symbolic batch size against the drawn one
-        # would specialise every graph on it (dynamic=True); the hooked forward drew for its own input.
-        if self._fresh and (self.mode != "sample" or torch.compiler.is_compiling() or batch_size == self._batch_size):
+        if self._fresh and (self.mode != "sample" or (same_batch and torch.compiler.is_compiling())
+                            or batch_size == self._batch_size):
             return self.gates[index]
         return self._gate_outside_hooked_forward(index, batch_size, device)
 
@@ -318,6 +319,7 @@ class ResidualGate(nn.Module):
         self.sampler = sampler
         self.zero_grad_skipped = zero_grad_skipped
         self.checkpointing = False
+        self.same_batch = True  # a zoo block sees the model's batch (see GateSampler.gate)
 
     def extra_repr(self) -> str:
         return f"survival_prob={self.survival_prob:.4f}, scaling={self.scaling!r}, index={self.index}"
@@ -325,7 +327,7 @@ class ResidualGate(nn.Module):
     def forward(self, branch: Branch, shortcut: Tensor, *inputs: Any) -> Tensor:
         gate = None
         if self.training and self.sampler is not None:
-            gate = self.sampler.gate(self.index, shortcut.shape[0], shortcut.device)
+            gate = self.sampler.gate(self.index, shortcut.shape[0], shortcut.device, self.same_batch)
         return self.apply_gate(gate, branch, shortcut, *inputs)
 
     def apply_gate(self, gate: Optional[Tensor], branch: Branch, shortcut: Tensor, *inputs: Any) -> Tensor:
@@ -346,7 +348,7 @@ class ResidualGate(nn.Module):
                     raise RuntimeError(_DYNAMIC_FLOATS)
                 return _compiled_batch_gate(branch, shortcut, inputs, gate, scale, self.checkpointing)
             if not gate:
-                return self._skip(branch, shortcut)
+                return self._skip(branch, shortcut, inputs)
             out = self._run(branch, inputs)
             return shortcut + (out if scale is None else out * scale)
         # sample mode: run the branch on the kept samples only and add it back in place. Inverted scaling
@@ -364,11 +366,14 @@ class ResidualGate(nn.Module):
             return checkpoint(branch, *inputs, use_reentrant=False)
         return branch(*inputs)
 
-    def _skip(self, branch: Branch, shortcut: Tensor) -> Tensor:
+    def _skip(self, branch: Branch, shortcut: Tensor, inputs: Sequence[Any] = ()) -> Tensor:
         if not self.zero_grad_skipped or not torch.is_grad_enabled():
             return shortcut
-        params = [p for p in branch.parameters() if p.requires_grad]
-        return _SkippedBranch.apply(shortcut, *params) if params else shortcut
+        # Inputs computed outside the branch (a norm before it, GC ViT's global query) get zero gradients
+        # too, so the layers that made them do not go without one either.
+        needs_grad = [p for p in branch.parameters() if p.requires_grad]
+        needs_grad += [t for t in inputs if isinstance(t, Tensor) and t.requires_grad and t is not shortcut]
+        return _SkippedBranch.apply(shortcut, *needs_grad) if needs_grad else shortcut
 
 
 def _flags(batched: Sequence[Optional[bool]], count: int) -> Sequence[Optional[bool]]:
@@ -415,7 +420,7 @@ def add_samples(shortcut: Tensor, kept: Tensor, out: Tensor) -> Tensor:
 
 class _SkippedBranch(torch.autograd.Function):
     """A skipped branch in eager mode: the shortcut passes through, and the backward pass hands the
-    branch's parameters zero gradients without computing anything of the branch. A custom autograd function
+    branch's parameters (and its inputs) zero gradients without computing anything of the branch. A custom autograd function
     is the way to give a parameter a gradient from a graph it took no part in (pytorch issue 90171)."""
 
     @staticmethod

