@@ -4,8 +4,10 @@ image-classification pipeline load what sdzoo writes, with timm's logits and the
 Nothing is downloaded: local folders load offline, and the Hub repo is served by ``FakeHub``
 (tests/hub_server.py) on 127.0.0.1 to a fresh interpreter that points huggingface_hub at it.
 """
+import ast
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -143,6 +145,10 @@ with torch.no_grad():
 assert torch.equal(out, io["out"]), (out - io["out"]).abs().max()
 args = model.timm_model.stochastic_depth_args()
 assert {k: args[k] for k in survival} == survival, args
+# the model card's transformers usage, as a reader would paste it
+from PIL import Image
+image = Image.new("RGB", (32, 32), (200, 30, 90))
+exec(sys.argv[4])
 print("loaded", type(model).__name__, model.config.id2label[3])
 """
 
@@ -160,11 +166,18 @@ def test_hub_repo_loads_in_transformers_with_timm_logits(run, tmp_path, monkeypa
                if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SDZOO_DISABLE_AUTOLOAD", "HF_HUB_OFFLINE")}
         env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
                    HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+        card = server.files(repo_id)["README.md"].decode()
+        usage = re.search(r"```python\n(from transformers import pipeline\n.*?)```", card, re.S)
+        assert usage and f'model="{repo_id}"' in usage.group(1), card
         result = subprocess.run(
-            [sys.executable, "-c", HUB_CHILD, repo_id, str(tmp_path / "io.safetensors"), json.dumps(SURVIVAL)],
+            [sys.executable, "-c", HUB_CHILD, repo_id, str(tmp_path / "io.safetensors"), json.dumps(SURVIVAL),
+             usage.group(1)],
             env=env, capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-        assert result.stdout.strip().splitlines()[-1] == "loaded TimmWrapperForImageClassification class 3"
+        lines = result.stdout.strip().splitlines()
+        assert lines[-1] == "loaded TimmWrapperForImageClassification class 3"
+        top5 = ast.literal_eval(lines[-2])  # what the card's print shows
+        assert len(top5) == 5 and all(answer["label"] in LABELS for answer in top5)
         downloads = [p for m, p in server.requests if m == "GET" and "/resolve/" in p]
         assert any(p.startswith(f"/{repo_id}/resolve/") and p.endswith("/model.safetensors") for p in downloads), downloads
 
