@@ -88,14 +88,22 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
 def hf_config_of(model: nn.Module, data_config: Optional[Dict[str, Any]] = None, tag: Optional[str] = None,
                  label_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The config.json of ``model``: timm's ``save_config_for_hf`` (the architecture, the model arguments,
-    the preprocessing), then ``normalize_config``. ``label_names`` default to those of the model's cfg."""
+    the preprocessing), then ``normalize_config``. ``label_names`` default to those of the model's cfg when
+    they fit its head."""
     # timm exports only save_for_hf (weights and config) publicly; its config half is this function.
     from timm.models._hub import save_config_for_hf
 
     model_config: Dict[str, Any] = {}
     if tag:
         model_config["pretrained_cfg"] = dict(tag=tag)
-    names = label_names if label_names is not None else (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    num_classes = getattr(model, "num_classes", None)
+    names = label_names
+    if names is None:
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+        if names is not None and len(names) != num_classes:
+            names = None  # the names of another head (the model was given a new one): not this model's
+    elif len(names) != num_classes:
+        raise ValueError(f"label_names must name each of the model's {num_classes} classes; got {len(names)} names")
     if names:
         model_config["label_names"] = list(names) if not isinstance(names, dict) else dict(names)
     # timm writes only to a path; a private temporary one, read back at once.

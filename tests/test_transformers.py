@@ -215,3 +215,17 @@ def test_pipeline_classifies_digits_as_timm_does(digits_run):
     accuracy = np.mean(np.array(predictions) == np.array(labels))
     assert accuracy == np.mean(np.array(timm_predictions) == np.array(labels))
     assert accuracy > 0.5, f"accuracy {accuracy:.2f}: the model did not learn the digits (chance: 0.1)"
+
+
+def test_class_names_that_do_not_fit_the_head_are_refused_or_dropped(tmp_path, run):
+    model = timm.create_model(f"local-dir:{run}", pretrained=True)
+    with pytest.raises(ValueError, match="label_names must name each of the model's 10 classes; got 3"):
+        save_model_config(tmp_path / "config.json", model, None, label_names=["a", "b", "c"])
+    assert not (tmp_path / "config.json").exists()
+    model.reset_classifier(4)  # a new head: the folder's ten names are not its classes
+    save_model_config(tmp_path / "config.json", model, None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_classes"] == 4 and "label_names" not in config
+    save_weights(tmp_path / "model.safetensors", model)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(logits(AutoModelForImageClassification.from_pretrained(str(tmp_path)), x), logits(model, x))
