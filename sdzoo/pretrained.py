@@ -19,7 +19,7 @@ and builds random weights. Kept free of heavy imports at module level: the model
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 __all__ = ["PUBLISHED_WEIGHTS", "TIMM_TWINS", "TIMM_WEIGHTS", "NoPretrainedWeightsError", "with_published_weights",
            "timm_weight_cfgs", "tag_model_defaults", "require_published_weights"]
