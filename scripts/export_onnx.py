@@ -27,6 +27,7 @@ from sdzoo.checkpoint import (
     CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings)
 from sdzoo.data import DIGITS_SPLIT_SIZES, digits_images
 from sdzoo.fold import can_fold, fold_survival, is_folded
+from sdzoo.hf_config import model_kwargs_of_config
 from sdzoo.latency import compare_latency, format_latency
 from sdzoo.onnx_export import DEFAULT_OPSET, ExportError, export_onnx, onnx_metadata, quantize_int8
 
@@ -126,7 +127,7 @@ def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> D
     architecture = recorded.get("architecture")
     if architecture and architecture != args.model:
         fail(args, f"--checkpoint {args.checkpoint} holds {architecture} weights, not --model {args.model}")
-    settings = dict(recorded["model_args"], num_classes=recorded.get("num_classes"))
+    settings = model_kwargs_of_config(recorded)  # num_classes from model_args, else the top level
     settings = {k: v for k, v in settings.items() if v is not None}
     differ = [f"--{k.replace('_', '-')} {v} (the checkpoint's: {settings[k]})" for k, v in given.items()
               if k in settings and settings[k] != v]

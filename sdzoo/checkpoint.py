@@ -150,6 +150,9 @@ def read_run_config(path: PathLike) -> Dict[str, Any]:
     if not isinstance(config.get("model_args", {}), dict):
         raise ValueError(f"{path}: 'model_args' must be a JSON object of keyword arguments; got a "
                          f"{type(config['model_args']).__name__}")
+    from .hf_config import normalize_config
+
+    normalize_config(config, source=str(path))  # raises when model_args and the top level disagree
     return config
 
 
@@ -184,17 +187,12 @@ def check_run_folder_free(folder: PathLike) -> None:
 
 def save_model_config(path: PathLike, model: nn.Module, data_config: Dict[str, Any], tag: Optional[str] = None,
                       label_names: Optional[List[str]] = None) -> None:
-    """timm's ``config.json``: architecture, the model arguments (survival settings included), the
-    preprocessing the weights were trained with, and the class names."""
-    from timm.models._hub import save_config_for_hf
+    """The run folder's ``config.json`` (``sdzoo.hf_config``: loads in timm and in transformers): the
+    architecture, the model arguments (survival settings included), the preprocessing the weights were
+    trained with, and the class names."""
+    from .hf_config import write_config
 
-    model_config: Dict[str, Any] = {}
-    if tag:
-        model_config["pretrained_cfg"] = dict(tag=tag)
-    if label_names:
-        model_config["label_names"] = list(label_names)
-    atomic_write(path, lambda temp: save_config_for_hf(model, temp, model_config=model_config,
-                                                       data_config=data_config))
+    write_config(path, model, data_config=data_config, tag=tag, label_names=label_names)
 
 
 def describe_load_error(error: RuntimeError, lines: int = 4, width: int = 400) -> str:

@@ -26,7 +26,6 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash
 from safetensors import SafetensorError
-from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from . import __version__
@@ -35,6 +34,7 @@ from ._files import PathLike
 from .checkpoint import (
     CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
     save_weights)
+from .hf_config import head_args, model_kwargs_of_config, write_config
 from .model_card import render_model_card
 
 __all__ = [
@@ -171,11 +171,16 @@ def load_run(model_dir: PathLike) -> Run:
     except (SafetensorError, OSError) as e:
         raise CheckpointMismatchError(f"cannot read {weights_path} as safetensors: {e}") from None
     except RuntimeError as e:  # torch's strict load: missing, unexpected or mis-shaped tensors
-        args = ", ".join(f"{k}={v!r}" for k, v in sorted((config.get("model_args") or {}).items()))
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_kwargs_of_config(config).items()))
         raise CheckpointMismatchError(f"{weights_path} does not fit {architecture}({args}) as config.json "
                                       f"describes it: {describe_load_error(e)}") from None
     if not isinstance(model, SDResNet):
         raise CheckpointMismatchError(f"{config_path}: {architecture} is not an sdzoo architecture")
+    expected = head_args(config)
+    built = dict(num_classes=model.num_classes, in_chans=model.in_chans, global_pool=model.global_pool.pool_type)
+    differ = [f"{k}={built[k]!r} (config.json: {v!r})" for k, v in expected.items() if built.get(k, v) != v]
+    if differ:
+        raise CheckpointMismatchError(f"{config_path}: the model built from it has {', '.join(differ)}")
     summary_path = path / SUMMARY_NAME
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
@@ -227,9 +232,9 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
         _logger.info(f"Checking {extras[ONNX_NAME]} against the weights with onnxruntime")
         check_onnx_matches(run, extras[ONNX_NAME])
     # timm's own Hub format: safetensors weights (with their survival settings in the metadata) and a
-    # config.json that carries the model arguments.
+    # config.json that carries the model arguments, written to load in transformers too.
     save_weights(folder / WEIGHTS_NAME, run.model)
-    save_config_for_hf(run.model, folder / CONFIG_NAME)
+    config = write_config(folder / CONFIG_NAME, run.model)
     for name, src in extras.items():
         shutil.copyfile(src, folder / name)
     if run.summary is not None:
@@ -237,7 +242,6 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
         with open(folder / SUMMARY_NAME, "w", encoding="utf-8") as f:
             json.dump(dict(run.summary, settings=settings), f, indent=2)
     files = sorted([WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *extras] + ([SUMMARY_NAME] if run.summary is not None else []))
-    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     card = render_model_card(
         repo_id, config, run.summary, block_probs=run.model.block_survival_probs(),
         num_params=sum(p.numel() for p in run.model.parameters()), files=files, file_notes=FILE_NOTES,

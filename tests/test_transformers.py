@@ -1,3 +1,234 @@
+"""Run folders and Hub repos in transformers: ``AutoModelForImageClassification``, ``TimmWrapper`` and the
+image-classification pipeline load what sdzoo writes, with timm's logits and the survival settings.
+
+Nothing is downloaded: local folders load offline, and the Hub repo is served by ``FakeHub``
+(tests/hub_server.py) on 127.0.0.1 to a fresh interpreter that points huggingface_hub at it.
+"""
+import ast
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import timm
+from timm.models import save_for_hf
+
+from hub_server import FakeHub
+from helpers import randomize_batchnorm
+from sdzoo import train as sdtrain
+from sdzoo.checkpoint import save_model_config, save_weights
+from sdzoo.data import load_digits_split
+from sdzoo.hub import publish
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, pipeline  # noqa: E402
+
+TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)
+OWNER = "sdzoo-test"
+# Not the defaults, so that settings lost on the way would show.
+SURVIVAL = dict(survival_prob=0.7, survival_rule="uniform", gate_seed=3, scaling="expectation")
+LABELS = [f"class {i}" for i in range(10)]
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """Local folders only: the client may not reach any server, and no real login is read."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def write_run_folder(path, name="sd_resnet20_cifar.cifar10", seed=0, **kwargs):
+    """A run folder as the trainer writes it (``save_model_config`` + ``save_weights``), of a model whose
+    BatchNorm statistics are not trivial, so that a lost buffer would show in the logits."""
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(timm.create_model(name, **{**SURVIVAL, **kwargs})).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    data_config = timm.data.resolve_model_data_config(model) if model.in_chans == 3 else None  # timm's: RGB only
+    save_model_config(path / "config.json", model, data_config,
+                      tag=name.split(".")[1] if "." in name else None, label_names=LABELS)
+    save_weights(path / "model.safetensors", model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run") / "r20"
+    write_run_folder(path)
+    return path
+
+
+def logits(model, x):
+    with torch.no_grad():
+        out = model.eval()(x)
+    return getattr(out, "logits", out)
+
+
+def test_config_keeps_num_classes_out_of_model_args(run):
+    config = json.loads((run / "config.json").read_text())
+    assert config["num_classes"] == 10 and config["label_names"] == LABELS
+    assert not {"num_classes", "in_chans", "global_pool"} & set(config["model_args"])
+    assert {k: config["model_args"][k] for k in SURVIVAL} == SURVIVAL
+    assert "label_names" not in config["pretrained_cfg"]
+
+
+@pytest.mark.parametrize("loader", [AutoModelForImageClassification, TimmWrapperForImageClassification])
+def test_run_folder_loads_in_transformers_with_timm_logits(run, loader):
+    reference = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    model = loader.from_pretrained(str(run)).eval()
+    assert type(model) is TimmWrapperForImageClassification
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(model, x), logits(reference, x))  # bit for bit
+    inner = model.timm_model
+    assert inner.stochastic_depth_args() == reference.stochastic_depth_args()
+    assert {k: inner.stochastic_depth_args()[k] for k in SURVIVAL} == SURVIVAL
+    assert inner.block_survival_probs() == reference.block_survival_probs()
+    assert model.config.id2label == dict(enumerate(LABELS))
+
+
+def test_non_default_in_chans_and_pool_stay_in_model_args(tmp_path):
+    """Values other than the architecture's defaults stay in model_args, so both loaders rebuild them."""
+    reference_model = write_run_folder(tmp_path / "run", in_chans=1, global_pool="max")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model_args"]["in_chans"] == 1 and config["model_args"]["global_pool"] == "max"
+    assert "num_classes" not in config["model_args"]
+    model = AutoModelForImageClassification.from_pretrained(str(tmp_path / "run"))
+    x = torch.randn(2, 1, 32, 32)
+    timm_model = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)
+    assert torch.equal(logits(model, x), logits(timm_model, x))
+    assert torch.equal(logits(model, x), logits(reference_model, x))
+
+
+def test_folder_of_timms_writer_fails_in_transformers_and_publishing_fixes_it(tmp_path):
+    """timm's own writer puts num_classes into model_args (the failure of the issue); sdzoo's Hub folder
+    of that run loads in transformers, and sdzoo's readers still load the old folder."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(timm.create_model("sd_resnet20_cifar", **SURVIVAL)).eval()
+    save_for_hf(model, tmp_path / "old", safe_serialization=True)
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["model_args"]["num_classes"] == 10
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'num_classes'"):
+        AutoModelForImageClassification.from_pretrained(str(tmp_path / "old"))
+
+    publish(tmp_path / "old", f"{OWNER}/r20", local_dir=tmp_path / "hub")
+    x = torch.randn(3, 3, 32, 32)
+    loaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "hub"))
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    assert torch.equal(logits(timm.create_model(f"local-dir:{tmp_path / 'old'}", pretrained=True), x),
+                       logits(model, x))
+
+
+# -- a Hub repo ------------------------------------------------------------------------------------------
+HUB_CHILD = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
+repo_id, io_path, survival = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = AutoModelForImageClassification.from_pretrained(repo_id).eval()
+io = load_file(io_path)
+with torch.no_grad():
+    out = model(io["x"]).logits
+assert torch.equal(out, io["out"]), (out - io["out"]).abs().max()
+args = model.timm_model.stochastic_depth_args()
+assert {k: args[k] for k in survival} == survival, args
+# the model card's transformers usage, as a reader would paste it
+from PIL import Image
+image = Image.new("RGB", (32, 32), (200, 30, 90))
+exec(sys.argv[4])
+print("loaded", type(model).__name__, model.config.id2label[3])
+"""
+
+
+@pytest.mark.slow
+def test_hub_repo_loads_in_transformers_with_timm_logits(run, tmp_path, monkeypatch):
+    repo_id = f"{OWNER}/sd_resnet20_cifar.cifar10"
+    with FakeHub(tokens={TOKEN: "tester"}, orgs={"tester": [OWNER]}) as server:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        publish(run, repo_id, token=TOKEN, endpoint=server.url)
+        x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        reference = timm.create_model(f"local-dir:{run}", pretrained=True)
+        save_file({"x": x, "out": logits(reference, x)}, tmp_path / "io.safetensors")
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SDZOO_DISABLE_AUTOLOAD", "HF_HUB_OFFLINE")}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+        card = server.files(repo_id)["README.md"].decode()
+        usage = re.search(r"```python\n(from transformers import pipeline\n.*?)```", card, re.S)
+        assert usage and f'model="{repo_id}"' in usage.group(1), card
+        result = subprocess.run(
+            [sys.executable, "-c", HUB_CHILD, repo_id, str(tmp_path / "io.safetensors"), json.dumps(SURVIVAL),
+             usage.group(1)],
+            env=env, capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
+        assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+        lines = result.stdout.strip().splitlines()
+        assert lines[-1] == "loaded TimmWrapperForImageClassification class 3"
+        top5 = ast.literal_eval(lines[-2])  # what the card's print shows
+        assert len(top5) == 5 and all(answer["label"] in LABELS for answer in top5)
+        downloads = [p for m, p in server.requests if m == "GET" and "/resolve/" in p]
+        assert any(p.startswith(f"/{repo_id}/resolve/") and p.endswith("/model.safetensors") for p in downloads), downloads
+
+
+# -- the pipeline on digits ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A run folder of the trainer: sd_resnet20_cifar, eight epochs on the digits (about 15 s; 85% accuracy)."""
+    out = tmp_path_factory.mktemp("digits") / "r20"
+    code = sdtrain.main(["--dataset", "digits", "--model", "sd_resnet20_cifar", "--batch-size", "64",
+                         "--epochs", "8", "--device", "cpu", "--quiet", "--threads", "1", "--output", str(out)])
+    assert code == 0
+    return out
+
+
+def digit_pictures():
+    """The test digits as a user has pictures: 8-bit RGB images, and their labels."""
+    images, labels = load_digits_split("test", 32)
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels], labels.tolist()
+
+
+@pytest.mark.slow
+def test_pipeline_classifies_digits_as_timm_does(digits_run):
+    pictures, labels = digit_pictures()
+    model = timm.create_model(f"local-dir:{digits_run}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+    with torch.no_grad():
+        timm_predictions = model(torch.stack([transform(p) for p in pictures])).argmax(-1).tolist()
+
+    classifier = pipeline("image-classification", model=str(digits_run), device="cpu")
+    answers = classifier(pictures, top_k=1, batch_size=32)
+    predictions = [int(answer[0]["label"]) for answer in answers]  # the digits' class names are "0".."9"
+    assert predictions == timm_predictions
+    accuracy = np.mean(np.array(predictions) == np.array(labels))
+    assert accuracy == np.mean(np.array(timm_predictions) == np.array(labels))
+    assert accuracy > 0.5, f"accuracy {accuracy:.2f}: the model did not learn the digits (chance: 0.1)"
+
+
+def test_class_names_that_do_not_fit_the_head_are_refused_or_dropped(tmp_path, run):
+    model = timm.create_model(f"local-dir:{run}", pretrained=True)
+    with pytest.raises(ValueError, match="label_names must name each of the model's 10 classes; got 3"):
+        save_model_config(tmp_path / "config.json", model, None, label_names=["a", "b", "c"])
+    assert not (tmp_path / "config.json").exists()
+    model.reset_classifier(4)  # a new head: the folder's ten names are not its classes
+    save_model_config(tmp_path / "config.json", model, None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_classes"] == 4 and "label_names" not in config
+    save_weights(tmp_path / "model.safetensors", model)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(logits(AutoModelForImageClassification.from_pretrained(str(tmp_path)), x), logits(model, x))
 
 
 # -- readers of config.json: the new layout and the old one -------------------------------------------

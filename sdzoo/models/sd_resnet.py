@@ -29,7 +29,7 @@ from .._checks import check_choice, check_int, check_survival_prob
 from ..dataset_stats import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
 from ..gate import GATE_MODES, SCALINGS, Branch, GateSampler, ResidualGate
-from ..pretrained import require_published_weights, with_published_weights
+from ..pretrained import require_published_weights, tag_model_defaults, timm_weight_cfgs, with_published_weights
 from ..survival import SURVIVAL_RULES, survival_probs
 
 __all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths", "checkpoint_filter_fn"]
@@ -472,6 +472,8 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
     for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
         if key in kwargs:
             kwargs[key] = _as_tuples(kwargs[key])
+    for key, value in tag_model_defaults(variant, kwargs.get("pretrained_cfg")).items():
+        kwargs.setdefault(key, value)  # timm's weights: scaling="inverted", so eval is the pretrained network
     if pretrained:  # a clear error, saying how to get weights, for a tag that has none
         require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     return build_model_with_cfg(
@@ -497,7 +499,8 @@ def _create_imagenet(variant: str, layers: Sequence[int], pretrained: bool, **kw
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    """No cfg here claims weights: the zoo publishes none yet, so ``url`` and ``hf_hub_id`` stay empty."""
+    """The zoo's own cfgs claim no weights: sdzoo publishes none yet, so ``url`` and ``hf_hub_id`` stay empty
+    (``sdzoo.pretrained.with_published_weights`` fills in those it does)."""
     return {
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
         "interpolation": "bilinear", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
@@ -527,9 +530,15 @@ default_cfgs = generate_default_cfgs(with_published_weights({
     "sd_resnet152_cifar.cifar10": _cfg(),
     "sd_resnet152_cifar.cifar100": _cfg(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
     **_cifar_cfgs("sd_resnet1202_cifar"),
-    "sd_resnet50.in1k": _in1k_cfg(),
-    "sd_resnet101.in1k": _in1k_cfg(),
-    "sd_resnet152.in1k": _in1k_cfg(),
+    # timm's ImageNet weights of resnet50/101/152, one tag each (sdzoo.pretrained); then the weightless
+    # in1k tag, marked '*' and last, so that it stays the default tag (timm would make the first tag with
+    # weights the default otherwise).
+    **timm_weight_cfgs("sd_resnet50"),
+    "sd_resnet50.in1k*": _in1k_cfg(),
+    **timm_weight_cfgs("sd_resnet101"),
+    "sd_resnet101.in1k*": _in1k_cfg(),
+    **timm_weight_cfgs("sd_resnet152"),
+    "sd_resnet152.in1k*": _in1k_cfg(),
 }))
 
 
