@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import timm
 import httpx2
-from huggingface_hub import HfApi, RepoFile, get_session, get_token
+from huggingface_hub import HfApi, RepoFile, get_token, set_client_factory
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash
@@ -31,6 +31,7 @@ from torch import nn
 
 from . import __version__
 from ._checks import check_seconds
+from ._hub_http import HubTimeout, deadline_client
 from ._files import PathLike
 from .checkpoint import (
     CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
@@ -282,6 +283,14 @@ def _reason(error: BaseException) -> str:
             + (f" ({http.server_message})" if http.server_message else ""))
 
 
+def _timed_out(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, (HubTimeout, httpx2.TimeoutException)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _upload_error(repo_id: str, step: str, error: BaseException, token: str, state: str) -> UploadError:
     http = _http_error(error)
     status = http.response.status_code if http is not None else None
@@ -289,7 +298,7 @@ def _upload_error(repo_id: str, step: str, error: BaseException, token: str, sta
         advice = "the Hub refused the token: check HF_TOKEN or `hf auth login`"
     elif status == 403:
         advice = f"the token cannot write to {repo_id.split('/')[0]!r}"
-    elif isinstance(error, httpx2.TimeoutException):
+    elif _timed_out(error):
         advice = "the Hub did not answer in time (--timeout); rerun to retry"
     else:
         advice = "rerun to retry"
@@ -299,16 +308,19 @@ def _upload_error(repo_id: str, step: str, error: BaseException, token: str, sta
 
 @contextlib.contextmanager
 def bounded_waits(timeout: float):
-    """Every request of huggingface_hub's shared HTTP client waits at most ``timeout`` seconds for an answer
-    (the client's own default is to wait forever)."""
+    """Every request of huggingface_hub's shared HTTP client ends within ``timeout`` seconds, end to end
+    (``sdzoo._hub_http``): calls that pass ``timeout=None`` and servers that trickle their answer included; a
+    request past its deadline is not retried, and a wait the Hub asks for beyond ``timeout`` is not slept."""
+    from huggingface_hub.utils import _http  # the default client's request hook: offline mode, request ids
+
     check_seconds("timeout", timeout)
-    session = get_session()
-    old = session.timeout
-    session.timeout = httpx2.Timeout(timeout)
+    # huggingface_hub has no public getter for the factory in use; the default one if the attribute went away.
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+    set_client_factory(lambda: deadline_client(timeout, event_hooks={"request": [_http.hf_request_event_hook]}))
     try:
         yield
     finally:
-        session.timeout = old
+        set_client_factory(previous)
 
 
 def upload_hub_folder(
@@ -323,12 +335,12 @@ def upload_hub_folder(
     """Create the repo if needed and upload ``folder`` to its main branch with ``HfApi.upload_folder``: one
     commit for a folder this size (timm's ``push_to_hf_hub`` does the same).
 
-    Each request waits at most ``timeout`` seconds. When the upload fails, a repo this call created is deleted
-    again, and the error says what state the repo is in."""
+    Each request ends within ``timeout`` seconds. When the upload fails, a repo this call created is deleted
+    again, and the error says what the Hub holds: after a failed commit call the Hub is asked whether main
+    moved (and whether it holds these files); what cannot be known is said to be unknown."""
     folder = Path(folder)
     api = HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
-    step, created = "checking whether the repo exists", False
-    state = "Nothing was committed: the repo is as it was."
+    step, created, before = "checking whether the repo exists", False, None
     with bounded_waits(timeout):
         try:
             existed = api.repo_exists(repo_id)
@@ -337,37 +349,64 @@ def upload_hub_folder(
                 _logger.info(f"Creating {'private ' if private else ''}repo {repo_id}")
                 api.create_repo(repo_id, private=private, exist_ok=True)
                 created = True
-                state = None  # decided below: deleted again, or left
-            elif private and not api.model_info(repo_id).private:
+            step = "reading the repo's main branch"
+            info = api.model_info(repo_id)
+            if existed and private and not info.private:
                 raise UploadError(f"{repo_id} exists and is public; --private does not change an existing repo's "
                                   "visibility (change it on the Hub, or publish to a new repo)")
+            before = info.sha
             paths = sorted(p for p in folder.iterdir() if p.is_file())
             size = sum(p.stat().st_size for p in paths) / 2**20
             _logger.info(f"Uploading {len(paths)} files ({size:.1f} MiB) to {repo_id} in one commit "
-                         f"(waiting at most {timeout:g} s for each answer)")
+                         f"(each request ends within {timeout:g} s)")
             step = "uploading and committing the files"
-            return api.upload_folder(repo_id=repo_id, folder_path=folder,
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, parent_commit=before,
                                      commit_message=commit_message or "Upload model with sdzoo")
         except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
             if created:
                 state = _delete_created_repo(api, repo_id)
-            elif step.startswith("uploading") and isinstance(e, httpx2.TimeoutException):
-                state = (f"The commit request got no answer, so it may or may not have been made: look at "
-                         f"{api.endpoint}/{repo_id}/commits/main before you retry.")
+            elif step == "uploading and committing the files":
+                state = _state_after_failed_commit(api, folder, repo_id, before, token, timeout)
+            elif step == "creating the repo" and _http_error(e) is None:
+                state = (f"Nothing was committed, but the Hub's answer to creating {repo_id} was lost: the repo may "
+                         f"or may not exist now (empty); look at {api.endpoint}/{repo_id}.")
+            else:
+                state = "Nothing was committed: no commit request was sent."
             if isinstance(e, UploadError):
                 raise UploadError(f"{e} {state}") from None
             raise _upload_error(repo_id, step, e, token, state) from e
 
 
+def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: str, token: str,
+                               timeout: float) -> str:
+    """What the Hub holds after a failed upload, asked of the Hub (each request bounded): main as before,
+    main moved to a commit holding these files, main moved to other files, or unknown."""
+    look = f"look at {api.endpoint}/{repo_id}/commits/main before you retry"
+    try:
+        now = api.model_info(repo_id).sha
+    except Exception as e:  # noqa: BLE001
+        return (f"The commit may or may not have been made: asking the Hub where main is failed too "
+                f"({_scrub(_reason(e), token)}); {look}.")
+    if now == before:
+        return f"Nothing was committed: main is still at {before}, as before this upload (asked the Hub)."
+    try:
+        verify_upload(folder, repo_id, now, token=token, endpoint=api.endpoint, timeout=timeout)
+    except VerificationError:
+        return (f"main moved from {before} to {now}, which does not hold the files of this upload: another "
+                f"commit landed, and this one may or may not have been made; {look}.")
+    return (f"The commit was made, but its answer was lost: main moved from {before} to {now}, which holds "
+            "every file of this upload (hashes checked).")
+
+
 def _delete_created_repo(api: HfApi, repo_id: str) -> str:
-    """A first upload that failed leaves no empty repo behind: what state the repo is left in."""
+    """A first upload that failed leaves no repo behind: what state the repo is left in."""
     try:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as e:  # noqa: BLE001
-        return (f"Nothing was committed, but the repo {repo_id}, which this upload had created, could not be "
-                f"deleted again ({_reason(e)}): it is left empty (only .gitattributes); delete it on the "
-                "Hub or rerun to fill it.")
-    return f"Nothing was committed, and the repo {repo_id}, which this upload had created, was deleted again."
+        return (f"The repo {repo_id}, which this upload had created, could not be deleted again ({_reason(e)}): "
+                "it is left empty (only .gitattributes) or, if the commit was made, with this upload; look at "
+                "it on the Hub, delete it or rerun to fill it.")
+    return f"The repo {repo_id}, which this upload had created, was deleted again: the Hub holds nothing of it."
 
 
 def verify_upload(
