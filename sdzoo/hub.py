@@ -9,15 +9,17 @@ weights are published, and the cfgs that point at them, live in ``sdzoo.pretrain
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import httpx2
@@ -36,7 +38,7 @@ from ._files import PathLike
 from .checkpoint import (
     CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
     save_weights)
-from .model_card import render_model_card
+from .model_card import published_summary, render_model_card
 
 __all__ = [
     "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError", "Run",
@@ -53,15 +55,13 @@ FILE_NOTES = {
     WEIGHTS_NAME: "the weights (safetensors)",
     CONFIG_NAME: "architecture, survival settings and preprocessing, in timm's format",
     CARD_NAME: "this card",
-    ONNX_NAME: "the model in ONNX, p_l folded into the weights",
+    ONNX_NAME: "the model in ONNX",  # the card says what its metadata says of p_l
     CURVES_NAME: "training curves",
-    SUMMARY_NAME: "the run's summary: best epoch, errors, settings",
+    SUMMARY_NAME: "the run's summary: best epoch, errors, training recipe",
     METRICS_NAME: "per-epoch metrics of the run",
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 DEFAULT_TIMEOUT = 60.0  # seconds to wait for any one answer of the Hub
-# Settings of a run that name local paths: left out of the published summary.json.
-_LOCAL_SETTINGS = ("data_dir", "output")
 
 
 class HubError(RuntimeError):
@@ -186,19 +186,75 @@ def load_run(model_dir: PathLike) -> Run:
 
 
 # -- the Hub folder -------------------------------------------------------------------------------------
-def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Path]:
-    """Optional files of the repo (name in the repo -> source): ONNX, training curves, per-epoch metrics."""
-    candidates = {
-        ONNX_NAME: Path(onnx) if onnx else run.path / ONNX_NAME,
-        CURVES_NAME: Path(curves) if curves else run.path / CURVES_NAME,
-        METRICS_NAME: run.path / METRICS_NAME,
-    }
+def run_folder_file(folder: PathLike, name: str) -> Optional[Path]:
+    """``folder/name`` if it is there, refusing anything but a regular file inside the folder: a symbolic link
+    (to a private file, say) or a special file is never read, let alone published."""
+    path = Path(folder) / name
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}): only regular files inside the run "
+                         "folder are published; put the file itself there (or name it with --onnx / --curves)")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file: only regular files inside the run folder are published")
+    return path
+
+
+def _copy_without_links(src: Path, dst: Path) -> None:
+    """Copy a run folder's file, refusing it if it became a link since it was checked (O_NOFOLLOW)."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ValueError(f"{src} cannot be published as a regular file of the run folder: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f_in, open(dst, "wb") as f_out:
+        if not stat.S_ISREG(os.fstat(f_in.fileno()).st_mode):
+            raise ValueError(f"{src} is not a regular file: only regular files inside the run folder are published")
+        shutil.copyfileobj(f_in, f_out)
+
+
+def check_metrics_lines(path: PathLike) -> None:
+    """Every line of a metrics.jsonl is a JSON object: a corrupt line is named, never published or skipped."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e}); the run's log is corrupt: fix or "
+                                 "remove that line before publishing") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: a record must be a JSON object; got "
+                                 f"{type(record).__name__}")
+
+
+def onnx_folded(onnx_path: PathLike) -> Optional[bool]:
+    """What the ONNX file's own metadata says: p_l folded into the weights, not folded, or not said (None)."""
+    from .onnx_export import read_metadata
+
+    value = read_metadata(os.fspath(onnx_path)).get("folded")
+    return {"true": True, "false": False}.get(value)
+
+
+def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Tuple[Path, bool]]:
+    """Optional files of the repo (name in the repo -> source, whether it is a file of the run folder): ONNX,
+    training curves, per-epoch metrics. Files named by the caller are taken as given."""
     for name, given in (("onnx", onnx), ("curves", curves)):
         if given and not Path(given).is_file():
             raise FileNotFoundError(f"{name}: no file at {given}")
     if onnx and Path(onnx).suffix != ".onnx":
         raise ValueError(f"onnx must be a .onnx file; got {onnx}")
-    return {name: src for name, src in candidates.items() if src.is_file()}
+    extras = {}
+    for name, given in ((ONNX_NAME, onnx), (CURVES_NAME, curves), (METRICS_NAME, None)):
+        if given:
+            extras[name] = (Path(given), False)
+        elif (found := run_folder_file(run.path, name)) is not None:
+            extras[name] = (found, True)
+    if METRICS_NAME in extras:
+        check_metrics_lines(extras[METRICS_NAME][0])
+    return extras
 
 
 def check_onnx_matches(run: Run, onnx_path: PathLike) -> None:
@@ -223,26 +279,32 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
                      curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
     folder = Path(folder)
+    # Only what the card reads is published of summary.json, each value of the type it must be.
+    summary = None if run.summary is None else published_summary(run.summary, where=str(run.path / SUMMARY_NAME))
     extras = _extras(run, onnx, curves)
+    folded = None
     if ONNX_NAME in extras:
-        _logger.info(f"Checking {extras[ONNX_NAME]} against the weights with onnxruntime")
-        check_onnx_matches(run, extras[ONNX_NAME])
+        _logger.info(f"Checking {extras[ONNX_NAME][0]} against the weights with onnxruntime")
+        check_onnx_matches(run, extras[ONNX_NAME][0])
+        folded = onnx_folded(extras[ONNX_NAME][0])
     # timm's own Hub format: safetensors weights (with their survival settings in the metadata) and a
     # config.json that carries the model arguments.
     save_weights(folder / WEIGHTS_NAME, run.model)
     save_config_for_hf(run.model, folder / CONFIG_NAME)
-    for name, src in extras.items():
-        shutil.copyfile(src, folder / name)
-    if run.summary is not None:
-        settings = {k: v for k, v in (run.summary.get("settings") or {}).items() if k not in _LOCAL_SETTINGS}
+    for name, (src, in_run_folder) in extras.items():
+        if in_run_folder:
+            _copy_without_links(src, folder / name)
+        else:
+            shutil.copyfile(src, folder / name)
+    if summary is not None:
         with open(folder / SUMMARY_NAME, "w", encoding="utf-8") as f:
-            json.dump(dict(run.summary, settings=settings), f, indent=2)
-    files = sorted([WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *extras] + ([SUMMARY_NAME] if run.summary is not None else []))
+            json.dump(summary, f, indent=2)
+    files = sorted([WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *extras] + ([SUMMARY_NAME] if summary is not None else []))
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     card = render_model_card(
-        repo_id, config, run.summary, block_probs=run.model.block_survival_probs(),
+        repo_id, config, summary, block_probs=run.model.block_survival_probs(),
         num_params=sum(p.numel() for p in run.model.parameters()), files=files, file_notes=FILE_NOTES,
-        template=card_template)
+        template=card_template, onnx_folded=folded)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return files
 
@@ -256,9 +318,17 @@ def write_hub_folder(run: Run, out_dir: PathLike, repo_id: str, **kwargs) -> Lis
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         files = stage_hub_folder(run, staging, repo_id, **kwargs)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(staging, out_dir)
+        try:
+            if out_dir.exists():
+                out_dir.rmdir()
+            os.rename(staging, out_dir)  # onto nothing or an empty folder; never onto another's files
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(
+                f"local_dir {out_dir} was filled by another process while this one prepared its files; nothing of "
+                "this one was written there (its files are left as the other process wrote them): choose a new "
+                "folder") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -468,6 +538,8 @@ def publish(
     check_seconds("timeout", timeout)  # before any work, not at the first request
     if local_dir is None:
         token = resolve_token(token)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, SUMMARY_NAME):  # nothing behind a link is read, let alone published
+        run_folder_file(model_dir, name)
     _logger.info(f"Loading the run in {model_dir}")
     run = load_run(model_dir)
     stage_kwargs = dict(onnx=onnx, curves=curves, card_template=card_template)
