@@ -38,6 +38,7 @@ from ._files import PathLike
 from .checkpoint import (
     CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
     save_weights)
+from .metrics_plot import read_metrics
 from .model_card import published_summary, render_model_card
 
 __all__ = [
@@ -214,22 +215,6 @@ def _copy_without_links(src: Path, dst: Path) -> None:
         shutil.copyfileobj(f_in, f_out)
 
 
-def check_metrics_lines(path: PathLike) -> None:
-    """Every line of a metrics.jsonl is a JSON object: a corrupt line is named, never published or skipped."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e}); the run's log is corrupt: fix or "
-                                 "remove that line before publishing") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: a record must be a JSON object; got "
-                                 f"{type(record).__name__}")
-
-
 def onnx_folded(onnx_path: PathLike) -> Optional[bool]:
     """What the ONNX file's own metadata says: p_l folded into the weights, not folded, or not said (None)."""
     from .onnx_export import read_metadata
@@ -252,8 +237,11 @@ def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> D
             extras[name] = (Path(given), False)
         elif (found := run_folder_file(run.path, name)) is not None:
             extras[name] = (found, True)
-    if METRICS_NAME in extras:
-        check_metrics_lines(extras[METRICS_NAME][0])
+    if METRICS_NAME in extras:  # every line a record: a corrupt one is named, never published
+        try:
+            read_metrics(extras[METRICS_NAME][0])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{e}; the run's log is corrupt: fix or remove that line before publishing") from None
     return extras
 
 
