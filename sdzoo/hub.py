@@ -62,7 +62,7 @@ FILE_NOTES = {
     METRICS_NAME: "per-epoch metrics of the run",
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-DEFAULT_TIMEOUT = 60.0  # seconds to wait for any one answer of the Hub
+DEFAULT_TIMEOUT = 60.0  # seconds within which each request to the Hub ends, its answer read (sdzoo._hub_http)
 
 
 class HubError(RuntimeError):
@@ -356,6 +356,8 @@ def _upload_error(repo_id: str, step: str, error: BaseException, token: str, sta
         advice = "the Hub refused the token: check HF_TOKEN or `hf auth login`"
     elif status == 403:
         advice = f"the token cannot write to {repo_id.split('/')[0]!r}"
+    elif _timed_out(error) and "asked to wait" in str(error):
+        advice = "rerun once the Hub is less busy (or with a --timeout that covers the wait)"
     elif _timed_out(error):
         advice = "the Hub did not answer in time (--timeout); rerun to retry"
     else:
