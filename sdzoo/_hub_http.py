@@ -34,13 +34,17 @@ class HubTimeout(httpx2.TransportError):
 
 
 def _remaining(what: str) -> float:
-    deadline, timeout = getattr(_deadlines, "deadline", None), getattr(_deadlines, "timeout", None)
+    deadline = getattr(_deadlines, "deadline", None)
     if deadline is None:
         return None
     left = deadline - time.monotonic()
     if left <= 0:
-        raise HubTimeout(f"the request did not end within {timeout:g} s ({what})")
+        raise _timed_out(what)
     return left
+
+
+def _timed_out(what: str) -> HubTimeout:
+    return HubTimeout(f"the request did not end within {getattr(_deadlines, 'timeout', 0):g} s ({what})")
 
 
 def _bound(timeout: Optional[float], what: str) -> Optional[float]:
@@ -60,16 +64,14 @@ class _DeadlineStream(httpcore2.NetworkStream):
     def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
         try:
             return self._stream.read(max_bytes, _bound(timeout, "reading its answer"))
-        except httpcore2.ReadTimeout:
-            _remaining("reading its answer")  # raises HubTimeout when the deadline is the reason
-            raise
+        except httpcore2.ReadTimeout:  # a read is never given more than the time left: the deadline passed
+            raise _timed_out("reading its answer") from None
 
     def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
         try:
             self._stream.write(buffer, _bound(timeout, "sending the request"))
         except httpcore2.WriteTimeout:
-            _remaining("sending the request")
-            raise
+            raise _timed_out("sending the request") from None
         if getattr(_deadlines, "timeout", None) is not None:
             _start(_deadlines.timeout)  # a part of the body went out: the answer gets the whole timeout
 
@@ -92,8 +94,7 @@ class _DeadlineBackend(httpcore2.NetworkBackend):
             stream = self._backend.connect_tcp(host, port, _bound(timeout, "connecting"), local_address,
                                                socket_options)
         except httpcore2.ConnectTimeout:
-            _remaining("connecting")
-            raise
+            raise _timed_out("connecting") from None
         return _DeadlineStream(stream)
 
     def connect_unix_socket(self, path, timeout=None, socket_options=None):

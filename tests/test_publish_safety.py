@@ -155,6 +155,19 @@ def test_a_timeout_that_bounds_nothing_is_refused(run, tmp_path, capsys, value):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("behaviour", ["hang", "trickle"])
+def test_a_request_ends_within_the_timeout_even_one_that_passes_no_timeout(tmp_path, behaviour):
+    # repo_exists passes timeout=None to the client; a trickled answer resets any per-read timeout.
+    with FakeHub(tokens={TOKEN: "tester"}) as server:
+        getattr(server, behaviour)("GET", r"^/api/models/")
+        start = time.monotonic()
+        with pytest.raises(hub.UploadError, match="did not answer in time") as info:
+            hub.upload_hub_folder(tmp_path, "tester/r20", TOKEN, endpoint=server.url, timeout=1)
+        took = time.monotonic() - start
+    assert took < 1 + 1, took
+    assert "Nothing was committed: no commit request was sent." in str(info.value)
+
+
 HUB_WAITS = [  # (what the Hub does, method, path): each kind of request of a publish
     ("hang", "GET", r"^/api/models/[^/]+/[^/]+$"),  # repo info: the repo-exists check
     ("trickle", "GET", r"^/api/models/[^/]+/[^/]+$"),
