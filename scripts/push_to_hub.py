@@ -11,8 +11,8 @@ The repo gets model.safetensors and config.json in timm's format, a README.md mo
 the ONNX file, curves.png, summary.json and metrics.jsonl. Everything goes up in one commit, then every file's
 hash is compared with the one the Hub reports for that commit (no download). The token comes from HF_TOKEN
 or `hf auth login` (there is no --token flag: a token on a command line ends up in shell history); it is
-never printed. Every request waits at most --timeout seconds; when an upload fails, the message says what
-state the repo is left in (a repo the upload created is deleted again). With --card-dir DIR, a verified upload's card is also saved as
+never printed. Every request ends within --timeout seconds, end to end; when an upload fails, the message
+says what the Hub holds, asking it where it can (a repo the upload created is deleted again). With --card-dir DIR, a verified upload's card is also saved as
 DIR/NAME.md (the zoo keeps its record in model_cards/); it never replaces a file that is not an earlier
 card of the same repo.
 """
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also save the published card as CARD_DIR/NAME.md (the zoo's record: model_cards); "
                              "default: not saved")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="seconds to wait for any one answer of the Hub (default: %(default)s)")
+                        help="seconds within which each request to the Hub must end, its whole answer read "
+                             "(a positive, finite number; default: %(default)s)")
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
     return parser
 

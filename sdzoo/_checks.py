@@ -1,6 +1,7 @@
 """Argument checks shared by models, training and export: one wording for every error."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Tuple
 
 
@@ -40,9 +41,11 @@ def check_fraction(name: str, value, include_one: bool = True) -> float:
 
 
 def check_seconds(name: str, value) -> float:
-    """A positive number of seconds: a timeout, a measuring time."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds; got {value!r}")
+    """A positive, finite number of seconds: a timeout, a measuring time (inf and nan bound nothing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        finite = "" if isinstance(value, bool) or not isinstance(value, float) or math.isfinite(value) else \
+            " (inf and nan bound nothing: give a finite number)"
+        raise ValueError(f"{name} must be a positive number of seconds; got {value!r}{finite}")
     return float(value)
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 TEMP_SUFFIX = ".tmp"
+# staged_file's temporaries: ".NAME." + mkstemp's random letters, digits and '_' + TEMP_SUFFIX.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+" + re.escape(TEMP_SUFFIX))
 
 
 @contextlib.contextmanager
@@ -38,6 +41,19 @@ def staged_file(path: PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+
+
+def remove_stale_temps(folder: PathLike, names: Iterable[str]) -> List[str]:
+    """Remove the temporaries that ``staged_file`` left for the files ``names`` of ``folder`` (a writer killed
+    mid-write); those of any other file, which another process may be writing now, are left alone. Returns the
+    names removed."""
+    names, removed = set(names), []
+    for entry in os.scandir(folder):
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match and match.group("name") in names and entry.is_file(follow_symlinks=False):
+            os.remove(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:

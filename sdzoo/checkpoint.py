@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ._files import TEMP_SUFFIX, PathLike, atomic_write
+from ._files import PathLike, atomic_write, remove_stale_temps
 
 __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "CheckpointError",
@@ -49,10 +49,10 @@ class CheckpointError(Exception):
     """A resume state that is missing or unreadable: a user error, reported without a traceback."""
 
 
-def remove_stale_temp_files(folder: PathLike) -> None:
-    """Temporary files of a process that was killed mid-write."""
-    for temp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
-        temp.unlink(missing_ok=True)
+def remove_stale_temp_files(folder: PathLike, names) -> None:
+    """Temporary files of the files ``names``, left by a process that was killed mid-write (not those of other
+    files: an export may be writing into the folder now)."""
+    remove_stale_temps(folder, names)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -322,15 +322,21 @@ class RandomStreams:
 
 
 def truncate_lines(path: Path, keep: Callable[[str], bool]) -> None:
-    """Drop the lines of a log that a killed run wrote after its last checkpoint (and any half-written line):
-    those where ``keep`` is false or raises on a malformed line."""
+    """Drop the lines of a log that a killed run wrote after its last checkpoint (those where ``keep`` is
+    false) and a half-written last line (no newline at its end). Any other line that ``keep`` cannot read is
+    corrupt: a CheckpointError names the file and the line, and the log is left as it is."""
     if not path.exists():
         return
+    text = path.read_text()
+    lines = text.splitlines()
     kept = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             if keep(line):
                 kept.append(line + "\n")
-        except (ValueError, KeyError, IndexError):
-            pass
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            if number == len(lines) and not text.endswith("\n"):
+                continue  # cut off by a kill mid-write
+            raise CheckpointError(f"--resume: {path}, line {number} is corrupt ({type(e).__name__}: {e}); it is "
+                                  "not a line this trainer writes: fix or remove it, then resume") from None
     atomic_write(path, lambda temp: Path(temp).write_text("".join(kept)))

@@ -9,19 +9,21 @@ weights are published, and the cfgs that point at them, live in ``sdzoo.pretrain
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import httpx2
-from huggingface_hub import HfApi, RepoFile, get_session, get_token
+from huggingface_hub import HfApi, RepoFile, get_token, set_client_factory
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash
@@ -30,12 +32,14 @@ from torch import nn
 
 from . import __version__
 from ._checks import check_seconds
+from ._hub_http import HubTimeout, deadline_client
 from ._files import PathLike
 from .checkpoint import (
     CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
     save_weights)
 from .hf_config import head_args, model_kwargs_of_config, write_config
-from .model_card import render_model_card
+from .metrics_plot import read_metrics
+from .model_card import published_summary, render_model_card
 
 __all__ = [
     "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError", "Run",
@@ -52,15 +56,13 @@ FILE_NOTES = {
     WEIGHTS_NAME: "the weights (safetensors)",
     CONFIG_NAME: "architecture, survival settings and preprocessing, in timm's format",
     CARD_NAME: "this card",
-    ONNX_NAME: "the model in ONNX, p_l folded into the weights",
+    ONNX_NAME: "the model in ONNX",  # the card says what its metadata says of p_l
     CURVES_NAME: "training curves",
-    SUMMARY_NAME: "the run's summary: best epoch, errors, settings",
+    SUMMARY_NAME: "the run's summary: best epoch, errors, training recipe",
     METRICS_NAME: "per-epoch metrics of the run",
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-DEFAULT_TIMEOUT = 60.0  # seconds to wait for any one answer of the Hub
-# Settings of a run that name local paths: left out of the published summary.json.
-_LOCAL_SETTINGS = ("data_dir", "output")
+DEFAULT_TIMEOUT = 60.0  # seconds within which each request to the Hub ends, its answer read (sdzoo._hub_http)
 
 
 class HubError(RuntimeError):
@@ -190,19 +192,62 @@ def load_run(model_dir: PathLike) -> Run:
 
 
 # -- the Hub folder -------------------------------------------------------------------------------------
-def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Path]:
-    """Optional files of the repo (name in the repo -> source): ONNX, training curves, per-epoch metrics."""
-    candidates = {
-        ONNX_NAME: Path(onnx) if onnx else run.path / ONNX_NAME,
-        CURVES_NAME: Path(curves) if curves else run.path / CURVES_NAME,
-        METRICS_NAME: run.path / METRICS_NAME,
-    }
+def run_folder_file(folder: PathLike, name: str) -> Optional[Path]:
+    """``folder/name`` if it is there, refusing anything but a regular file inside the folder: a symbolic link
+    (to a private file, say) or a special file is never read, let alone published."""
+    path = Path(folder) / name
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}): only regular files inside the run "
+                         "folder are published; put the file itself there (or name it with --onnx / --curves)")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file: only regular files inside the run folder are published")
+    return path
+
+
+def _copy_without_links(src: Path, dst: Path) -> None:
+    """Copy a run folder's file, refusing it if it became a link since it was checked (O_NOFOLLOW)."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ValueError(f"{src} cannot be published as a regular file of the run folder: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f_in, open(dst, "wb") as f_out:
+        if not stat.S_ISREG(os.fstat(f_in.fileno()).st_mode):
+            raise ValueError(f"{src} is not a regular file: only regular files inside the run folder are published")
+        shutil.copyfileobj(f_in, f_out)
+
+
+def onnx_folded(onnx_path: PathLike) -> Optional[bool]:
+    """What the ONNX file's own metadata says: p_l folded into the weights, not folded, or not said (None)."""
+    from .onnx_export import read_metadata
+
+    value = read_metadata(os.fspath(onnx_path)).get("folded")
+    return {"true": True, "false": False}.get(value)
+
+
+def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Tuple[Path, bool]]:
+    """Optional files of the repo (name in the repo -> source, whether it is a file of the run folder): ONNX,
+    training curves, per-epoch metrics. Files named by the caller are taken as given."""
     for name, given in (("onnx", onnx), ("curves", curves)):
         if given and not Path(given).is_file():
             raise FileNotFoundError(f"{name}: no file at {given}")
     if onnx and Path(onnx).suffix != ".onnx":
         raise ValueError(f"onnx must be a .onnx file; got {onnx}")
-    return {name: src for name, src in candidates.items() if src.is_file()}
+    extras = {}
+    for name, given in ((ONNX_NAME, onnx), (CURVES_NAME, curves), (METRICS_NAME, None)):
+        if given:
+            extras[name] = (Path(given), False)
+        elif (found := run_folder_file(run.path, name)) is not None:
+            extras[name] = (found, True)
+    if METRICS_NAME in extras:  # every line a record: a corrupt one is named, never published
+        try:
+            read_metrics(extras[METRICS_NAME][0])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{e}; the run's log is corrupt: fix or remove that line before publishing") from None
+    return extras
 
 
 def check_onnx_matches(run: Run, onnx_path: PathLike) -> None:
@@ -227,25 +272,31 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
                      curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
     folder = Path(folder)
+    # Only what the card reads is published of summary.json, each value of the type it must be.
+    summary = None if run.summary is None else published_summary(run.summary, where=str(run.path / SUMMARY_NAME))
     extras = _extras(run, onnx, curves)
+    folded = None
     if ONNX_NAME in extras:
-        _logger.info(f"Checking {extras[ONNX_NAME]} against the weights with onnxruntime")
-        check_onnx_matches(run, extras[ONNX_NAME])
+        _logger.info(f"Checking {extras[ONNX_NAME][0]} against the weights with onnxruntime")
+        check_onnx_matches(run, extras[ONNX_NAME][0])
+        folded = onnx_folded(extras[ONNX_NAME][0])
     # timm's own Hub format: safetensors weights (with their survival settings in the metadata) and a
     # config.json that carries the model arguments, written to load in transformers too.
     save_weights(folder / WEIGHTS_NAME, run.model)
     config = write_config(folder / CONFIG_NAME, run.model)
-    for name, src in extras.items():
-        shutil.copyfile(src, folder / name)
-    if run.summary is not None:
-        settings = {k: v for k, v in (run.summary.get("settings") or {}).items() if k not in _LOCAL_SETTINGS}
+    for name, (src, in_run_folder) in extras.items():
+        if in_run_folder:
+            _copy_without_links(src, folder / name)
+        else:
+            shutil.copyfile(src, folder / name)
+    if summary is not None:
         with open(folder / SUMMARY_NAME, "w", encoding="utf-8") as f:
-            json.dump(dict(run.summary, settings=settings), f, indent=2)
-    files = sorted([WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *extras] + ([SUMMARY_NAME] if run.summary is not None else []))
+            json.dump(summary, f, indent=2)
+    files = sorted([WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *extras] + ([SUMMARY_NAME] if summary is not None else []))
     card = render_model_card(
-        repo_id, config, run.summary, block_probs=run.model.block_survival_probs(),
+        repo_id, config, summary, block_probs=run.model.block_survival_probs(),
         num_params=sum(p.numel() for p in run.model.parameters()), files=files, file_notes=FILE_NOTES,
-        template=card_template)
+        template=card_template, onnx_folded=folded)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return files
 
@@ -259,9 +310,17 @@ def write_hub_folder(run: Run, out_dir: PathLike, repo_id: str, **kwargs) -> Lis
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         files = stage_hub_folder(run, staging, repo_id, **kwargs)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(staging, out_dir)
+        try:
+            if out_dir.exists():
+                out_dir.rmdir()
+            os.rename(staging, out_dir)  # onto nothing or an empty folder; never onto another's files
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(
+                f"local_dir {out_dir} was filled by another process while this one prepared its files; nothing of "
+                "this one was written there (its files are left as the other process wrote them): choose a new "
+                "folder") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -286,6 +345,14 @@ def _reason(error: BaseException) -> str:
             + (f" ({http.server_message})" if http.server_message else ""))
 
 
+def _timed_out(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, (HubTimeout, httpx2.TimeoutException)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _upload_error(repo_id: str, step: str, error: BaseException, token: str, state: str) -> UploadError:
     http = _http_error(error)
     status = http.response.status_code if http is not None else None
@@ -293,7 +360,9 @@ def _upload_error(repo_id: str, step: str, error: BaseException, token: str, sta
         advice = "the Hub refused the token: check HF_TOKEN or `hf auth login`"
     elif status == 403:
         advice = f"the token cannot write to {repo_id.split('/')[0]!r}"
-    elif isinstance(error, httpx2.TimeoutException):
+    elif _timed_out(error) and "asked to wait" in str(error):
+        advice = "rerun once the Hub is less busy (or with a --timeout that covers the wait)"
+    elif _timed_out(error):
         advice = "the Hub did not answer in time (--timeout); rerun to retry"
     else:
         advice = "rerun to retry"
@@ -303,16 +372,19 @@ def _upload_error(repo_id: str, step: str, error: BaseException, token: str, sta
 
 @contextlib.contextmanager
 def bounded_waits(timeout: float):
-    """Every request of huggingface_hub's shared HTTP client waits at most ``timeout`` seconds for an answer
-    (the client's own default is to wait forever)."""
+    """Every request of huggingface_hub's shared HTTP client ends within ``timeout`` seconds, end to end
+    (``sdzoo._hub_http``): calls that pass ``timeout=None`` and servers that trickle their answer included; a
+    request past its deadline is not retried, and a wait the Hub asks for beyond ``timeout`` is not slept."""
+    from huggingface_hub.utils import _http  # the default client's request hook: offline mode, request ids
+
     check_seconds("timeout", timeout)
-    session = get_session()
-    old = session.timeout
-    session.timeout = httpx2.Timeout(timeout)
+    # huggingface_hub has no public getter for the factory in use; the default one if the attribute went away.
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+    set_client_factory(lambda: deadline_client(timeout, event_hooks={"request": [_http.hf_request_event_hook]}))
     try:
         yield
     finally:
-        session.timeout = old
+        set_client_factory(previous)
 
 
 def upload_hub_folder(
@@ -327,12 +399,12 @@ def upload_hub_folder(
     """Create the repo if needed and upload ``folder`` to its main branch with ``HfApi.upload_folder``: one
     commit for a folder this size (timm's ``push_to_hf_hub`` does the same).
 
-    Each request waits at most ``timeout`` seconds. When the upload fails, a repo this call created is deleted
-    again, and the error says what state the repo is in."""
+    Each request ends within ``timeout`` seconds. When the upload fails, a repo this call created is deleted
+    again, and the error says what the Hub holds: after a failed commit call the Hub is asked whether main
+    moved (and whether it holds these files); what cannot be known is said to be unknown."""
     folder = Path(folder)
     api = HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
-    step, created = "checking whether the repo exists", False
-    state = "Nothing was committed: the repo is as it was."
+    step, created, before = "checking whether the repo exists", False, None
     with bounded_waits(timeout):
         try:
             existed = api.repo_exists(repo_id)
@@ -341,37 +413,64 @@ def upload_hub_folder(
                 _logger.info(f"Creating {'private ' if private else ''}repo {repo_id}")
                 api.create_repo(repo_id, private=private, exist_ok=True)
                 created = True
-                state = None  # decided below: deleted again, or left
-            elif private and not api.model_info(repo_id).private:
+            step = "reading the repo's main branch"
+            info = api.model_info(repo_id)
+            if existed and private and not info.private:
                 raise UploadError(f"{repo_id} exists and is public; --private does not change an existing repo's "
                                   "visibility (change it on the Hub, or publish to a new repo)")
+            before = info.sha
             paths = sorted(p for p in folder.iterdir() if p.is_file())
             size = sum(p.stat().st_size for p in paths) / 2**20
             _logger.info(f"Uploading {len(paths)} files ({size:.1f} MiB) to {repo_id} in one commit "
-                         f"(waiting at most {timeout:g} s for each answer)")
+                         f"(each request ends within {timeout:g} s)")
             step = "uploading and committing the files"
-            return api.upload_folder(repo_id=repo_id, folder_path=folder,
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, parent_commit=before,
                                      commit_message=commit_message or "Upload model with sdzoo")
         except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
             if created:
                 state = _delete_created_repo(api, repo_id)
-            elif step.startswith("uploading") and isinstance(e, httpx2.TimeoutException):
-                state = (f"The commit request got no answer, so it may or may not have been made: look at "
-                         f"{api.endpoint}/{repo_id}/commits/main before you retry.")
+            elif step == "uploading and committing the files":
+                state = _state_after_failed_commit(api, folder, repo_id, before, token, timeout)
+            elif step == "creating the repo" and _http_error(e) is None:
+                state = (f"Nothing was committed, but the Hub's answer to creating {repo_id} was lost: the repo may "
+                         f"or may not exist now (empty); look at {api.endpoint}/{repo_id}.")
+            else:
+                state = "Nothing was committed: no commit request was sent."
             if isinstance(e, UploadError):
                 raise UploadError(f"{e} {state}") from None
             raise _upload_error(repo_id, step, e, token, state) from e
 
 
+def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: str, token: str,
+                               timeout: float) -> str:
+    """What the Hub holds after a failed upload, asked of the Hub (each request bounded): main as before,
+    main moved to a commit holding these files, main moved to other files, or unknown."""
+    look = f"look at {api.endpoint}/{repo_id}/commits/main before you retry"
+    try:
+        now = api.model_info(repo_id).sha
+    except Exception as e:  # noqa: BLE001
+        return (f"The commit may or may not have been made: asking the Hub where main is failed too "
+                f"({_scrub(_reason(e), token)}); {look}.")
+    if now == before:
+        return f"Nothing was committed: main is still at {before}, as before this upload (asked the Hub)."
+    try:
+        verify_upload(folder, repo_id, now, token=token, endpoint=api.endpoint, timeout=timeout)
+    except VerificationError:
+        return (f"main moved from {before} to {now}, which does not hold the files of this upload: another "
+                f"commit landed, and this one may or may not have been made; {look}.")
+    return (f"The commit was made, but its answer was lost: main moved from {before} to {now}, which holds "
+            "every file of this upload (hashes checked).")
+
+
 def _delete_created_repo(api: HfApi, repo_id: str) -> str:
-    """A first upload that failed leaves no empty repo behind: what state the repo is left in."""
+    """A first upload that failed leaves no repo behind: what state the repo is left in."""
     try:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as e:  # noqa: BLE001
-        return (f"Nothing was committed, but the repo {repo_id}, which this upload had created, could not be "
-                f"deleted again ({_reason(e)}): it is left empty (only .gitattributes); delete it on the "
-                "Hub or rerun to fill it.")
-    return f"Nothing was committed, and the repo {repo_id}, which this upload had created, was deleted again."
+        return (f"The repo {repo_id}, which this upload had created, could not be deleted again ({_reason(e)}): "
+                "it is left empty (only .gitattributes) or, if the commit was made, with this upload; look at "
+                "it on the Hub, delete it or rerun to fill it.")
+    return f"The repo {repo_id}, which this upload had created, was deleted again: the Hub holds nothing of it."
 
 
 def verify_upload(
@@ -433,6 +532,8 @@ def publish(
     check_seconds("timeout", timeout)  # before any work, not at the first request
     if local_dir is None:
         token = resolve_token(token)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, SUMMARY_NAME):  # nothing behind a link is read, let alone published
+        run_folder_file(model_dir, name)
     _logger.info(f"Loading the run in {model_dir}")
     run = load_run(model_dir)
     stage_kwargs = dict(onnx=onnx, curves=curves, card_template=card_template)

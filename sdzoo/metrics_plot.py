@@ -17,12 +17,24 @@ __all__ = ["read_metrics", "epoch_records", "evaluations", "plot_curves"]
 
 
 def read_metrics(path) -> List[Dict]:
-    """The records of a run, in order."""
+    """The records of a run, in order. A line that is no JSON object is a ValueError naming the file and the
+    line (never skipped: a corrupt log is reported)."""
     path = Path(path)
     if not path.is_file():
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: a record must be a JSON object")
+            records.append(record)
+    return records
 
 
 def epoch_records(records: List[Dict]) -> List[Dict]:

@@ -8,6 +8,8 @@ the template shows: the run's results, its survival settings and recipe, and the
 """
 from __future__ import annotations
 
+import html
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -19,7 +21,7 @@ from .settings import DEFINING
 
 __all__ = [
     "DATASETS", "PAPER_RESULTS", "RunResults", "read_results", "card_metadata", "render_model_card",
-    "default_template_path",
+    "default_template_path", "published_summary", "SUMMARY_KEYS", "SETTINGS_KEYS", "markdown_cell", "onnx_note",
 ]
 
 TEMPLATE_NAME = "model_card_template.md"
@@ -74,41 +76,88 @@ class RunResults:
         return DATASETS.get(self.dataset, (None, None))[1]
 
 
-def _percent(summary: Mapping[str, Any], key: str, where: str) -> Optional[float]:
-    value = summary.get(key)
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: {key} must be a number (percent); got {value!r}") from None
-    if not 0.0 <= value <= 100.0:
-        raise ValueError(f"{where}: {key} is a percentage and must be in [0, 100]; got {value!r}")
-    return value
+# What the card reads of a run's summary.json, and all that a published summary.json holds (the rest of a run's
+# settings, local paths and how it ran, stays home): the one allow-list, checked by ``published_summary``.
+SUMMARY_KEYS = ("finished", "epochs_done", "best_epoch", "best_val_error", "test_error", "selection", "settings")
+SETTINGS_KEYS = ("dataset", "epochs") + _RECIPE_KEYS
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _wrong(where: str, key: str, allowed: str, value) -> ValueError:
+    return ValueError(f"{where}: {key} must be {allowed}; got {value!r}")
+
+
+def published_summary(summary: Mapping[str, Any], where: str = "summary.json") -> Dict[str, Any]:
+    """The part of a run's summary that the card reads and that is published (``SUMMARY_KEYS``,
+    ``SETTINGS_KEYS``), each value checked for its type: a ValueError names the file and the key."""
+    if not isinstance(summary, Mapping):
+        raise ValueError(f"{where} must hold a JSON object; got {type(summary).__name__}")
+    settings = summary.get("settings", {})
+    if not isinstance(settings, Mapping):
+        raise _wrong(where, "settings", "a JSON object", settings)
+    checks = {
+        "finished": (lambda v: isinstance(v, bool), "true or false"),
+        "epochs_done": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+        "best_epoch": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+        "best_val_error": (lambda v: _number(v) and 0 <= v <= 100, "a number in [0, 100] (percent) or null"),
+        "test_error": (lambda v: _number(v) and 0 <= v <= 100, "a number in [0, 100] (percent) or null"),
+        "selection": (lambda v: isinstance(v, str), "a string"),
+    }
+    out: Dict[str, Any] = {}
+    for key, (ok, allowed) in checks.items():
+        if key in summary and summary[key] is not None:
+            if not ok(summary[key]):
+                raise _wrong(where, key, allowed, summary[key])
+            out[key] = summary[key]
+    kept = {}
+    for key in SETTINGS_KEYS:
+        value = settings.get(key)
+        if value is None:
+            continue
+        if key == "dataset" and not isinstance(value, str):
+            raise _wrong(where, "settings.dataset", "a string", value)
+        if key == "epochs" and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise _wrong(where, "settings.epochs", "an integer > 0", value)
+        scalar_list = isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value)
+        if not (isinstance(value, _SCALARS) or scalar_list) or (isinstance(value, float) and not math.isfinite(value)):
+            raise _wrong(where, f"settings.{key}", "a string, a number, true/false or a list of those", value)
+        kept[key] = value
+    out["settings"] = kept
+    return out
 
 
 def read_results(summary: Mapping[str, Any], where: str = "summary.json") -> RunResults:
     """The results a card reports, from a run's summary: data set, best epoch, test error there (%)."""
-    settings = dict(summary.get("settings") or {})
-    dataset = settings.get("dataset") or summary.get("dataset")
-    test_error = _percent(summary, "test_error", where)
-    missing = [name for name, value in (("settings.dataset", dataset), ("best_epoch", summary.get("best_epoch")),
-                                        ("test_error", test_error)) if value is None]
+    summary = published_summary(summary, where)
+    settings = summary["settings"]
+    missing = [name for name, value in (("settings.dataset", settings.get("dataset")),
+                                        ("best_epoch", summary.get("best_epoch")),
+                                        ("test_error", summary.get("test_error"))) if value is None]
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)}: the model card reports the test error at the "
                          "best epoch")
-    epochs, epochs_done = settings.get("epochs"), summary.get("epochs_done")
     return RunResults(
-        dataset=str(dataset),
-        test_error=test_error,
-        best_epoch=int(summary["best_epoch"]),
-        epochs=int(epochs) if epochs is not None else None,
-        epochs_done=int(epochs_done) if epochs_done is not None else None,
-        finished=bool(summary.get("finished", True)),
-        val_error=_percent(summary, "best_val_error", where),
-        selection=str(summary.get("selection") or "lowest validation error"),
+        dataset=settings["dataset"],
+        test_error=float(summary["test_error"]),
+        best_epoch=summary["best_epoch"],
+        epochs=settings.get("epochs"),
+        epochs_done=summary.get("epochs_done"),
+        finished=summary.get("finished", True),
+        val_error=summary.get("best_val_error"),
+        selection=summary.get("selection") or "lowest validation error",
         settings=settings,
     )
+
+
+def markdown_cell(value: Any) -> str:
+    """A value as text for the card: HTML escaped (no markup of a run's strings reaches the page), '|' escaped
+    (a table cell stays one cell) and on one line."""
+    text = html.escape(value if isinstance(value, str) else str(value), quote=False)
+    return " ".join(text.replace("|", "\\|").split())
 
 
 def card_metadata(repo_id: str, architecture: str, results: Optional[RunResults], license: str = "apache-2.0"):
@@ -157,7 +206,15 @@ def _survival_rows(model_args: Mapping[str, Any], block_probs: Sequence[float]) 
     if block_probs and not folded:
         rows += [("p_l of the first / last block", f"{block_probs[0]:.4f} / {block_probs[-1]:.4f}"),
                  ("expected blocks per training step", f"{sum(block_probs):.2f} of {len(block_probs)}")]
-    return [r for r in rows if r[1] is not None]
+    return [(name, markdown_cell(value)) for name, value in rows if value is not None]
+
+
+def onnx_note(folded: Optional[bool]) -> str:
+    """What an ONNX file is, from its metadata's ``folded`` (None: the metadata does not say)."""
+    if folded is None:
+        return "the model in ONNX (its metadata does not say whether p_l is folded into the weights)"
+    return ("the model in ONNX, p_l folded into the weights (a plain ResNet graph)" if folded else
+            "the model in ONNX, p_l applied as a scale in each block (not folded into the weights)")
 
 
 def render_model_card(
@@ -169,6 +226,7 @@ def render_model_card(
         files: Sequence[str],
         template: Optional[str] = None,
         file_notes: Optional[Mapping[str, str]] = None,
+        onnx_folded: Optional[bool] = None,
 ) -> str:
     """The README.md of a Hub repo.
 
@@ -181,7 +239,9 @@ def render_model_card(
         files: names of the files in the repo.
         template: Jinja template text; default: the one shipped with sdzoo (``default_template_path()``).
         file_notes: what each file is (name -> a few words), for the card's list of files.
+        onnx_folded: what the ONNX file's metadata says of p_l: folded (True), not (False), or nothing (None).
     """
+    onnx = next((f for f in files if f.endswith(".onnx")), None)
     template_path = default_template_path() if template is None else None
     if template_path is not None and not template_path.is_file():
         raise FileNotFoundError(f"model card template not found at {template_path}; pass template= (the text of one)")
@@ -191,7 +251,8 @@ def render_model_card(
     results = read_results(summary) if summary is not None else None
     metadata = card_metadata(repo_id, architecture, results, pretrained_cfg.get("license") or "apache-2.0")
 
-    trained_on = f" trained on {results.dataset_name}" if results else ""
+    dataset_name = markdown_cell(results.dataset_name) if results else ""
+    trained_on = f" trained on {dataset_name}" if results else ""
     scored = f": {results.test_error:.2f}% test error" if results else ""
     settings = results.settings if results is not None else {}
     channels, height, width = tuple(pretrained_cfg.get("input_size") or (3, 224, 224))
@@ -206,13 +267,16 @@ def render_model_card(
         architecture=architecture,
         survival_rows=_survival_rows(model_args, block_probs),
         folded=bool(model_args.get("folded_from")),
-        recipe_rows=[(k, settings[k]) for k in _RECIPE_KEYS if k in settings],
+        recipe_rows=[(k, markdown_cell(settings[k])) for k in _RECIPE_KEYS if k in settings],
         results=results,
+        dataset_name=dataset_name,
+        selection=markdown_cell(results.selection) if results else "",
         run_paper_rows=PAPER_RESULTS.get((architecture, results.dataset), []) if results else [],
         paper_rows=[row for rows in PAPER_RESULTS.values() for row in rows],
         files=sorted(files),
-        file_notes=dict(file_notes or {}),
-        onnx_name=next((f for f in files if f.endswith(".onnx")), None),
+        file_notes=dict(file_notes or {}, **({onnx: onnx_note(onnx_folded)} if onnx else {})),
+        onnx_name=onnx,
+        onnx_note=onnx_note(onnx_folded),
         curves_name=next((f for f in files if f.endswith(".png")), None),
         channels=channels, height=height, width=width,
         mean=list(pretrained_cfg.get("mean") or IMAGENET_MEAN),

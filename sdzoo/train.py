@@ -373,7 +373,12 @@ class RunLog:
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
             self.lock = lock_run_folder(out)
-            remove_stale_temp_files(out)
+            remove_stale_temp_files(out, self.own_files())
+
+    def own_files(self) -> List[str]:
+        """Every file the trainer writes into its run folder (the others are not its to clean up)."""
+        return [CHECKPOINT_NAME, WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, CURVES_NAME,
+                *(f"gates_rank{rank}.txt" for rank in range(self.dist.world))]
 
     def __enter__(self) -> "RunLog":
         return self

@@ -91,6 +91,8 @@ class FakeHub:
         self.requests: List[Tuple[str, str]] = []  # (method, path) of every request, in order
         self._failures: List[list] = []  # [method, compiled pattern, status, times left]
         self._hangs: List[tuple] = []  # (method, compiled pattern): read the request, never answer
+        self._trickles: List[tuple] = []  # (method, compiled pattern): answer one byte a second
+        self._losses: List[tuple] = []  # (method, compiled pattern): do what is asked, never answer
         self.hung: List[Tuple[float, str, str]] = []  # (time.monotonic(), method, path) of each unanswered request
         self._release = threading.Event()
         self._lock = threading.RLock()
@@ -123,16 +125,30 @@ class FakeHub:
         self.stop()
 
     # -- test helpers ----------------------------------------------------------------------------------
-    def fail(self, method: str, pattern: str, status: int = 500, times: Optional[int] = 1) -> None:
-        """Answer the next ``times`` requests (None: all) whose path matches ``pattern`` with ``status``.
-        The request body is read first: the server fails after the client has sent its data."""
+    def fail(self, method: str, pattern: str, status: int = 500, times: Optional[int] = 1,
+             headers: Optional[dict] = None) -> None:
+        """Answer the next ``times`` requests (None: all) whose path matches ``pattern`` with ``status`` (and
+        ``headers``, say a Retry-After). The request body is read first: the server fails after the client has
+        sent its data."""
         with self._lock:
-            self._failures.append([method.upper(), re.compile(pattern), status, times])
+            self._failures.append([method.upper(), re.compile(pattern), status, times, dict(headers or {})])
 
     def hang(self, method: str, pattern: str) -> None:
         """Read every request whose path matches ``pattern`` and never answer it (until ``stop``)."""
         with self._lock:
             self._hangs.append((method.upper(), re.compile(pattern)))
+
+    def trickle(self, method: str, pattern: str) -> None:
+        """Answer every request whose path matches ``pattern`` one byte a second (headers first), a long answer
+        that takes minutes: each read of the client gets a byte, so only a deadline for the whole answer ends it."""
+        with self._lock:
+            self._trickles.append((method.upper(), re.compile(pattern)))
+
+    def lose_answer(self, method: str, pattern: str) -> None:
+        """Carry out every request whose path matches ``pattern`` (a commit is made) and never answer it: the
+        answer is lost on the way, as when a connection breaks after the server's work."""
+        with self._lock:
+            self._losses.append((method.upper(), re.compile(pattern)))
 
     def clear_failures(self) -> None:
         with self._lock:
@@ -148,12 +164,12 @@ class FakeHub:
             return len(self.repos[repo_id].commits) if repo_id in self.repos else 0
 
     # -- state changes (called by the handler, under the lock) -----------------------------------------
-    def _injected_failure(self, method: str, path: str) -> Optional[int]:
+    def _injected_failure(self, method: str, path: str) -> Optional[Tuple[int, dict]]:
         for rule in self._failures:
             if rule[0] == method and rule[1].search(path) and (rule[3] is None or rule[3] > 0):
                 if rule[3] is not None:
                     rule[3] -= 1
-                return rule[2]
+                return rule[2], rule[4]
         return None
 
     def _new_commit(self, repo: Repo, files: Dict[str, Blob], branch: str = "main") -> str:
@@ -186,7 +202,23 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def _trickle(self) -> None:
+        body = b" " * 600 + b"{}"
+        answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                  + body)
+        self.close_connection = True
+        for i in range(len(answer)):
+            if self.hub._release.wait(1.0):
+                return
+            try:
+                self.wfile.write(answer[i:i + 1])
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+
     def _send(self, status: int, body: bytes = b"", headers: Optional[dict] = None, content_length=None) -> None:
+        if getattr(self, "_lose", False):
+            return
         self.send_response(status)
         headers = dict(headers or {})
         headers.setdefault("Content-Type", "application/json")
@@ -238,16 +270,23 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body() if self.command in ("POST", "PUT", "DELETE") else b""
         with self.hub._lock:
             self.hub.requests.append((self.command, path))
-            status = self.hub._injected_failure(self.command, path)
+            failure = self.hub._injected_failure(self.command, path)
             hang = any(m == self.command and p.search(path) for m, p in self.hub._hangs)
-            if hang:
+            trickle = any(m == self.command and p.search(path) for m, p in self.hub._trickles)
+            self._lose = any(m == self.command and p.search(path) for m, p in self.hub._losses)
+            if hang or trickle or self._lose:
                 self.hub.hung.append((time.monotonic(), self.command, path))
         if hang:
             self.hub._release.wait()
             self.close_connection = True
             return
-        if status is not None:
-            self._json(status, {"error": f"injected failure {status}"}, {"X-Error-Message": "injected failure"})
+        if trickle:
+            self._trickle()
+            return
+        if failure is not None:
+            status, headers = failure
+            self._json(status, {"error": f"injected failure {status}"}, {"X-Error-Message": "injected failure",
+                                                                          **headers})
             return
         for method, pattern, name in _ROUTES:
             match = re.fullmatch(pattern, path)
@@ -261,6 +300,9 @@ class _Handler(BaseHTTPRequestHandler):
                     if e.code:
                         headers["X-Error-Code"] = e.code
                     self._json(e.status, {"error": e.message}, headers)
+                if self._lose:
+                    self.hub._release.wait()
+                    self.close_connection = True
                 return
         self._json(404, {"error": f"no route for {self.command} {path}"})
 

@@ -264,7 +264,7 @@ def test_model_card_puts_paper_results_beside_the_run():
                             "num_classes": 10, "workers": 8}}
     text = render_model_card(f"{OWNER}/r110", config, summary, block_probs=[1.0] * 54, num_params=1_700_000,
                              files=["README.md", "config.json", "model.safetensors", "model.onnx", "extra.txt"],
-                             file_notes=hub.FILE_NOTES)
+                             file_notes=hub.FILE_NOTES, onnx_folded=True)
     assert "- `model.onnx`: the model in ONNX, p_l folded into the weights" in text
     assert "- `extra.txt`: extra file of the run" in text and "Training curves" not in text  # no curves.png
     assert "| this model (sd_resnet110_cifar) | CIFAR-100 | 5.61 | 401 of 500 |" in text

@@ -176,8 +176,9 @@ def test_push_exits_within_its_timeout_when_the_hub_never_answers_the_commit(tra
         committed_at = server.hung[0][0]
         repos = dict(server.repos)
     assert proc.returncode != 0
-    # From the unanswered commit to the exit: the timeout, then deleting the new repo again.
-    assert end - committed_at < timeout + 3, (end - committed_at, proc.stderr)
+    # From the unanswered commit to the exit: the timeout, then deleting the new repo again, then the
+    # interpreter's exit (1.5 to 3 s with torch and timm loaded, on two busy cores).
+    assert end - committed_at < timeout + 5, (end - committed_at, proc.stderr)
     assert end - start < 60
     assert "did not answer in time" in proc.stderr
     assert "was deleted again" in proc.stderr and "tester/hangs" not in repos  # no empty repo left

@@ -520,3 +520,19 @@ def test_paper_recipes_default_to_sync_batchnorm_and_say_where_it_cannot_run(cap
 def test_imagenet_augmentation_flags_on_in_memory_data_are_an_error(flags, message, tmp_path, capsys):
     assert main(flags + ["--output", str(tmp_path / "run"), "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_run_removes_only_its_own_temporary_files(tmp_path):
+    # A run folder where a killed trainer left a temporary of its checkpoint, and where an export is writing
+    # its ONNX file (the export's temporary is named the same way, after its own file).
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".checkpoint.pt.k2j4h5g6.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    exporting = run / ".model.onnx.a1b2c3d4.tmp"
+    exporting.write_bytes(b"an export in progress")
+    other = run / ".notes.txt.tmp"
+    other.write_text("not sdzoo's")
+    assert _main(*TINY, "--image-size", 8, "--epochs", 1, "--batch-size", 128, "--output", run) == 0
+    assert not stale.exists()
+    assert exporting.read_bytes() == b"an export in progress" and other.read_text() == "not sdzoo's"

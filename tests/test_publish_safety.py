@@ -1,0 +1,337 @@
+"""Publishing an untrusted run folder, and a Hub that misbehaves (issue 21, items 6-8, 12, 16, 19-22).
+
+Each test makes the run folder or the Hub do what a careless user or a hostile one would, and checks what
+was published (the folder's bytes, the Hub's files), not only the message. The Hub is ``FakeHub``
+(tests/hub_server.py) on 127.0.0.1; the command line runs in subprocesses where the exit time is measured.
+"""
+import hashlib
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import huggingface_hub
+import huggingface_hub.constants
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from hub_server import FakeHub
+from helpers import ROOT, load_script
+from sdzoo import hub, onnx_export
+from sdzoo.checkpoint import CheckpointError, truncate_lines
+from sdzoo.metrics_plot import read_metrics
+from sdzoo.model_card import SETTINGS_KEYS, SUMMARY_KEYS, render_model_card
+from test_hub import make_run
+
+TOKEN = "hf_sdzoo_publish_" + secrets.token_hex(12)
+PUSH = ROOT / "scripts" / "push_to_hub.py"
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def hub_client(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder (kept as it is: each test copies what it changes)."""
+    path = tmp_path_factory.mktemp("run") / "r20"
+    path.mkdir()
+    make_run(path)
+    return path
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    to.mkdir()
+    for p in run.iterdir():
+        (to / p.name).write_bytes(p.read_bytes())
+    return to
+
+
+def edit_summary(path: Path, **changes) -> None:
+    summary = json.loads((path / "summary.json").read_text())
+    settings = changes.pop("settings", {})
+    summary.update(changes)
+    summary["settings"].update(settings)
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+def push(*args) -> int:
+    return load_script("push_to_hub").main([str(a) for a in args])
+
+
+def all_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.iterdir()))
+
+
+# 6 -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["metrics.jsonl", "curves.png", "summary.json", "model.onnx"])
+def test_a_link_in_the_run_folder_is_never_followed_nor_published(run, tmp_path, capsys, name):
+    folder = copy_run(run, tmp_path / "run")
+    secret = tmp_path / "private.txt"
+    marker = "PRIVATE-" + secrets.token_hex(8)
+    secret.write_text(json.dumps({"epoch": 1, "note": marker}) + "\n")
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(secret)
+    out = tmp_path / "out"
+    assert push("--model", folder, "--repo-id", "tester/r20", "--local-dir", out) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / name} is a symbolic link" in err and "Traceback" not in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    (folder / name).unlink()  # the same folder with regular files only is published, byte for byte
+    if name != "model.onnx":
+        (folder / name).write_bytes((run / name).read_bytes())
+    assert push("--model", folder, "--repo-id", "tester/r20", "--local-dir", out) == 0
+    assert marker.encode() not in all_bytes(out)
+    for extra in ("metrics.jsonl", "curves.png"):
+        assert (out / extra).read_bytes() == (run / extra).read_bytes()
+
+
+def test_only_the_summary_keys_the_card_reads_are_published(run, tmp_path):
+    folder = copy_run(run, tmp_path / "run")
+    private = "secret-" + secrets.token_hex(8)
+    edit_summary(folder, hostname=private, command_line=f"--data-dir /home/{private}",
+                 settings=dict(workers=8, data_dir=f"/home/{private}", output=f"/runs/{private}",
+                               wandb_key=private, device="cuda:0"))
+    out = tmp_path / "out"
+    hub.publish(folder, "tester/r20", local_dir=out)
+    assert private.encode() not in all_bytes(out)
+    published = json.loads((out / "summary.json").read_text())
+    assert set(published) <= set(SUMMARY_KEYS) and set(published["settings"]) <= set(SETTINGS_KEYS)
+    original = json.loads((run / "summary.json").read_text())
+    assert published["test_error"] == original["test_error"] and published["settings"]["lr"] == 0.1
+    assert "device" not in published["settings"] and "workers" not in published["settings"]
+
+
+# 7 -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_commit_whose_answer_was_lost_is_reported_as_made(run, tmp_path):
+    second = tmp_path / "second"
+    second.mkdir()
+    make_run(second, seed=7)
+    with FakeHub(tokens={TOKEN: "tester"}) as server:
+        hub.publish(run, "tester/lost", token=TOKEN, endpoint=server.url, timeout=5)
+        first = server.repos["tester/lost"].branches["main"]
+        server.lose_answer("POST", r"/commit/")
+        with pytest.raises(hub.UploadError) as info:
+            hub.publish(second, "tester/lost", token=TOKEN, endpoint=server.url, timeout=2)
+        now = server.repos["tester/lost"].branches["main"]
+        weights = server.files("tester/lost")["model.safetensors"]
+    message = str(info.value)
+    assert now != first  # the Hub made the commit ...
+    assert "Nothing was committed" not in message  # ... so the message must not say otherwise
+    assert f"The commit was made, but its answer was lost: main moved from {first} to {now}" in message
+    published, expected = safetensors.torch.load(weights), safetensors.torch.load_file(second / "model.safetensors")
+    assert published.keys() == expected.keys() and all(torch.equal(published[k], expected[k]) for k in expected)
+    assert TOKEN not in message
+
+
+def test_when_the_hub_cannot_say_the_commit_is_said_to_be_unknown(tmp_path):
+    api = huggingface_hub.HfApi(endpoint="http://127.0.0.1:9", token=TOKEN)  # nothing listens on port 9
+    with hub.bounded_waits(2):
+        state = hub._state_after_failed_commit(api, tmp_path, "tester/r20", "0" * 40, TOKEN, 2)
+    assert state.startswith("The commit may or may not have been made: asking the Hub where main is failed")
+    assert "Nothing was committed" not in state and TOKEN not in state
+
+
+# 8 -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-3"])
+def test_a_timeout_that_bounds_nothing_is_refused(run, tmp_path, capsys, value):
+    assert push("--model", run, "--repo-id", "tester/r20", "--timeout", value, "--local-dir", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "--timeout must be a positive number of seconds" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("behaviour", ["hang", "trickle"])
+def test_a_request_ends_within_the_timeout_even_one_that_passes_no_timeout(tmp_path, behaviour):
+    # repo_exists passes timeout=None to the client; a trickled answer resets any per-read timeout.
+    with FakeHub(tokens={TOKEN: "tester"}) as server:
+        getattr(server, behaviour)("GET", r"^/api/models/")
+        start = time.monotonic()
+        with pytest.raises(hub.UploadError, match="did not answer in time") as info:
+            hub.upload_hub_folder(tmp_path, "tester/r20", TOKEN, endpoint=server.url, timeout=1)
+        took = time.monotonic() - start
+    assert took < 1 + 1, took
+    assert "Nothing was committed: no commit request was sent." in str(info.value)
+
+
+HUB_WAITS = [  # (what the Hub does, method, path): each kind of request of a publish
+    ("hang", "GET", r"^/api/models/[^/]+/[^/]+$"),  # repo info: the repo-exists check
+    ("trickle", "GET", r"^/api/models/[^/]+/[^/]+$"),
+    ("hang", "POST", r"/preupload/"),
+    ("hang", "POST", r"/commit/"),
+    ("trickle", "POST", r"/commit/"),
+    ("hang", "POST", r"/paths-info/"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("behaviour, method, pattern", HUB_WAITS)
+def test_push_exits_within_its_timeout_whatever_request_the_hub_never_finishes(run, tmp_path, behaviour, method,
+                                                                                  pattern):
+    timeout = 3
+    with FakeHub(tokens={TOKEN: "tester"}) as server:
+        getattr(server, behaviour)(method, pattern)
+        env = dict(os.environ, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, str(PUSH), "--model", str(run), "--repo-id", "tester/waits",
+                               "--endpoint", server.url, "--timeout", str(timeout)],
+                              capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+        end = time.monotonic()
+        assert server.hung, f"no request reached {pattern}: {proc.stderr}"
+        waited = end - server.hung[0][0]
+        repo = server.repos.get("tester/waits")
+        commits = server.commit_count("tester/waits")
+    assert proc.returncode == 1, proc.stderr
+    # From the request that never ends to the exit: the timeout, then at most what the state check asks.
+    assert waited < timeout + 5, (waited, proc.stderr)  # the rest: the state check and the interpreter's exit
+    assert "Traceback" not in proc.stderr and TOKEN not in proc.stdout + proc.stderr
+    if "paths-info" in pattern:  # the commit went through; only its check got no answer
+        assert commits == 2 and "was created, but asking the Hub what it holds failed" in proc.stderr
+    else:
+        assert "did not answer in time" in proc.stderr
+        assert repo is None or commits == 1  # nothing of the upload is left on the Hub
+    print(f"{behaviour} {method} {pattern}: exited {waited:.1f} s after the request (--timeout {timeout})")
+
+
+@pytest.mark.slow
+def test_a_retry_after_longer_than_the_timeout_is_not_slept(run, tmp_path):
+    with FakeHub(tokens={TOKEN: "tester"}) as server:
+        server.fail("POST", r"/preupload/", status=503, times=None, headers={"Retry-After": "122"})
+        start = time.monotonic()
+        with pytest.raises(hub.UploadError) as info:
+            hub.publish(run, "tester/busy", token=TOKEN, endpoint=server.url, timeout=3)
+        took = time.monotonic() - start
+        asked = [p for m, p in server.requests if "/preupload/" in p]
+        repos = dict(server.repos)
+    assert took < 3 + 4, took
+    assert len(asked) == 1  # refused at the first answer, not retried after the wait
+    assert "asked to wait 122 s before a retry, longer than the timeout of 3 s" in str(info.value)
+    assert "tester/busy" not in repos
+
+
+# 12, 19 ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, value, named", [
+    ("test_error", "5.3", "test_error"),
+    ("best_epoch", "9", "best_epoch"),
+    ("best_epoch", 9.5, "best_epoch"),
+    ("best_val_error", [1], "best_val_error"),
+    ("selection", {"a": 1}, "selection"),
+    ("settings", ["cifar10"], "settings"),
+    ("finished", "false", "finished"),  # 19: a string is not a bool (and "false" is no truth)
+    ("finished", 0, "finished"),
+])
+def test_wrong_types_in_summary_json_exit_2_naming_the_file_and_key(run, tmp_path, capsys, key, value, named):
+    folder = copy_run(run, tmp_path / "run")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary[key] = value
+    (folder / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    assert push("--model", folder, "--repo-id", "tester/r20", "--local-dir", out) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'summary.json'}: {named} must be" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("key, value", [("epochs", "12"), ("dataset", 10), ("lr_drops", [{"at": 0.5}])])
+def test_wrong_types_in_the_summary_settings_name_the_setting(run, tmp_path, key, value):
+    folder = copy_run(run, tmp_path / "run")
+    edit_summary(folder, settings={key: value})
+    with pytest.raises(ValueError, match=rf"summary.json: settings\.{key} must be"):
+        hub.publish(folder, "tester/r20", local_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unfinished_run_is_said_so_on_the_card(run, tmp_path):
+    folder = copy_run(run, tmp_path / "run")
+    edit_summary(folder, finished=False, epochs_done=7)
+    hub.publish(folder, "tester/r20", local_dir=tmp_path / "out")
+    assert "The run had not finished: 7 of 12 epochs." in (tmp_path / "out" / "README.md").read_text()
+
+
+# 20 ----------------------------------------------------------------------------------------------------
+def test_a_corrupt_metrics_line_is_named_never_published_or_dropped(run, tmp_path, capsys):
+    folder = copy_run(run, tmp_path / "run")
+    lines = [json.dumps(dict(kind="epoch", epoch=e, step=10 * e, test_error=50.0 - e)) for e in (1, 2, 3)]
+    lines[1] = lines[1][:17]  # cut in the middle of a record
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert push("--model", folder, "--repo-id", "tester/r20", "--local-dir", out) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'metrics.jsonl'}, line 2: not valid JSON" in err and not out.exists()
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not valid JSON"):
+        read_metrics(folder / "metrics.jsonl")
+
+    # A resumed run cuts its log back to the checkpoint: a corrupt line is reported, and the log kept as it is.
+    before = (folder / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl, line 2 is corrupt"):
+        truncate_lines(folder / "metrics.jsonl", lambda line: json.loads(line)["step"] <= 30)
+    assert (folder / "metrics.jsonl").read_bytes() == before
+    # Only a last line without its newline (a kill mid-write) is dropped.
+    (folder / "metrics.jsonl").write_text(lines[0] + "\n" + lines[2] + "\n" + lines[2][:20])
+    truncate_lines(folder / "metrics.jsonl", lambda line: json.loads(line)["step"] <= 30)
+    assert (folder / "metrics.jsonl").read_text() == lines[0] + "\n" + lines[2] + "\n"
+
+
+# 16 ----------------------------------------------------------------------------------------------------
+def test_the_loser_of_a_local_dir_race_says_so_and_leaves_the_winners_files(run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    stage = hub.stage_hub_folder
+
+    def stage_while_another_process_wins(*args, **kwargs):
+        files = stage(*args, **kwargs)
+        out.mkdir(exist_ok=True)  # the other process renamed its folder into place meanwhile
+        (out / "README.md").write_text("the winner's card")
+        return files
+
+    monkeypatch.setattr(hub, "stage_hub_folder", stage_while_another_process_wins)
+    with pytest.raises(FileExistsError, match=r"was filled by another process while this one prepared its files"):
+        hub.publish(run, "tester/r20", local_dir=out)
+    assert os.listdir(tmp_path) == ["out"]  # no staging folder left beside it
+    assert os.listdir(out) == ["README.md"] and (out / "README.md").read_text() == "the winner's card"
+
+
+# 21 ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # an ONNX export and its onnxruntime checks: about 12 s
+def test_the_card_calls_an_onnx_file_what_its_metadata_says(run, tmp_path):
+    folder = copy_run(run, tmp_path / "run")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    onnx_export.export_onnx(model, folder / "model.onnx", verify_batch_sizes=(1,))  # not folded
+    assert onnx_export.read_metadata(folder / "model.onnx")["folded"] == "false"
+    hub.publish(folder, "tester/r20", local_dir=tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "folded into the weights (a plain ResNet graph)" not in card
+    assert "- `model.onnx`: the model in ONNX, p_l applied as a scale in each block (not folded" in card
+    assert "With onnxruntime (`model.onnx`: the model in ONNX, p_l applied as a scale" in card
+
+
+# 22 ----------------------------------------------------------------------------------------------------
+def test_pipes_and_html_in_summary_strings_stay_inside_their_table_cells(run, tmp_path):
+    folder = copy_run(run, tmp_path / "run")
+    edit_summary(folder, selection="best <script>alert(1)</script> | epoch",
+                 settings=dict(dataset="my|set<img src=x onerror=alert(1)>", lr_drop_rule="a|b|c",
+                               recipe="<b>bold</b>"))
+    hub.publish(folder, "tester/r20", local_dir=tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    body = card.split("\n---\n", 1)[1]  # the front matter is YAML data (its strings quoted where need be)
+    assert "<script" not in body and "<img" not in body and "<b>" not in body
+    for line in body.splitlines():
+        if line.startswith("| this model") or line.startswith("| lr_drop_rule") or line.startswith("| recipe"):
+            cells = re.split(r"(?<!\\)\|", line)[1:-1]  # the cells a Markdown table sees
+            expected = 4 if line.startswith("| this model") else 2
+            assert len(cells) == expected, line
+    assert "| lr_drop_rule | a\\|b\\|c |" in card and "my\\|set&lt;img" in card
+    assert "chosen by best &lt;script&gt;alert(1)&lt;/script&gt; \\| epoch." in card
