@@ -20,7 +20,6 @@ float the graph would bake in.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -268,12 +267,16 @@ class Branch:
         return list({id(p): (n, p) for n, p in named}.values())
 
     def buffers(self) -> Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]:
-        """(float buffers, integer buffers) of the branch's modules, named for ``functional``."""
+        """(float buffers, BatchNorm batch counters) of the branch's modules, named for ``functional``. Other
+        integer buffers (Swin's relative-position index) are tables the branch only reads."""
         floats, counters = [], []
         for name, module in zip(self.module_names, self.modules()):
             for buffer_name, buffer in module.named_buffers():
                 entry = (f"owner.{name}.{buffer_name}" if name else f"owner.{buffer_name}", buffer)
-                (floats if buffer.is_floating_point() else counters).append(entry)
+                if buffer.is_floating_point():
+                    floats.append(entry)
+                elif buffer_name.rsplit(".", 1)[-1] == "num_batches_tracked":
+                    counters.append(entry)
         return floats, counters
 
     def functional(self, state: Dict[str, Tensor], *inputs: Any) -> Tensor:
@@ -527,7 +530,6 @@ _DYNAMIC_FLOATS = (
     "batch dimension alone with torch._dynamo.mark_dynamic(x, 0), or gate_mode='sample'.")
 
 
-@torch.compiler.disable
 # -- model-level calls -------------------------------------------------------------------------------------------
 def samplers_of(model: nn.Module) -> List[GateSampler]:
     """The gate samplers of a model (the zoo's ``gate_sampler``, a converted model's ``drop_path_sampler``),

@@ -4,7 +4,6 @@ Each test makes the run folder or the Hub do what a careless user or a hostile o
 was published (the folder's bytes, the Hub's files), not only the message. The Hub is ``FakeHub``
 (tests/hub_server.py) on 127.0.0.1; the command line runs in subprocesses where the exit time is measured.
 """
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from helpers import ROOT, load_script
 from sdzoo import hub, onnx_export
 from sdzoo.checkpoint import CheckpointError, truncate_lines
 from sdzoo.metrics_plot import read_metrics
-from sdzoo.model_card import SETTINGS_KEYS, SUMMARY_KEYS, render_model_card
+from sdzoo.model_card import SETTINGS_KEYS, SUMMARY_KEYS
 from test_hub import make_run
 
 TOKEN = "hf_sdzoo_publish_" + secrets.token_hex(12)
