@@ -7,6 +7,8 @@ the standard library has no atomic write, and torch, safetensors and timm write 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import tempfile
@@ -23,8 +25,7 @@ def staged_file(path: PathLike) -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"output directory does not exist: {directory!r}")
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
-    os.close(fd)
+    fd, temp = _locked_temp(directory, os.path.basename(path))
     try:
         yield temp
         with open(temp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
@@ -38,6 +39,43 @@ def staged_file(path: PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+        os.close(fd)  # releases the lock
+
+
+def _locked_temp(directory: str, name: str):
+    """A new temporary file for ``name`` in ``directory``, locked (flock) for as long as this process holds the
+    descriptor: the OS drops the lock when the process ends, however it ends, so a temporary whose lock can be
+    taken was abandoned (``remove_abandoned_temporaries``)."""
+    while True:
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=TEMP_SUFFIX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:  # not removed by a cleaner between its creation and the lock
+            return fd, temp
+        os.close(fd)
+
+
+def remove_abandoned_temporaries(path: PathLike) -> None:
+    """Remove the temporaries of ``path`` that a killed process left (``kill -9`` mid-write), and only those: a
+    temporary still being written is locked by its writer and stays."""
+    path = os.fspath(path)
+    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    for temp in glob.glob(os.path.join(glob.escape(directory), glob.escape(f".{name}.") + "*" + TEMP_SUFFIX)):
+        try:
+            fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # its writer is alive
+            continue
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(temp, follow_symlinks=False)):
+                os.unlink(temp)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
