@@ -334,8 +334,8 @@ def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
     if isinstance(recorded, dict):
         differ = [k for k in DEFINING if k != "lr" and k in recorded and _as_json(recorded[k]) != _as_json(settings.get(k))]
         if differ:
-            problems.append(f"{SUMMARY_NAME} records other settings ({', '.join(f'{k}: {recorded[k]!r} there, '
-                                                                        f'{settings.get(k)!r} in the checkpoint' for k in differ[:4])})")
+            pairs = ", ".join(f"{k}: {recorded[k]!r} there, {settings.get(k)!r} in the checkpoint" for k in differ[:4])
+            problems.append(f"{SUMMARY_NAME} records other settings ({pairs})")
     config = read_json(CONFIG_NAME)
     if isinstance(config, dict):
         args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
@@ -343,8 +343,8 @@ def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
                                                                                    "scaling")})
         differ = [k for k, v in theirs.items() if k in settings and v is not None and _as_json(v) != _as_json(settings[k])]
         if differ:
-            problems.append(f"{CONFIG_NAME} describes another model ({', '.join(f'{k}: {theirs[k]!r} there, '
-                                                                         f'{settings[k]!r} in the checkpoint' for k in differ)})")
+            pairs = ", ".join(f"{k}: {theirs[k]!r} there, {settings[k]!r} in the checkpoint" for k in differ)
+            problems.append(f"{CONFIG_NAME} describes another model ({pairs})")
     problems += _history_problems(folder, checkpoint)
     problems += _weights_problems(folder, checkpoint)
     if problems:
