@@ -236,7 +236,7 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
             differ.append(f"global_pool={args['global_pool']!r} (the classifier of {where} takes "
                           f"{arch.pool_mult}x the trunk's channels)")
     if differ:
-        raise WeightsError(f"{where} does not fit {variant} as {asked_by} describes it: {'; '.join(differ)}. "
+        raise WeightsError(f"{where} does not fit {variant} as described by {asked_by}: {'; '.join(differ)}. "
                            "Nothing was built or loaded")
     recorded = recorded_settings(metadata, where)
     if recorded is None:
