@@ -269,7 +269,7 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _weights_location(cfg: Dict[str, Any]) -> Tuple[Optional[str], Optional[Dict[str, torch.Tensor]], str]:
+def _weights_location(cfg: Dict[str, Any], cache_dir=None) -> Tuple[Optional[str], Optional[Dict[str, torch.Tensor]], str]:
     """(safetensors path, or a state dict, and how to name it) of the weights timm's loader would read."""
     # timm's own resolution of a pretrained cfg's source (private, but it is exactly what load_pretrained
     # reads next; a copy of it could drift from it).
@@ -302,7 +302,7 @@ def _weights_location(cfg: Dict[str, Any]) -> Tuple[Optional[str], Optional[Dict
         if not filename.endswith(".safetensors"):
             raise WeightsError(f"hf-hub:{repo}: sdzoo loads weights from .safetensors files only; got {filename}")
         try:
-            return download_from_hf(repo, filename), None, f"hf-hub:{repo} {filename}"
+            return download_from_hf(repo, filename, cache_dir=cache_dir), None, f"hf-hub:{repo} {filename}"
         except EntryNotFoundError:
             raise MissingWeightsError(f"hf-hub:{repo} has no {filename} (pickle checkpoints are not loaded)") from None
     raise WeightsError(f"{cfg.get('architecture')}: sdzoo loads pretrained weights from local-dir:, hf-hub: or a "
@@ -326,7 +326,7 @@ def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> str:
         raise WeightsError(f"{asked_by}: {e}. Nothing was built or loaded") from None
     if kwargs.get("pretrained_strict", True) is not True:
         raise WeightsError("pretrained_strict must be True: sdzoo loads every tensor of a weights file or none")
-    path, state_dict, where = _weights_location(cfg)
+    path, state_dict, where = _weights_location(cfg, kwargs.get("cache_dir"))  # timm's load reads the same file
     if path is not None:
         shapes, metadata = read_header(path)
     else:
