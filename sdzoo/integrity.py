@@ -30,7 +30,7 @@ from .checkpoint import SETTINGS_KEY, SURVIVAL_SETTINGS, WEIGHTS_NAME
 
 __all__ = [
     "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
-    "MAX_PARAMETERS", "check_model_size", "FileArchitecture", "read_header", "architecture_of",
+    "MAX_PARAMETERS", "count_parameters", "check_model_size", "FileArchitecture", "read_header", "architecture_of",
     "check_pretrained", "check_weights_file", "check_finite", "describe_failure", "is_out_of_memory",
 ]
 

@@ -705,3 +705,19 @@ def test_21_18_kill_9_during_int8_quantization_leaves_no_hidden_file(tmp_path):
     assert list(out.glob(".m.int8.onnx.*.tmp")), "killed before the int8 file was staged"
     assert subprocess.run(cmd, capture_output=True, env=env, cwd=ROOT, timeout=300).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == ["m.int8.onnx", "m.onnx"]
+
+
+def test_21_9_the_parameter_bound_counts_what_the_constructor_builds():
+    from sdzoo.integrity import count_parameters
+
+    for name, kwargs in (("sd_resnet20_cifar", {}), ("sd_resnet56_cifar", dict(shortcut="projection", num_classes=7)),
+                         ("sd_resnet50", dict(global_pool="catavgmax", in_chans=1)), ("sd_resnet101", dict(num_classes=0))):
+        model = timm.create_model(name, device="meta", **kwargs)
+        blocks = model.residual_blocks()
+        block = "bottleneck" if hasattr(blocks[0], "conv3") else "basic"
+        layers = [len(getattr(model, s)) for s in model.stage_names]
+        widths = [getattr(model, s)[0].conv1.out_channels for s in model.stage_names]
+        counted = count_parameters(layers, widths, block, model.stem, kwargs.get("shortcut", "zero_pad" if
+                                   model.stem == "cifar" else "projection"), model.num_classes, model.in_chans,
+                                   kwargs.get("global_pool", "avg"))
+        assert counted == sum(p.numel() for p in model.parameters()), name
