@@ -281,12 +281,23 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None) -> Tuple[Optional[str
     if load_from == "local-dir":
         folder = Path(location)
         path = folder / WEIGHTS_NAME
-        if not path.is_file():
-            found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
-            hint = f" ({', '.join(found)} found: pickle checkpoints are not loaded)" if found else ""
-            raise MissingWeightsError(f"{folder} has no {WEIGHTS_NAME}{hint}; a model folder holds timm's "
-                                      f"config.json and {WEIGHTS_NAME}")
-        return str(path), None, str(path)
+        if path.is_file():
+            return str(path), None, str(path)
+        # timm's save_for_hf writes pytorch_model.bin by default; timm reads it weights-only (no code runs), and
+        # so do these checks, with the same choice of file as timm's loader.
+        from timm.models._hub import load_state_dict_from_path
+
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
+        if not found:
+            raise MissingWeightsError(f"{folder} has no {WEIGHTS_NAME} (nor another weights file); a model folder "
+                                      f"holds timm's config.json and {WEIGHTS_NAME}")
+        try:
+            state_dict = load_state_dict_from_path(folder, weights_only=True)
+        except Exception as e:  # noqa: BLE001  unpickling errors of every kind; nothing in the file was run
+            raise WeightsError(f"{folder} has no {WEIGHTS_NAME}, and its {', '.join(found)} cannot be read "
+                               f"weights-only ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                               "nothing in it was run") from None
+        return None, state_dict, f"{folder}'s {found[0]}"
     if load_from == "file":
         if not str(location).endswith(".safetensors"):
             raise WeightsError(f"pretrained file {location}: sdzoo loads weights from .safetensors files only "

@@ -605,14 +605,20 @@ def test_21_11_a_read_only_output_folder_is_found_before_loading(tmp_path, capsy
 def test_21_14_a_folder_without_weights_says_so(tmp_path, capsys):
     folder = folder_of(trained_model(), tmp_path / "run")
     (folder / WEIGHTS_NAME).unlink()
+    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+                                                       str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{folder} has no model.safetensors (nor another weights file)" in err
+    assert "do not match" not in err and "Traceback" not in err
+    with pytest.raises(MissingWeightsError):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    # A torch file that is no state dict of this model is named as such, not as a mismatch of the architecture.
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
     code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
                                                        str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
-    assert code == 2 and f"{folder} has no model.safetensors (pytorch_model.bin found" in err
-    assert "do not match" not in err
-    with pytest.raises(MissingWeightsError):
-        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert code == 2 and "pytorch_model.bin is not an sdzoo ResNet's state dict" in err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_21_15_an_allocation_failure_is_reported_as_memory(tmp_path, capsys, monkeypatch):
