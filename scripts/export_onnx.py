@@ -162,7 +162,10 @@ def check_checkpoint_header(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     from timm.models._builder import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(args.model).to_dict()
-    probe = timm.create_model(args.model, pretrained=False, device="meta", **kwargs)  # the variant's own arguments
+    try:  # the variant's own arguments (layers, widths, ...), from a model that allocates nothing
+        probe = timm.create_model(args.model, pretrained=False, device="meta", **kwargs)
+    except (ValueError, TypeError) as err:
+        fail(args, f"--model {args.model}: {err}")
     try:
         shapes, metadata = read_header(args.checkpoint)
         check_weights_file(shapes, metadata, args.checkpoint, args.model,
@@ -246,8 +249,9 @@ def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
     except (WeightsError, MissingWeightsError) as err:  # checked before anything was built (sdzoo.integrity)
         fail(args, f"--model {args.model}: {err}")
     except (MemoryError, RuntimeError) as err:  # load_state_dict: the weights do not fit the architecture
-        message = describe_failure(err, args.model)
-        fail(args, f"--model {args.model}: {message or 'the weights do not match the architecture: ' + describe_load_error(err)}")
+        message = describe_failure(err, args.model) or \
+            f"the weights do not match the architecture: {describe_load_error(err)}"
+        fail(args, f"--model {args.model}: {message}")
     except Exception as err:  # noqa: BLE001  (missing files, unknown architecture, no network, ...)
         fail(args, f"--model {args.model}: cannot load it: {type(err).__name__}: {_short(err)}")
 

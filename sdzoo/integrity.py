@@ -88,9 +88,9 @@ def check_model_size(layers: Any, widths: Any, block: str, stem: str, shortcut: 
                      in_chans: Any, global_pool: str = "avg") -> None:
     """Refuse arguments that would build an SDResNet beyond the bounds above, before a parameter is allocated."""
     layers, widths = _int_list("layers", layers), _int_list("widths", widths)
-    for name, value, high in (("num_classes", num_classes, MAX_NUM_CLASSES), ("in_chans", in_chans, MAX_IN_CHANS)):
-        if isinstance(value, bool) or not isinstance(value, int) or not (0 if name == "num_classes" else 1) <= value <= high:
-            low = 0 if name == "num_classes" else 1
+    for name, value, low, high in (("num_classes", num_classes, 0, MAX_NUM_CLASSES),
+                                   ("in_chans", in_chans, 1, MAX_IN_CHANS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r:.200}")
     if not layers or len(layers) != len(widths) or any(n < 1 for n in layers):
         raise ValueError(f"layers must give a positive block count for each of the {len(widths)} stages of "
@@ -269,7 +269,8 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _weights_location(cfg: Dict[str, Any], cache_dir=None) -> Tuple[Optional[str], Optional[Dict[str, torch.Tensor]], str]:
+def _weights_location(cfg: Dict[str, Any], cache_dir=None
+                      ) -> Tuple[Optional[str], Optional[Dict[str, torch.Tensor]], str]:
     """(safetensors path, or a state dict, and how to name it) of the weights timm's loader would read."""
     # timm's own resolution of a pretrained cfg's source (private, but it is exactly what load_pretrained
     # reads next; a copy of it could drift from it).
@@ -294,9 +295,9 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None) -> Tuple[Optional[str
         try:
             state_dict = load_state_dict_from_path(folder, weights_only=True)
         except Exception as e:  # noqa: BLE001  unpickling errors of every kind; nothing in the file was run
+            first = (str(e).strip().splitlines() or [""])[0][:200]
             raise WeightsError(f"{folder} has no {WEIGHTS_NAME}, and its {', '.join(found)} cannot be read "
-                               f"weights-only ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
-                               "nothing in it was run") from None
+                               f"weights-only ({type(e).__name__}: {first}); nothing in it was run") from None
         return None, state_dict, f"{folder}'s {found[0]}"
     if load_from == "file":
         if not str(location).endswith(".safetensors"):
@@ -361,8 +362,9 @@ def check_finite(model: nn.Module, where: str) -> None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """An allocation failure, as torch raises it on the CPU (a RuntimeError) or on a GPU."""
+    text = str(error)
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "not enough memory" in str(error)))
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
 
 
 def describe_failure(error: BaseException, what: str) -> Optional[str]:

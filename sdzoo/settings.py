@@ -332,7 +332,8 @@ def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
     summary = read_json(SUMMARY_NAME)
     recorded = summary.get("settings") if isinstance(summary, dict) else None
     if isinstance(recorded, dict):
-        differ = [k for k in DEFINING if k != "lr" and k in recorded and _as_json(recorded[k]) != _as_json(settings.get(k))]
+        differ = [k for k in DEFINING
+                  if k != "lr" and k in recorded and _as_json(recorded[k]) != _as_json(settings.get(k))]
         if differ:
             pairs = ", ".join(f"{k}: {recorded[k]!r} there, {settings.get(k)!r} in the checkpoint" for k in differ[:4])
             problems.append(f"{SUMMARY_NAME} records other settings ({pairs})")
@@ -341,7 +342,8 @@ def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
         args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
         theirs = dict(model=config.get("architecture"), **{k: args.get(k) for k in ("survival_prob", "survival_rule",
                                                                                    "scaling")})
-        differ = [k for k, v in theirs.items() if k in settings and v is not None and _as_json(v) != _as_json(settings[k])]
+        differ = [k for k, v in theirs.items()
+                  if k in settings and v is not None and _as_json(v) != _as_json(settings[k])]
         if differ:
             pairs = ", ".join(f"{k}: {theirs[k]!r} there, {settings[k]!r} in the checkpoint" for k in differ)
             problems.append(f"{CONFIG_NAME} describes another model ({pairs})")
