@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -28,8 +29,10 @@ from sdzoo.checkpoint import (
 from sdzoo.data import DIGITS_SPLIT_SIZES, digits_images
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.hf_config import model_kwargs_of_config
+from sdzoo.integrity import (
+    MissingWeightsError, WeightsError, check_finite, check_weights_file, describe_failure, effective_args, read_header)
 from sdzoo.latency import compare_latency, format_latency
-from sdzoo.onnx_export import DEFAULT_OPSET, ExportError, export_onnx, onnx_metadata, quantize_int8
+from sdzoo.onnx_export import DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8
 
 HUB_PREFIXES = ("local-dir:", "hf-hub:")
 CALIB_DATA = ("digits",)
@@ -54,7 +57,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     group.add_argument("--scaling", default=None, choices=sdzoo.SCALINGS)
     group.add_argument("--gate-mode", default=None, choices=sdzoo.GATE_MODES,
                        help="'off' for a checkpoint trained at constant depth (there is no p_l to fold)")
-    parser.add_argument("--img-size", type=int, default=None, help="input height and width (default: the model's)")
+    group.add_argument("--checkpoint-folded", default=None, choices=("yes", "no"),
+                       help="whether p_l is already in the weights of a --checkpoint that does not record it (sdzoo's "
+                            "own files record it); the survival flags then say what it was trained with")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help=f"input height and width, at most {MAX_INPUT_SIDE} (default: the model's)")
     parser.add_argument("--label-names", default=None,
                         help="class names written to the metadata: comma-separated, or @FILE with one per line")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted onnxruntime-vs-PyTorch difference")
@@ -95,10 +102,13 @@ def create_model(args: argparse.Namespace) -> torch.nn.Module:
                                     gate_mode=args.gate_mode).items() if v is not None}
     if args.checkpoint is not None:
         kwargs = settings_of_checkpoint(args, kwargs)
+        check_checkpoint_header(args, kwargs)
     try:
         model = timm.create_model(args.model, **kwargs)
     except (ValueError, TypeError) as err:
         fail(args, f"--model {args.model}: {err}")
+    except (MemoryError, RuntimeError) as err:
+        fail(args, f"--model {args.model}: {describe_failure(err, args.model) or _short(err)}")
     if args.checkpoint is None:
         print(f"note: no --checkpoint given, exporting {args.model} with its initial weights")
     else:
@@ -118,12 +128,21 @@ def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> D
             fail(args, f"--checkpoint {args.checkpoint}: cannot read its metadata: {_short(err)}")
     if recorded is None:
         missing = [f"--{k.replace('_', '-')}" for k in SURVIVAL_SETTINGS if k not in given]
+        if args.checkpoint_folded is None:
+            missing.append("--checkpoint-folded")
         if missing:
             fail(args, f"--checkpoint {args.checkpoint} does not record the settings it was trained with: give "
-                       f"{', '.join(missing)} (all of --survival-prob, --survival-rule, --scaling and --gate-mode; "
-                       "--survival-prob 1.0 for a checkpoint that is already folded, --gate-mode off for "
-                       "constant depth)")
+                       f"{', '.join(missing)} (all of --survival-prob, --survival-rule, --scaling and --gate-mode, "
+                       "as trained, --gate-mode off for constant depth; and --checkpoint-folded yes or no: whether "
+                       "p_l is already in its weights, which the weights themselves cannot show)")
+        if args.checkpoint_folded == "yes":  # built as the plain ResNet it is: never folded a second time
+            return dict(given, folded_from={k: given[k] for k in SURVIVAL_SETTINGS})
         return given
+    if args.checkpoint_folded is not None and (args.checkpoint_folded == "yes") != bool(
+            recorded["model_args"].get("folded_from")):
+        state = "folded" if recorded["model_args"].get("folded_from") else "not folded"
+        fail(args, f"--checkpoint-folded {args.checkpoint_folded}: {args.checkpoint} records that its weights are "
+                   f"{state}; leave the flag out")
     architecture = recorded.get("architecture")
     if architecture and architecture != args.model:
         fail(args, f"--checkpoint {args.checkpoint} holds {architecture} weights, not --model {args.model}")
@@ -135,6 +154,40 @@ def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> D
         fail(args, f"--checkpoint {args.checkpoint} records other settings than given: {', '.join(differ)}; "
                    "leave those flags out to use the recorded ones")
     return dict(settings, **given)
+
+
+def check_checkpoint_header(args: argparse.Namespace, kwargs: Dict[str, Any]) -> None:
+    """A safetensors --checkpoint's header (shapes and recorded settings) against the model about to be built."""
+    if not args.checkpoint.endswith(".safetensors") or not os.path.isfile(args.checkpoint):
+        return  # a torch file is read (weights-only) and loaded strictly by load_checkpoint
+    from timm.models._builder import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(args.model).to_dict()
+    try:  # the variant's own arguments (layers, widths, ...), from a model that allocates nothing
+        probe = timm.create_model(args.model, pretrained=False, device="meta", **kwargs)
+    except (ValueError, TypeError) as err:
+        fail(args, f"--model {args.model}: {err}")
+    try:
+        shapes, metadata = read_header(args.checkpoint)
+        check_weights_file(shapes, metadata, args.checkpoint, args.model,
+                           effective_args(dict(probe._model_args, layers=_stage_depths(probe),
+                                               widths=_stage_widths(probe), block=_block_of(probe),
+                                               stem=probe.stem, **kwargs), cfg),
+                           asked_by="the flags")
+    except WeightsError as err:
+        fail(args, f"--checkpoint: {err}")
+
+
+def _stage_depths(model) -> List[int]:
+    return [len(getattr(model, name)) for name in model.stage_names]
+
+
+def _stage_widths(model) -> List[int]:
+    return [getattr(model, name)[0].conv1.out_channels for name in model.stage_names]
+
+
+def _block_of(model) -> str:
+    return "bottleneck" if hasattr(model.layer1[0], "conv3") else "basic"
 
 
 def output_paths(args: argparse.Namespace) -> List[str]:
@@ -158,6 +211,11 @@ def output_paths(args: argparse.Namespace) -> List[str]:
         if not os.path.isdir(parent):
             what = "is a file" if os.path.exists(parent) else "does not exist"
             fail(args, f"{flag}: directory {parent!r} {what}")
+        try:  # a file that has no name (removed on close, however the process ends): can the folder be written?
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as err:
+            fail(args, f"{flag}: cannot write to directory {parent!r} ({err.strerror or err}); give an output in "
+                       "a folder you can write to")
         for input_flag, source in inputs:
             if _same_file(path, source):
                 fail(args, f"{flag} {path} is the file {input_flag} reads; writing it would destroy the "
@@ -189,8 +247,12 @@ def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
                 fail(args, f"--model {args.model}: {err}")
     try:
         return timm.create_model(args.model, pretrained=True)
-    except RuntimeError as err:  # load_state_dict: the weights do not fit the architecture in config.json
-        fail(args, f"--model {args.model}: the weights do not match the architecture: {describe_load_error(err)}")
+    except (WeightsError, MissingWeightsError) as err:  # checked before anything was built (sdzoo.integrity)
+        fail(args, f"--model {args.model}: {err}")
+    except (MemoryError, RuntimeError) as err:  # load_state_dict: the weights do not fit the architecture
+        message = describe_failure(err, args.model) or \
+            f"the weights do not match the architecture: {describe_load_error(err)}"
+        fail(args, f"--model {args.model}: {message}")
     except Exception as err:  # noqa: BLE001  (missing files, unknown architecture, no network, ...)
         fail(args, f"--model {args.model}: cannot load it: {type(err).__name__}: {_short(err)}")
 
@@ -214,6 +276,10 @@ def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str)
     except RuntimeError as err:
         fail(args, f"--checkpoint {path} does not match --model {args.model} "
                    f"(num_classes={model.num_classes}): {describe_load_error(err)}")
+    try:
+        check_finite(model, path)
+    except WeightsError as err:
+        fail(args, f"--checkpoint: {err}")
 
 
 def _short(err: BaseException, lines: int = 3, width: int = 240) -> str:
@@ -245,10 +311,17 @@ def maybe_fold(args: argparse.Namespace, model: torch.nn.Module) -> None:
 def input_size_of(args: argparse.Namespace, model: torch.nn.Module) -> List[int]:
     channels, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
     if args.img_size is not None:
-        if args.img_size < 1:
-            fail(args, f"--img-size must be a positive integer; got {args.img_size}")
+        check_img_size(args)
         height = width = args.img_size
+    if max(height, width) > MAX_INPUT_SIDE:
+        fail(args, f"--model {args.model}: its input size {height}x{width} is larger than the {MAX_INPUT_SIDE}x"
+                   f"{MAX_INPUT_SIDE} exported at most; give --img-size (at most {MAX_INPUT_SIDE})")
     return [channels, height, width]
+
+
+def check_img_size(args: argparse.Namespace) -> None:
+    if args.img_size is not None and not 1 <= args.img_size <= MAX_INPUT_SIDE:
+        fail(args, f"--img-size must be an integer from 1 to {MAX_INPUT_SIDE}; got {args.img_size}")
 
 
 def label_names_of(args: argparse.Namespace) -> Optional[List[str]]:
@@ -294,6 +367,7 @@ def quant_output_of(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    check_img_size(args)  # before anything is loaded or written
     output_paths(args)
     batch_sizes = parse_batch_sizes(args)
     if args.quantize:

@@ -49,13 +49,16 @@ def check_seconds(name: str, value) -> float:
     return float(value)
 
 
-def check_input_size(name: str, value, min_side: int = 1) -> Tuple[int, int, int]:
-    """A model input's (channels, height, width), with height and width at least ``min_side``."""
+def check_input_size(name: str, value, min_side: int = 1, max_side: int = None) -> Tuple[int, int, int]:
+    """A model input's (channels, height, width), with height and width at least ``min_side`` (and at most
+    ``max_side``)."""
     try:
         size = tuple(int(s) for s in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         size = ()
-    if len(size) != 3 or size[0] < 1 or min(size[1:]) < min_side:
+    if len(size) != 3 or size[0] < 1 or min(size[1:]) < min_side or (max_side is not None and max(size[1:]) > max_side):
         sides = "" if min_side == 1 else f", height and width >= {min_side}"
-        raise ValueError(f"{name} must be (channels, height, width) of positive integers{sides}; got {value!r}")
+        if max_side is not None:
+            sides += f", height and width <= {max_side}"
+        raise ValueError(f"{name} must be (channels, height, width) of positive integers{sides}; got {value!r:.200}")
     return size

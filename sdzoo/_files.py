@@ -7,6 +7,8 @@ the standard library has no atomic write, and torch, safetensors and timm write 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import re
@@ -15,8 +17,6 @@ from typing import Any, Callable, Iterable, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 TEMP_SUFFIX = ".tmp"
-# staged_file's temporaries: ".NAME." + mkstemp's random letters, digits and '_' + TEMP_SUFFIX.
-_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+" + re.escape(TEMP_SUFFIX))
 
 
 @contextlib.contextmanager
@@ -26,8 +26,7 @@ def staged_file(path: PathLike) -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"output directory does not exist: {directory!r}")
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
-    os.close(fd)
+    fd, temp = _locked_temp(directory, os.path.basename(path))
     try:
         yield temp
         with open(temp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
@@ -41,19 +40,52 @@ def staged_file(path: PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+        os.close(fd)  # releases the lock
+
+
+def _locked_temp(directory: str, name: str):
+    """A new temporary file for ``name`` in ``directory``, locked (flock) for as long as this process holds the
+    descriptor: the OS drops the lock when the process ends, however it ends, so a temporary whose lock can be
+    taken was abandoned (``remove_abandoned_temporaries``)."""
+    while True:
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=TEMP_SUFFIX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:  # not removed by a cleaner between its creation and the lock
+            return fd, temp
+        os.close(fd)
+
+
+def remove_abandoned_temporaries(path: PathLike) -> List[str]:
+    """Remove the temporaries of ``path`` that a killed process left (``kill -9`` mid-write), and only those: a
+    temporary still being written is locked by its writer and stays. Returns the names removed."""
+    removed: List[str] = []
+    path = os.fspath(path)
+    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    for temp in glob.glob(os.path.join(glob.escape(directory), glob.escape(f".{name}.") + "*" + TEMP_SUFFIX)):
+        try:
+            fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # its writer is alive
+            continue
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(temp, follow_symlinks=False)):
+                os.unlink(temp)
+                removed.append(os.path.basename(temp))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def remove_stale_temps(folder: PathLike, names: Iterable[str]) -> List[str]:
-    """Remove the temporaries that ``staged_file`` left for the files ``names`` of ``folder`` (a writer killed
-    mid-write); those of any other file, which another process may be writing now, are left alone. Returns the
-    names removed."""
-    names, removed = set(names), []
-    for entry in os.scandir(folder):
-        match = _TEMP_NAME.fullmatch(entry.name)
-        if match and match.group("name") in names and entry.is_file(follow_symlinks=False):
-            os.remove(entry.path)
-            removed.append(entry.name)
-    return removed
+    """Remove the abandoned temporaries of the files ``names`` of ``folder`` (a writer killed mid-write); those
+    of any other file, and any still locked by a live writer, are left alone. Returns the names removed."""
+    return [t for name in names for t in remove_abandoned_temporaries(os.path.join(folder, name))]
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:

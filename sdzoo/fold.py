@@ -66,9 +66,13 @@ def fold_survival(model: nn.Module) -> nn.Module:
     if sampler is not None:
         sampler.mode = "off"
         sampler.survival_probs = [1.0] * len(sampler.survival_probs)
+    folded = dict(gate_mode="off", folded_from=dict(model.folded_from))
     if getattr(model, "_model_args", None) is not None:
         # What config.json carries: rebuilding from it gives the plain ResNet the weights now belong to.
-        model._model_args = dict(model._model_args, gate_mode="off", folded_from=dict(model.folded_from))
+        model._model_args = dict(model._model_args, **folded)
+    if getattr(model, "_survival_args", None) is not None:
+        # What the weights file's metadata records (stochastic_depth_args): every loader sees that p_l is in them.
+        model._survival_args = dict(model._survival_args, **folded)
     return model
 
 

@@ -38,6 +38,7 @@ from .checkpoint import (
     CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
     save_weights)
 from .hf_config import head_args, model_kwargs_of_config, write_config
+from .integrity import WeightsError, describe_failure
 from .metrics_plot import read_metrics
 from .model_card import published_summary, render_model_card
 
@@ -166,16 +167,21 @@ def load_run(model_dir: PathLike) -> Run:
         raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
     try:
         # timm's own loader: config.json's model_args, then a strict load of the weights (sdzoo 0.1 keys too,
-        # through the model's pretrained_filter_fn).
+        # through the model's pretrained_filter_fn), checked first by the model factory (sdzoo.integrity).
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
+    except WeightsError as e:  # the file does not fit config.json, contradicts it, or holds NaN/inf
+        raise CheckpointMismatchError(str(e)) from None
+    except (MemoryError, RuntimeError) as e:
+        message = describe_failure(e, f"{architecture} from {config_path}")
+        if message is None:  # torch's strict load: missing, unexpected or mis-shaped tensors
+            args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_kwargs_of_config(config).items()))
+            message = (f"{weights_path} does not fit {architecture}({args}) as config.json describes it: "
+                       f"{describe_load_error(e)}")
+        raise CheckpointMismatchError(message) from None
     except (TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{config_path}: cannot build {architecture} from its model_args: {e}") from None
     except (SafetensorError, OSError) as e:
         raise CheckpointMismatchError(f"cannot read {weights_path} as safetensors: {e}") from None
-    except RuntimeError as e:  # torch's strict load: missing, unexpected or mis-shaped tensors
-        args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_kwargs_of_config(config).items()))
-        raise CheckpointMismatchError(f"{weights_path} does not fit {architecture}({args}) as config.json "
-                                      f"describes it: {describe_load_error(e)}") from None
     if not isinstance(model, SDResNet):
         raise CheckpointMismatchError(f"{config_path}: {architecture} is not an sdzoo architecture")
     expected = head_args(config)

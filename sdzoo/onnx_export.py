@@ -22,16 +22,19 @@ from torch import nn
 
 from . import __version__
 from ._checks import check_input_size
-from ._files import PathLike, staged_file
+from ._files import PathLike, remove_abandoned_temporaries, staged_file
 from .fold import trained_settings
 
 __all__ = [
-    "DEFAULT_OPSET", "MIN_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
+    "DEFAULT_OPSET", "MIN_OPSET", "MAX_INPUT_SIDE", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
     "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
     "predict_onnx", "ort_session", "quantize_int8",
 ]
 
 DEFAULT_OPSET = 20
+# The largest input height and width exported: a ResNet's activations at 1024x1024 and the parity check's batches
+# already take gigabytes; a config.json or a flag asking for more is refused before anything is allocated.
+MAX_INPUT_SIDE = 1024
 MIN_OPSET = 18  # the torch.export-based exporter emits opset 18 and later
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -105,7 +108,7 @@ def _input_size_of(model: nn.Module, input_size) -> Tuple[int, int, int]:
         input_size = getattr(model, "pretrained_cfg", {}).get("input_size")
         if input_size is None:
             raise ValueError("input_size must be given: the model has no pretrained_cfg['input_size']")
-    return check_input_size("input_size", input_size)
+    return check_input_size("input_size", input_size, max_side=MAX_INPUT_SIDE)
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -318,6 +321,7 @@ def export_onnx(
         metadata = onnx_metadata(model, input_size=input_size)
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
+    remove_abandoned_temporaries(path)  # of an export of this file that was killed mid-write
     with staged_file(path) as tmp:
         with _eval_mode(model):
             _export_graph(model, tmp, input_size, opset)
@@ -376,6 +380,7 @@ def quantize_int8(
         method="onnxruntime static QDQ", weights="int8", activations="int8", per_channel=per_channel,
         calibration_images=len(calibration_images))))
 
+    remove_abandoned_temporaries(output_path)  # of a quantization of this file that was killed mid-write
     with staged_file(output_path) as tmp:
         _quantize_static(fp32_path, tmp, _Reader(), per_channel)
         proto = onnx.load(tmp)

@@ -297,6 +297,7 @@ def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Settings, Dict
     if "output" in given and Path(given["output"]).resolve() != path.parent.resolve():
         raise TrainError(f"--output {given['output']} is not the folder of the run resumed ({path.parent})")
     settings = Settings.from_dict(checkpoint["settings"])
+    check_checkpoint_of_folder(path, checkpoint)  # before anything in the folder is touched
     if "lr" in given and given["lr"] != settings.lr:  # the one defining setting a resumed run may change
         change = dict(epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
                       old=settings.lr, new=given["lr"])
@@ -309,6 +310,110 @@ def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Settings, Dict
                          "Start a new run (another --output) to change them")
     how_it_runs = {k: v for k, v in given.items() if k in HOW_IT_RUNS}
     return dataclasses.replace(settings, **dict(how_it_runs, output=str(path.parent))), checkpoint
+
+
+def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
+    """A checkpoint.pt must be the last state of the run whose files lie beside it: the same settings as
+    summary.json and config.json, the history of metrics.jsonl up to its step (its best evaluation among them),
+    and the weights of model.safetensors (the best ones: the same tensors when the best is its own step).
+    Raises CheckpointError, having read the files only."""
+    import json
+
+    folder, settings = path.parent, checkpoint["settings"]
+    problems = []
+
+    def read_json(name: str):
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else None
+        except (OSError, ValueError):
+            problems.append(f"{name} is unreadable")
+            return None
+
+    summary = read_json(SUMMARY_NAME)
+    recorded = summary.get("settings") if isinstance(summary, dict) else None
+    if isinstance(recorded, dict):
+        differ = [k for k in DEFINING
+                  if k != "lr" and k in recorded and _as_json(recorded[k]) != _as_json(settings.get(k))]
+        if differ:
+            pairs = ", ".join(f"{k}: {recorded[k]!r} there, {settings.get(k)!r} in the checkpoint" for k in differ[:4])
+            problems.append(f"{SUMMARY_NAME} records other settings ({pairs})")
+    config = read_json(CONFIG_NAME)
+    if isinstance(config, dict):
+        args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+        theirs = dict(model=config.get("architecture"), **{k: args.get(k) for k in ("survival_prob", "survival_rule",
+                                                                                   "scaling")})
+        differ = [k for k, v in theirs.items()
+                  if k in settings and v is not None and _as_json(v) != _as_json(settings[k])]
+        if differ:
+            pairs = ", ".join(f"{k}: {theirs[k]!r} there, {settings[k]!r} in the checkpoint" for k in differ)
+            problems.append(f"{CONFIG_NAME} describes another model ({pairs})")
+    problems += _history_problems(folder, checkpoint)
+    problems += _weights_problems(folder, checkpoint)
+    if problems:
+        raise CheckpointError(f"--resume: {path} is not the last checkpoint of the run in {folder}: "
+                              f"{'; '.join(problems)}. Nothing in the folder was changed; resume the run whose "
+                              "checkpoint this is in its own folder")
+
+
+def _as_json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _history_problems(folder: Path, checkpoint: Dict[str, Any]) -> list:
+    """metrics.jsonl must hold the epochs the checkpoint has done, and its best evaluation."""
+    import json
+
+    best, step, epochs = checkpoint["best"], checkpoint["global_step"], checkpoint["epoch"]
+    metrics = folder / METRICS_NAME
+    records = []
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill: dropped on resume anyway
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                records.append(record)
+    elif epochs or (isinstance(best, dict) and best.get("step") is not None):
+        return [f"it has done {epochs} epoch(s), and the folder has no {METRICS_NAME}"]
+    problems = []
+    done = [r for r in records if r.get("kind", "epoch") == "epoch"]
+    if [r.get("epoch") for r in done] != list(range(1, epochs + 1)):
+        problems.append(f"it has done {epochs} epoch(s) by step {step}, and {METRICS_NAME} records epochs "
+                        f"{[r.get('epoch') for r in done][:10]} by then")
+    if isinstance(best, dict) and best.get("step") is not None:
+        match = [r for r in records if r.get("step") == best["step"] and r.get("val_error") == best.get("val_error")
+                 and r.get("test_error") == best.get("test_error")]
+        if not match:
+            problems.append(f"its best evaluation (step {best['step']}, validation error {best.get('val_error')}, "
+                            f"test error {best.get('test_error')}) is not in {METRICS_NAME}")
+    return problems
+
+
+def _weights_problems(folder: Path, checkpoint: Dict[str, Any]) -> list:
+    """model.safetensors holds the run's best weights: the checkpoint's tensors when the best is its own step,
+    tensors of the same names and shapes in any case."""
+    weights = folder / WEIGHTS_NAME
+    state = checkpoint["model"]
+    best = checkpoint["best"] if isinstance(checkpoint["best"], dict) else {}
+    if not weights.is_file():
+        return [f"its best evaluation is step {best['step']}, and the folder has no {WEIGHTS_NAME}"] \
+            if best.get("step") is not None else []
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != shapes:
+                return [f"{WEIGHTS_NAME} holds tensors of other names or shapes than the checkpoint's model"]
+            if best.get("step") == checkpoint["global_step"]:
+                changed = [k for k in shapes if not torch.equal(f.get_tensor(k), state[k])]
+                if changed:
+                    return [f"its best weights are its own (step {best['step']}), and {WEIGHTS_NAME} holds other "
+                            f"values ({', '.join(changed[:3])})"]
+    except (SafetensorError, OSError) as e:
+        return [f"{WEIGHTS_NAME} is unreadable ({e})"]
+    return []
 
 
 def _as_typed(value: Any) -> str:

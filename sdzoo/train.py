@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from ._files import save_json
 from .checkpoint import (
     CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError,
-    EpochTotals, RandomStreams, RunFolderBusy, TrainState, lock_run_folder, remove_stale_temp_files,
-    save_model_config, save_state, save_weights, truncate_lines)
+    EpochTotals, RandomStreams, RunFolderBusy, TrainState, describe_load_error, lock_run_folder,
+    remove_stale_temp_files, save_model_config, save_state, save_weights, truncate_lines)
 from .data import TENSOR_DATASETS, DataError, load_data
 from .gate import GateSampler
 from .metrics_plot import epoch_records, evaluations, plot_curves, read_metrics
@@ -191,17 +191,47 @@ def resume_from(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optim
                 streams: RandomStreams) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
     """Load a checkpoint's states; a new ``--lr`` takes over from the saved one (drops already passed apply).
     Returns where the run is and the running sums of the epoch it stopped in."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
+    path = Path(s.output) / CHECKPOINT_NAME
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except Exception as e:  # noqa: BLE001  a tampered or foreign state: any type, any error
+        raise CheckpointError(f"--resume: the model state in {path} does not fit {s.model}: "
+                              f"{describe_load_error(e) if isinstance(e, RuntimeError) else _first_line(e)}") from None
+    for part, load in (("optimizer", lambda: _load_optimizer(optimizer, checkpoint["optimizer"])),
+                       ("scheduler", lambda: scheduler.load_state_dict(checkpoint["scheduler"])),
+                       ("random generator", lambda: streams.restore(checkpoint["rng"]))):
+        try:
+            load()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"--resume: the {part} state in {path} is damaged or of another run: "
+                                  f"{_first_line(e)}") from None
     old_lr = checkpoint["settings"]["lr"]
     if old_lr != s.lr:
         for group in optimizer.param_groups:
             group["lr"] *= s.lr / old_lr
             group["initial_lr"] = s.lr
         scheduler.base_lrs = [s.lr] * len(scheduler.base_lrs)
-    streams.restore(checkpoint["rng"])
     return TrainState.from_checkpoint(checkpoint), checkpoint["totals"]
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """torch's load_state_dict checks the groups' sizes only: a buffer of another shape, or a hyperparameter that
+    is no number, would fail in the first step, mid-run. Checked here."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and value is not None and not isinstance(value, (bool, int, float, str)):
+                raise ValueError(f"param group setting {key!r} is a {type(value).__name__}, not a number")
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"{key} of a parameter is a {type(value).__name__}, not a tensor")
+                if value.dim() and value.shape != p.shape:
+                    raise ValueError(f"{key} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}")
 
 
 def wrap_model(model: nn.Module, s: Settings, dist: Dist, device: torch.device):

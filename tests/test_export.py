@@ -236,7 +236,8 @@ def test_cli_registered_name_with_torch_checkpoint(script, trained_dir, tmp_path
     output = tmp_path / "r20.onnx"
     rc = script.main(["--model", "sd_resnet20_cifar", "--checkpoint", str(trained_dir["dir"] / "r20.pth"),
                       "--survival-prob", "0.6", "--survival-rule", "linear", "--scaling", "expectation",
-                      "--gate-mode", "batch", "--output", str(output), "--verify-batch-sizes", "1,3"])
+                      "--gate-mode", "batch", "--checkpoint-folded", "no", "--output", str(output),
+                      "--verify-batch-sizes", "1,3"])
     assert rc == 0
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     x = torch.randn(4, 3, 32, 32)
@@ -279,13 +280,15 @@ def test_cli_checkpoint_that_does_not_match(script, tmp_path, capsys):
     assert code == 2 and "--survival-prob" in err and "--gate-mode off" in err  # never guess p_L
     code, err = cli_error(script, ["--model", "sd_resnet20_cifar", "--checkpoint", str(checkpoint),
                                    "--survival-prob", "0.5", "--survival-rule", "linear", "--scaling", "expectation",
-                                   "--gate-mode", "batch", "--output", str(output)], capsys)
-    assert code == 2
-    assert "--checkpoint" in err and "does not match --model sd_resnet20_cifar" in err and "fc.weight" in err
+                                   "--gate-mode", "batch", "--checkpoint-folded", "no", "--output", str(output)], capsys)
+    assert code == 2  # found in the file's header, before anything is built
+    assert f"--checkpoint: {checkpoint} does not fit sd_resnet20_cifar as described by the flags: num_classes=10 " \
+           f"({checkpoint} holds num_classes=100)" in err
     code, err = cli_error(script, ["--model", "sd_resnet56_cifar", "--checkpoint", str(checkpoint),
                                    "--survival-prob", "1.0", "--survival-rule", "linear", "--scaling", "expectation",
-                                   "--gate-mode", "off", "--output", str(output)], capsys)
-    assert code == 2 and "Unexpected key(s)" not in err and 'Missing key(s) in state_dict: "layer1.3.' in err
+                                   "--gate-mode", "off", "--checkpoint-folded", "no", "--num-classes", "100",
+                                   "--output", str(output)], capsys)
+    assert code == 2 and f"layers=[9, 9, 9] ({checkpoint} holds layers=[3, 3, 3])" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.name]
 
 

@@ -359,9 +359,9 @@ def test_checkpoint_that_does_not_fit(server, tmp_path):
     make_run(wrong, name="sd_resnet20_cifar.cifar100", summary=False, extras=False)  # a 100-class head
     (path / "model.safetensors").write_bytes((wrong / "model.safetensors").read_bytes())
     seen = len(server.requests)
-    with pytest.raises(CheckpointMismatchError, match=r"model.safetensors does not fit sd_resnet20_cifar\(.*"
-                                                      r"size mismatch for fc.weight: copying a param with shape "
-                                                      r"torch.Size\(\[100, 64\]\) from checkpoint"):
+    with pytest.raises(CheckpointMismatchError, match=r"model.safetensors does not fit sd_resnet20_cifar as "
+                                                      r"described by .*config.json: num_classes=10 \(.*"
+                                                      r"model.safetensors holds num_classes=100\)"):
         publish(path, f"{OWNER}/mismatch", token=TOKEN, endpoint=server.url)
     with pytest.raises(CheckpointMismatchError):
         publish(path, f"{OWNER}/mismatch", local_dir=tmp_path / "out")

@@ -6,6 +6,7 @@ what was there before is intact, byte for byte.
 import hashlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from safetensors.torch import save_file
 
 from sdzoo import hub, onnx_export
 from sdzoo import train as sdtrain
-from sdzoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_weights_settings, save_weights
+from sdzoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_weights_settings, save_model_config, save_weights
 from sdzoo.fold import fold_survival
+from sdzoo.integrity import MissingWeightsError, WeightsError
 
 from hub_server import FakeHub
 from helpers import ROOT, load_script, randomize_batchnorm
@@ -344,3 +346,385 @@ def test_a_repo_id_never_overwrites_a_file_the_project_ships(trained_run, tmp_pa
                          "--card-dir", str(cards)]) == 0
     assert snapshot(ROOT / "model_cards") == shipped
     assert {k: v for k, v in snapshot(cards).items() if k != "r20.md"} == shipped
+
+
+# == No wrong model ever loads, publishes or exports with exit 0 ==========================================
+def folder_of(model, path: Path) -> Path:
+    """A run folder as the trainer writes it: config.json and model.safetensors with its recorded settings."""
+    path.mkdir(parents=True)
+    save_model_config(path / CONFIG_NAME, model, dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3))
+    save_weights(path / WEIGHTS_NAME, model)
+    return path
+
+
+def edit_config(path: Path, change):
+    config = json.loads((path / CONFIG_NAME).read_text())
+    change(config)
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def trained_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return randomize_batchnorm(timm.create_model("sd_resnet20_cifar", num_classes=10, **kwargs)).eval()
+
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(X)
+
+
+def refused_everywhere(folder: Path, tmp_path: Path, capsys, expected: str):
+    """local-dir: loading, load_run, publishing and exporting all refuse the folder, and leave no file."""
+    before = snapshot(folder)
+    with pytest.raises(WeightsError, match=expected):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    with pytest.raises(hub.CheckpointMismatchError, match=expected):
+        hub.load_run(folder)
+    with pytest.raises(hub.CheckpointMismatchError, match=expected):
+        hub.publish(folder, "tester/wrong", local_dir=tmp_path / "hub")
+    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+                                                       str(tmp_path / "wrong.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(expected, err) and "Traceback" not in err
+    assert not (tmp_path / "hub").exists() and not (tmp_path / "wrong.onnx").exists()
+    assert snapshot(folder) == before
+
+
+# 21.1 ----------------------------------------------------------------------------------------------------
+def test_21_1_a_config_with_other_classes_never_loads_a_random_head(tmp_path, capsys):
+    model = trained_model(survival_prob=0.7)
+    folder = folder_of(model, tmp_path / "run")
+    torch.testing.assert_close(logits(timm.create_model(f"local-dir:{folder}", pretrained=True)), logits(model),
+                               rtol=0, atol=0)
+    # model_args (today's config.json), the top level (timm's own place for it) and the pretrained cfg.
+    for where, change in (("model_args", lambda c: c["model_args"].update(num_classes=100)),
+                          ("top level", lambda c: (c["model_args"].pop("num_classes"), c.update(num_classes=100)))):
+        wrong = tmp_path / where.replace(" ", "_")
+        wrong.mkdir()
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            (wrong / name).write_bytes((folder / name).read_bytes())
+        edit_config(wrong, change)
+        refused_everywhere(wrong, tmp_path, capsys, r"num_classes=100 \(.*model.safetensors holds num_classes=10\)")
+    edit_config(folder, lambda c: c.update(num_classes=100))  # model_args keep 10: timm would drop the head
+    refused_everywhere(folder, tmp_path, capsys, r"num_classes=100 for the pretrained cfg and builds num_classes=10")
+    # A caller's own num_classes is no way around it either: never a non-strict head drop.
+    edit_config(folder, lambda c: c.update(num_classes=10))
+    with pytest.raises(WeightsError, match=r"num_classes=5 \("):
+        timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=5)
+    with pytest.raises(WeightsError, match="pretrained_strict must be True"):
+        timm.create_model(f"local-dir:{folder}", pretrained=True, pretrained_strict=False)
+
+
+HOSTILE_HF_CHILD = """
+import sys, timm, sdzoo
+from sdzoo.integrity import WeightsError
+try:
+    timm.create_model("hf-hub:" + sys.argv[1], pretrained=True)
+except WeightsError as e:
+    print("refused:", e)
+else:
+    print("loaded")
+"""
+
+
+@pytest.mark.slow
+def test_21_1_and_3_a_hub_repo_of_other_classes_or_folded_weights_is_refused_over_hf_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    model = trained_model(survival_prob=0.7)
+    wrong_classes = folder_of(model, tmp_path / "classes")
+    edit_config(wrong_classes, lambda c: c["model_args"].update(num_classes=100))
+    folded_weights = folder_of(model, tmp_path / "folded")
+    save_weights(folded_weights / WEIGHTS_NAME, fold_survival(trained_model(survival_prob=0.7)))
+    with FakeHub(tokens={TOKEN: "tester"}) as server:
+        api = huggingface_hub.HfApi(endpoint=server.url, token=TOKEN)
+        for folder in (wrong_classes, folded_weights):  # uploaded as a hostile repo would be, not by sdzoo
+            api.create_repo(f"tester/{folder.name}")
+            api.upload_folder(repo_id=f"tester/{folder.name}", folder_path=folder)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   OMP_NUM_THREADS="1", HF_HUB_DISABLE_TELEMETRY="1")
+        for folder, expected in ((wrong_classes, "num_classes=100 ("),
+                                 (folded_weights, "an unfolded model, while the file's weights are folded")):
+            proc = subprocess.run([sys.executable, "-c", HOSTILE_HF_CHILD, f"tester/{folder.name}"], env=env,
+                                  capture_output=True, text=True, timeout=300, cwd=ROOT)
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.startswith("refused:") and expected in proc.stdout, proc.stdout
+
+
+# 21.2 ----------------------------------------------------------------------------------------------------
+def test_21_2_weights_whose_settings_contradict_config_are_refused_naming_both(tmp_path, capsys):
+    folder = folder_of(trained_model(survival_prob=0.7), tmp_path / "run")
+    edit_config(folder, lambda c: c["model_args"].update(survival_prob=0.3, scaling="inverted"))
+    refused_everywhere(folder, tmp_path, capsys,
+                       r"survival_prob=0\.3 \(the file's: 0\.7\); scaling='inverted' \(the file's: 'expectation'\)")
+    # The evidence survives: the weights' metadata still says what they were trained with.
+    assert read_weights_settings(folder / WEIGHTS_NAME)["model_args"]["survival_prob"] == 0.7
+
+
+# 21.3 ----------------------------------------------------------------------------------------------------
+def test_21_3_folded_and_unfolded_weights_never_mix(tmp_path, capsys):
+    model = trained_model(survival_prob=0.5)
+    expected = logits(model)
+    folded = fold_survival(trained_model(survival_prob=0.5))
+    folded_file, plain_file = tmp_path / "folded.safetensors", tmp_path / "plain.safetensors"
+    save_weights(folded_file, folded)
+    save_weights(plain_file, model)
+    assert read_weights_settings(folded_file)["model_args"]["folded_from"] == folded.folded_from
+
+    overlay = lambda path: dict(file=str(path))  # noqa: E731  timm's documented way to load a file
+    with pytest.raises(WeightsError, match="an unfolded model, while the file's weights are folded"):
+        timm.create_model("sd_resnet20_cifar", num_classes=10, pretrained=True, pretrained_cfg_overlay=overlay(folded_file))
+    with pytest.raises(WeightsError, match="while the file's weights are not folded"):
+        timm.create_model("sd_resnet20_cifar", num_classes=10, folded_from=folded.folded_from, pretrained=True,
+                          pretrained_cfg_overlay=overlay(plain_file))
+    right = timm.create_model("sd_resnet20_cifar", num_classes=10, folded_from=folded.folded_from, pretrained=True,
+                              pretrained_cfg_overlay=overlay(folded_file))
+    torch.testing.assert_close(logits(right), expected, rtol=0, atol=1e-5)
+
+    # The export of a folded file never folds it again: what it computes is what the trained model computes.
+    script = load_script("export_onnx")
+    flags = ["--survival-prob", "0.5", "--survival-rule", "linear", "--scaling", "expectation", "--gate-mode", "batch"]
+    code = exit_code(script.main, ["--model", "sd_resnet20_cifar", "--checkpoint", str(folded_file), *flags,
+                                   "--output", str(tmp_path / "twice.onnx")])
+    assert code == 2 and "--gate-mode batch (the checkpoint's: off)" in capsys.readouterr().err
+    bare = tmp_path / "bare.safetensors"  # folded, written elsewhere: nothing in it says so
+    save_file(folded.state_dict(), str(bare))
+    code = exit_code(script.main, ["--model", "sd_resnet20_cifar", "--checkpoint", str(bare), *flags,
+                                   "--output", str(tmp_path / "twice.onnx")])
+    assert code == 2 and "--checkpoint-folded" in capsys.readouterr().err
+    assert not (tmp_path / "twice.onnx").exists()
+    for source, extra in ((folded_file, []), (bare, [*flags, "--checkpoint-folded", "yes"])):
+        output = tmp_path / f"{source.stem}.onnx"
+        assert script.main(["--model", "sd_resnet20_cifar", "--checkpoint", str(source), *extra, "--output",
+                            str(output), "--verify-batch-sizes", "1"]) == 0
+        got = onnx_export.predict_onnx(output, X.numpy())
+        assert abs(got - expected.numpy()).max() <= 1e-4, source
+
+
+# 21.4 ----------------------------------------------------------------------------------------------------
+def test_21_4_nan_or_infinite_weights_are_never_published_or_exported(tmp_path, capsys):
+    for value in (float("nan"), float("inf")):
+        model = trained_model()
+        model.layer2[1].bn2.weight.data[3] = value
+        folder = folder_of(model, tmp_path / f"run_{value}")
+        refused_everywhere(folder, tmp_path, capsys, r"holds NaN or infinite values in 1 tensor\(s\) "
+                                                     r"\(layer2\.1\.bn2\.weight\)")
+        code = exit_code(load_script("export_onnx").main, [
+            "--model", "sd_resnet20_cifar", "--checkpoint", str(folder / WEIGHTS_NAME), "--output",
+            str(tmp_path / "nan.onnx")])
+        assert code == 2 and "NaN or infinite" in capsys.readouterr().err
+        assert not (tmp_path / "nan.onnx").exists()
+
+
+# 21.5 ----------------------------------------------------------------------------------------------------
+def test_21_5_resume_refuses_another_runs_checkpoint_and_touches_nothing(tmp_path, capsys, monkeypatch):
+    ours = interrupted_run(tmp_path / "ours", monkeypatch)
+    theirs = interrupted_run(tmp_path / "theirs", monkeypatch, extra=("--seed", "7"))
+    twin = interrupted_run(tmp_path / "twin", monkeypatch, extra=("--survival-prob", "0.8"))
+    capsys.readouterr()
+    for other, expected in ((theirs, "its best evaluation"), (twin, "records other settings")):
+        (ours / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
+        before = snapshot(ours)
+        assert sdtrain.main(["--resume", str(ours), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "is not the last checkpoint of the run in" in err and expected in err, err
+        assert snapshot(ours) == before  # history, summary and weights as they were
+    # The folder's own checkpoint is no longer there, so nothing resumes; the right pair does.
+    (theirs / "summary.json").unlink()
+    (theirs / "metrics.jsonl").unlink()
+    assert sdtrain.main(["--resume", str(theirs), "--quiet"]) == 2
+    assert "the folder has no metrics.jsonl" in capsys.readouterr().err
+
+
+# 21.9 ----------------------------------------------------------------------------------------------------
+def test_21_9_a_hostile_config_is_refused_in_under_a_second(tmp_path):
+    import resource
+
+    folder = folder_of(trained_model(), tmp_path / "run")
+    hostile = {
+        "layers [3, 3, 300000]": lambda c: c["model_args"].update(layers=[3, 3, 300000]),
+        "num_classes 2e6": lambda c: c["model_args"].update(num_classes=2_000_000),
+        "widths": lambda c: c["model_args"].update(widths=[16, 32, 1_000_000]),
+        "in_chans": lambda c: c["model_args"].update(in_chans=100_000),
+        "block and stem": lambda c: c["model_args"].update(block="bottleneck", stem="imagenet"),  # within bounds
+    }
+    original = (folder / CONFIG_NAME).read_text()
+    for name, change in hostile.items():
+        (folder / CONFIG_NAME).write_text(original)
+        edit_config(folder, change)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for pretrained in (True, False) if name != "block and stem" else (True,):
+            start = time.perf_counter()
+            with pytest.raises(ValueError):
+                timm.create_model(f"local-dir:{folder}", pretrained=pretrained)
+            assert time.perf_counter() - start < 1.0, name
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 50_000, name  # KiB: nothing large built
+
+
+# 21.10 / 21.11 / 21.14 / 21.15 ----------------------------------------------------------------------------
+def test_21_10_export_input_size_is_bounded(tmp_path, capsys):
+    folder = folder_of(trained_model(), tmp_path / "run")
+    script = load_script("export_onnx")
+    code = exit_code(script.main, ["--model", f"local-dir:{folder}", "--img-size", "100000",
+                                   "--output", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--img-size must be an integer from 1 to 1024; got 100000" in err
+    edit_config(folder, lambda c: c["pretrained_cfg"].update(input_size=[3, 100000, 100000]))
+    code = exit_code(script.main, ["--model", f"local-dir:{folder}", "--output", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "100000x100000" in err and "--img-size (at most 1024)" in err
+    with pytest.raises(ValueError, match="height and width <= 1024"):
+        onnx_export.export_onnx(trained_model(), tmp_path / "m.onnx", input_size=(3, 100000, 100000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_21_11_a_read_only_output_folder_is_found_before_loading(tmp_path, capsys):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions: make the folder immutable instead
+        if subprocess.run(["chattr", "+i", str(read_only)], capture_output=True).returncode:
+            pytest.skip("as root, a read-only folder needs chattr +i")
+    else:
+        read_only.chmod(0o555)
+    try:
+        # A folder with no weights at all: loading it would fail with another message.
+        (tmp_path / "empty").mkdir()
+        code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{tmp_path / 'empty'}",
+                                                           "--output", str(read_only / "m.onnx")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--output: cannot write to directory {str(read_only)!r}" in err, err
+        assert list(read_only.iterdir()) == []
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(read_only)])
+        read_only.chmod(0o755)
+
+
+def test_21_14_a_folder_without_weights_says_so(tmp_path, capsys):
+    folder = folder_of(trained_model(), tmp_path / "run")
+    (folder / WEIGHTS_NAME).unlink()
+    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+                                                       str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{folder} has no model.safetensors (nor another weights file)" in err
+    assert "do not match" not in err and "Traceback" not in err
+    with pytest.raises(MissingWeightsError):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    # A torch file that is no state dict of this model is named as such, not as a mismatch of the architecture.
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+                                                       str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pytorch_model.bin is not an sdzoo ResNet's state dict" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_21_15_an_allocation_failure_is_reported_as_memory(tmp_path, capsys, monkeypatch):
+    folder = folder_of(trained_model(), tmp_path / "run")
+    from sdzoo.models.sd_resnet import SDResNet
+
+    def out_of_memory(self):  # what torch's CPU allocator raises when a tensor does not fit
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 10485760000 bytes.")
+
+    monkeypatch.setattr(SDResNet, "init_weights", out_of_memory)
+    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+                                                       str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not enough memory to build and load" in err and "do not match" not in err
+    with pytest.raises(hub.CheckpointMismatchError, match="not enough memory") as info:
+        hub.load_run(folder)
+    assert "does not fit" not in str(info.value)
+
+
+# 21.13 ---------------------------------------------------------------------------------------------------
+def test_21_13_tampered_model_or_optimizer_state_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    run = interrupted_run(tmp_path / "run", monkeypatch)
+    capsys.readouterr()
+    original = torch.load(run / "checkpoint.pt", weights_only=True)
+    momentum = next(iter(original["optimizer"]["state"]))
+
+    def momentum_of_other_shape(c):
+        c["optimizer"]["state"][momentum]["momentum_buffer"] = torch.zeros(7)
+
+    def lr_that_is_no_number(c):
+        c["optimizer"]["param_groups"][0]["lr"] = [0.1]
+
+    def no_optimizer_state(c):
+        c["optimizer"] = {"state": {}, "param_groups": []}
+
+    def model_entry_that_is_no_tensor(c):
+        c["model"]["conv1.weight"] = "weights"
+
+    def scheduler_garbage(c):
+        c["scheduler"] = [1, 2, 3]
+
+    for tamper, expected in ((momentum_of_other_shape, "optimizer state"), (lr_that_is_no_number, "optimizer state"),
+                             (no_optimizer_state, "optimizer state"), (scheduler_garbage, "scheduler state"),
+                             (model_entry_that_is_no_tensor, "checkpoint.pt")):
+        checkpoint = {**original, "model": dict(original["model"]), "optimizer": {
+            "state": {k: dict(v) for k, v in original["optimizer"]["state"].items()},
+            "param_groups": [dict(g) for g in original["optimizer"]["param_groups"]]}}
+        tamper(checkpoint)
+        torch.save(checkpoint, run / "checkpoint.pt")
+        assert sdtrain.main(["--resume", str(run), "--quiet"]) == 2, tamper.__name__
+        err = capsys.readouterr().err
+        assert str(run / "checkpoint.pt") in err and expected in err and "Traceback" not in err, (tamper.__name__, err)
+
+
+# 21.18 ---------------------------------------------------------------------------------------------------
+def test_21_18_temporaries_of_a_live_writer_stay_and_a_killed_ones_go(tmp_path):
+    from sdzoo._files import remove_abandoned_temporaries, staged_file
+
+    target = tmp_path / "m.int8.onnx"
+    with staged_file(target) as live:
+        Path(live).write_bytes(b"in progress")
+        remove_abandoned_temporaries(target)  # its writer (this process) holds the lock
+        assert Path(live).exists()
+    abandoned = tmp_path / ".m.int8.onnx.abc123.tmp"  # a killed writer's: its lock went with it
+    abandoned.write_bytes(b"half")
+    other = tmp_path / ".other.onnx.abc123.tmp"
+    other.write_bytes(b"not ours")
+    remove_abandoned_temporaries(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, target.name]
+
+
+@pytest.mark.slow
+def test_21_18_kill_9_during_int8_quantization_leaves_no_hidden_file(tmp_path):
+    import signal
+
+    folder = folder_of(trained_model(), tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, str(ROOT / "scripts" / "export_onnx.py"), "--model", f"local-dir:{folder}",
+           "--output", str(out / "m.onnx"), "--quantize", "int8", "--calib-images", "1024", "--verify-batch-sizes", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 240
+    while not list(out.glob(".m.int8.onnx.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the export ended before quantizing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob(".m.int8.onnx.*.tmp")), "killed before the int8 file was staged"
+    assert subprocess.run(cmd, capture_output=True, env=env, cwd=ROOT, timeout=300).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["m.int8.onnx", "m.onnx"]
+
+
+def test_21_9_the_parameter_bound_counts_what_the_constructor_builds():
+    from sdzoo.integrity import count_parameters
+
+    for name, kwargs in (("sd_resnet20_cifar", {}), ("sd_resnet56_cifar", dict(shortcut="projection", num_classes=7)),
+                         ("sd_resnet50", dict(global_pool="catavgmax", in_chans=1)), ("sd_resnet101", dict(num_classes=0))):
+        model = timm.create_model(name, device="meta", **kwargs)
+        blocks = model.residual_blocks()
+        block = "bottleneck" if hasattr(blocks[0], "conv3") else "basic"
+        layers = [len(getattr(model, s)) for s in model.stage_names]
+        widths = [getattr(model, s)[0].conv1.out_channels for s in model.stage_names]
+        counted = count_parameters(layers, widths, block, model.stem, kwargs.get("shortcut", "zero_pad" if
+                                   model.stem == "cifar" else "projection"), model.num_classes, model.in_chans,
+                                   kwargs.get("global_pool", "avg"))
+        assert counted == sum(p.numel() for p in model.parameters()), name

@@ -29,6 +29,7 @@ from .._checks import check_choice, check_int, check_survival_prob
 from ..dataset_stats import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
 from ..gate import GATE_MODES, SCALINGS, Branch, GateSampler, ResidualGate
+from ..integrity import check_finite, check_model_size, check_pretrained
 from ..pretrained import require_published_weights, tag_model_defaults, timm_weight_cfgs, with_published_weights
 from ..survival import SURVIVAL_RULES, survival_probs
 
@@ -203,6 +204,8 @@ class SDResNet(nn.Module):
             raise ValueError(f"drop_rate must be a number in [0, 1); got {drop_rate!r}")
         if len(layers) != len(widths) or any(not isinstance(n, int) or n < 1 for n in layers):
             raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; got {layers!r}")
+        # Bounded before anything is allocated: config.json of a Hub repo or a local folder may ask for anything.
+        check_model_size(layers, widths, block, stem, shortcut, num_classes, in_chans, global_pool)
         survival_prob = _resolve_survival_prob(survival_prob, drop_path_rate)
         if folded_from is not None:
             gate_mode = "off"  # p_l lives in the weights now
@@ -474,14 +477,23 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
             kwargs[key] = _as_tuples(kwargs[key])
     for key, value in tag_model_defaults(variant, kwargs.get("pretrained_cfg")).items():
         kwargs.setdefault(key, value)  # timm's weights: scaling="inverted", so eval is the pretrained network
+    where = None
     if pretrained:  # a clear error, saying how to get weights, for a tag that has none
         require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-    return build_model_with_cfg(
+        # The weights' header and metadata against the arguments, before anything is built; timm's load is then
+        # strict (every tensor of the file, and only those).
+        where = check_pretrained(variant, kwargs)
+        kwargs.pop("pretrained_strict", None)
+    model = build_model_with_cfg(
         SDResNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_strict=True,
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_features))),
         **kwargs,
     )
+    if where is not None:
+        check_finite(model, where)
+    return model
 
 
 def _create_cifar(variant: str, depth: int, pretrained: bool, **kwargs) -> SDResNet:

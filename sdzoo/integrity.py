@@ -1,0 +1,376 @@
+"""What a weights file is, checked against what is about to be built from it, before anything is built.
+
+Hub repos and run folders are untrusted: config.json may ask for any architecture, and timm's loader adapts
+what does not fit (it drops a classifier whose class count differs and loads the rest non-strict). Every load
+that sdzoo does or documents (``local-dir:``, ``hf-hub:``, ``pretrained_cfg_overlay=dict(file=...)``,
+``hub.load_run``, the export) comes through ``check_pretrained`` first, from the model factory:
+
+* the model arguments are bounded (``check_model_size``), so a hostile config.json is refused before anything
+  large is allocated;
+* the architecture is read from the safetensors header (every tensor's shape is in it; no tensor is read) and
+  every model argument that shapes the weights must match it;
+* the file's own metadata (``sdzoo.checkpoint.weights_metadata``: architecture, classes, survival settings,
+  ``folded_from``) must agree with the arguments, so folded weights never load into an unfolded model, nor the
+  other way round;
+* the load itself is strict (every tensor of the file, and only those), and NaN or infinite weights are refused.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .checkpoint import SETTINGS_KEY, SURVIVAL_SETTINGS, WEIGHTS_NAME
+
+__all__ = [
+    "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
+    "MAX_PARAMETERS", "count_parameters", "check_model_size", "FileArchitecture", "read_header", "architecture_of",
+    "check_pretrained", "check_weights_file", "check_finite", "describe_failure", "is_out_of_memory",
+]
+
+# Bounds on what a config.json may ask for. The largest zoo models are far inside them: sd_resnet1202_cifar
+# has 600 blocks, sd_resnet152 60M parameters; ImageNet-21k has 21,843 classes.
+MAX_NUM_CLASSES = 100_000
+MAX_BLOCKS = 1024
+MAX_WIDTH = 4096
+MAX_IN_CHANS = 256
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class WeightsError(ValueError):
+    """A weights file that does not fit what was asked for, contradicts its config, or holds NaN/inf."""
+
+
+class MissingWeightsError(FileNotFoundError):
+    """No safetensors weights where the model's source points."""
+
+
+# -- bounds -----------------------------------------------------------------------------------------------
+def _int_list(name: str, value: Any) -> List[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
+            any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be a list of integers; got {value!r:.200}")
+    return list(value)
+
+
+def count_parameters(layers: Sequence[int], widths: Sequence[int], block: str, stem: str, shortcut: str,
+                     num_classes: int, in_chans: int, global_pool: str = "avg") -> int:
+    """The parameters an SDResNet of these arguments has, counted without building it."""
+    expansion = _EXPANSION[block]
+    stem_chs = widths[0]
+    total = in_chans * stem_chs * (9 if stem == "cifar" else 49) + (stem_chs if stem == "cifar" else 0) + 2 * stem_chs
+    in_chs = stem_chs
+    for stage, (num, chs) in enumerate(zip(layers, widths)):
+        out = chs * expansion
+        if block == "basic":
+            per_block = 9 * chs * chs + 9 * chs * out + 2 * chs + 2 * out
+            first = 9 * in_chs * chs + 9 * chs * out + 2 * chs + 2 * out
+        else:
+            per_block = out * chs + 9 * chs * chs + chs * out + 4 * chs + 2 * out
+            first = in_chs * chs + 9 * chs * chs + chs * out + 4 * chs + 2 * out
+        if shortcut == "projection" and (in_chs != out or stage > 0):
+            first += in_chs * out + 2 * out
+        total += first + (num - 1) * per_block
+        in_chs = out
+    mult = 2 if global_pool == "catavgmax" else 1
+    return total + (in_chs * mult + 1) * num_classes
+
+
+def check_model_size(layers: Any, widths: Any, block: str, stem: str, shortcut: str, num_classes: Any,
+                     in_chans: Any, global_pool: str = "avg") -> None:
+    """Refuse arguments that would build an SDResNet beyond the bounds above, before a parameter is allocated."""
+    layers, widths = _int_list("layers", layers), _int_list("widths", widths)
+    for name, value, low, high in (("num_classes", num_classes, 0, MAX_NUM_CLASSES),
+                                   ("in_chans", in_chans, 1, MAX_IN_CHANS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r:.200}")
+    if not layers or len(layers) != len(widths) or any(n < 1 for n in layers):
+        raise ValueError(f"layers must give a positive block count for each of the {len(widths)} stages of "
+                         f"widths; got layers={layers!r:.200}")
+    if sum(layers) > MAX_BLOCKS:
+        raise ValueError(f"layers must add up to at most {MAX_BLOCKS} residual blocks; got {sum(layers)} "
+                         f"(layers={layers!r:.200})")
+    if any(not 1 <= w <= MAX_WIDTH for w in widths):
+        raise ValueError(f"widths must be integers in [1, {MAX_WIDTH}]; got {widths!r:.200}")
+    if block not in _EXPANSION:
+        return  # the constructor names the allowed blocks
+    params = count_parameters(layers, widths, block, stem, shortcut, num_classes, in_chans, global_pool)
+    if params > MAX_PARAMETERS:
+        raise ValueError(f"these model arguments would build {params:,} parameters, more than the {MAX_PARAMETERS:,} "
+                         f"allowed (layers={layers}, widths={widths}, block={block!r}, num_classes={num_classes})")
+
+
+# -- the file -----------------------------------------------------------------------------------------------
+def read_header(path: os.PathLike) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, str]]:
+    """Every tensor's shape and the metadata of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {path} as safetensors: {e}") from None
+    return shapes, metadata
+
+
+@dataclass
+class FileArchitecture:
+    """The SDResNet arguments that a state dict's shapes fix."""
+    layers: Tuple[int, ...]
+    widths: Tuple[int, ...]
+    block: str
+    stem: str
+    shortcut: str
+    in_chans: int
+    num_classes: int
+    pool_mult: Optional[int]  # fc's input over the trunk's channels: 2 for catavgmax; None without a head
+
+
+def architecture_of(shapes: Mapping[str, Sequence[int]], where: str) -> FileArchitecture:
+    """Read the architecture from the shapes of a state dict (today's keys or sdzoo 0.1's)."""
+    from .models.sd_resnet import _legacy_key
+
+    shapes = {_legacy_key(k): tuple(v) for k, v in shapes.items()}
+    conv1 = shapes.get("conv1.weight")
+    if conv1 is None or len(conv1) != 4 or conv1[2] not in (3, 7):
+        raise WeightsError(f"{where} is not an sdzoo ResNet's state dict: it has no 3x3 or 7x7 conv1.weight "
+                           f"(got {conv1})")
+    layers, widths = [], []
+    while f"layer{len(layers) + 1}.0.conv1.weight" in shapes:
+        stage = len(layers) + 1
+        num = 0
+        while f"layer{stage}.{num}.conv1.weight" in shapes:
+            num += 1
+        layers.append(num)
+        widths.append(shapes[f"layer{stage}.0.conv1.weight"][0])
+    if not layers:
+        raise WeightsError(f"{where} is not an sdzoo ResNet's state dict: it has no layer1.0.conv1.weight")
+    block = "bottleneck" if "layer1.0.conv3.weight" in shapes else "basic"
+    fc = shapes.get("fc.weight")
+    features = widths[-1] * _EXPANSION[block]
+    pool_mult = fc[1] // features if fc is not None and len(fc) == 2 and fc[1] % features == 0 else None
+    return FileArchitecture(
+        layers=tuple(layers), widths=tuple(widths), block=block, stem="cifar" if conv1[2] == 3 else "imagenet",
+        shortcut="projection" if any(".downsample." in k for k in shapes) else "zero_pad", in_chans=conv1[1],
+        num_classes=fc[0] if fc is not None and len(fc) == 2 else 0, pool_mult=pool_mult)
+
+
+def recorded_settings(metadata: Mapping[str, str], where: str) -> Optional[Dict[str, Any]]:
+    """What ``weights_metadata`` recorded (architecture, num_classes, model_args), or None for another file."""
+    text = metadata.get(SETTINGS_KEY)
+    if text is None:
+        return None
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict) or not isinstance(settings.get("model_args"), dict):
+        raise WeightsError(f"{where}: its {SETTINGS_KEY!r} metadata is not a JSON object with model_args")
+    return settings
+
+
+# -- the check -----------------------------------------------------------------------------------------------
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def effective_args(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The arguments SDResNet will be built with: the factory's kwargs (config.json's model_args and the
+    caller's), else what timm takes from the pretrained cfg (config.json's top level: num_classes, the input
+    size's channels), else the constructor's defaults."""
+    from .models.sd_resnet import _resolve_survival_prob
+
+    input_size = cfg.get("input_size") or (3,)
+    args = dict(
+        layers=tuple(kwargs["layers"]) if isinstance(kwargs.get("layers"), (list, tuple)) else kwargs.get("layers"),
+        widths=tuple(kwargs["widths"]) if isinstance(kwargs.get("widths"), (list, tuple)) else kwargs.get("widths"),
+        block=kwargs.get("block", "basic"), stem=kwargs.get("stem", "cifar"),
+        shortcut=kwargs.get("shortcut", "zero_pad"),
+        num_classes=kwargs.get("num_classes", cfg.get("num_classes", 1000)),
+        in_chans=kwargs.get("in_chans", input_size[0]), global_pool=kwargs.get("global_pool", "avg"),
+        survival_prob=_resolve_survival_prob(kwargs.get("survival_prob"), kwargs.get("drop_path_rate")),
+        survival_rule=kwargs.get("survival_rule", "linear"), scaling=kwargs.get("scaling", "expectation"),
+        gate_mode=kwargs.get("gate_mode", "batch"), folded_from=kwargs.get("folded_from"))
+    if args["folded_from"] is not None:
+        args["gate_mode"] = "off"  # as the constructor does: p_l lives in the weights
+    return args
+
+
+def _describe_source(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
+    source = cfg.get("source")
+    if source == "local-dir":
+        return f"{Path(cfg.get('file', '')) / 'config.json'}"
+    if source == "hf-hub":
+        return f"hf-hub:{cfg.get('hf_hub_id')} config.json"
+    return "the model arguments"
+
+
+def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str], where: str,
+                       variant: str, args: Mapping[str, Any], asked_by: str = "the model arguments") -> None:
+    """Refuse ``args`` (``effective_args``) that do not build the model the file holds, naming both values."""
+    arch = architecture_of(shapes, where)
+    expected = dict(layers=arch.layers, widths=arch.widths, block=arch.block, stem=arch.stem,
+                    shortcut=arch.shortcut, in_chans=arch.in_chans, num_classes=arch.num_classes)
+    if len(arch.layers) == 1 and arch.block == "basic":
+        expected.pop("shortcut")  # no block changes shape: either shortcut builds the same weights
+    differ = [f"{k}={_plain(args[k])!r} ({where} holds {k}={_plain(v)!r})" for k, v in expected.items()
+              if not _same(args[k], v)]
+    if arch.pool_mult is not None and arch.num_classes:
+        mult = 2 if args["global_pool"] == "catavgmax" else 1
+        if mult != arch.pool_mult:
+            differ.append(f"global_pool={args['global_pool']!r} (the classifier of {where} takes "
+                          f"{arch.pool_mult}x the trunk's channels)")
+    if differ:
+        raise WeightsError(f"{where} does not fit {variant} as described by {asked_by}: {'; '.join(differ)}. "
+                           "Nothing was built or loaded")
+    recorded = recorded_settings(metadata, where)
+    if recorded is None:
+        return
+    differ = []
+    if recorded.get("architecture") not in (None, variant):
+        differ.append(f"architecture {variant!r} (the file's: {recorded['architecture']!r})")
+    if recorded.get("num_classes") is not None and not _same(recorded["num_classes"], args["num_classes"]):
+        differ.append(f"num_classes={args['num_classes']!r} (the file's: {recorded['num_classes']!r})")
+    model_args = recorded["model_args"]
+    for key in SURVIVAL_SETTINGS:
+        if key in model_args and model_args[key] is not None and not _same(model_args[key], args[key]):
+            differ.append(f"{key}={args[key]!r} (the file's: {model_args[key]!r})")
+    folded = model_args.get("folded_from")
+    if not _same(folded, args["folded_from"]):
+        if folded and not args["folded_from"]:
+            differ.append(f"an unfolded model, while the file's weights are folded (p_l is in them; trained with "
+                          f"{folded}): they load only with folded_from={folded}")
+        elif args["folded_from"] and not folded:
+            differ.append(f"folded_from={args['folded_from']} (a folded model), while the file's weights are not "
+                          "folded: loading them would leave out every p_l")
+        else:
+            differ.append(f"folded_from={args['folded_from']} (the file's: {folded})")
+    if differ:
+        raise WeightsError(f"the settings recorded in {where} contradict {asked_by}, which asks for "
+                           f"{'; '.join(differ)}. Nothing was built or loaded")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _weights_location(cfg: Dict[str, Any], cache_dir=None
+                      ) -> Tuple[Optional[str], Optional[Dict[str, torch.Tensor]], str]:
+    """(safetensors path, or a state dict, and how to name it) of the weights timm's loader would read."""
+    # timm's own resolution of a pretrained cfg's source (private, but it is exactly what load_pretrained
+    # reads next; a copy of it could drift from it).
+    from timm.models._builder import _resolve_pretrained_source
+
+    load_from, location = _resolve_pretrained_source(cfg)
+    if load_from == "state_dict":
+        return None, location, "the pretrained state_dict"
+    if load_from == "local-dir":
+        folder = Path(location)
+        path = folder / WEIGHTS_NAME
+        if path.is_file():
+            return str(path), None, str(path)
+        # timm's save_for_hf writes pytorch_model.bin by default; timm reads it weights-only (no code runs), and
+        # so do these checks, with the same choice of file as timm's loader.
+        from timm.models._hub import load_state_dict_from_path
+
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
+        if not found:
+            raise MissingWeightsError(f"{folder} has no {WEIGHTS_NAME} (nor another weights file); a model folder "
+                                      f"holds timm's config.json and {WEIGHTS_NAME}")
+        try:
+            state_dict = load_state_dict_from_path(folder, weights_only=True)
+        except Exception as e:  # noqa: BLE001  unpickling errors of every kind; nothing in the file was run
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise WeightsError(f"{folder} has no {WEIGHTS_NAME}, and its {', '.join(found)} cannot be read "
+                               f"weights-only ({type(e).__name__}: {first}); nothing in it was run") from None
+        return None, state_dict, f"{folder}'s {found[0]}"
+    if load_from == "file":
+        if not str(location).endswith(".safetensors"):
+            raise WeightsError(f"pretrained file {location}: sdzoo loads weights from .safetensors files only "
+                               "(their header is checked before anything is built, and nothing is unpickled)")
+        if not os.path.isfile(location):
+            raise MissingWeightsError(f"pretrained file {location} does not exist")
+        return str(location), None, str(location)
+    if load_from == "hf-hub":
+        from huggingface_hub.errors import EntryNotFoundError
+        from timm.models._hub import download_from_hf
+
+        repo, filename = location if isinstance(location, (list, tuple)) else (location, WEIGHTS_NAME)
+        if not filename.endswith(".safetensors"):
+            raise WeightsError(f"hf-hub:{repo}: sdzoo loads weights from .safetensors files only; got {filename}")
+        try:
+            return download_from_hf(repo, filename, cache_dir=cache_dir), None, f"hf-hub:{repo} {filename}"
+        except EntryNotFoundError:
+            raise MissingWeightsError(f"hf-hub:{repo} has no {filename} (pickle checkpoints are not loaded)") from None
+    raise WeightsError(f"{cfg.get('architecture')}: sdzoo loads pretrained weights from local-dir:, hf-hub: or a "
+                       f".safetensors file (pretrained_cfg_overlay=dict(file=...)); got {load_from or 'no source'} "
+                       f"{location!r:.200}")
+
+
+def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> str:
+    """Before timm builds ``variant`` with ``pretrained=True``: bound the arguments, then check them against the
+    weights' header and metadata, and make sure timm's load will be strict. Returns how to name the weights."""
+    from timm.models._builder import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
+    asked_by = _describe_source(kwargs, cfg)
+    try:
+        args = effective_args(kwargs, cfg)
+        check_model_size(args["layers"], args["widths"], args["block"], args["stem"], args["shortcut"],
+                         args["num_classes"], args["in_chans"], args["global_pool"])
+    except ValueError as e:
+        raise WeightsError(f"{asked_by}: {e}. Nothing was built or loaded") from None
+    if kwargs.get("pretrained_strict", True) is not True:
+        raise WeightsError("pretrained_strict must be True: sdzoo loads every tensor of a weights file or none")
+    path, state_dict, where = _weights_location(cfg, kwargs.get("cache_dir"))  # timm's load reads the same file
+    if path is not None:
+        shapes, metadata = read_header(path)
+    else:
+        shapes, metadata = {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}, {}
+    check_weights_file(shapes, metadata, where, variant, args, asked_by)
+    if not kwargs.get("features_only") and cfg.get("num_classes") != args["num_classes"]:
+        # timm's loader drops a classifier whose class count differs from the cfg's and loads the rest non-strict.
+        raise WeightsError(f"{asked_by} says num_classes={cfg.get('num_classes')!r} for the pretrained cfg and "
+                           f"builds num_classes={args['num_classes']!r}: timm would drop the classifier of {where}. "
+                           "Load with the file's classes, then model.reset_classifier(n) for a new head")
+    return where
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Refuse a model with NaN or infinite weights or statistics (what a diverged run leaves)."""
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightsError(f"{where} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''}): these are no usable weights; refused")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure, as torch raises it on the CPU (a RuntimeError) or on a GPU."""
+    text = str(error)
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
+
+
+def describe_failure(error: BaseException, what: str) -> Optional[str]:
+    """A one-line message for an allocation failure while building or loading ``what`` (None for other errors)."""
+    if is_out_of_memory(error):
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:240]
+        return (f"not enough memory to build and load {what} ({first}); the weights fit the architecture, the "
+                "machine has too little free memory for it")
+    return None
