@@ -11,7 +11,6 @@ import fcntl
 import glob
 import json
 import os
-import re
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, List, Union
 
