@@ -54,6 +54,13 @@ def training_step(model) -> None:
     out.float().sum().backward()
 
 
+def never_applied(model) -> bool:
+    """Whether timm's own forward calls none of the model's DropPaths (MobileNet-V1 and LCNet blocks have no
+    skip): such a model drops nothing in timm either."""
+    reports = sdzoo.convert.inspect_drop_paths(model)
+    return bool(reports) and all(not r.refused and not r.masks and not any(r.sites.values()) for r in reports)
+
+
 def short(error: BaseException) -> str:
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return f"{type(error).__name__}: {text[:300]}"
@@ -80,6 +87,8 @@ def survey(names, rate: float, forward: bool, progress) -> dict:
                 record[mode] = "ok"
             except ValueError as e:
                 record[mode] = short(e)
+                if never_applied(model):
+                    record[mode] = "never applied: timm's forward calls none of its DropPaths (no residual to skip)"
             except Exception as e:  # noqa: BLE001  (a crash is a bug of the conversion: reported as such)
                 record[mode] = f"crash: {short(e)}"
         results[name] = record
@@ -97,12 +106,17 @@ def table(results: dict) -> str:
     total = Counter()
     for counts in families.values():
         total.update(counts)
+    idle = sum(r["batch"].startswith("never applied") for r in results.values())
     lines = ["| family | DropPath models | batch | sample |", "| --- | ---: | ---: | ---: |"]
     for family, counts in sorted(families.items(), key=lambda kv: (-kv[1]["models"], kv[0])):
         lines.append(f"| {family} | {counts['models']} | {counts['batch']} | {counts['sample']} |")
     n = total["models"] or 1
     lines.append(f"| **all {len(families)} families** | **{total['models']}** | **{total['batch']} "
                  f"({100 * total['batch'] / n:.1f}%)** | **{total['sample']} ({100 * total['sample'] / n:.1f}%)** |")
+    if idle:
+        applied = max(total["models"] - idle, 1)
+        lines.append(f"| models whose DropPaths timm applies | {total['models'] - idle} | "
+                     f"{100 * total['batch'] / applied:.1f}% | {100 * total['sample'] / applied:.1f}% |")
     return "\n".join(lines)
 
 

@@ -400,16 +400,18 @@ def test_21_1_a_config_with_other_classes_never_loads_a_random_head(tmp_path, ca
     torch.testing.assert_close(logits(timm.create_model(f"local-dir:{folder}", pretrained=True)), logits(model),
                                rtol=0, atol=0)
     # model_args (today's config.json), the top level (timm's own place for it) and the pretrained cfg.
-    for where, change in (("model_args", lambda c: c["model_args"].update(num_classes=100)),
-                          ("top level", lambda c: (c["model_args"].pop("num_classes"), c.update(num_classes=100)))):
+    for where, change in (("model_args", lambda c: (c["model_args"].update(num_classes=100), c.update(num_classes=100))),
+                          ("top level", lambda c: (c["model_args"].pop("num_classes", None), c.update(num_classes=100)))):
         wrong = tmp_path / where.replace(" ", "_")
         wrong.mkdir()
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             (wrong / name).write_bytes((folder / name).read_bytes())
         edit_config(wrong, change)
         refused_everywhere(wrong, tmp_path, capsys, r"num_classes=100 \(.*model.safetensors holds num_classes=10\)")
-    edit_config(folder, lambda c: c.update(num_classes=100))  # model_args keep 10: timm would drop the head
-    refused_everywhere(folder, tmp_path, capsys, r"num_classes=100 for the pretrained cfg and builds num_classes=10")
+    # model_args keep 10 and the top level says 100: timm would drop the head
+    edit_config(folder, lambda c: (c["model_args"].update(num_classes=10), c.update(num_classes=100)))
+    refused_everywhere(folder, tmp_path, capsys, r"num_classes=100 for the pretrained cfg and builds num_classes=10|"
+                                                 r"model_args\['num_classes'\] = 10 disagrees with num_classes = 100")
     # A caller's own num_classes is no way around it either: never a non-strict head drop.
     edit_config(folder, lambda c: c.update(num_classes=10))
     with pytest.raises(WeightsError, match=r"num_classes=5 \("):
