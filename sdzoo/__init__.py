@@ -8,4 +8,6 @@ from .survival import SURVIVAL_RULES, drop_warmup_factor, expected_depth, surviv
 from .gate import (GATE_MODES, SCALINGS, GateSampler, ResidualGate, gate_state, load_gate_state,  # noqa: F401
                    same_gates, set_drop_rate_factor)
 from .models import SDResNet  # noqa: F401  (registers the zoo with timm)
-from .convert import convert_drop_path  # noqa: F401
+from .convert import convert_drop_path, install_create_model_hook  # noqa: F401
+
+install_create_model_hook()  # SDZOO_CONVERT_DROP_PATH=sample|batch: timm.create_model converts (see README)

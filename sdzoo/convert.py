@@ -13,10 +13,13 @@ they save (``BREAK_EVEN_DROP_RATE``).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import os
 import operator
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -32,7 +35,7 @@ from ._checks import check_choice, check_fraction, check_int
 from .gate import Branch, GateSampler, ResidualGate
 
 __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPathGate", "DropPathSampler",
-           "inspect_drop_paths", "BlockReport"]
+           "inspect_drop_paths", "BlockReport", "install_create_model_hook", "CONVERT_ENV", "SEED_ENV"]
 
 CONVERT_MODES = ("sample", "batch")
 # Below this per-branch rate a branch stays timm's mask. On a 2-core CPU, ViT-Tiny, sample mode broke even at
@@ -806,3 +809,63 @@ def _unwrap(model: nn.Module) -> nn.Module:
                          "with feature_cls='fx'): its code calls the layers of each block directly; convert the "
                          "model before tracing it")
     return model
+
+
+# -- timm's own scripts, unedited: an opt-in by environment ----------------------------------------------------------
+CONVERT_ENV = "SDZOO_CONVERT_DROP_PATH"
+SEED_ENV = "SDZOO_CONVERT_SEED"
+_OFF_VALUES = ("", "0", "off", "no", "false")
+
+
+def install_create_model_hook() -> bool:
+    """With ``SDZOO_CONVERT_DROP_PATH=sample`` (or ``batch``) in the environment, every model that
+    ``timm.create_model`` builds with a DropPath on a residual branch comes back converted, so timm's own
+    train.py (or any script) gets the real skip without an edit. ``SDZOO_CONVERT_SEED`` seeds the gates
+    (default 0, the same on every rank). Called when sdzoo is imported, which the start-up hook does when timm
+    is; returns whether the hook is in place."""
+    import timm
+    import timm.models
+    from timm.models import _factory
+
+    if os.environ.get(CONVERT_ENV, "").strip().lower() in _OFF_VALUES:
+        return False
+    original = _factory.create_model
+    if getattr(original, "_sdzoo_converting", False):
+        return True
+
+    @functools.wraps(original)
+    def create_model(model_name, *args, **kwargs):
+        mode, seed = _environment_settings()
+        model = original(model_name, *args, **kwargs)
+        if getattr(model, "drop_path_sampler", None) is None and any(
+                isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules()):
+            try:
+                convert_drop_path(model, mode=mode, seed=seed)
+            except ValueError as e:  # masks only, or a block FX cannot read: train as timm would, and say so
+                warnings.warn(f"{CONVERT_ENV}={mode}: {model_name} keeps timm's drop-path masks: {e}",
+                              RuntimeWarning, stacklevel=2)
+                return model
+            print(f"sdzoo: {CONVERT_ENV}={mode}: {model_name} converted, "
+                  f"{len(model.drop_path_sampler.survival_probs)} branches on gates (seed {seed})", file=sys.stderr)
+        return model
+
+    create_model._sdzoo_converting = True
+    for module in (_factory, timm.models, timm):  # timm re-exports the factory: each name that holds it
+        if getattr(module, "create_model", None) is original:
+            module.create_model = create_model
+    return True
+
+
+def _environment_settings() -> Tuple[str, int]:
+    mode = os.environ.get(CONVERT_ENV, "").strip().lower()
+    if mode not in CONVERT_MODES:
+        raise ValueError(f"{CONVERT_ENV} must be one of {', '.join(map(repr, CONVERT_MODES))} (or unset, or "
+                         f"'off'); got {os.environ.get(CONVERT_ENV)!r}")
+    raw = os.environ.get(SEED_ENV, "0").strip()
+    try:
+        seed = int(raw)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{SEED_ENV} must be an integer in [0, 2**63); got {raw!r}")
+    return mode, seed

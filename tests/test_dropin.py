@@ -289,3 +289,80 @@ def test_timm_model_suite_passes_on_the_zoo(tmp_path):
     # every test inside timm's own timeout, sd_resnet1202_cifar's FX and cfg tests included
     slowest = max(float(t) for t in re.findall(r"^([\d.]+)s (?:call|setup|teardown)", proc.stdout, re.M))
     assert slowest < TIMM_TEST_TIMEOUT_S, proc.stdout[-3000:]
+
+
+# -- timm's scripts, unedited: SDZOO_CONVERT_DROP_PATH -----------------------------------------------------------
+CONVERTED_BY_ENV = textwrap.dedent("""
+    import json, warnings
+    import timm  # no import of sdzoo: the start-up hook registers it, and it reads the environment
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        converted = timm.create_model("resnet26", drop_path_rate=0.2, num_classes=3)
+        plain = timm.create_model("resnet26", num_classes=3)
+        zoo = timm.create_model("sd_resnet20_cifar")
+        masks_only = timm.create_model("rdnet_tiny", drop_path_rate=0.2, device="meta")
+    print(json.dumps(dict(
+        gates=len(converted.drop_path_sampler.survival_probs), mode=converted.drop_path_sampler.mode,
+        seed=converted.drop_path_sampler.seed, plain=hasattr(plain, "drop_path_sampler"),
+        zoo=hasattr(zoo, "drop_path_sampler"), masks_only=hasattr(masks_only, "drop_path_sampler"),
+        warnings=[str(w.message) for w in caught])))
+""")
+
+
+def run_with_env(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+
+
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+def test_the_environment_converts_every_timm_create_model(mode):
+    proc = run_with_env(CONVERTED_BY_ENV, SDZOO_CONVERT_DROP_PATH=mode, SDZOO_CONVERT_SEED="7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["gates"] == 6 and result["mode"] == mode and result["seed"] == 7  # rates below 0.05 stay masks
+    assert not result["plain"] and not result["zoo"] and not result["masks_only"]
+    assert any("rdnet_tiny keeps timm's drop-path masks" in w for w in result["warnings"]), result["warnings"]
+    assert f"SDZOO_CONVERT_DROP_PATH={mode}: resnet26 converted, 6 branches on gates (seed 7)" in proc.stderr
+
+
+@pytest.mark.parametrize("env,match", [
+    (dict(SDZOO_CONVERT_DROP_PATH="row"), "SDZOO_CONVERT_DROP_PATH must be one of 'sample', 'batch'"),
+    (dict(SDZOO_CONVERT_DROP_PATH="batch", SDZOO_CONVERT_SEED="x"), "SDZOO_CONVERT_SEED must be an integer"),
+])
+def test_a_bad_environment_setting_names_itself(env, match):
+    proc = run_with_env("import timm; timm.create_model('resnet26', drop_path_rate=0.2, device='meta')", **env)
+    assert proc.returncode != 0 and match in proc.stderr, proc.stderr[-2000:]
+
+
+def test_without_the_setting_nothing_is_converted():
+    proc = run_with_env("import timm; m = timm.create_model('resnet26', drop_path_rate=0.2, device='meta'); "
+                        "print(hasattr(m, 'drop_path_sampler'))", SDZOO_CONVERT_DROP_PATH="off")
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+TIMM_TRAIN_PY = os.environ.get("SDZOO_TIMM_TRAIN_PY")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TIMM_TRAIN_PY, reason="timm's train.py is not in timm's distributions: set SDZOO_TIMM_TRAIN_PY "
+                                              "to a copy of pytorch-image-models' train.py to run it")
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+def test_timms_own_train_py_trains_a_converted_model(tmp_path, mode):
+    from PIL import Image
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "validation"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(8):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / label / f"{i}.png")
+    proc = subprocess.run(
+        [sys.executable, TIMM_TRAIN_PY, str(tmp_path / "data"), "--model", "convnext_atto", "--drop-path", "0.3",
+         "--epochs", "2", "-b", "4", "--num-classes", "2", "--input-size", "3", "32", "32", "--workers", "0",
+         "--device", "cpu", "--model-ema", "--output", str(tmp_path / "out"), "--warmup-epochs", "0"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1", SDZOO_CONVERT_DROP_PATH=mode))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"SDZOO_CONVERT_DROP_PATH={mode}: convnext_atto converted, 10 branches on gates" in proc.stderr
+    summary = (next((tmp_path / "out").glob("*/summary.csv"))).read_text().splitlines()
+    assert len(summary) == 3  # a header and both epochs
