@@ -120,17 +120,10 @@ def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
     for a file written elsewhere. Raises ValueError naming the file when the metadata is malformed."""
     from safetensors import safe_open
 
+    from .integrity import recorded_settings  # imports this module: imported when called
+
     with safe_open(os.fspath(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(SETTINGS_KEY)
-    if text is None:
-        return None
-    try:
-        settings = json.loads(text)
-    except ValueError:
-        settings = None
-    if not isinstance(settings, dict) or not isinstance(settings.get("model_args"), dict):
-        raise ValueError(f"{path}: the {SETTINGS_KEY!r} metadata is not a JSON object with model_args")
-    return settings
+        return recorded_settings(f.metadata() or {}, os.fspath(path))
 
 
 def read_run_config(path: PathLike) -> Dict[str, Any]:
