@@ -288,10 +288,11 @@ def test_compiled_in_one_graph_without_recompiles(name, mode):
     backend = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     size = FAMILIES[name]["size"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # a recompile warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for step in range(3):
             step_compiled_and_eager(compiled, eager, torch.randn(4, 3, size, size))
+    assert not [str(w.message) for w in caught if "recompil" in str(w.message).lower()]  # the limit's warning
     assert backend.frame_count == 1, f"{backend.frame_count} graphs"
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert model.drop_path_sampler.step == 3 == eager.drop_path_sampler.step
