@@ -115,8 +115,15 @@ with torch.no_grad():
     out = model(io["x"])
 assert torch.equal(out, io["out"]), (out - io["out"]).abs().max()
 assert model.scaling == "inverted", model.scaling
-# fine-tuning: a new head for 10 classes, every other tensor the pretrained one
-tuned = timm.create_model(name, pretrained=True, num_classes=10)
+# fine-tuning: a new head for 10 classes, every other tensor the pretrained one. A load accounts for every
+# tensor of the file (sdzoo.integrity), so the head is replaced after it, not dropped by timm's loader.
+try:
+    timm.create_model(name, pretrained=True, num_classes=10)
+    raise SystemExit("a load that drops the file's head was not refused")
+except ValueError as e:
+    assert "num_classes=10" in str(e), e
+tuned = timm.create_model(name, pretrained=True)
+tuned.reset_classifier(10)
 state = tuned.state_dict()
 assert state["fc.weight"].shape == (10, 2048)
 assert all(torch.equal(state[k], v) for k, v in weights.items() if not k.startswith("fc.")), "trunk differs"
