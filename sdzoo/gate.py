@@ -134,14 +134,17 @@ class GateSampler:
         return kept
 
     def start_forward(self, batch_size: int, device: Optional[torch.device] = None) -> List[Optional[Tensor]]:
-        """Draw the gates of a new training forward (or keep the held ones) and count the forward."""
+        """Draw the gates of a new training forward (or keep the held ones) and count the step: a held group of
+        micro-batches is one step, so accumulating over N micro-batches draws as N processes do."""
         key = self.step
-        if self._held is not None:
-            if self._held[0] is None:
-                self._held[0] = key
+        if self._held is None:
+            self.step += 1
+        elif self._held[0] is None:  # the first forward of a held group: the group is one step
+            self._held[0] = key
+            self.step += 1
+        else:
             key = self._held[0]
         self.gates = self.draw(batch_size, device, step=key)
-        self.step += 1
         self.last_draw = (self.gates, batch_size)
         self._batch_size, self._taken = batch_size, set()
         return self.gates

@@ -221,6 +221,7 @@ def test_same_gates_draws_once_for_the_micro_batches(gate_mode):
             model(micro).sum().backward()
             draws.append([g.clone() for g in model.gate_sampler.gates])
     assert all(torch.equal(a, b) for a, b in zip(*draws)), "the micro-batches drew different gates"
+    assert model.gate_sampler.step == 1  # the group is one step
     assert draws[0] == draws[0] and any(g.numel() < 4 for g in draws[0]) if gate_mode == "sample" else True
     if gate_mode == "batch":  # the gates of the mini-batch's step, as one forward of it draws them
         assert all(torch.equal(a, b) for a, b in zip(draws[0], model.gate_sampler.draw(8, step=0)))

@@ -162,7 +162,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
     for key in a["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][key]["momentum_buffer"],
                            b["optimizer"]["state"][key]["momentum_buffer"])
-    assert torch.equal(a["rng"]["gates"], b["rng"]["gates"])
+    assert a["rng"]["gates"] == b["rng"]["gates"]
     assert (ref / "gates_rank0.txt").read_text() == (killed / "gates_rank0.txt").read_text()
     assert [_without_times(r) for r in read_metrics(ref / "metrics.jsonl")] == \
            [_without_times(r) for r in read_metrics(killed / "metrics.jsonl")]
