@@ -272,6 +272,7 @@ def _timm_weights_cfg_tests_left_out() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_timm_model_suite_passes_on_the_zoo(tmp_path):
     # TorchScript tests are left out: the gates draw with a torch.Generator and decide in Python, which
     # torch.jit.script cannot compile; TorchScript is deprecated in favour of torch.export, which works.

@@ -215,68 +215,98 @@ def test_a_bare_checkpoint_brings_its_survival_settings(tmp_path, capsys):
 
 
 # 7 -----------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_mistakes_exit_2_with_a_message_that_names_the_flag_or_file(trained_run, tmp_path, capsys, monkeypatch):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    train_cases = [
-        (["--output", str(a_file)], "is a file"),
-        (["--output", str(a_file / "run")], "is a file, not a folder"),
-        (["--weight-decay", "1e308"], "--weight-decay"),
-        (["--seed", str(2**64)], "--seed"),
-        (["--image-size", "100000"], "--image-size"),
-        (["--shift", "40"], "--shift 40 must be smaller than the image"),
-    ]
-    for flags, expected in train_cases:
-        code = exit_code(sdtrain.main, [*FAST, "--epochs", "1", *(["--output", str(tmp_path / "r")]
-                                                                  if "--output" not in flags else []), *flags])
-        assert code == 2 and expected in capsys.readouterr().err, flags
+# Mistakes exit 2 with a message that names the flag or file, and leave nothing behind: one case a test.
+TRAIN_FLAG_MISTAKES = [
+    (["--output", "{a_file}"], "is a file"),
+    (["--output", "{a_file}/run"], "is a file, not a folder"),
+    (["--weight-decay", "1e308"], "--weight-decay"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--image-size", "100000"], "--image-size"),
+    (["--shift", "40"], "--shift 40 must be smaller than the image"),
+]
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    """A regular file where a folder is expected."""
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    return path
+
+
+@pytest.mark.parametrize("flags,expected", TRAIN_FLAG_MISTAKES, ids=[e for _, e in TRAIN_FLAG_MISTAKES])
+def test_train_flag_mistakes_exit_2_naming_the_flag(flags, expected, a_file, tmp_path, capsys):
+    flags = [f.format(a_file=a_file) for f in flags]
+    output = [] if "--output" in flags else ["--output", str(tmp_path / "r")]
+    code = exit_code(sdtrain.main, [*FAST, "--epochs", "1", *output, *flags])
+    assert code == 2 and expected in capsys.readouterr().err, flags
     assert not (tmp_path / "r").exists()
 
-    for name, content in (("list.pt", [1, 2, 3]), ("dict.pt", {"format": 1, "model": {}})):
-        torch.save(content, tmp_path / name)
-        assert sdtrain.main(["--resume", str(tmp_path / name)]) == 2
-        assert "not a checkpoint of this trainer" in capsys.readouterr().err
-    torch.save({"obj": Path("elsewhere")}, tmp_path / "pickle.pt")  # a class: refused unloaded
+
+@pytest.mark.parametrize("name,content", [("list.pt", [1, 2, 3]), ("dict.pt", {"format": 1, "model": {}})])
+def test_resume_of_a_torch_file_of_something_else_exits_2(name, content, tmp_path, capsys):
+    torch.save(content, tmp_path / name)
+    assert sdtrain.main(["--resume", str(tmp_path / name)]) == 2
+    assert "not a checkpoint of this trainer" in capsys.readouterr().err
+
+
+def test_resume_of_a_pickled_class_is_refused_unloaded(tmp_path, capsys):
+    torch.save({"obj": Path("elsewhere")}, tmp_path / "pickle.pt")
     assert sdtrain.main(["--resume", str(tmp_path / "pickle.pt")]) == 2
     err = capsys.readouterr().err
     assert "nothing in it was run" in err and "weights_only=False" not in err
 
-    export = load_script("export_onnx")
-    for flags, expected in ((["--output", str(tmp_path)], "is a directory"),
-                            (["--output", str(a_file / "m.onnx")], "is a file"),
-                            (["--output", str(tmp_path / "q.onnx"), "--quantize", "int8", "--calib-images", "0"],
-                             "--calib-images"),
-                            (["--output", str(tmp_path / "q.onnx"), "--benchmark", "--bench-seconds", "0"],
-                             "--bench-seconds must be a positive number of seconds")):
-        code = exit_code(export.main, ["--model", f"local-dir:{trained_run}", *flags])
-        assert code == 2 and expected in capsys.readouterr().err, flags
+
+EXPORT_FLAG_MISTAKES = [
+    (["--output", "{tmp_path}"], "is a directory"),
+    (["--output", "{a_file}/m.onnx"], "is a file"),
+    (["--output", "{tmp_path}/q.onnx", "--quantize", "int8", "--calib-images", "0"], "--calib-images"),
+    (["--output", "{tmp_path}/q.onnx", "--benchmark", "--bench-seconds", "0"],
+     "--bench-seconds must be a positive number of seconds"),
+]
+
+
+@pytest.mark.parametrize("flags,expected", EXPORT_FLAG_MISTAKES, ids=[e for _, e in EXPORT_FLAG_MISTAKES])
+def test_export_flag_mistakes_exit_2_naming_the_flag(flags, expected, trained_run, a_file, tmp_path, capsys):
+    flags = [f.format(a_file=a_file, tmp_path=tmp_path) for f in flags]
+    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{trained_run}", *flags])
+    assert code == 2 and expected in capsys.readouterr().err, flags
     assert not (tmp_path / "q.onnx").exists()
 
-    for config, expected in (("{", "is not valid JSON"),
-                             (json.dumps(dict(architecture="sd_resnet20_cifar", model_args=[1, 2])),
-                              "'model_args' must be a JSON object")):
-        broken = tmp_path / "broken"
-        broken.mkdir(exist_ok=True)
-        (broken / CONFIG_NAME).write_text(config)
-        (broken / WEIGHTS_NAME).write_bytes((trained_run / WEIGHTS_NAME).read_bytes())
-        code = exit_code(export.main, ["--model", f"local-dir:{broken}", "--output", str(tmp_path / "b.onnx")])
-        err = capsys.readouterr().err
-        assert code == 2 and expected in err and str(broken / CONFIG_NAME) in err
-        with pytest.raises(hub.CheckpointMismatchError, match=expected):
-            hub.load_run(broken)
 
+@pytest.mark.parametrize("config,expected", [
+    ("{", "is not valid JSON"),
+    (json.dumps(dict(architecture="sd_resnet20_cifar", model_args=[1, 2])), "'model_args' must be a JSON object"),
+], ids=["not-json", "model_args-not-an-object"])
+def test_a_broken_config_is_named_by_export_and_load_run(config, expected, trained_run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / CONFIG_NAME).write_text(config)
+    (broken / WEIGHTS_NAME).write_bytes((trained_run / WEIGHTS_NAME).read_bytes())
+    code = exit_code(load_script("export_onnx").main,
+                     ["--model", f"local-dir:{broken}", "--output", str(tmp_path / "b.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and str(broken / CONFIG_NAME) in err
+    with pytest.raises(hub.CheckpointMismatchError, match=expected):
+        hub.load_run(broken)
+
+
+def test_push_timeout_must_be_positive(trained_run, tmp_path, capsys):
     push = load_script("push_to_hub")
     assert push.main(["--model", str(trained_run), "--repo-id", "tester/t", "--local-dir", str(tmp_path / "h"),
                       "--timeout", "-1"]) == 2
     assert "--timeout must be a positive number of seconds" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
 
-    benchmark = load_script("benchmark")
-    assert exit_code(benchmark.parse_args, ["--json", str(a_file / "b.json")]) == 2
+
+def test_benchmark_json_path_under_a_file_exits_2(a_file, capsys):
+    assert exit_code(load_script("benchmark").parse_args, ["--json", str(a_file / "b.json")]) == 2
     assert "--json" in capsys.readouterr().err
 
-    # A full disk (here: a file-size limit) while a resumed run writes: exit 2, the checkpoint intact.
+
+@pytest.mark.slow
+def test_a_full_disk_while_resuming_exits_2_with_the_checkpoint_intact(tmp_path, capsys, monkeypatch):
+    # a file-size limit stands in for a full disk
     run = interrupted_run(tmp_path / "full", monkeypatch)
     capsys.readouterr()
     before = snapshot(run)
@@ -287,7 +317,8 @@ def test_mistakes_exit_2_with_a_message_that_names_the_flag_or_file(trained_run,
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     proc = subprocess.run([sys.executable, str(TRAIN), "--resume", str(run), "--quiet"], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT, preexec_fn=limit_file_size)
+                          text=True, timeout=300, cwd=ROOT, preexec_fn=limit_file_size,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2, proc.stderr
     assert "cannot write the run folder" in proc.stderr and "Traceback" not in proc.stderr
     after = snapshot(run)
