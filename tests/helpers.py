@@ -1,5 +1,6 @@
 """Small helpers shared by the test files."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,13 @@ def run_two_processes(script: Path, *args, timeout: float = 600) -> subprocess.C
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
          *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def run_distributed_loop(loop: str, cases, steps: int, out: Path) -> dict:
+    """tests/distributed_loops.py's ``loop`` ("ddp" or "fsdp2") on two processes; its result per case."""
+    proc = run_two_processes(Path(__file__).with_name("distributed_loops.py"), loop, json.dumps(cases), steps, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(Path(out).read_text())
 
 
 def load_script(name: str):

@@ -6,10 +6,8 @@ executed FLOPs of each branch gone when its gate drops it. FLOPs are counted on 
 (torch.utils.flop_counter counts from shapes), so a step costs no compute.
 """
 import copy
-import json
 import math
 import pickle
-import textwrap
 import warnings
 
 import pytest
@@ -24,7 +22,7 @@ from sdzoo.convert import DropPathGate, inspect_drop_paths
 from sdzoo.gate import kept_per_sample_count, set_drop_rate_factor
 from sdzoo.survival import drop_warmup_factor
 
-from helpers import randomize_batchnorm, run_two_processes, step_compiled_and_eager
+from helpers import randomize_batchnorm, run_distributed_loop, step_compiled_and_eager
 
 MODES = ["sample", "batch"]
 RATE = 0.4
@@ -441,71 +439,20 @@ def test_warmup_ramp_sets_the_rates_in_effect():
             [1 - factor * (1 - p) for p in zoo.block_survival_probs()])
 
 
-# -- distributed: a plain DDP loop and FSDP2 ------------------------------------------------------------------------
-PLAIN_DDP_LOOP = textwrap.dedent("""
-    # A plain DDP loop (no find_unused_parameters) on converted timm models, both modes; one model is
-    # converted through its DDP wrapper.
-    import json, sys
-    import torch, torch.distributed as dist, torch.nn.functional as F
-    import timm, sdzoo
-
-    MODELS = {"resnet26": {}, "vit_tiny_patch16_224": dict(img_size=32, depth=4),
-              "efficientnet_b0": {}, "swin_tiny_patch4_window7_224": dict(img_size=32, window_size=4, depths=(1, 1, 2, 1)),
-              "eva02_tiny_patch14_224": dict(img_size=32, patch_size=16, depth=3)}
-
-    def train(out, steps):
-        # a function, as in the DDP tutorial: the models and DDP are freed before the process group goes
-        rank = dist.get_rank()
-        results = {}
-        for name, kwargs in MODELS.items():
-            for mode in ("sample", "batch"):
-                torch.manual_seed(0)
-                model = timm.create_model(name, drop_path_rate=0.4, num_classes=10, **kwargs)
-                start = [p.detach().clone() for p in model.parameters()]
-                if name == "resnet26":
-                    ddp = torch.nn.parallel.DistributedDataParallel(model)
-                    sdzoo.convert_drop_path(ddp, mode=mode, seed=1, min_drop_rate=0.0)
-                else:
-                    sdzoo.convert_drop_path(model, mode=mode, seed=1, min_drop_rate=0.0)
-                    ddp = torch.nn.parallel.DistributedDataParallel(model)
-                optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-                data = torch.Generator().manual_seed(100 + rank)
-                skipped = 0
-                for step in range(steps):
-                    x, y = torch.randn(4, 3, 32, 32, generator=data), torch.randint(0, 10, (4,), generator=data)
-                    loss = F.cross_entropy(ddp(x), y)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    gates = model.drop_path_sampler.gates
-                    skipped += sum(int(g.numel() < 4) if mode == "sample" else int(float(g) == 0) for g in gates)
-                flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-                replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-                dist.all_gather(replicas, flat)
-                moved = max((p.detach() - s).abs().max().item() for p, s in zip(model.parameters(), start))
-                results[f"{name} {mode}"] = dict(
-                    skipped=skipped, moved=moved, loss=loss.item(),
-                    replica_max_diff=max((r - replicas[0]).abs().max().item() for r in replicas))
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(results, f)
-
-    dist.init_process_group("gloo")
-    train(sys.argv[1], int(sys.argv[2]))
-    print(f"rank {dist.get_rank()}: trained", file=sys.stderr, flush=True)  # where a failure happened
-    dist.barrier()  # no rank closes its connections while another still uses them
-    dist.destroy_process_group()
-""")
+# -- distributed: a plain DDP loop and FSDP2 (tests/distributed_loops.py) --------------------------------------
+DDP_CASES = [
+    dict(model=name, kwargs=dict(kwargs, drop_path_rate=RATE), convert=mode,
+         convert_through_ddp=name == "resnet26")  # one converted through its DDP wrapper
+    for name, kwargs in {"resnet26": {}, "vit_tiny_patch16_224": dict(img_size=32, depth=4), "efficientnet_b0": {},
+                         "swin_tiny_patch4_window7_224": dict(img_size=32, window_size=4, depths=(1, 1, 2, 1)),
+                         "eva02_tiny_patch14_224": dict(img_size=32, patch_size=16, depth=3)}.items()
+    for mode in MODES]
 
 
 @pytest.mark.slow
 def test_plain_ddp_loop_trains_converted_models(tmp_path):
-    script = tmp_path / "loop.py"
-    script.write_text(PLAIN_DDP_LOOP)
-    out = tmp_path / "result.json"
-    proc = run_two_processes(script, out, 2)  # DDP refuses the second step when a parameter had no gradient
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    # two steps: DDP refuses the second one when a parameter had no gradient
+    results = run_distributed_loop("ddp", DDP_CASES, 2, tmp_path / "result.json")
     assert len(results) == 10
     for case, r in results.items():
         assert r["skipped"] > 0, f"{case}: nothing was dropped, the loop did not test the skip"
@@ -513,61 +460,13 @@ def test_plain_ddp_loop_trains_converted_models(tmp_path):
         assert r["moved"] > 0 and math.isfinite(r["loss"]), case
 
 
-FSDP2_LOOP = textwrap.dedent("""
-    # FSDP2 (fully_shard per block, then the root) on a converted ViT: the ranks draw the same gates, a skipped
-    # branch still takes part in every reduce-scatter, and the sharded weights stay one model.
-    import json, sys
-    import torch, torch.distributed as dist, torch.nn.functional as F
-    from torch.distributed.fsdp import fully_shard
-    import timm, sdzoo
-
-    def train(out, steps):
-        rank = dist.get_rank()
-        results = {}
-        for mode in ("sample", "batch"):
-            torch.manual_seed(0)
-            model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4, drop_path_rate=0.4, num_classes=10)
-            sdzoo.convert_drop_path(model, mode=mode, seed=1, min_drop_rate=0.0)
-            for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-            data = torch.Generator().manual_seed(100 + rank)
-            draws, skipped = [], 0
-            for step in range(steps):
-                x, y = torch.randn(4, 3, 32, 32, generator=data), torch.randint(0, 10, (4,), generator=data)
-                loss = F.cross_entropy(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                gates = model.drop_path_sampler.gates
-                draws.append([g.tolist() for g in gates])
-                skipped += sum(int(g.numel() < 4) if mode == "sample" else int(float(g) == 0) for g in gates)
-            all_draws = [None] * dist.get_world_size()
-            dist.all_gather_object(all_draws, draws)
-            full = {n: p.full_tensor() for n, p in model.named_parameters()}
-            results[mode] = dict(same_draws=all(d == all_draws[0] for d in all_draws), skipped=skipped,
-                                 loss=loss.item(), finite=all(bool(t.isfinite().all()) for t in full.values()))
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(results, f)
-
-    dist.init_process_group("gloo")
-    train(sys.argv[1], int(sys.argv[2]))
-    print(f"rank {dist.get_rank()}: trained", file=sys.stderr, flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-""")
-
-
 @pytest.mark.slow
 def test_fsdp2_trains_a_converted_model(tmp_path):
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP2_LOOP)
-    out = tmp_path / "result.json"
-    proc = run_two_processes(script, out, 3)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    # the ranks draw the same gates, a skipped branch still takes part in every reduce-scatter, and the
+    # sharded weights stay one model
+    vit = dict(model="vit_tiny_patch16_224", kwargs=dict(img_size=32, depth=4, drop_path_rate=RATE))
+    results = run_distributed_loop("fsdp2", [dict(vit, convert=mode) for mode in MODES], 3, tmp_path / "result.json")
+    assert len(results) == 2
     for mode, r in results.items():
         assert r["same_draws"], f"{mode}: the ranks drew different gates"
         assert r["skipped"] > 0, f"{mode}: nothing was dropped"

@@ -18,60 +18,14 @@ from timm.models import save_for_hf
 from sdzoo.fold import fold_survival
 from sdzoo.models.sd_resnet import checkpoint_filter_fn
 
-from helpers import randomize_batchnorm, run_two_processes
+from helpers import randomize_batchnorm, run_distributed_loop
 
-# -- a plain DDP loop ------------------------------------------------------------------------------------
-PLAIN_DDP_LOOP = textwrap.dedent("""
-    # What the PyTorch DDP tutorial and timm's train.py do: no find_unused_parameters, no sdzoo import.
-    import json, sys
-    import torch, torch.distributed as dist, torch.nn.functional as F
-    import timm
-
-    def train(name, size, steps, out):
-        # a function, as in the DDP tutorial: the model and DDP are freed before the process group goes
-        rank = dist.get_rank()
-        torch.manual_seed(0)
-        model = timm.create_model(name, num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, size, size)))
-        start = [p.detach().clone() for p in model.parameters()]
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        data = torch.Generator().manual_seed(100 + rank)  # each rank its own part of the data
-        skipped = 0
-        for step in range(steps):
-            x, y = torch.randn(4, 3, size, size, generator=data), torch.randint(0, 10, (4,), generator=data)
-            skipped += sum(not bool(g) for g in model.gate_sampler.draw(4))  # this step's gates, drawn ahead
-            loss = F.cross_entropy(ddp(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        # the weights; BatchNorm statistics are each rank's own until DDP broadcasts rank 0's at a forward
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-        dist.all_gather(replicas, flat)
-        if rank == 0:
-            moved = max((p.detach() - s).abs().max().item() for p, s in zip(model.parameters(), start))
-            diff = max((r - replicas[0]).abs().max().item() for r in replicas)
-            result = dict(skipped=skipped, replica_max_diff=diff, moved=moved, loss=loss.item())
-            with open(out, "w") as f:
-                json.dump(result, f)
-
-    dist.init_process_group("gloo")
-    train(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
-    print(f"rank {dist.get_rank()}: trained", file=sys.stderr, flush=True)  # where a failure happened
-    dist.barrier()  # no rank closes its connections while another still uses them
-    dist.destroy_process_group()
-""")
-
-
+# -- a plain DDP loop (tests/distributed_loops.py) ----------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("sd_resnet20_cifar", 32), ("sd_resnet50", 64)])
 def test_plain_ddp_loop_trains_and_replicas_stay_equal(tmp_path, name, size):
-    script = tmp_path / "loop.py"
-    script.write_text(PLAIN_DDP_LOOP)
-    out = tmp_path / "result.json"
-    proc = run_two_processes(script, name, size, 6, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    results = run_distributed_loop("ddp", [dict(model=name, size=size)], 6, tmp_path / "result.json")
+    result = results[f"{name} zoo"]
     assert result["skipped"] > 0, "no block was skipped: the loop did not test the skip"
     assert result["replica_max_diff"] == 0.0
     assert result["moved"] > 0 and math.isfinite(result["loss"])
