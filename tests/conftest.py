@@ -1,10 +1,23 @@
 """Fixtures and markers shared by the test files.
 
-``gpu`` tests are skipped where CUDA is not available, so the suite passes on a CPU-only machine; ``.ci/gpu``
-runs them where a GPU is. ``network`` marks the tests that may fetch a package with pip (timm's sdist).
+``trained_run`` is the one run folder of the trainer that the test modules share; ``cli`` runs a script's
+``main`` as its command line would (exit code, stdout, stderr); ``hub_token`` is a random token, so that a
+leak is found by a search for it, not by luck. ``gpu`` tests are skipped where CUDA is not available, so the
+suite passes on a CPU-only machine (``.ci/gpu`` runs them where a GPU is); ``network`` marks the tests that may
+fetch a package with pip (timm's sdist).
 """
+import secrets
+from collections import namedtuple
+
 import pytest
 import torch
+
+from sdzoo import train as sdtrain
+
+Result = namedtuple("Result", "code out err")
+
+TRAINED_RUN_ARGS = ["--dataset", "digits", "--model", "sd_resnet20_cifar", "--batch-size", "64", "--epochs", "8",
+                    "--device", "cpu", "--quiet", "--threads", "1"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,3 +27,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(no_gpu)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished run folder of the trainer: sd_resnet20_cifar, eight epochs on the digits (about 15 s; about
+    85% test accuracy). Tests only read it: each copies what it changes."""
+    out = tmp_path_factory.mktemp("trained") / "r20"
+    assert sdtrain.main([*TRAINED_RUN_ARGS, "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(main, argv)``: a script's ``main`` run in process as from its command line; its exit code (from
+    the return value or a SystemExit, as argparse raises it), stdout and stderr."""
+    def run(main, argv):
+        capsys.readouterr()
+        try:
+            code = main(list(map(str, argv)))
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+    return run
+
+
+@pytest.fixture(scope="session")
+def hub_token():
+    return "hf_sdzoo_test_" + secrets.token_hex(12)

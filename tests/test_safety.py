@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import time
@@ -29,7 +28,6 @@ from hub_server import FakeHub
 from helpers import ROOT, load_script, randomize_batchnorm
 
 TRAIN = ROOT / "scripts" / "train.py"
-TOKEN = "hf_sdzoo_safety_" + secrets.token_hex(12)
 FAST = ["--dataset", "digits", "--batch-size", "128", "--device", "cpu", "--quiet", "--threads", "1"]
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -45,14 +43,6 @@ def exit_code(fn, *args):
         return fn(*args)
     except SystemExit as e:
         return e.code
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A finished one-epoch run folder (kept read-only by the tests: each copies what it changes)."""
-    out = tmp_path_factory.mktemp("run") / "r20"
-    assert sdtrain.main([*FAST, "--epochs", "1", "--output", str(out)]) == 0
-    return out
 
 
 def interrupted_run(out: Path, monkeypatch, extra=()):
@@ -163,11 +153,11 @@ def test_run_digits_creates_each_fresh_folder_atomically(tmp_path):
 
 # 5 -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_push_exits_within_its_timeout_when_the_hub_never_answers_the_commit(trained_run, tmp_path):
+def test_push_exits_within_its_timeout_when_the_hub_never_answers_the_commit(trained_run, tmp_path, hub_token):
     timeout = 4
-    with FakeHub(tokens={TOKEN: "tester"}) as server:
+    with FakeHub(tokens={hub_token: "tester"}) as server:
         server.hang("POST", r"/commit/")
-        env = dict(os.environ, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+        env = dict(os.environ, HF_TOKEN=hub_token, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
                    HF_HUB_DISABLE_TELEMETRY="1")
         start = time.monotonic()
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), "--model", str(trained_run),
@@ -184,7 +174,7 @@ def test_push_exits_within_its_timeout_when_the_hub_never_answers_the_commit(tra
     assert end - start < 60
     assert "did not answer in time" in proc.stderr
     assert "was deleted again" in proc.stderr and "tester/hangs" not in repos  # no empty repo left
-    assert TOKEN not in proc.stdout + proc.stderr
+    assert hub_token not in proc.stdout + proc.stderr
 
 
 # 6 -----------------------------------------------------------------------------------------------------
@@ -235,11 +225,11 @@ def a_file(tmp_path):
 
 
 @pytest.mark.parametrize("flags,expected", TRAIN_FLAG_MISTAKES, ids=[e for _, e in TRAIN_FLAG_MISTAKES])
-def test_train_flag_mistakes_exit_2_naming_the_flag(flags, expected, a_file, tmp_path, capsys):
+def test_train_flag_mistakes_exit_2_naming_the_flag(flags, expected, a_file, tmp_path, cli):
     flags = [f.format(a_file=a_file) for f in flags]
-    output = [] if "--output" in flags else ["--output", str(tmp_path / "r")]
-    code = exit_code(sdtrain.main, [*FAST, "--epochs", "1", *output, *flags])
-    assert code == 2 and expected in capsys.readouterr().err, flags
+    output = [] if "--output" in flags else ["--output", tmp_path / "r"]
+    result = cli(sdtrain.main, [*FAST, "--epochs", "1", *output, *flags])
+    assert result.code == 2 and expected in result.err, flags
     assert not (tmp_path / "r").exists()
 
 
@@ -267,10 +257,10 @@ EXPORT_FLAG_MISTAKES = [
 
 
 @pytest.mark.parametrize("flags,expected", EXPORT_FLAG_MISTAKES, ids=[e for _, e in EXPORT_FLAG_MISTAKES])
-def test_export_flag_mistakes_exit_2_naming_the_flag(flags, expected, trained_run, a_file, tmp_path, capsys):
+def test_export_flag_mistakes_exit_2_naming_the_flag(flags, expected, trained_run, a_file, tmp_path, cli):
     flags = [f.format(a_file=a_file, tmp_path=tmp_path) for f in flags]
-    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{trained_run}", *flags])
-    assert code == 2 and expected in capsys.readouterr().err, flags
+    result = cli(load_script("export_onnx").main, ["--model", f"local-dir:{trained_run}", *flags])
+    assert result.code == 2 and expected in result.err, flags
     assert not (tmp_path / "q.onnx").exists()
 
 
@@ -278,30 +268,27 @@ def test_export_flag_mistakes_exit_2_naming_the_flag(flags, expected, trained_ru
     ("{", "is not valid JSON"),
     (json.dumps(dict(architecture="sd_resnet20_cifar", model_args=[1, 2])), "'model_args' must be a JSON object"),
 ], ids=["not-json", "model_args-not-an-object"])
-def test_a_broken_config_is_named_by_export_and_load_run(config, expected, trained_run, tmp_path, capsys):
+def test_a_broken_config_is_named_by_export_and_load_run(config, expected, trained_run, tmp_path, cli):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / CONFIG_NAME).write_text(config)
     (broken / WEIGHTS_NAME).write_bytes((trained_run / WEIGHTS_NAME).read_bytes())
-    code = exit_code(load_script("export_onnx").main,
-                     ["--model", f"local-dir:{broken}", "--output", str(tmp_path / "b.onnx")])
-    err = capsys.readouterr().err
-    assert code == 2 and expected in err and str(broken / CONFIG_NAME) in err
+    result = cli(load_script("export_onnx").main, ["--model", f"local-dir:{broken}", "--output", tmp_path / "b.onnx"])
+    assert result.code == 2 and expected in result.err and str(broken / CONFIG_NAME) in result.err
     with pytest.raises(hub.CheckpointMismatchError, match=expected):
         hub.load_run(broken)
 
 
-def test_push_timeout_must_be_positive(trained_run, tmp_path, capsys):
-    push = load_script("push_to_hub")
-    assert push.main(["--model", str(trained_run), "--repo-id", "tester/t", "--local-dir", str(tmp_path / "h"),
-                      "--timeout", "-1"]) == 2
-    assert "--timeout must be a positive number of seconds" in capsys.readouterr().err
+def test_push_timeout_must_be_positive(trained_run, tmp_path, cli):
+    result = cli(load_script("push_to_hub").main, ["--model", trained_run, "--repo-id", "tester/t", "--local-dir",
+                                                    tmp_path / "h", "--timeout", "-1"])
+    assert result.code == 2 and "--timeout must be a positive number of seconds" in result.err
     assert not (tmp_path / "h").exists()
 
 
-def test_benchmark_json_path_under_a_file_exits_2(a_file, capsys):
-    assert exit_code(load_script("benchmark").parse_args, ["--json", str(a_file / "b.json")]) == 2
-    assert "--json" in capsys.readouterr().err
+def test_benchmark_json_path_under_a_file_exits_2(a_file, cli):
+    result = cli(load_script("benchmark").parse_args, ["--json", a_file / "b.json"])
+    assert result.code == 2 and "--json" in result.err
 
 
 @pytest.mark.slow
@@ -350,9 +337,9 @@ def test_a_resumed_run_may_lower_the_lr_and_interrupts_say_what_is_kept(tmp_path
 
 # 9 -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_repo_id_never_overwrites_a_file_the_project_ships(trained_run, tmp_path, monkeypatch, capsys):
+def test_a_repo_id_never_overwrites_a_file_the_project_ships(trained_run, tmp_path, monkeypatch, capsys, hub_token):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_TOKEN", hub_token)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     shipped = snapshot(ROOT / "model_cards")
     cards = tmp_path / "cards"
@@ -360,7 +347,7 @@ def test_a_repo_id_never_overwrites_a_file_the_project_ships(trained_run, tmp_pa
     for name in shipped:
         (cards / name).write_bytes((ROOT / "model_cards" / name).read_bytes())
     cli = load_script("push_to_hub")
-    with FakeHub(tokens={TOKEN: "tester"}) as server:
+    with FakeHub(tokens={hub_token: "tester"}) as server:
         for repo_id in ("tester/README", "tester/template"):
             code = cli.main(["--model", str(trained_run), "--repo-id", repo_id, "--endpoint", server.url,
                              "--card-dir", str(cards)])
@@ -464,15 +451,16 @@ else:
 
 
 @pytest.mark.slow
-def test_21_1_and_3_a_hub_repo_of_other_classes_or_folded_weights_is_refused_over_hf_hub(tmp_path, monkeypatch):
+def test_21_1_and_3_a_hub_repo_of_other_classes_or_folded_weights_is_refused_over_hf_hub(tmp_path, monkeypatch,
+                                                                                        hub_token):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     model = trained_model(survival_prob=0.7)
     wrong_classes = folder_of(model, tmp_path / "classes")
     edit_config(wrong_classes, lambda c: c["model_args"].update(num_classes=100))
     folded_weights = folder_of(model, tmp_path / "folded")
     save_weights(folded_weights / WEIGHTS_NAME, fold_survival(trained_model(survival_prob=0.7)))
-    with FakeHub(tokens={TOKEN: "tester"}) as server:
-        api = huggingface_hub.HfApi(endpoint=server.url, token=TOKEN)
+    with FakeHub(tokens={hub_token: "tester"}) as server:
+        api = huggingface_hub.HfApi(endpoint=server.url, token=hub_token)
         for folder in (wrong_classes, folded_weights):  # uploaded as a hostile repo would be, not by sdzoo
             api.create_repo(f"tester/{folder.name}")
             api.upload_folder(repo_id=f"tester/{folder.name}", folder_path=folder)
