@@ -1,4 +1,5 @@
-"""huggingface_hub's shared HTTP client with one deadline per request, however slowly the Hub answers.
+"""Requests to the Hub: huggingface_hub's shared HTTP client with one deadline per request, however slowly
+the Hub answers, and what a failed request says.
 
 httpx2's timeouts apply to each socket operation, so a server that sends one byte a second never trips them,
 and huggingface_hub passes ``timeout=None`` (no timeout at all) on some calls (``model_info``, hence
@@ -9,19 +10,32 @@ upload's bytes are the client's to send; the Hub's answer, once asked for, is bo
 
 A request past its deadline raises ``HubTimeout``, which huggingface_hub's backoff does not retry, and a
 Hub that asks (Retry-After, RateLimit) to wait longer than ``timeout`` before a retry gets the same error at
-once instead of the sleep.
+once instead of the sleep. ``bounded_waits`` installs that client for a block of Hub calls, made with
+``hub_api``.
+
+``describe_error`` puts a failed request in one line (the HTTP status, the request, the server's message),
+and ``scrub_token`` keeps the token out of every message built from one.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Optional
 
 import httpcore2
 import httpx2
+from huggingface_hub import HfApi, set_client_factory
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import parse_ratelimit_headers
 
-__all__ = ["HubTimeout", "deadline_client"]
+from . import __version__
+from ._checks import check_seconds
+
+__all__ = ["DEFAULT_TIMEOUT", "HubTimeout", "deadline_client", "bounded_waits", "hub_api", "http_error",
+           "describe_error", "is_timeout", "scrub_token"]
+
+DEFAULT_TIMEOUT = 60.0  # seconds within which each request to the Hub ends, its answer read
 
 # The statuses huggingface_hub's http_backoff retries, sleeping as long as the answer's headers ask.
 _RETRIED_STATUSES = (408, 429, 500, 502, 503, 504)
@@ -39,11 +53,11 @@ def _remaining(what: str) -> float:
         return None
     left = deadline - time.monotonic()
     if left <= 0:
-        raise _timed_out(what)
+        raise _timeout_error(what)
     return left
 
 
-def _timed_out(what: str) -> HubTimeout:
+def _timeout_error(what: str) -> HubTimeout:
     return HubTimeout(f"the request did not end within {getattr(_deadlines, 'timeout', 0):g} s ({what})")
 
 
@@ -65,13 +79,13 @@ class _DeadlineStream(httpcore2.NetworkStream):
         try:
             return self._stream.read(max_bytes, _bound(timeout, "reading its answer"))
         except httpcore2.ReadTimeout:  # a read is never given more than the time left: the deadline passed
-            raise _timed_out("reading its answer") from None
+            raise _timeout_error("reading its answer") from None
 
     def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
         try:
             self._stream.write(buffer, _bound(timeout, "sending the request"))
         except httpcore2.WriteTimeout:
-            raise _timed_out("sending the request") from None
+            raise _timeout_error("sending the request") from None
         if getattr(_deadlines, "timeout", None) is not None:
             _start(_deadlines.timeout)  # a part of the body went out: the answer gets the whole timeout
 
@@ -94,7 +108,7 @@ class _DeadlineBackend(httpcore2.NetworkBackend):
             stream = self._backend.connect_tcp(host, port, _bound(timeout, "connecting"), local_address,
                                                socket_options)
         except httpcore2.ConnectTimeout:
-            raise _timed_out("connecting") from None
+            raise _timeout_error("connecting") from None
         return _DeadlineStream(stream)
 
     def connect_unix_socket(self, path, timeout=None, socket_options=None):
@@ -143,3 +157,57 @@ def deadline_client(timeout: float, event_hooks=None) -> httpx2.Client:
     transport."""
     return httpx2.Client(transport=_DeadlineTransport(timeout), event_hooks=event_hooks, follow_redirects=True,
                          timeout=timeout)
+
+
+@contextlib.contextmanager
+def bounded_waits(timeout: float):
+    """Every request of huggingface_hub's shared HTTP client ends within ``timeout`` seconds, end to end:
+    calls that pass ``timeout=None`` and servers that trickle their answer included; a request past its
+    deadline is not retried, and a wait the Hub asks for beyond ``timeout`` is not slept."""
+    from huggingface_hub.utils import _http  # the default client's request hook: offline mode, request ids
+
+    check_seconds("timeout", timeout)
+    # huggingface_hub has no public getter for the factory in use; the default one if the attribute went away.
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+    set_client_factory(lambda: deadline_client(timeout, event_hooks={"request": [_http.hf_request_event_hook]}))
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def hub_api(endpoint: Optional[str], token: Optional[str]) -> HfApi:
+    """The client of the Hub's API, naming sdzoo and its version in its requests."""
+    return HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
+
+
+def http_error(error: BaseException) -> Optional[HfHubHTTPError]:
+    """The HTTP error behind ``error``, or None: the client raises a storage upload's HTTP error as the cause
+    of its own RuntimeError."""
+    while error is not None and not isinstance(error, HfHubHTTPError):
+        error = error.__cause__
+    return error
+
+
+def describe_error(error: BaseException) -> str:
+    """What went wrong, in one line: the HTTP status, the request and the server's message, or the error."""
+    http = http_error(error)
+    if http is None:
+        return f"{type(error).__name__}: {error}"
+    request = http.response.request  # the error's own .request is httpx's, which is not always set
+    return (f"HTTP {http.response.status_code} from {request.method} {request.url.path}"
+            + (f" ({http.server_message})" if http.server_message else ""))
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether ``error``, or an error it came from, is a request that ran out of time."""
+    while error is not None:
+        if isinstance(error, (HubTimeout, httpx2.TimeoutException)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def scrub_token(text: str, token: Optional[str]) -> str:
+    """``text`` with every occurrence of ``token`` replaced: messages quote the Hub's answers and requests."""
+    return text.replace(token, "<token>") if token else text

@@ -90,7 +90,8 @@ def hf_config_of(model: nn.Module, data_config: Optional[Dict[str, Any]] = None,
     """The config.json of ``model``: timm's ``save_config_for_hf`` (the architecture, the model arguments,
     the preprocessing), then ``normalize_config``. ``label_names`` default to those of the model's cfg when
     they fit its head."""
-    # timm exports only save_for_hf (weights and config) publicly; its config half is this function.
+    # Private: timm.models exports only save_for_hf, which writes the weights too (sdzoo writes its own, with the
+    # survival settings in their metadata); this is its config half.
     from timm.models._hub import save_config_for_hf
 
     model_config: Dict[str, Any] = {}

@@ -1,16 +1,16 @@
 """Publishing a training run to the Hugging Face Hub in timm's own format, so that ``hf-hub:`` loads it with timm
-alone.
+alone: the repo's files staged in a folder (or written to a new local one), one commit, and what a failed
+upload leaves on the Hub.
 
 Everything that can be checked is checked before the upload (the weights fit config.json; an ONNX file computes
 what the weights compute), and after it every file's hash is compared with what the Hub reports, without a
-download. Error messages say what state the repo is left in and never contain the token (``_scrub``). Which
-weights are published, and the cfgs that point at them, live in ``sdzoo.pretrained``.
+download: those checks, and loading a run folder, are ``sdzoo.hub_load``; this module re-exports their names.
+Error messages say what state the repo is left in and never contain the token. Which weights are published,
+and the cfgs that point at them, live in ``sdzoo.pretrained``.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -19,33 +19,28 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-import timm
-import httpx2
-from huggingface_hub import HfApi, RepoFile, get_token, set_client_factory
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.utils.sha import git_hash
-from safetensors import SafetensorError
-from torch import nn
 
-from . import __version__
 from ._checks import check_seconds
-from ._hub_http import HubTimeout, deadline_client
 from ._files import PathLike
-from .checkpoint import (
-    CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config,
-    save_weights)
-from .hf_config import head_args, model_kwargs_of_config, write_config
-from .integrity import WeightsError, describe_failure
+from ._hub_http import (
+    DEFAULT_TIMEOUT, bounded_waits, describe_error, http_error, hub_api, is_timeout, scrub_token)
+from .checkpoint import CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, save_weights
+from .hf_config import write_config
+from .hub_load import (
+    CheckpointMismatchError, HubError, Run, VerificationError, check_onnx_matches, file_sha256, load_run,
+    verify_upload)
 from .metrics_plot import read_metrics
 from .model_card import published_summary, render_model_card
 
 __all__ = [
     "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError", "Run",
-    "PublishResult", "check_repo_id", "resolve_token", "load_run", "stage_hub_folder", "write_hub_folder",
-    "upload_hub_folder", "verify_upload", "publish",
+    "PublishResult", "DEFAULT_TIMEOUT", "check_repo_id", "resolve_token", "load_run", "stage_hub_folder",
+    "write_hub_folder", "upload_hub_folder", "verify_upload", "publish",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -62,36 +57,14 @@ FILE_NOTES = {
     SUMMARY_NAME: "the run's summary: best epoch, errors, training recipe",
     METRICS_NAME: "per-epoch metrics of the run",
 }
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-DEFAULT_TIMEOUT = 60.0  # seconds within which each request to the Hub ends, its answer read (sdzoo._hub_http)
-
-
-class HubError(RuntimeError):
-    """Publishing failed. The message says what and where, never the token."""
 
 
 class MissingTokenError(HubError):
-    pass
-
-
-class CheckpointMismatchError(HubError):
-    pass
+    """No token to write with."""
 
 
 class UploadError(HubError):
-    pass
-
-
-class VerificationError(HubError):
-    pass
-
-
-@dataclass
-class Run:
-    """A run folder, loaded: the model with its weights (eval mode) and the run's summary.json."""
-    path: Path
-    model: nn.Module
-    summary: Optional[Dict[str, Any]]
+    """The upload failed; the message says what the Hub holds now."""
 
 
 @dataclass
@@ -128,73 +101,6 @@ def resolve_token(token: Optional[str] = None) -> str:
             "no Hugging Face token: set the HF_TOKEN environment variable or log in with `hf auth login` "
             "(a token with write access to the repo's owner); --local-dir writes the folder without one")
     return token
-
-
-def _scrub(text: str, token: Optional[str]) -> str:
-    return text.replace(token, "<token>") if token else text
-
-
-def _sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# -- the run folder -------------------------------------------------------------------------------------
-def load_run(model_dir: PathLike) -> Run:
-    """Build the model that the run's config.json describes and load its weights, checking that they fit."""
-    from .models import SDResNet
-
-    path = Path(model_dir)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {path} does not exist (a run folder: config.json + model.safetensors)")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; a run folder holds timm's config.json and "
-                                f"{WEIGHTS_NAME}")
-    if not weights_path.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        hint = f" ({', '.join(pickles)} found: pickle checkpoints are neither loaded nor published)" if pickles else ""
-        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{hint}")
-    try:
-        config = read_run_config(config_path)
-    except ValueError as e:
-        raise CheckpointMismatchError(str(e)) from None
-    architecture = config.get("architecture")
-    if not timm.is_model(architecture or ""):
-        raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
-    try:
-        # timm's own loader: config.json's model_args, then a strict load of the weights (sdzoo 0.1 keys too,
-        # through the model's pretrained_filter_fn), checked first by the model factory (sdzoo.integrity).
-        model = timm.create_model(f"local-dir:{path}", pretrained=True)
-    except WeightsError as e:  # the file does not fit config.json, contradicts it, or holds NaN/inf
-        raise CheckpointMismatchError(str(e)) from None
-    except (MemoryError, RuntimeError) as e:
-        message = describe_failure(e, f"{architecture} from {config_path}")
-        if message is None:  # torch's strict load: missing, unexpected or mis-shaped tensors
-            args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_kwargs_of_config(config).items()))
-            message = (f"{weights_path} does not fit {architecture}({args}) as config.json describes it: "
-                       f"{describe_load_error(e)}")
-        raise CheckpointMismatchError(message) from None
-    except (TypeError, ValueError) as e:
-        raise CheckpointMismatchError(f"{config_path}: cannot build {architecture} from its model_args: {e}") from None
-    except (SafetensorError, OSError) as e:
-        raise CheckpointMismatchError(f"cannot read {weights_path} as safetensors: {e}") from None
-    if not isinstance(model, SDResNet):
-        raise CheckpointMismatchError(f"{config_path}: {architecture} is not an sdzoo architecture")
-    expected = head_args(config)
-    built = dict(num_classes=model.num_classes, in_chans=model.in_chans, global_pool=model.global_pool.pool_type)
-    differ = [f"{k}={built[k]!r} (config.json: {v!r})" for k, v in expected.items() if built.get(k, v) != v]
-    if differ:
-        raise CheckpointMismatchError(f"{config_path}: the model built from it has {', '.join(differ)}")
-    summary_path = path / SUMMARY_NAME
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-    except ValueError as e:
-        raise CheckpointMismatchError(f"{summary_path} is not valid JSON: {e}") from None
-    return Run(path=path, model=model.eval(), summary=summary)
 
 
 # -- the Hub folder -------------------------------------------------------------------------------------
@@ -256,24 +162,6 @@ def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> D
     return extras
 
 
-def check_onnx_matches(run: Run, onnx_path: PathLike) -> None:
-    """The ONNX file must compute what the published weights compute: the export's own onnxruntime check
-    (at the file's input size), so that a file exported from another epoch or run is never published."""
-    import onnx
-
-    from .onnx_export import ExportError, verify_onnx
-
-    try:
-        dims = onnx.load(os.fspath(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-        input_size = [int(d.dim_value) for d in dims[1:]]
-        verify_onnx(onnx_path, run.model, input_size=input_size, batch_sizes=(1, 3), atol=1e-4, rtol=1e-4)
-    except (ExportError, ValueError, IndexError) as e:
-        raise CheckpointMismatchError(
-            f"onnx: {onnx_path} does not compute what {run.path / WEIGHTS_NAME} computes ({e}); it was exported "
-            f"from other weights. Export it again: python scripts/export_onnx.py --model local-dir:{run.path} "
-            f"--output {onnx_path}") from None
-
-
 def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[PathLike] = None,
                      curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
@@ -333,64 +221,22 @@ def write_hub_folder(run: Run, out_dir: PathLike, repo_id: str, **kwargs) -> Lis
     return files
 
 
-# -- upload and check -----------------------------------------------------------------------------------
-def _http_error(error: BaseException) -> Optional[HfHubHTTPError]:
-    # The client raises a storage upload's HTTP error as the cause of its own RuntimeError.
-    while error is not None and not isinstance(error, HfHubHTTPError):
-        error = error.__cause__
-    return error
-
-
-def _reason(error: BaseException) -> str:
-    """What went wrong, in one line: the HTTP status, the request and the server's message, or the error."""
-    http = _http_error(error)
-    if http is None:
-        return f"{type(error).__name__}: {error}"
-    request = http.response.request  # the error's own .request is httpx's, which is not always set
-    return (f"HTTP {http.response.status_code} from {request.method} {request.url.path}"
-            + (f" ({http.server_message})" if http.server_message else ""))
-
-
-def _timed_out(error: BaseException) -> bool:
-    while error is not None:
-        if isinstance(error, (HubTimeout, httpx2.TimeoutException)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
+# -- upload and rollback --------------------------------------------------------------------------------
 def _upload_error(repo_id: str, step: str, error: BaseException, token: str, state: str) -> UploadError:
-    http = _http_error(error)
+    http = http_error(error)
     status = http.response.status_code if http is not None else None
     if status == 401:
         advice = "the Hub refused the token: check HF_TOKEN or `hf auth login`"
     elif status == 403:
         advice = f"the token cannot write to {repo_id.split('/')[0]!r}"
-    elif _timed_out(error) and "asked to wait" in str(error):
+    elif is_timeout(error) and "asked to wait" in str(error):
         advice = "rerun once the Hub is less busy (or with a --timeout that covers the wait)"
-    elif _timed_out(error):
+    elif is_timeout(error):
         advice = "the Hub did not answer in time (--timeout); rerun to retry"
     else:
         advice = "rerun to retry"
-    return UploadError(_scrub(f"uploading to {repo_id} failed while {step}: {_reason(error)}; {advice}. "
-                              f"{state}", token))
-
-
-@contextlib.contextmanager
-def bounded_waits(timeout: float):
-    """Every request of huggingface_hub's shared HTTP client ends within ``timeout`` seconds, end to end
-    (``sdzoo._hub_http``): calls that pass ``timeout=None`` and servers that trickle their answer included; a
-    request past its deadline is not retried, and a wait the Hub asks for beyond ``timeout`` is not slept."""
-    from huggingface_hub.utils import _http  # the default client's request hook: offline mode, request ids
-
-    check_seconds("timeout", timeout)
-    # huggingface_hub has no public getter for the factory in use; the default one if the attribute went away.
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
-    set_client_factory(lambda: deadline_client(timeout, event_hooks={"request": [_http.hf_request_event_hook]}))
-    try:
-        yield
-    finally:
-        set_client_factory(previous)
+    return UploadError(scrub_token(f"uploading to {repo_id} failed while {step}: {describe_error(error)}; "
+                                   f"{advice}. {state}", token))
 
 
 def upload_hub_folder(
@@ -409,7 +255,7 @@ def upload_hub_folder(
     again, and the error says what the Hub holds: after a failed commit call the Hub is asked whether main
     moved (and whether it holds these files); what cannot be known is said to be unknown."""
     folder = Path(folder)
-    api = HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
+    api = hub_api(endpoint, token)
     step, created, before = "checking whether the repo exists", False, None
     with bounded_waits(timeout):
         try:
@@ -437,7 +283,7 @@ def upload_hub_folder(
                 state = _delete_created_repo(api, repo_id)
             elif step == "uploading and committing the files":
                 state = _state_after_failed_commit(api, folder, repo_id, before, token, timeout)
-            elif step == "creating the repo" and _http_error(e) is None:
+            elif step == "creating the repo" and http_error(e) is None:
                 state = (f"Nothing was committed, but the Hub's answer to creating {repo_id} was lost: the repo may "
                          f"or may not exist now (empty); look at {api.endpoint}/{repo_id}.")
             else:
@@ -456,7 +302,7 @@ def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: s
         now = api.model_info(repo_id).sha
     except Exception as e:  # noqa: BLE001
         return (f"The commit may or may not have been made: asking the Hub where main is failed too "
-                f"({_scrub(_reason(e), token)}); {look}.")
+                f"({scrub_token(describe_error(e), token)}); {look}.")
     if now == before:
         return f"Nothing was committed: main is still at {before}, as before this upload (asked the Hub)."
     try:
@@ -473,46 +319,10 @@ def _delete_created_repo(api: HfApi, repo_id: str) -> str:
     try:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as e:  # noqa: BLE001
-        return (f"The repo {repo_id}, which this upload had created, could not be deleted again ({_reason(e)}): "
-                "it is left empty (only .gitattributes) or, if the commit was made, with this upload; look at "
-                "it on the Hub, delete it or rerun to fill it.")
+        return (f"The repo {repo_id}, which this upload had created, could not be deleted again "
+                f"({describe_error(e)}): it is left empty (only .gitattributes) or, if the commit was made, with "
+                "this upload; look at it on the Hub, delete it or rerun to fill it.")
     return f"The repo {repo_id}, which this upload had created, was deleted again: the Hub holds nothing of it."
-
-
-def verify_upload(
-        folder: PathLike,
-        repo_id: str,
-        revision: str,
-        token: Optional[str] = None,
-        endpoint: Optional[str] = None,
-        timeout: float = DEFAULT_TIMEOUT,
-) -> Dict[str, str]:
-    """Check every file of ``folder`` against what the repo holds at ``revision``, without downloading: the
-    Hub's sha256 of each LFS file, the git blob id of each other file (``HfApi.get_paths_info``).
-    Returns name -> sha256 of the local files."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.is_file())
-    api = HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
-    with bounded_waits(timeout):
-        try:
-            remote = {f.path: f for f in api.get_paths_info(repo_id, [p.name for p in paths], revision=revision)}
-        except Exception as e:  # noqa: BLE001
-            raise VerificationError(_scrub(f"commit {revision} of {repo_id} was created, but asking the Hub what "
-                                           f"it holds failed: {_reason(e)}", token)) from None
-    hashes, mismatched = {}, []
-    for path in paths:
-        hashes[path.name] = _sha256(path)
-        entry = remote.get(path.name)
-        if not isinstance(entry, RepoFile):
-            mismatched.append(f"{path.name} (missing)")
-        elif entry.lfs is not None:
-            if entry.lfs.sha256 != hashes[path.name]:
-                mismatched.append(f"{path.name} (sha256 {entry.lfs.sha256})")
-        elif entry.blob_id != git_hash(path.read_bytes()):  # a small file, stored in git itself
-            mismatched.append(f"{path.name} (git blob {entry.blob_id})")
-    if mismatched:
-        raise VerificationError(f"commit {revision} of {repo_id} was created, but the Hub holds other content "
-                                f"than was uploaded: {', '.join(mismatched)}")
-    return hashes
 
 
 def publish(
@@ -547,7 +357,7 @@ def publish(
         files = write_hub_folder(run, local_dir, repo_id, **stage_kwargs)
         local_dir = Path(local_dir)
         _logger.info(f"Wrote {', '.join(files)} to {local_dir}")
-        return PublishResult(repo_id, {f: _sha256(local_dir / f) for f in files}, local_dir=local_dir,
+        return PublishResult(repo_id, {f: file_sha256(local_dir / f) for f in files}, local_dir=local_dir,
                              card=(local_dir / CARD_NAME).read_text(encoding="utf-8"))
 
     with tempfile.TemporaryDirectory(prefix="sdzoo-hub-") as staging:

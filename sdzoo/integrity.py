@@ -325,7 +325,7 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
 def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> str:
     """Before timm builds ``variant`` with ``pretrained=True``: bound the arguments, then check them against the
     weights' header and metadata, and make sure timm's load will be strict. Returns how to name the weights."""
-    from timm.models._builder import resolve_pretrained_cfg
+    from timm.models import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()

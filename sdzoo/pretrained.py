@@ -109,7 +109,7 @@ def tag_model_defaults(variant: str, pretrained_cfg=None) -> Dict[str, Any]:
 def require_published_weights(variant: str, pretrained_cfg=None, pretrained_cfg_overlay=None) -> None:
     """Raise a clear error, with the ways to get weights, when ``pretrained=True`` has nothing to load."""
     import timm
-    from timm.models._builder import resolve_pretrained_cfg
+    from timm.models import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     if cfg.has_weights or cfg.state_dict is not None:
