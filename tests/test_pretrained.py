@@ -25,7 +25,6 @@ import timm
 from hub_server import FakeHub
 from helpers import ROOT, randomize_batchnorm
 from sdzoo import pretrained
-from sdzoo import train as sdtrain
 from sdzoo.hub import publish
 from sdzoo.pretrained import NoPretrainedWeightsError
 
@@ -180,10 +179,8 @@ def check_config(path):
     return config
 
 
-def test_every_config_json_that_sdzoo_writes_keeps_num_classes_top_level(tmp_path):
-    run = tmp_path / "run"
-    assert sdtrain.main(["--dataset", "digits", "--model", "sd_resnet20_cifar", "--epochs", "1", "--batch-size",
-                         "128", "--device", "cpu", "--quiet", "--threads", "1", "--output", str(run)]) == 0
+def test_every_config_json_that_sdzoo_writes_keeps_num_classes_top_level(trained_run, tmp_path):
+    run = trained_run
     config = check_config(run / "config.json")  # a run folder
     assert config["label_names"] == [str(i) for i in range(10)] and config["model_args"]["survival_prob"] == 0.5
     published = check_config(publish(run, "owner/r20", local_dir=tmp_path / "hub").local_dir / "config.json")

@@ -25,7 +25,6 @@ from timm.models import save_for_hf
 
 from hub_server import FakeHub
 from helpers import randomize_batchnorm
-from sdzoo import train as sdtrain
 from sdzoo.checkpoint import save_model_config, save_weights
 from sdzoo.data import load_digits_split
 from sdzoo.hub import publish
@@ -183,16 +182,6 @@ def test_hub_repo_loads_in_transformers_with_timm_logits(run, tmp_path, monkeypa
 
 
 # -- the pipeline on digits ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A run folder of the trainer: sd_resnet20_cifar, eight epochs on the digits (about 15 s; 85% accuracy)."""
-    out = tmp_path_factory.mktemp("digits") / "r20"
-    code = sdtrain.main(["--dataset", "digits", "--model", "sd_resnet20_cifar", "--batch-size", "64",
-                         "--epochs", "8", "--device", "cpu", "--quiet", "--threads", "1", "--output", str(out)])
-    assert code == 0
-    return out
-
-
 def digit_pictures():
     """The test digits as a user has pictures: 8-bit RGB images, and their labels."""
     images, labels = load_digits_split("test", 32)
@@ -201,14 +190,14 @@ def digit_pictures():
 
 
 @pytest.mark.slow
-def test_pipeline_classifies_digits_as_timm_does(digits_run):
+def test_pipeline_classifies_digits_as_timm_does(trained_run):
     pictures, labels = digit_pictures()
-    model = timm.create_model(f"local-dir:{digits_run}", pretrained=True).eval()
+    model = timm.create_model(f"local-dir:{trained_run}", pretrained=True).eval()
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
     with torch.no_grad():
         timm_predictions = model(torch.stack([transform(p) for p in pictures])).argmax(-1).tolist()
 
-    classifier = pipeline("image-classification", model=str(digits_run), device="cpu")
+    classifier = pipeline("image-classification", model=str(trained_run), device="cpu")
     answers = classifier(pictures, top_k=1, batch_size=32)
     predictions = [int(answer[0]["label"]) for answer in answers]  # the digits' class names are "0".."9"
     assert predictions == timm_predictions
