@@ -309,7 +309,7 @@ def test_warmup_moves_the_rates_without_recompiling(kind):
     torch._dynamo.reset()
     torch.manual_seed(0)
     if kind == "zoo batch":
-        model = timm.create_model("sd_resnet20_cifar", scaling="inverted", gate_seed=4).train()
+        model = timm.create_model("sd_resnet20_cifar", layers=[1, 1, 1], scaling="inverted", gate_seed=4).train()
     else:
         model = convert(build("vit_tiny_patch16_224", depth=2), kind.split()[1]).train()
     eager = copy.deepcopy(model)

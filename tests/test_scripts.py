@@ -19,7 +19,7 @@ def run_script(*args, timeout=600):
 def test_run_digits_does_the_whole_job(tmp_path):
     out = tmp_path / "digits"
     out.mkdir()  # taken: the job must not overwrite it, but use digits-2
-    result = run_script("scripts/run_digits.py", "--output", out, "--epochs", "3", "--device", "cpu")
+    result = run_script("scripts/run_digits.py", "--output", out, "--epochs", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     root = tmp_path / "digits-2"
     assert not any(out.iterdir())
