@@ -241,16 +241,17 @@ def test_compile_keeps_dice_random_without_recompiles(gate_mode):
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = timm.create_model("sd_resnet20_cifar", gate_mode=gate_mode, gate_seed=11).train()
+    # three blocks are enough to see every step follow its own draws
+    model = timm.create_model("sd_resnet20_cifar", layers=[1, 1, 1], gate_mode=gate_mode, gate_seed=11).train()
     eager = copy.deepcopy(model)
-    ran = [0] * 9
+    ran = [0] * 3
     for i, blk in enumerate(eager.residual_blocks()):
         blk.conv1.register_forward_hook(lambda m, a, o, i=i: ran.__setitem__(i, ran[i] + 1))
     sampler = model.gate_sampler
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
     x = torch.randn(4, 3, 32, 32)
-    steps, drawn, frames = 12, [0] * 9, []
+    steps, drawn, frames = 12, [0] * 3, []
     for step in range(steps):
         for i, g in enumerate(sampler.draw(4, step=step)):
             drawn[i] += int(g) if gate_mode == "batch" else 1
@@ -259,7 +260,7 @@ def test_compile_keeps_dice_random_without_recompiles(gate_mode):
     # the compiled model followed every step's draws, as the eager twin that counted its branch calls
     assert ran == drawn
     if gate_mode == "batch":
-        assert 0 < sum(ran) < steps * 9 and len(set(ran)) > 1
+        assert 0 < sum(ran) < steps * 3 and len(set(ran)) > 1
     assert frames[-1] == frames[0], f"recompiled during training: frame counts {frames}"
     # eager and compiled agree on the gradients, zeros for the skipped blocks included
     for a, b in zip(model.parameters(), eager.parameters()):
