@@ -9,7 +9,6 @@ ends with the same weights, bit for bit, as one that was never stopped.
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor, nn
 
 from ._files import PathLike, atomic_write, remove_stale_temps
@@ -155,21 +155,24 @@ class RunFolderBusy(Exception):
 
 
 def lock_run_folder(folder: PathLike):
-    """Hold the run folder's lock file for as long as the returned file object lives (the OS drops the lock
-    when the process ends, however it ends). Raises ``RunFolderBusy`` when another process holds it."""
-    import fcntl
-
+    """Hold the run folder's lock file (``filelock``: an OS lock, which the OS drops when the process ends,
+    however it ends) until ``close()`` is called on the returned lock, or it is garbage-collected. Raises
+    ``RunFolderBusy`` when another process holds it."""
     path = Path(folder) / LOCK_NAME
-    lock = open(path, "a")
+    lock = _RunFolderLock(path)
     try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        lock.close()
-        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise RunFolderBusy(f"another process is writing to {folder} (it holds {path}); wait for it to "
-                                "finish, or choose another --output") from None
-        raise
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderBusy(f"another process is writing to {folder} (it holds {path}); wait for it to "
+                            "finish, or choose another --output") from None
     return lock
+
+
+class _RunFolderLock(FileLock):
+    """The run folder's lock; ``close()`` lets go of it (as closing the lock file did)."""
+
+    def close(self) -> None:
+        self.release(force=True)
 
 
 def check_run_folder_free(folder: PathLike) -> None:

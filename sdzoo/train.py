@@ -361,8 +361,8 @@ def stage_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
 
 
 def grad_abs_sums(groups: Dict[str, List[nn.Parameter]]) -> Tensor:
-    """Sum of |gradient| per group, on the device (no sync)."""
-    return torch.stack([torch.stack(torch._foreach_norm([p.grad for p in ps], 1)).sum().double()
+    """Sum of |gradient| per group (the L1 norm of its gradients), on the device (no sync)."""
+    return torch.stack([torch.nn.utils.get_total_norm([p.grad for p in ps], norm_type=1).double()
                         for ps in groups.values()])
 
 
