@@ -29,7 +29,7 @@ from .processes import Dist, all_reduce
 from .resume import EpochTotals, TrainState
 from .settings import Settings
 
-__all__ = ["RunLog", "Progress", "GateLog", "epoch_record", "epoch_line", "error_text", "stage_groups",
+__all__ = ["RunLog", "Progress", "GateLog", "epoch_record", "epoch_line", "done_line", "error_text", "stage_groups",
            "grad_abs_sums"]
 
 
@@ -115,6 +115,16 @@ class RunLog:
             gates_path = self.out / f"gates_rank{self.dist.rank}.txt"
             truncate_lines(gates_path, lambda line: int(line.split(" ", 1)[0]) <= global_step)
             self.gates = open(gates_path, "a")
+
+    def describe_run(self, images: int, steps_per_epoch: int, device: torch.device, num_blocks: int,
+                     expected_depth: float) -> None:
+        """The run's opening line, and what summary.json says of the run beside its results."""
+        s, world = self.s, self.dist.world
+        self.context = dict(world_size=world, device=device.type, num_blocks=num_blocks,
+                            expected_depth=expected_depth)
+        self.say(f"{s.model} on {s.dataset}: {images} training images, {steps_per_epoch} steps of {s.batch_size} "
+                 f"per epoch, {world} process(es) on {device}, expected depth {expected_depth:.2f} of "
+                 f"{num_blocks} blocks; run folder {self.out}")
 
     def _count(self, records: List[Dict[str, Any]]) -> None:
         evals = evaluations(records)
@@ -243,3 +253,12 @@ def epoch_line(epoch: int, s: Settings, record: Dict[str, Any], result: Dict[str
     return (f"epoch {epoch + 1}/{s.epochs}  loss {record['train_loss']:.4f}  train err {record['train_error']:.2f}%  "
             f"{errors}lr {record['lr']:.3g}  {record['img_per_s']:.0f} img/s  depth {record['mean_depth']:.1f}/"
             f"{num_blocks}  best val @ {best_at}")
+
+
+def done_line(summary: Dict[str, Any], s: Settings) -> str:
+    """The line printed when the run is done: the paper's number, where it was measured, the run's time."""
+    test = "-" if summary["test_error"] is None else f"{summary['test_error']:.2f}%"
+    at = f"step {summary['best_step']} (epoch {summary['best_epoch']})" if s.eval_every_steps \
+        else f"epoch {summary['best_epoch']}"
+    return (f"done: best validation at {at}, test error there {test} (accuracy {summary['test_accuracy']:.2f}%), "
+            f"{summary['total_time_s']:.1f} s; run folder {s.output}")

@@ -37,7 +37,8 @@ from .processes import (
     Dist, all_reduce, load_data_everywhere, local_batch_size, setup_processes, sync_batchnorm_statistics,
     use_sync_batchnorm, wrap_model)
 from .resume import EpochTotals, RandomStreams, TrainState, lr_change_in, restore, save_checkpoint, say_resumed
-from .run_record import GateLog, Progress, RunLog, epoch_line, epoch_record, error_text, grad_abs_sums, stage_groups
+from .run_record import (
+    GateLog, Progress, RunLog, done_line, epoch_line, epoch_record, error_text, grad_abs_sums, stage_groups)
 from .settings import Settings, TrainError, build_parser, resolve_settings
 from .survival import drop_warmup_factor
 
@@ -123,11 +124,7 @@ def start_run(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, dev
               gate_log=GateLog(raw_model.gate_sampler), groups=stage_groups(raw_model), local_batch=local_batch,
               steps_per_epoch=len(data) // s.batch_size, num_blocks=len(raw_model.residual_blocks()),
               expected_depth=raw_model.expected_depth())
-    log.context = dict(world_size=dist.world, device=device.type, num_blocks=run.num_blocks,
-                       expected_depth=run.expected_depth)
-    log.say(f"{s.model} on {s.dataset}: {len(data)} training images, {run.steps_per_epoch} steps of "
-            f"{s.batch_size} per epoch, {dist.world} process(es) on {device}, expected depth "
-            f"{run.expected_depth:.2f} of {run.num_blocks} blocks; run folder {log.out}")
+    log.describe_run(len(data), run.steps_per_epoch, device, run.num_blocks, run.expected_depth)
     return run, totals_state
 
 
@@ -196,17 +193,17 @@ def evaluate_and_keep_best(run: Run, epoch: int) -> Dict[str, Any]:
                 eval_time_s=time.perf_counter() - started)
 
 
-def check_finite(loss_sum: Tensor, model: Optional[nn.Module], dist: Dist, out: Path, s: Settings,
-                 epoch: int, step: int, steps_per_epoch: int) -> None:
+def stop_if_diverged(run: Run, totals: EpochTotals, epoch: int, with_weights: bool) -> None:
     """Stop with ``Diverged`` when something became NaN or infinite on any rank: the loss (a NaN or inf loss
-    in any step leaves the epoch's sum non-finite, so no step escapes) and, with ``model`` (before anything is
-    saved), the weights and statistics."""
-    bad = torch.zeros(2, device=loss_sum.device)
-    bad[0] = (~torch.isfinite(loss_sum)).float()
-    if model is not None:
-        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    in any step leaves the epoch's sum non-finite, so no step escapes) and, ``with_weights`` (before anything
+    is saved), the weights and statistics."""
+    out, s = run.log.out, run.s
+    bad = torch.zeros(2, device=totals.loss_sum.device)
+    bad[0] = (~torch.isfinite(totals.loss_sum)).float()
+    if with_weights:
+        tensors = [t for t in run.raw_model.state_dict().values() if t.is_floating_point()]
         bad[1] = (~torch.stack([torch.isfinite(t).all() for t in tensors])).any().float()
-    loss_bad, state_bad = all_reduce(bad, dist, torch_dist.ReduceOp.MAX).tolist()
+    loss_bad, state_bad = all_reduce(bad, run.dist, torch_dist.ReduceOp.MAX).tolist()
     if not (loss_bad or state_bad):
         return
     what = "the training loss" if loss_bad else "the weights or BatchNorm statistics"
@@ -216,14 +213,8 @@ def check_finite(loss_sum: Tensor, model: Optional[nn.Module], dist: Dist, out: 
     else:
         advice = "no checkpoint had been written yet. Start again with a lower --lr (into a new --output), or " \
                  "check the data"
-    raise Diverged(f"{what} became NaN or infinite in epoch {epoch + 1} (by step {step} of {steps_per_epoch}); "
-                   f"training stopped and {advice}")
-
-
-# -- the steps of the loop -----------------------------------------------------------------------------------
-def stop_if_diverged(run: Run, totals: EpochTotals, epoch: int, with_weights: bool) -> None:
-    check_finite(totals.loss_sum, run.raw_model if with_weights else None, run.dist, run.log.out, run.s, epoch,
-                 run.state.step, run.steps_per_epoch)
+    raise Diverged(f"{what} became NaN or infinite in epoch {epoch + 1} (by step {run.state.step} of "
+                   f"{run.steps_per_epoch}); training stopped and {advice}")
 
 
 def save_run_checkpoint(run: Run, totals: EpochTotals) -> None:
@@ -375,10 +366,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
     if rank0:
-        test = "-" if summary["test_error"] is None else f"{summary['test_error']:.2f}%"
-        at = f"step {summary['best_step']} (epoch {summary['best_epoch']})" if settings.eval_every_steps \
-            else f"epoch {summary['best_epoch']}"
-        print(f"done: best validation at {at}, test error there {test} "
-              f"(accuracy {summary['test_accuracy']:.2f}%), {summary['total_time_s']:.1f} s; "
-              f"run folder {settings.output}")
+        print(done_line(summary, settings))
     return 0
