@@ -1,25 +1,23 @@
-"""Run-folder files and the resume state, written so that nothing is ever half-written.
+"""Run-folder files, written so that nothing is ever half-written.
 
 Every file goes through ``sdzoo._files`` (a temporary file, then renamed over the old one), so a run killed
 at any moment leaves the previous version or the new one. The run folder is a timm local-dir (``config.json``
-+ ``model.safetensors``); beside them, ``checkpoint.pt`` holds plain types and tensors only, read with
-``torch.load(weights_only=True)``: the run's position (``TrainState``), its random streams
-(``RandomStreams``) and the running sums of the epoch in progress (``EpochTotals``), so that a resumed run
-ends with the same weights, bit for bit, as one that was never stopped.
++ ``model.safetensors``); beside them lie the logs and ``checkpoint.pt``, the resume state, whose keys
+``sdzoo.resume`` owns (``save_state``/``load_state`` here read and write torch files of plain types and
+tensors only).
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from torch import Tensor, nn
+from filelock import FileLock, Timeout
+from torch import nn
 
 from ._files import PathLike, atomic_write, remove_stale_temps
 
@@ -27,8 +25,7 @@ __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "CheckpointError",
     "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
     "describe_load_error", "SURVIVAL_SETTINGS", "weights_metadata", "read_weights_settings", "read_run_config",
-    "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME",
-    "CHECKPOINT_FORMAT", "load_resume_state", "TrainState", "EpochTotals", "RandomStreams", "truncate_lines",
+    "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME", "truncate_lines",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -38,7 +35,6 @@ METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 CURVES_NAME = "curves.png"
 LOCK_NAME = ".lock"
-CHECKPOINT_FORMAT = 1
 # safetensors metadata key of the settings the weights were trained with (the values must be strings: JSON).
 SETTINGS_KEY = "sdzoo"
 # The model arguments that folding p_l into the weights depends on.
@@ -155,21 +151,24 @@ class RunFolderBusy(Exception):
 
 
 def lock_run_folder(folder: PathLike):
-    """Hold the run folder's lock file for as long as the returned file object lives (the OS drops the lock
-    when the process ends, however it ends). Raises ``RunFolderBusy`` when another process holds it."""
-    import fcntl
-
+    """Hold the run folder's lock file (``filelock``: an OS lock, which the OS drops when the process ends,
+    however it ends) until ``close()`` is called on the returned lock, or it is garbage-collected. Raises
+    ``RunFolderBusy`` when another process holds it."""
     path = Path(folder) / LOCK_NAME
-    lock = open(path, "a")
+    lock = _RunFolderLock(path)
     try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        lock.close()
-        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise RunFolderBusy(f"another process is writing to {folder} (it holds {path}); wait for it to "
-                                "finish, or choose another --output") from None
-        raise
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderBusy(f"another process is writing to {folder} (it holds {path}); wait for it to "
+                            "finish, or choose another --output") from None
     return lock
+
+
+class _RunFolderLock(FileLock):
+    """The run folder's lock; ``close()`` lets go of it (as closing the lock file did)."""
+
+    def close(self) -> None:
+        self.release(force=True)
 
 
 def check_run_folder_free(folder: PathLike) -> None:
@@ -197,121 +196,16 @@ def describe_load_error(error: RuntimeError, lines: int = 4, width: int = 400) -
     return " ".join(head) + more
 
 
-# -- the resume state -----------------------------------------------------------------------------------------
-_RESUME_KEYS = ("settings", "epoch", "step", "global_step", "elapsed", "best", "totals", "model", "optimizer",
-                "scheduler", "rng", "world_size")
+# -- the resume state, which moved to sdzoo.resume ------------------------------------------------------------
+_MOVED_TO_RESUME = ("CHECKPOINT_FORMAT", "load_resume_state", "TrainState", "EpochTotals", "RandomStreams")
 
 
-def load_resume_state(path: PathLike) -> Dict[str, Any]:
-    """A trainer checkpoint, checked for its format marker and keys (read on the CPU)."""
-    checkpoint = load_state(path, map_location=torch.device("cpu"))
-    if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
-            or any(k not in checkpoint for k in _RESUME_KEYS) or not isinstance(checkpoint["settings"], dict)):
-        raise CheckpointError(f"--resume: {path} is not a checkpoint of this trainer (it lacks the format "
-                              f"marker or one of {', '.join(_RESUME_KEYS)})")
-    return checkpoint
-
-
-def _no_evaluation_yet() -> Dict[str, Any]:
-    return dict(epoch=None, step=None, val_error=None, test_error=None)
-
-
-@dataclass
-class TrainState:
-    """Where a run is: epochs and steps done, seconds spent by earlier processes, and the best evaluation."""
-    epoch: int = 0                  # epochs done
-    step: int = 0                   # steps done in the epoch in progress
-    global_step: int = 0
-    elapsed: float = 0.0            # seconds of the processes before this one (the checkpoint's: all so far)
-    best: Dict[str, Any] = field(default_factory=_no_evaluation_yet)  # epoch, step, val_error, test_error
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Dict[str, Any]) -> "TrainState":
-        return cls(epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
-                   elapsed=checkpoint["elapsed"], best=checkpoint["best"])
-
-    def to_checkpoint(self, elapsed: float, **parts: Any) -> Dict[str, Any]:
-        """The checkpoint's dict: this position, ``elapsed`` (the seconds so far, this process's included) and
-        ``parts`` (settings, model, optimizer, ... states)."""
-        return dict(format=CHECKPOINT_FORMAT, **dict(asdict(self), elapsed=elapsed), **parts)
-
-
-@dataclass
-class EpochTotals:
-    """Running sums of one epoch, saved in mid-epoch checkpoints so a resumed epoch reports the same."""
-    loss_sum: Tensor
-    correct: Tensor
-    grad_abs: Tensor
-    seen: int = 0
-    steps: int = 0
-    depth_sum: float = 0.0
-    train_time: float = 0.0
-
-    @classmethod
-    def zeros(cls, num_groups: int, device: torch.device) -> "EpochTotals":
-        return cls(torch.zeros((), dtype=torch.float64, device=device),
-                   torch.zeros((), dtype=torch.int64, device=device),
-                   torch.zeros(num_groups, dtype=torch.float64, device=device))
-
-    def add_step(self, loss_sum: Tensor, correct: Tensor, grad_abs: Tensor, images: int, depth: float) -> None:
-        self.loss_sum += loss_sum
-        self.correct += correct
-        self.grad_abs += grad_abs
-        self.seen += images
-        self.steps += 1
-        self.depth_sum += depth
-
-    def to_state(self) -> Dict[str, Any]:
-        return dict(loss_sum=self.loss_sum.item(), correct=self.correct.item(), seen=self.seen, steps=self.steps,
-                    depth_sum=self.depth_sum, train_time=self.train_time, grad_abs=self.grad_abs.tolist())
-
-    @classmethod
-    def from_state(cls, state: Dict[str, Any], device: torch.device) -> "EpochTotals":
-        return cls(torch.tensor(state["loss_sum"], dtype=torch.float64, device=device),
-                   torch.tensor(state["correct"], dtype=torch.int64, device=device),
-                   torch.tensor(state["grad_abs"], dtype=torch.float64, device=device),
-                   state["seen"], state["steps"], state["depth_sum"], state["train_time"])
-
-
-def _stream_seed(seed: int, stream: int) -> int:
-    """Independent seeds for the data order and the augmentation, derived from the run's seed."""
-    from ._seeds import derived_seed
-    return derived_seed(seed, stream)
-
-
-class RandomStreams:
-    """Every random state of a run: the data order and augmentation generators, the gates' sampler and
-    torch's global generators. An epoch's data plan is drawn at its start, so a checkpoint inside an epoch
-    keeps the generators' epoch-start states (the plan is redrawn on resume) and the others' current ones."""
-
-    def __init__(self, seed: int, gate_sampler, device: torch.device):
-        self.order = torch.Generator().manual_seed(_stream_seed(seed, 1))
-        self.augment = torch.Generator().manual_seed(_stream_seed(seed, 2))
-        self.gate_sampler, self.device = gate_sampler, device
-        self._epoch_start: Optional[tuple] = None
-
-    def plan_epoch(self, data):
-        """The epoch's data plan (order and augmentation), drawn from the order and augmentation streams."""
-        self._epoch_start = (self.order.get_state(), self.augment.get_state())
-        return data.plan_epoch(self.order, self.augment)
-
-    def end_epoch(self) -> None:
-        self._epoch_start = None
-
-    def state(self) -> Dict[str, Any]:
-        order, augment = self._epoch_start or (self.order.get_state(), self.augment.get_state())
-        cuda = self.device.type == "cuda"
-        return dict(order=order, augment=augment, gates=self.gate_sampler.step,
-                    torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(self.device) if cuda else None)
-
-    def restore(self, state: Dict[str, Any]) -> None:
-        self.order.set_state(state["order"])
-        self.augment.set_state(state["augment"])
-        if isinstance(state["gates"], int):  # the gates' key; checkpoints before it held a generator state,
-            self.gate_sampler.step = state["gates"]  # and then the model's state dict has restored the key
-        torch.set_rng_state(state["torch"])
-        if self.device.type == "cuda" and state.get("cuda") is not None:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+def __getattr__(name: str):
+    """The resume state's names, importable from here as before (``sdzoo.resume`` owns checkpoint.pt)."""
+    if name in _MOVED_TO_RESUME:
+        from . import resume  # imports this module: imported when asked for
+        return getattr(resume, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def truncate_lines(path: Path, keep: Callable[[str], bool]) -> None:

@@ -1,7 +1,8 @@
 """The settings of a training run: the typed ``Settings`` and the command line that fills it.
 
 A run's settings are a named recipe (``sdzoo.recipes``) overridden by the flags given; a resumed run takes
-its checkpoint's settings, where only how it runs (device, logging, ...) and ``--lr`` may change. Everything
+its checkpoint's settings (read by ``sdzoo.resume``), where only how it runs (device, logging, ...) and
+``--lr`` may change. Everything
 the flag parser cannot see (combinations, the run folder) is checked here, before anything runs, and each
 message names the flag.
 """
@@ -18,8 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
-    load_resume_state)
+    CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free)
 from .data import DATASETS
 from .gate import GATE_MODES, SCALINGS
 from .recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
@@ -249,8 +249,9 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[Settings, Optional[Dict[
     if "lr_drops" in given:
         given["lr_drops"] = tuple(sorted(given["lr_drops"]))
     resume = given.pop("resume", None)
-    if resume is not None:
-        return _resume_settings(resume, given)
+    if resume is not None:  # the checkpoint's settings, with the flags of how it runs
+        from .resume import resume_settings  # imports this module: imported when called
+        return resume_settings(resume, given)
     recipe = given.pop("recipe", None) or (recipe_for_dataset(given["dataset"]) if "dataset" in given
                                            else DEFAULT_RECIPE)
     settings = Settings.from_recipe(recipe, **given)
@@ -283,142 +284,6 @@ def _check_new_run_folder(output: str) -> None:
         # Its config.json would describe our weights (or its weights stay beside our config): refuse.
         raise TrainError(f"--output {output} holds another run's files ({', '.join(others)}) and no "
                          f"{CHECKPOINT_NAME} to resume; choose another --output, or move those files away")
-
-
-def _resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Settings, Dict[str, Any]]:
-    path = Path(resume or given.get("output") or "")
-    if not str(path) or str(path) == ".":
-        raise TrainError("--resume needs the run folder: --resume RUN, or --output RUN --resume")
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if path.parent.is_dir():
-        check_run_folder_free(path.parent)
-    checkpoint = load_resume_state(path)
-    if "output" in given and Path(given["output"]).resolve() != path.parent.resolve():
-        raise TrainError(f"--output {given['output']} is not the folder of the run resumed ({path.parent})")
-    settings = Settings.from_dict(checkpoint["settings"])
-    check_checkpoint_of_folder(path, checkpoint)  # before anything in the folder is touched
-    if "lr" in given and given["lr"] != settings.lr:  # the one defining setting a resumed run may change
-        change = dict(epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
-                      old=settings.lr, new=given["lr"])
-        settings = dataclasses.replace(settings, lr=given["lr"], lr_changes=(*settings.lr_changes, change))
-    changed = [k for k in DEFINING if k in given and given[k] != getattr(settings, k)]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {_as_typed(given[k])} (run: {_as_typed(getattr(settings, k))})"
-                          for k in changed)
-        raise TrainError(f"--resume continues a run with its own settings; these flags differ: {flags}. "
-                         "Start a new run (another --output) to change them")
-    how_it_runs = {k: v for k, v in given.items() if k in HOW_IT_RUNS}
-    return dataclasses.replace(settings, **dict(how_it_runs, output=str(path.parent))), checkpoint
-
-
-def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
-    """A checkpoint.pt must be the last state of the run whose files lie beside it: the same settings as
-    summary.json and config.json, the history of metrics.jsonl up to its step (its best evaluation among them),
-    and the weights of model.safetensors (the best ones: the same tensors when the best is its own step).
-    Raises CheckpointError, having read the files only."""
-    import json
-
-    folder, settings = path.parent, checkpoint["settings"]
-    problems = []
-
-    def read_json(name: str):
-        try:
-            return json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else None
-        except (OSError, ValueError):
-            problems.append(f"{name} is unreadable")
-            return None
-
-    summary = read_json(SUMMARY_NAME)
-    recorded = summary.get("settings") if isinstance(summary, dict) else None
-    if isinstance(recorded, dict):
-        differ = [k for k in DEFINING
-                  if k != "lr" and k in recorded and _as_json(recorded[k]) != _as_json(settings.get(k))]
-        if differ:
-            pairs = ", ".join(f"{k}: {recorded[k]!r} there, {settings.get(k)!r} in the checkpoint" for k in differ[:4])
-            problems.append(f"{SUMMARY_NAME} records other settings ({pairs})")
-    config = read_json(CONFIG_NAME)
-    if isinstance(config, dict):
-        args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
-        theirs = dict(model=config.get("architecture"), **{k: args.get(k) for k in ("survival_prob", "survival_rule",
-                                                                                   "scaling")})
-        differ = [k for k, v in theirs.items()
-                  if k in settings and v is not None and _as_json(v) != _as_json(settings[k])]
-        if differ:
-            pairs = ", ".join(f"{k}: {theirs[k]!r} there, {settings[k]!r} in the checkpoint" for k in differ)
-            problems.append(f"{CONFIG_NAME} describes another model ({pairs})")
-    problems += _history_problems(folder, checkpoint)
-    problems += _weights_problems(folder, checkpoint)
-    if problems:
-        raise CheckpointError(f"--resume: {path} is not the last checkpoint of the run in {folder}: "
-                              f"{'; '.join(problems)}. Nothing in the folder was changed; resume the run whose "
-                              "checkpoint this is in its own folder")
-
-
-def _as_json(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _history_problems(folder: Path, checkpoint: Dict[str, Any]) -> list:
-    """metrics.jsonl must hold the epochs the checkpoint has done, and its best evaluation."""
-    import json
-
-    best, step, epochs = checkpoint["best"], checkpoint["global_step"], checkpoint["epoch"]
-    metrics = folder / METRICS_NAME
-    records = []
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a kill: dropped on resume anyway
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                records.append(record)
-    elif epochs or (isinstance(best, dict) and best.get("step") is not None):
-        return [f"it has done {epochs} epoch(s), and the folder has no {METRICS_NAME}"]
-    problems = []
-    done = [r for r in records if r.get("kind", "epoch") == "epoch"]
-    if [r.get("epoch") for r in done] != list(range(1, epochs + 1)):
-        problems.append(f"it has done {epochs} epoch(s) by step {step}, and {METRICS_NAME} records epochs "
-                        f"{[r.get('epoch') for r in done][:10]} by then")
-    if isinstance(best, dict) and best.get("step") is not None:
-        match = [r for r in records if r.get("step") == best["step"] and r.get("val_error") == best.get("val_error")
-                 and r.get("test_error") == best.get("test_error")]
-        if not match:
-            problems.append(f"its best evaluation (step {best['step']}, validation error {best.get('val_error')}, "
-                            f"test error {best.get('test_error')}) is not in {METRICS_NAME}")
-    return problems
-
-
-def _weights_problems(folder: Path, checkpoint: Dict[str, Any]) -> list:
-    """model.safetensors holds the run's best weights: the checkpoint's tensors when the best is its own step,
-    tensors of the same names and shapes in any case."""
-    weights = folder / WEIGHTS_NAME
-    state = checkpoint["model"]
-    best = checkpoint["best"] if isinstance(checkpoint["best"], dict) else {}
-    if not weights.is_file():
-        return [f"its best evaluation is step {best['step']}, and the folder has no {WEIGHTS_NAME}"] \
-            if best.get("step") is not None else []
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != shapes:
-                return [f"{WEIGHTS_NAME} holds tensors of other names or shapes than the checkpoint's model"]
-            if best.get("step") == checkpoint["global_step"]:
-                changed = [k for k in shapes if not torch.equal(f.get_tensor(k), state[k])]
-                if changed:
-                    return [f"its best weights are its own (step {best['step']}), and {WEIGHTS_NAME} holds other "
-                            f"values ({', '.join(changed[:3])})"]
-    except (SafetensorError, OSError) as e:
-        return [f"{WEIGHTS_NAME} is unreadable ({e})"]
-    return []
-
-
-def _as_typed(value: Any) -> str:
-    """A setting's value as it is given on the command line (``0.5 0.75`` for a tuple)."""
-    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _check_settings(s: Settings, given: Dict[str, Any]) -> None:

@@ -1,0 +1,383 @@
+"""The resume checkpoint, ``checkpoint.pt``: every key it holds, how it is saved, loaded, checked against its
+run folder and taken back by a resumed run (a new ``--lr`` included). Nothing else reads or writes it.
+
+It holds plain types and tensors only, read with ``torch.load(weights_only=True)``, so that loading it runs
+no code. A resumed run ends with the same weights, bit for bit, as one that was never stopped. Its keys:
+
+* ``format``: ``CHECKPOINT_FORMAT`` (1); a file without it is not a checkpoint of this trainer;
+* ``settings``: the run's ``Settings.to_dict()`` (older ones load through ``Settings.from_dict``);
+* ``epoch``, ``step``, ``global_step``, ``elapsed``, ``best``: where the run is (``TrainState``);
+* ``totals``: the running sums of the epoch in progress (``EpochTotals``);
+* ``model``, ``optimizer``, ``scheduler``: their state dicts;
+* ``rng``: the random streams (``RandomStreams``): data order, augmentation, gates, torch's generators;
+* ``world_size``: the processes that wrote it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._files import PathLike
+from .checkpoint import (
+    CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
+    describe_load_error, load_state, save_state)
+from .settings import DEFINING, HOW_IT_RUNS, Settings, TrainError
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "RESUME_KEYS", "TrainState", "EpochTotals", "RandomStreams", "save_checkpoint",
+    "load_resume_state", "resume_settings", "check_checkpoint_of_folder", "restore", "say_resumed", "lr_change_in",
+]
+
+CHECKPOINT_FORMAT = 1
+RESUME_KEYS = ("settings", "epoch", "step", "global_step", "elapsed", "best", "totals", "model", "optimizer",
+               "scheduler", "rng", "world_size")
+
+
+# -- what it holds ---------------------------------------------------------------------------------------------
+def _no_evaluation_yet() -> Dict[str, Any]:
+    return dict(epoch=None, step=None, val_error=None, test_error=None)
+
+
+@dataclass
+class TrainState:
+    """Where a run is: epochs and steps done, seconds spent by earlier processes, and the best evaluation."""
+    epoch: int = 0                  # epochs done
+    step: int = 0                   # steps done in the epoch in progress
+    global_step: int = 0
+    elapsed: float = 0.0            # seconds of the processes before this one (the checkpoint's: all so far)
+    best: Dict[str, Any] = field(default_factory=_no_evaluation_yet)  # epoch, step, val_error, test_error
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Dict[str, Any]) -> "TrainState":
+        return cls(epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
+                   elapsed=checkpoint["elapsed"], best=checkpoint["best"])
+
+    def to_checkpoint(self, elapsed: float, **parts: Any) -> Dict[str, Any]:
+        """The checkpoint's dict: this position, ``elapsed`` (the seconds so far, this process's included) and
+        ``parts`` (settings, model, optimizer, ... states)."""
+        return dict(format=CHECKPOINT_FORMAT, **dict(asdict(self), elapsed=elapsed), **parts)
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch, saved in mid-epoch checkpoints so a resumed epoch reports the same."""
+    loss_sum: Tensor
+    correct: Tensor
+    grad_abs: Tensor
+    seen: int = 0
+    steps: int = 0
+    depth_sum: float = 0.0
+    train_time: float = 0.0
+
+    @classmethod
+    def zeros(cls, num_groups: int, device: torch.device) -> "EpochTotals":
+        return cls(torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.int64, device=device),
+                   torch.zeros(num_groups, dtype=torch.float64, device=device))
+
+    def add_step(self, loss_sum: Tensor, correct: Tensor, grad_abs: Tensor, images: int, depth: float) -> None:
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.grad_abs += grad_abs
+        self.seen += images
+        self.steps += 1
+        self.depth_sum += depth
+
+    def to_state(self) -> Dict[str, Any]:
+        return dict(loss_sum=self.loss_sum.item(), correct=self.correct.item(), seen=self.seen, steps=self.steps,
+                    depth_sum=self.depth_sum, train_time=self.train_time, grad_abs=self.grad_abs.tolist())
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any], device: torch.device) -> "EpochTotals":
+        return cls(torch.tensor(state["loss_sum"], dtype=torch.float64, device=device),
+                   torch.tensor(state["correct"], dtype=torch.int64, device=device),
+                   torch.tensor(state["grad_abs"], dtype=torch.float64, device=device),
+                   state["seen"], state["steps"], state["depth_sum"], state["train_time"])
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """Independent seeds for the data order and the augmentation, derived from the run's seed."""
+    from ._seeds import derived_seed
+    return derived_seed(seed, stream)
+
+
+class RandomStreams:
+    """Every random state of a run: the data order and augmentation generators, the gates' sampler and
+    torch's global generators. An epoch's data plan is drawn at its start, so a checkpoint inside an epoch
+    keeps the generators' epoch-start states (the plan is redrawn on resume) and the others' current ones."""
+
+    def __init__(self, seed: int, gate_sampler, device: torch.device):
+        self.order = torch.Generator().manual_seed(_stream_seed(seed, 1))
+        self.augment = torch.Generator().manual_seed(_stream_seed(seed, 2))
+        self.gate_sampler, self.device = gate_sampler, device
+        self._epoch_start: Optional[tuple] = None
+
+    def plan_epoch(self, data):
+        """The epoch's data plan (order and augmentation), drawn from the order and augmentation streams."""
+        self._epoch_start = (self.order.get_state(), self.augment.get_state())
+        return data.plan_epoch(self.order, self.augment)
+
+    def end_epoch(self) -> None:
+        self._epoch_start = None
+
+    def state(self) -> Dict[str, Any]:
+        order, augment = self._epoch_start or (self.order.get_state(), self.augment.get_state())
+        cuda = self.device.type == "cuda"
+        return dict(order=order, augment=augment, gates=self.gate_sampler.step,
+                    torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(self.device) if cuda else None)
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        self.order.set_state(state["order"])
+        self.augment.set_state(state["augment"])
+        if isinstance(state["gates"], int):  # the gates' key; checkpoints before it held a generator state,
+            self.gate_sampler.step = state["gates"]  # and then the model's state dict has restored the key
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+# -- save and load ---------------------------------------------------------------------------------------------
+def save_checkpoint(folder: Path, state: TrainState, *, elapsed: float, settings: Settings, world_size: int,
+                    totals: EpochTotals, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    streams: RandomStreams) -> None:
+    """Write the run folder's checkpoint.pt (atomically: the previous one or this one, never half of one)."""
+    save_state(folder / CHECKPOINT_NAME, state.to_checkpoint(
+        elapsed, settings=settings.to_dict(), world_size=world_size, totals=totals.to_state(),
+        model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        rng=streams.state()))
+
+
+def load_resume_state(path: PathLike) -> Dict[str, Any]:
+    """A trainer checkpoint, checked for its format marker and keys (read on the CPU)."""
+    checkpoint = load_state(path, map_location=torch.device("cpu"))
+    if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
+            or any(k not in checkpoint for k in RESUME_KEYS) or not isinstance(checkpoint["settings"], dict)):
+        raise CheckpointError(f"--resume: {path} is not a checkpoint of this trainer (it lacks the format "
+                              f"marker or one of {', '.join(RESUME_KEYS)})")
+    return checkpoint
+
+
+def resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Settings, Dict[str, Any]]:
+    """``--resume RUN``: the checkpoint's settings, with the flags ``given`` of how it runs (and a new
+    ``--lr``), and the checkpoint, checked against its folder before anything in it is touched."""
+    path = Path(resume or given.get("output") or "")
+    if not str(path) or str(path) == ".":
+        raise TrainError("--resume needs the run folder: --resume RUN, or --output RUN --resume")
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if path.parent.is_dir():
+        check_run_folder_free(path.parent)
+    checkpoint = load_resume_state(path)
+    if "output" in given and Path(given["output"]).resolve() != path.parent.resolve():
+        raise TrainError(f"--output {given['output']} is not the folder of the run resumed ({path.parent})")
+    settings = Settings.from_dict(checkpoint["settings"])
+    check_checkpoint_of_folder(path, checkpoint)  # before anything in the folder is touched
+    if "lr" in given:
+        settings = _with_new_lr(settings, checkpoint, given["lr"])
+    changed = [k for k in DEFINING if k in given and given[k] != getattr(settings, k)]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {_as_typed(given[k])} (run: {_as_typed(getattr(settings, k))})"
+                          for k in changed)
+        raise TrainError(f"--resume continues a run with its own settings; these flags differ: {flags}. "
+                         "Start a new run (another --output) to change them")
+    how_it_runs = {k: v for k, v in given.items() if k in HOW_IT_RUNS}
+    return dataclasses.replace(settings, **dict(how_it_runs, output=str(path.parent))), checkpoint
+
+
+def _as_typed(value: Any) -> str:
+    """A setting's value as it is given on the command line (``0.5 0.75`` for a tuple)."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+# -- does it belong to its folder ------------------------------------------------------------------------------
+def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
+    """A checkpoint.pt must be the last state of the run whose files lie beside it: the same settings as
+    summary.json and config.json, the history of metrics.jsonl up to its step (its best evaluation among them),
+    and the weights of model.safetensors (the best ones: the same tensors when the best is its own step).
+    Raises CheckpointError, having read the files only."""
+    folder, settings = path.parent, checkpoint["settings"]
+    problems = []
+
+    def read_json(name: str):
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else None
+        except (OSError, ValueError):
+            problems.append(f"{name} is unreadable")
+            return None
+
+    summary = read_json(SUMMARY_NAME)
+    recorded = summary.get("settings") if isinstance(summary, dict) else None
+    if isinstance(recorded, dict):
+        differ = [k for k in DEFINING
+                  if k != "lr" and k in recorded and _as_json(recorded[k]) != _as_json(settings.get(k))]
+        if differ:
+            pairs = ", ".join(f"{k}: {recorded[k]!r} there, {settings.get(k)!r} in the checkpoint" for k in differ[:4])
+            problems.append(f"{SUMMARY_NAME} records other settings ({pairs})")
+    config = read_json(CONFIG_NAME)
+    if isinstance(config, dict):
+        args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+        theirs = dict(model=config.get("architecture"), **{k: args.get(k) for k in ("survival_prob", "survival_rule",
+                                                                                   "scaling")})
+        differ = [k for k, v in theirs.items()
+                  if k in settings and v is not None and _as_json(v) != _as_json(settings[k])]
+        if differ:
+            pairs = ", ".join(f"{k}: {theirs[k]!r} there, {settings[k]!r} in the checkpoint" for k in differ)
+            problems.append(f"{CONFIG_NAME} describes another model ({pairs})")
+    problems += _history_problems(folder, checkpoint)
+    problems += _weights_problems(folder, checkpoint)
+    if problems:
+        raise CheckpointError(f"--resume: {path} is not the last checkpoint of the run in {folder}: "
+                              f"{'; '.join(problems)}. Nothing in the folder was changed; resume the run whose "
+                              "checkpoint this is in its own folder")
+
+
+def _as_json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _history_problems(folder: Path, checkpoint: Dict[str, Any]) -> List[str]:
+    """metrics.jsonl must hold the epochs the checkpoint has done, and its best evaluation."""
+    best, step, epochs = checkpoint["best"], checkpoint["global_step"], checkpoint["epoch"]
+    metrics = folder / METRICS_NAME
+    records = []
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill: dropped on resume anyway
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                records.append(record)
+    elif epochs or (isinstance(best, dict) and best.get("step") is not None):
+        return [f"it has done {epochs} epoch(s), and the folder has no {METRICS_NAME}"]
+    problems = []
+    done = [r for r in records if r.get("kind", "epoch") == "epoch"]
+    if [r.get("epoch") for r in done] != list(range(1, epochs + 1)):
+        problems.append(f"it has done {epochs} epoch(s) by step {step}, and {METRICS_NAME} records epochs "
+                        f"{[r.get('epoch') for r in done][:10]} by then")
+    if isinstance(best, dict) and best.get("step") is not None:
+        match = [r for r in records if r.get("step") == best["step"] and r.get("val_error") == best.get("val_error")
+                 and r.get("test_error") == best.get("test_error")]
+        if not match:
+            problems.append(f"its best evaluation (step {best['step']}, validation error {best.get('val_error')}, "
+                            f"test error {best.get('test_error')}) is not in {METRICS_NAME}")
+    return problems
+
+
+def _weights_problems(folder: Path, checkpoint: Dict[str, Any]) -> List[str]:
+    """model.safetensors holds the run's best weights: the checkpoint's tensors when the best is its own step,
+    tensors of the same names and shapes in any case."""
+    weights = folder / WEIGHTS_NAME
+    state = checkpoint["model"]
+    best = checkpoint["best"] if isinstance(checkpoint["best"], dict) else {}
+    if not weights.is_file():
+        return [f"its best evaluation is step {best['step']}, and the folder has no {WEIGHTS_NAME}"] \
+            if best.get("step") is not None else []
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != shapes:
+                return [f"{WEIGHTS_NAME} holds tensors of other names or shapes than the checkpoint's model"]
+            if best.get("step") == checkpoint["global_step"]:
+                changed = [k for k in shapes if not torch.equal(f.get_tensor(k), state[k])]
+                if changed:
+                    return [f"its best weights are its own (step {best['step']}), and {WEIGHTS_NAME} holds other "
+                            f"values ({', '.join(changed[:3])})"]
+    except (SafetensorError, OSError) as e:
+        return [f"{WEIGHTS_NAME} is unreadable ({e})"]
+    return []
+
+
+# -- taking it back ------------------------------------------------------------------------------------------
+def restore(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+            streams: RandomStreams) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
+    """Load a checkpoint's states into the run's model, optimizer, scheduler and random streams, a new
+    ``--lr`` taking over from the saved one. Returns where the run is and the running sums of the epoch it
+    stopped in."""
+    path = Path(s.output) / CHECKPOINT_NAME
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except Exception as e:  # noqa: BLE001  a tampered or foreign state: any type, any error
+        raise CheckpointError(f"--resume: the model state in {path} does not fit {s.model}: "
+                              f"{describe_load_error(e) if isinstance(e, RuntimeError) else _first_line(e)}") from None
+    for part, load in (("optimizer", lambda: _load_optimizer(optimizer, checkpoint["optimizer"])),
+                       ("scheduler", lambda: scheduler.load_state_dict(checkpoint["scheduler"])),
+                       ("random generator", lambda: streams.restore(checkpoint["rng"]))):
+        try:
+            load()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"--resume: the {part} state in {path} is damaged or of another run: "
+                                  f"{_first_line(e)}") from None
+    _apply_new_lr(checkpoint, s, optimizer, scheduler)
+    return TrainState.from_checkpoint(checkpoint), checkpoint["totals"]
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """torch's load_state_dict checks the groups' sizes only: a buffer of another shape, or a hyperparameter that
+    is no number, would fail in the first step, mid-run. Checked here."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and value is not None and not isinstance(value, (bool, int, float, str)):
+                raise ValueError(f"param group setting {key!r} is a {type(value).__name__}, not a number")
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"{key} of a parameter is a {type(value).__name__}, not a tensor")
+                if value.dim() and value.shape != p.shape:
+                    raise ValueError(f"{key} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}")
+
+
+def say_resumed(log, checkpoint: Dict[str, Any], s: Settings, state: TrainState) -> None:
+    """Where the run resumes (``log``: the run's ``RunLog``), a new ``--lr``, and a change of process count."""
+    if _lr_of(checkpoint) != s.lr:
+        log.say(f"--lr changed from {_lr_of(checkpoint)} to {s.lr} (recorded in metrics.jsonl and summary.json)")
+    log.say(f"resuming {log.out} at epoch {state.epoch + 1}, step {state.step} (global step {state.global_step})")
+    if checkpoint["world_size"] != log.dist.world and log.dist.main:
+        # Same global batches and gates, but BatchNorm sees other per-process batches: not bit-identical.
+        print(f"warning: the run was checkpointed with {checkpoint['world_size']} process(es) and resumes "
+              f"with {log.dist.world}; it continues correctly but not bit for bit", file=sys.stderr)
+
+
+# -- a new --lr on resume: the one defining setting a resumed run may change ----------------------------------
+# The settings record it (lr_changes, saved with them), the optimizer and scheduler take it over in
+# ``restore``, and the epoch it took effect in records it in metrics.jsonl (``lr_change_in``).
+def _lr_of(checkpoint: Dict[str, Any]) -> float:
+    return checkpoint["settings"]["lr"]
+
+
+def _with_new_lr(settings: Settings, checkpoint: Dict[str, Any], lr: float) -> Settings:
+    if lr == settings.lr:
+        return settings
+    change = dict(epoch=checkpoint["epoch"], step=checkpoint["step"], global_step=checkpoint["global_step"],
+                  old=settings.lr, new=lr)
+    return dataclasses.replace(settings, lr=lr, lr_changes=(*settings.lr_changes, change))
+
+
+def _apply_new_lr(checkpoint: Dict[str, Any], s: Settings, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """The saved lr (its drops already passed included) scaled to the new one; later drops start from it."""
+    old_lr = _lr_of(checkpoint)
+    if old_lr != s.lr:
+        for group in optimizer.param_groups:
+            group["lr"] *= s.lr / old_lr
+            group["initial_lr"] = s.lr
+        scheduler.base_lrs = [s.lr] * len(scheduler.base_lrs)
+
+
+def lr_change_in(s: Settings, epoch: int) -> Optional[Dict[str, Any]]:
+    """The lr change that took effect in ``epoch`` (counted from 0), if a resume made one then."""
+    changes = [change for change in s.lr_changes if change["epoch"] == epoch]
+    return changes[-1] if changes else None
