@@ -522,7 +522,7 @@ def load_data(name: str, data_dir: str = "~/data", *, download: bool = True, val
     """Load a data set by ``--dataset`` name: an ``InMemoryData`` or a ``FolderData``. ``shift`` applies to
     in-memory data, ``color_jitter`` and ``lighting`` (fb.resnet.torch's 0.4 and 0.1) to folder data."""
     if name not in REGISTRY:
-        raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+        raise DataError(f"--dataset must be one of {', '.join(REGISTRY)}; got {name!r}")
     spec = REGISTRY[name]
     loader = globals()[spec.loader]  # the entry's loader, one of those above
     return loader(spec, os.path.expanduser(data_dir), download=download, val_size=val_size, split_seed=split_seed,
