@@ -33,54 +33,14 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import sdzoo
 from sdzoo._files import save_json
-from sdzoo.gate import ResidualGate
+# The variants live in the package, where the tests build them.
+from sdzoo.benchmark_variants import CONVERT_VARIANTS, VARIANTS, build_timm_variant, build_variant, flops_per_image
 
 NOT_RUN = "not run"
-
-
-# -- variants ------------------------------------------------------------------------------------------
-class MaskGate(ResidualGate):
-    """A gate that computes every branch and multiplies it by a random mask (timm, torchvision)."""
-
-    def __init__(self, survival_prob: float, drop: nn.Module):
-        super().__init__(survival_prob, scaling="inverted")
-        self.drop = drop
-
-    def forward(self, branch, shortcut, *inputs):
-        return shortcut + self.drop(branch(*inputs))
-
-
-def build_variant(model_name: str, variant: str, survival_prob: float, seed: int) -> nn.Module:
-    """The same architecture and per-block survival probabilities, with each library's way of dropping."""
-    torch.manual_seed(seed)
-    if variant == "constant depth":
-        return timm.create_model(model_name, gate_mode="off")
-    if variant.startswith("sdzoo"):
-        model = timm.create_model(model_name, gate_mode=variant.split()[1].rstrip(","),
-                                  survival_prob=survival_prob, gate_seed=seed)
-        for blk in model.residual_blocks():
-            blk.gate.zero_grad_skipped = not variant.endswith("no grads")
-        return model
-    model = timm.create_model(model_name, gate_mode="off")
-    probs = sdzoo.survival_probs(len(model.residual_blocks()), survival_prob)
-    for blk, p in zip(model.residual_blocks(), probs):
-        if variant == "timm DropPath":
-            from timm.layers import DropPath
-            drop = DropPath(1.0 - p)
-        else:
-            from torchvision.ops import StochasticDepth
-            drop = StochasticDepth(1.0 - p, mode=variant.split()[-1])
-        blk.gate = MaskGate(p, drop)
-    return model
-
-
-VARIANTS = ["constant depth", "sdzoo batch", "sdzoo batch, no grads", "sdzoo sample", "timm DropPath",
-            "torchvision SD batch", "torchvision SD row"]
 
 
 # -- training measurements ---------------------------------------------------------------------------
@@ -99,17 +59,6 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def flops_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    """Executed forward + backward FLOPs per image, averaged over `steps` steps (each rolls new dice)."""
-    total = 0
-    for _ in range(steps):
-        with FlopCounterMode(display=False) as counter:
-            F.cross_entropy(model(x), y).backward()
-        total += counter.get_total_flops()
-        model.zero_grad(set_to_none=True)
-    return total / steps / x.shape[0]
 
 
 def time_training(models: Dict[str, nn.Module], x, y, steps: int, warmup: int, amp: bool,
@@ -201,8 +150,8 @@ def inference_benchmark(args) -> List[Dict]:
     """Folded model: PyTorch eager vs onnxruntime fp32 vs int8 (CPU), batch 1 and 32, and the folded ONNX
     against the same architecture built without stochastic depth (deployment should cost nothing extra)."""
     from sdzoo import onnx_export
-    from sdzoo.data import digits_images
     from sdzoo.fold import fold_survival
+    from sdzoo.onnx_data import digits_images
     print("inference: eager vs onnxruntime", file=sys.stderr)
     torch.manual_seed(args.seed)
     model = fold_survival(timm.create_model(args.model, survival_prob=args.survival_prob)).eval()
@@ -283,27 +232,6 @@ def machine() -> Dict[str, str]:
 
 
 # -- a real skip for timm's drop-path models (--convert) -----------------------------------------------
-CONVERT_VARIANTS = ["timm DropPath (mask)", "sdzoo sample", "sdzoo batch"]
-
-
-def build_timm_variant(model_name: str, variant: str, rate: float, img_size: int, seed: int,
-                       uniform: bool, device=None) -> nn.Module:
-    """timm's model built with drop_path_rate (its mask), or the same weights converted by sdzoo."""
-    from timm.layers import DropPath
-    torch.manual_seed(seed)
-    try:  # transformers fix their input size at build time; convnets take any
-        model = timm.create_model(model_name, drop_path_rate=rate, num_classes=10, device=device, img_size=img_size)
-    except TypeError:
-        model = timm.create_model(model_name, drop_path_rate=rate, num_classes=10, device=device)
-    if uniform:  # every branch at the rate itself: the per-branch break-even
-        for m in model.modules():
-            if isinstance(m, DropPath):
-                m.drop_prob = rate
-    if variant.startswith("sdzoo"):
-        sdzoo.convert_drop_path(model, mode=variant.split()[1], seed=seed, min_drop_rate=0.0)
-    return model.train()
-
-
 def convert_benchmark(args) -> int:
     """Training step time and executed FLOPs of timm's mask against sdzoo sample and batch, per model and rate,
     all variants of a model and rate timed round-robin in one run."""

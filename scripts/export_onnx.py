@@ -26,16 +26,15 @@ from timm.models import load_state_dict
 from sdzoo._checks import check_seconds
 from sdzoo.checkpoint import (
     CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings)
-from sdzoo.data import DIGITS_SPLIT_SIZES, digits_images
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.hf_config import model_kwargs_of_config
 from sdzoo.integrity import (
     MissingWeightsError, WeightsError, check_finite, check_weights_file, describe_failure, effective_args, read_header)
 from sdzoo.latency import compare_latency, format_latency
+from sdzoo.onnx_data import CALIB_DATA, calibration_images, calibration_split_size
 from sdzoo.onnx_export import DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8
 
 HUB_PREFIXES = ("local-dir:", "hf-hub:")
-CALIB_DATA = ("digits",)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -71,7 +70,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quantize", default=None, choices=("int8",),
                         help="also write a static int8 (QDQ) model next to the output")
     parser.add_argument("--quant-output", default=None, help="the int8 file (default: OUTPUT with .int8.onnx)")
-    parser.add_argument("--calib-data", default="digits", choices=CALIB_DATA, help="calibration images")
+    parser.add_argument("--calib-data", default=CALIB_DATA[0], choices=CALIB_DATA, help="calibration images")
     parser.add_argument("--calib-images", type=int, default=256,
                         help="training images used to calibrate; the test split measures top-1 agreement")
     parser.add_argument("--benchmark", action="store_true",
@@ -350,11 +349,11 @@ def calibration_split(args: argparse.Namespace, model: torch.nn.Module, input_si
     """Calibration images from the training split, held-out images from the test split."""
     cfg = model.pretrained_cfg
     mean, std = cfg.get("mean", (0.5,)), cfg.get("std", (0.5,))
-    train, _ = digits_images(input_size, mean, std, split="train")
+    train, _ = calibration_images(args.calib_data, input_size, mean, std, split="train")
     if not 0 < args.calib_images <= len(train):
         fail(args, f"--calib-images must be from 1 to {len(train)} (the {args.calib_data} training split); "
                    f"got {args.calib_images}")
-    test, _ = digits_images(input_size, mean, std, split="test")
+    test, _ = calibration_images(args.calib_data, input_size, mean, std, split="test")
     return train[:args.calib_images], test
 
 
@@ -371,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output_paths(args)
     batch_sizes = parse_batch_sizes(args)
     if args.quantize:
-        available = DIGITS_SPLIT_SIZES["train"]  # checked before any file is written
+        available = calibration_split_size(args.calib_data, "train")  # checked before any file is written
         if not 0 < args.calib_images <= available:
             fail(args, f"--calib-images must be from 1 to {available} (the {args.calib_data} training split); "
                        f"got {args.calib_images}")

@@ -24,8 +24,8 @@ import torch
 
 import sdzoo
 from sdzoo import hub, onnx_export
-from sdzoo.data import digits_images
 from sdzoo.fold import fold_survival
+from sdzoo.onnx_data import digits_images
 from sdzoo.train import main as train_main
 
 

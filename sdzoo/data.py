@@ -16,27 +16,25 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_choice, check_input_size
-from .dataset_stats import (
-    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
-    IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
+from ._checks import check_choice
+from .datasets import DATASETS as REGISTRY, DatasetSpec, dataset_names
 
 __all__ = [
     "DATASETS", "DataError", "DIGITS_SPLIT_SIZES", "EpochPlan", "InMemoryData", "FolderData", "load_data",
-    "load_digits_split", "digits_images", "random_shift_flip", "normalize", "ColorJitter", "Lighting",
-    "imagenet_train_transform",
+    "load_digits_split", "random_shift_flip", "normalize", "ColorJitter", "Lighting", "imagenet_train_transform",
 ]
 
-DATASETS = ("cifar10", "cifar100", "svhn", "imagenet", "imagefolder", "digits", "synthetic")
-TENSOR_DATASETS = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
+# Names of the registry's data sets (sdzoo.datasets), and of those held in memory as tensors.
+DATASETS = tuple(REGISTRY)
+TENSOR_DATASETS = dataset_names(on_device=True)
 
-DIGITS_SPLIT_SIZES = {"train": 1257, "val": 180, "test": 360}
-SYNTHETIC_SIZES = {"train": 2560, "val": 256, "test": 256}
+DIGITS_SPLIT_SIZES = REGISTRY["digits"].split_sizes
+SYNTHETIC_SIZES = REGISTRY["synthetic"].split_sizes
+_IMAGENET = REGISTRY["imagenet"]
 
 
 class DataError(Exception):
@@ -49,8 +47,8 @@ def load_digits_split(split: str, image_size: Union[int, Tuple[int, int]] = 32) 
 
     images: float32 ``(N, 3, H, W)`` in [0, 1] (the 0..16 grey levels divided by 16, bilinearly upsampled
     from 8x8 to ``image_size``, an int or ``(H, W)``, the grey channel repeated three times), not
-    normalised: normalise with ``DIGITS_MEAN`` / ``DIGITS_STD``. labels: int64 ``(N,)``, the digit 0..9.
-    The splits are stratified and fixed: train 1,257, val 180, test 360 images.
+    normalised: normalise with the digits' ``mean`` / ``std`` (``sdzoo.datasets``). labels: int64 ``(N,)``,
+    the digit 0..9. The splits are stratified and fixed: train 1,257, val 180, test 360 images.
     """
     check_choice("split", split, DIGITS_SPLIT_SIZES)
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -75,32 +73,6 @@ def load_digits_split(split: str, image_size: Union[int, Tuple[int, int]] = 32) 
     images = images.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
     labels = torch.as_tensor(digits.target[chosen], dtype=torch.int64)
     return images, labels
-
-
-def digits_images(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                  split: str = "all") -> Tuple[np.ndarray, np.ndarray]:
-    """The digits as a model's inputs, for ONNX calibration and measurement: (N, C, H, W) float32 images,
-    normalised with ``mean`` and ``std`` (one value, or one per channel), and (N,) int64 labels.
-
-    ``split`` is one of the fixed splits ('train', 'val', 'test') or 'all' (1,797 images, in that order):
-    calibrate on 'train', measure on 'test'.
-    """
-    check_choice("split", split, ("all", *DIGITS_SPLIT_SIZES))
-    channels, height, width = check_input_size("input_size", input_size, min_side=8)
-    parts = [load_digits_split(s, (height, width)) for s in (DIGITS_SPLIT_SIZES if split == "all" else [split])]
-    images = torch.cat([p[0][:, :1] for p in parts]).expand(-1, channels, -1, -1)
-    labels = torch.cat([p[1] for p in parts])
-    images = normalize(images, _per_channel("mean", mean, channels), _per_channel("std", std, channels))
-    return images.numpy(), labels.numpy()
-
-
-def _per_channel(name: str, values: Sequence[float], channels: int) -> List[float]:
-    values = [float(v) for v in values]
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(f"{name} must have 1 or {channels} values; got {len(values)}")
-    return values
 
 
 # -- tensor ops on the training device -----------------------------------------------------------------------
@@ -269,15 +241,12 @@ def _torchvision_split(cls, label: str, where: str, root: str, download: bool, *
             "the folder that holds it") from None
 
 
-def _load_cifar(name: str, root: str, download: bool, val_size: int, split_seed: int, **aug) -> InMemoryData:
+def _load_cifar(spec: DatasetSpec, root: str, *, download: bool, val_size: int, split_seed: int, shift: int,
+                hflip: bool, **_) -> InMemoryData:
     import torchvision
 
-    cls, label, folder, mean, std, classes = {
-        "cifar10": (torchvision.datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD, 10),
-        "cifar100": (torchvision.datasets.CIFAR100, "CIFAR-100", "cifar-100-python", CIFAR100_MEAN, CIFAR100_STD,
-                     100),
-    }[name]
-    where = os.path.join(root, folder)
+    cls, label = getattr(torchvision.datasets, spec.torchvision_class), spec.display_name
+    where = os.path.join(root, spec.files)
 
     def as_split(ds) -> Split:
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC uint8 -> NCHW
@@ -291,10 +260,12 @@ def _load_cifar(name: str, root: str, download: bool, val_size: int, split_seed:
     train_idx, val_idx = _split_off(len(full), val_size, torch.Generator().manual_seed(split_seed))
     val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
     train = Split(full.images[train_idx], full.labels[train_idx])
-    return InMemoryData(name, train, val, test, classes, mean, std, classes=full_ds.classes, **aug)
+    return InMemoryData(spec.name, train, val, test, spec.num_classes, spec.mean, spec.std,
+                        classes=full_ds.classes, shift=shift, hflip=hflip)
 
 
-def _load_svhn(root: str, download: bool, val_size: int, split_seed: int, **aug) -> InMemoryData:
+def _load_svhn(spec: DatasetSpec, root: str, *, download: bool, val_size: int, split_seed: int, shift: int,
+               hflip: bool, **_) -> InMemoryData:
     import torchvision
 
     def as_split(ds) -> Split:
@@ -302,7 +273,8 @@ def _load_svhn(root: str, download: bool, val_size: int, split_seed: int, **aug)
 
     def get(split: str) -> Split:
         return as_split(_torchvision_split(
-            torchvision.datasets.SVHN, f"SVHN ({split}_32x32.mat)", root, root, download, split=split))
+            getattr(torchvision.datasets, spec.torchvision_class), f"{spec.display_name} ({split}_32x32.mat)", root,
+            root, download, split=split))
 
     train, extra, test = get("train"), get("extra"), get("test")
     # The paper's validation set: 400 images per class from train and 200 per class from extra (6,000 in
@@ -315,7 +287,7 @@ def _load_svhn(root: str, download: bool, val_size: int, split_seed: int, **aug)
     keep, held = [], []
     for part, per_class in ((train, from_train), (extra, from_extra)):
         val_mask = torch.zeros(len(part), dtype=torch.bool)
-        for c in range(10):
+        for c in range(spec.num_classes):
             members = (part.labels == c).nonzero().flatten()
             if per_class > len(members):
                 raise DataError(f"--val-size {val_size} asks for more SVHN class-{c} images than there are")
@@ -326,26 +298,27 @@ def _load_svhn(root: str, download: bool, val_size: int, split_seed: int, **aug)
         return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
 
     val = cat(held) if val_size else None
-    return InMemoryData("svhn", cat(keep), val, test, 10, SVHN_MEAN, SVHN_STD, classes=[str(c) for c in range(10)],
-                        **aug)
+    return InMemoryData(spec.name, cat(keep), val, test, spec.num_classes, spec.mean, spec.std,
+                        classes=[str(c) for c in range(spec.num_classes)], shift=shift, hflip=hflip)
 
 
-def _load_digits(image_size: int, **aug) -> InMemoryData:
-    splits = {s: Split(*load_digits_split(s, image_size)) for s in DIGITS_SPLIT_SIZES}
-    return InMemoryData("digits", splits["train"], splits["val"], splits["test"], 10, DIGITS_MEAN, DIGITS_STD,
-                        classes=[str(c) for c in range(10)], **aug)
+def _load_digits(spec: DatasetSpec, root: str, *, image_size: int, shift: int, hflip: bool, **_) -> InMemoryData:
+    splits = {s: Split(*load_digits_split(s, image_size)) for s in spec.split_sizes}
+    return InMemoryData(spec.name, splits["train"], splits["val"], splits["test"], spec.num_classes, spec.mean,
+                        spec.std, classes=[str(c) for c in range(spec.num_classes)], shift=shift, hflip=hflip)
 
 
-def _load_synthetic(image_size: int, num_classes: int, **aug) -> InMemoryData:
+def _load_synthetic(spec: DatasetSpec, root: str, *, image_size: int, num_classes: int, shift: int, hflip: bool,
+                    **_) -> InMemoryData:
     generator = torch.Generator().manual_seed(0)
 
     def make(n: int) -> Split:
         images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
         return Split(images, torch.randint(0, num_classes, (n,), generator=generator))
 
-    splits = {s: make(n) for s, n in SYNTHETIC_SIZES.items()}
-    return InMemoryData("synthetic", splits["train"], splits["val"], splits["test"], num_classes,
-                        (0.5,) * 3, (0.29,) * 3, **aug)
+    splits = {s: make(n) for s, n in spec.split_sizes.items()}
+    return InMemoryData(spec.name, splits["train"], splits["val"], splits["test"], num_classes, spec.mean, spec.std,
+                        shift=shift, hflip=hflip)
 
 
 # -- ImageFolder-style directories ---------------------------------------------------------------------------
@@ -389,8 +362,8 @@ class Lighting(torch.nn.Module):
     """AlexNet-style PCA lighting noise as fb.resnet.torch's ``Lighting``: adds ``eigvec @ (alpha * eigval)``
     to the RGB channels, ``alpha ~ N(0, alphastd)`` per image. No clamping."""
 
-    def __init__(self, alphastd: float = 0.1, eigval: Sequence[float] = IMAGENET_PCA_EIGVAL,
-                 eigvec: Sequence[Sequence[float]] = IMAGENET_PCA_EIGVEC):
+    def __init__(self, alphastd: float = 0.1, eigval: Sequence[float] = _IMAGENET.pca_eigval,
+                 eigvec: Sequence[Sequence[float]] = _IMAGENET.pca_eigvec):
         super().__init__()
         self.alphastd = float(alphastd)
         self.register_buffer("eigval", torch.tensor(eigval, dtype=torch.float32), persistent=False)
@@ -472,7 +445,8 @@ class FolderData(_Data):
     crop_pct = 0.875  # evaluation: shorter side resized to size / 0.875 (256 for 224), then the centre crop
 
     def __init__(self, name: str, root: str, image_size: int, hflip: bool, workers: int,
-                 color_jitter: float = 0.0, lighting: float = 0.0):
+                 color_jitter: float = 0.0, lighting: float = 0.0, mean: Sequence[float] = _IMAGENET.mean,
+                 std: Sequence[float] = _IMAGENET.std):
         from timm.data import create_dataset, create_transform
 
         for split in ("train", "val"):
@@ -483,7 +457,7 @@ class FolderData(_Data):
                     f"sub-folders (one folder of images per class, optionally test/ too); {path} not found")
         self.name, self.root = name, root
         self.image_size, self.workers = int(image_size), int(workers)
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.mean, self.std = tuple(mean), tuple(std)
         self.train_transform = imagenet_train_transform(image_size, hflip, color_jitter, lighting)
         # timm's eval transform of the cfg the models are saved with (resize to size / crop_pct, centre crop);
         # use_prefetcher: uint8 tensors, normalised on the training device as the training batches are.
@@ -537,21 +511,28 @@ class FolderData(_Data):
 
 
 # -- entry point ---------------------------------------------------------------------------------------------
+def _load_folder(spec: DatasetSpec, root: str, *, image_size: int, hflip: bool, workers: int, color_jitter: float,
+                 lighting: float, **_) -> FolderData:
+    return FolderData(spec.name, root, image_size, hflip, workers, color_jitter, lighting, spec.mean, spec.std)
+
+
 def load_data(name: str, data_dir: str = "~/data", *, download: bool = True, val_size: int = 0,
               split_seed: int = 1, image_size: int = 32, num_classes: int = 10, shift: int = 0,
               hflip: bool = False, workers: int = 4, color_jitter: float = 0.0, lighting: float = 0.0):
     """Load a data set by ``--dataset`` name: an ``InMemoryData`` or a ``FolderData``. ``shift`` applies to
     in-memory data, ``color_jitter`` and ``lighting`` (fb.resnet.torch's 0.4 and 0.1) to folder data."""
-    if name not in DATASETS:
-        raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
-    root = os.path.expanduser(data_dir)
-    aug = dict(shift=shift, hflip=hflip)
-    if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, root, download, val_size, split_seed, **aug)
-    if name == "svhn":
-        return _load_svhn(root, download, val_size, split_seed, **aug)
-    if name == "digits":
-        return _load_digits(image_size, **aug)
-    if name == "synthetic":
-        return _load_synthetic(image_size, num_classes, **aug)
-    return FolderData(name, root, image_size, hflip, workers, color_jitter, lighting)
+    if name not in REGISTRY:
+        raise DataError(f"--dataset must be one of {', '.join(REGISTRY)}; got {name!r}")
+    spec = REGISTRY[name]
+    loader = globals()[spec.loader]  # the entry's loader, one of those above
+    return loader(spec, os.path.expanduser(data_dir), download=download, val_size=val_size, split_seed=split_seed,
+                  image_size=image_size, num_classes=num_classes, shift=shift, hflip=hflip, workers=workers,
+                  color_jitter=color_jitter, lighting=lighting)
+
+
+def __getattr__(name: str):
+    # The ONNX calibration images live in sdzoo.onnx_data; sdzoo.data.digits_images is their earlier name.
+    if name == "digits_images":
+        from .onnx_data import digits_images
+        return digits_images
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from huggingface_hub import ModelCard
 
-from .dataset_stats import IMAGENET_MEAN, IMAGENET_STD
+from .datasets import DATASETS as _REGISTRY
 from .settings import DEFINING
 
 __all__ = [
@@ -26,15 +26,9 @@ __all__ = [
 
 TEMPLATE_NAME = "model_card_template.md"
 
-# Data set name in a run's summary -> (display name, Hub data set id or None).
+# Data set name in a run's summary -> (display name, Hub data set id or None), from the registry (sdzoo.datasets).
 DATASETS: Dict[str, Tuple[str, Optional[str]]] = {
-    "cifar10": ("CIFAR-10", "uoft-cs/cifar10"),
-    "cifar100": ("CIFAR-100", "uoft-cs/cifar100"),
-    "svhn": ("SVHN", "ufldl-stanford/svhn"),
-    "imagenet": ("ImageNet-1k", "ILSVRC/imagenet-1k"),
-    "digits": ("scikit-learn handwritten digits (8x8 images, upsampled)", None),
-    "synthetic": ("random images and labels (a throughput run: nothing was learned)", None),
-}
+    name: (spec.display_name, spec.hub_id) for name, spec in _REGISTRY.items() if spec.display_name}
 
 # Test error (%) reported by Huang et al. (2016): (architecture, data set) -> rows of
 # (setting, constant depth, stochastic depth). CIFAR results use the standard augmentation ("+").
@@ -279,7 +273,7 @@ def render_model_card(
         onnx_note=onnx_note(onnx_folded),
         curves_name=next((f for f in files if f.endswith(".png")), None),
         channels=channels, height=height, width=width,
-        mean=list(pretrained_cfg.get("mean") or IMAGENET_MEAN),
-        std=list(pretrained_cfg.get("std") or IMAGENET_STD),
+        mean=list(pretrained_cfg.get("mean") or _REGISTRY["imagenet"].mean),
+        std=list(pretrained_cfg.get("std") or _REGISTRY["imagenet"].std),
     )
     return str(card)

@@ -2,7 +2,7 @@
 
 Every file is checked before it is kept: written beside the output, it must pass onnx's full checker and match
 PyTorch under onnxruntime, and only then replaces the output (``sdzoo._files.staged_file``). Models come here
-folded (``sdzoo.fold``); calibration and test images come from ``sdzoo.data.digits_images``.
+folded (``sdzoo.fold``); calibration and test images come from ``sdzoo.onnx_data``.
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from .datasets import DATASETS
+
 __all__ = ["Recipe", "RECIPES", "DEFAULT_RECIPE", "LR_DROP_RULES", "recipe_for_dataset"]
 
 # When the lr drops for a drop at fraction f of E epochs (epochs counted from 1):
@@ -92,12 +94,12 @@ RECIPES: Dict[str, Recipe] = {
         note="throughput run on random data"),
 }
 
-# ImageFolder-style directories train with the ImageNet recipe unless told otherwise.
-_DATASET_RECIPES = {"imagefolder": "imagenet"}
 DEFAULT_RECIPE = "digits"
 
 
 def recipe_for_dataset(dataset: str) -> Optional[str]:
-    """The recipe a data set trains with by default (None if the data set has none)."""
-    name = _DATASET_RECIPES.get(dataset, dataset)
+    """The recipe a data set trains with by default, as its entry in ``sdzoo.datasets`` names it (None if the
+    data set has none)."""
+    spec = DATASETS.get(dataset)
+    name = spec.recipe if spec is not None else None
     return name if name in RECIPES else None

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free)
-from .data import DATASETS
+from .datasets import DATASETS, dataset_names, spoken_list
 from .gate import GATE_MODES, SCALINGS
 from .recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
 from .survival import SURVIVAL_RULES
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("data")
     add = g.add_argument
-    add("--dataset", choices=DATASETS, help="data set (default: digits, which needs no download)")
+    add("--dataset", choices=list(DATASETS), help="data set (default: digits, which needs no download)")
     add("--data-dir", help="folder of the data set; torchvision's files for cifar10/cifar100/svhn, "
                            "train/ val/ [test/] class folders for imagenet/imagefolder (default: ~/data)")
     add("--download", action=bool_flag, help="download cifar10/cifar100/svhn when missing (default: yes)")
@@ -293,25 +293,26 @@ def _check_settings(s: Settings, given: Dict[str, Any]) -> None:
     models = timm.list_models("sd_*")
     if s.model not in models:
         raise TrainError(f"--model must be one of {', '.join(models)}; got {s.model!r}")
-    dataset = s.dataset
-    in_memory_32px = dataset in ("cifar10", "cifar100", "svhn")
-    folders = dataset in ("imagenet", "imagefolder")
-    if "num_classes" in given and dataset != "synthetic":
-        raise TrainError(f"--num-classes applies to --dataset synthetic only ({dataset} fixes its classes)")
-    if "val_size" in given and not in_memory_32px:
-        raise TrainError(f"--val-size applies to cifar10, cifar100 and svhn; {dataset} has fixed splits")
-    if "image_size" in given and in_memory_32px:
-        raise TrainError(f"--image-size does not apply to {dataset}: its images are 32x32")
-    if "shift" in given and folders:
+    dataset, spec = s.dataset, DATASETS[s.dataset]
+    if "num_classes" in given and not spec.classes_by_flag:
+        raise TrainError(f"--num-classes applies to --dataset {spoken_list(dataset_names(classes_by_flag=True))} "
+                         f"only ({dataset} fixes its classes)")
+    if "val_size" in given and not spec.val_split:
+        raise TrainError(f"--val-size applies to {spoken_list(dataset_names(val_split=True))}; {dataset} has fixed "
+                         "splits")
+    if "image_size" in given and spec.image_size:
+        side = spec.image_size
+        raise TrainError(f"--image-size does not apply to {dataset}: its images are {side}x{side}")
+    if "shift" in given and not spec.on_device:
         raise TrainError(f"--shift applies to in-memory data sets; {dataset} augments with random resized crops")
-    image_size = 32 if in_memory_32px else s.image_size
+    image_size = spec.image_size or s.image_size
     if "shift" in given and s.shift >= image_size:
-        where = f"{dataset}: 32 pixels" if in_memory_32px else f"{image_size} pixels"
+        where = f"{dataset}: {image_size} pixels" if spec.image_size else f"{image_size} pixels"
         raise TrainError(f"--shift {s.shift} must be smaller than the image ({where})")
     for flag in ("color_jitter", "lighting"):
-        if flag in given and not folders:
-            raise TrainError(f"--{flag.replace('_', '-')} applies to imagenet and imagefolder data; {dataset} "
-                             "is augmented on the device")
+        if flag in given and spec.on_device:
+            raise TrainError(f"--{flag.replace('_', '-')} applies to {spoken_list(dataset_names(on_device=False))} "
+                             f"data; {dataset} is augmented on the device")
     if given.get("sync_bn") and (s.device == "cpu" or not torch.cuda.is_available()):
         raise TrainError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
     if s.nesterov and (s.momentum <= 0 or s.dampening != 0):

@@ -344,3 +344,51 @@ def test_color_jitter_blends_as_fb_resnet_torch():
         flat_grey = torch.full((3, 4, 4), 0.3)
         assert torch.allclose(ColorJitter(0, 0, 0.4)(flat_grey), flat_grey)
     assert any((ColorJitter(0.4, 0.4, 0.4)(torch.ones(3, 2, 2)) > 1).any() for _ in range(20))  # no clamp
+
+
+# -- the registry (sdzoo.datasets) ----------------------------------------------------------------------------
+def test_registry_entries_are_what_every_module_reads():
+    import dataclasses
+
+    import sdzoo.data
+    from sdzoo import model_card, onnx_data
+    from sdzoo.datasets import DATASETS
+    from sdzoo.onnx_data import digits_images as moved
+    from sdzoo.recipes import recipe_for_dataset
+    from sdzoo.settings import build_parser
+    from timm.models import get_pretrained_cfg
+
+    assert digits_images is moved  # sdzoo.data's name for the calibration images is an alias
+    choices = next(a.choices for a in build_parser()._actions if a.dest == "dataset")
+    assert list(choices) == list(DATASETS) == list(sdzoo.data.DATASETS)
+    assert sdzoo.data.TENSOR_DATASETS == tuple(n for n, d in DATASETS.items() if d.on_device)
+    assert DIGITS_SPLIT_SIZES is DATASETS["digits"].split_sizes
+    for name, spec in DATASETS.items():
+        assert spec.name == name and len(spec.mean) == len(spec.std) == 3
+        assert callable(getattr(sdzoo.data, spec.loader)), name
+        assert recipe_for_dataset(name) == spec.recipe and spec.recipe in RECIPES, name
+        assert RECIPES[spec.recipe].dataset in (name, "imagenet"), name
+        assert model_card.RunResults(name, 1.0, 1).dataset_name == spec.title
+        if spec.calibration:
+            assert name in onnx_data.CALIB_DATA and callable(getattr(onnx_data, spec.calibration))
+        if spec.cifar_tag:  # the zoo's cfgs carry the entry's statistics and classes
+            cfg = get_pretrained_cfg(f"sd_resnet110_cifar.{name}")
+            assert (cfg.mean, cfg.std, cfg.num_classes) == (spec.mean, spec.std, spec.num_classes)
+            assert cfg.input_size == (3, spec.image_size, spec.image_size)
+    assert onnx_data.CALIB_DATA == ("digits",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DATASETS["digits"].mean = (0.5,) * 3
+
+
+def test_a_data_set_is_one_registry_entry(monkeypatch):
+    import dataclasses
+
+    from sdzoo.datasets import DATASETS
+    from sdzoo.recipes import recipe_for_dataset
+
+    spec = dataclasses.replace(DATASETS["digits"], name="digits_copy", mean=(0.5,) * 3, std=(0.25,) * 3)
+    monkeypatch.setitem(DATASETS, "digits_copy", spec)
+    data = load_data("digits_copy", image_size=8)
+    assert data.name == "digits_copy" and (data.mean, data.std) == (spec.mean, spec.std)
+    assert len(data) == DIGITS_SPLIT_SIZES["train"] and data.num_classes == 10
+    assert recipe_for_dataset("digits_copy") == "digits"

@@ -26,8 +26,7 @@ from timm.models._features import feature_take_indices
 
 from .._checks import check_choice, check_int, check_survival_prob
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
-from ..dataset_stats import (
-    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
+from ..datasets import DATASETS
 from ..gate import GATE_MODES, SCALINGS, Branch, GateSampler, ResidualGate
 from ..integrity import check_finite, check_model_size, check_pretrained
 from ..pretrained import require_published_weights, tag_model_defaults, timm_weight_cfgs, with_published_weights
@@ -515,22 +514,22 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     (``sdzoo.pretrained.with_published_weights`` fills in those it does)."""
     return {
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
-        "interpolation": "bilinear", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
+        "interpolation": "bilinear", "mean": DATASETS["cifar10"].mean, "std": DATASETS["cifar10"].std,
         "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0", **kwargs,
     }
 
 
-def _cifar_cfgs(name: str) -> Dict[str, Dict[str, Any]]:
-    return {
-        f"{name}.cifar10": _cfg(),
-        f"{name}.cifar100": _cfg(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
-        f"{name}.svhn": _cfg(mean=SVHN_MEAN, std=SVHN_STD),
-    }
+def _cifar_cfgs(name: str, first: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """A tag per data set of the registry that the CIFAR-layout models are tagged for (``cifar_tag``), in the
+    registry's order, ``first`` (the default tag) first."""
+    tags = sorted((spec for spec in DATASETS.values() if spec.cifar_tag), key=lambda spec: spec.name != first)
+    return {f"{name}.{spec.name}": _cfg(num_classes=spec.num_classes, mean=spec.mean, std=spec.std) for spec in tags}
 
 
 def _in1k_cfg() -> Dict[str, Any]:
-    return _cfg(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    imagenet = DATASETS["imagenet"]
+    return _cfg(num_classes=imagenet.num_classes, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                mean=imagenet.mean, std=imagenet.std)
 
 
 default_cfgs = generate_default_cfgs(with_published_weights({
@@ -538,9 +537,7 @@ default_cfgs = generate_default_cfgs(with_published_weights({
     **_cifar_cfgs("sd_resnet56_cifar"),
     **_cifar_cfgs("sd_resnet110_cifar"),
     # The paper's SVHN model is the 152-layer CIFAR ResNet: its first tag is its default.
-    "sd_resnet152_cifar.svhn": _cfg(mean=SVHN_MEAN, std=SVHN_STD),
-    "sd_resnet152_cifar.cifar10": _cfg(),
-    "sd_resnet152_cifar.cifar100": _cfg(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
+    **_cifar_cfgs("sd_resnet152_cifar", first="svhn"),
     **_cifar_cfgs("sd_resnet1202_cifar"),
     # timm's ImageNet weights of resnet50/101/152, one tag each (sdzoo.pretrained); then the weightless
     # in1k tag, marked '*' and last, so that it stays the default tag (timm would make the first tag with

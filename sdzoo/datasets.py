@@ -1,0 +1,107 @@
+"""The data sets of sdzoo: one entry each, the one home of what the package knows about a data set.
+
+An entry names the data set's loader (a function of ``sdzoo.data``), its per-channel statistics (the mean and
+std that the training data is normalised with and that the models' timm cfgs carry, and for ImageNet the
+colour components of fb.resnet.torch's lighting noise), the recipe it trains with by default, whether it is
+held in memory as tensors (on the training device), its fixed class count and image size where it has them,
+and what the model card and the ONNX export show of it. The training flags (``--dataset`` and the checks of
+``--val-size``, ``--image-size``, ...), the zoo's cfgs, the model card and the export read it from here:
+adding a data set is one entry (and its loader, if none of those in ``sdzoo.data`` fits).
+
+Free of imports, so that the models do not import the data pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional, Sequence, Tuple
+
+__all__ = ["DatasetSpec", "DATASETS", "dataset_names", "spoken_list"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What sdzoo knows about one data set (``DATASETS[name]``)."""
+    name: str                                # the --dataset value
+    loader: str                              # the function of sdzoo.data that loads it
+    mean: Tuple[float, ...]                  # per-channel statistics of the training images (values in [0, 1])
+    std: Tuple[float, ...]
+    on_device: bool                          # held in memory as tensors (on the training GPU), augmented there;
+    #                                          else a folder read and augmented by DataLoader workers
+    recipe: Optional[str] = None             # the recipe (sdzoo.recipes) it trains with unless --recipe is given
+    display_name: Optional[str] = None       # in the model card (None: the name)
+    hub_id: Optional[str] = None             # the Hub data set id the model card links
+    num_classes: Optional[int] = None        # its fixed class count; None: its class folders or --num-classes
+    classes_by_flag: bool = False            # --num-classes sets its class count
+    image_size: Optional[int] = None         # its fixed image side; None: --image-size sets it
+    val_split: bool = False                  # --val-size holds out part of its training set for validation
+    split_sizes: Optional[Dict[str, int]] = field(default=None, hash=False)  # its fixed splits, where it has them
+    files: Optional[str] = None              # the folder of torchvision's files under --data-dir
+    torchvision_class: Optional[str] = None  # the torchvision.datasets class that reads them
+    cifar_tag: bool = False                  # the zoo's CIFAR-layout models have a cfg tag for it
+    calibration: Optional[str] = None        # the function of sdzoo.onnx_data that gives its images to
+    #                                          calibrate the ONNX int8 export, if they may
+    # Principal components of its RGB pixels for fb.resnet.torch's lighting noise: the columns of the matrix
+    # are the eigenvectors.
+    pca_eigval: Optional[Tuple[float, ...]] = None
+    pca_eigvec: Optional[Tuple[Tuple[float, ...], ...]] = None
+
+    @property
+    def title(self) -> str:
+        """The name the model card shows."""
+        return self.display_name or self.name
+
+
+_IMAGENET = DatasetSpec(
+    name="imagenet", loader="_load_folder", recipe="imagenet", on_device=False,
+    display_name="ImageNet-1k", hub_id="ILSVRC/imagenet-1k", num_classes=1000,
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    # As fb.resnet.torch's datasets/imagenet.lua gives them.
+    pca_eigval=(0.2175, 0.0188, 0.0045),
+    pca_eigvec=((-0.5675, 0.7192, 0.4009),
+                (-0.5808, -0.0045, -0.8140),
+                (-0.5836, -0.6948, 0.4203)))
+
+DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec(
+        name="cifar10", loader="_load_cifar", recipe="cifar10", on_device=True,
+        display_name="CIFAR-10", hub_id="uoft-cs/cifar10", num_classes=10, image_size=32, val_split=True,
+        files="cifar-10-batches-py", torchvision_class="CIFAR10", cifar_tag=True,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    DatasetSpec(
+        name="cifar100", loader="_load_cifar", recipe="cifar100", on_device=True,
+        display_name="CIFAR-100", hub_id="uoft-cs/cifar100", num_classes=100, image_size=32, val_split=True,
+        files="cifar-100-python", torchvision_class="CIFAR100", cifar_tag=True,
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    DatasetSpec(
+        name="svhn", loader="_load_svhn", recipe="svhn", on_device=True,
+        display_name="SVHN", hub_id="ufldl-stanford/svhn", num_classes=10, image_size=32, val_split=True,
+        torchvision_class="SVHN", cifar_tag=True,
+        mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970)),
+    _IMAGENET,
+    # Any ImageFolder-style directory: ImageNet's statistics and recipe, its classes from its folders.
+    replace(_IMAGENET, name="imagefolder", display_name=None, hub_id=None, num_classes=None),
+    DatasetSpec(
+        name="digits", loader="_load_digits", recipe="digits", on_device=True,
+        display_name="scikit-learn handwritten digits (8x8 images, upsampled)", num_classes=10,
+        split_sizes={"train": 1257, "val": 180, "test": 360}, calibration="digits_images",
+        # Pixel statistics of the training split (values / 16, as in sdzoo.data.load_digits_split), one grey
+        # channel repeated three times. tests/test_data.py recomputes them.
+        mean=(0.3049,) * 3, std=(0.3758,) * 3),
+    DatasetSpec(
+        name="synthetic", loader="_load_synthetic", recipe="synthetic", on_device=True,
+        display_name="random images and labels (a throughput run: nothing was learned)", classes_by_flag=True,
+        split_sizes={"train": 2560, "val": 256, "test": 256},
+        mean=(0.5,) * 3, std=(0.29,) * 3),
+)}
+
+
+def dataset_names(**where) -> Tuple[str, ...]:
+    """The names of the data sets whose entries have the given values, e.g. ``dataset_names(on_device=True)``."""
+    return tuple(name for name, spec in DATASETS.items()
+                 if all(getattr(spec, key) == value for key, value in where.items()))
+
+
+def spoken_list(names: Sequence[str]) -> str:
+    """``a, b and c``: names as a message lists them."""
+    names = list(names)
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else ""
