@@ -159,7 +159,7 @@ def check_checkpoint_header(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     """A safetensors --checkpoint's header (shapes and recorded settings) against the model about to be built."""
     if not args.checkpoint.endswith(".safetensors") or not os.path.isfile(args.checkpoint):
         return  # a torch file is read (weights-only) and loaded strictly by load_checkpoint
-    from timm.models._builder import resolve_pretrained_cfg
+    from timm.models import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(args.model).to_dict()
     try:  # the variant's own arguments (layers, widths, ...), from a model that allocates nothing

@@ -285,7 +285,8 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
         if path.is_file():
             return str(path), None, str(path)
         # timm's save_for_hf writes pytorch_model.bin by default; timm reads it weights-only (no code runs), and
-        # so do these checks, with the same choice of file as timm's loader.
+        # so do these checks, with the same choice of file as timm's loader (private: timm exports no name
+        # for it, and its public load_state_dict_from_hf reads from the Hub only).
         from timm.models._hub import load_state_dict_from_path
 
         found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
@@ -308,6 +309,8 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
         return str(location), None, str(location)
     if load_from == "hf-hub":
         from huggingface_hub.errors import EntryNotFoundError
+        # private: timm's own download of a cfg's file (its cache layout, offline handling); timm exports no
+        # name for it, and its public loaders load the weights, where this check must read the header first.
         from timm.models._hub import download_from_hf
 
         repo, filename = location if isinstance(location, (list, tuple)) else (location, WEIGHTS_NAME)

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import create_classifier, get_device_dtype, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import downsample_conv
+# private module: timm 1.0.31 exports feature_take_indices under no public name, and its own models import
+# it from here too (forward_intermediates' index rules stay timm's)
 from timm.models._features import feature_take_indices
 
 from .._checks import check_choice, check_int, check_survival_prob
@@ -73,7 +76,8 @@ def make_downsample(kind: str, in_chs: int, out_chs: int, stride: int, **dd) -> 
         return None
     if kind == "zero_pad":
         return ZeroPadShortcut(in_chs, out_chs, stride)
-    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd), nn.BatchNorm2d(out_chs, **dd))
+    # timm's own projection shortcut (conv1x1 + BN, keys downsample.0/.1), so state dicts interchange with timm's
+    return downsample_conv(in_chs, out_chs, kernel_size=1, stride=stride, **dd)
 
 
 # Blocks are leaves of timm's FX graphs (features_only="fx", its FX tests): a gate decides in Python.
