@@ -45,7 +45,8 @@ def staged_file(path: PathLike) -> Iterator[str]:
 def _locked_temp(directory: str, name: str):
     """A new temporary file for ``name`` in ``directory``, locked (flock) for as long as this process holds the
     descriptor: the OS drops the lock when the process ends, however it ends, so a temporary whose lock can be
-    taken was abandoned (``remove_abandoned_temporaries``)."""
+    taken was abandoned (``remove_abandoned_temporaries``). fcntl, not filelock.FileLock: FileLock locks a
+    separate lock file, where this lock must live on the temporary itself, so that the two vanish together."""
     while True:
         fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=TEMP_SUFFIX)
         fcntl.flock(fd, fcntl.LOCK_EX)
