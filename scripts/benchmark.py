@@ -36,6 +36,7 @@ from torch import nn
 
 import timm
 import sdzoo
+from sdzoo._checks import check_survival_prob
 from sdzoo._files import save_json
 # The variants live in the package, where the tests build them.
 from sdzoo.benchmark_variants import CONVERT_VARIANTS, VARIANTS, build_timm_variant, build_variant, flops_per_image
@@ -315,8 +316,10 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be a positive integer; got {getattr(args, flag)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0; got {args.warmup}")
-    if not 0.0 < args.survival_prob <= 1.0:
-        p.error(f"--survival-prob must be in (0, 1]; got {args.survival_prob}")
+    try:
+        check_survival_prob("--survival-prob", args.survival_prob)
+    except ValueError as err:
+        p.error(str(err))
     if args.model not in timm.list_models("sd_*"):
         p.error(f"--model must be one of {', '.join(timm.list_models('sd_*'))}; got {args.model!r}")
     if "constant depth" not in args.variants:

@@ -28,6 +28,7 @@ import timm  # noqa: E402
 from timm.layers import DropPath  # noqa: E402
 
 import sdzoo  # noqa: E402
+from sdzoo._checks import error_line  # noqa: E402
 
 MODES = ("batch", "sample")
 
@@ -62,8 +63,7 @@ def never_applied(model) -> bool:
 
 
 def short(error: BaseException) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f"{type(error).__name__}: {text[:300]}"
+    return error_line(error, 300)
 
 
 def survey(names, rate: float, forward: bool, progress) -> dict:

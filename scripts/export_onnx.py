@@ -24,8 +24,7 @@ import sdzoo  # registers the zoo, which local-dir: and hf-hub: models need
 from timm.models import load_state_dict
 
 from sdzoo._checks import check_seconds
-from sdzoo.checkpoint import (
-    CONFIG_NAME, SURVIVAL_SETTINGS, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings)
+from sdzoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.hf_config import model_kwargs_of_config
 from sdzoo.integrity import (
@@ -33,6 +32,7 @@ from sdzoo.integrity import (
 from sdzoo.latency import compare_latency, format_latency
 from sdzoo.onnx_data import CALIB_DATA, calibration_images, calibration_split_size
 from sdzoo.onnx_export import DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8
+from sdzoo.survival import TRAINED_FIELDS
 
 HUB_PREFIXES = ("local-dir:", "hf-hub:")
 
@@ -96,9 +96,8 @@ def create_model(args: argparse.Namespace) -> torch.nn.Module:
         zoo = ", ".join(timm.list_models("sd_*"))
         fail(args, f"--model: unknown model {args.model!r}; give a registered name ({zoo}), "
                    "local-dir:PATH or hf-hub:ORG/NAME")
-    kwargs = {k: v for k, v in dict(num_classes=args.num_classes, survival_prob=args.survival_prob,
-                                    survival_rule=args.survival_rule, scaling=args.scaling,
-                                    gate_mode=args.gate_mode).items() if v is not None}
+    # The flags of the settings the fold depends on are named after them: --survival-prob is survival_prob.
+    kwargs = {k: getattr(args, k) for k in ("num_classes", *TRAINED_FIELDS) if getattr(args, k) is not None}
     if args.checkpoint is not None:
         kwargs = settings_of_checkpoint(args, kwargs)
         check_checkpoint_header(args, kwargs)
@@ -126,7 +125,7 @@ def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> D
         except Exception as err:  # noqa: BLE001  (a damaged header; load_checkpoint reports it in full)
             fail(args, f"--checkpoint {args.checkpoint}: cannot read its metadata: {_short(err)}")
     if recorded is None:
-        missing = [f"--{k.replace('_', '-')}" for k in SURVIVAL_SETTINGS if k not in given]
+        missing = [f"--{k.replace('_', '-')}" for k in TRAINED_FIELDS if k not in given]
         if args.checkpoint_folded is None:
             missing.append("--checkpoint-folded")
         if missing:
@@ -135,7 +134,7 @@ def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> D
                        "as trained, --gate-mode off for constant depth; and --checkpoint-folded yes or no: whether "
                        "p_l is already in its weights, which the weights themselves cannot show)")
         if args.checkpoint_folded == "yes":  # built as the plain ResNet it is: never folded a second time
-            return dict(given, folded_from={k: given[k] for k in SURVIVAL_SETTINGS})
+            return dict(given, folded_from={k: given[k] for k in TRAINED_FIELDS})
         return given
     if args.checkpoint_folded is not None and (args.checkpoint_folded == "yes") != bool(
             recorded["model_args"].get("folded_from")):
@@ -231,7 +230,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
-    for flag in ("checkpoint", "num_classes", "survival_prob", "survival_rule", "scaling", "gate_mode"):
+    for flag in ("checkpoint", "num_classes", *TRAINED_FIELDS):
         if getattr(args, flag) is not None:
             fail(args, f"--{flag.replace('_', '-')} applies to a registered model name only; "
                        f"{args.model} brings its weights and settings with it")

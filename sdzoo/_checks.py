@@ -5,6 +5,12 @@ import math
 from typing import Iterable, Tuple
 
 
+def error_line(error: BaseException, width: int = 240) -> str:
+    """``TypeName: first line of its message``, cut at ``width``: how one error is quoted inside another."""
+    first = (str(error).strip().splitlines() or [""])[0][:width]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def check_choice(name: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed:

@@ -30,7 +30,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import parse_ratelimit_headers
 
 from . import __version__
-from ._checks import check_seconds
+from ._checks import check_seconds, error_line
 
 __all__ = ["DEFAULT_TIMEOUT", "HubTimeout", "deadline_client", "bounded_waits", "hub_api", "http_error",
            "describe_error", "is_timeout", "scrub_token"]
@@ -193,7 +193,7 @@ def describe_error(error: BaseException) -> str:
     """What went wrong, in one line: the HTTP status, the request and the server's message, or the error."""
     http = http_error(error)
     if http is None:
-        return f"{type(error).__name__}: {error}"
+        return error_line(error, 400)
     request = http.response.request  # the error's own .request is httpx's, which is not always set
     return (f"HTTP {http.response.status_code} from {request.method} {request.url.path}"
             + (f" ({http.server_message})" if http.server_message else ""))

@@ -19,7 +19,9 @@ import torch
 from filelock import FileLock, Timeout
 from torch import nn
 
+from ._checks import error_line
 from ._files import PathLike, atomic_write, remove_stale_temps
+from .survival import TRAINED_FIELDS
 
 __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "CheckpointError",
@@ -37,8 +39,8 @@ CURVES_NAME = "curves.png"
 LOCK_NAME = ".lock"
 # safetensors metadata key of the settings the weights were trained with (the values must be strings: JSON).
 SETTINGS_KEY = "sdzoo"
-# The model arguments that folding p_l into the weights depends on.
-SURVIVAL_SETTINGS = ("survival_prob", "survival_rule", "scaling", "gate_mode")
+# The model arguments that folding p_l into the weights depends on (an old name of sdzoo.survival's).
+SURVIVAL_SETTINGS = TRAINED_FIELDS
 
 
 class CheckpointError(Exception):
@@ -76,9 +78,7 @@ def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> D
         raise CheckpointError(f"--resume: {path} holds objects other than tensors and plain types; it is not "
                               "a checkpoint of this trainer and was not loaded (nothing in it was run)") from None
     except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"--resume: cannot read {path} as a torch file ({type(e).__name__}: "
-                              f"{first_line})") from None
+        raise CheckpointError(f"--resume: cannot read {path} as a torch file ({error_line(e)})") from None
 
 
 def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -91,12 +91,10 @@ def weights_metadata(model: nn.Module) -> Dict[str, str]:
     ``model.safetensors`` brings what loading and folding it need (as a run folder's config.json does)."""
     # One key: safetensors writes its metadata map in hash order, so with two keys the same weights would give
     # files that differ in bytes from one process to the next.
-    if not hasattr(model, "stochastic_depth_args"):
+    survival = getattr(model, "survival_settings", None)
+    if survival is None:
         return {"format": "pt"}
-    args = model.stochastic_depth_args()
-    settings = {k: args.get(k) for k in SURVIVAL_SETTINGS}
-    if args.get("folded_from"):
-        settings["folded_from"] = dict(args["folded_from"])
+    settings = survival.as_recorded()
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return {SETTINGS_KEY: json.dumps(dict(architecture=architecture, num_classes=model.num_classes,
                                           model_args=settings))}
@@ -224,6 +222,6 @@ def truncate_lines(path: Path, keep: Callable[[str], bool]) -> None:
         except (ValueError, KeyError, IndexError, TypeError) as e:
             if number == len(lines) and not text.endswith("\n"):
                 continue  # cut off by a kill mid-write
-            raise CheckpointError(f"--resume: {path}, line {number} is corrupt ({type(e).__name__}: {e}); it is "
+            raise CheckpointError(f"--resume: {path}, line {number} is corrupt ({error_line(e)}); it is "
                                   "not a line this trainer writes: fix or remove it, then resume") from None
     atomic_write(path, lambda temp: Path(temp).write_text("".join(kept)))

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_unflatten  # the counterpart of FX's pytree
 from timm.layers import DropPath, get_notrace_functions
 from timm.layers.drop import drop_path
 
-from ._checks import check_choice, check_fraction, check_int
+from ._checks import check_choice, check_fraction, check_int, error_line
 from .gate import Branch, GateSampler, ResidualGate
 
 __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPathGate", "DropPathSampler",
@@ -150,8 +150,7 @@ def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
     try:
         graph = _BlockTracer().trace(block, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001  (FX raises many kinds; each is a reason to report, not a crash)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise NotConvertible(f"its forward cannot be traced with torch.fx ({type(e).__name__}: {first[:200]})") from None
+        raise NotConvertible(f"its forward cannot be traced with torch.fx ({error_line(e, 200)})") from None
     finally:
         block.__class__ = cls
         block.training = was_training

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_choice
+from ._checks import check_choice, error_line
 from .datasets import DATASETS as REGISTRY, DatasetSpec, dataset_names
 
 __all__ = [
@@ -236,7 +236,7 @@ def _torchvision_split(cls, label: str, where: str, root: str, download: bool, *
         return cls(root, download=True, **kwargs)
     except Exception as e:  # network errors come as URLError, OSError, RuntimeError, ...
         raise DataError(
-            f"--data-dir {root}: {label} is not there and downloading it failed ({type(e).__name__}: {e}). "
+            f"--data-dir {root}: {label} is not there and downloading it failed ({error_line(e)}). "
             f"Download it on a machine with internet and copy it into {where}, or point --data-dir at "
             "the folder that holds it") from None
 

@@ -11,8 +11,6 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
-from .checkpoint import SURVIVAL_SETTINGS
-
 __all__ = ["fold_survival", "is_folded", "can_fold", "trained_settings"]
 
 
@@ -60,33 +58,25 @@ def fold_survival(model: nn.Module) -> nn.Module:
                 affine.bias.mul_(p)
         blk.gate.survival_prob = 1.0
 
-    model.folded_from = trained_settings(model)
-    model.gate_mode = "off"
-    sampler = getattr(model, "gate_sampler", None)
-    if sampler is not None:
-        sampler.mode = "off"
-        sampler.survival_probs = [1.0] * len(sampler.survival_probs)
-    folded = dict(gate_mode="off", folded_from=dict(model.folded_from))
-    if getattr(model, "_model_args", None) is not None:
-        # What config.json carries: rebuilding from it gives the plain ResNet the weights now belong to.
-        model._model_args = dict(model._model_args, **folded)
-    if getattr(model, "_survival_args", None) is not None:
-        # What the weights file's metadata records (stochastic_depth_args): every loader sees that p_l is in them.
-        model._survival_args = dict(model._survival_args, **folded)
+    # The model's settings, config.json's model_args and the weights' metadata all read survival_settings:
+    # rebuilding from any of them gives the plain ResNet the weights now belong to.
+    model.survival_settings = model.survival_settings.folded()
+    sampler = model.gate_sampler
+    sampler.mode = "off"
+    sampler.survival_probs = [1.0] * len(sampler.survival_probs)
     return model
 
 
 def _residual_blocks(model: nn.Module):
-    if not hasattr(model, "residual_blocks"):
+    if not hasattr(model, "residual_blocks") or not hasattr(model, "survival_settings"):
         raise ValueError(f"model must be an sdzoo stochastic-depth model (with residual_blocks()); "
                          f"got {type(model).__name__}")
     return model.residual_blocks()
 
 
 def trained_settings(model: nn.Module) -> Dict[str, Any]:
-    """The survival settings a model trains with (what a folded model records)."""
-    args = getattr(model, "_model_args", None) or {}
-    return {k: args.get(k, getattr(model, k, None)) for k in SURVIVAL_SETTINGS}
+    """The survival settings a model's weights were trained with (what a folded model records)."""
+    return model.survival_settings.trained_dict()
 
 
 def _last_affine(layers: List[nn.Module], block_idx: int) -> nn.Module:

@@ -26,7 +26,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import SETTINGS_KEY, SURVIVAL_SETTINGS, WEIGHTS_NAME
+from ._checks import error_line
+from .checkpoint import SETTINGS_KEY, WEIGHTS_NAME
+from .survival import TRAINED_FIELDS, SurvivalSettings
 
 __all__ = [
     "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
@@ -193,8 +195,6 @@ def effective_args(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[st
     """The arguments SDResNet will be built with: the factory's kwargs (config.json's model_args and the
     caller's), else what timm takes from the pretrained cfg (config.json's top level: num_classes, the input
     size's channels), else the constructor's defaults."""
-    from .models.sd_resnet import _resolve_survival_prob
-
     input_size = cfg.get("input_size") or (3,)
     args = dict(
         layers=tuple(kwargs["layers"]) if isinstance(kwargs.get("layers"), (list, tuple)) else kwargs.get("layers"),
@@ -203,11 +203,8 @@ def effective_args(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[st
         shortcut=kwargs.get("shortcut", "zero_pad"),
         num_classes=kwargs.get("num_classes", cfg.get("num_classes", 1000)),
         in_chans=kwargs.get("in_chans", input_size[0]), global_pool=kwargs.get("global_pool", "avg"),
-        survival_prob=_resolve_survival_prob(kwargs.get("survival_prob"), kwargs.get("drop_path_rate")),
-        survival_rule=kwargs.get("survival_rule", "linear"), scaling=kwargs.get("scaling", "expectation"),
-        gate_mode=kwargs.get("gate_mode", "batch"), folded_from=kwargs.get("folded_from"))
-    if args["folded_from"] is not None:
-        args["gate_mode"] = "off"  # as the constructor does: p_l lives in the weights
+        folded_from=None)
+    args.update(SurvivalSettings.from_args(kwargs).as_model_args())  # folded_from too, when the model is folded
     return args
 
 
@@ -247,7 +244,7 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     if recorded.get("num_classes") is not None and not _same(recorded["num_classes"], args["num_classes"]):
         differ.append(f"num_classes={args['num_classes']!r} (the file's: {recorded['num_classes']!r})")
     model_args = recorded["model_args"]
-    for key in SURVIVAL_SETTINGS:
+    for key in TRAINED_FIELDS:
         if key in model_args and model_args[key] is not None and not _same(model_args[key], args[key]):
             differ.append(f"{key}={args[key]!r} (the file's: {model_args[key]!r})")
     folded = model_args.get("folded_from")
@@ -296,9 +293,8 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
         try:
             state_dict = load_state_dict_from_path(folder, weights_only=True)
         except Exception as e:  # noqa: BLE001  unpickling errors of every kind; nothing in the file was run
-            first = (str(e).strip().splitlines() or [""])[0][:200]
             raise WeightsError(f"{folder} has no {WEIGHTS_NAME}, and its {', '.join(found)} cannot be read "
-                               f"weights-only ({type(e).__name__}: {first}); nothing in it was run") from None
+                               f"weights-only ({error_line(e, 200)}); nothing in it was run") from None
         return None, state_dict, f"{folder}'s {found[0]}"
     if load_from == "file":
         if not str(location).endswith(".safetensors"):
@@ -373,7 +369,6 @@ def is_out_of_memory(error: BaseException) -> bool:
 def describe_failure(error: BaseException, what: str) -> Optional[str]:
     """A one-line message for an allocation failure while building or loading ``what`` (None for other errors)."""
     if is_out_of_memory(error):
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:240]
-        return (f"not enough memory to build and load {what} ({first}); the weights fit the architecture, the "
+        return (f"not enough memory to build and load {what} ({error_line(error)}); the weights fit the architecture, the "
                 "machine has too little free memory for it")
     return None

@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard
 
 from .datasets import DATASETS as _REGISTRY
 from .settings import DEFINING
+from .survival import SurvivalSettings
 
 __all__ = [
     "DATASETS", "PAPER_RESULTS", "RunResults", "read_results", "card_metadata", "render_model_card",
@@ -186,14 +187,10 @@ def default_template_path() -> Path:
 
 
 def _survival_rows(model_args: Mapping[str, Any], block_probs: Sequence[float]) -> List[Tuple[str, Any]]:
-    folded = model_args.get("folded_from")
-    settings = dict(folded) if folded else dict(model_args)
+    settings = SurvivalSettings.from_args(model_args)
+    folded = settings.folded_from is not None
     rows = [
-        ("survival probability of the last block, p_L", settings.get("survival_prob")),
-        ("survival rule", settings.get("survival_rule")),
-        ("gates (training)", settings.get("gate_mode")),
-        ("test-time scaling", settings.get("scaling")),
-        ("gate seed", settings.get("gate_seed")),
+        *settings.card_rows(),
         ("downsampling shortcut", model_args.get("shortcut")),
         ("residual blocks L", len(block_probs)),
     ]

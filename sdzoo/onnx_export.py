@@ -23,7 +23,7 @@ from torch import nn
 from . import __version__
 from ._checks import check_input_size
 from ._files import PathLike, remove_abandoned_temporaries, staged_file
-from .fold import trained_settings
+from .survival import TRAINED_FIELDS
 
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "MAX_INPUT_SIDE", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
@@ -181,9 +181,10 @@ def onnx_metadata(
 
 def _survival_metadata(model: nn.Module) -> Dict[str, Any]:
     """The survival settings the weights were trained with, and whether p_l is folded into them."""
-    folded_from = getattr(model, "folded_from", None)
-    trained = dict(folded_from) if folded_from is not None else trained_settings(model)
-    return {"stochastic_depth": trained, "folded": "true" if folded_from is not None else "false"}
+    settings = getattr(model, "survival_settings", None)
+    if settings is None:  # a model without stochastic depth of its own (timm's, converted or not): no settings
+        return {"stochastic_depth": dict.fromkeys(TRAINED_FIELDS), "folded": "false"}
+    return {"stochastic_depth": settings.trained_dict(), "folded": "true" if settings.folded_from else "false"}
 
 
 def read_metadata(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Dict[str, str]:

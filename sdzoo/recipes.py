@@ -15,8 +15,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from .datasets import DATASETS
+from .survival import SurvivalSettings
 
 __all__ = ["Recipe", "RECIPES", "DEFAULT_RECIPE", "LR_DROP_RULES", "recipe_for_dataset"]
+
+_SURVIVAL = SurvivalSettings()  # the recipes' survival settings default to the model's
 
 # When the lr drops for a drop at fraction f of E epochs (epochs counted from 1):
 #   "main.lua"         the authors' CIFAR/SVHN code: the old lr while epoch < f * E (CIFAR: 0.1 for 1-249)
@@ -38,10 +41,10 @@ class Recipe:
     lr_drops: Tuple[float, ...] = (0.5, 0.75)  # fractions of the run where lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     lr_drop_rule: str = "main.lua"
-    survival_prob: float = 0.5               # p_L
-    survival_rule: str = "linear"
-    gate_mode: str = "batch"
-    scaling: str = "expectation"
+    survival_prob: float = _SURVIVAL.survival_prob  # p_L
+    survival_rule: str = _SURVIVAL.survival_rule
+    gate_mode: str = _SURVIVAL.gate_mode
+    scaling: str = _SURVIVAL.scaling
     seed: int = 1                            # the authors' code seeds with 1
     val_size: int = 0                        # images held out of the training set for validation
     image_size: int = 32

@@ -24,11 +24,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._checks import error_line
 from ._files import PathLike
 from .checkpoint import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
     describe_load_error, load_state, save_state)
 from .settings import DEFINING, HOW_IT_RUNS, Settings, TrainError
+from .survival import TRAINED_FIELDS
 
 __all__ = [
     "CHECKPOINT_FORMAT", "RESUME_KEYS", "TrainState", "EpochTotals", "RandomStreams", "save_checkpoint",
@@ -223,8 +225,7 @@ def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
     config = read_json(CONFIG_NAME)
     if isinstance(config, dict):
         args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
-        theirs = dict(model=config.get("architecture"), **{k: args.get(k) for k in ("survival_prob", "survival_rule",
-                                                                                   "scaling")})
+        theirs = dict(model=config.get("architecture"), **{k: args.get(k) for k in TRAINED_FIELDS})
         differ = [k for k, v in theirs.items()
                   if k in settings and v is not None and _as_json(v) != _as_json(settings[k])]
         if differ:
@@ -308,7 +309,7 @@ def restore(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optimizer
         model.load_state_dict(checkpoint["model"])
     except Exception as e:  # noqa: BLE001  a tampered or foreign state: any type, any error
         raise CheckpointError(f"--resume: the model state in {path} does not fit {s.model}: "
-                              f"{describe_load_error(e) if isinstance(e, RuntimeError) else _first_line(e)}") from None
+                              f"{describe_load_error(e) if isinstance(e, RuntimeError) else error_line(e, 300)}") from None
     for part, load in (("optimizer", lambda: _load_optimizer(optimizer, checkpoint["optimizer"])),
                        ("scheduler", lambda: scheduler.load_state_dict(checkpoint["scheduler"])),
                        ("random generator", lambda: streams.restore(checkpoint["rng"]))):
@@ -316,13 +317,9 @@ def restore(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optimizer
             load()
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"--resume: the {part} state in {path} is damaged or of another run: "
-                                  f"{_first_line(e)}") from None
+                                  f"{error_line(e, 300)}") from None
     _apply_new_lr(checkpoint, s, optimizer, scheduler)
     return TrainState.from_checkpoint(checkpoint), checkpoint["totals"]
-
-
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:

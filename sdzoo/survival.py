@@ -2,13 +2,18 @@
 
 Huang et al. (2016), eq. 4: the linear decay rule ``p_l = 1 - (l / L) * (1 - p_L)`` for l = 1..L, where L
 counts every residual block (downsampling blocks included) and p_0 = 1 is the input. The uniform rule
-uses ``p_l = p_L`` for every block. This module is the only place these numbers are computed.
+uses ``p_l = p_L`` for every block. This module is the only place these numbers are computed, and
+``SurvivalSettings`` is the one definition of the settings a model's stochastic depth is built from: models,
+training, export, weights files and model cards all read and write it.
 """
 from __future__ import annotations
 
-from typing import List
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, List, Mapping, Optional
 
-from ._checks import check_choice, check_fraction, check_survival_prob
+from ._checks import check_choice, check_fraction, check_int, check_survival_prob
+from .gate import GATE_MODES, SCALINGS
 
 SURVIVAL_RULES = ("linear", "uniform")
 
@@ -41,3 +46,106 @@ def drop_warmup_factor(step: int, total_steps: int, warmup_fraction: float) -> f
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, step / warmup_steps)
+
+
+def _setting(default, label: str, choices=None, trained: bool = True):
+    """A field of SurvivalSettings: ``label`` names it on a model card; ``trained`` fields are what folded
+    weights record they were trained with (the seed only picks which blocks ran, not what the weights are)."""
+    return field(default=default, metadata=dict(label=label, choices=choices, trained=trained))
+
+
+@dataclass(frozen=True)
+class SurvivalSettings:
+    """The survival settings of a stochastic-depth model, validated once, when made.
+
+    ``folded_from`` is set on a folded (deployed) model: the settings it was trained with, whose p_l are in its
+    weights now (its trained fields; the gate seed is not kept, nothing in the weights depends on it). A folded
+    model has no gates, so its ``gate_mode`` is "off".
+    """
+    survival_prob: float = _setting(0.5, "survival probability of the last block, p_L")
+    survival_rule: str = _setting("linear", "survival rule", SURVIVAL_RULES)
+    # scaling before gate_mode: the order weights files and ONNX metadata have always written them in.
+    scaling: str = _setting("expectation", "test-time scaling", SCALINGS)
+    gate_mode: str = _setting("batch", "gates (training)", GATE_MODES)
+    gate_seed: int = _setting(0, "gate seed", trained=False)
+    folded_from: Optional["SurvivalSettings"] = None
+
+    def __post_init__(self):
+        set_field = object.__setattr__  # a frozen dataclass normalises its own fields this way
+        set_field(self, "survival_prob", check_survival_prob("survival_prob", self.survival_prob))
+        for f in fields(self):
+            if f.metadata.get("choices"):
+                check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        check_int("gate_seed", self.gate_seed, 0, 2**63 - 1)
+        if self.folded_from is not None:
+            set_field(self, "folded_from", _trained_settings("folded_from", self.folded_from))
+            set_field(self, "gate_mode", "off")  # p_l lives in the weights now
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "SurvivalSettings":
+        """The settings among model arguments (a factory's kwargs, config.json's ``model_args``); other keys
+        are ignored and None is the default. timm's ``drop_path_rate`` is read as 1 - p_L."""
+        given = {f.name: args[f.name] for f in fields(cls) if args.get(f.name) is not None}
+        survival_prob = _resolve_survival_prob(args.get("survival_prob"), args.get("drop_path_rate"))
+        if survival_prob is not None:
+            given["survival_prob"] = survival_prob
+        return cls(**given)
+
+    def folded(self) -> "SurvivalSettings":
+        """The settings of this model once p_l is folded into its weights."""
+        if self.folded_from is not None:
+            raise ValueError(f"the settings are already folded (folded_from={self.folded_from.trained_dict()!r})")
+        return replace(self, folded_from=self)
+
+    def as_model_args(self) -> Dict[str, Any]:
+        """Every setting as model arguments (JSON-serialisable), ``folded_from`` only when set: what
+        ``timm.create_model(name, **args)`` takes back."""
+        args = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "folded_from"}
+        if self.folded_from is not None:
+            args["folded_from"] = self.folded_from.trained_dict()
+        return args
+
+    def as_recorded(self) -> Dict[str, Any]:
+        """What a weights file records: the model arguments without the gate seed."""
+        return {k: v for k, v in self.as_model_args().items() if k in TRAINED_FIELDS + ("folded_from",)}
+
+    def trained_dict(self) -> Dict[str, Any]:
+        """The settings the weights were trained with: ``folded_from``'s on a folded model."""
+        trained = self.folded_from or self
+        return {k: getattr(trained, k) for k in TRAINED_FIELDS}
+
+    def card_rows(self) -> List[tuple]:
+        """(label, value) of each setting for a model card; a folded model shows what it was trained with."""
+        shown = self.folded_from or self
+        return [(f.metadata["label"], getattr(shown, f.name)) for f in fields(self)
+                if "label" in f.metadata and (f.metadata["trained"] or self.folded_from is None)]
+
+
+TRAINED_FIELDS = tuple(f.name for f in fields(SurvivalSettings) if f.metadata.get("trained"))
+
+
+def _trained_settings(name: str, value: Any) -> SurvivalSettings:
+    """``folded_from`` as given (settings, or a mapping of the trained fields, as config.json holds it)."""
+    if isinstance(value, SurvivalSettings):
+        value = value.trained_dict()
+    if not isinstance(value, Mapping) or set(value) - set(TRAINED_FIELDS):
+        raise ValueError(f"{name} must be the settings a folded model was trained with, a mapping of "
+                         f"{', '.join(TRAINED_FIELDS)}; got {value!r:.200}")
+    return SurvivalSettings(**{k: v for k, v in value.items() if v is not None})
+
+
+def _resolve_survival_prob(survival_prob: Optional[float], drop_path_rate: Optional[float]) -> Optional[float]:
+    """survival_prob wins; timm's drop_path_rate is read as 1 - p_L; None when neither is given."""
+    if drop_path_rate is None:
+        return survival_prob
+    try:
+        from_rate = 1.0 - float(drop_path_rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"drop_path_rate must be a number in [0, 1); got {drop_path_rate!r}") from None
+    if not 0.0 < from_rate <= 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1) (it is 1 - survival_prob); got {drop_path_rate!r}")
+    if survival_prob is not None and not math.isclose(check_survival_prob("survival_prob", survival_prob), from_rate):
+        raise ValueError(
+            f"survival_prob={survival_prob!r} and drop_path_rate={drop_path_rate!r} disagree: "
+            "drop_path_rate is 1 - survival_prob; give one of them")
+    return from_rate

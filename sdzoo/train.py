@@ -40,7 +40,7 @@ from .resume import EpochTotals, RandomStreams, TrainState, lr_change_in, restor
 from .run_record import (
     GateLog, Progress, RunLog, done_line, epoch_line, epoch_record, error_text, grad_abs_sums, stage_groups)
 from .settings import Settings, TrainError, build_parser, resolve_settings
-from .survival import drop_warmup_factor
+from .survival import SurvivalSettings, drop_warmup_factor
 
 __all__ = ["main", "train", "build_optimizer", "build_scheduler", "train_step", "Diverged",
            "Dist", "GateLog", "use_sync_batchnorm"]  # the last three: re-exported from their modules
@@ -56,9 +56,8 @@ class Diverged(TrainError):
 def create_model(s: Settings, num_classes: int) -> nn.Module:
     import timm
     # The gate generator is seeded from --seed on every rank, so every rank draws the same gates.
-    return timm.create_model(s.model, num_classes=num_classes, survival_prob=s.survival_prob,
-                             survival_rule=s.survival_rule, gate_mode=s.gate_mode, scaling=s.scaling,
-                             gate_seed=s.seed)
+    survival = SurvivalSettings.from_args(dict(vars(s), gate_seed=s.seed))
+    return timm.create_model(s.model, num_classes=num_classes, **survival.as_model_args())
 
 
 def build_model(s: Settings, num_classes: int, dist: Dist, device: torch.device, channels_last: bool) -> nn.Module:

@@ -354,6 +354,66 @@ def test_drop_path_rate_is_one_minus_survival_prob():
     assert model.block_survival_probs()[-1] == pytest.approx(0.7)
 
 
+def test_survival_settings_are_one_value_that_every_record_reads():
+    """The model's attributes, its model args (config.json, timm's get_model_args), the weights' metadata and
+    the ONNX metadata all come from ``model.survival_settings``; folding replaces it, and all of them follow."""
+    import dataclasses
+    import json
+    from timm.models import get_model_args
+    from sdzoo.checkpoint import SETTINGS_KEY, weights_metadata
+    from sdzoo.fold import fold_survival
+    from sdzoo.onnx_export import onnx_metadata
+
+    model = timm.create_model("sd_resnet20_cifar", survival_prob=0.7, survival_rule="uniform", gate_seed=3,
+                              num_classes=10)
+    settings = model.survival_settings
+    assert settings == sdzoo.SurvivalSettings(survival_prob=0.7, survival_rule="uniform", gate_seed=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.gate_mode = "off"
+    with pytest.raises(AttributeError):
+        model.gate_mode = "off"  # a view of the settings: fold_survival replaces them instead
+    trained = dict(survival_prob=0.7, survival_rule="uniform", scaling="expectation", gate_mode="batch")
+
+    fold_survival(model)
+    assert model.survival_settings.folded_from.trained_dict() == settings.trained_dict() == trained
+    assert model.survival_settings.gate_mode == "off"
+    assert (model.gate_mode, model.survival_prob, model.folded_from) == ("off", 0.7, trained)
+    args = get_model_args(model)
+    assert args["gate_mode"] == "off" and args["folded_from"] == trained and args["gate_seed"] == 3
+    recorded = json.loads(weights_metadata(model)[SETTINGS_KEY])["model_args"]
+    assert recorded == dict(trained, gate_mode="off", folded_from=trained)  # no seed: it is not in the weights
+    meta = onnx_metadata(model)
+    assert json.loads(meta["stochastic_depth"]) == trained and meta["folded"] == "true"
+    rebuilt = timm.create_model("sd_resnet20_cifar", **args)
+    assert rebuilt.survival_settings == model.survival_settings
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(survival_prob=0), "survival_prob must be in"),
+    (dict(survival_rule="cosine"), "survival_rule must be one of 'linear', 'uniform'"),
+    (dict(scaling="none"), "scaling must be one of 'expectation', 'inverted'"),
+    (dict(gate_mode="row"), "gate_mode must be one of 'batch', 'sample', 'off'"),
+    (dict(gate_seed=-1), "gate_seed must be an integer in"),
+    (dict(folded_from={"survival_prob": 0.5, "gate_seed": 1}), "folded_from must be .* a mapping of survival_prob, "
+                                                                "survival_rule, scaling, gate_mode"),
+    (dict(folded_from=[0.5]), "folded_from must be"),
+    (dict(folded_from={"survival_rule": "cosine"}), "survival_rule must be one of"),
+])
+def test_survival_settings_are_checked_when_made(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sdzoo.SurvivalSettings(**kwargs)
+
+
+def test_survival_settings_from_model_args():
+    from_args = sdzoo.SurvivalSettings.from_args
+    assert from_args({}) == sdzoo.SurvivalSettings()
+    assert from_args(dict(drop_path_rate=0.25, layers=[3, 3, 3], survival_rule=None)).survival_prob == 0.75
+    folded = from_args(dict(gate_mode="sample", folded_from=dict(survival_prob=0.5)))
+    assert folded.gate_mode == "off" and folded.folded_from == sdzoo.SurvivalSettings()
+    with pytest.raises(ValueError, match="already folded"):
+        folded.folded()
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
     (dict(survival_prob=0.0), "survival_prob"),

@@ -13,7 +13,6 @@ survival schedule (``sdzoo.survival``); the gates are drawn and applied by ``sdz
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,13 +26,13 @@ from timm.models.resnet import downsample_conv
 # it from here too (forward_intermediates' index rules stay timm's)
 from timm.models._features import feature_take_indices
 
-from .._checks import check_choice, check_int, check_survival_prob
+from .._checks import check_choice, check_int
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
 from ..datasets import DATASETS
-from ..gate import GATE_MODES, SCALINGS, Branch, GateSampler, ResidualGate
+from ..gate import Branch, GateSampler, ResidualGate
 from ..integrity import check_finite, check_model_size, check_pretrained
 from ..pretrained import require_published_weights, tag_model_defaults, timm_weight_cfgs, with_published_weights
-from ..survival import SURVIVAL_RULES, survival_probs
+from ..survival import SurvivalSettings, survival_probs
 
 __all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths", "checkpoint_filter_fn"]
 
@@ -183,10 +182,10 @@ class SDResNet(nn.Module):
             global_pool: str = "avg",
             drop_rate: float = 0.0,
             survival_prob: Optional[float] = None,
-            survival_rule: str = "linear",
-            gate_mode: str = "batch",
-            scaling: str = "expectation",
-            gate_seed: int = 0,
+            survival_rule: str = SurvivalSettings.survival_rule,
+            gate_mode: str = SurvivalSettings.gate_mode,
+            scaling: str = SurvivalSettings.scaling,
+            gate_seed: int = SurvivalSettings.gate_seed,
             drop_path_rate: Optional[float] = None,
             folded_from: Optional[Dict[str, Any]] = None,
             device=None,
@@ -197,9 +196,9 @@ class SDResNet(nn.Module):
         check_choice("block", block, tuple(BLOCKS))
         check_choice("stem", stem, STEMS)
         check_choice("shortcut", shortcut, SHORTCUTS)
-        check_choice("survival_rule", survival_rule, SURVIVAL_RULES)
-        check_choice("gate_mode", gate_mode, GATE_MODES)
-        check_choice("scaling", scaling, SCALINGS)
+        settings = SurvivalSettings.from_args(dict(
+            survival_prob=survival_prob, survival_rule=survival_rule, gate_mode=gate_mode, scaling=scaling,
+            gate_seed=gate_seed, drop_path_rate=drop_path_rate, folded_from=folded_from))
         check_int("num_classes", num_classes)
         check_int("in_chans", in_chans, 1)
         check_choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -209,30 +208,21 @@ class SDResNet(nn.Module):
             raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; got {layers!r}")
         # Bounded before anything is allocated: config.json of a Hub repo or a local folder may ask for anything.
         check_model_size(layers, widths, block, stem, shortcut, num_classes, in_chans, global_pool)
-        survival_prob = _resolve_survival_prob(survival_prob, drop_path_rate)
-        if folded_from is not None:
-            gate_mode = "off"  # p_l lives in the weights now
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.survival_prob = survival_prob
-        self.survival_rule = survival_rule
-        self.gate_mode = gate_mode
-        self.scaling = scaling
-        self.folded_from = dict(folded_from) if folded_from is not None else None
-        self._survival_args = dict(survival_prob=survival_prob, survival_rule=survival_rule, gate_mode=gate_mode,
-                                   scaling=scaling, gate_seed=gate_seed)
-        if self.folded_from is not None:
-            self._survival_args["folded_from"] = self.folded_from
-        # What timm's save_for_hf writes to config.json, so that the survival settings round-trip.
-        self._model_args = dict(self._survival_args, shortcut=shortcut)
+        self.survival_settings = settings
+        # timm's factory lays its kwargs over these (the ``_model_args`` property below lays the survival
+        # settings over them again), and save_for_hf writes them to config.json.
+        self._factory_args = dict(shortcut=shortcut)
 
         num_blocks = sum(layers)
-        constant_depth = gate_mode == "off"
-        block_probs = [1.0] * num_blocks if constant_depth else survival_probs(num_blocks, survival_prob, survival_rule)
+        constant_depth = settings.gate_mode == "off"
+        block_probs = [1.0] * num_blocks if constant_depth else \
+            survival_probs(num_blocks, settings.survival_prob, settings.survival_rule)
         # The gates of each training forward are drawn by a pre-hook on this model, before any compiled graph.
-        self.gate_sampler = GateSampler(block_probs, gate_mode, gate_seed)
+        self.gate_sampler = GateSampler(block_probs, settings.gate_mode, settings.gate_seed)
         self.gate_sampler.attach(self)
 
         # Stem
@@ -259,7 +249,7 @@ class SDResNet(nn.Module):
             reduction *= stride
             blocks = []
             for i in range(num):
-                gate = ResidualGate(block_probs[block_idx], scaling, index=block_idx, sampler=self.gate_sampler)
+                gate = ResidualGate(block_probs[block_idx], settings.scaling, index=block_idx, sampler=self.gate_sampler)
                 blocks.append(block_cls(in_chs, chs, stride if i == 0 else 1, shortcut, gate, **dd))
                 in_chs = chs * block_cls.expansion
                 block_idx += 1
@@ -318,7 +308,29 @@ class SDResNet(nn.Module):
     def stochastic_depth_args(self) -> Dict[str, Any]:
         """The survival settings of this model, as model arguments (JSON-serialisable): what
         ``timm.create_model(name, **model.stochastic_depth_args(), num_classes=...)`` takes back."""
-        return dict(self._survival_args)
+        return self.survival_settings.as_model_args()
+
+    # Read-only views of ``survival_settings``: folding replaces the settings, and these follow.
+    survival_prob = property(lambda self: self.survival_settings.survival_prob)
+    survival_rule = property(lambda self: self.survival_settings.survival_rule)
+    gate_mode = property(lambda self: self.survival_settings.gate_mode)
+    scaling = property(lambda self: self.survival_settings.scaling)
+
+    @property
+    def folded_from(self) -> Optional[Dict[str, Any]]:
+        """The survival settings a folded model was trained with; None while p_l is not in the weights."""
+        folded = self.survival_settings.folded_from
+        return None if folded is None else folded.trained_dict()
+
+    @property
+    def _model_args(self) -> Dict[str, Any]:
+        # timm's record of the arguments that rebuild this model (config.json's model_args, get_model_args):
+        # what its factory stored, with today's survival settings over it, so a folded model rebuilds folded.
+        return dict(self._factory_args, **self.survival_settings.as_model_args())
+
+    @_model_args.setter
+    def _model_args(self, args: Dict[str, Any]) -> None:
+        self._factory_args = dict(args)
 
     # -- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
@@ -409,23 +421,6 @@ class SDResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _resolve_survival_prob(survival_prob: Optional[float], drop_path_rate: Optional[float]) -> float:
-    """survival_prob wins; timm's drop_path_rate is read as 1 - p_L; the paper's default is p_L = 0.5."""
-    if drop_path_rate is not None:
-        try:
-            from_rate = 1.0 - float(drop_path_rate)
-        except (TypeError, ValueError):
-            raise ValueError(f"drop_path_rate must be a number in [0, 1); got {drop_path_rate!r}") from None
-        if not 0.0 < from_rate <= 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1) (it is 1 - survival_prob); got {drop_path_rate!r}")
-        if survival_prob is not None and not math.isclose(float(survival_prob), from_rate):
-            raise ValueError(
-                f"survival_prob={survival_prob!r} and drop_path_rate={drop_path_rate!r} disagree: "
-                "drop_path_rate is 1 - survival_prob; give one of them")
-        survival_prob = from_rate
-    return check_survival_prob("survival_prob", 0.5 if survival_prob is None else survival_prob)
 
 
 # -- weights written before the blocks took timm's layout ---------------------------------------------
