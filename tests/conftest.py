@@ -6,9 +6,9 @@ leak is found by a search for it, not by luck. ``gpu`` tests are skipped where C
 suite passes on a CPU-only machine (``.ci/gpu`` runs them where a GPU is); ``network`` marks the tests that may
 fetch a package with pip (timm's sdist).
 
-The suite runs on pytest-xdist's workers (``addopts`` in pyproject.toml: ``-n 2 --dist worksteal``). Each
-worker holds one torch thread, so that two workers share the machine's cores instead of each spinning up a
-thread for every core, and the workers share one ``trained_run``: the first to need it trains it.
+The suite runs on two pytest-xdist workers (``pytest_cmdline_main`` below). Each worker holds one torch thread,
+so that two workers share the machine's cores instead of each spinning up a thread for every core, and the
+workers share one ``trained_run``: the first to need it trains it.
 """
 import os
 import secrets
@@ -30,6 +30,20 @@ UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
 if UNDER_XDIST:
     torch.set_num_threads(1)
 THREADS = torch.get_num_threads()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which starts the workers that -n asks for
+def pytest_cmdline_main(config):
+    """``-n 2 --dist worksteal`` unless the command line says otherwise: -n 0 or -p no:xdist runs in one process,
+    as --pdb needs. Here and not in addopts: where pytest-xdist is not installed (.ci/gpu uses the machine's own
+    Python, which may lack it) an -n in addopts would be an unknown option; here the suite runs in one process.
+    worksteal: a worker that runs out of tests takes some of the other's, so one long test leaves no core idle."""
+    if (not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput")
+            or config.option.numprocesses is not None or config.option.usepdb or config.option.collectonly):
+        return
+    config.option.numprocesses = 2
+    if config.option.dist == "no":
+        config.option.dist = "worksteal"
 
 
 def pytest_collection_modifyitems(config, items):
