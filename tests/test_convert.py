@@ -277,10 +277,9 @@ class DictInput(dict):
 
 
 # -- torch.compile -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # compiles (the slow marker's rule)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224",
-                                  pytest.param("convnext_atto", marks=pytest.mark.slow),
-                                  pytest.param("swin_tiny_patch4_window7_224", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto", "swin_tiny_patch4_window7_224"])
 def test_compiled_in_one_graph_without_recompiles(name, mode):
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
@@ -302,8 +301,8 @@ def test_compiled_in_one_graph_without_recompiles(name, mode):
     assert model.drop_path_sampler.step == 3 == eager.drop_path_sampler.step
 
 
-@pytest.mark.parametrize("kind", [pytest.param("zoo batch", marks=pytest.mark.slow),
-                                  pytest.param("converted batch", marks=pytest.mark.slow), "converted sample"])
+@pytest.mark.slow  # compiles
+@pytest.mark.parametrize("kind", ["zoo batch", "converted batch", "converted sample"])
 def test_warmup_moves_the_rates_without_recompiling(kind):
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()

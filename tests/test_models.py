@@ -234,6 +234,7 @@ def test_same_seed_same_training_outputs():
 
 
 # -- torch.compile -------------------------------------------------------------------------------------
+@pytest.mark.slow  # compiles (the slow marker's rule)
 @pytest.mark.parametrize("gate_mode", ["batch", "sample"])
 def test_compile_keeps_dice_random_without_recompiles(gate_mode):
     import copy

@@ -49,16 +49,11 @@ def step(model, x):
     return out.detach(), grads
 
 
-def matrix(fast):
-    cases = [(c, m, s) for c in COMPILES for m in MODES for s in STATES]
-    return [pytest.param(*case, marks=[] if case in fast else [pytest.mark.slow], id="-".join(case)) for case in cases]
+MATRIX = [pytest.param(c, m, s, id=f"{c}-{m}-{s}") for c in COMPILES for m in MODES for s in STATES]
 
 
-FAST = {("fullgraph", "batch", "train"), ("fullgraph", "sample", "train"), ("dynamic", "sample", "train"),
-        ("fullgraph", "batch", "eval"), ("fullgraph", "batch", "folded")}
-
-
-@pytest.mark.parametrize("kind,gate_mode,state", matrix(FAST))
+@pytest.mark.slow  # compiles (the slow marker's rule)
+@pytest.mark.parametrize("kind,gate_mode,state", MATRIX)
 def test_compile_matrix(kind, gate_mode, state):
     torch._dynamo.reset()
     counters.clear()
@@ -95,6 +90,7 @@ def test_compile_matrix(kind, gate_mode, state):
         assert frames[-1] == 1 and not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow  # compiles
 @pytest.mark.parametrize("gate_mode", MODES)
 def test_grad_checkpointing_under_fullgraph_compile(gate_mode):
     torch._dynamo.reset()
@@ -127,6 +123,7 @@ def test_torch_export_strict(state):
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles
 def test_dynamic_batch_mode_under_fullgraph_says_what_to_use_instead():
     torch._dynamo.reset()
     model = zoo("batch", layers=[1, 1, 1]).train()

@@ -376,7 +376,7 @@ def test_eval_every_steps_records_each_evaluation_and_keeps_the_best_of_them(tmp
     run = tmp_path / "run"
     # 1257 digits / 64 = 19 steps per epoch, 38 in all: evaluations at steps 5, 10, ..., 35 and the last, 38.
     assert _main(*TINY, "--image-size", 8, "--batch-size", 64, "--epochs", 2, "--eval-every-steps", 5,
-                 "--threads", 2, "--output", run) == 0
+                 "--threads", 1, "--output", run) == 0
     records = read_metrics(run / "metrics.jsonl")
     evals = evaluations(records)
     assert [r["step"] for r in evals] == [5, 10, 15, 20, 25, 30, 35, 38]
@@ -459,7 +459,7 @@ def test_bf16_training_evaluates_in_fp32(tmp_path, monkeypatch):
     monkeypatch.setattr(sdzoo.train, "create_model", create_model)
     run = tmp_path / "run"
     assert _main(*TINY, "--image-size", 8, "--batch-size", 32, "--epochs", 1, "--eval-every-steps", 1, "--amp",
-                 "--threads", 2, "--output", run) == 0
+                 "--threads", 1, "--output", run) == 0
     training = [dtype for is_training, dtype in seen if is_training]
     evaluating = [dtype for is_training, dtype in seen if not is_training]
     assert training == [torch.bfloat16] * 2
