@@ -1,8 +1,8 @@
 """sdzoo: stochastic-depth ResNets (Huang et al., 2016) for timm, with a real skip and ONNX export."""
 __version__ = "0.1.0"
-__all__ = ["survival_probs", "expected_depth", "SurvivalSettings", "SURVIVAL_RULES", "GATE_MODES", "SCALINGS", "GateSampler",
-           "ResidualGate", "SDResNet", "convert_drop_path", "set_drop_rate_factor", "drop_warmup_factor", "same_gates",
-           "gate_state", "load_gate_state"]
+__all__ = ["survival_probs", "expected_depth", "SurvivalSettings", "SURVIVAL_RULES", "GATE_MODES", "SCALINGS",
+           "GateSampler", "ResidualGate", "SDResNet", "convert_drop_path", "set_drop_rate_factor", "drop_warmup_factor",
+           "same_gates", "gate_state", "load_gate_state"]
 
 from .survival import SURVIVAL_RULES, SurvivalSettings, drop_warmup_factor, expected_depth, survival_probs  # noqa: F401
 from .gate import (GATE_MODES, SCALINGS, GateSampler, ResidualGate, gate_state, load_gate_state,  # noqa: F401

@@ -369,6 +369,6 @@ def is_out_of_memory(error: BaseException) -> bool:
 def describe_failure(error: BaseException, what: str) -> Optional[str]:
     """A one-line message for an allocation failure while building or loading ``what`` (None for other errors)."""
     if is_out_of_memory(error):
-        return (f"not enough memory to build and load {what} ({error_line(error)}); the weights fit the architecture, the "
-                "machine has too little free memory for it")
+        return (f"not enough memory to build and load {what} ({error_line(error)}); the weights fit the "
+                "architecture, the machine has too little free memory for it")
     return None

@@ -308,8 +308,8 @@ def restore(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optimizer
     try:
         model.load_state_dict(checkpoint["model"])
     except Exception as e:  # noqa: BLE001  a tampered or foreign state: any type, any error
-        raise CheckpointError(f"--resume: the model state in {path} does not fit {s.model}: "
-                              f"{describe_load_error(e) if isinstance(e, RuntimeError) else error_line(e, 300)}") from None
+        why = describe_load_error(e) if isinstance(e, RuntimeError) else error_line(e, 300)
+        raise CheckpointError(f"--resume: the model state in {path} does not fit {s.model}: {why}") from None
     for part, load in (("optimizer", lambda: _load_optimizer(optimizer, checkpoint["optimizer"])),
                        ("scheduler", lambda: scheduler.load_state_dict(checkpoint["scheduler"])),
                        ("random generator", lambda: streams.restore(checkpoint["rng"]))):
