@@ -14,6 +14,7 @@ survival schedule (``sdzoo.survival``); the gates are drawn and applied by ``sdz
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -144,6 +145,7 @@ class Bottleneck(nn.Module):
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+SURVIVAL_ARG_NAMES = frozenset(f.name for f in fields(SurvivalSettings))
 
 
 class SDResNet(nn.Module):
@@ -330,7 +332,8 @@ class SDResNet(nn.Module):
 
     @_model_args.setter
     def _model_args(self, args: Dict[str, Any]) -> None:
-        self._factory_args = dict(args)
+        # The survival settings' own keys are left out: the getter lays today's over these, a copy would go stale.
+        self._factory_args = {k: v for k, v in args.items() if k not in SURVIVAL_ARG_NAMES}
 
     # -- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
