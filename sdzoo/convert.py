@@ -359,9 +359,12 @@ def _unflattening(fn, out_spec):
     return forward
 
 
-def _module_names(region: Sequence[fx.Node]) -> Tuple[List[str], List[str]]:
+def _module_names(block: nn.Module, region: Sequence[fx.Node]) -> Tuple[List[str], List[str]]:
+    """The submodules the branch calls and the parameters it reads itself. A get_attr may also read a buffer
+    (the attention mask of Swin's shifted windows): the branch only reads those, so they are not its state."""
     modules = sorted({n.target for n in region if n.op == "call_module"})
-    params = sorted({n.target for n in region if n.op == "get_attr"})
+    parameters = dict(block.named_parameters(remove_duplicate=False))
+    params = sorted({n.target for n in region if n.op == "get_attr" and n.target in parameters})
     return modules, params
 
 
@@ -399,7 +402,7 @@ def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_e
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[site.end])
     graph.lint()
-    modules, params = _module_names(site.region)
+    modules, params = _module_names(block, site.region)
     branch = Branch(block, modules, fn=_compile_graph(graph, name), param_names=params,
                     batched=[_input_batched(n, main, batched_extras) for n in inputs])
     return branch, inputs
