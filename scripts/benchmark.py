@@ -171,7 +171,7 @@ def inference_benchmark(args) -> List[Dict]:
         identical = onnx.load(str(fp32)).graph == onnx.load(str(plain_path)).graph
         print(f"  folded graph identical to the plain ResNet's (same weights): {identical}", file=sys.stderr)
         # The same threads as PyTorch (a fair comparison), and no spinning: timings are interleaved.
-        sessions = {name: onnx_export.ort_session(str(path), torch.get_num_threads(), spinning=False)
+        sessions = {name: onnx_export.ort_session(str(path), spinning=False)
                     for name, path in
                     (("ort_fp32", fp32), ("ort_int8", int8), ("ort_plain_fp32", plain_path))}
         for batch in (1, 32):

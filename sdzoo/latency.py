@@ -31,7 +31,7 @@ def onnx_latency(path_or_session, batch_size: int, *, input_size: Sequence[int],
     thread count, so that the comparison with ``torch_latency`` is fair."""
     session = path_or_session
     if isinstance(path_or_session, (str, os.PathLike)):
-        session = ort_session(os.fspath(path_or_session), torch.get_num_threads())
+        session = ort_session(os.fspath(path_or_session))
     feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((batch_size, *input_size), dtype=np.float32)}
     return median_ms(lambda: session.run(None, feed), min_run_time)
 
@@ -57,7 +57,7 @@ def compare_latency(
         min_run_time: float = 0.5,
 ) -> List[Dict[str, float]]:
     """One row per batch size: ``torch_ms`` (when ``model`` is given) and ``NAME_ms`` for each ONNX file."""
-    sessions = {name: ort_session(os.fspath(path), torch.get_num_threads()) for name, path in onnx_paths.items()}
+    sessions = {name: ort_session(os.fspath(path)) for name, path in onnx_paths.items()}
     rows = []
     for batch_size in batch_sizes:
         row: Dict[str, float] = {"batch_size": batch_size}

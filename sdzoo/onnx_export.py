@@ -113,14 +113,15 @@ def _input_size_of(model: nn.Module, input_size) -> Tuple[int, int, int]:
 
 # -- files ------------------------------------------------------------------------------------------------
 def ort_session(path_or_bytes, threads: Optional[int] = None, spinning: bool = True):
-    """A CPU onnxruntime session. ``spinning=False`` stops idle worker threads from busy-waiting, which
+    """A CPU onnxruntime session on ``threads`` threads, by default the process's torch thread count, so that
+    one setting (OMP_NUM_THREADS, ``torch.set_num_threads``, the scripts' --threads) bounds both; onnxruntime's
+    own default is a thread a core. ``spinning=False`` stops idle worker threads from busy-waiting, which
     would steal the cores from whatever is timed next (PyTorch, or another session, round-robin)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
@@ -391,8 +392,7 @@ def quantize_int8(
             onnx.checker.check_model(tmp, full_check=True)
         except onnx.checker.ValidationError as err:
             raise ExportCheckError(f"onnx checker rejected the quantized model: {err}") from err
-        threads = torch.get_num_threads()
-        fp32_session, int8_session = ort_session(fp32_path, threads), ort_session(tmp, threads)
+        fp32_session, int8_session = ort_session(fp32_path), ort_session(tmp)
         agreement = _top1_agreement(fp32_session, int8_session, eval_images, batch_size)
         int8_size = os.path.getsize(tmp)
     return QuantizeReport(

@@ -7,8 +7,9 @@ suite passes on a CPU-only machine (``.ci/gpu`` runs them where a GPU is); ``net
 fetch a package with pip (timm's sdist).
 
 The suite runs on two pytest-xdist workers (``pytest_cmdline_main`` below). Each worker holds one torch thread,
-so that two workers share the machine's cores instead of each spinning up a thread for every core, and the
-workers share one ``trained_run``: the first to need it trains it.
+and so does each process a test starts (OMP_NUM_THREADS, unless set), so that two workers share the machine's
+cores instead of each spinning up a thread for every core; the workers share one ``trained_run``: the first to
+need it trains it.
 """
 import os
 import secrets
@@ -29,6 +30,9 @@ TRAINED_RUN_ARGS = ["--dataset", "digits", "--model", "sd_resnet20_cifar", "--ba
 UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
 if UNDER_XDIST:
     torch.set_num_threads(1)
+    # and one for each process a test starts (scripts, torchrun ranks), unless the command line's environment
+    # says otherwise: a process at one thread a core beside a busy worker runs many times slower
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 THREADS = torch.get_num_threads()
 
 

@@ -134,7 +134,7 @@ def _kill_rng() -> random.Random:
 
 @pytest.mark.slow
 def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
-    args = TINY + ["--image-size", 32, "--batch-size", 16, "--epochs", 2, "--checkpoint-every-steps", 7,
+    args = TINY + ["--image-size", 16, "--batch-size", 16, "--epochs", 2, "--checkpoint-every-steps", 7,
                    "--record-gates", "--threads", 1]
     reference = _start(_cli(*args, "--output", tmp_path / "reference"))
     killed = tmp_path / "killed"
