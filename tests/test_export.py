@@ -113,6 +113,20 @@ def test_folded_graph_has_the_operators_of_a_plain_resnet(exported):
     assert folded["Mul"] == 0
 
 
+def test_onnxruntime_sessions_take_torchs_thread_count():
+    # onnxruntime's own default is a thread a core: beside a busy PyTorch (or a second test worker) the
+    # sessions that verify, quantize and time an export would oversubscribe the cores
+    identity = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    torch.set_num_threads(1)  # the autouse fixture restores the session's count
+    session = onnx_export.ort_session(identity.SerializeToString())
+    assert session.get_session_options().intra_op_num_threads == 1
+    session = onnx_export.ort_session(identity.SerializeToString(), threads=3)
+    assert session.get_session_options().intra_op_num_threads == 3
+
+
 def test_onnxruntime_matches_pytorch_at_several_batch_sizes(exported):
     report = exported["reports"]["folded"]
     assert sorted(report.max_abs_diff) == [1, 3, 16]
