@@ -1,8 +1,9 @@
 """How much of timm ``sdzoo.convert_drop_path`` reaches: every registered model, built on the meta device with
-``drop_path_rate``, converted in each mode, and (with --forward) run for one training step on fake data.
+``drop_path_rate``, converted in each mode, and (with --forward) run for two training steps on fake data: one
+with a random draw, one that skips every branch (batch mode) or keeps one sample (sample mode).
 
     python scripts/drop_path_coverage.py                    # every model, the table by family
-    python scripts/drop_path_coverage.py --forward          # also a training forward and backward of each
+    python scripts/drop_path_coverage.py --forward          # also two training steps of each
     python scripts/drop_path_coverage.py --filter 'vit_*' --json out/coverage.json
 
 Prints, by family (timm's model module), how many models hold a DropPath with a positive rate and how many
@@ -55,6 +56,21 @@ def training_step(model) -> None:
     out.float().sum().backward()
 
 
+def skip_every_branch(model) -> None:
+    """From now on each training forward skips every branch (batch mode) or runs each on one of the samples
+    (sample mode). A random draw at a low rate may reach neither side of a branch's gate, and the skip side
+    is where a conversion can fail: one did, for a branch that read a buffer of its block (Swin's shifted
+    windows). The gates are in ``GateSampler.draw``'s format."""
+    sampler = model.drop_path_sampler
+
+    def draw(batch_size, device=None, step=None):
+        if sampler.mode == "batch":
+            return [torch.tensor(0.0 if sampler.scale_in_gate else False)] * len(sampler.survival_probs)
+        return [torch.zeros(1, dtype=torch.long, device=device)] * len(sampler.survival_probs)
+
+    sampler.draw = draw  # only the survey's copy of the model: a draw the sampler has no setting for
+
+
 def never_applied(model) -> bool:
     """Whether timm's own forward calls none of the model's DropPaths (MobileNet-V1 and LCNet blocks have no
     skip): such a model drops nothing in timm either."""
@@ -80,6 +96,8 @@ def survey(names, rate: float, forward: bool, progress) -> dict:
                 sdzoo.convert_drop_path(model, mode=mode, min_drop_rate=0.0)
                 if forward:
                     try:
+                        training_step(model)
+                        skip_every_branch(model)
                         training_step(model)
                     except Exception as e:  # noqa: BLE001  (a converted model that fails to train)
                         record[mode] = f"converted, but a training step failed: {short(e)}"
@@ -138,7 +156,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--filter", default="*", help="fnmatch pattern of model names (default: every model)")
     parser.add_argument("--drop-path-rate", type=float, default=0.1, help="the rate the models are built with")
-    parser.add_argument("--forward", action="store_true", help="also run one training step of each converted model")
+    parser.add_argument("--forward", action="store_true",
+                        help="also run two training steps of each converted model: a random draw, then every branch "
+                             "skipped")
     parser.add_argument("--json", type=Path, help="write every model's result to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
@@ -159,7 +179,7 @@ def main(argv=None) -> int:
     results = survey(names, args.drop_path_rate, args.forward, progress)
     print(f"timm {timm.__version__}, torch {torch.__version__}: {len(names)} models, {len(results)} hold a DropPath "
           f"at drop_path_rate={args.drop_path_rate} ({time.perf_counter() - started:.0f} s"
-          f"{', with a training step each' if args.forward else ''})\n")
+          f"{', with two training steps each' if args.forward else ''})\n")
     print(table(results))
     print("\nNot converted:\n" + reasons(results))
     if args.json:

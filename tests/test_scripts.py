@@ -82,3 +82,27 @@ def test_run_digits_bad_flags(tmp_path, capsys):
         load_script("run_digits").main(["--epochs", "0", "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "--epochs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_coverage_survey_trains_the_skip_side_of_every_branch(monkeypatch):
+    # A random draw at drop_path_rate 0.1 skips few branches, if any: --forward also trains with all of them
+    # skipped, where a conversion can fail (it once did, for Swin's shifted-window attention).
+    import sdzoo
+    from sdzoo.convert import DropPathGate
+    from sdzoo.gate import ResidualGate
+
+    script = load_script("drop_path_coverage")
+    skipped = set()
+    real_skip = ResidualGate._skip
+
+    def counting_skip(self, *args, **kwargs):
+        skipped.add(id(self))
+        return real_skip(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResidualGate, "_skip", counting_skip)
+    results = script.survey(["resnet26"], 0.1, True, lambda *progress: None)
+    assert results["resnet26"]["batch"] == results["resnet26"]["sample"] == "ok"
+    converted = timm.create_model("resnet26", drop_path_rate=0.1, device="meta")
+    sdzoo.convert_drop_path(converted, mode="batch", min_drop_rate=0.0)
+    gates = [m for m in converted.modules() if isinstance(m, DropPathGate)]
+    assert gates and len(skipped) == len(gates)  # sample mode runs every branch, on fewer samples
