@@ -270,12 +270,14 @@ def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str)
         fail(args, f"--checkpoint {path}: cannot read it as .safetensors or a weights-only torch file: "
                    f"{_short(err)}")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)  # the model's pre-hook refuses NaN, inf and a folded dict
+    except WeightsError as err:
+        fail(args, f"--checkpoint {path}: {err}")
     except RuntimeError as err:
         fail(args, f"--checkpoint {path} does not match --model {args.model} "
                    f"(num_classes={model.num_classes}): {describe_load_error(err)}")
     try:
-        check_finite(model, path)
+        check_finite(model, path)  # models that are no SDResNet have no such pre-hook
     except WeightsError as err:
         fail(args, f"--checkpoint: {err}")
 

@@ -12,9 +12,11 @@ the ONNX file, curves.png, summary.json and metrics.jsonl. Everything goes up in
 hash is compared with the one the Hub reports for that commit (no download). The token comes from HF_TOKEN
 or `hf auth login` (there is no --token flag: a token on a command line ends up in shell history); it is
 never printed. Every request ends within --timeout seconds, end to end; when an upload fails, the message
-says what the Hub holds, asking it where it can (a repo the upload created is deleted again). With --card-dir DIR, a verified upload's card is also saved as
-DIR/NAME.md (the zoo keeps its record in model_cards/); it never replaces a file that is not an earlier
-card of the same repo.
+says what the Hub holds, asking it where it can (a repo the upload created is deleted again while it holds
+nothing but its first commit; another publisher's repo or commit never is). With --card-dir DIR, a verified
+upload's card is also saved as DIR/NAME.md (the zoo keeps its record in model_cards/); it never replaces a
+file that is not an earlier card of the same repo. Exit status: 0 published, 2 a wrong flag or run folder,
+1 the upload or its check failed.
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from typing import List, Optional
 
 from sdzoo._checks import check_seconds
 from sdzoo._files import write_text
-from sdzoo.hub import DEFAULT_TIMEOUT, HubError, publish
+from sdzoo.hub import DEFAULT_TIMEOUT, CheckpointMismatchError, HubError, publish
 
+# 2: what was given is wrong (flags, a run folder whose files do not fit, as export_onnx.py says of it); 1: the
+# upload or its check failed.
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -98,7 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             endpoint=args.endpoint, timeout=args.timeout)
     except (HubError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(err, ValueError) else EXIT_ERROR
+        given = isinstance(err, (ValueError, CheckpointMismatchError, FileNotFoundError, NotADirectoryError))
+        return EXIT_USAGE if given else EXIT_ERROR
     if args.local_dir:
         print(f"wrote {len(result.files)} files to {result.local_dir}; load them with "
               f"timm.create_model('local-dir:{result.local_dir}', pretrained=True)")

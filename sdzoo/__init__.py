@@ -11,3 +11,14 @@ from .models import SDResNet  # noqa: F401  (registers the zoo with timm)
 from .convert import convert_drop_path, install_create_model_hook  # noqa: F401
 
 install_create_model_hook()  # SDZOO_CONVERT_DROP_PATH=sample|batch: timm.create_model converts (see README)
+
+
+def _install_load_deadline() -> None:
+    import os
+
+    if os.environ.get("SDZOO_HUB_TIMEOUT", "").strip():  # every Hub request of the process is bounded (README)
+        from ._hub_http import install_load_deadline
+        install_load_deadline()
+
+
+_install_load_deadline()

@@ -46,12 +46,19 @@ def check_fraction(name: str, value, include_one: bool = True) -> float:
     return float(value)
 
 
+# The longest wait a number of seconds may ask for (11.6 days): the sockets and clocks a timeout reaches overflow
+# far below 1e308, and no wait of this project is meant to be longer.
+MAX_SECONDS = 1_000_000
+
+
 def check_seconds(name: str, value) -> float:
-    """A positive, finite number of seconds: a timeout, a measuring time (inf and nan bound nothing)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    """A positive, finite number of seconds up to ``MAX_SECONDS``: a timeout, a measuring time (inf and nan
+    bound nothing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
         finite = "" if isinstance(value, bool) or not isinstance(value, float) or math.isfinite(value) else \
             " (inf and nan bound nothing: give a finite number)"
-        raise ValueError(f"{name} must be a positive number of seconds; got {value!r}{finite}")
+        raise ValueError(f"{name} must be a positive number of seconds, at most {MAX_SECONDS:,}; got "
+                         f"{value!r}{finite}")
     return float(value)
 
 

@@ -32,10 +32,14 @@ from huggingface_hub.utils import parse_ratelimit_headers
 from . import __version__
 from ._checks import check_seconds, error_line
 
-__all__ = ["DEFAULT_TIMEOUT", "HubTimeout", "deadline_client", "bounded_waits", "hub_api", "http_error",
-           "describe_error", "is_timeout", "scrub_token"]
+__all__ = ["DEFAULT_TIMEOUT", "LOAD_TIMEOUT", "LOAD_TIMEOUT_ENV", "load_timeout", "install_load_deadline", "HubTimeout",
+           "deadline_client", "bounded_waits", "hub_api", "http_error", "describe_error", "is_timeout", "scrub_token"]
 
 DEFAULT_TIMEOUT = 60.0  # seconds within which each request to the Hub ends, its answer read
+# Loading: each request ends within LOAD_TIMEOUT seconds (a weights download is one request, so it is longer),
+# or within $SDZOO_HUB_TIMEOUT, which, when set, bounds every Hub request of the process (``install_load_deadline``).
+LOAD_TIMEOUT = 300.0
+LOAD_TIMEOUT_ENV = "SDZOO_HUB_TIMEOUT"
 
 # The statuses huggingface_hub's http_backoff retries, sleeping as long as the answer's headers ask.
 _RETRIED_STATUSES = (408, 429, 500, 502, 503, 504)
@@ -174,6 +178,33 @@ def bounded_waits(timeout: float):
         yield
     finally:
         set_client_factory(previous)
+
+
+def load_timeout() -> float:
+    """Seconds within which each Hub request of a load ends: $SDZOO_HUB_TIMEOUT, else ``LOAD_TIMEOUT``."""
+    import os
+
+    text = os.environ.get(LOAD_TIMEOUT_ENV, "").strip()
+    if not text:
+        return LOAD_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = text
+    return check_seconds(f"${LOAD_TIMEOUT_ENV}", value)
+
+
+def install_load_deadline() -> None:
+    """With $SDZOO_HUB_TIMEOUT set, every request of huggingface_hub's shared client in this process ends within
+    it: the config.json and weights that timm (``hf-hub:``) and transformers download before any sdzoo code
+    runs included. Unset, nothing changes (sdzoo's own downloads are bounded where they are made)."""
+    import os
+
+    if os.environ.get(LOAD_TIMEOUT_ENV, "").strip():
+        from huggingface_hub.utils import _http  # the default client's request hook (see bounded_waits)
+
+        timeout = load_timeout()
+        set_client_factory(lambda: deadline_client(timeout, event_hooks={"request": [_http.hf_request_event_hook]}))
 
 
 def hub_api(endpoint: Optional[str], token: Optional[str]) -> HfApi:

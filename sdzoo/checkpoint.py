@@ -111,13 +111,11 @@ def save_weights(path: PathLike, model: nn.Module) -> None:
 
 def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
     """What ``weights_metadata`` stored in a safetensors file (architecture, num_classes, model_args), or None
-    for a file written elsewhere. Raises ValueError naming the file when the metadata is malformed."""
-    from safetensors import safe_open
+    for a file written elsewhere. Raises ValueError naming the file when the metadata is malformed or the
+    header is beyond the bounds of ``sdzoo.integrity.read_header``."""
+    from .integrity import read_header, recorded_settings  # imports this module: imported when called
 
-    from .integrity import recorded_settings  # imports this module: imported when called
-
-    with safe_open(os.fspath(path), framework="pt") as f:
-        return recorded_settings(f.metadata() or {}, os.fspath(path))
+    return recorded_settings(read_header(path)[1], os.fspath(path))
 
 
 def read_run_config(path: PathLike) -> Dict[str, Any]:

@@ -6,6 +6,7 @@ is the same layer with its weight and bias times p_l: folding scales that layer 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List
 
 import torch
@@ -33,15 +34,26 @@ def fold_survival(model: nn.Module) -> nn.Module:
     off in training too (it is a plain ResNet now), and ``model.folded_from`` records the survival
     settings it was trained with. Returns the model.
 
+    A folded state dict carries no tensor that says so (it loads strictly into timm's ResNets): what is known
+    of the weights is the model's ``weights_provenance``, which every door that loads them leaves. Weights whose
+    source said they are folded are refused; weights whose source said nothing (a safetensors file without
+    sdzoo's metadata, a state dict rebuilt key by key) are folded with a warning, since nothing can tell.
+
     Raises:
-        ValueError: the model is already folded, uses ``inverted`` scaling (its eval graph has no p_l to
-            fold), or a branch does not end in an affine layer.
+        ValueError: the model is already folded, or its weights came from folded weights, uses ``inverted``
+            scaling (its eval graph has no p_l to fold), or a branch does not end in an affine layer.
     """
     blocks = _residual_blocks(model)
     if is_folded(model):
         raise ValueError(
             f"model is already folded (folded_from={model.folded_from!r}); folding twice would scale "
             "each branch by p_l again")
+    provenance = getattr(model, "weights_provenance", None)
+    if provenance is not None and provenance.folded:
+        raise ValueError(
+            f"the model's weights are folded already: they came from {provenance.source}, which records "
+            f"folded_from={provenance.recorded.get('folded_from')!r}; folding twice would scale each branch by "
+            "p_l again")
     scaling = getattr(model, "scaling", "expectation")
     if scaling != "expectation":
         raise ValueError(
@@ -58,9 +70,17 @@ def fold_survival(model: nn.Module) -> nn.Module:
                 affine.bias.mul_(p)
         blk.gate.survival_prob = 1.0
 
+    if provenance is not None and provenance.folded is None:
+        warnings.warn(
+            f"fold_survival: the model's weights came from {provenance.source}, which does not say whether they "
+            "are folded; if they are, they are now folded twice (each branch scaled by p_l again)", stacklevel=2)
+
     # The model's settings, config.json's model_args and the weights' metadata all read survival_settings:
     # rebuilding from any of them gives the plain ResNet the weights now belong to.
     model.survival_settings = model.survival_settings.folded()
+    if provenance is not None:
+        model.weights_provenance = type(provenance)("folded in place by fold_survival",
+                                                    model.survival_settings.as_recorded())
     sampler = model.gate_sampler
     sampler.mode = "off"
     sampler.survival_probs = [1.0] * len(sampler.survival_probs)

@@ -25,7 +25,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ._checks import check_seconds
+from ._checks import check_input_size, check_seconds
 from ._files import PathLike
 from ._hub_http import (
     DEFAULT_TIMEOUT, bounded_waits, describe_error, http_error, hub_api, is_timeout, scrub_token)
@@ -36,6 +36,7 @@ from .hub_load import (
     verify_upload)
 from .metrics_plot import read_metrics
 from .model_card import published_summary, render_model_card
+from .run_record import METRICS_KEYS
 
 __all__ = [
     "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError", "Run",
@@ -162,6 +163,13 @@ def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> D
     return extras
 
 
+def _write_published_metrics(src: Path, dst: Path) -> None:
+    """metrics.jsonl as published: each record with only the keys the trainer writes (``METRICS_KEYS``), so that
+    nothing else a run folder's log was given (a token, a path) is published."""
+    lines = [json.dumps({k: v for k, v in record.items() if k in METRICS_KEYS}) + "\n" for record in read_metrics(src)]
+    dst.write_text("".join(lines), encoding="utf-8")
+
+
 def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[PathLike] = None,
                      curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
@@ -176,13 +184,17 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
         folded = onnx_folded(extras[ONNX_NAME][0])
     # timm's own Hub format: safetensors weights (with their survival settings in the metadata) and a
     # config.json that carries the model arguments, written to load in transformers too.
-    save_weights(folder / WEIGHTS_NAME, run.model)
+    unverified = _unverified_settings(run)
     config = write_config(folder / CONFIG_NAME, run.model)
+    _check_input_size(run, config)
+    save_weights(folder / WEIGHTS_NAME, run.model)
     for name, (src, in_run_folder) in extras.items():
         if in_run_folder:
             _copy_without_links(src, folder / name)
         else:
             shutil.copyfile(src, folder / name)
+        if name == METRICS_NAME:
+            _write_published_metrics(folder / name, folder / name)  # the copy, read through no link
     if summary is not None:
         with open(folder / SUMMARY_NAME, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -190,9 +202,36 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
     card = render_model_card(
         repo_id, config, summary, block_probs=run.model.block_survival_probs(),
         num_params=sum(p.numel() for p in run.model.parameters()), files=files, file_notes=FILE_NOTES,
-        template=card_template, onnx_folded=folded)
+        template=card_template, onnx_folded=folded, unverified_settings=unverified)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return files
+
+
+def _unverified_settings(run: Run) -> bool:
+    """Whether the run's weights file recorded no survival settings: those of its config.json could not be
+    checked against the weights, and the published file records them as its own. Said on the command line
+    (a warning) and on the card."""
+    provenance = getattr(run.model, "weights_provenance", None)
+    if provenance is None or provenance.recorded is not None:
+        return False
+    _logger.warning(f"warning: {run.path / WEIGHTS_NAME} records no survival settings (it was written without "
+                    f"sdzoo's metadata): those of {run.path / CONFIG_NAME} cannot be checked against the weights, "
+                    "and the published model.safetensors records them as its own; the card says so")
+    return True
+
+
+def _check_input_size(run: Run, config: Dict) -> None:
+    """The published config's input size must be one the project's own export takes (``MAX_INPUT_SIDE``)."""
+    from .onnx_export import MAX_INPUT_SIDE
+
+    size = (config.get("pretrained_cfg") or {}).get("input_size")
+    if size is None:
+        return
+    try:
+        check_input_size("input_size", size, max_side=MAX_INPUT_SIDE)
+    except ValueError as e:
+        raise ValueError(f"{run.path / CONFIG_NAME}: pretrained_cfg {e}; it would be published as the model's "
+                         "input size, which the export refuses") from None
 
 
 def write_hub_folder(run: Run, out_dir: PathLike, repo_id: str, **kwargs) -> List[str]:
@@ -251,9 +290,11 @@ def upload_hub_folder(
     """Create the repo if needed and upload ``folder`` to its main branch with ``HfApi.upload_folder``: one
     commit for a folder this size (timm's ``push_to_hf_hub`` does the same).
 
-    Each request ends within ``timeout`` seconds. When the upload fails, a repo this call created is deleted
-    again, and the error says what the Hub holds: after a failed commit call the Hub is asked whether main
-    moved (and whether it holds these files); what cannot be known is said to be unknown."""
+    Each request ends within ``timeout`` seconds. When the upload fails, the error says what the Hub holds:
+    after a failed commit call the Hub is asked whether main moved (and whether it holds these files); what
+    cannot be known is said to be unknown. A repo is deleted again only when this call can prove that it made
+    it (the Hub answered its create request with a new repo, not with 409) and that main still holds nothing
+    but the commit the Hub made with it: another publisher's repo, or its commit, is never deleted."""
     folder = Path(folder)
     api = hub_api(endpoint, token)
     step, created, before = "checking whether the repo exists", False, None
@@ -263,8 +304,8 @@ def upload_hub_folder(
             step = "creating the repo"
             if not existed:
                 _logger.info(f"Creating {'private ' if private else ''}repo {repo_id}")
-                api.create_repo(repo_id, private=private, exist_ok=True)
-                created = True
+                created = _create_repo(api, repo_id, private)
+                existed = not created  # 409: it exists after all (another publisher, or a wrong 404)
             step = "reading the repo's main branch"
             info = api.model_info(repo_id)
             if existed and private and not info.private:
@@ -279,10 +320,12 @@ def upload_hub_folder(
             return api.upload_folder(repo_id=repo_id, folder_path=folder, parent_commit=before,
                                      commit_message=commit_message or "Upload model with sdzoo")
         except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
-            if created:
-                state = _delete_created_repo(api, repo_id)
-            elif step == "uploading and committing the files":
+            if step == "uploading and committing the files":
                 state = _state_after_failed_commit(api, folder, repo_id, before, token, timeout)
+                if created and state.startswith("Nothing was committed"):
+                    state = _delete_created_repo(api, repo_id, before)
+            elif created:
+                state = _delete_created_repo(api, repo_id, before)
             elif step == "creating the repo" and http_error(e) is None:
                 state = (f"Nothing was committed, but the Hub's answer to creating {repo_id} was lost: the repo may "
                          f"or may not exist now (empty); look at {api.endpoint}/{repo_id}.")
@@ -291,6 +334,19 @@ def upload_hub_folder(
             if isinstance(e, UploadError):
                 raise UploadError(f"{e} {state}") from None
             raise _upload_error(repo_id, step, e, token, state) from e
+
+
+def _create_repo(api: HfApi, repo_id: str, private: bool) -> bool:
+    """Create ``repo_id``: True when this request made it, False when the Hub answers that it exists (409)."""
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=False)
+    except Exception as e:  # noqa: BLE001
+        http = http_error(e)
+        if http is not None and http.response.status_code == 409:
+            _logger.info(f"{repo_id} exists after all (created by another publisher meanwhile?): uploading to it")
+            return False
+        raise
+    return True
 
 
 def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: str, token: str,
@@ -314,15 +370,29 @@ def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: s
             "every file of this upload (hashes checked).")
 
 
-def _delete_created_repo(api: HfApi, repo_id: str) -> str:
-    """A first upload that failed leaves no repo behind: what state the repo is left in."""
+def _delete_created_repo(api: HfApi, repo_id: str, created_at: Optional[str]) -> str:
+    """A first upload that failed leaves no repo behind, when it can prove that the repo holds nothing but the
+    commit the Hub made when this upload created it (``created_at``: main then). What state the repo is left in."""
+    kept = f"The repo {repo_id}, which this upload created, is kept"
+    if created_at is None:
+        return (f"{kept}: this upload failed before it could read the repo's first commit, so it cannot prove that "
+                "nobody else committed to it since; look at it on the Hub, delete it or rerun to fill it.")
+    try:
+        info = api.model_info(repo_id)
+    except Exception as e:  # noqa: BLE001
+        return (f"{kept}: asking the Hub where main is failed ({describe_error(e)}), so this upload cannot prove "
+                "that nobody else committed to it; look at it on the Hub, delete it or rerun to fill it.")
+    files = sorted(s.rfilename for s in info.siblings or [])
+    if info.sha != created_at or set(files) - {".gitattributes"}:
+        return (f"{kept}: main is at {info.sha} and holds {', '.join(files) or 'no file'}, commits this upload did "
+                "not make (another publisher's): it is left as it is.")
     try:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as e:  # noqa: BLE001
-        return (f"The repo {repo_id}, which this upload had created, could not be deleted again "
-                f"({describe_error(e)}): it is left empty (only .gitattributes) or, if the commit was made, with "
-                "this upload; look at it on the Hub, delete it or rerun to fill it.")
-    return f"The repo {repo_id}, which this upload had created, was deleted again: the Hub holds nothing of it."
+        return (f"{kept}: deleting it again failed ({describe_error(e)}); it holds only its first commit "
+                "(.gitattributes): delete it on the Hub or rerun to fill it.")
+    return (f"The repo {repo_id}, which this upload had created, was deleted again (main still held only its first "
+            "commit): the Hub holds nothing of it.")
 
 
 def publish(

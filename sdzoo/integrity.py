@@ -13,6 +13,13 @@ that sdzoo does or documents (``local-dir:``, ``hf-hub:``, ``pretrained_cfg_over
   ``folded_from``) must agree with the arguments, so folded weights never load into an unfolded model, nor the
   other way round;
 * the load itself is strict (every tensor of the file, and only those), and NaN or infinite weights are refused.
+
+transformers' ``TimmWrapper`` builds the model with ``pretrained=False`` and sets the file's tensors itself,
+with no load hook of torch: the model factory finds that file (``sdzoo._transformers_load``) and checks it
+with ``check_loader_files``, the same checks, before anything is built. A plain ``model.load_state_dict``
+gets its own (the model's load pre-hook, ``check_state_dict``): no NaN or infinite tensor, and the fold state
+that the source model recorded in the state dict's ``_metadata`` (``PROVENANCE_KEY``) must be the model's.
+Each door leaves a ``WeightsProvenance`` on the model: where its weights came from and what was recorded there.
 """
 from __future__ import annotations
 
@@ -32,8 +39,10 @@ from .survival import TRAINED_FIELDS, SurvivalSettings
 
 __all__ = [
     "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
-    "MAX_PARAMETERS", "count_parameters", "check_model_size", "FileArchitecture", "read_header", "architecture_of",
-    "check_pretrained", "check_weights_file", "check_finite", "describe_failure", "is_out_of_memory",
+    "MAX_PARAMETERS", "MAX_TENSORS", "MAX_HEADER_BYTES", "count_parameters", "check_model_size", "FileArchitecture",
+    "read_header", "architecture_of",
+    "check_pretrained", "check_weights_file", "check_loader_files", "check_state_dict", "check_finite",
+    "describe_failure", "is_out_of_memory", "WeightsProvenance", "PROVENANCE_KEY",
 ]
 
 # Bounds on what a config.json may ask for. The largest zoo models are far inside them: sd_resnet1202_cifar
@@ -43,6 +52,11 @@ MAX_BLOCKS = 1024
 MAX_WIDTH = 4096
 MAX_IN_CHANS = 256
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32
+# Bounds on a safetensors header, checked before it is parsed: a hostile header of 60 MB of JSON would cost a
+# minute and a GB to parse. The largest model the bounds above allow (MAX_BLOCKS bottleneck blocks, 18 tensors
+# each) has about 18,500 tensors; sd_resnet1202_cifar's header is 650 kB for 7,221, sd_resnet152's 86 kB.
+MAX_TENSORS = 20_000
+MAX_HEADER_BYTES = 4 * 2**20
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -53,6 +67,26 @@ class WeightsError(ValueError):
 
 class MissingWeightsError(FileNotFoundError):
     """No safetensors weights where the model's source points."""
+
+
+# The key of a state dict's ``_metadata`` (torch's per-module record, which travels with the dict through
+# copies and torch.save, and which no loader reads as a tensor) where an sdzoo model records its survival
+# settings: a state dict moves strictly to and from timm's ResNets, and still says whether it is folded.
+PROVENANCE_KEY = "sdzoo_survival"
+
+
+@dataclass(frozen=True)
+class WeightsProvenance:
+    """Where a model's weights came from (``source``), and the survival settings recorded there
+    (``SurvivalSettings.as_recorded()``, ``folded_from`` included), or None when the source recorded none:
+    a safetensors file without sdzoo's metadata, a state dict rebuilt key by key, timm's own weights."""
+    source: str
+    recorded: Optional[Dict[str, Any]]
+
+    @property
+    def folded(self) -> Optional[bool]:
+        """Whether the weights have p_l folded into them; None when nothing says."""
+        return None if self.recorded is None else bool(self.recorded.get("folded_from"))
 
 
 # -- bounds -----------------------------------------------------------------------------------------------
@@ -112,14 +146,33 @@ def check_model_size(layers: Any, widths: Any, block: str, stem: str, shortcut: 
 
 # -- the file -----------------------------------------------------------------------------------------------
 def read_header(path: os.PathLike) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, str]]:
-    """Every tensor's shape and the metadata of a safetensors file, from its header alone (no tensor is read)."""
+    """Every tensor's shape and the metadata of a safetensors file, from its header alone (no tensor is read).
+    The header's length (its first 8 bytes) and its tensor count are bounded before anything else is read."""
     from safetensors import SafetensorError, safe_open
 
     try:
+        with open(path, "rb") as f:
+            length = f.read(8)
+    except OSError as e:
+        raise WeightsError(f"cannot read {path} as safetensors: {e}") from None
+    if len(length) < 8:
+        raise WeightsError(f"cannot read {path} as safetensors: it is {len(length)} bytes long, shorter than the "
+                           "8 bytes that give its header's length")
+    header_bytes = int.from_bytes(length, "little")
+    if header_bytes > MAX_HEADER_BYTES:
+        raise WeightsError(f"{path}: its safetensors header is {header_bytes:,} bytes, more than the "
+                           f"{MAX_HEADER_BYTES:,} that any sdzoo model needs; refused without reading it")
+    try:
         with safe_open(os.fspath(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            keys = list(f.keys())
+            if len(keys) > MAX_TENSORS:
+                raise WeightsError(f"{path} holds {len(keys):,} tensors, more than the {MAX_TENSORS:,} that any "
+                                   "sdzoo model has; refused")
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, WeightsError):
+            raise
         raise WeightsError(f"cannot read {path} as safetensors: {e}") from None
     return shapes, metadata
 
@@ -247,19 +300,27 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     for key in TRAINED_FIELDS:
         if key in model_args and model_args[key] is not None and not _same(model_args[key], args[key]):
             differ.append(f"{key}={args[key]!r} (the file's: {model_args[key]!r})")
-    folded = model_args.get("folded_from")
-    if not _same(folded, args["folded_from"]):
-        if folded and not args["folded_from"]:
-            differ.append(f"an unfolded model, while the file's weights are folded (p_l is in them; trained with "
-                          f"{folded}): they load only with folded_from={folded}")
-        elif args["folded_from"] and not folded:
-            differ.append(f"folded_from={args['folded_from']} (a folded model), while the file's weights are not "
-                          "folded: loading them would leave out every p_l")
-        else:
-            differ.append(f"folded_from={args['folded_from']} (the file's: {folded})")
+    fold = fold_contradiction(model_args.get("folded_from"), args["folded_from"])
+    if fold:
+        differ.append(fold)
     if differ:
         raise WeightsError(f"the settings recorded in {where} contradict {asked_by}, which asks for "
                            f"{'; '.join(differ)}. Nothing was built or loaded")
+
+
+def fold_contradiction(recorded: Optional[Mapping[str, Any]], asked: Optional[Mapping[str, Any]],
+                       whose: str = "the file's") -> Optional[str]:
+    """What is wrong when weights whose record says ``folded_from=recorded`` go into a model built with
+    ``folded_from=asked`` (None: they agree)."""
+    if _same(recorded or None, asked or None):
+        return None
+    if recorded and not asked:
+        return (f"an unfolded model, while {whose} weights are folded (p_l is in them; trained with {recorded}): "
+                f"they load only with folded_from={recorded}")
+    if asked and not recorded:
+        return (f"folded_from={asked} (a folded model), while {whose} weights are not folded: loading them "
+                "would leave out every p_l")
+    return f"folded_from={asked} ({whose}: {recorded})"
 
 
 def _plain(value: Any) -> Any:
@@ -312,29 +373,50 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
         repo, filename = location if isinstance(location, (list, tuple)) else (location, WEIGHTS_NAME)
         if not filename.endswith(".safetensors"):
             raise WeightsError(f"hf-hub:{repo}: sdzoo loads weights from .safetensors files only; got {filename}")
+        from ._hub_http import LOAD_TIMEOUT_ENV, bounded_waits, is_timeout, load_timeout
+
+        timeout = load_timeout()
         try:
-            return download_from_hf(repo, filename, cache_dir=cache_dir), None, f"hf-hub:{repo} {filename}"
+            with bounded_waits(timeout):  # a stalled or trickling server ends in an error, not a hang
+                return download_from_hf(repo, filename, cache_dir=cache_dir), None, f"hf-hub:{repo} {filename}"
         except EntryNotFoundError:
             raise MissingWeightsError(f"hf-hub:{repo} has no {filename} (pickle checkpoints are not loaded)") from None
+        except Exception as e:  # noqa: BLE001  the client raises a timeout wrapped in errors of its own
+            if not is_timeout(e):
+                raise
+            raise TimeoutError(f"hf-hub:{repo}: downloading {filename} did not end within {timeout:g} s "
+                               f"(${LOAD_TIMEOUT_ENV} sets this bound; nothing was built)") from None
     raise WeightsError(f"{cfg.get('architecture')}: sdzoo loads pretrained weights from local-dir:, hf-hub: or a "
                        f".safetensors file (pretrained_cfg_overlay=dict(file=...)); got {load_from or 'no source'} "
                        f"{location!r:.200}")
 
 
-def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> str:
-    """Before timm builds ``variant`` with ``pretrained=True``: bound the arguments, then check them against the
-    weights' header and metadata, and make sure timm's load will be strict. Returns how to name the weights."""
-    from timm.models import resolve_pretrained_cfg
-
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
-                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
-    asked_by = _describe_source(kwargs, cfg)
+def _checked_args(variant: str, kwargs: Mapping[str, Any], cfg: Mapping[str, Any], asked_by: str) -> Dict[str, Any]:
+    """``effective_args``, bounded (``check_model_size``) before anything is read or built."""
     try:
         args = effective_args(kwargs, cfg)
         check_model_size(args["layers"], args["widths"], args["block"], args["stem"], args["shortcut"],
                          args["num_classes"], args["in_chans"], args["global_pool"])
     except ValueError as e:
         raise WeightsError(f"{asked_by}: {e}. Nothing was built or loaded") from None
+    return args
+
+
+def _provenance(where: str, metadata: Mapping[str, str]) -> WeightsProvenance:
+    recorded = recorded_settings(metadata, where)
+    return WeightsProvenance(where, None if recorded is None else dict(recorded["model_args"]))
+
+
+def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> WeightsProvenance:
+    """Before timm builds ``variant`` with ``pretrained=True``: bound the arguments, then check them against the
+    weights' header and metadata, and make sure timm's load will be strict. Returns where the weights come
+    from and what their file recorded."""
+    from timm.models import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
+    asked_by = _describe_source(kwargs, cfg)
+    args = _checked_args(variant, kwargs, cfg, asked_by)
     if kwargs.get("pretrained_strict", True) is not True:
         raise WeightsError("pretrained_strict must be True: sdzoo loads every tensor of a weights file or none")
     path, state_dict, where = _weights_location(cfg, kwargs.get("cache_dir"))  # timm's load reads the same file
@@ -348,15 +430,65 @@ def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> str:
         raise WeightsError(f"{asked_by} says num_classes={cfg.get('num_classes')!r} for the pretrained cfg and "
                            f"builds num_classes={args['num_classes']!r}: timm would drop the classifier of {where}. "
                            "Load with the file's classes, then model.reset_classifier(n) for a new head")
-    return where
+    return _provenance(where, metadata)
+
+
+# transformers' TimmWrapper saves its timm model's tensors under this prefix, and strips it on load.
+_WRAPPER_PREFIX = "timm_model."
+
+
+def check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, Any]) -> WeightsProvenance:
+    """The checks of ``check_pretrained`` for weights that another library loads into the model after building
+    it with ``pretrained=False`` (transformers: ``sdzoo._transformers_load``): the arguments against the file's
+    header and metadata, and no NaN or infinite tensor, before anything is built. That loader is not strict,
+    so every tensor the model has must be in the file with its shape (``check_weights_file``)."""
+    from safetensors import safe_open
+    from timm.models import resolve_pretrained_cfg
+
+    folder = Path(paths[0]).parent
+    asked_by = f"{folder / 'config.json'} (loaded by transformers)"
+    args = _checked_args(variant, kwargs, resolve_pretrained_cfg(variant).to_dict(), asked_by)
+    if len(paths) != 1 or not str(paths[0]).endswith(".safetensors"):
+        raise WeightsError(f"{folder}: sdzoo weights are one .safetensors file ({WEIGHTS_NAME}); transformers "
+                           f"would load {', '.join(Path(p).name for p in paths)}. Nothing was built or loaded")
+    path = str(paths[0])
+    shapes, metadata = read_header(path)
+    shapes = {k[len(_WRAPPER_PREFIX):] if k.startswith(_WRAPPER_PREFIX) else k: v for k, v in shapes.items()}
+    check_weights_file(shapes, metadata, path, variant, args, asked_by)
+    with safe_open(path, framework="pt") as f:
+        bad = [k for k in f.keys() if not _finite(f.get_tensor(k))]
+    _refuse_nonfinite(bad, path)
+    return _provenance(path, metadata)
+
+
+def _finite(tensor: Any) -> bool:
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.device.type == "meta":
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _refuse_nonfinite(bad: Sequence[str], where: str) -> None:
+    if bad:
+        raise WeightsError(f"{where} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''}): these are no usable weights; refused")
 
 
 def check_finite(model: nn.Module, where: str) -> None:
     """Refuse a model with NaN or infinite weights or statistics (what a diverged run leaves)."""
-    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise WeightsError(f"{where} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
-                           f"{', ...' if len(bad) > 3 else ''}): these are no usable weights; refused")
+    _refuse_nonfinite([k for k, t in model.state_dict().items() if not _finite(t)], where)
+
+
+def check_state_dict(state_dict: Mapping[str, Any], prefix: str, recorded: Optional[Mapping[str, Any]],
+                     folded_from: Optional[Mapping[str, Any]]) -> None:
+    """A state dict about to be loaded into a model whose ``folded_from`` is given: no NaN or infinite tensor
+    under ``prefix``, and, when the source model recorded its settings (``recorded``, from the dict's
+    ``_metadata``), the same fold state. Raises WeightsError before any tensor is copied."""
+    _refuse_nonfinite([k for k, t in state_dict.items() if k.startswith(prefix) and not _finite(t)], "the state dict")
+    if recorded is not None:
+        fold = fold_contradiction(recorded.get("folded_from"), folded_from, whose="the state dict's")
+        if fold:
+            raise WeightsError(f"the state dict comes from an sdzoo model whose settings contradict this model, "
+                               f"which is {fold}. Nothing was loaded")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -162,9 +162,10 @@ def card_metadata(repo_id: str, architecture: str, results: Optional[RunResults]
     tags = ["image-classification", "timm", "sdzoo", "stochastic-depth", "resnet"]
     kwargs: Dict[str, Any] = {}
     if results is not None:
+        # The front matter is shown on the Hub's page as the body is: a run's own strings escaped as there.
         common = dict(task_type="image-classification", task_name="Image Classification",
-                      dataset_type=results.dataset_id or results.dataset, dataset_name=results.dataset_name,
-                      dataset_split="test")
+                      dataset_type=results.dataset_id or markdown_cell(results.dataset),
+                      dataset_name=markdown_cell(results.dataset_name), dataset_split="test")
         kwargs = dict(
             metrics=["accuracy"],
             model_name=repo_id.split("/")[-1],
@@ -218,6 +219,7 @@ def render_model_card(
         template: Optional[str] = None,
         file_notes: Optional[Mapping[str, str]] = None,
         onnx_folded: Optional[bool] = None,
+        unverified_settings: bool = False,
 ) -> str:
     """The README.md of a Hub repo.
 
@@ -231,6 +233,8 @@ def render_model_card(
         template: Jinja template text; default: the one shipped with sdzoo (``default_template_path()``).
         file_notes: what each file is (name -> a few words), for the card's list of files.
         onnx_folded: what the ONNX file's metadata says of p_l: folded (True), not (False), or nothing (None).
+        unverified_settings: the run's weights recorded no survival settings: the card says that those shown
+            come from its config.json alone.
     """
     onnx = next((f for f in files if f.endswith(".onnx")), None)
     template_path = default_template_path() if template is None else None
@@ -258,6 +262,7 @@ def render_model_card(
         architecture=architecture,
         survival_rows=_survival_rows(model_args, block_probs),
         folded=bool(model_args.get("folded_from")),
+        unverified_settings=unverified_settings,
         recipe_rows=[(k, markdown_cell(settings[k])) for k in _RECIPE_KEYS if k in settings],
         results=results,
         dataset_name=dataset_name,

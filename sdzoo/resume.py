@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,13 +158,137 @@ def save_checkpoint(folder: Path, state: TrainState, *, elapsed: float, settings
 
 
 def load_resume_state(path: PathLike) -> Dict[str, Any]:
-    """A trainer checkpoint, checked for its format marker and keys (read on the CPU)."""
+    """A trainer checkpoint, checked for its format marker and keys, and every value it restores for its type
+    and range (``check_restored_values``), before any work (read on the CPU)."""
     checkpoint = load_state(path, map_location=torch.device("cpu"))
     if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
             or any(k not in checkpoint for k in RESUME_KEYS) or not isinstance(checkpoint["settings"], dict)):
         raise CheckpointError(f"--resume: {path} is not a checkpoint of this trainer (it lacks the format "
                               f"marker or one of {', '.join(RESUME_KEYS)})")
+    problem = check_restored_values(checkpoint)
+    if problem:
+        raise CheckpointError(f"--resume: {path} is damaged: {problem}. It was not resumed, and nothing in its "
+                              "folder was changed")
     return checkpoint
+
+
+# -- every restored value, by type and range -------------------------------------------------------------------
+def _is_int(value: Any, low: int = 0, high: int = 2**63 - 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: Any, low: float = 0.0, high: float = math.inf) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        low <= value <= high
+
+
+def _is_byte_state(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def _numbers(value: Any, low: float = 0.0) -> bool:
+    return isinstance(value, list) and all(_is_number(v, low) for v in value)
+
+
+def _template_states() -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """What the states of this trainer's optimizer param group and scheduler (``sdzoo.optimizer``: SGD,
+    MultiStepLR) hold: their keys, and each value's type."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[1], gamma=0.1)
+    return optimizer.state_dict()["param_groups"][0], scheduler.state_dict()
+
+
+def _same_kind(value: Any, template: Any, exact_ints: bool = True) -> bool:
+    """``value`` is of the kind ``template`` is: a finite number >= 0 for a number (an int >= -1 where an int is
+    and ``exact_ints``), a bool for a bool, None or a bool for a None flag, a list of finite numbers for a list,
+    a mapping of ints for a Counter (the milestones)."""
+    if isinstance(template, bool):
+        return isinstance(value, bool)
+    if isinstance(template, int) and exact_ints:
+        return _is_int(value, low=-1)
+    if isinstance(template, int):
+        return _is_number(value)
+    if isinstance(template, float):
+        return _is_number(value)
+    if template is None:
+        return value is None or isinstance(value, bool)
+    if isinstance(template, list):
+        return _numbers(value)
+    if isinstance(template, dict):
+        return isinstance(value, dict) and all(_is_int(k) and _is_int(v) for k, v in value.items())
+    return isinstance(value, type(template))
+
+
+def check_restored_values(checkpoint: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the values a resume restores (None: nothing): where the run is, the best evaluation,
+    the epoch's running sums, the model, optimizer and scheduler states and the random streams. A value of the
+    wrong type would fail mid-run (the first optimizer step, the end of the first epoch) or be kept silently."""
+    epochs = checkpoint["settings"].get("epochs")
+    for key, ok, allowed in (
+            ("epoch", _is_int(checkpoint["epoch"], 0, epochs if _is_int(epochs) else 2**63 - 1),
+             f"an integer in [0, {epochs}]"),
+            ("step", _is_int(checkpoint["step"]), "an integer >= 0"),
+            ("global_step", _is_int(checkpoint["global_step"]), "an integer >= 0"),
+            ("elapsed", _is_number(checkpoint["elapsed"]), "a finite number of seconds >= 0"),
+            ("world_size", _is_int(checkpoint["world_size"], 1), "an integer >= 1")):
+        if not ok:
+            return f"{key} must be {allowed}; got {checkpoint[key]!r:.80}"
+    best = checkpoint["best"]
+    if not isinstance(best, dict) or set(best) != set(_no_evaluation_yet()):
+        return f"best must be a mapping of {', '.join(_no_evaluation_yet())}; got {best!r:.120}"
+    for key, ok, allowed in (
+            ("epoch", best["epoch"] is None or _is_int(best["epoch"], 1, checkpoint["epoch"] + 1),
+             f"None or an integer in [1, {checkpoint['epoch'] + 1}]"),
+            ("step", best["step"] is None or _is_int(best["step"], 0, checkpoint["global_step"]),
+             f"None or an integer in [0, {checkpoint['global_step']}]"),
+            ("val_error", best["val_error"] is None or _is_number(best["val_error"], 0, 100), "None or a % in [0, 100]"),
+            ("test_error", best["test_error"] is None or _is_number(best["test_error"], 0, 100),
+             "None or a % in [0, 100]")):
+        if not ok:
+            return f"best[{key!r}] must be {allowed}; got {best[key]!r:.80}"
+    totals = checkpoint["totals"]
+    kinds = dict(loss_sum=_is_number, correct=_is_int, seen=_is_int, steps=_is_int, depth_sum=_is_number,
+                 train_time=_is_number, grad_abs=_numbers)
+    if not isinstance(totals, dict) or set(totals) != set(kinds):
+        return f"totals must be a mapping of {', '.join(kinds)}; got {totals!r:.120}"
+    bad = [k for k, ok in kinds.items() if not ok(totals[k])]
+    if bad:
+        return f"totals[{bad[0]!r}] must be a finite number >= 0 (a list of them for grad_abs); got {totals[bad[0]]!r:.80}"
+    model = checkpoint["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        return "the model state must be a state dict (names to tensors)"
+    group_template, scheduler_template = _template_states()
+    optimizer = checkpoint["optimizer"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or \
+            not isinstance(optimizer.get("param_groups"), list) or not optimizer["param_groups"]:
+        return "the optimizer state must hold state and param_groups"
+    for group in optimizer["param_groups"]:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list) or \
+                not all(_is_int(i) for i in group["params"]):
+            return "the optimizer state's param_groups must be mappings with a list of parameter indices"
+        for key, template in group_template.items():
+            if key != "params" and key in group and not _same_kind(group[key], template, exact_ints=False):
+                return f"the optimizer state's setting {key!r} must be like {template!r}; got {group[key]!r:.80}"
+    for index, state in optimizer["state"].items():
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            return f"the optimizer state of parameter {index!r} must be a mapping of tensors"
+    scheduler = checkpoint["scheduler"]
+    if not isinstance(scheduler, dict) or set(scheduler) != set(scheduler_template):
+        return f"the scheduler state must be the MultiStepLR state this trainer saves ({', '.join(scheduler_template)})"
+    for key, template in scheduler_template.items():
+        if not _same_kind(scheduler[key], template):
+            return f"the scheduler state's {key!r} must be like {template!r}; got {scheduler[key]!r:.80}"
+    rng = checkpoint["rng"]
+    if not isinstance(rng, dict) or not {"order", "augment", "gates", "torch"} <= set(rng):
+        return "rng must be a mapping of order, augment, gates, torch (and cuda)"
+    bad = [k for k in ("order", "augment", "torch") if not _is_byte_state(rng[k])]
+    if rng.get("cuda") is not None and not _is_byte_state(rng["cuda"]):
+        bad.append("cuda")
+    if bad:
+        return f"rng[{bad[0]!r}] must be a generator state (a 1-d uint8 tensor)"
+    if not _is_int(rng["gates"]) and not _is_byte_state(rng["gates"]):
+        return f"rng['gates'] must be the gates' step, an integer in [0, 2**63 - 1]; got {rng['gates']!r:.80}"
+    return None
 
 
 def resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Settings, Dict[str, Any]]:
@@ -283,17 +408,19 @@ def _weights_problems(folder: Path, checkpoint: Dict[str, Any]) -> List[str]:
             if best.get("step") is not None else []
     from safetensors import SafetensorError, safe_open
 
+    from .integrity import WeightsError, read_header
+
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != shapes:
-                return [f"{WEIGHTS_NAME} holds tensors of other names or shapes than the checkpoint's model"]
-            if best.get("step") == checkpoint["global_step"]:
+        shapes = read_header(weights)[0]  # bounded before it is parsed
+        if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != shapes:
+            return [f"{WEIGHTS_NAME} holds tensors of other names or shapes than the checkpoint's model"]
+        if best.get("step") == checkpoint["global_step"]:
+            with safe_open(str(weights), framework="pt") as f:
                 changed = [k for k in shapes if not torch.equal(f.get_tensor(k), state[k])]
-                if changed:
-                    return [f"its best weights are its own (step {best['step']}), and {WEIGHTS_NAME} holds other "
-                            f"values ({', '.join(changed[:3])})"]
-    except (SafetensorError, OSError) as e:
+            if changed:
+                return [f"its best weights are its own (step {best['step']}), and {WEIGHTS_NAME} holds other "
+                        f"values ({', '.join(changed[:3])})"]
+    except (SafetensorError, OSError, WeightsError) as e:
         return [f"{WEIGHTS_NAME} is unreadable ({e})"]
     return []
 

@@ -60,16 +60,23 @@ class GateLog:
     def last(self) -> Optional[Tuple[list, int]]:
         return self.sampler.last_draw
 
+    def _last_or_every_block(self) -> Tuple[list, int]:
+        """The last draw; with the gates off (constant depth) no draw is made, and every block runs."""
+        if self.last is None and self.sampler.mode == "off":
+            return [None] * len(self.sampler.survival_probs), 1
+        return self.last
+
     def depth(self) -> float:
-        """Blocks that ran in the last step (per sample, averaged, in sample mode)."""
-        if self.last is None:
+        """Blocks that ran in the last step (per sample, averaged, in sample mode); every block with the gates
+        off."""
+        if self.last is None and self.sampler.mode != "off":
             return float("nan")
-        gates, batch = self.last
+        gates, batch = self._last_or_every_block()
         # A batch gate is a bool, or a float holding the inverted scale (0: skipped) under drop-rate warmup.
         return sum(1.0 if g is None else float(g > 0) if g.dim() == 0 else g.numel() / batch for g in gates)
 
     def line(self) -> str:
-        gates, _ = self.last
+        gates, _ = self._last_or_every_block()
         return " ".join("1" if g is None else str(int(g > 0)) if g.dim() == 0 else ",".join(map(str, g.tolist()))
                         for g in gates)
 
@@ -222,6 +229,14 @@ class Progress:
 
 
 # -- an epoch's record -----------------------------------------------------------------------------------------
+# Every key of a metrics.jsonl line this trainer writes: the epoch records (``epoch_record``, and ``lr_change``
+# where a resume changed --lr) and the evaluations inside epochs (``kind: eval``). Publishing keeps only these.
+METRICS_KEYS = frozenset((
+    "kind", "epoch", "step", "lr", "lr_change", "train_loss", "train_error", "val_loss", "val_error", "test_loss",
+    "test_error", "epoch_time_s", "train_time_s", "img_per_s", "mean_depth", "expected_depth", "grad_mean_abs",
+    "epochs_done", "eval_time_s"))
+
+
 def epoch_record(epoch: int, state: TrainState, lr: float, totals: EpochTotals, result: Dict[str, Any],
                  dist: Dist, groups: Dict[str, List[nn.Parameter]], expected_depth: float) -> Dict[str, Any]:
     """The epoch's line of metrics.jsonl: training loss and error over every rank, the evaluation (if it ran at

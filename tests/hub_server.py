@@ -93,6 +93,7 @@ class FakeHub:
         self._hangs: List[tuple] = []  # (method, compiled pattern): read the request, never answer
         self._trickles: List[tuple] = []  # (method, compiled pattern): answer one byte a second
         self._losses: List[tuple] = []  # (method, compiled pattern): do what is asked, never answer
+        self._meetings: List[tuple] = []  # (method, compiled pattern, threading.Barrier): wait for each other
         self.hung: List[Tuple[float, str, str]] = []  # (time.monotonic(), method, path) of each unanswered request
         self._release = threading.Event()
         self._lock = threading.RLock()
@@ -149,6 +150,13 @@ class FakeHub:
         answer is lost on the way, as when a connection breaks after the server's work."""
         with self._lock:
             self._losses.append((method.upper(), re.compile(pattern)))
+
+    def meet(self, method: str, pattern: str, parties: int = 2, timeout: float = 60.0) -> None:
+        """Hold each request whose path matches ``pattern`` until ``parties`` of them have arrived, then carry
+        them all out (one after the other, as the Hub does): two clients racing for the same thing get there
+        together, every time. Past ``timeout`` seconds a held request goes on alone."""
+        with self._lock:
+            self._meetings.append((method.upper(), re.compile(pattern), threading.Barrier(parties, timeout=timeout)))
 
     def clear_failures(self) -> None:
         with self._lock:
@@ -276,6 +284,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._lose = any(m == self.command and p.search(path) for m, p in self.hub._losses)
             if hang or trickle or self._lose:
                 self.hub.hung.append((time.monotonic(), self.command, path))
+        for method, pattern, barrier in self.hub._meetings:
+            if method == self.command and pattern.search(path):
+                try:
+                    barrier.wait()
+                except threading.BrokenBarrierError:
+                    pass
         if hang:
             self.hub._release.wait()
             self.close_connection = True

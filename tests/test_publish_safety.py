@@ -336,3 +336,60 @@ def test_pipes_and_html_in_summary_strings_stay_inside_their_table_cells(run, tm
             assert len(cells) == expected, line
     assert "| lr_drop_rule | a\\|b\\|c |" in card and "my\\|set&lt;img" in card
     assert "chosen by best &lt;script&gt;alert(1)&lt;/script&gt; \\| epoch." in card
+
+
+# -- who may delete what -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_publishers_racing_to_a_new_repo_keep_the_winners_commit(tmp_path):
+    """Two push_to_hub.py processes, one new repo id: the Hub holds both requests to create it, and both
+    commits, until both arrive, so the race is run every time. One creates the repo, the other is told it exists;
+    one commit lands, the other's parent is gone (412). Nothing is deleted: the winner's commit is on the Hub,
+    and the loser says that another commit landed."""
+    runs = []
+    for seed in (0, 1):
+        runs.append(tmp_path / f"run{seed}")
+        runs[-1].mkdir()
+        make_run(runs[-1], seed=seed)
+    repo_id = "tester/race"
+    with FakeHub(tokens={TOKEN: "tester"}) as server:
+        server.meet("POST", r"^/api/repos/create$")
+        server.meet("POST", r"/commit/main$")
+        env = dict(os.environ, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+        procs = [subprocess.Popen([sys.executable, str(PUSH), "--model", str(r), "--repo-id", repo_id, "--endpoint",
+                                   server.url, "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env, cwd=ROOT) for r in runs]
+        results = [(p.wait(timeout=240), *p.communicate()) for p in procs]
+        deletes = [path for method, path in server.requests if method == "DELETE" or path.endswith("/repos/delete")]
+        held = server.files(repo_id) if repo_id in server.repos else {}
+        commits = server.commit_count(repo_id)
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    winner = next(i for i, (code, _, _) in enumerate(results) if code == 0)
+    loser_err = results[1 - winner][2]
+    assert not deletes, deletes
+    assert commits == 2  # the repo's first commit and the winner's
+    published = safetensors.torch.load(held["model.safetensors"])
+    expected = safetensors.torch.load_file(runs[winner] / "model.safetensors")
+    assert published.keys() == expected.keys() and all(torch.equal(published[k], expected[k]) for k in expected)
+    assert "another commit landed" in loser_err and "was deleted" not in loser_err, loser_err
+    assert TOKEN not in "".join(out + err for _, out, err in results)
+
+
+@pytest.mark.slow
+def test_a_repo_that_a_wrong_404_hid_is_never_deleted(run, tmp_path):
+    """The existence check answers 404 for a repo that exists, and the commit then fails: the create request
+    gets the Hub's 409, so the upload did not make the repo, and the repo keeps every file it had."""
+    second = tmp_path / "second"
+    second.mkdir()
+    make_run(second, seed=7)
+    with FakeHub(tokens={TOKEN: "tester"}) as server:
+        hub.publish(run, "tester/kept", token=TOKEN, endpoint=server.url, timeout=5)
+        before = server.files("tester/kept")
+        server.fail("GET", r"^/api/models/tester/kept$", status=404, times=1)
+        server.fail("POST", r"/commit/main$", status=500, times=None)
+        with pytest.raises(hub.UploadError) as info:
+            hub.publish(second, "tester/kept", token=TOKEN, endpoint=server.url, timeout=5)
+        after = server.files("tester/kept") if "tester/kept" in server.repos else {}
+    assert after == before
+    assert "Nothing was committed" in str(info.value) and "deleted" not in str(info.value), str(info.value)

@@ -243,3 +243,116 @@ def test_readers_take_head_args_from_model_args_else_top_level_else_defaults(tmp
     with pytest.raises(CheckpointMismatchError, match="disagrees"):
         load_run(folder)
     assert load_run(run).model.num_classes == 10
+
+
+# -- what timm refuses, transformers refuses --------------------------------------------------------------
+TRAINED_WITH = dict(survival_prob=0.5, survival_rule="linear", scaling="expectation", gate_mode="batch")
+
+
+def tamper_config(**model_args):
+    def tamper(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config["model_args"].update(model_args)
+        (folder / "config.json").write_text(json.dumps(config))
+    return tamper
+
+
+def nan_weight(folder):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(folder / "model.safetensors")
+    tensors["layer2.1.bn2.weight"][3] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata=metadata)
+
+
+# Each folder: its config.json or weights changed after the trainer wrote them, and what the refusal names.
+TAMPERED = {
+    "folded_from on unfolded weights": (tamper_config(folded_from=TRAINED_WITH), "the file's weights are not folded"),
+    "survival_prob 0.9 against 0.5": (tamper_config(survival_prob=0.9), r"survival_prob=0.9 \(the file's: 0.5\)"),
+    "scaling": (tamper_config(scaling="inverted"), r"scaling='inverted' \(the file's: 'expectation'\)"),
+    "survival_rule": (tamper_config(survival_rule="uniform"), r"survival_rule='uniform' \(the file's: 'linear'\)"),
+    "gate_mode": (tamper_config(gate_mode="sample"), r"gate_mode='sample' \(the file's: 'batch'\)"),
+    "NaN weights": (nan_weight, r"NaN or infinite values in 1 tensor\(s\) \(layer2.1.bn2.weight\)"),
+}
+
+
+def tampered_folders(root):
+    folders = {}
+    for case, (tamper, expected) in TAMPERED.items():
+        folder = root / case.replace(" ", "_")
+        write_run_folder(folder, **TRAINED_WITH)
+        tamper(folder)
+        folders[case] = (folder, expected)
+    return folders
+
+
+def test_transformers_refuses_every_folder_that_timm_refuses(tmp_path):
+    """The six folders that timm, the export and publishing refuse: transformers builds the model with
+    pretrained=False and sets the tensors itself, and the model factory checks that file first, so each of
+    AutoModelForImageClassification, TimmWrapperForImageClassification and the pipeline refuses them, naming
+    the contradiction, with nothing loaded."""
+    from sdzoo.integrity import WeightsError
+
+    for case, (folder, expected) in tampered_folders(tmp_path).items():
+        with pytest.raises(WeightsError, match=expected):
+            timm.create_model(f"local-dir:{folder}", pretrained=True)
+        for loader in (AutoModelForImageClassification.from_pretrained,
+                       TimmWrapperForImageClassification.from_pretrained):
+            with pytest.raises(WeightsError, match=expected):
+                loader(str(folder))
+        with pytest.raises(Exception, match=expected):  # the pipeline wraps the error in its own ValueError
+            pipeline("image-classification", model=str(folder))
+    # and an untampered folder of the same settings loads, with timm's logits
+    write_run_folder(tmp_path / "good", **TRAINED_WITH)
+    model = AutoModelForImageClassification.from_pretrained(str(tmp_path / "good"))
+    assert model.timm_model.weights_provenance.recorded["survival_prob"] == 0.5
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(logits(model, x), logits(timm.create_model(f"local-dir:{tmp_path / 'good'}", pretrained=True), x))
+
+
+TAMPERED_CHILD = """
+import json, sys
+from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, pipeline
+loaders = dict(auto=AutoModelForImageClassification.from_pretrained,
+               wrapper=TimmWrapperForImageClassification.from_pretrained,
+               pipeline=lambda repo: pipeline("image-classification", model=repo))
+results = {}
+for repo in json.loads(sys.argv[1]):
+    for name, load in loaders.items():
+        try:
+            load(repo)
+            results[f"{repo} {name}"] = "loaded"
+        except Exception as e:
+            results[f"{repo} {name}"] = str(e)
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_transformers_refuses_tampered_repos_served_by_the_hub(tmp_path, monkeypatch):
+    """The same six folders as Hub repos (uploaded as they are: publishing would refuse them), loaded by a fresh
+    interpreter through the three doors of transformers: every load is refused, naming the contradiction."""
+    folders = tampered_folders(tmp_path)
+    repos = {}
+    with FakeHub(tokens={TOKEN: "tester"}, orgs={"tester": [OWNER]}) as server:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        api = huggingface_hub.HfApi(endpoint=server.url, token=TOKEN)
+        for case, (folder, expected) in folders.items():
+            repo_id = f"{OWNER}/{folder.name.replace('.', '-')}"
+            api.create_repo(repo_id)
+            api.upload_folder(repo_id=repo_id, folder_path=folder)
+            repos[repo_id] = expected
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SDZOO_DISABLE_AUTOLOAD", "HF_HUB_OFFLINE")}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, "-c", TAMPERED_CHILD, json.dumps(list(repos))], env=env,
+                                capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
+    assert result.returncode == 0, result.stderr[-4000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(answers) == 3 * len(repos)
+    for key, answer in answers.items():
+        assert re.search(repos[key.split()[0]], answer), (key, answer[-600:])

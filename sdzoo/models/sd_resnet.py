@@ -31,7 +31,9 @@ from .._checks import check_choice, check_int
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
 from ..datasets import DATASETS
 from ..gate import Branch, GateSampler, ResidualGate
-from ..integrity import check_finite, check_model_size, check_pretrained
+from .._transformers_load import transformers_checkpoint_files
+from ..integrity import (
+    PROVENANCE_KEY, WeightsProvenance, check_loader_files, check_model_size, check_pretrained, check_state_dict)
 from ..pretrained import require_published_weights, tag_model_defaults, timm_weight_cfgs, with_published_weights
 from ..survival import SurvivalSettings, survival_probs
 
@@ -266,7 +268,11 @@ class SDResNet(nn.Module):
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.stem = stem
         self.init_weights()
+        # Where the weights came from, and whether that source said they are folded (``fold_survival`` reads it).
+        self.weights_provenance = WeightsProvenance("initialised by this model", settings.as_recorded())
+        self.register_state_dict_post_hook(_record_settings)
         self.register_load_state_dict_pre_hook(_load_legacy_keys)
+        self.register_load_state_dict_pre_hook(_check_loaded_state)
         self.register_load_state_dict_post_hook(_restore_gate_stream)
 
     # -- init ------------------------------------------------------------------------------------------
@@ -452,6 +458,26 @@ def _restore_gate_stream(module: "SDResNet", incompatible_keys) -> None:
         module.gate_sampler.step = int(counter)
 
 
+def _record_settings(module: "SDResNet", state_dict, prefix: str, local_metadata: Dict[str, Any]) -> None:
+    """state_dict post-hook: the model's survival settings (``folded_from`` too) go into the dict's
+    ``_metadata``, which copies and torch.save keep and no loader takes for a tensor: the dict still loads
+    strictly into timm's ResNets, and says whether it is folded."""
+    local_metadata[PROVENANCE_KEY] = module.survival_settings.as_recorded()
+
+
+def _check_loaded_state(module: "SDResNet", state_dict, prefix: str, local_metadata: Dict[str, Any],
+                        *args) -> None:
+    """load_state_dict pre-hook, before any tensor is copied (so every torch door: a plain load_state_dict,
+    timm's pretrained and checkpoint loads, Lightning's): no NaN or infinite tensor, and the fold state the
+    source model recorded (``_record_settings``) must be this model's. The model remembers what the dict said."""
+    recorded = local_metadata.get(PROVENANCE_KEY)
+    recorded = recorded if isinstance(recorded, dict) else None
+    check_state_dict(state_dict, prefix, recorded, module.folded_from)
+    module.weights_provenance = WeightsProvenance(
+        "a state dict of an sdzoo model" if recorded else "a state dict without sdzoo's record of its settings",
+        recorded)
+
+
 def _load_legacy_keys(module, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook: a plain ``model.load_state_dict(old_state_dict)`` works too."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
@@ -478,13 +504,17 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
             kwargs[key] = _as_tuples(kwargs[key])
     for key, value in tag_model_defaults(variant, kwargs.get("pretrained_cfg")).items():
         kwargs.setdefault(key, value)  # timm's weights: scaling="inverted", so eval is the pretrained network
-    where = None
+    provenance = None
     if pretrained:  # a clear error, saying how to get weights, for a tag that has none
         require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
         # The weights' header and metadata against the arguments, before anything is built; timm's load is then
-        # strict (every tensor of the file, and only those).
-        where = check_pretrained(variant, kwargs)
+        # strict (every tensor of the file, and only those), and the model's load pre-hook refuses NaN and inf.
+        provenance = check_pretrained(variant, kwargs)
         kwargs.pop("pretrained_strict", None)
+    elif (files := transformers_checkpoint_files(variant)) is not None:
+        # transformers builds with pretrained=False, then sets these files' tensors without load_state_dict:
+        # the same checks, on its file, before anything is built.
+        provenance = check_loader_files(files, variant, kwargs)
     model = build_model_with_cfg(
         SDResNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -492,8 +522,8 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_features))),
         **kwargs,
     )
-    if where is not None:
-        check_finite(model, where)
+    if provenance is not None:
+        model.weights_provenance = provenance
     return model
 
 
