@@ -57,8 +57,9 @@ def check_seconds(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
         finite = "" if isinstance(value, bool) or not isinstance(value, float) or math.isfinite(value) else \
             " (inf and nan bound nothing: give a finite number)"
-        raise ValueError(f"{name} must be a positive number of seconds, at most {MAX_SECONDS:,}; got "
-                         f"{value!r}{finite}")
+        if not finite and isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_SECONDS:
+            finite = f" (at most {MAX_SECONDS:,})"
+        raise ValueError(f"{name} must be a positive number of seconds; got {value!r}{finite}")
     return float(value)
 
 

@@ -479,16 +479,22 @@ def check_finite(model: nn.Module, where: str) -> None:
 
 
 def check_state_dict(state_dict: Mapping[str, Any], prefix: str, recorded: Optional[Mapping[str, Any]],
-                     folded_from: Optional[Mapping[str, Any]]) -> None:
-    """A state dict about to be loaded into a model whose ``folded_from`` is given: no NaN or infinite tensor
-    under ``prefix``, and, when the source model recorded its settings (``recorded``, from the dict's
-    ``_metadata``), the same fold state. Raises WeightsError before any tensor is copied."""
+                     folded_from: Optional[Mapping[str, Any]], scales_by_p_l: bool) -> None:
+    """A state dict about to be loaded into a model (its ``folded_from``; whether its eval network multiplies
+    branches by p_l): no NaN or infinite tensor under ``prefix``, and, when the source model recorded its
+    settings (``recorded``, from the dict's ``_metadata``), no p_l lost or applied twice: folded weights go
+    into a folded model or one that applies no p_l (gates off, inverted scaling: a plain ResNet at eval), and
+    unfolded weights never into a folded model. Raises WeightsError before any tensor is copied."""
     _refuse_nonfinite([k for k, t in state_dict.items() if k.startswith(prefix) and not _finite(t)], "the state dict")
-    if recorded is not None:
-        fold = fold_contradiction(recorded.get("folded_from"), folded_from, whose="the state dict's")
-        if fold:
-            raise WeightsError(f"the state dict comes from an sdzoo model whose settings contradict this model, "
-                               f"which is {fold}. Nothing was loaded")
+    if recorded is None:
+        return
+    weights_folded = recorded.get("folded_from") or None
+    if weights_folded and not folded_from and not scales_by_p_l:
+        return  # a plain ResNet at eval takes folded weights as they are, as timm's ResNet does
+    fold = fold_contradiction(weights_folded, folded_from, whose="the state dict's")
+    if fold:
+        raise WeightsError(f"the state dict comes from an sdzoo model whose settings contradict this model, "
+                           f"which is {fold}. Nothing was loaded")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

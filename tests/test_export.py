@@ -315,3 +315,45 @@ def test_cli_parity_failure_exits_nonzero_without_a_file(script, tmp_path, monke
     err = capsys.readouterr().err
     assert "differs from PyTorch by more than atol=0.0001" in err and "no file written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_folded_weights_never_load_where_p_l_would_apply_twice_and_fold_knows_their_source(tmp_path):
+    """A folded state dict says so in its ``_metadata`` (no tensor does): it does not load into a model that
+    multiplies by p_l, not even after torch.save, while a plain ResNet at eval takes it; fold_survival then
+    refuses weights whose source said folded. A safetensors file without sdzoo's metadata says nothing: it
+    loads, and folding it warns that nothing can tell."""
+    import io
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from sdzoo.integrity import WeightsError
+
+    folded = fold_survival(make_model(survival_prob=0.5))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    buffer = io.BytesIO()
+    torch.save(folded.state_dict(), buffer)
+    for state in (folded.state_dict(), torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)):
+        unfolded = make_model(survival_prob=0.5)
+        before = {k: v.clone() for k, v in unfolded.state_dict().items()}
+        with pytest.raises(WeightsError, match="an unfolded model, while the state dict's weights are folded"):
+            unfolded.load_state_dict(state, strict=True)
+        assert all(torch.equal(before[k], v) for k, v in unfolded.state_dict().items())  # nothing was loaded
+    with pytest.raises(WeightsError, match="while the state dict's weights are not folded"):
+        fold_survival(make_model(survival_prob=0.5)).load_state_dict(make_model(seed=1).state_dict())
+
+    plain = timm.create_model("sd_resnet20_cifar", num_classes=10, gate_mode="off").eval()
+    plain.load_state_dict(folded.state_dict(), strict=True)
+    torch.testing.assert_close(logits(plain, x), logits(folded, x), rtol=0, atol=1e-5)
+    assert plain.weights_provenance.folded
+    with pytest.raises(ValueError, match="weights are folded already: they came from a state dict of an sdzoo model"):
+        fold_survival(plain)
+
+    save_file({k: v.contiguous() for k, v in folded.state_dict().items()}, tmp_path / "bare.safetensors")
+    loaded = timm.create_model("sd_resnet20_cifar", num_classes=10, survival_prob=0.5, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "bare.safetensors")))
+    assert loaded.weights_provenance.folded is None  # what cannot be known
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fold_survival(loaded)
+    assert any("does not say whether they are folded" in str(w.message) for w in caught)

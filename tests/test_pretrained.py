@@ -198,3 +198,54 @@ def test_no_other_writer_of_config_json():
     assert len(sources) > 10 and writers.search((ROOT / "sdzoo" / "hf_config.py").read_text())
     offenders = [str(p.relative_to(ROOT)) for p in sources if writers.search(p.read_text())]
     assert offenders == []
+
+
+TRICKLE_CHILD = """
+import sys, time
+import timm
+for name in sys.argv[1:]:
+    started = time.monotonic()
+    try:
+        timm.create_model(name, pretrained=True)
+        print(name, "loaded")
+    except Exception as e:
+        chain, error = [], e
+        while error is not None:
+            chain.append(f"{type(error).__name__}: {error}".replace(chr(10), " "))
+            error = error.__cause__ or error.__context__
+        print(name, f"{time.monotonic() - started:.1f}", " <- ".join(chain))
+"""
+
+
+@pytest.mark.slow
+def test_a_hub_that_sends_a_byte_a_second_ends_the_load_within_its_bound(tmp_path, monkeypatch):
+    """A pretrained tag (sdzoo's own download of timm's weights) and an hf-hub: repo (timm downloads its
+    config.json before any sdzoo code runs) from a Hub that answers one byte a second: with $SDZOO_HUB_TIMEOUT
+    each load ends in an error that says the request ran out of time, in seconds, not a hang of minutes."""
+    tag = next(t for t in sorted(tags("sd_resnet50")) if timm.get_pretrained_cfg(f"resnet50.{t}").num_classes == 1000)
+    timm_repo = timm.get_pretrained_cfg(f"sd_resnet50.{tag}").hf_hub_id
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    with FakeHub(tokens={TOKEN: "uploader"}, orgs={"uploader": [timm_repo.split("/")[0], "owner"]}) as server:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo(timm_repo)
+        api.upload_file(path_or_fileobj=b"not read", path_in_repo="model.safetensors", repo_id=timm_repo)
+        api.create_repo("owner/r20")
+        api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="owner/r20")
+        for method in ("GET", "HEAD"):
+            server.trickle(method, r"/resolve/")
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SDZOO_DISABLE_AUTOLOAD", "HF_HUB_OFFLINE")}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", SDZOO_HUB_TIMEOUT="3")
+        result = subprocess.run([sys.executable, "-c", TRICKLE_CHILD, f"sd_resnet50.{tag}", "hf-hub:owner/r20"],
+                                env=env, capture_output=True, text=True, timeout=240, cwd=tempfile.gettempdir())
+        assert server.hung, "no request reached the trickling answer"
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.strip().splitlines()[-2:]
+    assert len(lines) == 2, result.stdout
+    for line in lines:
+        name, seconds, error = line.split(" ", 2)
+        # each request of a load (at most three: the file's metadata, a retry, the download) ends at its 3 s
+        assert float(seconds) < 30, line
+        assert "did not end within 3 s" in error, line
+    assert "downloading model.safetensors did not end within 3 s ($SDZOO_HUB_TIMEOUT" in lines[0]

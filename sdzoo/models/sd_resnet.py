@@ -472,7 +472,8 @@ def _check_loaded_state(module: "SDResNet", state_dict, prefix: str, local_metad
     source model recorded (``_record_settings``) must be this model's. The model remembers what the dict said."""
     recorded = local_metadata.get(PROVENANCE_KEY)
     recorded = recorded if isinstance(recorded, dict) else None
-    check_state_dict(state_dict, prefix, recorded, module.folded_from)
+    scales_by_p_l = module.scaling == "expectation" and any(p < 1.0 for p in module.block_survival_probs())
+    check_state_dict(state_dict, prefix, recorded, module.folded_from, scales_by_p_l)
     module.weights_provenance = WeightsProvenance(
         "a state dict of an sdzoo model" if recorded else "a state dict without sdzoo's record of its settings",
         recorded)
