@@ -393,3 +393,87 @@ def test_a_repo_that_a_wrong_404_hid_is_never_deleted(run, tmp_path):
         after = server.files("tester/kept") if "tester/kept" in server.repos else {}
     assert after == before
     assert "Nothing was committed" in str(info.value) and "deleted" not in str(info.value), str(info.value)
+
+
+# -- what is published of a run folder ---------------------------------------------------------------------
+def test_published_metrics_hold_only_the_keys_the_trainer_writes(run, tmp_path, trained_run):
+    from sdzoo.run_record import METRICS_KEYS
+
+    # every key the trainer writes is one METRICS_KEYS knows, so that nothing of a real run is dropped
+    assert {k for r in read_metrics(trained_run / "metrics.jsonl") for k in r} <= METRICS_KEYS
+    folder = copy_run(run, tmp_path / "run")
+    private = "hf_" + secrets.token_hex(8)
+    lines = [dict(kind="epoch", epoch=1, step=10, test_error=50.0, hf_token=private, data_dir=f"/home/{private}"),
+             dict(kind="eval", epoch=1, step=5, test_error=60.0, epochs_done=0.5, note=private)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    hub.publish(folder, "tester/r20", local_dir=tmp_path / "out")
+    assert private.encode() not in all_bytes(tmp_path / "out")
+    assert read_metrics(tmp_path / "out" / "metrics.jsonl") == [
+        dict(kind="epoch", epoch=1, step=10, test_error=50.0), dict(kind="eval", epoch=1, step=5, test_error=60.0,
+                                                                    epochs_done=0.5)]
+
+
+def test_html_in_the_dataset_name_is_escaped_in_the_card_front_matter(run, tmp_path):
+    import yaml
+
+    folder = copy_run(run, tmp_path / "run")
+    edit_summary(folder, settings=dict(dataset="my<img src=x onerror=alert(1)>set"))
+    hub.publish(folder, "tester/r20", local_dir=tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert "<img" not in front and "&lt;img" in front
+    result = yaml.safe_load(front)["model-index"][0]["results"][0]["dataset"]
+    assert result == dict(name="my&lt;img src=x onerror=alert(1)&gt;set", type="my&lt;img src=x onerror=alert(1)&gt;set",
+                          split="test")
+
+
+def test_a_timeout_beyond_what_a_socket_takes_is_refused_before_any_work(run, tmp_path, capsys):
+    """1e308 s passed the check and ended, after the work, in an OverflowError that said to rerun."""
+    assert push("--model", run, "--repo-id", "tester/r20", "--timeout", "1e308", "--local-dir", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "--timeout must be a positive number of seconds; got 1e+308 (at most 1,000,000)" in err
+    assert not (tmp_path / "o").exists() and "Traceback" not in err
+
+
+def test_publishing_refuses_an_input_size_that_the_export_refuses(run, tmp_path, capsys):
+    folder = copy_run(run, tmp_path / "run")
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["input_size"] = [3, 100000, 100000]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert push("--model", folder, "--repo-id", "tester/r20", "--local-dir", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'config.json'}: pretrained_cfg input_size must be" in err and "<= 1024" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_push_to_hub_exits_2_for_a_run_folder_that_export_onnx_refuses(run, tmp_path, capsys):
+    folder = copy_run(run, tmp_path / "run")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["layers"] = [2, 2, 2]  # the weights hold three blocks a stage
+    (folder / "config.json").write_text(json.dumps(config))
+    export = load_script("export_onnx").main
+    try:
+        export_code = export(["--model", f"local-dir:{folder}", "--output", str(tmp_path / "m.onnx")])
+    except SystemExit as e:
+        export_code = e.code
+    capsys.readouterr()
+    assert push("--model", folder, "--repo-id", "tester/r20", "--local-dir", tmp_path / "o") == export_code == 2
+    assert "layers=[2, 2, 2]" in capsys.readouterr().err
+    assert push("--model", tmp_path / "nowhere", "--repo-id", "tester/r20", "--local-dir", tmp_path / "o") == 2
+
+
+def test_weights_without_sdzoo_metadata_are_published_saying_so(run, tmp_path, caplog):
+    """timm's own writer leaves no survival settings in model.safetensors: those of config.json cannot be
+    checked, and the published weights record them: the command line and the card say so. A folder whose weights
+    record them says nothing of the kind."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="sdzoo.hub"):
+        hub.publish(run, "tester/r20", local_dir=tmp_path / "bare")  # make_run writes with timm's save_for_hf
+    assert "records no survival settings" in caplog.text and "cannot be checked against the weights" in caplog.text
+    assert "recorded no survival settings" in (tmp_path / "bare" / "README.md").read_text()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdzoo.hub"):
+        hub.publish(tmp_path / "bare", "tester/r20", local_dir=tmp_path / "again")  # sdzoo's weights, recorded
+    assert "records no survival settings" not in caplog.text
+    assert "recorded no survival settings" not in (tmp_path / "again" / "README.md").read_text()

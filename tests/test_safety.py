@@ -4,6 +4,7 @@ Each test makes the mistake a user would make and checks that the command stops 
 what was there before is intact, byte for byte.
 """
 import hashlib
+import io
 import json
 import os
 import re
@@ -752,3 +753,98 @@ def test_21_9_the_parameter_bound_counts_what_the_constructor_builds():
                                    model.stem == "cifar" else "projection"), model.num_classes, model.in_chans,
                                    kwargs.get("global_pool", "avg"))
         assert counted == sum(p.numel() for p in model.parameters()), name
+
+
+# -- every restored value of checkpoint.pt -----------------------------------------------------------------
+def _set(path, value):
+    """A tamper that sets checkpoint[path[0]][path[1]]... to ``value``."""
+    def tamper(checkpoint):
+        target = checkpoint
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    tamper.__name__ = "/".join(map(str, path))
+    return tamper
+
+
+WRONG_VALUES = [
+    (_set(("global_step",), "12"), "global_step must be an integer >= 0"),
+    (_set(("best", "val_error"), "5.0"), "best['val_error'] must be None or a %"),
+    (_set(("optimizer", "param_groups", 0, "lr"), "0.1"), "the optimizer state's setting 'lr'"),
+    (_set(("optimizer", "param_groups", 0, "momentum"), "0.9"), "the optimizer state's setting 'momentum'"),
+    (_set(("scheduler", "milestones"), "garbage"), "the scheduler state's 'milestones'"),
+    (_set(("totals", "seen"), [1, 2]), "totals['seen']"),
+    (_set(("rng", "gates"), -5), "rng['gates'] must be the gates' step"),
+]
+
+
+def test_resume_refuses_each_wrongly_typed_restored_value_before_any_work(tmp_path, capsys, monkeypatch):
+    """Each value a resume restores, of a wrong type or out of range, is refused when checkpoint.pt is read:
+    exit 2 naming the file and the value, no traceback, no file of the folder changed, and no step run (the
+    optimizer's lr and the scheduler used to fail at the first step or at the end of the first epoch)."""
+    run = interrupted_run(tmp_path / "run", monkeypatch)
+    original = (run / "checkpoint.pt").read_bytes()
+    steps = []
+    monkeypatch.setattr(sdtrain, "train_one_step", lambda *a, **k: steps.append(1))
+    for tamper, expected in WRONG_VALUES:
+        checkpoint = torch.load(io.BytesIO(original), weights_only=True)
+        tamper(checkpoint)
+        torch.save(checkpoint, run / "checkpoint.pt")
+        before = snapshot(run)
+        capsys.readouterr()
+        assert sdtrain.main(["--resume", str(run), "--quiet"]) == 2, tamper.__name__
+        err = capsys.readouterr().err
+        assert f"{run / 'checkpoint.pt'} is damaged: {expected}" in err and "Traceback" not in err, (tamper.__name__, err)
+        assert snapshot(run) == before and not steps, tamper.__name__
+
+
+def test_resuming_a_finished_run_refuses_a_tampered_state(trained_run, tmp_path, capsys):
+    """A finished run has no epoch left to run, and its resume used to rewrite summary.json with exit 0 over a
+    tampered optimizer, scheduler, totals or gate state: the checkpoint is checked all the same."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in trained_run.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            (run / p.name).write_bytes(p.read_bytes())
+    original = (run / "checkpoint.pt").read_bytes()
+    for tamper, expected in WRONG_VALUES[2:]:
+        checkpoint = torch.load(io.BytesIO(original), weights_only=True)
+        tamper(checkpoint)
+        torch.save(checkpoint, run / "checkpoint.pt")
+        before = snapshot(run)
+        capsys.readouterr()
+        assert sdtrain.main(["--resume", str(run), "--quiet"]) == 2, tamper.__name__
+        assert expected in capsys.readouterr().err, tamper.__name__
+        assert snapshot(run) == before, tamper.__name__  # summary.json as it was
+
+
+# -- a hostile safetensors header ---------------------------------------------------------------------------
+def test_a_safetensors_header_beyond_any_zoo_model_is_refused_unparsed(tmp_path):
+    """The header's length (its first 8 bytes) is read first and bounded by what the largest zoo model needs;
+    then the tensor count. A 60 MB header is refused without reading it, as is one within the size bound that
+    lists more tensors than any sdzoo model has; every door reads headers through the same function."""
+    import struct
+
+    from sdzoo.integrity import MAX_HEADER_BYTES, MAX_TENSORS, read_header
+
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 60_000_000) + b"{" + b" " * 1000)  # the rest of the 60 MB never comes
+    with pytest.raises(WeightsError, match=r"header is 60,000,000 bytes, more than the .* refused without reading"):
+        read_header(huge)
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(MAX_TENSORS + 1))
+    header = ("{" + entries + "}").encode()
+    assert len(header) < MAX_HEADER_BYTES
+    many = tmp_path / "many.safetensors"
+    many.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(WeightsError, match=f"holds {MAX_TENSORS + 1:,} tensors, more than the {MAX_TENSORS:,}"):
+        read_header(many)
+    # the largest zoo model's header fits: sd_resnet1202_cifar with projection shortcuts, built on no memory
+    model = timm.create_model("sd_resnet1202_cifar", shortcut="projection", device="meta")
+    assert len(model.state_dict()) < MAX_TENSORS
+    # a run folder with the huge file is refused by the loaders that read it
+    folder = folder_of(trained_model(), tmp_path / "run")
+    (folder / WEIGHTS_NAME).write_bytes(huge.read_bytes())
+    with pytest.raises(WeightsError, match="refused without reading it"):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    with pytest.raises(ValueError, match="refused without reading it"):
+        read_weights_settings(folder / WEIGHTS_NAME)
