@@ -73,7 +73,7 @@ def fold_survival(model: nn.Module) -> nn.Module:
     if provenance is not None and provenance.folded is None:
         warnings.warn(
             f"fold_survival: the model's weights came from {provenance.source}, which does not say whether they "
-            "are folded; if they are, they are now folded twice (each branch scaled by p_l again)", stacklevel=2)
+            "are folded; if they are, they are now folded twice (each branch scaled by p_l again)", stacklevel=3)
 
     # The model's settings, config.json's model_args and the weights' metadata all read survival_settings:
     # rebuilding from any of them gives the plain ResNet the weights now belong to.

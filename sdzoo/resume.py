@@ -241,7 +241,8 @@ def check_restored_values(checkpoint: Dict[str, Any]) -> Optional[str]:
              f"None or an integer in [1, {checkpoint['epoch'] + 1}]"),
             ("step", best["step"] is None or _is_int(best["step"], 0, checkpoint["global_step"]),
              f"None or an integer in [0, {checkpoint['global_step']}]"),
-            ("val_error", best["val_error"] is None or _is_number(best["val_error"], 0, 100), "None or a % in [0, 100]"),
+            ("val_error", best["val_error"] is None or _is_number(best["val_error"], 0, 100),
+             "None or a % in [0, 100]"),
             ("test_error", best["test_error"] is None or _is_number(best["test_error"], 0, 100),
              "None or a % in [0, 100]")):
         if not ok:
@@ -253,9 +254,11 @@ def check_restored_values(checkpoint: Dict[str, Any]) -> Optional[str]:
         return f"totals must be a mapping of {', '.join(kinds)}; got {totals!r:.120}"
     bad = [k for k, ok in kinds.items() if not ok(totals[k])]
     if bad:
-        return f"totals[{bad[0]!r}] must be a finite number >= 0 (a list of them for grad_abs); got {totals[bad[0]]!r:.80}"
+        return (f"totals[{bad[0]!r}] must be a finite number >= 0 (a list of them for grad_abs); got "
+                f"{totals[bad[0]]!r:.80}")
     model = checkpoint["model"]
-    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+    if not isinstance(model, dict) or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         return "the model state must be a state dict (names to tensors)"
     group_template, scheduler_template = _template_states()
     optimizer = checkpoint["optimizer"]

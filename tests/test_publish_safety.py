@@ -423,8 +423,8 @@ def test_html_in_the_dataset_name_is_escaped_in_the_card_front_matter(run, tmp_p
     front = card.split("---\n")[1]
     assert "<img" not in front and "&lt;img" in front
     result = yaml.safe_load(front)["model-index"][0]["results"][0]["dataset"]
-    assert result == dict(name="my&lt;img src=x onerror=alert(1)&gt;set", type="my&lt;img src=x onerror=alert(1)&gt;set",
-                          split="test")
+    escaped = "my&lt;img src=x onerror=alert(1)&gt;set"
+    assert result == dict(name=escaped, type=escaped, split="test")
 
 
 def test_a_timeout_beyond_what_a_socket_takes_is_refused_before_any_work(run, tmp_path, capsys):

@@ -778,6 +778,18 @@ WRONG_VALUES = [
 ]
 
 
+def resume_tampered(run, original: bytes, tamper, capsys):
+    """--resume of ``run`` with its checkpoint.pt (``original``'s bytes) changed by ``tamper``: the exit code,
+    stderr, and whether any file of the folder changed."""
+    checkpoint = torch.load(io.BytesIO(original), weights_only=True)
+    tamper(checkpoint)
+    torch.save(checkpoint, run / "checkpoint.pt")
+    before = snapshot(run)
+    capsys.readouterr()
+    code = sdtrain.main(["--resume", str(run), "--quiet"])
+    return code, capsys.readouterr().err, snapshot(run) != before
+
+
 def test_resume_refuses_each_wrongly_typed_restored_value_before_any_work(tmp_path, capsys, monkeypatch):
     """Each value a resume restores, of a wrong type or out of range, is refused when checkpoint.pt is read:
     exit 2 naming the file and the value, no traceback, no file of the folder changed, and no step run (the
@@ -787,15 +799,9 @@ def test_resume_refuses_each_wrongly_typed_restored_value_before_any_work(tmp_pa
     steps = []
     monkeypatch.setattr(sdtrain, "train_one_step", lambda *a, **k: steps.append(1))
     for tamper, expected in WRONG_VALUES:
-        checkpoint = torch.load(io.BytesIO(original), weights_only=True)
-        tamper(checkpoint)
-        torch.save(checkpoint, run / "checkpoint.pt")
-        before = snapshot(run)
-        capsys.readouterr()
-        assert sdtrain.main(["--resume", str(run), "--quiet"]) == 2, tamper.__name__
-        err = capsys.readouterr().err
-        assert f"{run / 'checkpoint.pt'} is damaged: {expected}" in err and "Traceback" not in err, (tamper.__name__, err)
-        assert snapshot(run) == before and not steps, tamper.__name__
+        code, err, changed = resume_tampered(run, original, tamper, capsys)
+        assert code == 2 and f"{run / 'checkpoint.pt'} is damaged: {expected}" in err, (tamper.__name__, err)
+        assert "Traceback" not in err and not changed and not steps, tamper.__name__
 
 
 def test_resuming_a_finished_run_refuses_a_tampered_state(trained_run, tmp_path, capsys):
@@ -808,14 +814,8 @@ def test_resuming_a_finished_run_refuses_a_tampered_state(trained_run, tmp_path,
             (run / p.name).write_bytes(p.read_bytes())
     original = (run / "checkpoint.pt").read_bytes()
     for tamper, expected in WRONG_VALUES[2:]:
-        checkpoint = torch.load(io.BytesIO(original), weights_only=True)
-        tamper(checkpoint)
-        torch.save(checkpoint, run / "checkpoint.pt")
-        before = snapshot(run)
-        capsys.readouterr()
-        assert sdtrain.main(["--resume", str(run), "--quiet"]) == 2, tamper.__name__
-        assert expected in capsys.readouterr().err, tamper.__name__
-        assert snapshot(run) == before, tamper.__name__  # summary.json as it was
+        code, err, changed = resume_tampered(run, original, tamper, capsys)
+        assert code == 2 and expected in err and not changed, (tamper.__name__, err)  # summary.json as it was
 
 
 # -- a hostile safetensors header ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ that two of them can share two cores.
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -536,3 +537,16 @@ def test_a_run_removes_only_its_own_temporary_files(tmp_path):
     assert _main(*TINY, "--image-size", 8, "--epochs", 1, "--batch-size", 128, "--output", run) == 0
     assert not stale.exists()
     assert exporting.read_bytes() == b"an export in progress" and other.read_text() == "not sdzoo's"
+
+
+def test_a_constant_depth_run_counts_every_block_as_run():
+    """With the gates off no draw is made; the depth of each step (the epoch line's ``depth x/L``, the
+    metrics' mean_depth, the gates file) is every block, not nan."""
+    from sdzoo.run_record import GateLog
+
+    model = timm.create_model("sd_resnet20_cifar", num_classes=10, gate_mode="off").train()
+    log = GateLog(model.gate_sampler)
+    model(torch.randn(2, 3, 32, 32))
+    assert log.depth() == 9.0 and log.line() == " ".join(["1"] * 9)
+    gated = timm.create_model("sd_resnet20_cifar", num_classes=10, survival_prob=0.5).train()
+    assert math.isnan(GateLog(gated.gate_sampler).depth())  # gates on, no step yet: nothing to count

@@ -310,7 +310,8 @@ def test_transformers_refuses_every_folder_that_timm_refuses(tmp_path):
     model = AutoModelForImageClassification.from_pretrained(str(tmp_path / "good"))
     assert model.timm_model.weights_provenance.recorded["survival_prob"] == 0.5
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(logits(model, x), logits(timm.create_model(f"local-dir:{tmp_path / 'good'}", pretrained=True), x))
+    reference = timm.create_model(f"local-dir:{tmp_path / 'good'}", pretrained=True)
+    assert torch.equal(logits(model, x), logits(reference, x))
 
 
 TAMPERED_CHILD = """
@@ -356,3 +357,18 @@ def test_transformers_refuses_tampered_repos_served_by_the_hub(tmp_path, monkeyp
     assert len(answers) == 3 * len(repos)
     for key, answer in answers.items():
         assert re.search(repos[key.split()[0]], answer), (key, answer[-600:])
+
+
+@pytest.mark.parametrize("num_classes", [1e9, 10**9])
+def test_load_run_vets_the_config_that_transformers_would_spend_gigabytes_on(tmp_path, num_classes):
+    """transformers reads config.json's num_classes, and builds that many labels, before any sdzoo code runs;
+    the check the README gives for an untrusted folder refuses it, naming the value, without building anything."""
+    from sdzoo.hub import CheckpointMismatchError, load_run
+
+    write_run_folder(tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["num_classes"] = num_classes
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    expected = rf"num_classes must be an integer in \[0, 100000\]; got {num_classes!r}"
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        load_run(tmp_path / "run")
