@@ -257,6 +257,14 @@ def tamper_config(**model_args):
     return tamper
 
 
+def tagged_architecture(folder):
+    """A tag in the architecture's name, which transformers passes to timm as it is."""
+    tamper_config(survival_prob=0.9)(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = "sd_resnet20_cifar.cifar10"
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def nan_weight(folder):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -276,6 +284,7 @@ TAMPERED = {
     "survival_rule": (tamper_config(survival_rule="uniform"), r"survival_rule='uniform' \(the file's: 'linear'\)"),
     "gate_mode": (tamper_config(gate_mode="sample"), r"gate_mode='sample' \(the file's: 'batch'\)"),
     "NaN weights": (nan_weight, r"NaN or infinite values in 1 tensor\(s\) \(layer2.1.bn2.weight\)"),
+    "a tag in the architecture": (tagged_architecture, r"survival_prob=0.9 \(the file's: 0.5\)"),
 }
 
 
@@ -290,7 +299,7 @@ def tampered_folders(root):
 
 
 def test_transformers_refuses_every_folder_that_timm_refuses(tmp_path):
-    """The six folders that timm, the export and publishing refuse: transformers builds the model with
+    """The folders that timm, the export and publishing refuse: transformers builds the model with
     pretrained=False and sets the tensors itself, and the model factory checks that file first, so each of
     AutoModelForImageClassification, TimmWrapperForImageClassification and the pipeline refuses them, naming
     the contradiction, with nothing loaded."""
@@ -334,7 +343,7 @@ print(json.dumps(results))
 
 @pytest.mark.slow
 def test_transformers_refuses_tampered_repos_served_by_the_hub(tmp_path, monkeypatch):
-    """The same six folders as Hub repos (uploaded as they are: publishing would refuse them), loaded by a fresh
+    """The same folders as Hub repos (uploaded as they are: publishing would refuse them), loaded by a fresh
     interpreter through the three doors of transformers: every load is refused, naming the contradiction."""
     folders = tampered_folders(tmp_path)
     repos = {}

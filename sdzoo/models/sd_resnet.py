@@ -512,7 +512,7 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
         # strict (every tensor of the file, and only those), and the model's load pre-hook refuses NaN and inf.
         provenance = check_pretrained(variant, kwargs)
         kwargs.pop("pretrained_strict", None)
-    elif (files := transformers_checkpoint_files(variant)) is not None:
+    elif (files := transformers_checkpoint_files()) is not None:
         # transformers builds with pretrained=False, then sets these files' tensors without load_state_dict:
         # the same checks, on its file, before anything is built.
         provenance = check_loader_files(files, variant, kwargs)
