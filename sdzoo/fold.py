@@ -40,7 +40,7 @@ def fold_survival(model: nn.Module) -> nn.Module:
     sdzoo's metadata, a state dict rebuilt key by key) are folded with a warning, since nothing can tell.
 
     Raises:
-        ValueError: the model is already folded, or its weights came from folded weights, uses ``inverted``
+        ValueError: the model is already folded or its weights came from folded ones, it uses ``inverted``
             scaling (its eval graph has no p_l to fold), or a branch does not end in an affine layer.
     """
     blocks = _residual_blocks(model)

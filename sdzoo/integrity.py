@@ -40,9 +40,9 @@ from .survival import TRAINED_FIELDS, SurvivalSettings
 __all__ = [
     "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
     "MAX_PARAMETERS", "MAX_TENSORS", "MAX_HEADER_BYTES", "count_parameters", "check_model_size", "FileArchitecture",
-    "read_header", "architecture_of",
-    "check_pretrained", "check_weights_file", "check_loader_files", "check_state_dict", "check_finite",
-    "describe_failure", "is_out_of_memory", "WeightsProvenance", "PROVENANCE_KEY",
+    "read_header", "architecture_of", "check_pretrained", "check_weights_file", "check_loader_files",
+    "check_state_dict", "check_finite", "fold_contradiction", "describe_failure", "is_out_of_memory",
+    "WeightsProvenance", "PROVENANCE_KEY",
 ]
 
 # Bounds on what a config.json may ask for. The largest zoo models are far inside them: sd_resnet1202_cifar

@@ -468,8 +468,9 @@ def _record_settings(module: "SDResNet", state_dict, prefix: str, local_metadata
 def _check_loaded_state(module: "SDResNet", state_dict, prefix: str, local_metadata: Dict[str, Any],
                         *args) -> None:
     """load_state_dict pre-hook, before any tensor is copied (so every torch door: a plain load_state_dict,
-    timm's pretrained and checkpoint loads, Lightning's): no NaN or infinite tensor, and the fold state the
-    source model recorded (``_record_settings``) must be this model's. The model remembers what the dict said."""
+    timm's pretrained and checkpoint loads, Lightning's): no NaN or infinite tensor, and, by what the source model
+    recorded (``_record_settings``), no p_l lost or applied twice (``check_state_dict``). The model remembers what
+    the dict said."""
     recorded = local_metadata.get(PROVENANCE_KEY)
     recorded = recorded if isinstance(recorded, dict) else None
     scales_by_p_l = module.scaling == "expectation" and any(p < 1.0 for p in module.block_survival_probs())
