@@ -28,7 +28,8 @@ from sdzoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, describe_load_error, rea
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.hf_config import model_kwargs_of_config
 from sdzoo.integrity import (
-    MissingWeightsError, WeightsError, check_finite, check_weights_file, describe_failure, effective_args, read_header)
+    MissingWeightsError, WeightsError, WeightsProvenance, check_finite, check_weights_file, describe_failure,
+    effective_args, read_header)
 from sdzoo.latency import compare_latency, format_latency
 from sdzoo.onnx_data import CALIB_DATA, calibration_images, calibration_split_size
 from sdzoo.onnx_export import DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8
@@ -280,6 +281,10 @@ def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str)
         check_finite(model, path)  # models that are no SDResNet have no such pre-hook
     except WeightsError as err:
         fail(args, f"--checkpoint: {err}")
+    if args.checkpoint_folded is not None and hasattr(model, "survival_settings"):
+        # the flag is the record the file lacks: fold_survival then knows whether these weights are folded
+        model.weights_provenance = WeightsProvenance(f"{path} (--checkpoint-folded {args.checkpoint_folded})",
+                                                     model.survival_settings.as_recorded())
 
 
 def _short(err: BaseException, lines: int = 3, width: int = 240) -> str:
