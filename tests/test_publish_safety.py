@@ -386,7 +386,7 @@ def test_a_repo_that_a_wrong_404_hid_is_never_deleted(run, tmp_path):
     with FakeHub(tokens={TOKEN: "tester"}) as server:
         hub.publish(run, "tester/kept", token=TOKEN, endpoint=server.url, timeout=5)
         before = server.files("tester/kept")
-        server.fail("GET", r"^/api/models/tester/kept$", status=404, times=1)
+        server.fail("GET", r"^/api/models/tester/kept$", status=404, times=1, headers={"X-Error-Code": "RepoNotFound"})
         server.fail("POST", r"/commit/main$", status=500, times=None)
         with pytest.raises(hub.UploadError) as info:
             hub.publish(second, "tester/kept", token=TOKEN, endpoint=server.url, timeout=5)
