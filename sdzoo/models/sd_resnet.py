@@ -168,6 +168,8 @@ class SDResNet(nn.Module):
         drop_path_rate: timm's name for 1 - p_L; accepted when survival_prob is not given.
         folded_from: survival settings a folded (deployed) model was trained with; set by ``sdzoo.fold``.
             A folded model has every p_l in its weights and no gates.
+        pruned_from: the record of a model pruned to fewer blocks (``sdzoo.prune``): the architecture and
+            ``layers`` it was trained with and the names of the blocks kept there. A pruned model is folded.
         device, dtype: where and in what type the parameters are created, as in timm's models
             (``device="meta"`` builds without allocating memory).
     """
@@ -190,6 +192,7 @@ class SDResNet(nn.Module):
             gate_seed: int = SurvivalSettings.gate_seed,
             drop_path_rate: Optional[float] = None,
             folded_from: Optional[Dict[str, Any]] = None,
+            pruned_from: Optional[Dict[str, Any]] = None,
             device=None,
             dtype=None,
     ):
@@ -215,6 +218,7 @@ class SDResNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.survival_settings = settings
+        self.pruned_from = _check_pruned_from(pruned_from, layers, settings)
         # timm's factory lays its kwargs over these (the ``_model_args`` property below lays the survival
         # settings over them again), and save_for_hf writes them to config.json.
         self._factory_args = dict(shortcut=shortcut)
@@ -328,7 +332,10 @@ class SDResNet(nn.Module):
     def _model_args(self) -> Dict[str, Any]:
         # timm's record of the arguments that rebuild this model (config.json's model_args, get_model_args):
         # what its factory stored, with today's survival settings over it, so a folded model rebuilds folded.
-        return dict(self._factory_args, **self.survival_settings.as_model_args())
+        args = dict(self._factory_args, **self.survival_settings.as_model_args())
+        if self.pruned_from is not None:
+            args["pruned_from"] = self.pruned_from  # with the layers its factory was given (sdzoo.prune gives them)
+        return args
 
     @_model_args.setter
     def _model_args(self, args: Dict[str, Any]) -> None:
@@ -424,6 +431,24 @@ class SDResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_pruned_from(record: Optional[Dict[str, Any]], layers: Sequence[int],
+                       settings: SurvivalSettings) -> Optional[Dict[str, Any]]:
+    """``pruned_from`` as config.json or ``sdzoo.prune`` gives it: the source's architecture, its ``layers``,
+    and one source block name (``layerS.I``) for each block of ``layers``."""
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("architecture"), str) or \
+            not isinstance(record.get("layers"), (list, tuple)) or not isinstance(record.get("kept"), (list, tuple)):
+        raise ValueError(f"pruned_from must be a mapping with 'architecture', 'layers' and 'kept' (the pruned "
+                         f"model's record); got {record!r:.200}")
+    if len(record["kept"]) != sum(layers) or any(not isinstance(name, str) for name in record["kept"]):
+        raise ValueError(f"pruned_from['kept'] must name the {sum(layers)} blocks of layers={list(layers)}; got "
+                         f"{record['kept']!r:.200}")
+    if settings.folded_from is None:
+        raise ValueError("pruned_from needs folded_from: a pruned model is folded (its p_l are in its weights)")
+    return dict(record, layers=list(record["layers"]), kept=list(record["kept"]))
 
 
 # -- weights written before the blocks took timm's layout ---------------------------------------------
