@@ -27,10 +27,13 @@ from .latency import onnx_latency
 from .onnx_export import export_onnx, predict_onnx
 from .prune import block_names, greedy_removals, prune_blocks, required_blocks
 
-__all__ = ["run_settings", "run_splits", "model_stats", "accuracy", "measure", "depth_sweep", "format_sweep",
-           "plot_sweep", "SWEEP_COLUMNS"]
+__all__ = ["run_settings", "run_splits", "model_stats", "accuracy", "measure", "describe", "depth_sweep", "format_sweep",
+           "plot_sweep", "SWEEP_COLUMNS", "PRUNING_NAME"]
 
 Progress = Optional[Callable[[str], None]]
+# The measurements of a pruned model, beside its weights in the folder the export writes (--pruned-dir): its
+# model card reports them, never the full model's results.
+PRUNING_NAME = "pruning.json"
 
 
 # -- data ---------------------------------------------------------------------------------------------------
@@ -111,11 +114,20 @@ def measure(model: nn.Module, test: Tuple[Tensor, Tensor], input_size: Sequence[
             bench_seconds: float = 0.3, latency: Optional[Dict[Tuple[int, ...], Tuple[float, float]]] = None
             ) -> Dict[str, Any]:
     """One row of the sweep for ``model``: exported to ``onnx_path`` (checked: the full checker, onnxruntime
-    against PyTorch at batch 1, 3 and 16), then measured. ``latency`` caches onnxruntime's latency by
-    ``layers``: the graphs of two models with the same blocks per stage do the same work, and timing them once
-    keeps load noise out of the comparison of their twins."""
-    images, labels = test
+    against PyTorch at batch 1, 3 and 16), then measured (``describe``)."""
     report = export_onnx(model, onnx_path, input_size=input_size)
+    return dict(describe(model, onnx_path, test, input_size, bench_seconds, latency),
+                max_abs_diff=max(report.max_abs_diff.values()))
+
+
+def describe(model: nn.Module, onnx_path: PathLike, test: Tuple[Tensor, Tensor], input_size: Sequence[int],
+             bench_seconds: float = 0.3, latency: Optional[Dict[Tuple[int, ...], Tuple[float, float]]] = None
+             ) -> Dict[str, Any]:
+    """The measurements of a model and its checked ONNX file: blocks, parameters, FLOPs per image, test
+    accuracy in PyTorch and onnxruntime, onnxruntime latency at batch 1 and 32. ``latency`` caches the latency
+    by ``layers``: the graphs of two models with the same blocks per stage do the same work, and timing them
+    once keeps load noise out of the comparison of twins."""
+    images, labels = test
     params, flops = model_stats(model, input_size)
     ort_logits = predict_onnx(onnx_path, images.numpy())
     layers = tuple(len(getattr(model, name)) for name in model.stage_names)
@@ -127,7 +139,7 @@ def measure(model: nn.Module, test: Tuple[Tensor, Tensor], input_size: Sequence[
         blocks=len(block_names(model)), layers=list(layers), params=params, mflops=flops / 1e6,
         acc_torch=accuracy(model, images, labels),
         acc_ort=100.0 * float((ort_logits.argmax(1) == labels.numpy()).mean()),
-        ms_b1=latency[layers][0], ms_b32=latency[layers][1], max_abs_diff=max(report.max_abs_diff.values()))
+        ms_b1=latency[layers][0], ms_b32=latency[layers][1])
 
 
 def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tensor, Tensor]],
