@@ -139,7 +139,7 @@ def describe(model: nn.Module, onnx_path: PathLike, test: Tuple[Tensor, Tensor],
         blocks=len(block_names(model)), layers=list(layers), params=params, mflops=flops / 1e6,
         acc_torch=accuracy(model, images, labels),
         acc_ort=100.0 * float((ort_logits.argmax(1) == labels.numpy()).mean()),
-        ms_b1=latency[layers][0], ms_b32=latency[layers][1])
+        ms_b1=latency[layers][0], ms_b32=latency[layers][1], threads=torch.get_num_threads())
 
 
 def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tensor, Tensor]],
