@@ -365,7 +365,7 @@ def prune(args: argparse.Namespace, model: torch.nn.Module):
                               progress=lambda line: print(line, flush=True))
     except ValueError as err:
         message = str(err)
-        fail(args, f"{PRUNE_FLAGS.get(message.split(' ')[0].split('[')[0], '--keep-blocks')}: {message}")
+        fail(args, f"{PRUNE_FLAGS.get(message.split(' ')[0].rstrip(':').split('[')[0], '--keep-blocks')}: {message}")
     record = pruned.pruned_from
     print(f"pruned to {len(record['kept'])} of {sum(record['layers'])} residual blocks ({args.prune_order}"
           f"{', %d evaluations' % record['evaluations'] if 'evaluations' in record else ''}"

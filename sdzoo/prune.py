@@ -27,6 +27,7 @@ names blocks of the first source.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -183,6 +184,19 @@ def _loss(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 25
     return total / len(images)
 
 
+@contextlib.contextmanager
+def _branches_off(model: nn.Module, names: Sequence[str]):
+    """The blocks ``names`` of ``model`` return their shortcut, their branch contributing nothing: what the
+    model pruned of them computes (a forward hook replaces the gate's output, ``shortcut + branch``)."""
+    handles = [model.get_submodule(name).gate.register_forward_hook(lambda module, args, output: args[1])
+               for name in names]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def greedy_removals(model: nn.Module, data: Any, down_to: Optional[int] = None,
                     progress: Progress = None) -> Tuple[List[str], int]:
     """The greedy order: the blocks in the order they are removed, each the one whose removal raises the loss
@@ -193,15 +207,16 @@ def greedy_removals(model: nn.Module, data: Any, down_to: Optional[int] = None,
     images, labels = _split(data, "val", "order='greedy'", labels=True)
     names, required = block_names(model), required_blocks(model)
     down_to = len(required) if down_to is None else _check_keep(model, down_to)
-    source = _folded_source(model)
+    state, settings = _folded_source(model)
+    folded = _pruned(model, (state, settings), names, record={}).eval()  # the folded model, a copy
     kept, removed, evaluations = list(names), [], 0
     while len(kept) > down_to:
         best = None
         for name in reversed(kept):  # from the last block: ties go to the later block
             if name in required:
                 continue
-            candidate = _pruned(model, source, [n for n in kept if n != name], record={})
-            loss = _loss(candidate.eval(), images, labels)
+            with _branches_off(folded, removed + [name]):
+                loss = _loss(folded, images, labels)
             evaluations += 1
             if best is None or loss < best[0]:
                 best = (loss, name)

@@ -528,8 +528,9 @@ def _create_cifar(variant: str, depth: int, pretrained: bool, **kwargs) -> SDRes
     return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
 
 
-def _create_imagenet(variant: str, layers: Sequence[int], pretrained: bool, **kwargs) -> SDResNet:
-    model_args = dict(layers=tuple(layers), block="bottleneck", stem="imagenet", widths=IMAGENET_WIDTHS)
+def _create_imagenet(variant: str, stage_depths: Sequence[int], pretrained: bool, **kwargs) -> SDResNet:
+    # layers= in kwargs (a pruned model's config.json, sdzoo.prune) replaces the variant's stage depths
+    model_args = dict(layers=tuple(stage_depths), block="bottleneck", stem="imagenet", widths=IMAGENET_WIDTHS)
     kwargs.setdefault("shortcut", "projection")
     return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
 
