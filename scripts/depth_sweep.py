@@ -6,7 +6,8 @@
 
 Each row is one depth of one model and order (sdzoo.prune: survival, evenly, greedy): the blocks kept,
 parameters and FLOPs per image, test accuracy in PyTorch and in onnxruntime (each depth exported to ONNX and
-checked as every export is), onnxruntime latency at batch 1 and 32. --twin puts a second model beside the
+checked as every export is), onnxruntime latency at batch 1 and 32 (each shape of graph timed in turn,
+--rounds times, the fastest round kept). --twin puts a second model beside the
 first, pruned the same way: the same architecture trained at constant depth shows what stochastic depth buys.
 The data come from the run's summary.json (its data set and splits; --data-dir where the files are now):
 greedy ranks blocks on the validation split, --recalibrate-bn uses the training split, accuracy is the test
@@ -53,6 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="folder of the data set (default: the run's)")
     parser.add_argument("--bench-seconds", type=float, default=0.3,
                         help="seconds of timed runs per latency (torch.utils.benchmark's blocked_autorange)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of timing, each graph in turn; the fastest round is kept (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch and onnxruntime (default 1)")
     args = parser.parse_args(argv)
     args.parser = parser
@@ -82,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_seconds("--bench-seconds", args.bench_seconds)
     except ValueError as err:
         fail(args, str(err))
+    if args.rounds < 1:
+        fail(args, f"--rounds must be a positive integer; got {args.rounds}")
     if args.recalibrate_bn < 0:
         fail(args, f"--recalibrate-bn must be a number of training images >= 0; got {args.recalibrate_bn}")
     out = Path(args.output)
@@ -123,14 +128,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"depth sweep of {', '.join(models)} on {settings['dataset']} ({len(splits['test'][1])} test images), "
           f"orders {', '.join(args.orders)}, {torch.get_num_threads()} thread(s)", flush=True)
     rows = depth_sweep(models, splits, orders=args.orders, depths=args.depths, recalibrate_bn=args.recalibrate_bn,
-                       bench_seconds=args.bench_seconds, progress=lambda line: print(line, flush=True))
+                       bench_seconds=args.bench_seconds, rounds=args.rounds, progress=lambda line: print(line, flush=True))
     out.mkdir(parents=True, exist_ok=True)
     table = format_sweep(rows)
     title = f"{cfg.get('architecture')} on {settings['dataset']}" + \
         (f", BatchNorm recalibrated on {args.recalibrate_bn} images" if args.recalibrate_bn else "")
     save_json(out / "sweep.json", dict(model=args.model, twin=args.twin, dataset=settings["dataset"],
                                        recalibrate_bn=args.recalibrate_bn, threads=torch.get_num_threads(),
-                                       rows=rows))
+                                       bench_seconds=args.bench_seconds, rounds=args.rounds, rows=rows))
     write_text(out / "sweep.md", f"{title}\n\n{table}\n")
     plot_sweep(rows, out / "sweep.png", title=title)
     print(f"\n{table}\n\nwrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'} "

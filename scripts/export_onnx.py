@@ -189,9 +189,9 @@ def check_checkpoint_header(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     try:
         shapes, metadata = read_header(args.checkpoint)
         check_weights_file(shapes, metadata, args.checkpoint, args.model,
-                           effective_args(dict(probe._model_args, layers=_stage_depths(probe),
-                                               widths=_stage_widths(probe), block=_block_of(probe),
-                                               stem=probe.stem, **kwargs), cfg),
+                           effective_args(dict(dict(probe._model_args, layers=_stage_depths(probe),
+                                                    widths=_stage_widths(probe), block=_block_of(probe),
+                                                    stem=probe.stem), **kwargs), cfg),
                            asked_by="the flags")
     except WeightsError as err:
         fail(args, f"--checkpoint: {err}")

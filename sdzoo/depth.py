@@ -11,6 +11,7 @@ BatchNorm, the test split measures.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -24,10 +25,10 @@ from .checkpoint import SUMMARY_NAME
 from .data import DataError, load_data, normalize
 from .datasets import DATASETS, dataset_names, spoken_list
 from .latency import onnx_latency
-from .onnx_export import export_onnx, predict_onnx
+from .onnx_export import export_onnx, ort_session, predict_onnx
 from .prune import block_names, greedy_removals, prune_blocks, required_blocks
 
-__all__ = ["run_settings", "run_splits", "model_stats", "accuracy", "measure", "describe", "depth_sweep", "format_sweep",
+__all__ = ["run_settings", "run_splits", "model_stats", "accuracy", "measure", "describe", "latencies", "depth_sweep", "format_sweep",
            "plot_sweep", "SWEEP_COLUMNS", "PRUNING_NAME"]
 
 Progress = Optional[Callable[[str], None]]
@@ -110,47 +111,62 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     return 100.0 * correct / len(images)
 
 
-def measure(model: nn.Module, test: Tuple[Tensor, Tensor], input_size: Sequence[int], onnx_path: PathLike,
-            bench_seconds: float = 0.3, latency: Optional[Dict[Tuple[int, ...], Tuple[float, float]]] = None
+def measure(model: nn.Module, test: Tuple[Tensor, Tensor], input_size: Sequence[int], onnx_path: PathLike
             ) -> Dict[str, Any]:
-    """One row of the sweep for ``model``: exported to ``onnx_path`` (checked: the full checker, onnxruntime
-    against PyTorch at batch 1, 3 and 16), then measured (``describe``)."""
+    """``model`` exported to ``onnx_path`` (checked: the full checker, onnxruntime against PyTorch at batch 1,
+    3 and 16), then measured (``describe``, without latency)."""
     report = export_onnx(model, onnx_path, input_size=input_size)
-    return dict(describe(model, onnx_path, test, input_size, bench_seconds, latency),
+    return dict(describe(model, onnx_path, test, input_size, bench_seconds=None),
                 max_abs_diff=max(report.max_abs_diff.values()))
 
 
 def describe(model: nn.Module, onnx_path: PathLike, test: Tuple[Tensor, Tensor], input_size: Sequence[int],
-             bench_seconds: float = 0.3, latency: Optional[Dict[Tuple[int, ...], Tuple[float, float]]] = None
-             ) -> Dict[str, Any]:
+             bench_seconds: Optional[float] = 0.3) -> Dict[str, Any]:
     """The measurements of a model and its checked ONNX file: blocks, parameters, FLOPs per image, test
-    accuracy in PyTorch and onnxruntime, onnxruntime latency at batch 1 and 32. ``latency`` caches the latency
-    by ``layers``: the graphs of two models with the same blocks per stage do the same work, and timing them
-    once keeps load noise out of the comparison of twins."""
+    accuracy in PyTorch and onnxruntime, and (unless ``bench_seconds`` is None) onnxruntime's latency at batch
+    1 and 32."""
     images, labels = test
     params, flops = model_stats(model, input_size)
     ort_logits = predict_onnx(onnx_path, images.numpy())
-    layers = tuple(len(getattr(model, name)) for name in model.stage_names)
-    latency = {} if latency is None else latency
-    if layers not in latency:
-        latency[layers] = tuple(onnx_latency(onnx_path, batch, input_size=input_size, min_run_time=bench_seconds)
-                                for batch in (1, 32))
-    return dict(
-        blocks=len(block_names(model)), layers=list(layers), params=params, mflops=flops / 1e6,
-        acc_torch=accuracy(model, images, labels),
-        acc_ort=100.0 * float((ort_logits.argmax(1) == labels.numpy()).mean()),
-        ms_b1=latency[layers][0], ms_b32=latency[layers][1], threads=torch.get_num_threads())
+    row = dict(
+        blocks=len(block_names(model)), layers=[len(getattr(model, name)) for name in model.stage_names],
+        params=params, mflops=flops / 1e6, acc_torch=accuracy(model, images, labels),
+        acc_ort=100.0 * float((ort_logits.argmax(1) == labels.numpy()).mean()))
+    if bench_seconds is not None:
+        row.update(zip(("ms_b1", "ms_b32"), latencies({0: onnx_path}, input_size, bench_seconds, rounds=1)[0]),
+                   threads=torch.get_num_threads())
+    return row
+
+
+def latencies(files: Mapping[Any, PathLike], input_size: Sequence[int], bench_seconds: float = 0.3,
+              rounds: int = 3, progress: Progress = None) -> Dict[Any, Tuple[float, float]]:
+    """onnxruntime's latency (ms) at batch 1 and 32 of each file (key -> path): each file timed once per round,
+    the files in turn, and the fastest round kept. On a shared machine the load comes and goes; round-robin
+    spreads it over every file alike, and the fastest round is the one least disturbed."""
+    best: Dict[Any, List[float]] = {key: [math.inf, math.inf] for key in files}
+    for round_index in range(rounds):
+        if progress is not None:
+            progress(f"timing {len(files)} graphs, round {round_index + 1} of {rounds}")
+        for key, path in files.items():
+            session = ort_session(os.fspath(path), spinning=False)
+            for i, batch in enumerate((1, 32)):
+                ms = onnx_latency(session, batch, input_size=input_size, min_run_time=bench_seconds)
+                best[key][i] = min(best[key][i], ms)
+    return {key: (b1, b32) for key, (b1, b32) in best.items()}
 
 
 def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tensor, Tensor]],
                 orders: Sequence[str] = ("survival", "evenly", "greedy"), depths: Optional[Sequence[int]] = None,
-                recalibrate_bn: int = 0, bench_seconds: float = 0.3, input_size: Optional[Sequence[int]] = None,
-                progress: Progress = None) -> List[Dict[str, Any]]:
+                recalibrate_bn: int = 0, bench_seconds: float = 0.3, rounds: int = 3,
+                input_size: Optional[Sequence[int]] = None, progress: Progress = None) -> List[Dict[str, Any]]:
     """A row for each model (label -> model), order and depth: ``measure`` of the pruned model, with the blocks
     it kept. ``depths`` default to every depth from the first block of each stage to all blocks. The greedy
-    order is searched once per model (it is nested: each depth removes one block more)."""
+    order is searched once per model (it is nested: each depth removes one block more). Latency is timed at the
+    end (``latencies``), once per ``layers``: two graphs with the same blocks per stage do the same work, and one
+    timing keeps load noise out of the comparison of twins."""
     say = progress or (lambda line: None)
-    rows, latency = [], {}
+    rows: List[Dict[str, Any]] = []
+    graphs: Dict[Tuple[int, ...], str] = {}  # layers -> the first ONNX file of that shape
     with tempfile.TemporaryDirectory(prefix="sdzoo-depth-") as tmp:
         for label, model in models.items():
             names = block_names(model)
@@ -173,10 +189,14 @@ def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tens
                     kept = tuple(pruned.pruned_from["kept"])
                     if kept not in measured:  # the same blocks kept by another order: measured once
                         say(f"{label}: {order}, {keep} of {len(names)} blocks: exporting and measuring")
-                        measured[kept] = measure(pruned, splits["test"], size, os.path.join(tmp, "pruned.onnx"),
-                                                 bench_seconds, latency)
+                        path = os.path.join(tmp, f"pruned-{len(os.listdir(tmp))}.onnx")
+                        measured[kept] = measure(pruned, splits["test"], size, path)
+                        graphs.setdefault(tuple(measured[kept]["layers"]), path)
                     rows.append(dict(model=label, order=order, kept=list(kept), **measured[kept]))
                     say(_row_line(rows[-1]))
+        timed = latencies(graphs, size, bench_seconds, rounds, progress=say)
+    for row in rows:
+        row.update(zip(("ms_b1", "ms_b32"), timed[tuple(row["layers"])]), threads=torch.get_num_threads())
     return rows
 
 
@@ -198,7 +218,7 @@ def _cell(key: str, value: Any) -> str:
 
 def _row_line(row: Mapping[str, Any]) -> str:
     return (f"  {row['model']}, {row['order']}, {row['blocks']} blocks: test accuracy {row['acc_torch']:.2f}% "
-            f"(onnxruntime {row['acc_ort']:.2f}%), {row['ms_b1']:.2f} / {row['ms_b32']:.2f} ms at batch 1 / 32")
+            f"(onnxruntime {row['acc_ort']:.2f}%), {row['mflops']:.2f} MFLOPs per image")
 
 
 def format_sweep(rows: Sequence[Mapping[str, Any]], with_kept: bool = True) -> str:

@@ -264,6 +264,10 @@ def test_export_prunes_a_run_and_publishes_it_with_a_pruned_card(trained_run, tm
     assert f"| test accuracy, PyTorch (%) | {pruning['acc_torch']:.2f} |" in card
     assert f"{full['test_error']:.2f}" not in card and "model-index" not in card
     assert not (hub_dir / "summary.json").exists()
+    # The pruned weights alone rebuild the pruned model by name: their metadata records layers and pruned_from.
+    bare = cli(export.main, ["--model", "sd_resnet20_cifar", "--checkpoint", folder / "model.safetensors",
+                             "--output", tmp_path / "bare.onnx"])
+    assert bare.code == 0 and "Add 5," in bare.out, bare.err
 
 
 @pytest.mark.slow
