@@ -158,18 +158,6 @@ def test_pruned_model_rebuilds_by_name_from_its_files(tmp_path):
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
 
 
-@pytest.mark.slow
-def test_pruned_onnx_is_a_plain_resnet_with_k_blocks(tmp_path):
-    pruned = prune_blocks(make_model(), 5, "evenly")
-    report = export_onnx(pruned, tmp_path / "pruned.onnx", input_size=(3, 16, 16))
-    assert set(report.max_abs_diff) == {1, 3, 16}
-    assert json.loads(read_metadata(tmp_path / "pruned.onnx")["pruned_from"]) == pruned.pruned_from
-    plain = timm.create_model("sd_resnet20_cifar", num_classes=10, layers=(2, 2, 1), gate_mode="off").eval()
-    export_onnx(plain, tmp_path / "plain.onnx", input_size=(3, 16, 16))
-    assert op_histogram(tmp_path / "pruned.onnx") == op_histogram(tmp_path / "plain.onnx")
-    assert op_histogram(tmp_path / "pruned.onnx")["Add"] == 5
-
-
 # -- bad input -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("keep,match", [
     (0, "keep must be at least 3, the first block of each stage"), (-1, "keep must be at least 3"),
@@ -242,6 +230,17 @@ def test_export_refuses_greedy_for_a_bare_checkpoint_without_a_data_set(trained_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_pruned_weights_alone_rebuild_the_pruned_model_in_the_export(tmp_path, cli):
+    pruned = prune_blocks(make_model(), 5)
+    save_weights(tmp_path / "model.safetensors", pruned)  # their metadata records layers and pruned_from
+    out = tmp_path / "m.onnx"
+    result = cli(load_script("export_onnx").main, ["--model", "sd_resnet20_cifar", "--checkpoint",
+                                                   tmp_path / "model.safetensors", "--output", out,
+                                                   "--keep-blocks", "6"])
+    assert result.code == 2 and "--keep-blocks: keep must be at most 5" in result.err  # built: 5 blocks
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_export_prunes_a_run_and_publishes_it_with_a_pruned_card(trained_run, tmp_path, cli):
     export, push = load_script("export_onnx"), load_script("push_to_hub")
@@ -250,8 +249,13 @@ def test_export_prunes_a_run_and_publishes_it_with_a_pruned_card(trained_run, tm
                                "--prune-order", "greedy", "--recalibrate-bn", "256", "--pruned-dir", folder,
                                "--bench-seconds", "0.05"])
     assert result.code == 0, result.err
-    assert "18 evaluations" in result.out and "batch 16" in result.out and "Add 5," in result.out
+    assert "18 evaluations" in result.out and "batch 16" in result.out
     meta = json.loads(read_metadata(out)["pruned_from"])
+    # The graph is a plain ResNet's with 5 blocks: that of the architecture built with those layers, unpruned.
+    layers = [sum(name.startswith(f"layer{s}.") for name in meta["kept"]) for s in (1, 2, 3)]
+    plain = timm.create_model("sd_resnet20_cifar", num_classes=10, layers=layers, gate_mode="off").eval()
+    export_onnx(plain, tmp_path / "plain.onnx", input_size=(3, 16, 16))
+    assert op_histogram(out) == op_histogram(tmp_path / "plain.onnx") and op_histogram(out)["Add"] == 5
     assert meta["order"] == "greedy" and meta["recalibrate_bn"] == 256 and len(meta["kept"]) == 5
     (folder / "summary.json").write_text((trained_run / "summary.json").read_text())  # the full run's results
     pruning = json.loads((folder / "pruning.json").read_text())
@@ -264,27 +268,47 @@ def test_export_prunes_a_run_and_publishes_it_with_a_pruned_card(trained_run, tm
     assert f"| test accuracy, PyTorch (%) | {pruning['acc_torch']:.2f} |" in card
     assert f"{full['test_error']:.2f}" not in card and "model-index" not in card
     assert not (hub_dir / "summary.json").exists()
-    # The pruned weights alone rebuild the pruned model by name: their metadata records layers and pruned_from.
-    bare = cli(export.main, ["--model", "sd_resnet20_cifar", "--checkpoint", folder / "model.safetensors",
-                             "--output", tmp_path / "bare.onnx"])
-    assert bare.code == 0 and "Add 5," in bare.out, bare.err
 
 
 @pytest.mark.slow
-def test_depth_sweep_measures_every_depth_of_a_run_and_its_twin(trained_run, tmp_path, cli):
+def test_depth_sweep_measures_a_run_and_its_twin_pruned_the_same_way(trained_run, tmp_path, cli):
+    from sdzoo.depth import accuracy, run_settings, run_splits
+
     sweep = load_script("depth_sweep")
     out = tmp_path / "sweep"
-    result = cli(sweep.main, ["--model", trained_run, "--twin", trained_run, "--output", out, "--depths", "9", "4",
-                              "--orders", "survival", "evenly", "--bench-seconds", "0.02"])
+    result = cli(sweep.main, ["--model", trained_run, "--twin", trained_run, "--output", out, "--depths", "4",
+                              "--orders", "survival", "evenly", "--bench-seconds", "0.01", "--rounds", "1"])
     assert result.code == 0, result.err
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [(r["model"], r["order"], r["blocks"]) for r in rows] == [
-        (m, o, b) for m in ("stochastic depth", "twin") for o in ("survival", "evenly") for b in (9, 4)]
-    summary = json.loads((trained_run / "summary.json").read_text())
-    full = [r for r in rows if r["blocks"] == 9]
-    assert all(abs(r["acc_torch"] - summary["test_accuracy"]) < 1e-6 for r in full)
-    assert all(abs(r["acc_torch"] - r["acc_ort"]) <= 100 / 360 + 1e-9 for r in rows)
-    assert rows[1]["params"] < rows[0]["params"] and rows[1]["mflops"] < rows[0]["mflops"]
+        (m, o, 4) for m in ("stochastic depth", "twin") for o in ("survival", "evenly")]
+    model = timm.create_model(f"local-dir:{trained_run}", pretrained=True)
+    test = run_splits(run_settings(str(trained_run)), model.pretrained_cfg["mean"], model.pretrained_cfg["std"])["test"]
+    pruned = prune_blocks(model, 4)
+    assert rows[0]["kept"] == pruned.pruned_from["kept"] and rows[0]["acc_torch"] == accuracy(pruned, *test)
+    assert all(abs(r["acc_torch"] - r["acc_ort"]) <= 100 / len(test[1]) + 1e-9 for r in rows)
+    assert rows[0]["params"] == sum(p.numel() for p in pruned.parameters()) and rows[0]["ms_b32"] > rows[0]["ms_b1"] > 0
     assert (out / "sweep.png").stat().st_size > 0 and "| stochastic depth | survival | 4 |" in (out / "sweep.md").read_text()
     bad = cli(sweep.main, ["--model", trained_run, "--output", tmp_path / "bad", "--depths", "2"])
     assert bad.code == 2 and "--depths must be from 3" in bad.err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_hub_repo_brings_its_validation_split_for_greedy(trained_run, tmp_path, cli, monkeypatch):
+    import huggingface_hub
+    from hub_server import FakeHub
+    from sdzoo.hub import publish
+
+    token = "hf_sdzoo_prune_test"
+    for name, value in (("HF_HUB_DISABLE_XET", True), ("HF_HUB_CACHE", str(tmp_path / "cache")),
+                        ("HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))):
+        monkeypatch.setattr(huggingface_hub.constants, name, value)
+    with FakeHub(tokens={token: "tester"}, orgs={"tester": ["owner"]}) as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        publish(trained_run, "owner/r20", token=token, endpoint=server.url)
+        result = cli(load_script("export_onnx").main, [
+            "--model", "hf-hub:owner/r20", "--output", tmp_path / "p.onnx", "--keep-blocks", "8",
+            "--prune-order", "greedy"])
+    assert result.code == 0, result.err
+    assert "6 evaluations" in result.out and json.loads(read_metadata(tmp_path / "p.onnx")["pruned_from"])[
+        "order"] == "greedy"
