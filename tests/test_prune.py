@@ -294,21 +294,29 @@ def test_depth_sweep_measures_a_run_and_its_twin_pruned_the_same_way(trained_run
 
 
 @pytest.mark.slow
-def test_a_hub_repo_brings_its_validation_split_for_greedy(trained_run, tmp_path, cli, monkeypatch):
+def test_a_hub_repo_brings_its_validation_split_for_greedy(trained_run, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
     import huggingface_hub
     from hub_server import FakeHub
+    from sdzoo.depth import run_splits
     from sdzoo.hub import publish
 
     token = "hf_sdzoo_prune_test"
-    for name, value in (("HF_HUB_DISABLE_XET", True), ("HF_HUB_CACHE", str(tmp_path / "cache")),
-                        ("HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))):
-        monkeypatch.setattr(huggingface_hub.constants, name, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     with FakeHub(tokens={token: "tester"}, orgs={"tester": ["owner"]}) as server:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
-        publish(trained_run, "owner/r20", token=token, endpoint=server.url)
-        result = cli(load_script("export_onnx").main, [
-            "--model", "hf-hub:owner/r20", "--output", tmp_path / "p.onnx", "--keep-blocks", "8",
-            "--prune-order", "greedy"])
-    assert result.code == 0, result.err
-    assert "6 evaluations" in result.out and json.loads(read_metadata(tmp_path / "p.onnx")["pruned_from"])[
-        "order"] == "greedy"
+        publish(trained_run, "owner/r20", token=token, endpoint=server.url)  # with its published summary.json
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", SDZOO_DISABLE_AUTOLOAD="1")
+        child = subprocess.run([sys.executable, "-c", "import json, sys; from sdzoo.depth import run_settings; "
+                                "print(json.dumps(run_settings(sys.argv[1])))", "hf-hub:owner/r20"],
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    settings = json.loads(child.stdout)
+    model = timm.create_model(f"local-dir:{trained_run}", pretrained=True)
+    splits = run_splits(settings, model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
+    assert settings["dataset"] == "digits" and [len(splits[k][1]) for k in ("train", "val", "test")] == [1257, 180, 360]
+    assert prune_blocks(model, 8, "greedy", splits).pruned_from["evaluations"] == 6
