@@ -17,12 +17,11 @@ against latency); nothing when an argument is wrong (exit 2).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
