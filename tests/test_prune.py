@@ -302,12 +302,15 @@ def test_a_hub_repo_brings_its_validation_split_for_greedy(trained_run, tmp_path
     import huggingface_hub
     from hub_server import FakeHub
     from sdzoo.depth import run_splits
-    from sdzoo.hub import publish
+    from sdzoo.model_card import published_summary
 
     token = "hf_sdzoo_prune_test"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     with FakeHub(tokens={token: "tester"}, orgs={"tester": ["owner"]}) as server:
-        publish(trained_run, "owner/r20", token=token, endpoint=server.url)  # with its published summary.json
+        api = huggingface_hub.HfApi(endpoint=server.url, token=token)
+        api.create_repo("owner/r20")
+        summary = published_summary(json.loads((trained_run / "summary.json").read_text()))  # what publish uploads
+        api.upload_file(path_or_fileobj=json.dumps(summary).encode(), path_in_repo="summary.json", repo_id="owner/r20")
         env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
         env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
                    HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", SDZOO_DISABLE_AUTOLOAD="1")
