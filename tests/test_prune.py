@@ -196,6 +196,13 @@ def test_models_without_blocks_to_prune_or_with_contradicting_settings_are_refus
     folded.survival_settings = replace(folded.survival_settings, gate_mode="batch")
     with pytest.raises(ValueError, match="its gates hold other p_l"):
         prune_blocks(folded, 5)
+    folded_from = dict(survival_prob=0.5, survival_rule="linear", scaling="expectation", gate_mode="batch")
+    for record, match in ((dict(layers=[3, 3, "x"], kept=["layer1.0", "layer2.0", "layer3.0"]), "pruned_from\\['layers'\\]"),
+                          (dict(layers=[3, 3, 3], kept=["layer1.0", "layer2.0", "layer9.0"]), "pruned_from\\['kept'\\]"),
+                          (dict(layers=[3, 3, 3], kept=["layer1.0", "layer1.0", "layer3.0"]), "pruned_from\\['kept'\\]")):
+        with pytest.raises(ValueError, match=match):  # a config.json's record is checked before anything is built
+            timm.create_model("sd_resnet20_cifar", layers=(1, 1, 1), folded_from=folded_from,
+                              pruned_from=dict(record, architecture="sd_resnet20_cifar"))
     with pytest.raises(ValueError, match="pruned_from needs folded_from"):
         timm.create_model("sd_resnet20_cifar", layers=(1, 1, 1), pruned_from=dict(
             architecture="sd_resnet20_cifar", layers=[3, 3, 3], kept=["layer1.0", "layer2.0", "layer3.0"]))

@@ -443,9 +443,16 @@ def _check_pruned_from(record: Optional[Dict[str, Any]], layers: Sequence[int],
             not isinstance(record.get("layers"), (list, tuple)) or not isinstance(record.get("kept"), (list, tuple)):
         raise ValueError(f"pruned_from must be a mapping with 'architecture', 'layers' and 'kept' (the pruned "
                          f"model's record); got {record!r:.200}")
-    if len(record["kept"]) != sum(layers) or any(not isinstance(name, str) for name in record["kept"]):
-        raise ValueError(f"pruned_from['kept'] must name the {sum(layers)} blocks of layers={list(layers)}; got "
-                         f"{record['kept']!r:.200}")
+    source_layers = record["layers"]
+    if len(source_layers) != len(layers) or any(isinstance(n, bool) or not isinstance(n, int) or not
+                                                 layers[i] <= n <= 1024 for i, n in enumerate(source_layers)):
+        raise ValueError(f"pruned_from['layers'] must be the source's blocks per stage, at least layers={list(layers)} "
+                         f"in each; got {source_layers!r:.200}")
+    names = [f"layer{stage + 1}.{i}" for stage, n in enumerate(source_layers) for i in range(n)]
+    kept = record["kept"]
+    if len(kept) != sum(layers) or len(set(map(str, kept))) != len(kept) or any(name not in names for name in kept):
+        raise ValueError(f"pruned_from['kept'] must name {sum(layers)} distinct blocks (layerS.I) of the source's "
+                         f"layers={list(source_layers)}; got {kept!r:.200}")
     if settings.folded_from is None:
         raise ValueError("pruned_from needs folded_from: a pruned model is folded (its p_l are in its weights)")
     return dict(record, layers=list(record["layers"]), kept=list(record["kept"]))
