@@ -4,6 +4,7 @@
     python scripts/export_onnx.py --model local-dir:runs/r110 --output r110.onnx
     python scripts/export_onnx.py --model sd_resnet110_cifar --checkpoint r110.safetensors --survival-prob 0.5 --output r110.onnx
     python scripts/export_onnx.py --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
+    python scripts/export_onnx.py --model local-dir:runs/r110 --output r110-k40.onnx --keep-blocks 40 --prune-order greedy
 
 The exported graph is a plain ResNet (p_l lives in the weights). It is kept only after onnx's full checker
 and an onnxruntime-vs-PyTorch check at several batch sizes; on any failure the script exits non-zero and
