@@ -4,6 +4,7 @@
     python scripts/export_onnx.py --model local-dir:runs/r110 --output r110.onnx
     python scripts/export_onnx.py --model sd_resnet110_cifar --checkpoint r110.safetensors --survival-prob 0.5 --output r110.onnx
     python scripts/export_onnx.py --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
+    python scripts/export_onnx.py --model local-dir:runs/r110 --output r110-k40.onnx --keep-blocks 40 --prune-order greedy
 
 The exported graph is a plain ResNet (p_l lives in the weights). It is kept only after onnx's full checker
 and an onnxruntime-vs-PyTorch check at several batch sizes; on any failure the script exits non-zero and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
@@ -24,9 +26,14 @@ import sdzoo  # registers the zoo, which local-dir: and hf-hub: models need
 from timm.models import load_state_dict
 
 from sdzoo._checks import check_seconds
-from sdzoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings
+from sdzoo._files import save_json
+from sdzoo.checkpoint import (
+    CONFIG_NAME, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings, save_weights)
+from sdzoo.data import DataError
+from sdzoo.depth import PRUNING_NAME, describe, run_settings, run_splits
+from sdzoo.prune import ORDERS, prune_blocks
 from sdzoo.fold import can_fold, fold_survival, is_folded
-from sdzoo.hf_config import model_kwargs_of_config
+from sdzoo.hf_config import model_kwargs_of_config, write_config
 from sdzoo.integrity import (
     MissingWeightsError, WeightsError, WeightsProvenance, check_finite, check_weights_file, describe_failure,
     effective_args, read_header)
@@ -79,6 +86,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--bench-seconds", type=float, default=0.5,
                         help="seconds of timed runs per latency (torch.utils.benchmark's blocked_autorange; the "
                              "median is reported)")
+    group = parser.add_argument_group("depth on demand (sdzoo.prune): export a shallower network of the same model")
+    group.add_argument("--keep-blocks", type=int, default=None, metavar="K",
+                       help="keep K residual blocks (at least the first block of each stage)")
+    group.add_argument("--prune-order", default="survival", metavar="ORDER",
+                       help="which blocks go: survival (lowest p_l first), evenly (spaced evenly in each stage), "
+                            "greedy (least validation loss, on the run's validation split), or the blocks to "
+                            "keep as comma-separated names (layer1.0,layer2.0,...)")
+    group.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                       help="re-estimate BatchNorm statistics on N training images after pruning")
+    group.add_argument("--dataset", default=None,
+                       help="data set of greedy and --recalibrate-bn for a model without a run's summary.json")
+    group.add_argument("--data-dir", default=None, help="folder of that data set (default: the run's)")
+    group.add_argument("--pruned-dir", default=None,
+                       help="also write the pruned model as a new folder (config.json, model.safetensors and "
+                            "pruning.json: its measurements), which scripts/push_to_hub.py publishes")
     args = parser.parse_args(argv)
     args.parser = parser
     return args
@@ -169,9 +191,9 @@ def check_checkpoint_header(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     try:
         shapes, metadata = read_header(args.checkpoint)
         check_weights_file(shapes, metadata, args.checkpoint, args.model,
-                           effective_args(dict(probe._model_args, layers=_stage_depths(probe),
-                                               widths=_stage_widths(probe), block=_block_of(probe),
-                                               stem=probe.stem, **kwargs), cfg),
+                           effective_args(dict(dict(probe._model_args, layers=_stage_depths(probe),
+                                                    widths=_stage_widths(probe), block=_block_of(probe),
+                                                    stem=probe.stem), **kwargs), cfg),
                            asked_by="the flags")
     except WeightsError as err:
         fail(args, f"--checkpoint: {err}")
@@ -293,6 +315,94 @@ def _short(err: BaseException, lines: int = 3, width: int = 240) -> str:
     return " ".join(text) or type(err).__name__
 
 
+# -- depth on demand ----------------------------------------------------------------------------------------
+PRUNE_FLAGS = {"keep": "--keep-blocks", "order": "--prune-order", "recalibrate_bn": "--recalibrate-bn",
+               "data": "--dataset", "model": "--model"}
+
+
+def check_prune_flags(args: argparse.Namespace) -> None:
+    """The pruning flags among themselves, before anything is loaded or written."""
+    pruning = args.keep_blocks is not None or args.prune_order not in ORDERS
+    if not pruning:
+        for flag, given in (("--prune-order", args.prune_order != "survival"), ("--recalibrate-bn", args.recalibrate_bn),
+                            ("--pruned-dir", args.pruned_dir)):
+            if given:
+                fail(args, f"{flag} applies to a pruned export: give --keep-blocks K (or the blocks to keep as "
+                           "--prune-order NAME,NAME,...)")
+        return
+    if args.no_fold:
+        fail(args, "--no-fold: a pruned model is folded (sdzoo.prune folds it); leave --no-fold out")
+    if args.pruned_dir and os.path.exists(args.pruned_dir) and (
+            not os.path.isdir(args.pruned_dir) or os.listdir(args.pruned_dir)):
+        fail(args, f"--pruned-dir {args.pruned_dir} exists and is not an empty folder; choose a new one")
+
+
+def prune_data(args: argparse.Namespace, model: torch.nn.Module, needs_val: bool) -> Dict[str, Any]:
+    """The splits of the model's data set (greedy ranks on the validation split, --recalibrate-bn uses the
+    training split, --pruned-dir measures on the test split): the run's, or --dataset's."""
+    settings = None
+    if args.model.startswith(HUB_PREFIXES):
+        try:
+            settings = run_settings(args.model)
+        except Exception as err:  # noqa: BLE001  (a missing or unreadable summary.json of a Hub repo)
+            fail(args, f"--model {args.model}: cannot read its summary.json: {_short(err)}")
+    if args.dataset:
+        settings = dict(settings or {}, dataset=args.dataset)
+    if settings is None:
+        fail(args, f"--prune-order greedy, --recalibrate-bn and --pruned-dir need the model's data set: {args.model} "
+                   "brings none (a run folder or Hub repo brings its summary.json); give --dataset (and --data-dir)")
+    cfg = model.pretrained_cfg
+    try:
+        splits = run_splits(settings, cfg["mean"], cfg["std"], data_dir=args.data_dir)
+    except (DataError, ValueError) as err:
+        fail(args, f"--dataset/--data-dir: {err}")
+    if needs_val and "val" not in splits:
+        fail(args, f"--prune-order greedy ranks blocks on a validation split, and {settings['dataset']} as the run "
+                   "loaded it has none (--val-size 0); choose another --prune-order")
+    return splits
+
+
+def prune(args: argparse.Namespace, model: torch.nn.Module):
+    """The pruned model (sdzoo.prune), and the data set's splits where a flag needed them."""
+    order = args.prune_order if args.prune_order in ORDERS else [n.strip() for n in args.prune_order.split(",")]
+    splits = None
+    if order == "greedy" or args.recalibrate_bn or args.pruned_dir:
+        splits = prune_data(args, model, needs_val=order == "greedy")
+    try:
+        pruned = prune_blocks(model, args.keep_blocks, order, splits, args.recalibrate_bn,
+                              progress=lambda line: print(line, flush=True))
+    except ValueError as err:
+        message = str(err)
+        fail(args, f"{PRUNE_FLAGS.get(message.split(' ')[0].rstrip(':').split('[')[0], '--keep-blocks')}: {message}")
+    record = pruned.pruned_from
+    print(f"pruned to {len(record['kept'])} of {sum(record['layers'])} residual blocks ({args.prune_order}"
+          f"{', %d evaluations' % record['evaluations'] if 'evaluations' in record else ''}"
+          f"{', BatchNorm recalibrated on %d images' % args.recalibrate_bn if args.recalibrate_bn else ''}): "
+          f"kept {', '.join(record['kept'])}")
+    return pruned.eval(), splits
+
+
+def write_pruned_dir(args: argparse.Namespace, model: torch.nn.Module, splits, input_size: List[int]) -> None:
+    """The pruned model as a model folder (timm's config.json and model.safetensors) with pruning.json, its
+    measurements: what scripts/push_to_hub.py publishes, and what its card reports."""
+    row = describe(model, args.output, splits["test"], input_size, args.bench_seconds)
+    folder = args.pruned_dir
+    staging = tempfile.mkdtemp(prefix=".pruned-", dir=os.path.dirname(os.path.abspath(folder)))
+    try:
+        save_weights(os.path.join(staging, WEIGHTS_NAME), model)
+        write_config(os.path.join(staging, CONFIG_NAME), model)
+        save_json(os.path.join(staging, PRUNING_NAME), dict(row, test_images=len(splits["test"][1])))
+        if os.path.isdir(folder):
+            os.rmdir(folder)  # empty (checked before): replaced by the staged folder
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"wrote {folder}: the pruned model (test accuracy {row['acc_torch']:.2f}% in PyTorch, "
+          f"{row['acc_ort']:.2f}% in onnxruntime on {len(splits['test'][1])} test images); publish it with "
+          f"scripts/push_to_hub.py --model {folder} --onnx {args.output}")
+
+
 # -- steps --------------------------------------------------------------------------------------------------
 def maybe_fold(args: argparse.Namespace, model: torch.nn.Module) -> None:
     if args.no_fold:
@@ -386,8 +496,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fail(args, str(e))
     label_names = label_names_of(args)
 
+    check_prune_flags(args)
+
     model = create_model(args).eval()
     input_size = input_size_of(args, model)
+    splits = None
+    if args.keep_blocks is not None or args.prune_order not in ORDERS:
+        model, splits = prune(args, model)
     maybe_fold(args, model)
     try:
         metadata = onnx_metadata(model, input_size=input_size, label_names=label_names)
@@ -399,6 +514,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}\nno file written", file=sys.stderr)
         return 1
     print(report.summary())
+    if getattr(model, "pruned_from", None):
+        print("operators: " + ", ".join(f"{op} {n}" for op, n in sorted(report.op_histogram.items())))
+    if args.pruned_dir:
+        write_pruned_dir(args, model, splits, input_size)
 
     if args.quantize == "int8":
         calib, held_out = calibration_split(args, model, input_size)

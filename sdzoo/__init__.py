@@ -2,13 +2,14 @@
 __version__ = "0.1.0"
 __all__ = ["survival_probs", "expected_depth", "SurvivalSettings", "SURVIVAL_RULES", "GATE_MODES", "SCALINGS",
            "GateSampler", "ResidualGate", "SDResNet", "convert_drop_path", "set_drop_rate_factor", "drop_warmup_factor",
-           "same_gates", "gate_state", "load_gate_state"]
+           "same_gates", "gate_state", "load_gate_state", "prune_blocks"]
 
 from .survival import SURVIVAL_RULES, SurvivalSettings, drop_warmup_factor, expected_depth, survival_probs  # noqa: F401
 from .gate import (GATE_MODES, SCALINGS, GateSampler, ResidualGate, gate_state, load_gate_state,  # noqa: F401
                    same_gates, set_drop_rate_factor)
 from .models import SDResNet  # noqa: F401  (registers the zoo with timm)
 from .convert import convert_drop_path, install_create_model_hook  # noqa: F401
+from .prune import prune_blocks  # noqa: F401
 
 install_create_model_hook()  # SDZOO_CONVERT_DROP_PATH=sample|batch: timm.create_model converts (see README)
 

@@ -95,6 +95,8 @@ def weights_metadata(model: nn.Module) -> Dict[str, str]:
     if survival is None:
         return {"format": "pt"}
     settings = survival.as_recorded()
+    if getattr(model, "pruned_from", None):  # a pruned model (sdzoo.prune): its layers, and what it was pruned from
+        settings.update(layers=[len(getattr(model, name)) for name in model.stage_names], pruned_from=model.pruned_from)
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return {SETTINGS_KEY: json.dumps(dict(architecture=architecture, num_classes=model.num_classes,
                                           model_args=settings))}

@@ -30,6 +30,7 @@ from ._files import PathLike
 from ._hub_http import (
     DEFAULT_TIMEOUT, bounded_waits, describe_error, http_error, hub_api, is_timeout, scrub_token)
 from .checkpoint import CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, save_weights
+from .depth import PRUNING_NAME
 from .hf_config import write_config
 from .hub_load import (
     CheckpointMismatchError, HubError, Run, VerificationError, check_onnx_matches, file_sha256, load_run,
@@ -57,6 +58,7 @@ FILE_NOTES = {
     CURVES_NAME: "training curves",
     SUMMARY_NAME: "the run's summary: best epoch, errors, training recipe",
     METRICS_NAME: "per-epoch metrics of the run",
+    PRUNING_NAME: "the pruned model's measurements: parameters, FLOPs, test accuracy, latency",
 }
 
 
@@ -170,13 +172,33 @@ def _write_published_metrics(src: Path, dst: Path) -> None:
     dst.write_text("".join(lines), encoding="utf-8")
 
 
+def _pruning(run: Run) -> Optional[Dict]:
+    """A pruned model's measurements, pruning.json of its folder (written by the export's --pruned-dir)."""
+    path = run_folder_file(run.path, PRUNING_NAME)
+    if path is None:
+        return None
+    try:
+        pruning = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(pruning, dict):
+        raise ValueError(f"{path} must hold a JSON object (the pruned model's measurements)")
+    return pruning
+
+
 def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[PathLike] = None,
                      curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
     folder = Path(folder)
-    # Only what the card reads is published of summary.json, each value of the type it must be.
-    summary = None if run.summary is None else published_summary(run.summary, where=str(run.path / SUMMARY_NAME))
+    # Only what the card reads is published of summary.json, each value of the type it must be. A pruned model
+    # publishes none: a run's summary holds the full model's results (sdzoo.prune), pruning.json its own.
+    pruned = getattr(run.model, "pruned_from", None) is not None
+    summary = None if run.summary is None or pruned else \
+        published_summary(run.summary, where=str(run.path / SUMMARY_NAME))
     extras = _extras(run, onnx, curves)
+    pruning = _pruning(run) if pruned else None
+    if pruning is not None:
+        extras[PRUNING_NAME] = (run.path / PRUNING_NAME, True)
     folded = None
     if ONNX_NAME in extras:
         _logger.info(f"Checking {extras[ONNX_NAME][0]} against the weights with onnxruntime")
@@ -202,7 +224,8 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
     card = render_model_card(
         repo_id, config, summary, block_probs=run.model.block_survival_probs(),
         num_params=sum(p.numel() for p in run.model.parameters()), files=files, file_notes=FILE_NOTES,
-        template=card_template, onnx_folded=folded, unverified_settings=unverified)
+        template=card_template, onnx_folded=folded, unverified_settings=unverified,
+        pruning=pruning)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return files
 

@@ -201,6 +201,36 @@ def _survival_rows(model_args: Mapping[str, Any], block_probs: Sequence[float]) 
     return [(name, markdown_cell(value)) for name, value in rows if value is not None]
 
 
+# What a pruned model's card reports of its pruning.json (sdzoo.depth.describe), each a number: label, format.
+_PRUNING_ROWS = (("params", "parameters", "{:,}"), ("mflops", "MFLOPs per image", "{:.2f}"),
+                 ("acc_torch", "test accuracy, PyTorch (%)", "{:.2f}"),
+                 ("acc_ort", "test accuracy, onnxruntime (%)", "{:.2f}"), ("test_images", "test images", "{:,}"),
+                 ("ms_b1", "onnxruntime latency, batch 1 (ms)", "{:.2f}"),
+                 ("ms_b32", "onnxruntime latency, batch 32 (ms)", "{:.2f}"), ("threads", "CPU threads timed", "{}"))
+
+
+def _pruned_rows(model_args: Mapping[str, Any], pruning: Optional[Mapping[str, Any]]) -> List[Tuple[str, str]]:
+    """The card's rows of a pruned model (``model_args["pruned_from"]``, sdzoo.prune) and of its measurements
+    (pruning.json, untrusted: only numbers are shown); none for a model that was not pruned."""
+    record = model_args.get("pruned_from")
+    if not isinstance(record, Mapping):
+        return []
+    kept, layers = list(record.get("kept") or []), list(record.get("layers") or [])
+    order = str(record.get("order"))
+    if "evaluations" in record:
+        order += f" ({record['evaluations']} evaluations of the validation loss)"
+    rows = [("pruned from", f"{record.get('architecture')}, layers {layers} ({sum(layers)} residual blocks)"),
+            ("blocks kept", f"{len(kept)}: {', '.join(map(str, kept))}"),
+            ("order", order),
+            ("BatchNorm statistics", f"re-estimated on {record['recalibrate_bn']} training images"
+             if record.get("recalibrate_bn") else "as trained (not recalibrated)")]
+    for key, label, fmt in _PRUNING_ROWS:
+        value = (pruning or {}).get(key)
+        if _number(value):
+            rows.append((label, fmt.format(value)))
+    return [(name, markdown_cell(value)) for name, value in rows]
+
+
 def onnx_note(folded: Optional[bool]) -> str:
     """What an ONNX file is, from its metadata's ``folded`` (None: the metadata does not say)."""
     if folded is None:
@@ -220,6 +250,7 @@ def render_model_card(
         file_notes: Optional[Mapping[str, str]] = None,
         onnx_folded: Optional[bool] = None,
         unverified_settings: bool = False,
+        pruning: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """The README.md of a Hub repo.
 
@@ -235,6 +266,8 @@ def render_model_card(
         onnx_folded: what the ONNX file's metadata says of p_l: folded (True), not (False), or nothing (None).
         unverified_settings: the run's weights recorded no survival settings: the card says that those shown
             come from its config.json alone.
+        pruning: a pruned model's measurements (pruning.json). A pruned model's card reports those and never
+            the results of the run it was pruned from (``summary`` is then left out).
     """
     onnx = next((f for f in files if f.endswith(".onnx")), None)
     template_path = default_template_path() if template is None else None
@@ -243,11 +276,15 @@ def render_model_card(
     architecture = config["architecture"]
     model_args = config.get("model_args") or {}
     pretrained_cfg = config.get("pretrained_cfg") or {}
-    results = read_results(summary) if summary is not None else None
+    pruned_rows = _pruned_rows(model_args, pruning)
+    results = read_results(summary) if summary is not None and not pruned_rows else None
     metadata = card_metadata(repo_id, architecture, results, pretrained_cfg.get("license") or "apache-2.0")
 
     dataset_name = markdown_cell(results.dataset_name) if results else ""
     trained_on = f" trained on {dataset_name}" if results else ""
+    if pruned_rows:
+        record = model_args["pruned_from"]
+        trained_on = f", pruned to {len(record.get('kept') or [])} of {sum(record.get('layers') or [])} residual blocks"
     scored = f": {results.test_error:.2f}% test error" if results else ""
     settings = results.settings if results is not None else {}
     channels, height, width = tuple(pretrained_cfg.get("input_size") or (3, 224, 224))
@@ -263,6 +300,7 @@ def render_model_card(
         survival_rows=_survival_rows(model_args, block_probs),
         folded=bool(model_args.get("folded_from")),
         unverified_settings=unverified_settings,
+        pruned_rows=pruned_rows,
         recipe_rows=[(k, markdown_cell(settings[k])) for k in _RECIPE_KEYS if k in settings],
         results=results,
         dataset_name=dataset_name,

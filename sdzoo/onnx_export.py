@@ -176,6 +176,8 @@ def onnx_metadata(
             raise ValueError(f"label_names must name each of the {num_classes} classes; got {len(label_names)} names")
         meta["label_names"] = label_names
     meta.update(_survival_metadata(model))
+    if getattr(model, "pruned_from", None):  # sdzoo.prune: the source architecture and layers, the blocks kept
+        meta["pruned_from"] = model.pruned_from
     meta.update(extra or {})
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 

@@ -170,6 +170,8 @@ class SDResNet(nn.Module):
         drop_path_rate: timm's name for 1 - p_L; accepted when survival_prob is not given.
         folded_from: survival settings a folded (deployed) model was trained with; set by ``sdzoo.fold``.
             A folded model has every p_l in its weights and no gates.
+        pruned_from: the record of a model pruned to fewer blocks (``sdzoo.prune``): the architecture and
+            ``layers`` it was trained with and the names of the blocks kept there. A pruned model is folded.
         device, dtype: where and in what type the parameters are created, as in timm's models
             (``device="meta"`` builds without allocating memory).
     """
@@ -192,6 +194,7 @@ class SDResNet(nn.Module):
             gate_seed: int = SurvivalSettings.gate_seed,
             drop_path_rate: Optional[float] = None,
             folded_from: Optional[Dict[str, Any]] = None,
+            pruned_from: Optional[Dict[str, Any]] = None,
             device=None,
             dtype=None,
     ):
@@ -217,6 +220,7 @@ class SDResNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.survival_settings = settings
+        self.pruned_from = _check_pruned_from(pruned_from, layers, settings)
         # timm's factory lays its kwargs over these (the ``_model_args`` property below lays the survival
         # settings over them again), and save_for_hf writes them to config.json.
         self._factory_args = dict(shortcut=shortcut)
@@ -334,7 +338,10 @@ class SDResNet(nn.Module):
     def _model_args(self) -> Dict[str, Any]:
         # timm's record of the arguments that rebuild this model (config.json's model_args, get_model_args):
         # what its factory stored, with today's survival settings over it, so a folded model rebuilds folded.
-        return dict(self._factory_args, **self.survival_settings.as_model_args())
+        args = dict(self._factory_args, **self.survival_settings.as_model_args())
+        if self.pruned_from is not None:
+            args["pruned_from"] = self.pruned_from  # with the layers its factory was given (sdzoo.prune gives them)
+        return args
 
     @_model_args.setter
     def _model_args(self, args: Dict[str, Any]) -> None:
@@ -430,6 +437,31 @@ class SDResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_pruned_from(record: Optional[Dict[str, Any]], layers: Sequence[int],
+                       settings: SurvivalSettings) -> Optional[Dict[str, Any]]:
+    """``pruned_from`` as config.json or ``sdzoo.prune`` gives it: the source's architecture, its ``layers``,
+    and one source block name (``layerS.I``) for each block of ``layers``."""
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("architecture"), str) or \
+            not isinstance(record.get("layers"), (list, tuple)) or not isinstance(record.get("kept"), (list, tuple)):
+        raise ValueError(f"pruned_from must be a mapping with 'architecture', 'layers' and 'kept' (the pruned "
+                         f"model's record); got {record!r:.200}")
+    source_layers = record["layers"]
+    if len(source_layers) != len(layers) or any(isinstance(n, bool) or not isinstance(n, int) or not
+                                                 layers[i] <= n <= 1024 for i, n in enumerate(source_layers)):
+        raise ValueError(f"pruned_from['layers'] must be the source's blocks per stage, at least layers={list(layers)} "
+                         f"in each; got {source_layers!r:.200}")
+    names = [f"layer{stage + 1}.{i}" for stage, n in enumerate(source_layers) for i in range(n)]
+    kept = record["kept"]
+    if len(kept) != sum(layers) or len(set(map(str, kept))) != len(kept) or any(name not in names for name in kept):
+        raise ValueError(f"pruned_from['kept'] must name {sum(layers)} distinct blocks (layerS.I) of the source's "
+                         f"layers={list(source_layers)}; got {kept!r:.200}")
+    if settings.folded_from is None:
+        raise ValueError("pruned_from needs folded_from: a pruned model is folded (its p_l are in its weights)")
+    return dict(record, layers=list(record["layers"]), kept=list(record["kept"]))
 
 
 # -- weights written before the blocks took timm's layout ---------------------------------------------
@@ -535,8 +567,9 @@ def _create_cifar(variant: str, depth: int, pretrained: bool, **kwargs) -> SDRes
     return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
 
 
-def _create_imagenet(variant: str, layers: Sequence[int], pretrained: bool, **kwargs) -> SDResNet:
-    model_args = dict(layers=tuple(layers), block="bottleneck", stem="imagenet", widths=IMAGENET_WIDTHS)
+def _create_imagenet(variant: str, stage_depths: Sequence[int], pretrained: bool, **kwargs) -> SDResNet:
+    # layers= in kwargs (a pruned model's config.json, sdzoo.prune) replaces the variant's stage depths
+    model_args = dict(layers=tuple(stage_depths), block="bottleneck", stem="imagenet", widths=IMAGENET_WIDTHS)
     kwargs.setdefault("shortcut", "projection")
     return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
 
