@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         rows += hub_rows(work, args.hub_timeout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"| case | door | seconds | peak MiB (added) | error |\n|---|---|---|---|---|")
+    print("| case | door | seconds | peak MiB (added) | error |\n|---|---|---|---|---|")
     for case, door, r in rows:
         print(f"| {case} | {door} | {r['seconds']:.3f} | {r['peak_mib']:.0f} ({r['added_mib']:+.0f}) | "
               f"{r['outcome'][:150]} |")
