@@ -5,15 +5,19 @@ with a random draw, one that skips every branch (batch mode) or keeps one sample
     python scripts/drop_path_coverage.py                    # every model, the table by family
     python scripts/drop_path_coverage.py --forward          # also two training steps of each
     python scripts/drop_path_coverage.py --filter 'vit_*' --json out/coverage.json
+    python scripts/drop_path_coverage.py --forward --every 5 --time-limit 3600   # every 5th name, at most an hour
 
 Prints, by family (timm's model module), how many models hold a DropPath with a positive rate and how many
-convert in each mode, then every reason a model was refused, with its count and an example.
+convert in each mode, then every reason a model was refused, with its count and an example, and the
+conversion time per model (median and worst). With --forward a model counts as converted only when each of
+its training forwards asks every gate for its draw (a block that falls back to timm's masks asks none).
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
 import json
+import statistics
 import sys
 import time
 import warnings
@@ -46,14 +50,28 @@ def has_drop_path(model) -> bool:
     return any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules())
 
 
-def training_step(model) -> None:
-    """One training forward and backward at the model's input size, batch 2, on the meta device."""
+def training_step(model) -> int:
+    """One training forward and backward at the model's input size, batch 2, on the meta device; the gates
+    it asked for its draw (a converted block that runs timm's masks asks none)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = sdzoo.convert._input_size(model) or tuple(cfg.get("input_size", (3, 224, 224)))
-    model.train()
-    out = model(torch.empty(2, *size, device="meta"))
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    out.float().sum().backward()
+    sampler = model.drop_path_sampler
+    asked = set()
+    gate = type(sampler).gate
+
+    def counting_gate(index, *args, **kwargs):
+        asked.add(index)
+        return gate(sampler, index, *args, **kwargs)
+
+    sampler.gate = counting_gate  # only the survey's copy of the model: it counts, then draws as before
+    try:
+        model.train()
+        out = model(torch.empty(2, *size, device="meta"))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out.float().sum().backward()
+    finally:
+        del sampler.gate
+    return len(asked)
 
 
 def skip_every_branch(model) -> None:
@@ -82,25 +100,34 @@ def short(error: BaseException) -> str:
     return error_line(error, 300)
 
 
-def survey(names, rate: float, forward: bool, progress) -> dict:
+def survey(names, rate: float, forward: bool, progress, deadline: float = float("inf")) -> dict:
     results = {}
     for i, name in enumerate(names, 1):
+        if time.perf_counter() > deadline:
+            break
         model = build(name, rate)
         if model is None or not has_drop_path(model):
             continue
         family = type(model).__module__.replace("timm.models.", "")
-        record = dict(family=family)
+        record = dict(family=family, seconds={})
         for mode in MODES:
             model = model if mode == MODES[0] else build(name, rate)
             try:
+                started = time.perf_counter()
                 sdzoo.convert_drop_path(model, mode=mode, min_drop_rate=0.0)
+                record["seconds"][mode] = time.perf_counter() - started
                 if forward:
+                    gates = len(model.drop_path_sampler.survival_probs)
                     try:
-                        training_step(model)
+                        asked = [training_step(model)]
                         skip_every_branch(model)
-                        training_step(model)
+                        asked.append(training_step(model))
                     except Exception as e:  # noqa: BLE001  (a converted model that fails to train)
                         record[mode] = f"converted, but a training step failed: {short(e)}"
+                        continue
+                    if min(asked) < gates:
+                        record[mode] = (f"converted, but a training forward asked {min(asked)} of its {gates} gates "
+                                        f"(the others ran timm's masks)")
                         continue
                 record[mode] = "ok"
             except ValueError as e:
@@ -152,6 +179,18 @@ def reasons(results: dict) -> str:
     return "\n".join(lines)
 
 
+def conversion_times(results: dict) -> str:
+    """Seconds ``convert_drop_path`` took per model, median and worst, in each mode (meta device)."""
+    lines = ["| mode | models converted | median s | worst s | worst model |", "| --- | ---: | ---: | ---: | --- |"]
+    for mode in MODES:
+        times = {name: r["seconds"][mode] for name, r in results.items() if mode in r.get("seconds", {})}
+        if times:
+            worst = max(times, key=times.get)
+            lines.append(f"| {mode} | {len(times)} | {statistics.median(times.values()):.2f} | {times[worst]:.2f} "
+                         f"| {worst} |")
+    return "Conversion time per model:\n" + "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--filter", default="*", help="fnmatch pattern of model names (default: every model)")
@@ -160,28 +199,42 @@ def main(argv=None) -> int:
                         help="also run two training steps of each converted model: a random draw, then every branch "
                              "skipped")
     parser.add_argument("--json", type=Path, help="write every model's result to this file")
+    parser.add_argument("--every", type=int, default=1, metavar="K",
+                        help="a sample: every K-th of the matching names, in timm's order (default 1: all)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no model after this many seconds; the tables cover the models done")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if not 0.0 < args.drop_path_rate < 1.0:
         parser.error(f"--drop-path-rate must be in (0, 1); got {args.drop_path_rate}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    names = [n for n in timm.list_models() if fnmatch.fnmatch(n, args.filter)]
-    if not names:
+    if args.every < 1:
+        parser.error(f"--every must be a positive integer; got {args.every}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        parser.error(f"--time-limit must be a positive number of seconds; got {args.time_limit}")
+    matching = [n for n in timm.list_models() if fnmatch.fnmatch(n, args.filter)]
+    if not matching:
         parser.error(f"--filter {args.filter!r} matches no timm model")
+    names = matching[::args.every]
     started = time.perf_counter()
+    deadline = started + args.time_limit if args.time_limit else float("inf")
 
     def progress(i, count, name, record):
         if not args.quiet:
             marks = " ".join(f"{m}={'ok' if record[m] == 'ok' else 'no'}" for m in MODES)
             print(f"[{i}/{count}] {name}: {marks}", file=sys.stderr, flush=True)
 
-    results = survey(names, args.drop_path_rate, args.forward, progress)
-    print(f"timm {timm.__version__}, torch {torch.__version__}: {len(names)} models, {len(results)} hold a DropPath "
-          f"at drop_path_rate={args.drop_path_rate} ({time.perf_counter() - started:.0f} s"
+    results = survey(names, args.drop_path_rate, args.forward, progress, deadline)
+    done = names.index(list(results)[-1]) + 1 if results else 0
+    sampled = f"every {args.every}th of {len(matching)} names, " if args.every > 1 else ""
+    cut = f"; stopped at --time-limit after {done} of {len(names)} names" if done < len(names) and results else ""
+    print(f"timm {timm.__version__}, torch {torch.__version__}: {sampled}{len(names)} models{cut}, {len(results)} "
+          f"hold a DropPath at drop_path_rate={args.drop_path_rate} ({time.perf_counter() - started:.0f} s"
           f"{', with two training steps each' if args.forward else ''})\n")
     print(table(results))
     print("\nNot converted:\n" + reasons(results))
+    print("\n" + conversion_times(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, sort_keys=True))

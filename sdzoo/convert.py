@@ -73,7 +73,6 @@ class DropPathGate(ResidualGate):
                          sampler=sampler)
         self.indices = tuple(indices)
         self.scale_by_keep = scale_by_keep
-        self.same_batch = False  # set by convert_drop_path where it saw the block take the model's batch
 
     @property
     def drop_prob(self) -> float:
@@ -90,7 +89,10 @@ class DropPathGate(ResidualGate):
         site, branch, shortcut, *inputs = args
         gate = None
         if self.training:
-            gate = self.sampler.gate(self.indices[site], shortcut.shape[0], shortcut.device, self.same_batch)
+            index = self.indices[site]
+            # Rows per sample seen at conversion: the pre-hook drew this branch's rows (see GateSampler.gate).
+            known_rows = self.sampler.rows_per_sample[index] is not None
+            gate = self.sampler.gate(index, shortcut.shape[0], shortcut.device, known_rows)
         return self.apply_gate(gate, branch, shortcut, *inputs)
 
 
@@ -141,7 +143,7 @@ _TENSOR = "tensor"
 
 def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
     params = list(_signature(block).parameters.values())[1:]
-    concrete = {p.name: k[1] for p, k in zip(params, key) if k != _TENSOR}
+    concrete = {p.name: list(k[1]) if k[0] == "list" else k[1] for p, k in zip(params, key) if k != _TENSOR}
     # The training forward: the block's own flag only (its submodules are leaves), so a user's frozen
     # BatchNorm inside it stays as it was.
     was_training, cls = block.training, type(block)
@@ -324,6 +326,13 @@ def _site(block: nn.Module, slot: str, drop: fx.Node, order: Dict[fx.Node, int])
             region.add(node)
     if branch_out not in region or branch_out.op in ("placeholder", "get_attr"):
         raise NotConvertible(f"{slot} drops the shortcut or a shared value: there is no branch of its own to skip")
+    # A branch of indexing and reshapes only takes its values from a call that stays outside it (MViTv2's
+    # attention returns its output and the new feature size, which the block returns too): nothing to skip.
+    if all(n in post or n is drop or _is_shape(n) or n.op == "get_attr"
+           or n.op == "call_function" and n.target in _LAYOUT_FUNCTIONS
+           or n.op == "call_method" and n.target in _LAYOUT_METHODS for n in region):
+        raise NotConvertible(f"the branch of {slot} computes nothing of its own: its value comes from "
+                             f"{branch_out.format_node()}, whose call is also used outside the residual")
     for node in region:
         if node.op == "call_method" and str(node.target).endswith("_") and node.args and node.args[0] not in region:
             raise NotConvertible(f"the branch of {slot} changes a value outside it in place ({node.format_node()})")
@@ -497,6 +506,8 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tu
 
 # -- converted blocks ---------------------------------------------------------------------------------------------
 _REWRITES = "_sdzoo_rewrites"  # call key -> _Rewrite (None: the call runs timm's forward, with masks)
+_REWRITE_KEYS = "_sdzoo_rewrite_keys"  # in a pickled block's state: call key -> whether it had a rewrite
+_NAME = "_sdzoo_name"  # the block's name in the converted model, for messages
 
 
 class DropPathGatedBlock:
@@ -513,9 +524,19 @@ class DropPathGatedBlock:
         return super().forward(*args, **kwargs)
 
     def __reduce_ex__(self, protocol: int):
-        # The generated code is not pickled: the unpickled block generates it again when it first trains.
+        # The generated code is not pickled, only the kinds of call it was made for: the copy (an EMA copy, a
+        # spawn worker, torch.load) makes it again as it is rebuilt, before anything compiles it.
         state = {k: v for k, v in self.__dict__.items() if k != _REWRITES}
+        state[_REWRITE_KEYS] = {key: rewrite is not None for key, rewrite in self.__dict__[_REWRITES].items()}
         return _new_gated_block, (_timm_class(type(self)),), state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        keys = state.pop(_REWRITE_KEYS, {})
+        super().__setstate__(state)
+        self.__dict__[_REWRITES] = {key: None for key, made in keys.items() if not made}  # warned already
+        for key, made in keys.items():
+            if made:
+                _build_rewrite(self, key)
 
 
 _GATED_CLASSES: Dict[type, type] = {}
@@ -550,12 +571,26 @@ def _positional(block: nn.Module, args: tuple, kwargs: dict) -> List[Any]:
 
 def _rewrite_for(block: nn.Module, args: tuple, kwargs: dict) -> Optional[_Rewrite]:
     key = _call_key_fast(block, args, kwargs)
-    if key is None:
-        return None
-    rewrites = block.__dict__.get(_REWRITES)
-    if rewrites is not None and key in rewrites:
+    rewrites = block.__dict__[_REWRITES]
+    if key in rewrites:  # (None: a call whose arguments make no key; it was warned of)
         return rewrites[key]
+    if torch.compiler.is_compiling():
+        raise RuntimeError(_unbuilt_call_message(block, key, args, kwargs))
     return _build_rewrite(block, key)
+
+
+def _unbuilt_call_message(block: nn.Module, key: Optional[Tuple[Any, ...]], args: tuple, kwargs: dict) -> str:
+    name = block.__dict__.get(_NAME) or type(block).__name__
+    if key is None:
+        what = "with an argument that is neither a tensor nor a number, string or flat tuple/list of them"
+    else:
+        names = [n for n, _ in block._sdzoo_params]
+        what = "as " + ", ".join(f"{n}=tensor" if k == _TENSOR else f"{n}={k[1]!r}" for n, k in zip(names, key))
+    return (f"convert_drop_path: a compiled training forward called the converted block {name!r} "
+            f"({type(block).__name__}) {what}, a kind of call it was not prepared for at conversion (which ran "
+            f"one training forward at the model's input size). Run one training step of the model as it will "
+            f"be called (input size, arguments) before torch.compile, so that its rewrite is made eagerly; "
+            f"a call that cannot be rewritten runs timm's drop-path masks, with a warning.")
 
 
 def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
@@ -571,31 +606,67 @@ def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tupl
             key.append(_TENSOR)
         elif value is None or isinstance(value, (bool, int, float, str)):
             key.append(("value", value))
-        elif isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value):
-            key.append(("value", value))
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            # A list (MViTv2's feat_size) keys as the tuple of its items and is traced as a list again.
+            key.append(("value", value) if isinstance(value, tuple) else ("list", tuple(value)))
         else:
             return None
     return tuple(key)
 
 
 @torch.compiler.disable
-def _build_rewrite(block: nn.Module, key: Tuple[Any, ...]) -> Optional[_Rewrite]:
-    """The rewrite for a kind of call not seen yet (another mask, a flag, an unpickled block). Where it cannot
-    be made the call runs timm's forward (its masks, no skip), with a warning once."""
+def _build_rewrite(block: nn.Module, key: Optional[Tuple[Any, ...]]) -> Optional[_Rewrite]:
+    """The rewrite for a kind of call (made at conversion for the calls a training forward makes; later for
+    another mask, a flag, a new input size). Where it cannot be made the call runs timm's forward (its masks,
+    no skip), with a warning once for the block and kind of call."""
     slots = {name: m for name, m in block.named_children() if isinstance(m, DropPathGate)}
     rewrite = None
     try:
+        if key is None:
+            raise NotConvertible("an argument is neither a tensor nor a number, string or flat tuple/list of them")
         rewrite, _, sites = _rewrite(block, key, list(slots))
         counts = {name: sum(s.slot == name for s in sites) for name in slots}
         if any(counts[name] != len(gate.indices) for name, gate in slots.items()):
             raise NotConvertible(f"this call uses its drop paths {counts} times, the conversion saw "
                                  f"{ {n: len(g.indices) for n, g in slots.items()} }")
     except NotConvertible as e:
-        warnings.warn(f"convert_drop_path: {type(block).__name__} called with {key}: {e}; this call runs timm's "
-                      f"drop-path masks (no real skip)", RuntimeWarning, stacklevel=3)
+        name = block.__dict__.get(_NAME) or "?"
+        warnings.warn(f"convert_drop_path: block {name!r} ({_own_class(block).__name__}) called with {key}: {e}; "
+                      f"this call runs timm's drop-path masks in training (no real skip)", RuntimeWarning,
+                      stacklevel=3)
         rewrite = None
+    else:
+        _keep_shortcuts_unchanged(block, sites)
+        for site in sites:  # a branch with a BatchNorm keeps 2 samples: one sample's 1x1 map has no statistics
+            if any(isinstance(m, _BATCH_NORMS) for module in _modules_of(block, site.region)
+                   for m in module.modules()):
+                for index in slots[site.slot].indices:
+                    block.get_submodule(site.slot).sampler.min_kept[index] = 2
     block.__dict__.setdefault(_REWRITES, {})[key] = rewrite
     return rewrite
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _modules_of(block: nn.Module, region: Sequence[fx.Node]) -> List[nn.Module]:
+    return [block.get_submodule(n.target) for n in region if n.op == "call_module"]
+
+
+def _keep_shortcuts_unchanged(block: nn.Module, sites: Sequence[_Site]) -> None:
+    """A skipped branch returns its shortcut unchanged: what the block does in place after the add (an
+    in-place activation, also behind an Identity or a reshape, as in RepVGG's ``x += identity; attn; act``)
+    is made out of place, or it would change the shortcut, which the caller may still hold."""
+    for site in sites:
+        frontier = list(site.add.users)
+        while frontier:
+            user = frontier.pop()
+            if _inplace_module(block, user):
+                block.get_submodule(user.target).inplace = False
+            elif (user.op == "call_module" and isinstance(block.get_submodule(user.target), nn.Identity)
+                  or user.op == "call_method" and user.target in _LAYOUT_METHODS
+                  or user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS):
+                frontier.extend(user.users)
 
 
 # -- what a model's drop paths are ---------------------------------------------------------------------------------
@@ -646,19 +717,24 @@ def _default_key(block: nn.Module) -> Tuple[Any, ...]:
     return tuple(key)
 
 
-# -- sample mode: which extra inputs hold the samples ----------------------------------------------------------
-def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
-    """For each block's extra tensor inputs (masks, rotary tables, relative-position biases), whether their
-    first dimension is the batch: seen on fake tensors at two batch sizes, at the model's input size. An input
+# -- the calls of a training forward ----------------------------------------------------------------------------
+def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Sequence[int]) -> Dict[int, Set[Any]]:
+    """The kinds of call (``_call_key_fast``) each block gets in a training forward at the model's input size,
+    seen on fake tensors (no memory, no compute), so that their rewrites are made at conversion and not inside
+    a compiled graph. At two batch sizes it also sees, for the block's extra tensor inputs (masks, rotary
+    tables, relative-position biases), whether their first dimension is the batch, and how many rows of its
+    input the block gets per sample of the model's (MobileViT's transformer sees patches x batch). An input
     not seen (None there, or a model this cannot run) is judged at run time by its size."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     size = _input_size(model)
+    keys: Dict[int, Set[Any]] = {id(b): set() for b in blocks}
     if size is None:
-        return
+        return keys
     seen: Dict[int, Dict[str, List[Tuple[int, ...]]]] = {id(b): {} for b in blocks}
 
     def record(block, args, kwargs):
+        keys[id(block)].add(_call_key_fast(block, args, kwargs))
         names = [n for n, _ in block._sdzoo_params]
         values = dict(zip(names, args[1:]), **kwargs)
         if args and isinstance(args[0], Tensor):
@@ -669,7 +745,11 @@ def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None
 
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
     modes = {m: m.training for m in model.modules()}  # restored one by one: a frozen BatchNorm stays frozen
-    model.eval()
+    # A training forward (the calls training makes), with running statistics left as they are.
+    model.train()
+    for m in model.modules():
+        if getattr(m, "running_mean", None) is not None:
+            m.eval()
     # A model built for another input size fails here, and the fake-tensor mode logs each failing op first.
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
@@ -677,29 +757,37 @@ def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for batch in (2, 3):
+            for batch in batch_sizes:
                 model(torch.empty(batch, *size, device=_device_of(model)))
-    except Exception:  # noqa: BLE001  (a model that needs other inputs: judged at run time)
-        return
+    except Exception:  # noqa: BLE001  (a model that needs other inputs: its calls are met at run time)
+        return {id(b): set() for b in blocks}
     finally:
         fake_log.setLevel(level)
         for h in handles:
             h.remove()
         for module, training in modes.items():
             module.training = training
+    if len(batch_sizes) < 2:
+        return keys
+    low, high = batch_sizes[0], batch_sizes[-1]
     for block in blocks:
         flags = {}
         for name, shapes in seen[id(block)].items():
             if len(shapes) >= 2 and len({len(s) for s in shapes}) == 1:
-                first, second = shapes[0][0], shapes[-1][0]
-                flags[name] = (first, second) == (2, 3)
-        # Whether the block sees the model's batch (MobileViT's transformer blocks see patches x batch): then
-        # its gates are the forward's draw also where torch.compile cannot compare batch sizes.
-        model_batch = flags.pop(_MAIN_INPUT, False)
+                flags[name] = (shapes[0][0], shapes[-1][0]) == (low, high)
+        # The rows per sample, where the block's batch is a fixed multiple of the model's: then the pre-hook
+        # draws its rows too, also under torch.compile, where batch sizes are not compared.
+        main = seen[id(block)].pop(_MAIN_INPUT, [])
+        rows = main[0][0] // low if main and main[0][0] % low == 0 else None
+        if rows is None or any(shape[0] != rows * b for shape, b in zip(main, batch_sizes)):
+            rows = None
+        flags.pop(_MAIN_INPUT, None)
         for gate in block.children():
             if isinstance(gate, DropPathGate):
-                gate.same_batch = model_batch
+                for index in gate.indices:
+                    gate.sampler.rows_per_sample[index] = rows
         block._sdzoo_batched_inputs = flags
+    return keys
 
 
 _MAIN_INPUT = "<input>"
@@ -777,23 +865,21 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
             setattr(block, slot, DropPathGate(rate, getattr(block, slot).scale_by_keep, indices, sampler))
     sampler.survival_probs = probs
     sampler.gates = [None] * len(probs)
+    sampler.rows_per_sample = [None] * len(probs)  # not known until the probe below sees the blocks' batches
+    sampler.min_kept = [1] * len(probs)
 
-    converted = [r.block for r in reports if any(isinstance(getattr(r.block, s), DropPathGate) for s in r.rates)]
-    for block in converted:
-        block._sdzoo_params = tuple((p.name, None if p.default is inspect.Parameter.empty else p.default)
-                                    for p in list(_signature(block).parameters.values())[1:])
-    if mode == "sample":
-        _probe_batched_inputs(target, converted)
-    for block in converted:
-        slots = [name for name, m in block.named_children() if isinstance(m, DropPathGate)]
-        key = _default_key(block)
-        rewrite, _, sites = _rewrite(block, key, slots)
-        for site in sites:  # a skipped branch returns the shortcut itself, which must not be changed in place
-            for user in site.add.users:
-                if _inplace_module(block, user):
-                    block.get_submodule(user.target).inplace = False
+    converted = [r for r in reports if any(isinstance(getattr(r.block, s), DropPathGate) for s in r.rates)]
+    for report in converted:
+        report.block._sdzoo_params = tuple((p.name, None if p.default is inspect.Parameter.empty else p.default)
+                                           for p in list(_signature(report.block).parameters.values())[1:])
+        report.block.__dict__[_NAME] = report.name
+    calls = _probe_calls(target, [r.block for r in converted], (2, 3) if mode == "sample" else (2,))
+    for report in converted:
+        block = report.block
         block.__class__ = _gated_class(type(block))
-        block.__dict__[_REWRITES] = {key: rewrite}
+        block.__dict__[_REWRITES] = {}
+        for key in calls[id(block)] or {_default_key(block)}:  # the default: a model the probe cannot run
+            _build_rewrite(block, key)
 
     target.drop_path_sampler = sampler
     sampler.attach(target)

@@ -176,7 +176,7 @@ def test_family(name):
 
         # training: outputs and gradients equal timm's forward with the same draw as per-sample masks (where
         # each slot is called once, on the model's batch: MobileViT's blocks see patches x batch)
-        same_batch = mode == "batch" or all(g.same_batch for g in gates.values())
+        same_batch = mode == "batch" or all(r == 1 for r in converted.drop_path_sampler.rows_per_sample)
         if single_call_slots(reference, converted, x) and same_batch:
             # batch mode: every other branch skipped, then the others, so that each branch is skipped once
             for kept_parity in ((0, 1) if mode == "batch" else (None,)):
@@ -227,7 +227,7 @@ def test_family_executed_flops_fall_as_the_rates_predict(name):
     # Sample mode runs branch i on k_i = round(p_i B) of the B samples. The branches are grouped by k_i (a few
     # groups at B = 8, where one run per branch would cost a run per gate): a group's FLOPs are what skipping
     # all of its branches, and only those, saves.
-    kept_counts = [kept_per_sample_count(p, batch) for p in probs]
+    kept_counts = [kept_per_sample_count(p, batch, m) for p, m in zip(probs, model.drop_path_sampler.min_kept)]
     group_flops = {}
     for k in sorted(set(kept_counts)):
         force_draws(model, batch_gates(model, [kept_counts[i] != k for i in range(count)]))
@@ -248,7 +248,7 @@ def test_family_executed_flops_fall_as_the_rates_predict(name):
     assert all(g is not None for g in grads.values())
     predicted = all_kept - sum((1 - k / batch) * f for k, f in group_flops.items())
     # (a block that sees patches x batch, as MobileViT's, keeps round(p B') of its own B' rows)
-    same_batch = all(g.same_batch for g in gates_of(sample).values())
+    same_batch = all(r == 1 for r in sample.drop_path_sampler.rows_per_sample)
     assert sample_flops == pytest.approx(predicted, rel=1e-6 if same_batch else 2e-2)
     assert sample_flops < mask_flops
 
