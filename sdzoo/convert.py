@@ -13,6 +13,7 @@ they save (``BREAK_EVEN_DROP_RATE``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -27,6 +28,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.func import functional_call
 from torch.utils._pytree import tree_unflatten  # the counterpart of FX's pytree codegen
 from timm.layers import DropPath, get_notrace_functions
 from timm.layers.drop import drop_path
@@ -720,13 +722,11 @@ def _default_key(block: nn.Module) -> Tuple[Any, ...]:
 # -- the calls of a training forward ----------------------------------------------------------------------------
 def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Sequence[int]) -> Dict[int, Set[Any]]:
     """The kinds of call (``_call_key_fast``) each block gets in a training forward at the model's input size,
-    seen on fake tensors (no memory, no compute), so that their rewrites are made at conversion and not inside
+    seen without memory or compute (``_run_without_memory``), so that their rewrites are made at conversion and not inside
     a compiled graph. At two batch sizes it also sees, for the block's extra tensor inputs (masks, rotary
     tables, relative-position biases), whether their first dimension is the batch, and how many rows of its
     input the block gets per sample of the model's (MobileViT's transformer sees patches x batch). An input
     not seen (None there, or a model this cannot run) is judged at run time by its size."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     size = _input_size(model)
     keys: Dict[int, Set[Any]] = {id(b): set() for b in blocks}
     if size is None:
@@ -743,30 +743,22 @@ def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Seq
             if isinstance(value, Tensor) and value.dim() > 0:
                 seen[id(block)].setdefault(name, []).append(tuple(value.shape))
 
+    def reset():  # what a failed way recorded
+        for values in (*keys.values(), *seen.values()):
+            values.clear()
+
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
     modes = {m: m.training for m in model.modules()}  # restored one by one: a frozen BatchNorm stays frozen
-    # A training forward (the calls training makes), with running statistics left as they are.
     model.train()
-    for m in model.modules():
-        if getattr(m, "running_mean", None) is not None:
-            m.eval()
-    # A model built for another input size fails here, and the fake-tensor mode logs each failing op first.
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for batch in batch_sizes:
-                model(torch.empty(batch, *size, device=_device_of(model)))
-    except Exception:  # noqa: BLE001  (a model that needs other inputs: its calls are met at run time)
-        return {id(b): set() for b in blocks}
+        ran = _run_without_memory(model, size, batch_sizes, reset)
     finally:
-        fake_log.setLevel(level)
         for h in handles:
             h.remove()
         for module, training in modes.items():
             module.training = training
+    if not ran:  # a model that needs other inputs: its calls are met at run time
+        return {id(b): set() for b in blocks}
     if len(batch_sizes) < 2:
         return keys
     low, high = batch_sizes[0], batch_sizes[-1]
@@ -791,6 +783,45 @@ def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Seq
 
 
 _MAIN_INPUT = "<input>"
+
+
+def _run_without_memory(model: nn.Module, size: Tuple[int, ...], batch_sizes: Sequence[int], reset) -> bool:
+    """Training forwards of ``model`` at ``size`` that compute nothing and change nothing: on the meta device,
+    its parameters and buffers swapped for meta tensors (the running statistics a training forward updates
+    are the copies'); where the model makes tensors of its own on the CPU, with fake tensors, many times
+    slower. Whether either ran."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    meta_state = {name: torch.empty_like(t, device="meta") for name, t in named}
+    # A model built for another input size fails here, and the fake-tensor mode logs each failing op first.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        for on_meta in (True, False):
+            reset()
+            try:
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(torch.no_grad())
+                    stack.enter_context(warnings.catch_warnings())
+                    warnings.simplefilter("ignore")
+                    if on_meta:
+                        for batch in batch_sizes:
+                            functional_call(model, meta_state, (torch.empty(batch, *size, device="meta"),))
+                    else:
+                        for m in model.modules():  # the real buffers: running statistics left as they are
+                            if getattr(m, "running_mean", None) is not None:
+                                m.eval()
+                        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+                        for batch in batch_sizes:
+                            model(torch.empty(batch, *size, device=_device_of(model)))
+                return True
+            except Exception:  # noqa: BLE001  (the next way, or none)
+                continue
+        return False
+    finally:
+        fake_log.setLevel(level)
 
 
 def _input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:

@@ -555,6 +555,11 @@ class _GradInOperandLayout(torch.autograd.Function):
         return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
+def _in_operand_layout(param: Tensor) -> Tensor:
+    """``param`` with its gradient in its own layout, where that can differ (see ``_GradInOperandLayout``)."""
+    return _GradInOperandLayout.apply(param) if param.dim() > 2 or 1 in param.shape else param
+
+
 def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any], keep: Tensor, scale,
                          checkpointing: bool) -> Tensor:
     """The batch gate inside a compiled graph: ``torch.cond`` keeps the draw a runtime input, so the graph
@@ -583,13 +588,15 @@ def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any]
 
     def run(shortcut, *operands):
         shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
-        # Parameters always (their gradients are small); inputs where a size-1 dimension makes layouts ambiguous.
+        # Inputs and parameters where the gradient's layout can differ from the operand's: a size-1 dimension
+        # makes layouts ambiguous, and a convolution weight's gradient follows its input's memory format. Not
+        # the others (linear and norm weights): each such Function is traced forward and backward, on both
+        # sides of every cond, which is much of batch mode's compile time.
         tensors = [_GradInOperandLayout.apply(t) if 1 in t.shape else t for t in operands[:n_tensors]]
         buffers = operands[n_tensors:n_tensors + n_buffers]
         state = {name: b.clone() for name, b in zip(float_names, buffers)}
         state.update({name: c.clone() for name, c in counter_copies.items()})
-        state.update({name: _GradInOperandLayout.apply(p) for (name, _), p in
-                      zip(params, operands[n_tensors + n_buffers:])})
+        state.update({name: _in_operand_layout(p) for (name, _), p in zip(params, operands[n_tensors + n_buffers:])})
         values = with_operands(tensors)
         if checkpointing:
             out = checkpoint(lambda *v: branch.functional(state, *v), *values, use_reentrant=False)
@@ -603,8 +610,24 @@ def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any]
     def skip(shortcut, *operands):
         shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
         # The parameters' zero gradients made as the taken side makes its gradients, so their layouts agree.
-        touched = sum(_GradInOperandLayout.apply(p)[(0,) * p.dim()] * 0 for p in operands[n_tensors + n_buffers:])
+        touched = sum(_in_operand_layout(p)[(0,) * p.dim()] * 0 for p in operands[n_tensors + n_buffers:])
         return (shortcut.clone() + touched if params else shortcut.clone(), *[b.clone() for b in operands[n_tensors:n_tensors + n_buffers]])
+
+    if not floats and not counters and not any(_in_operand_layout(p) is not p for _, p in params):
+        # Nothing to swap (a transformer's linear layers and norms): the branch runs as it is, its parameters
+        # lifted by dynamo, which traces far less than functional_call's swap of every parameter.
+        def run_direct(shortcut, *operands):
+            shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
+            values = with_operands([_GradInOperandLayout.apply(t) if 1 in t.shape else t for t in operands])
+            out = checkpoint(branch, *values, use_reentrant=False) if checkpointing else branch(*values)
+            return shortcut.clone().add_(out if scale is None else out * scale)
+
+        def skip_direct(shortcut, *operands):
+            shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
+            return shortcut.clone()
+
+        out = torch.cond(keep, run_direct, skip_direct, (shortcut, *[inputs[i] for i in tensor_at]))
+        return _GradInOperandLayout.apply(out)
 
     # Buffer operands are copies: the write-back below must not touch tensors that autograd saved.
     operands = [inputs[i] for i in tensor_at] + [b.clone() for _, b in floats] + [p for _, p in params]

@@ -316,6 +316,139 @@ def test_compiled_in_one_graph_without_recompiles(name, mode):
     assert model.drop_path_sampler.step == 3 == eager.drop_path_sampler.step
 
 
+# Blocks called with more than x (EVA02's rope=, PVT-v2's feat_size), and a model deep-copied and unpickled
+# before torch.compile (an EMA copy, a spawn worker, a saved model): the rewrites of a training call are made at
+# conversion and again as a copy is rebuilt, never inside the compiled frame. Dynamo's own graphs and breaks are
+# the point, so the backend only counts them (no AOT): the smallest configurations that keep the calls.
+CALLED_WITH_MORE = {
+    "eva02 rope": ("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=48, num_heads=2), 28),
+    "pvt_v2 feat_size": ("pvt_v2_b0", dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2)), 32),
+    "vit deep-copied, then unpickled": ("vit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=48, num_heads=2), 32),
+}
+
+
+@pytest.mark.slow  # compiles
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CALLED_WITH_MORE))
+def test_blocks_called_with_more_than_x_and_copied_models_compile_whole(case, mode):
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    name, kwargs, size = CALLED_WITH_MORE[case]
+    torch.manual_seed(0)
+    model = convert(timm.create_model(name, drop_path_rate=RATE, num_classes=10, **kwargs), mode).train()
+    if "copied" in case:
+        model = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for _ in range(2):
+        compiled(torch.randn(4, 3, size, size)).sum().backward()
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs (a recompile)"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert model.drop_path_sampler.step == 2
+    if case.startswith("pvt_v2"):  # another input size: a feat_size the conversion did not see, said clearly
+        with pytest.raises(Exception, match="Run one training step of the model as it will be called"):
+            compiled(torch.randn(4, 3, 2 * size, 2 * size))
+
+
+@pytest.mark.slow  # compiles
+def test_mobilevit_sample_mode_draws_its_patch_rows_before_the_graph():
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model = convert(build("mobilevit_xxs"), "sample").train()
+    sampler = model.drop_path_sampler
+    # the transformer blocks see patches x batch: 4 rows a sample (2x2 patches), drawn by the pre-hook
+    assert set(sampler.rows_per_sample) == {1, 4}
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    compiled(x).sum().backward()
+    assert counter.frame_count == 1
+    for gate, rows, p, least in zip(sampler.gates, sampler.rows_per_sample, sampler.survival_probs, sampler.min_kept):
+        assert gate.numel() == kept_per_sample_count(p, rows * 2, least) and int(gate.max()) < rows * 2
+
+
+def test_a_list_argument_takes_the_real_skip_and_a_fallback_warns_naming_the_block():
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+    # MViTv2's stages pass feat_size as a list: every gate is asked in a training forward
+    mvit = MultiScaleVit(MultiScaleVitCfg(depths=(1, 2), embed_dim=16, num_heads=1), img_size=(32, 32),
+                         num_classes=10, drop_path_rate=RATE)
+    model = convert(mvit, "batch").train()
+    asked = []
+    gate = type(model.drop_path_sampler).gate
+    model.drop_path_sampler.gate = lambda index, *a, **k: asked.append(index) or gate(model.drop_path_sampler, index, *a, **k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert sorted(asked) == list(range(len(model.drop_path_sampler.survival_probs))) and asked
+    # an argument that makes no kind of call (a dict) runs timm's masks, and says so once, naming the block
+    blocks = torch.nn.Sequential(*[Residual() for _ in range(2)])
+    blocks.pretrained_cfg = None
+    convert(blocks, "batch").train()
+    with pytest.warns(RuntimeWarning, match=r"block '1' \(Residual\) called with None.*runs timm's drop-path masks"):
+        blocks[1](torch.randn(2, 8), extra={"scale": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        blocks[1](torch.randn(2, 8), extra={"scale": 2})
+
+
+class Residual(torch.nn.Module):
+    """A user's block: a drop path on a residual branch, and an argument besides x."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x, extra=None):
+        return x + self.drop_path(self.fc(x))
+
+
+def test_repvgg_batch_mode_skips_with_the_in_place_activation_behind_an_identity():
+    model = convert(timm.create_model("repvgg_a0", drop_path_rate=RATE, num_classes=10), "batch").train()
+    force_draws(model, batch_gates(model, [False] * len(model.drop_path_sampler.survival_probs)))
+    x = torch.randn(2, 3, 32, 32)
+    block = model.stages[1][1]
+    out = block(x := model.stages[0](model.stem(x)).detach().requires_grad_())
+    assert out._base is None and not out._is_view()  # not a view of the shortcut (FSDP2 warns of one)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # the in-place ReLU after x += identity; attn (Identity)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_sample_mode_keeps_two_samples_where_a_branch_holds_a_batchnorm():
+    # EfficientNet at 32 px: the last stages' maps are 1x1, and one sample there has no batch statistics
+    model = convert(build("efficientnet_b0", rate=0.6), "sample").train()
+    sampler = model.drop_path_sampler
+    assert sampler.min_kept == [2] * len(sampler.min_kept)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(g.numel() == 2 for g in sampler.gates)
+    vit = convert(build("vit_tiny_patch16_224"), "sample")  # LayerNorm only: one sample may be kept
+    assert set(vit.drop_path_sampler.min_kept) == {1}
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_exporting_in_training_mode_says_what_exports(strict):
+    x = torch.randn(2, 3, 32, 32)
+    model = convert(build("vit_tiny_patch16_224", depth=2), "batch").train()
+    with pytest.raises(Exception, match=r"What exports: the model in eval mode.*gate_mode='sample'.*strict=False"):
+        torch.export.export(model, (x,), strict=strict)
+    sample = convert(build("vit_tiny_patch16_224", depth=2), "sample").train()
+    if strict:
+        with pytest.raises(Exception, match="What exports"):
+            torch.export.export(sample, (x,), strict=True)
+    else:  # what the message offers works
+        assert torch.export.export(sample, (x,), strict=False).module()(x).shape == (2, 10)
+
+
+def test_vmap_over_a_batch_mode_model_draws_plain_gates():
+    model = convert(build("vit_tiny_patch16_224", depth=2), "batch").train()
+    x = torch.randn(3, 2, 3, 32, 32)
+    out = torch.vmap(model, randomness="different")(x)
+    assert out.shape == (3, 2, 10)
+    assert all(g.dim() == 0 for g in model.drop_path_sampler.gates)  # one plain draw, not a batched one
+
+
 @pytest.mark.slow  # compiles
 @pytest.mark.parametrize("kind", ["zoo batch", "converted batch", "converted sample"])
 def test_warmup_moves_the_rates_without_recompiling(kind):
