@@ -1,10 +1,12 @@
 """Distributed training loops as users write them, for the tests to run under torchrun (gloo, on the CPU).
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_loops.py {ddp,fsdp2} CASES STEPS OUT
+    torchrun --standalone --nproc_per_node 2 tests/distributed_loops.py {ddp,fsdp2,drift} CASES STEPS OUT
 
 ``ddp`` is a plain DDP loop, as in the PyTorch DDP tutorial and timm's train.py: no
 ``find_unused_parameters`` (DDP then refuses the second step if a parameter had no gradient). ``fsdp2`` shards
-each transformer block and then the root with ``fully_shard``. CASES is a JSON list of
+each transformer block and then the root with ``fully_shard``. ``drift`` is the DDP loop with one extra
+training forward on rank 1 after the first step (a debug print, a validation pass that forgot
+``model.eval()``), after which the ranks must still draw the same gates. CASES is a JSON list of
 ``{"model": NAME, "kwargs": {...}, "size": 32, "convert": null | "sample" | "batch",
 "convert_through_ddp": false}``;
 rank 0 writes one result per case to OUT. sdzoo is imported only to convert: the zoo's own models come
@@ -93,9 +95,32 @@ def fsdp2_case(case, size, steps):
                 finite=all(bool(t.isfinite().all()) for t in full.values()))
 
 
+def drift_case(case, size, steps):
+    model = build(case)
+    if case.get("convert"):
+        convert(model, case)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.01)
+    data = torch.Generator().manual_seed(100 + dist.get_rank())
+    draws = []
+    for step in range(steps):
+        x, y = torch.randn(BATCH, 3, size, size, generator=data), torch.randint(0, 10, (BATCH,), generator=data)
+        loss = F.cross_entropy(wrapped(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        draws.append([None if g is None else g.tolist() for g in last_gates(model)])
+        if step == 0 and dist.get_rank() == 1:
+            print("debug:", model(x).shape, file=sys.stderr)  # rank 1 only, in training mode
+    all_draws = [None] * dist.get_world_size()
+    dist.all_gather_object(all_draws, draws)
+    return dict(same_draws=all(d == all_draws[0] for d in all_draws), draws=len(draws),
+                differing_steps=sum(len({str(d[i]) for d in all_draws}) > 1 for i in range(steps)))
+
+
 def main(loop, cases, steps, out):
     # a function, as in the DDP tutorial: the models and wrappers are freed before the process group goes
-    run_case = dict(ddp=ddp_case, fsdp2=fsdp2_case)[loop]
+    run_case = dict(ddp=ddp_case, fsdp2=fsdp2_case, drift=drift_case)[loop]
     results = {}
     for case in cases:
         results[f"{case['model']} {case.get('convert') or 'zoo'}"] = run_case(case, case.get("size", 32), steps)
