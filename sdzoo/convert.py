@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_unflatten  # the counterpart of FX's pytree
 from timm.layers import DropPath, get_notrace_functions
 from timm.layers.drop import drop_path
 
-from ._checks import check_choice, check_fraction, check_int, error_line
+from ._checks import check_choice, check_fraction, check_input_size, check_int, error_line
 from .gate import Branch, GateSampler, ResidualGate
 
 __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPathGate", "DropPathSampler",
@@ -582,17 +582,15 @@ def _rewrite_for(block: nn.Module, args: tuple, kwargs: dict) -> Optional[_Rewri
 
 
 def _unbuilt_call_message(block: nn.Module, key: Optional[Tuple[Any, ...]], args: tuple, kwargs: dict) -> str:
+    # Names only: inside a compiled frame the values may be symbolic, which dynamo cannot format.
     name = block.__dict__.get(_NAME) or type(block).__name__
-    if key is None:
-        what = "with an argument that is neither a tensor nor a number, string or flat tuple/list of them"
-    else:
-        names = [n for n, _ in block._sdzoo_params]
-        what = "as " + ", ".join(f"{n}=tensor" if k == _TENSOR else f"{n}={k[1]!r}" for n, k in zip(names, key))
+    names = [n for n, _ in block._sdzoo_params][:len(args)] + sorted(kwargs)
+    what = "with " + ", ".join(names) if key is not None else "with an argument that makes no kind of call"
     return (f"convert_drop_path: a compiled training forward called the converted block {name!r} "
-            f"({type(block).__name__}) {what}, a kind of call it was not prepared for at conversion (which ran "
-            f"one training forward at the model's input size). Run one training step of the model as it will "
-            f"be called (input size, arguments) before torch.compile, so that its rewrite is made eagerly; "
-            f"a call that cannot be rewritten runs timm's drop-path masks, with a warning.")
+            f"({type(block).__name__}) {what}, in a kind of call it was not prepared for at conversion (which ran "
+            f"one training forward at the model's input size: another input size changes a feature size). "
+            f"Convert with input_size=(C, H, W) of the training inputs, or run one training step of the model as "
+            f"it will be called before torch.compile, so that the block's rewrite for the call is made eagerly.")
 
 
 def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
@@ -720,14 +718,14 @@ def _default_key(block: nn.Module) -> Tuple[Any, ...]:
 
 
 # -- the calls of a training forward ----------------------------------------------------------------------------
-def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Sequence[int]) -> Dict[int, Set[Any]]:
+def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Sequence[int],
+                 size: Optional[Tuple[int, ...]]) -> Dict[int, Set[Any]]:
     """The kinds of call (``_call_key_fast``) each block gets in a training forward at the model's input size,
     seen without memory or compute (``_run_without_memory``), so that their rewrites are made at conversion and not inside
     a compiled graph. At two batch sizes it also sees, for the block's extra tensor inputs (masks, rotary
     tables, relative-position biases), whether their first dimension is the batch, and how many rows of its
     input the block gets per sample of the model's (MobileViT's transformer sees patches x batch). An input
     not seen (None there, or a model this cannot run) is judged at run time by its size."""
-    size = _input_size(model)
     keys: Dict[int, Set[Any]] = {id(b): set() for b in blocks}
     if size is None:
         return keys
@@ -842,7 +840,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 # -- the conversion ------------------------------------------------------------------------------------------------
 def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
-                      min_drop_rate: float = BREAK_EVEN_DROP_RATE) -> nn.Module:
+                      min_drop_rate: float = BREAK_EVEN_DROP_RATE,
+                      input_size: Optional[Sequence[int]] = None) -> nn.Module:
     """Give a timm model built with ``drop_path_rate`` a real skip, in place; returns the model.
 
     Args:
@@ -853,6 +852,11 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
         seed: seed of the model's gate generator: the same seed gives the same gates on every run and rank.
         min_drop_rate: a branch whose drop rate is below this stays timm's mask, where the real skip does not
             pay (default: ``BREAK_EVEN_DROP_RATE``; 0 converts every DropPath'd branch).
+        input_size: (channels, height, width) of the training inputs (default: the model's pretrained_cfg
+            input size). Conversion runs one training forward at this size, without memory or compute, and
+            prepares the blocks for the calls it makes (a feature size, a rotary table): torch.compile then
+            meets no call it was not prepared for. A call at another size is prepared when it first runs
+            eagerly, and refused with a message inside a compiled graph.
 
     A DropPath that is not on a residual branch (its output is the block's output, or concatenated, or it
     drops the shortcut) stays timm's mask: there is no shortcut to fall back on. ``inspect_drop_paths`` says
@@ -862,6 +866,7 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
     check_choice("mode", mode, CONVERT_MODES)
     check_int("seed", seed, 0, 2**63 - 1)
     check_fraction("min_drop_rate", min_drop_rate, include_one=False)
+    size = check_input_size("input_size", input_size) if input_size is not None else None
     target = _unwrap(model)
     if getattr(target, "drop_path_sampler", None) is not None:
         raise ValueError("model is already converted (it has a drop_path_sampler)")
@@ -904,7 +909,8 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
         report.block._sdzoo_params = tuple((p.name, None if p.default is inspect.Parameter.empty else p.default)
                                            for p in list(_signature(report.block).parameters.values())[1:])
         report.block.__dict__[_NAME] = report.name
-    calls = _probe_calls(target, [r.block for r in converted], (2, 3) if mode == "sample" else (2,))
+    calls = _probe_calls(target, [r.block for r in converted], (2, 3) if mode == "sample" else (2,),
+                         size or _input_size(target))
     for report in converted:
         block = report.block
         block.__class__ = _gated_class(type(block))
