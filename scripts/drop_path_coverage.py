@@ -6,6 +6,7 @@ with a random draw, one that skips every branch (batch mode) or keeps one sample
     python scripts/drop_path_coverage.py --forward          # also two training steps of each
     python scripts/drop_path_coverage.py --filter 'vit_*' --json out/coverage.json
     python scripts/drop_path_coverage.py --forward --every 5 --time-limit 3600   # every 5th name, at most an hour
+    python scripts/drop_path_coverage.py --compile --backend aot_eager               # the compile table
 
 Prints, by family (timm's model module), how many models hold a DropPath with a positive rate and how many
 convert in each mode, then every reason a model was refused, with its count and an example, and the
@@ -179,6 +180,83 @@ def reasons(results: dict) -> str:
     return "\n".join(lines)
 
 
+# -- under torch.compile ---------------------------------------------------------------------------------------------
+def _tiny_mobilevit():
+    from timm.models.byobnet import ByobNet, ByoModelCfg
+    from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block
+    cfg = ByoModelCfg(blocks=(_inverted_residual_block(d=2, c=16, s=1, br=2.0),
+                              _mobilevit_block(d=1, c=24, s=2, transformer_dim=32, transformer_depth=2, patch_size=2,
+                                               br=2.0)),
+                      stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu", num_features=32)
+    return ByobNet(cfg, num_classes=10, drop_path_rate=0.3)
+
+
+def _tiny_coatnet():
+    from timm.models.maxxvit import MaxxVit, MaxxVitCfg
+    cfg = MaxxVitCfg(embed_dim=(16, 32, 64, 64), depths=(1, 1, 2, 1), stem_width=16)
+    return MaxxVit(cfg, img_size=32, num_classes=10, drop_path_rate=0.3)
+
+
+# The smallest configurations that keep each family's kinds of block (and its calls: EVA02's rope, PVT-v2's
+# feat_size, MobileViT's patches x batch), at a small input: (how it is built, input side).
+COMPILE_FAMILIES = {
+    "ViT": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, drop_path_rate=0.3), 32),
+    "ConvNeXt": (lambda: timm.create_model("convnext_atto", depths=(1, 1, 2, 1), drop_path_rate=0.3), 32),
+    "Swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, depths=(2, 1),
+                                       num_heads=(3, 6), drop_path_rate=0.3), 32),
+    "EVA02": (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, drop_path_rate=0.3), 28),
+    "PVT-v2": (lambda: timm.create_model("pvt_v2_b0", depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2),
+                                         drop_path_rate=0.3), 32),
+    "MobileViT": (_tiny_mobilevit, 16),
+    "EfficientNet (tinynet_e)": (lambda: timm.create_model("tinynet_e", drop_path_rate=0.3), 32),
+    "CoAtNet": (_tiny_coatnet, 32),
+}
+
+
+def compile_row(family: str, mode: str, backend: str, steps: int) -> str:
+    """Graphs, graph breaks and recompiles of ``steps`` training steps of the family's converted model under
+    torch.compile (default fullgraph=False), and the seconds to its first step (compile included)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    build_model, side = COMPILE_FAMILIES[family]
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = sdzoo.convert_drop_path(build_model(), mode=mode, min_drop_rate=0.0, input_size=(3, side, side)).train()
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(4, 3, side, side)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        compiled(x).sum().backward()
+        times.append(time.perf_counter() - started)
+    breaks = sum(counters["graph_break"].values())
+    graphs = counter.frame_count
+    recompiles = max(graphs - 1 - breaks, 0)  # a break starts a graph of its own; the rest are recompiles
+    gates = len(model.drop_path_sampler.survival_probs)
+    # fullgraph=True fails exactly where dynamo breaks the graph
+    return (f"| {family} | {mode} | {gates} | {graphs} | {breaks} | {recompiles} | {'yes' if breaks == 0 else 'no'} "
+            f"| {times[0]:.1f} | {statistics.median(times[1:]) * 1000:.0f} |")
+
+
+def compile_table(backend: str, steps: int, deadline: float) -> str:
+    lines = [f"| family | mode | gates | graphs | graph breaks | recompiles | fullgraph=True | first step s "
+             f"({backend}) | later step ms |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for family in COMPILE_FAMILIES:
+        for mode in ("sample", "batch"):
+            if time.perf_counter() > deadline:
+                lines.append(f"| {family} | {mode} | not measured (--time-limit) | | | | | | |")
+                continue
+            try:
+                lines.append(compile_row(family, mode, backend, steps))
+            except Exception as e:  # noqa: BLE001  (a family that fails to compile is a row of the table)
+                lines.append(f"| {family} | {mode} | failed: {short(e)} | | | | | | |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def conversion_times(results: dict) -> str:
     """Seconds ``convert_drop_path`` took per model, median and worst, in each mode (meta device)."""
     lines = ["| mode | models converted | median s | worst s | worst model |", "| --- | ---: | ---: | ---: | --- |"]
@@ -203,6 +281,11 @@ def main(argv=None) -> int:
                         help="a sample: every K-th of the matching names, in timm's order (default 1: all)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="start no model after this many seconds; the tables cover the models done")
+    parser.add_argument("--compile", action="store_true",
+                        help="instead: the compile table, 8 families in both modes (graphs, breaks, recompiles, "
+                             "time to the first step)")
+    parser.add_argument("--backend", default="aot_eager", help="torch.compile backend of --compile")
+    parser.add_argument("--steps", type=int, default=5, help="training steps of each model with --compile")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if not 0.0 < args.drop_path_rate < 1.0:
@@ -213,6 +296,15 @@ def main(argv=None) -> int:
         parser.error(f"--every must be a positive integer; got {args.every}")
     if args.time_limit is not None and not args.time_limit > 0:
         parser.error(f"--time-limit must be a positive number of seconds; got {args.time_limit}")
+    if args.compile:
+        if args.steps < 2:
+            parser.error(f"--steps must be at least 2; got {args.steps}")
+        started = time.perf_counter()
+        deadline = started + args.time_limit if args.time_limit else float("inf")
+        print(f"timm {timm.__version__}, torch {torch.__version__}, backend {args.backend}, {args.steps} steps, "
+              f"batch 4\n")
+        print(compile_table(args.backend, args.steps, deadline))
+        return 0
     matching = [n for n in timm.list_models() if fnmatch.fnmatch(n, args.filter)]
     if not matching:
         parser.error(f"--filter {args.filter!r} matches no timm model")

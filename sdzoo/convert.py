@@ -721,8 +721,8 @@ def _default_key(block: nn.Module) -> Tuple[Any, ...]:
 def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Sequence[int],
                  size: Optional[Tuple[int, ...]]) -> Dict[int, Set[Any]]:
     """The kinds of call (``_call_key_fast``) each block gets in a training forward at the model's input size,
-    seen without memory or compute (``_run_without_memory``), so that their rewrites are made at conversion and not inside
-    a compiled graph. At two batch sizes it also sees, for the block's extra tensor inputs (masks, rotary
+    seen without memory or compute (``_run_without_memory``), so that their rewrites are made at conversion and
+    not inside a compiled graph. At two batch sizes it also sees, for the block's extra tensor inputs (masks, rotary
     tables, relative-position biases), whether their first dimension is the batch, and how many rows of its
     input the block gets per sample of the model's (MobileViT's transformer sees patches x batch). An input
     not seen (None there, or a model this cannot run) is judged at run time by its size."""

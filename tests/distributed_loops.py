@@ -43,8 +43,9 @@ def skipped(gates) -> int:
     return sum(int(g.numel() < BATCH) if g.dim() else int(float(g) == 0) for g in gates if g is not None)
 
 
-def steps_of(model, wrapped, size, steps):
-    """``steps`` SGD steps on each rank's own random data; the number of branches skipped and the last loss."""
+def steps_of(model, wrapped, size, steps, after_step=None):
+    """``steps`` SGD steps on each rank's own random data; the number of branches skipped, the last loss and
+    each step's gates. ``after_step(step, x)`` runs after each step."""
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     data = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own part of the data
     skipped_branches, draws = 0, []
@@ -56,6 +57,8 @@ def steps_of(model, wrapped, size, steps):
         optimizer.step()
         skipped_branches += skipped(last_gates(model))
         draws.append([None if g is None else g.tolist() for g in last_gates(model)])
+        if after_step is not None:
+            after_step(len(draws) - 1, x)
     return skipped_branches, loss.item(), draws
 
 
@@ -100,18 +103,12 @@ def drift_case(case, size, steps):
     if case.get("convert"):
         convert(model, case)
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.01)
-    data = torch.Generator().manual_seed(100 + dist.get_rank())
-    draws = []
-    for step in range(steps):
-        x, y = torch.randn(BATCH, 3, size, size, generator=data), torch.randint(0, 10, (BATCH,), generator=data)
-        loss = F.cross_entropy(wrapped(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        draws.append([None if g is None else g.tolist() for g in last_gates(model)])
-        if step == 0 and dist.get_rank() == 1:
-            print("debug:", model(x).shape, file=sys.stderr)  # rank 1 only, in training mode
+
+    def debug_print(step, x):
+        if step == 0 and dist.get_rank() == 1:  # rank 1 only, in training mode
+            print("debug:", model(x).shape, file=sys.stderr)
+
+    _, _, draws = steps_of(model, wrapped, size, steps, debug_print)
     all_draws = [None] * dist.get_world_size()
     dist.all_gather_object(all_draws, draws)
     return dict(same_draws=all(d == all_draws[0] for d in all_draws), draws=len(draws),

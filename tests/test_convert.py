@@ -323,7 +323,8 @@ def test_compiled_in_one_graph_without_recompiles(name, mode):
 CALLED_WITH_MORE = {
     "eva02 rope": ("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=48, num_heads=2), 28),
     "pvt_v2 feat_size": ("pvt_v2_b0", dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2)), 32),  # at 224 px
-    "vit deep-copied, then unpickled": ("vit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=48, num_heads=2), 32),
+    "vit deep-copied, then unpickled": ("vit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=48, num_heads=2),
+                                        32),
 }
 
 
@@ -349,7 +350,7 @@ def test_blocks_called_with_more_than_x_and_copied_models_compile_whole(case, mo
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert model.drop_path_sampler.step == 2
     if case.startswith("pvt_v2") and mode == "sample":  # another input size: a feat_size not seen, said clearly
-        with pytest.raises(Exception, match=r"'stages.1.blocks.0' \(GatedBlock\) with x, feat_size.*Convert with input_size"):
+        with pytest.raises(Exception, match=r"'stages.1.blocks.0' \(GatedBlock\) with x, feat_size.*input_size="):
             compiled(torch.randn(4, 3, 2 * size, 2 * size))
 
 
@@ -384,7 +385,8 @@ def test_a_list_argument_takes_the_real_skip_and_a_fallback_warns_naming_the_blo
     model = convert(mvit, "batch").train()
     asked = []
     gate = type(model.drop_path_sampler).gate
-    model.drop_path_sampler.gate = lambda index, *a, **k: asked.append(index) or gate(model.drop_path_sampler, index, *a, **k)
+    sampler = model.drop_path_sampler
+    sampler.gate = lambda index, *a, **k: asked.append(index) or gate(sampler, index, *a, **k)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
         model(torch.randn(2, 3, 32, 32)).sum().backward()
@@ -636,9 +638,10 @@ def test_fsdp2_trains_a_converted_model(tmp_path):
 def test_ddp_ranks_keep_drawing_the_same_gates_after_an_extra_forward_on_one_rank(tmp_path):
     # DDP broadcasts rank 0's buffers before each forward, the gate step among them: rank 1's extra training
     # forward (a debug print) does not put it out of step. A converted ViT and a zoo model with BatchNorm.
-    cases = [dict(model="vit_tiny_patch16_224", kwargs=dict(img_size=32, depth=3, drop_path_rate=RATE), convert="batch"),
+    vit = dict(img_size=32, depth=3, drop_path_rate=RATE)
+    cases = [dict(model="vit_tiny_patch16_224", kwargs=vit, convert="batch"),
              dict(model="sd_resnet20_cifar", kwargs=dict(layers=[1, 1, 1], gate_mode="batch", survival_prob=0.5))]
     results = run_distributed_loop("drift", cases, 4, tmp_path / "result.json")
     assert len(results) == 2
     for case, r in results.items():
-        assert r["draws"] == 4 and r["same_draws"], f"{case}: the ranks drew different gates in {r['differing_steps']} steps"
+        assert r["draws"] == 4 and r["same_draws"], f"{case}: the ranks drew other gates in {r['differing_steps']} steps"

@@ -231,7 +231,7 @@ def test_a_refused_gate_state_changes_nothing():
     model = sdzoo.convert_drop_path(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2,
                                                       drop_path_rate=0.3, device="meta"), mode="batch", seed=5)
     before = gate_state(model)
-    for bad, match in [({"seed": 9, "step": 2**70}, r"state\['step'\] must be an integer in \[0, 9223372036854775807\]"),
+    for bad, match in [({"seed": 9, "step": 2**70}, r"state\['step'\] must be an integer in \[0, 9223372036854775807"),
                        ({"seed": -1, "step": 3}, r"state\['seed'\]"),
                        ({"seed": 9, "step": 3, "extra": 1}, "what sdzoo.gate_state returned"),
                        ([9, 3], "what sdzoo.gate_state returned")]:
