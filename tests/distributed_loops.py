@@ -1,12 +1,12 @@
 """Distributed training loops as users write them, for the tests to run under torchrun (gloo, on the CPU).
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_loops.py {ddp,fsdp2,drift} CASES STEPS OUT
+    torchrun --standalone --nproc_per_node 2 tests/distributed_loops.py {ddp,fsdp2} CASES STEPS OUT
 
 ``ddp`` is a plain DDP loop, as in the PyTorch DDP tutorial and timm's train.py: no
-``find_unused_parameters`` (DDP then refuses the second step if a parameter had no gradient). ``fsdp2`` shards
-each transformer block and then the root with ``fully_shard``. ``drift`` is the DDP loop with one extra
-training forward on rank 1 after the first step (a debug print, a validation pass that forgot
-``model.eval()``), after which the ranks must still draw the same gates. CASES is a JSON list of
+``find_unused_parameters`` (DDP then refuses the second step if a parameter had no gradient), in which rank 1
+runs one extra training forward after the first step (a debug print, a validation pass that forgot
+``model.eval()``): the ranks must still draw the same gates. ``fsdp2`` shards each transformer block and then
+the root with ``fully_shard``. CASES is a JSON list of
 ``{"model": NAME, "kwargs": {...}, "size": 32, "convert": null | "sample" | "batch",
 "convert_through_ddp": false}``;
 rank 0 writes one result per case to OUT. sdzoo is imported only to convert: the zoo's own models come
@@ -72,13 +72,19 @@ def ddp_case(case, size, steps):
         if case.get("convert"):
             convert(model, case)
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    skipped, loss, _ = steps_of(model, wrapped, size, steps)
+    def debug_print(step, x):
+        if step == 0 and dist.get_rank() == 1:  # rank 1 only, in training mode
+            print("debug:", model(x).shape, file=sys.stderr)
+
+    skipped, loss, draws = steps_of(model, wrapped, size, steps, debug_print)
+    all_draws = [None] * dist.get_world_size()
+    dist.all_gather_object(all_draws, draws)
     # the weights; BatchNorm statistics are each rank's own until DDP broadcasts rank 0's at a forward
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(replicas, flat)
     moved = max((p.detach() - s).abs().max().item() for p, s in zip(model.parameters(), start))
-    return dict(skipped=skipped, moved=moved, loss=loss,
+    return dict(skipped=skipped, moved=moved, loss=loss, same_draws=all(d == all_draws[0] for d in all_draws),
                 replica_max_diff=max((r - replicas[0]).abs().max().item() for r in replicas))
 
 
@@ -98,26 +104,9 @@ def fsdp2_case(case, size, steps):
                 finite=all(bool(t.isfinite().all()) for t in full.values()))
 
 
-def drift_case(case, size, steps):
-    model = build(case)
-    if case.get("convert"):
-        convert(model, case)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model)
-
-    def debug_print(step, x):
-        if step == 0 and dist.get_rank() == 1:  # rank 1 only, in training mode
-            print("debug:", model(x).shape, file=sys.stderr)
-
-    _, _, draws = steps_of(model, wrapped, size, steps, debug_print)
-    all_draws = [None] * dist.get_world_size()
-    dist.all_gather_object(all_draws, draws)
-    return dict(same_draws=all(d == all_draws[0] for d in all_draws), draws=len(draws),
-                differing_steps=sum(len({str(d[i]) for d in all_draws}) > 1 for i in range(steps)))
-
-
 def main(loop, cases, steps, out):
     # a function, as in the DDP tutorial: the models and wrappers are freed before the process group goes
-    run_case = dict(ddp=ddp_case, fsdp2=fsdp2_case, drift=drift_case)[loop]
+    run_case = dict(ddp=ddp_case, fsdp2=fsdp2_case)[loop]
     results = {}
     for case in cases:
         results[f"{case['model']} {case.get('convert') or 'zoo'}"] = run_case(case, case.get("size", 32), steps)
