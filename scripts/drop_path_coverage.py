@@ -241,10 +241,10 @@ def compile_row(family: str, mode: str, backend: str, steps: int) -> str:
             f"| {times[0]:.1f} | {statistics.median(times[1:]) * 1000:.0f} |")
 
 
-def compile_table(backend: str, steps: int, deadline: float) -> str:
+def compile_table(backend: str, steps: int, deadline: float, pattern: str = "*") -> str:
     lines = [f"| family | mode | gates | graphs | graph breaks | recompiles | fullgraph=True | first step s "
              f"({backend}) | later step ms |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-    for family in COMPILE_FAMILIES:
+    for family in [f for f in COMPILE_FAMILIES if fnmatch.fnmatch(f, pattern)]:
         for mode in ("sample", "batch"):
             if time.perf_counter() > deadline:
                 lines.append(f"| {family} | {mode} | not measured (--time-limit) | | | | | | |")
@@ -271,7 +271,8 @@ def conversion_times(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--filter", default="*", help="fnmatch pattern of model names (default: every model)")
+    parser.add_argument("--filter", default="*",
+                        help="fnmatch pattern of model names (with --compile: of family names; default: all)")
     parser.add_argument("--drop-path-rate", type=float, default=0.1, help="the rate the models are built with")
     parser.add_argument("--forward", action="store_true",
                         help="also run two training steps of each converted model: a random draw, then every branch "
@@ -303,7 +304,7 @@ def main(argv=None) -> int:
         deadline = started + args.time_limit if args.time_limit else float("inf")
         print(f"timm {timm.__version__}, torch {torch.__version__}, backend {args.backend}, {args.steps} steps, "
               f"batch 4\n")
-        print(compile_table(args.backend, args.steps, deadline))
+        print(compile_table(args.backend, args.steps, deadline, args.filter))
         return 0
     matching = [n for n in timm.list_models() if fnmatch.fnmatch(n, args.filter)]
     if not matching:

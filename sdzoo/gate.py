@@ -555,9 +555,15 @@ class _GradInOperandLayout(torch.autograd.Function):
         return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
-def _in_operand_layout(param: Tensor) -> Tensor:
-    """``param`` with its gradient in its own layout, where that can differ (see ``_GradInOperandLayout``)."""
-    return _GradInOperandLayout.apply(param) if param.dim() > 2 or 1 in param.shape else param
+def _layout_may_differ(t: Tensor, is_param: bool = False) -> bool:
+    """Whether the gradient of ``t`` can come in another layout than ``t``'s: a size-1 dimension, an
+    image-shaped (4-D or more) input, a convolution weight (3-D or more)."""
+    return t.dim() > (2 if is_param else 3) or 1 in t.shape
+
+
+def _in_operand_layout(t: Tensor, is_param: bool = False) -> Tensor:
+    """``t`` with its gradient in its own layout where that can differ (see ``_GradInOperandLayout``)."""
+    return _GradInOperandLayout.apply(t) if _layout_may_differ(t, is_param) else t
 
 
 def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any], keep: Tensor, scale,
@@ -589,14 +595,16 @@ def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any]
     def run(shortcut, *operands):
         shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
         # Inputs and parameters where the gradient's layout can differ from the operand's: a size-1 dimension
-        # makes layouts ambiguous, and a convolution weight's gradient follows its input's memory format. Not
-        # the others (linear and norm weights): each such Function is traced forward and backward, on both
-        # sides of every cond, which is much of batch mode's compile time.
-        tensors = [_GradInOperandLayout.apply(t) if 1 in t.shape else t for t in operands[:n_tensors]]
+        # makes layouts ambiguous, and the gradient of a 4-D input or convolution weight can come out
+        # channels_last (CoAtNet's attention behind a LayerNorm2d). Not the others (linear and norm weights):
+        # each such Function is traced forward and backward, on both sides of every cond, which is much of
+        # batch mode's compile time.
+        tensors = [_in_operand_layout(t) for t in operands[:n_tensors]]
         buffers = operands[n_tensors:n_tensors + n_buffers]
         state = {name: b.clone() for name, b in zip(float_names, buffers)}
         state.update({name: c.clone() for name, c in counter_copies.items()})
-        state.update({name: _in_operand_layout(p) for (name, _), p in zip(params, operands[n_tensors + n_buffers:])})
+        state.update({name: _in_operand_layout(p, is_param=True)
+                      for (name, _), p in zip(params, operands[n_tensors + n_buffers:])})
         values = with_operands(tensors)
         if checkpointing:
             out = checkpoint(lambda *v: branch.functional(state, *v), *values, use_reentrant=False)
@@ -610,15 +618,16 @@ def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any]
     def skip(shortcut, *operands):
         shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
         # The parameters' zero gradients made as the taken side makes its gradients, so their layouts agree.
-        touched = sum(_in_operand_layout(p)[(0,) * p.dim()] * 0 for p in operands[n_tensors + n_buffers:])
+        touched = sum(_in_operand_layout(p, is_param=True)[(0,) * p.dim()] * 0
+                      for p in operands[n_tensors + n_buffers:])
         return (shortcut.clone() + touched if params else shortcut.clone(), *[b.clone() for b in operands[n_tensors:n_tensors + n_buffers]])
 
-    if not floats and not counters and not any(_in_operand_layout(p) is not p for _, p in params):
+    if not floats and not counters and not any(_layout_may_differ(p, is_param=True) for _, p in params):
         # Nothing to swap (a transformer's linear layers and norms): the branch runs as it is, its parameters
         # lifted by dynamo, which traces far less than functional_call's swap of every parameter.
         def run_direct(shortcut, *operands):
             shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
-            values = with_operands([_GradInOperandLayout.apply(t) if 1 in t.shape else t for t in operands])
+            values = with_operands([_in_operand_layout(t) for t in operands])
             out = checkpoint(branch, *values, use_reentrant=False) if checkpointing else branch(*values)
             return shortcut.clone().add_(out if scale is None else out * scale)
 
