@@ -22,7 +22,7 @@ from sdzoo.convert import DropPathGate, inspect_drop_paths
 from sdzoo.gate import kept_per_sample_count, set_drop_rate_factor
 from sdzoo.survival import drop_warmup_factor
 
-from helpers import randomize_batchnorm, run_distributed_loop, step_compiled_and_eager
+from helpers import load_script, randomize_batchnorm, run_distributed_loop, step_compiled_and_eager
 
 MODES = ["sample", "batch"]
 RATE = 0.4
@@ -400,6 +400,18 @@ def test_a_list_argument_takes_the_real_skip_and_a_fallback_warns_naming_the_blo
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
         blocks[1](torch.randn(2, 8), extra={"scale": 2})
+
+
+def test_the_coverage_survey_counts_the_gates_a_training_forward_asks(monkeypatch):
+    script = load_script("drop_path_coverage")
+    blocks = torch.nn.Sequential(Residual(), Residual()).to("meta")
+    blocks.pretrained_cfg = dict(input_size=(8,))
+    convert(blocks, "batch")
+    assert script.training_step(blocks) == 2
+    # blocks that fall back to timm's masks (here: every call unkeyable) ask none, which the survey reports
+    monkeypatch.setattr(sdzoo.convert, "_call_key_fast", lambda *args: None)
+    with pytest.warns(RuntimeWarning, match="runs timm's drop-path masks"):
+        assert script.training_step(blocks) == 0
 
 
 class Residual(torch.nn.Module):
