@@ -13,6 +13,7 @@ they save (``BREAK_EVEN_DROP_RATE``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -27,11 +28,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.func import functional_call
 from torch.utils._pytree import tree_unflatten  # the counterpart of FX's pytree codegen
 from timm.layers import DropPath, get_notrace_functions
 from timm.layers.drop import drop_path
 
-from ._checks import check_choice, check_fraction, check_int, error_line
+from ._checks import check_choice, check_fraction, check_input_size, check_int, error_line
 from .gate import Branch, GateSampler, ResidualGate
 
 __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPathGate", "DropPathSampler",
@@ -73,7 +75,6 @@ class DropPathGate(ResidualGate):
                          sampler=sampler)
         self.indices = tuple(indices)
         self.scale_by_keep = scale_by_keep
-        self.same_batch = False  # set by convert_drop_path where it saw the block take the model's batch
 
     @property
     def drop_prob(self) -> float:
@@ -90,7 +91,10 @@ class DropPathGate(ResidualGate):
         site, branch, shortcut, *inputs = args
         gate = None
         if self.training:
-            gate = self.sampler.gate(self.indices[site], shortcut.shape[0], shortcut.device, self.same_batch)
+            index = self.indices[site]
+            # Rows per sample seen at conversion: the pre-hook drew this branch's rows (see GateSampler.gate).
+            known_rows = self.sampler.rows_per_sample[index] is not None
+            gate = self.sampler.gate(index, shortcut.shape[0], shortcut.device, known_rows)
         return self.apply_gate(gate, branch, shortcut, *inputs)
 
 
@@ -141,7 +145,7 @@ _TENSOR = "tensor"
 
 def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
     params = list(_signature(block).parameters.values())[1:]
-    concrete = {p.name: k[1] for p, k in zip(params, key) if k != _TENSOR}
+    concrete = {p.name: list(k[1]) if k[0] == "list" else k[1] for p, k in zip(params, key) if k != _TENSOR}
     # The training forward: the block's own flag only (its submodules are leaves), so a user's frozen
     # BatchNorm inside it stays as it was.
     was_training, cls = block.training, type(block)
@@ -324,6 +328,13 @@ def _site(block: nn.Module, slot: str, drop: fx.Node, order: Dict[fx.Node, int])
             region.add(node)
     if branch_out not in region or branch_out.op in ("placeholder", "get_attr"):
         raise NotConvertible(f"{slot} drops the shortcut or a shared value: there is no branch of its own to skip")
+    # A branch of indexing and reshapes only takes its values from a call that stays outside it (MViTv2's
+    # attention returns its output and the new feature size, which the block returns too): nothing to skip.
+    if all(n in post or n is drop or _is_shape(n) or n.op == "get_attr"
+           or n.op == "call_function" and n.target in _LAYOUT_FUNCTIONS
+           or n.op == "call_method" and n.target in _LAYOUT_METHODS for n in region):
+        raise NotConvertible(f"the branch of {slot} computes nothing of its own: its value comes from "
+                             f"{branch_out.format_node()}, whose call is also used outside the residual")
     for node in region:
         if node.op == "call_method" and str(node.target).endswith("_") and node.args and node.args[0] not in region:
             raise NotConvertible(f"the branch of {slot} changes a value outside it in place ({node.format_node()})")
@@ -497,6 +508,8 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tu
 
 # -- converted blocks ---------------------------------------------------------------------------------------------
 _REWRITES = "_sdzoo_rewrites"  # call key -> _Rewrite (None: the call runs timm's forward, with masks)
+_REWRITE_KEYS = "_sdzoo_rewrite_keys"  # in a pickled block's state: call key -> whether it had a rewrite
+_NAME = "_sdzoo_name"  # the block's name in the converted model, for messages
 
 
 class DropPathGatedBlock:
@@ -513,9 +526,19 @@ class DropPathGatedBlock:
         return super().forward(*args, **kwargs)
 
     def __reduce_ex__(self, protocol: int):
-        # The generated code is not pickled: the unpickled block generates it again when it first trains.
+        # The generated code is not pickled, only the kinds of call it was made for: the copy (an EMA copy, a
+        # spawn worker, torch.load) makes it again as it is rebuilt, before anything compiles it.
         state = {k: v for k, v in self.__dict__.items() if k != _REWRITES}
+        state[_REWRITE_KEYS] = {key: rewrite is not None for key, rewrite in self.__dict__[_REWRITES].items()}
         return _new_gated_block, (_timm_class(type(self)),), state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        keys = state.pop(_REWRITE_KEYS, {})
+        super().__setstate__(state)
+        self.__dict__[_REWRITES] = {key: None for key, made in keys.items() if not made}  # warned already
+        for key, made in keys.items():
+            if made:
+                _build_rewrite(self, key)
 
 
 _GATED_CLASSES: Dict[type, type] = {}
@@ -550,12 +573,24 @@ def _positional(block: nn.Module, args: tuple, kwargs: dict) -> List[Any]:
 
 def _rewrite_for(block: nn.Module, args: tuple, kwargs: dict) -> Optional[_Rewrite]:
     key = _call_key_fast(block, args, kwargs)
-    if key is None:
-        return None
-    rewrites = block.__dict__.get(_REWRITES)
-    if rewrites is not None and key in rewrites:
+    rewrites = block.__dict__[_REWRITES]
+    if key in rewrites:  # (None: a call whose arguments make no key; it was warned of)
         return rewrites[key]
+    if torch.compiler.is_compiling():
+        raise RuntimeError(_unbuilt_call_message(block, key, args, kwargs))
     return _build_rewrite(block, key)
+
+
+def _unbuilt_call_message(block: nn.Module, key: Optional[Tuple[Any, ...]], args: tuple, kwargs: dict) -> str:
+    # Names only: inside a compiled frame the values may be symbolic, which dynamo cannot format.
+    name = block.__dict__.get(_NAME) or type(block).__name__
+    names = [n for n, _ in block._sdzoo_params][:len(args)] + sorted(kwargs)
+    what = "with " + ", ".join(names) if key is not None else "with an argument that makes no kind of call"
+    return (f"convert_drop_path: a compiled training forward called the converted block {name!r} "
+            f"({type(block).__name__}) {what}, in a kind of call it was not prepared for at conversion (which ran "
+            f"one training forward at the model's input size: another input size changes a feature size). "
+            f"Convert with input_size=(C, H, W) of the training inputs, or run one training step of the model as "
+            f"it will be called before torch.compile, so that the block's rewrite for the call is made eagerly.")
 
 
 def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
@@ -571,31 +606,67 @@ def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tupl
             key.append(_TENSOR)
         elif value is None or isinstance(value, (bool, int, float, str)):
             key.append(("value", value))
-        elif isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value):
-            key.append(("value", value))
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            # A list (MViTv2's feat_size) keys as the tuple of its items and is traced as a list again.
+            key.append(("value", value) if isinstance(value, tuple) else ("list", tuple(value)))
         else:
             return None
     return tuple(key)
 
 
 @torch.compiler.disable
-def _build_rewrite(block: nn.Module, key: Tuple[Any, ...]) -> Optional[_Rewrite]:
-    """The rewrite for a kind of call not seen yet (another mask, a flag, an unpickled block). Where it cannot
-    be made the call runs timm's forward (its masks, no skip), with a warning once."""
+def _build_rewrite(block: nn.Module, key: Optional[Tuple[Any, ...]]) -> Optional[_Rewrite]:
+    """The rewrite for a kind of call (made at conversion for the calls a training forward makes; later for
+    another mask, a flag, a new input size). Where it cannot be made the call runs timm's forward (its masks,
+    no skip), with a warning once for the block and kind of call."""
     slots = {name: m for name, m in block.named_children() if isinstance(m, DropPathGate)}
     rewrite = None
     try:
+        if key is None:
+            raise NotConvertible("an argument is neither a tensor nor a number, string or flat tuple/list of them")
         rewrite, _, sites = _rewrite(block, key, list(slots))
         counts = {name: sum(s.slot == name for s in sites) for name in slots}
         if any(counts[name] != len(gate.indices) for name, gate in slots.items()):
             raise NotConvertible(f"this call uses its drop paths {counts} times, the conversion saw "
                                  f"{ {n: len(g.indices) for n, g in slots.items()} }")
     except NotConvertible as e:
-        warnings.warn(f"convert_drop_path: {type(block).__name__} called with {key}: {e}; this call runs timm's "
-                      f"drop-path masks (no real skip)", RuntimeWarning, stacklevel=3)
+        name = block.__dict__.get(_NAME) or "?"
+        warnings.warn(f"convert_drop_path: block {name!r} ({_own_class(block).__name__}) called with {key}: {e}; "
+                      f"this call runs timm's drop-path masks in training (no real skip)", RuntimeWarning,
+                      stacklevel=3)
         rewrite = None
+    else:
+        _keep_shortcuts_unchanged(block, sites)
+        for site in sites:  # a branch with a BatchNorm keeps 2 samples: one sample's 1x1 map has no statistics
+            if any(isinstance(m, _BATCH_NORMS) for module in _modules_of(block, site.region)
+                   for m in module.modules()):
+                for index in slots[site.slot].indices:
+                    block.get_submodule(site.slot).sampler.min_kept[index] = 2
     block.__dict__.setdefault(_REWRITES, {})[key] = rewrite
     return rewrite
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _modules_of(block: nn.Module, region: Sequence[fx.Node]) -> List[nn.Module]:
+    return [block.get_submodule(n.target) for n in region if n.op == "call_module"]
+
+
+def _keep_shortcuts_unchanged(block: nn.Module, sites: Sequence[_Site]) -> None:
+    """A skipped branch returns its shortcut unchanged: what the block does in place after the add (an
+    in-place activation, also behind an Identity or a reshape, as in RepVGG's ``x += identity; attn; act``)
+    is made out of place, or it would change the shortcut, which the caller may still hold."""
+    for site in sites:
+        frontier = list(site.add.users)
+        while frontier:
+            user = frontier.pop()
+            if _inplace_module(block, user):
+                block.get_submodule(user.target).inplace = False
+            elif (user.op == "call_module" and isinstance(block.get_submodule(user.target), nn.Identity)
+                  or user.op == "call_method" and user.target in _LAYOUT_METHODS
+                  or user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS):
+                frontier.extend(user.users)
 
 
 # -- what a model's drop paths are ---------------------------------------------------------------------------------
@@ -646,19 +717,22 @@ def _default_key(block: nn.Module) -> Tuple[Any, ...]:
     return tuple(key)
 
 
-# -- sample mode: which extra inputs hold the samples ----------------------------------------------------------
-def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
-    """For each block's extra tensor inputs (masks, rotary tables, relative-position biases), whether their
-    first dimension is the batch: seen on fake tensors at two batch sizes, at the model's input size. An input
+# -- the calls of a training forward ----------------------------------------------------------------------------
+def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Sequence[int],
+                 size: Optional[Tuple[int, ...]]) -> Dict[int, Set[Any]]:
+    """The kinds of call (``_call_key_fast``) each block gets in a training forward at the model's input size,
+    seen without memory or compute (``_run_without_memory``), so that their rewrites are made at conversion and
+    not inside a compiled graph. At two batch sizes it also sees, for the block's extra tensor inputs (masks, rotary
+    tables, relative-position biases), whether their first dimension is the batch, and how many rows of its
+    input the block gets per sample of the model's (MobileViT's transformer sees patches x batch). An input
     not seen (None there, or a model this cannot run) is judged at run time by its size."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    size = _input_size(model)
+    keys: Dict[int, Set[Any]] = {id(b): set() for b in blocks}
     if size is None:
-        return
+        return keys
     seen: Dict[int, Dict[str, List[Tuple[int, ...]]]] = {id(b): {} for b in blocks}
 
     def record(block, args, kwargs):
+        keys[id(block)].add(_call_key_fast(block, args, kwargs))
         names = [n for n, _ in block._sdzoo_params]
         values = dict(zip(names, args[1:]), **kwargs)
         if args and isinstance(args[0], Tensor):
@@ -667,42 +741,85 @@ def _probe_batched_inputs(model: nn.Module, blocks: Sequence[nn.Module]) -> None
             if isinstance(value, Tensor) and value.dim() > 0:
                 seen[id(block)].setdefault(name, []).append(tuple(value.shape))
 
+    def reset():  # what a failed way recorded
+        for values in (*keys.values(), *seen.values()):
+            values.clear()
+
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
     modes = {m: m.training for m in model.modules()}  # restored one by one: a frozen BatchNorm stays frozen
-    model.eval()
+    model.train()
+    try:
+        ran = _run_without_memory(model, size, batch_sizes, reset)
+    finally:
+        for h in handles:
+            h.remove()
+        for module, training in modes.items():
+            module.training = training
+    if not ran:  # a model that needs other inputs: its calls are met at run time
+        return {id(b): set() for b in blocks}
+    if len(batch_sizes) < 2:
+        return keys
+    low, high = batch_sizes[0], batch_sizes[-1]
+    for block in blocks:
+        flags = {}
+        for name, shapes in seen[id(block)].items():
+            if len(shapes) >= 2 and len({len(s) for s in shapes}) == 1:
+                flags[name] = (shapes[0][0], shapes[-1][0]) == (low, high)
+        # The rows per sample, where the block's batch is a fixed multiple of the model's: then the pre-hook
+        # draws its rows too, also under torch.compile, where batch sizes are not compared.
+        main = seen[id(block)].pop(_MAIN_INPUT, [])
+        rows = main[0][0] // low if main and main[0][0] % low == 0 else None
+        if rows is None or any(shape[0] != rows * b for shape, b in zip(main, batch_sizes)):
+            rows = None
+        flags.pop(_MAIN_INPUT, None)
+        for gate in block.children():
+            if isinstance(gate, DropPathGate):
+                for index in gate.indices:
+                    gate.sampler.rows_per_sample[index] = rows
+        block._sdzoo_batched_inputs = flags
+    return keys
+
+
+_MAIN_INPUT = "<input>"
+
+
+def _run_without_memory(model: nn.Module, size: Tuple[int, ...], batch_sizes: Sequence[int], reset) -> bool:
+    """Training forwards of ``model`` at ``size`` that compute nothing and change nothing: on the meta device,
+    its parameters and buffers swapped for meta tensors (the running statistics a training forward updates
+    are the copies'); where the model makes tensors of its own on the CPU, with fake tensors, many times
+    slower. Whether either ran."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    meta_state = {name: torch.empty_like(t, device="meta") for name, t in named}
     # A model built for another input size fails here, and the fake-tensor mode logs each failing op first.
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for batch in (2, 3):
-                model(torch.empty(batch, *size, device=_device_of(model)))
-    except Exception:  # noqa: BLE001  (a model that needs other inputs: judged at run time)
-        return
+        for on_meta in (True, False):
+            reset()
+            try:
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(torch.no_grad())
+                    stack.enter_context(warnings.catch_warnings())
+                    warnings.simplefilter("ignore")
+                    if on_meta:
+                        for batch in batch_sizes:
+                            functional_call(model, meta_state, (torch.empty(batch, *size, device="meta"),))
+                    else:
+                        for m in model.modules():  # the real buffers: running statistics left as they are
+                            if getattr(m, "running_mean", None) is not None:
+                                m.eval()
+                        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+                        for batch in batch_sizes:
+                            model(torch.empty(batch, *size, device=_device_of(model)))
+                return True
+            except Exception:  # noqa: BLE001  (the next way, or none)
+                continue
+        return False
     finally:
         fake_log.setLevel(level)
-        for h in handles:
-            h.remove()
-        for module, training in modes.items():
-            module.training = training
-    for block in blocks:
-        flags = {}
-        for name, shapes in seen[id(block)].items():
-            if len(shapes) >= 2 and len({len(s) for s in shapes}) == 1:
-                first, second = shapes[0][0], shapes[-1][0]
-                flags[name] = (first, second) == (2, 3)
-        # Whether the block sees the model's batch (MobileViT's transformer blocks see patches x batch): then
-        # its gates are the forward's draw also where torch.compile cannot compare batch sizes.
-        model_batch = flags.pop(_MAIN_INPUT, False)
-        for gate in block.children():
-            if isinstance(gate, DropPathGate):
-                gate.same_batch = model_batch
-        block._sdzoo_batched_inputs = flags
-
-
-_MAIN_INPUT = "<input>"
 
 
 def _input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
@@ -723,7 +840,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 # -- the conversion ------------------------------------------------------------------------------------------------
 def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
-                      min_drop_rate: float = BREAK_EVEN_DROP_RATE) -> nn.Module:
+                      min_drop_rate: float = BREAK_EVEN_DROP_RATE,
+                      input_size: Optional[Sequence[int]] = None) -> nn.Module:
     """Give a timm model built with ``drop_path_rate`` a real skip, in place; returns the model.
 
     Args:
@@ -734,6 +852,11 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
         seed: seed of the model's gate generator: the same seed gives the same gates on every run and rank.
         min_drop_rate: a branch whose drop rate is below this stays timm's mask, where the real skip does not
             pay (default: ``BREAK_EVEN_DROP_RATE``; 0 converts every DropPath'd branch).
+        input_size: (channels, height, width) of the training inputs (default: the model's pretrained_cfg
+            input size). Conversion runs one training forward at this size, without memory or compute, and
+            prepares the blocks for the calls it makes (a feature size, a rotary table): torch.compile then
+            meets no call it was not prepared for. A call at another size is prepared when it first runs
+            eagerly, and refused with a message inside a compiled graph.
 
     A DropPath that is not on a residual branch (its output is the block's output, or concatenated, or it
     drops the shortcut) stays timm's mask: there is no shortcut to fall back on. ``inspect_drop_paths`` says
@@ -743,6 +866,7 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
     check_choice("mode", mode, CONVERT_MODES)
     check_int("seed", seed, 0, 2**63 - 1)
     check_fraction("min_drop_rate", min_drop_rate, include_one=False)
+    size = check_input_size("input_size", input_size) if input_size is not None else None
     target = _unwrap(model)
     if getattr(target, "drop_path_sampler", None) is not None:
         raise ValueError("model is already converted (it has a drop_path_sampler)")
@@ -777,23 +901,22 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
             setattr(block, slot, DropPathGate(rate, getattr(block, slot).scale_by_keep, indices, sampler))
     sampler.survival_probs = probs
     sampler.gates = [None] * len(probs)
+    sampler.rows_per_sample = [None] * len(probs)  # not known until the probe below sees the blocks' batches
+    sampler.min_kept = [1] * len(probs)
 
-    converted = [r.block for r in reports if any(isinstance(getattr(r.block, s), DropPathGate) for s in r.rates)]
-    for block in converted:
-        block._sdzoo_params = tuple((p.name, None if p.default is inspect.Parameter.empty else p.default)
-                                    for p in list(_signature(block).parameters.values())[1:])
-    if mode == "sample":
-        _probe_batched_inputs(target, converted)
-    for block in converted:
-        slots = [name for name, m in block.named_children() if isinstance(m, DropPathGate)]
-        key = _default_key(block)
-        rewrite, _, sites = _rewrite(block, key, slots)
-        for site in sites:  # a skipped branch returns the shortcut itself, which must not be changed in place
-            for user in site.add.users:
-                if _inplace_module(block, user):
-                    block.get_submodule(user.target).inplace = False
+    converted = [r for r in reports if any(isinstance(getattr(r.block, s), DropPathGate) for s in r.rates)]
+    for report in converted:
+        report.block._sdzoo_params = tuple((p.name, None if p.default is inspect.Parameter.empty else p.default)
+                                           for p in list(_signature(report.block).parameters.values())[1:])
+        report.block.__dict__[_NAME] = report.name
+    calls = _probe_calls(target, [r.block for r in converted], (2, 3) if mode == "sample" else (2,),
+                         size or _input_size(target))
+    for report in converted:
+        block = report.block
         block.__class__ = _gated_class(type(block))
-        block.__dict__[_REWRITES] = {key: rewrite}
+        block.__dict__[_REWRITES] = {}
+        for key in calls[id(block)] or {_default_key(block)}:  # the default: a model the probe cannot run
+            _build_rewrite(block, key)
 
     target.drop_path_sampler = sampler
     sampler.attach(target)

@@ -37,9 +37,18 @@ GATE_MODES = ("batch", "sample", "off")
 SCALINGS = ("expectation", "inverted")
 
 
-def kept_per_sample_count(survival_prob: float, batch_size: int) -> int:
-    """Samples that run a block's branch in ``sample`` mode: fixed per block, so shapes are static."""
-    return min(batch_size, max(1, int(survival_prob * batch_size + 0.5)))
+def kept_per_sample_count(survival_prob: float, batch_size: int, minimum: int = 1) -> int:
+    """Samples that run a block's branch in ``sample`` mode: fixed per block, so shapes are static. At least
+    ``minimum`` (2 for a branch that holds a BatchNorm, which cannot take batch statistics of one 1x1 map)."""
+    return min(batch_size, max(minimum, int(survival_prob * batch_size + 0.5)))
+
+
+# The number of training forwards drawn, as a buffer of the model the sampler is attached to: not in the state
+# dict (persistent=False), but DistributedDataParallel broadcasts rank 0's buffers before every forward, so a
+# rank that ran an extra training forward (a debug print, a validation pass without model.eval()) is put back
+# in step with rank 0 at the next forward of the wrapped model.
+STEP_BUFFER = "sdzoo_gate_step"
+MAX_STEP = 2**63 - 1  # the buffer is an int64
 
 
 class GateSampler:
@@ -52,8 +61,14 @@ class GateSampler:
 
     The gates of training forward number ``step`` come from a generator seeded with (seed, step): ``step``
     counts every training forward, as BatchNorm's ``num_batches_tracked`` does, so setting it restores the
-    gate stream (``state`` / ``load_state``). ``same_gates`` keeps one draw for several forwards (gradient
-    accumulation: one mini-batch, one draw, as in the paper).
+    gate stream (``state`` / ``load_state``). The model keeps the step in a buffer too (``STEP_BUFFER``), which
+    DistributedDataParallel broadcasts from rank 0, and the pre-hook takes the step from it when it changed
+    there: the ranks stay in step. ``same_gates`` keeps one draw for several forwards (gradient accumulation:
+    one mini-batch, one draw, as in the paper); the hold is the model's, shared by every thread that runs it.
+
+    In sample mode, a branch that sees ``r`` rows per sample of the model's batch (MobileViT's transformer sees
+    patches x batch: ``rows_per_sample``, found at conversion) has its rows drawn by the pre-hook too, out of
+    r B; ``min_kept`` keeps at least 2 samples in a branch that holds a BatchNorm.
     """
 
     def __init__(self, survival_probs: Sequence[float], mode: str = "batch", seed: int = 0,
@@ -62,7 +77,8 @@ class GateSampler:
         self.survival_probs = [check_survival_prob("survival_probs", p) for p in survival_probs]
         self.mode = mode
         self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
-        self.step = 0  # training forwards so far: the key of the next draw
+        self._step = 0  # training forwards so far: the key of the next draw
+        self._written: Optional[int] = None  # the step last written to the model's STEP_BUFFER
         # Share of each branch's drop rate in effect (drop-rate warmup); 1.0: the targets.
         self.drop_rate_factor = 1.0
         # Batch gates as 0-dim floats holding 1/p_l in effect (0: skipped), so a moving rate never enters a
@@ -75,6 +91,10 @@ class GateSampler:
         self._batch_size = 0
         self._taken: set = set()  # gates handed out since the last draw (outside hooked forwards)
         self._held: Optional[List[Any]] = None  # [key] while same_gates holds one draw; key None until drawn
+        # Rows of the model's batch each branch sees per sample (None: not known, the branch draws for what it
+        # sees when it runs), and the fewest samples a branch keeps in sample mode.
+        self.rows_per_sample: List[Optional[int]] = [1] * len(self.survival_probs)
+        self.min_kept: List[int] = [1] * len(self.survival_probs)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(mode={self.mode!r}, num_gates={len(self.survival_probs)}, "
@@ -95,13 +115,27 @@ class GateSampler:
             return list(self.survival_probs)
         return [1.0 - self.drop_rate_factor * (1.0 - p) for p in self.survival_probs]
 
+    @property
+    def step(self) -> int:
+        """Training forwards drawn so far: the key of the next draw."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = check_int("step", value, 0, MAX_STEP)
+
     def state(self) -> Dict[str, int]:
         """What the gate stream depends on: the seed and the number of training forwards drawn."""
         return dict(seed=self.seed, step=self.step)
 
     def load_state(self, state: Dict[str, int]) -> None:
-        self.manual_seed(state["seed"])
-        self.step = check_int("step", state["step"])
+        """Set the seed and step of ``state`` (what ``state`` returned), both or, if either is refused, neither."""
+        if not isinstance(state, dict) or set(state) != {"seed", "step"}:
+            raise ValueError(f"state must be what sdzoo.gate_state returned, a dict with the keys 'seed' and 'step'; "
+                             f"got {state!r}")
+        seed = check_int("state['seed']", state["seed"], 0, 2**63 - 1)
+        step = check_int("state['step']", state["step"], 0, MAX_STEP)
+        self.seed, self.step = seed, step
 
     # -- draws -------------------------------------------------------------------------------------------
     def draw(self, batch_size: int, device: Optional[torch.device] = None,
@@ -121,10 +155,12 @@ class GateSampler:
             if self.scale_in_gate:
                 return list(torch.where(keep, 1.0 / probs, 0.0).to(torch.float32).unbind(0))
             return list(keep.unbind(0))
-        return [self._kept_samples(p, batch_size, generator, device) for p in probs]
+        return [self._kept_samples(p, batch_size * (rows or 1), generator, device, minimum)
+                for p, rows, minimum in zip(probs, self.rows_per_sample, self.min_kept)]
 
-    def _kept_samples(self, survival_prob: float, batch_size: int, generator: torch.Generator, device) -> Tensor:
-        count = kept_per_sample_count(survival_prob, batch_size)
+    def _kept_samples(self, survival_prob: float, batch_size: int, generator: torch.Generator, device,
+                      minimum: int = 1) -> Tensor:
+        count = kept_per_sample_count(survival_prob, batch_size, minimum)
         kept = torch.randperm(batch_size, generator=generator)[:count].sort().values
         if device is not None:
             kept = kept.to(device, non_blocking=True)
@@ -159,8 +195,13 @@ class GateSampler:
             self._held = outer
 
     # -- the model's hooks -------------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
-        """Draw the gates of each training forward of ``model`` before it runs (see the class docstring)."""
+    def attach(self, model: nn.Module, device: Optional[torch.device] = None) -> None:
+        """Draw the gates of each training forward of ``model`` before it runs, and keep the step in its
+        buffer ``STEP_BUFFER`` (on ``device``, default: where the model's first parameter is)."""
+        if device is None:
+            device = next((p.device for p in model.parameters()), None)
+        model.register_buffer(STEP_BUFFER, torch.tensor(self._step, dtype=torch.int64, device=device),
+                              persistent=False)
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(self._after_forward, always_call=True)
 
@@ -168,29 +209,54 @@ class GateSampler:
     # (fullgraph=True, strict=True): only the draw itself runs outside any graph.
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module.training and self.mode != "off":
-            self._draw_for_forward(args, kwargs)
+            # torch.export in training: batch gates are Python decisions, and strict export cannot run the draw.
+            if torch.compiler.is_exporting() and (self.mode == "batch" or torch.compiler.is_dynamo_compiling()):
+                raise RuntimeError(_EXPORT_TRAINING)
+            self._draw_for_forward(module, args, kwargs)
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._fresh:
             self._fresh = False
 
     @torch.compiler.disable
-    def _draw_for_forward(self, args: tuple, kwargs: dict) -> None:
+    def _draw_for_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = _first_tensor((args, kwargs))
         if sample is None or sample.dim() == 0:  # no batch to draw for: the gates draw when they run
             self._fresh = False
             return
-        self.start_forward(sample.shape[0], sample.device)
+        counter = module._buffers.get(STEP_BUFFER)
+        self._follow_step_buffer(counter)
+        # A draw made under vmap would be batched (randomness="different"): the gates are drawn outside it.
+        with _outside_vmap():
+            self.start_forward(sample.shape[0], sample.device)
+            if counter is not None and counter.device.type != "meta":
+                counter.fill_(self._step)
+                self._written = self._step
         self._fresh = True
+
+    def _follow_step_buffer(self, counter: Optional[Tensor]) -> None:
+        """Take the step from the model's buffer where something else wrote it since this sampler did
+        (DistributedDataParallel's broadcast of rank 0's buffers). Off the CPU, reading it waits for the
+        device, so it is read there only when a process group is up (the broadcast can only happen then)."""
+        if counter is None or counter.device.type == "meta" or self._written is None:
+            return
+        if counter.device.type != "cpu" and not (torch.distributed.is_available()
+                                                 and torch.distributed.is_initialized()):
+            return
+        value = int(counter)
+        if value != self._written:
+            self._step = value
 
     def gate(self, index: int, batch_size: int, device: torch.device, same_batch: bool = False) -> Optional[Tensor]:
         """Branch ``index``'s gate in the training forward in progress. ``same_batch``: the branch is known to
-        see the model's batch (the zoo's blocks), so under torch.compile its batch size is not compared with
-        the drawn one, which would specialise the graph on it (a recompile per batch size, dynamic=True too)."""
+        see ``rows_per_sample[index]`` rows per sample of the model's batch (the zoo's blocks: the batch), so
+        under torch.compile its batch size is not compared with the drawn one, which would specialise the graph
+        on it (a recompile per batch size, dynamic=True too)."""
         if self.mode == "off":
             return None
+        rows = self.rows_per_sample[index]
         if self._fresh and (self.mode != "sample" or (same_batch and torch.compiler.is_compiling())
-                            or batch_size == self._batch_size):
+                            or (rows is not None and batch_size == self._batch_size * rows)):
             return self.gates[index]
         return self._gate_outside_hooked_forward(index, batch_size, device)
 
@@ -198,7 +264,8 @@ class GateSampler:
     def _gate_outside_hooked_forward(self, index: int, batch_size: int, device: torch.device) -> Optional[Tensor]:
         if self._fresh:  # sample mode, a branch whose samples are not the model input's: its own draw
             generator = torch.Generator().manual_seed(derived_seed(self.seed, self.step - 1, index))
-            return self._kept_samples(self.current_survival_probs()[index], batch_size, generator, device)
+            return self._kept_samples(self.current_survival_probs()[index], batch_size, generator, device,
+                                      self.min_kept[index])
         # Activation checkpointing recomputes a block in the backward pass: with the gates it ran with.
         in_backward = torch._C._current_graph_task_id() != -1
         if self.last_draw is None or (index in self._taken and not in_backward):
@@ -216,6 +283,26 @@ class GateSampler:
 # a compiled function that calls the model) still traces them: in eval mode they do nothing.
 for _hook in (GateSampler._before_forward, GateSampler._after_forward):
     torch._dynamo.eval_frame.skip_code(_hook.__code__)
+
+
+@contextlib.contextmanager
+def _outside_vmap() -> Iterator[None]:
+    """The gates drawn as plain tensors also inside ``torch.vmap(model, randomness="different")``, which
+    would otherwise batch the draw, and a batched gate cannot decide whether a branch runs. functorch offers
+    no public switch: its own code uses this one."""
+    if torch._C._functorch.maybe_current_level() is None:
+        yield
+        return
+    with torch._C._DisableFuncTorch():
+        yield
+
+
+_EXPORT_TRAINING = (
+    "torch.export of a model with stochastic-depth gates in training mode: gate_mode='batch' decides in Python "
+    "whether each branch runs, from a draw made outside the graph, and strict export cannot run that draw. "
+    "What exports: the model in eval mode (model.eval(), the network used for inference), or in training mode "
+    "with gate_mode='sample' (convert_drop_path(model, mode='sample')) and torch.export.export(..., "
+    "strict=False), where the kept samples are drawn inside the exported graph.")
 
 
 def _first_tensor(tree: Any) -> Optional[Tensor]:
@@ -427,12 +514,20 @@ def add_samples(shortcut: Tensor, kept: Tensor, out: Tensor) -> Tensor:
 class _SkippedBranch(torch.autograd.Function):
     """A skipped branch in eager mode: the shortcut passes through, and the backward pass hands the
     branch's parameters (and its inputs) zero gradients without computing anything of the branch. A custom autograd function
-    is the way to give a parameter a gradient from a graph it took no part in (pytorch issue 90171)."""
+    is the way to give a parameter a gradient from a graph it took no part in (pytorch issue 90171). Written
+    with ``setup_context`` and a generated vmap rule, so that ``torch.vmap`` can run a model that uses it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, shortcut: Tensor, *params: Tensor) -> Tensor:
-        ctx.save_for_backward(*params)  # references only: nothing is copied
-        return shortcut.view_as(shortcut)
+    def forward(shortcut: Tensor, *params: Tensor) -> Tensor:
+        # A copy, not a view: what follows the block may change its output in place (RepVGG's in-place ReLU
+        # after an Identity), which a view made by a custom Function may not be, and FSDP2 warns of a view.
+        return shortcut.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[1:])  # references only: nothing is copied
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -458,6 +553,17 @@ class _GradInOperandLayout(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         shape, stride = ctx.layout
         return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def _layout_may_differ(t: Tensor, is_param: bool = False) -> bool:
+    """Whether the gradient of ``t`` can come in another layout than ``t``'s: a size-1 dimension, an
+    image-shaped (4-D or more) input, a convolution weight (3-D or more)."""
+    return t.dim() > (2 if is_param else 3) or 1 in t.shape
+
+
+def _in_operand_layout(t: Tensor, is_param: bool = False) -> Tensor:
+    """``t`` with its gradient in its own layout where that can differ (see ``_GradInOperandLayout``)."""
+    return _GradInOperandLayout.apply(t) if _layout_may_differ(t, is_param) else t
 
 
 def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any], keep: Tensor, scale,
@@ -488,13 +594,17 @@ def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any]
 
     def run(shortcut, *operands):
         shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
-        # Parameters always (their gradients are small); inputs where a size-1 dimension makes layouts ambiguous.
-        tensors = [_GradInOperandLayout.apply(t) if 1 in t.shape else t for t in operands[:n_tensors]]
+        # Inputs and parameters where the gradient's layout can differ from the operand's: a size-1 dimension
+        # makes layouts ambiguous, and the gradient of a 4-D input or convolution weight can come out
+        # channels_last (CoAtNet's attention behind a LayerNorm2d). Not the others (linear and norm weights):
+        # each such Function is traced forward and backward, on both sides of every cond, which is much of
+        # batch mode's compile time.
+        tensors = [_in_operand_layout(t) for t in operands[:n_tensors]]
         buffers = operands[n_tensors:n_tensors + n_buffers]
         state = {name: b.clone() for name, b in zip(float_names, buffers)}
         state.update({name: c.clone() for name, c in counter_copies.items()})
-        state.update({name: _GradInOperandLayout.apply(p) for (name, _), p in
-                      zip(params, operands[n_tensors + n_buffers:])})
+        state.update({name: _in_operand_layout(p, is_param=True)
+                      for (name, _), p in zip(params, operands[n_tensors + n_buffers:])})
         values = with_operands(tensors)
         if checkpointing:
             out = checkpoint(lambda *v: branch.functional(state, *v), *values, use_reentrant=False)
@@ -508,8 +618,25 @@ def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any]
     def skip(shortcut, *operands):
         shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
         # The parameters' zero gradients made as the taken side makes its gradients, so their layouts agree.
-        touched = sum(_GradInOperandLayout.apply(p)[(0,) * p.dim()] * 0 for p in operands[n_tensors + n_buffers:])
+        touched = sum(_in_operand_layout(p, is_param=True)[(0,) * p.dim()] * 0
+                      for p in operands[n_tensors + n_buffers:])
         return (shortcut.clone() + touched if params else shortcut.clone(), *[b.clone() for b in operands[n_tensors:n_tensors + n_buffers]])
+
+    if not floats and not counters and not any(_layout_may_differ(p, is_param=True) for _, p in params):
+        # Nothing to swap (a transformer's linear layers and norms): the branch runs as it is, its parameters
+        # lifted by dynamo, which traces far less than functional_call's swap of every parameter.
+        def run_direct(shortcut, *operands):
+            shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
+            values = with_operands([_in_operand_layout(t) for t in operands])
+            out = checkpoint(branch, *values, use_reentrant=False) if checkpointing else branch(*values)
+            return shortcut.clone().add_(out if scale is None else out * scale)
+
+        def skip_direct(shortcut, *operands):
+            shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
+            return shortcut.clone()
+
+        out = torch.cond(keep, run_direct, skip_direct, (shortcut, *[inputs[i] for i in tensor_at]))
+        return _GradInOperandLayout.apply(out)
 
     # Buffer operands are copies: the write-back below must not touch tensors that autograd saved.
     operands = [inputs[i] for i in tensor_at] + [b.clone() for _, b in floats] + [p for _, p in params]
@@ -555,19 +682,30 @@ def set_drop_rate_factor(model: nn.Module, factor: float) -> int:
     return len(samplers)
 
 
-@contextlib.contextmanager
-def same_gates(model: nn.Module) -> Iterator[None]:
+class same_gates:
     """Every training forward of ``model`` inside the block uses the gates of the first one: gradient
     accumulation over micro-batches with one draw for the whole mini-batch, as in the paper::
 
         with sdzoo.same_gates(model):
             for micro_x, micro_y in zip(x.chunk(4), y.chunk(4)):
                 loss_fn(model(micro_x), micro_y).div(4).backward()
+
+    One object may be entered again, also while it is entered (the inner block shares the outer one's draw).
+    The hold is the model's, not the thread's: forwards of the model in other threads use the held draw too.
     """
-    with contextlib.ExitStack() as stack:
-        for sampler in _require_samplers(model):
+
+    def __init__(self, model: nn.Module):
+        self.samplers = _require_samplers(model)
+        self._entered: List[contextlib.ExitStack] = []  # one per entry not yet left, innermost last
+
+    def __enter__(self) -> None:
+        stack = contextlib.ExitStack()
+        for sampler in self.samplers:
             stack.enter_context(sampler.hold())
-        yield
+        self._entered.append(stack)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._entered.pop().close()
 
 
 def gate_state(model: nn.Module) -> Dict[str, int]:
@@ -580,11 +718,7 @@ def gate_state(model: nn.Module) -> Dict[str, int]:
 def load_gate_state(model: nn.Module, state: Dict[str, int]) -> None:
     """Restore what ``gate_state`` returned: the model goes on with the gates it would have drawn."""
     (sampler,) = _require_samplers(model, one=True)
-    try:
-        sampler.load_state(state)
-    except (KeyError, TypeError):
-        raise ValueError(f"state must be what sdzoo.gate_state returned, a dict with 'seed' and 'step'; "
-                         f"got {state!r}") from None
+    sampler.load_state(state)  # all checked before anything is set
 
 
 def _require_samplers(model: nn.Module, one: bool = False) -> List[GateSampler]:

@@ -3,8 +3,10 @@
     torchrun --standalone --nproc_per_node 2 tests/distributed_loops.py {ddp,fsdp2} CASES STEPS OUT
 
 ``ddp`` is a plain DDP loop, as in the PyTorch DDP tutorial and timm's train.py: no
-``find_unused_parameters`` (DDP then refuses the second step if a parameter had no gradient). ``fsdp2`` shards
-each transformer block and then the root with ``fully_shard``. CASES is a JSON list of
+``find_unused_parameters`` (DDP then refuses the second step if a parameter had no gradient), in which rank 1
+runs one extra training forward after the first step (a debug print, a validation pass that forgot
+``model.eval()``): the ranks must still draw the same gates. ``fsdp2`` shards each transformer block and then
+the root with ``fully_shard``. CASES is a JSON list of
 ``{"model": NAME, "kwargs": {...}, "size": 32, "convert": null | "sample" | "batch",
 "convert_through_ddp": false}``;
 rank 0 writes one result per case to OUT. sdzoo is imported only to convert: the zoo's own models come
@@ -41,8 +43,9 @@ def skipped(gates) -> int:
     return sum(int(g.numel() < BATCH) if g.dim() else int(float(g) == 0) for g in gates if g is not None)
 
 
-def steps_of(model, wrapped, size, steps):
-    """``steps`` SGD steps on each rank's own random data; the number of branches skipped and the last loss."""
+def steps_of(model, wrapped, size, steps, after_step=None):
+    """``steps`` SGD steps on each rank's own random data; the number of branches skipped, the last loss and
+    each step's gates. ``after_step(step, x)`` runs after each step."""
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     data = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own part of the data
     skipped_branches, draws = 0, []
@@ -54,6 +57,8 @@ def steps_of(model, wrapped, size, steps):
         optimizer.step()
         skipped_branches += skipped(last_gates(model))
         draws.append([None if g is None else g.tolist() for g in last_gates(model)])
+        if after_step is not None:
+            after_step(len(draws) - 1, x)
     return skipped_branches, loss.item(), draws
 
 
@@ -67,13 +72,19 @@ def ddp_case(case, size, steps):
         if case.get("convert"):
             convert(model, case)
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    skipped, loss, _ = steps_of(model, wrapped, size, steps)
+    def debug_print(step, x):
+        if step == 0 and dist.get_rank() == 1:  # rank 1 only, in training mode
+            print("debug:", model(x).shape, file=sys.stderr)
+
+    skipped, loss, draws = steps_of(model, wrapped, size, steps, debug_print)
+    all_draws = [None] * dist.get_world_size()
+    dist.all_gather_object(all_draws, draws)
     # the weights; BatchNorm statistics are each rank's own until DDP broadcasts rank 0's at a forward
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(replicas, flat)
     moved = max((p.detach() - s).abs().max().item() for p, s in zip(model.parameters(), start))
-    return dict(skipped=skipped, moved=moved, loss=loss,
+    return dict(skipped=skipped, moved=moved, loss=loss, same_draws=all(d == all_draws[0] for d in all_draws),
                 replica_max_diff=max((r - replicas[0]).abs().max().item() for r in replicas))
 
 

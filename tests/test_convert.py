@@ -22,7 +22,7 @@ from sdzoo.convert import DropPathGate, inspect_drop_paths
 from sdzoo.gate import kept_per_sample_count, set_drop_rate_factor
 from sdzoo.survival import drop_warmup_factor
 
-from helpers import randomize_batchnorm, run_distributed_loop, step_compiled_and_eager
+from helpers import load_script, randomize_batchnorm, run_distributed_loop, step_compiled_and_eager
 
 MODES = ["sample", "batch"]
 RATE = 0.4
@@ -176,7 +176,7 @@ def test_family(name):
 
         # training: outputs and gradients equal timm's forward with the same draw as per-sample masks (where
         # each slot is called once, on the model's batch: MobileViT's blocks see patches x batch)
-        same_batch = mode == "batch" or all(g.same_batch for g in gates.values())
+        same_batch = mode == "batch" or all(r == 1 for r in converted.drop_path_sampler.rows_per_sample)
         if single_call_slots(reference, converted, x) and same_batch:
             # batch mode: every other branch skipped, then the others, so that each branch is skipped once
             for kept_parity in ((0, 1) if mode == "batch" else (None,)):
@@ -227,7 +227,7 @@ def test_family_executed_flops_fall_as_the_rates_predict(name):
     # Sample mode runs branch i on k_i = round(p_i B) of the B samples. The branches are grouped by k_i (a few
     # groups at B = 8, where one run per branch would cost a run per gate): a group's FLOPs are what skipping
     # all of its branches, and only those, saves.
-    kept_counts = [kept_per_sample_count(p, batch) for p in probs]
+    kept_counts = [kept_per_sample_count(p, batch, m) for p, m in zip(probs, model.drop_path_sampler.min_kept)]
     group_flops = {}
     for k in sorted(set(kept_counts)):
         force_draws(model, batch_gates(model, [kept_counts[i] != k for i in range(count)]))
@@ -248,7 +248,7 @@ def test_family_executed_flops_fall_as_the_rates_predict(name):
     assert all(g is not None for g in grads.values())
     predicted = all_kept - sum((1 - k / batch) * f for k, f in group_flops.items())
     # (a block that sees patches x batch, as MobileViT's, keeps round(p B') of its own B' rows)
-    same_batch = all(g.same_batch for g in gates_of(sample).values())
+    same_batch = all(r == 1 for r in sample.drop_path_sampler.rows_per_sample)
     assert sample_flops == pytest.approx(predicted, rel=1e-6 if same_batch else 2e-2)
     assert sample_flops < mask_flops
 
@@ -314,6 +314,160 @@ def test_compiled_in_one_graph_without_recompiles(name, mode):
     assert backend.frame_count == 1, f"{backend.frame_count} graphs"
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert model.drop_path_sampler.step == 3 == eager.drop_path_sampler.step
+
+
+# Blocks called with more than x (EVA02's rope=, PVT-v2's feat_size), and a model deep-copied and unpickled
+# before torch.compile (an EMA copy, a spawn worker, a saved model): the rewrites of a training call are made at
+# conversion and again as a copy is rebuilt, never inside the compiled frame. Dynamo's own graphs and breaks are
+# the point, so the backend only counts them (no AOT): the smallest configurations that keep the calls.
+CALLED_WITH_MORE = {
+    "eva02 rope": ("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=48, num_heads=2), 28),
+    "pvt_v2 feat_size": ("pvt_v2_b0", dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2)), 32),  # at 224 px
+    "vit deep-copied, then unpickled": ("vit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=48, num_heads=2),
+                                        32),
+}
+
+
+@pytest.mark.slow  # compiles
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CALLED_WITH_MORE))
+def test_blocks_called_with_more_than_x_and_copied_models_compile_whole(case, mode):
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    name, kwargs, size = CALLED_WITH_MORE[case]
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_path_rate=RATE, num_classes=10, **kwargs)
+    convert(model, mode, input_size=(3, size, size)).train()  # PVT-v2's cfg says 224 px
+    if "copied" in case:
+        model = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for _ in range(2):
+        compiled(torch.randn(4, 3, size, size)).sum().backward()
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs (a recompile)"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert model.drop_path_sampler.step == 2
+    if case.startswith("pvt_v2") and mode == "sample":  # another input size: a feat_size not seen, said clearly
+        with pytest.raises(Exception, match=r"'stages.1.blocks.0' \(GatedBlock\) with x, feat_size.*input_size="):
+            compiled(torch.randn(4, 3, 2 * size, 2 * size))
+
+
+@pytest.mark.slow  # compiles
+def test_mobilevit_sample_mode_draws_its_patch_rows_before_the_graph():
+    from timm.models.byobnet import ByobNet, ByoModelCfg
+    from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    # mobilevit_xxs's kinds of block, fewer and narrower: an inverted residual, then a MobileViT block
+    cfg = ByoModelCfg(blocks=(_inverted_residual_block(d=2, c=16, s=1, br=2.0),
+                              _mobilevit_block(d=1, c=24, s=2, transformer_dim=32, transformer_depth=2, patch_size=2,
+                                               br=2.0)),
+                      stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu", num_features=32)
+    model = convert(ByobNet(cfg, num_classes=10, drop_path_rate=RATE), "sample", input_size=(3, 16, 16)).train()
+    sampler = model.drop_path_sampler
+    # the transformer blocks see patches x batch: 4 rows a sample (2x2 patches), drawn by the pre-hook
+    assert sampler.rows_per_sample == [1, 4, 4, 4, 4]
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    compiled(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert counter.frame_count == 1
+    for gate, rows, p, least in zip(sampler.gates, sampler.rows_per_sample, sampler.survival_probs, sampler.min_kept):
+        assert gate.numel() == kept_per_sample_count(p, rows * 2, least) and int(gate.max()) < rows * 2
+
+
+def test_a_list_argument_takes_the_real_skip_and_a_fallback_warns_naming_the_block():
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+    # MViTv2's stages pass feat_size as a list: every gate is asked in a training forward
+    mvit = MultiScaleVit(MultiScaleVitCfg(depths=(1, 2), embed_dim=16, num_heads=1), img_size=(32, 32),
+                         num_classes=10, drop_path_rate=RATE)
+    model = convert(mvit, "batch").train()
+    asked = []
+    gate = type(model.drop_path_sampler).gate
+    sampler = model.drop_path_sampler
+    sampler.gate = lambda index, *a, **k: asked.append(index) or gate(sampler, index, *a, **k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert sorted(asked) == list(range(len(model.drop_path_sampler.survival_probs))) and asked
+    # an argument that makes no kind of call (a dict) runs timm's masks, and says so once, naming the block
+    blocks = torch.nn.Sequential(*[Residual() for _ in range(2)])
+    blocks.pretrained_cfg = None
+    convert(blocks, "batch").train()
+    with pytest.warns(RuntimeWarning, match=r"block '1' \(Residual\) called with None.*runs timm's drop-path masks"):
+        blocks[1](torch.randn(2, 8), extra={"scale": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        blocks[1](torch.randn(2, 8), extra={"scale": 2})
+
+
+def test_the_coverage_survey_counts_the_gates_a_training_forward_asks(monkeypatch):
+    script = load_script("drop_path_coverage")
+    blocks = torch.nn.Sequential(Residual(), Residual()).to("meta")
+    blocks.pretrained_cfg = dict(input_size=(8,))
+    convert(blocks, "batch")
+    assert script.training_step(blocks) == 2
+    # blocks that fall back to timm's masks (here: every call unkeyable) ask none, which the survey reports
+    monkeypatch.setattr(sdzoo.convert, "_call_key_fast", lambda *args: None)
+    with pytest.warns(RuntimeWarning, match="runs timm's drop-path masks"):
+        assert script.training_step(blocks) == 0
+
+
+class Residual(torch.nn.Module):
+    """A user's block: a drop path on a residual branch, and an argument besides x."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x, extra=None):
+        return x + self.drop_path(self.fc(x))
+
+
+def test_repvgg_batch_mode_skips_with_the_in_place_activation_behind_an_identity():
+    model = convert(timm.create_model("repvgg_a0", drop_path_rate=RATE, num_classes=10), "batch").train()
+    force_draws(model, batch_gates(model, [False] * len(model.drop_path_sampler.survival_probs)))
+    outputs = []
+    model.stages[1][1].register_forward_hook(lambda module, args, out: outputs.append(out))
+    # every branch skipped: the in-place ReLU after x += identity and an Identity meets the shortcut
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert outputs[0]._base is None  # no view of the shortcut leaves a block (FSDP2 warns of one)
+
+
+def test_sample_mode_keeps_two_samples_where_a_branch_holds_a_batchnorm():
+    # EfficientNet at 32 px: the last stages' maps are 1x1, and one sample there has no batch statistics
+    model = convert(build("efficientnet_b0", rate=0.6), "sample").train()
+    sampler = model.drop_path_sampler
+    assert sampler.min_kept == [2] * len(sampler.min_kept)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(g.numel() == 2 for g in sampler.gates)
+    vit = convert(build("vit_tiny_patch16_224"), "sample")  # LayerNorm only: one sample may be kept
+    assert set(vit.drop_path_sampler.min_kept) == {1}
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_exporting_in_training_mode_says_what_exports(strict):
+    x = torch.randn(2, 3, 32, 32)
+    model = convert(build("vit_tiny_patch16_224", depth=2), "batch").train()
+    with pytest.raises(Exception, match=r"What exports: the model in eval mode.*gate_mode='sample'.*strict=False"):
+        torch.export.export(model, (x,), strict=strict)
+    sample = convert(build("vit_tiny_patch16_224", depth=2), "sample").train()
+    if strict:
+        with pytest.raises(Exception, match="What exports"):
+            torch.export.export(sample, (x,), strict=True)
+    else:  # what the message offers works
+        assert torch.export.export(sample, (x,), strict=False).module()(x).shape == (2, 10)
+
+
+def test_vmap_over_a_batch_mode_model_draws_plain_gates():
+    model = convert(build("vit_tiny_patch16_224", depth=2), "batch").train()
+    x = torch.randn(3, 2, 3, 32, 32)
+    out = torch.vmap(model, randomness="different")(x)
+    assert out.shape == (3, 2, 10)
+    assert all(g.dim() == 0 for g in model.drop_path_sampler.gates)  # one plain draw, not a batched one
 
 
 @pytest.mark.slow  # compiles
@@ -469,12 +623,14 @@ DDP_CASES = [
 
 
 @pytest.mark.slow
-def test_plain_ddp_loop_trains_converted_models(tmp_path):
-    # two steps: DDP refuses the second one when a parameter had no gradient
+def test_plain_ddp_loop_trains_converted_models_and_keeps_the_ranks_in_step(tmp_path):
+    # two steps: DDP refuses the second one when a parameter had no gradient. Rank 1 runs an extra training
+    # forward after the first (a debug print): DDP's broadcast of the step buffer keeps the ranks' draws equal.
     results = run_distributed_loop("ddp", DDP_CASES, 2, tmp_path / "result.json")
     assert len(results) == 10
     for case, r in results.items():
         assert r["skipped"] > 0, f"{case}: nothing was dropped, the loop did not test the skip"
+        assert r["same_draws"], f"{case}: the ranks drew other gates after rank 1's extra forward"
         assert r["replica_max_diff"] == 0.0, case
         assert r["moved"] > 0 and math.isfinite(r["loss"]), case
 
@@ -490,3 +646,4 @@ def test_fsdp2_trains_a_converted_model(tmp_path):
         assert r["same_draws"], f"{mode}: the ranks drew different gates"
         assert r["skipped"] > 0, f"{mode}: nothing was dropped"
         assert r["finite"] and math.isfinite(r["loss"]), mode
+

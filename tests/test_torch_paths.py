@@ -225,3 +225,31 @@ def test_same_gates_draws_once_for_the_micro_batches(gate_mode):
     # the next forward draws anew
     model(x).sum().backward()
     assert not all(torch.equal(a, b) for a, b in zip(model.gate_sampler.gates, model.gate_sampler.draw(8, step=0)))
+
+
+def test_a_refused_gate_state_changes_nothing():
+    model = sdzoo.convert_drop_path(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2,
+                                                      drop_path_rate=0.3, device="meta"), mode="batch", seed=5)
+    before = gate_state(model)
+    for bad, match in [({"seed": 9, "step": 2**70}, r"state\['step'\] must be an integer in \[0, 9223372036854775807"),
+                       ({"seed": -1, "step": 3}, r"state\['seed'\]"),
+                       ({"seed": 9, "step": 3, "extra": 1}, "what sdzoo.gate_state returned"),
+                       ([9, 3], "what sdzoo.gate_state returned")]:
+        with pytest.raises(ValueError, match=match):
+            load_gate_state(model, bad)
+        assert gate_state(model) == before  # neither the seed nor the step moved
+    load_gate_state(model, {"seed": 9, "step": 2**63 - 1})
+    assert gate_state(model) == {"seed": 9, "step": 2**63 - 1}
+
+
+def test_one_same_gates_object_may_be_entered_again():
+    model = zoo("batch", layers=[1, 1, 1]).train()
+    x = torch.randn(2, 3, 32, 32)
+    hold = same_gates(model)
+    for _ in range(2):  # one after the other: each entry is a group of its own
+        with hold:
+            with hold:  # and inside itself: the inner forwards share the outer draw
+                model(x)
+            model(x)
+    assert model.gate_sampler.step == 2
+    assert model.gate_sampler._held is None  # every entry left

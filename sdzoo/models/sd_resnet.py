@@ -231,7 +231,7 @@ class SDResNet(nn.Module):
             survival_probs(num_blocks, settings.survival_prob, settings.survival_rule)
         # The gates of each training forward are drawn by a pre-hook on this model, before any compiled graph.
         self.gate_sampler = GateSampler(block_probs, settings.gate_mode, settings.gate_seed)
-        self.gate_sampler.attach(self)
+        self.gate_sampler.attach(self, device=device)
 
         # Stem
         stem_chs = widths[0]
