@@ -368,3 +368,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rank0:
         print(done_line(summary, settings))
     return 0
+
+
+if __name__ == "__main__":  # python -m sdzoo.train: the trainer's processes of sdzoo.compare
+    sys.exit(main())
