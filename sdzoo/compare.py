@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ._files import atomic_write, save_json, write_text
 from .checkpoint import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME
-from .metrics_plot import epoch_records, read_metrics
+from .metrics_plot import epoch_records, evaluations, read_metrics
 from .model_card import PAPER_RESULTS
 from .settings import DEFINING, build_parser
 
@@ -148,7 +148,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int, threads: Optional[int], say=pri
                 job.folder.parent.mkdir(parents=True, exist_ok=True)
                 with open(job.log, "a") as log:
                     process = subprocess.Popen([sys.executable, "-m", "sdzoo.train", *job.argv], stdout=log,
-                                               stderr=subprocess.STDOUT, env=env)
+                                               stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_on_sigint)
                 running[job] = process
                 say(f"{job.name}: {'continued' if job.state == 'resume' else 'started'} (log {job.log})")
             time.sleep(POLL_S)
@@ -183,9 +183,16 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _stop_on_sigint() -> None:
+    """In a trainer before it starts: SIGINT stops it (with its checkpoint kept), even where the comparison runs as
+    a background job, whose processes inherit an ignored SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_result(job: Job) -> Dict[str, Any]:
     summary = _read_json(job.folder / SUMMARY_NAME) or {}
-    epochs = epoch_records(read_metrics(job.folder / METRICS_NAME))
+    records = read_metrics(job.folder / METRICS_NAME)
+    epochs = epoch_records(records)
     train_time = sum(r["train_time_s"] for r in epochs)
     seen = sum(r["img_per_s"] * r["train_time_s"] for r in epochs)
     return dict(
@@ -196,8 +203,9 @@ def _run_result(job: Job) -> Dict[str, Any]:
         img_per_s=seen / train_time if train_time else None,
         mean_depth=statistics.fmean(r["mean_depth"] for r in epochs) if epochs else None,
         expected_depth=epochs[-1]["expected_depth"] if epochs else None,
-        test_error_by_epoch=[r["test_error"] for r in epochs],
-        first_stage_grad_by_epoch=[_first_stage(r["grad_mean_abs"]) for r in epochs])
+        # [epochs done, value]: evaluations fall at epoch ends, or every N steps (--eval-every-steps)
+        test_error_curve=[[r.get("epochs_done", r["epoch"]), r["test_error"]] for r in evaluations(records)],
+        first_stage_grad_curve=[[r["epoch"], _first_stage(r["grad_mean_abs"])] for r in epochs])
 
 
 def _first_stage(grads: Dict[str, float]) -> Optional[float]:
@@ -265,10 +273,10 @@ def figure(results: Dict[str, Any], path: Path) -> None:
     colours = {"constant_depth": "tab:blue", "stochastic_depth": "tab:red"}
     for run in results["runs"]:
         label = f"{LABELS[run['setting']]}, seed {run['seed']}"
-        epochs = range(1, len(run["test_error_by_epoch"]) + 1)
-        style = dict(color=colours[run["setting"]], alpha=0.8, linewidth=1.2)
-        ax_err.plot(epochs, run["test_error_by_epoch"], label=label, **style)
-        ax_grad.plot(epochs, run["first_stage_grad_by_epoch"], label=label, **style)
+        style = dict(color=colours[run["setting"]], alpha=0.8, linewidth=1.2, marker=".")
+        for ax, curve in ((ax_err, run["test_error_curve"]), (ax_grad, run["first_stage_grad_curve"])):
+            if curve:
+                ax.plot(*zip(*curve), label=label, **style)
     ax_err.set(xlabel="epoch", ylabel="test error (%)", title="test error (the paper's figure 3)")
     ax_grad.set(xlabel="epoch", ylabel="mean |gradient|", yscale="log",
                 title="first stage's mean gradient magnitude (figure 7)")
@@ -300,7 +308,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
         epilog="example (the CPU recipe, about an hour per pair of runs on 2 cores):\n"
                "  python scripts/compare.py --output runs/fmnist-compare --seeds 1 --dataset fashion_mnist\n"
                "exit status: 0 done, 1 a run failed, 2 bad usage, 130 interrupted (rerun to continue).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # --seed is the trainer's flag, not short for --seeds
     parser.add_argument("--output", required=True, type=Path,
                         help="folder of the comparison: a run folder per setting and seed, results.json, "
                              "results.md, compare.png")

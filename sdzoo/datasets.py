@@ -90,8 +90,8 @@ DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
         display_name="Fashion-MNIST", hub_id="zalando-datasets/fashion_mnist", num_classes=10, in_chans=1,
         image_size=28, val_split=True, files="FashionMNIST/raw", torchvision_class="FashionMNIST",
         system_dir="/usr/share/datasets/fashion-mnist", system_package="dataset-fashion-mnist", cifar_tag=True,
-        # train and test as the files hold them; the recipe holds 5,000 of train out (train 55,000).
-        split_sizes={"train": 60000, "test": 10000}, calibration="fashion_mnist_images",
+        # The splits of its recipe: 5,000 of the files' 60,000 training images held out for validation.
+        split_sizes={"train": 55000, "val": 5000, "test": 10000}, calibration="fashion_mnist_images",
         # Pixel statistics of the 60,000 training images (values / 255). tests/test_data.py recomputes them.
         mean=(0.2860,), std=(0.3530,)),
     DatasetSpec(
