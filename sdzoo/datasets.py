@@ -83,17 +83,6 @@ DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
     _IMAGENET,
     # Any ImageFolder-style directory: ImageNet's statistics and recipe, its classes from its folders.
     replace(_IMAGENET, name="imagefolder", display_name=None, hub_id=None, num_classes=None),
-    # Fashion-MNIST from its four idx files, gzipped or not (sdzoo.data reads them; nothing is downloaded):
-    # 60,000 training images of 28x28 grey levels, 5,000 of them held out as in the paper's CIFAR protocol.
-    DatasetSpec(
-        name="fashion_mnist", loader="_load_fashion_mnist", recipe="fashion_mnist", on_device=True,
-        display_name="Fashion-MNIST", hub_id="zalando-datasets/fashion_mnist", num_classes=10, in_chans=1,
-        image_size=28, val_split=True, files="FashionMNIST/raw", torchvision_class="FashionMNIST",
-        system_dir="/usr/share/datasets/fashion-mnist", system_package="dataset-fashion-mnist", cifar_tag=True,
-        # The splits of its recipe: 5,000 of the files' 60,000 training images held out for validation.
-        split_sizes={"train": 55000, "val": 5000, "test": 10000}, calibration="fashion_mnist_images",
-        # Pixel statistics of the 60,000 training images (values / 255). tests/test_data.py recomputes them.
-        mean=(0.2860,), std=(0.3530,)),
     DatasetSpec(
         name="digits", loader="_load_digits", recipe="digits", on_device=True,
         display_name="scikit-learn handwritten digits (8x8 images, upsampled)", num_classes=10,
@@ -106,6 +95,17 @@ DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
         display_name="random images and labels (a throughput run: nothing was learned)", classes_by_flag=True,
         split_sizes={"train": 2560, "val": 256, "test": 256},
         mean=(0.5,) * 3, std=(0.29,) * 3),
+    # Fashion-MNIST from its four idx files, gzipped or not (sdzoo.data reads them; nothing is downloaded):
+    # 60,000 training images of 28x28 grey levels, 5,000 of them held out as in the paper's CIFAR protocol.
+    DatasetSpec(
+        name="fashion_mnist", loader="_load_fashion_mnist", recipe="fashion_mnist", on_device=True,
+        display_name="Fashion-MNIST", hub_id="zalando-datasets/fashion_mnist", num_classes=10, in_chans=1,
+        image_size=28, val_split=True, files="FashionMNIST/raw", torchvision_class="FashionMNIST",
+        system_dir="/usr/share/datasets/fashion-mnist", system_package="dataset-fashion-mnist", cifar_tag=True,
+        # The splits of its recipe: 5,000 of the files' 60,000 training images held out for validation.
+        split_sizes={"train": 55000, "val": 5000, "test": 10000}, calibration="fashion_mnist_images",
+        # Pixel statistics of the 60,000 training images (values / 255). tests/test_fashion_mnist.py recomputes them.
+        mean=(0.2860,), std=(0.3530,)),
 )}
 
 

@@ -187,12 +187,13 @@ def test_real_files_have_the_registry_statistics_and_the_recipe_splits():
 # -- short real training runs ----------------------------------------------------------------------------------
 # Both settings train at once (the comparison's two processes), seed 0, on a fixed subset: the first 640 training
 # images (64 of them held out), 4 epochs of batch 32 (72 steps, lr / 10 after epochs 2 and 3), evaluated once,
-# after the last step, on all 10,000 test images. Measured: test accuracy SD_MEASURED with stochastic depth and
-# CONSTANT_MEASURED at constant depth; the floors leave a margin for other machines' arithmetic.
+# after the last step, on all 10,000 test images. Measured: test accuracy 46.61% with stochastic depth and 56.44%
+# at constant depth (chance is 10%; so few steps leave BatchNorm's running statistics behind the weights, most of
+# all where blocks are skipped); the floors leave a margin for other machines' arithmetic.
 REAL_RUN_ARGS = ["--seeds", "0", "--dataset", "fashion_mnist", "--val-size", "64", "--epochs", "4",
                  "--batch-size", "32", "--eval-every-steps", "100000", "--record-gates"]
 SUBSET = 640
-ACCURACY_FLOOR = {"stochastic_depth": 0.0, "constant_depth": 0.0}
+ACCURACY_FLOOR = {"stochastic_depth": 35.0, "constant_depth": 45.0}
 
 
 @pytest.fixture(scope="module")
