@@ -282,7 +282,8 @@ def figure(results: Dict[str, Any], path: Path) -> None:
                 title="first stage's mean gradient magnitude (figure 7)")
     for ax in (ax_err, ax_grad):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no curve yet: no legend
+            ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda temp: fig.savefig(temp, format="png"))
     plt.close(fig)
