@@ -26,7 +26,8 @@ from .datasets import DATASETS as REGISTRY, DatasetSpec, dataset_names
 
 __all__ = [
     "DATASETS", "DataError", "DIGITS_SPLIT_SIZES", "EpochPlan", "InMemoryData", "FolderData", "load_data",
-    "load_digits_split", "read_idx", "read_fashion_mnist", "fashion_mnist_folder", "random_shift_flip", "normalize", "ColorJitter", "Lighting", "imagenet_train_transform",
+    "load_digits_split", "read_idx", "read_fashion_mnist", "fashion_mnist_folder", "random_shift_flip", "normalize",
+    "ColorJitter", "Lighting", "imagenet_train_transform",
 ]
 
 # Names of the registry's data sets (sdzoo.datasets), and of those held in memory as tensors.
@@ -226,6 +227,16 @@ def _split_off(num: int, val_size: int, generator: torch.Generator) -> Tuple[Ten
     return order[val_size:].sort().values, order[:val_size].sort().values
 
 
+def _hold_out(full: Split, val_size: int, split_seed: int, label: str) -> Tuple[Split, Optional[Split]]:
+    """(train, validation) of a training set: ``val_size`` images held out at random (a fixed draw of
+    ``split_seed``); validation None for 0."""
+    if not 0 <= val_size < len(full):
+        raise DataError(f"--val-size must be in [0, {len(full)}) for {label}; got {val_size}")
+    train_idx, val_idx = _split_off(len(full), val_size, torch.Generator().manual_seed(split_seed))
+    val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
+    return Split(full.images[train_idx], full.labels[train_idx]), val
+
+
 def _torchvision_split(cls, label: str, where: str, root: str, download: bool, **kwargs):
     """One split of a torchvision data set (whose files live in ``where``), with errors that name the path
     and the flag."""
@@ -259,11 +270,7 @@ def _load_cifar(spec: DatasetSpec, root: str, *, download: bool, val_size: int, 
     full_ds = _torchvision_split(cls, label, where, root, download, train=True)
     full = as_split(full_ds)
     test = as_split(_torchvision_split(cls, label, where, root, download, train=False))
-    if not 0 <= val_size < len(full):
-        raise DataError(f"--val-size must be in [0, {len(full)}) for {label}; got {val_size}")
-    train_idx, val_idx = _split_off(len(full), val_size, torch.Generator().manual_seed(split_seed))
-    val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
-    train = Split(full.images[train_idx], full.labels[train_idx])
+    train, val = _hold_out(full, val_size, split_seed, label)
     return InMemoryData(spec.name, train, val, test, spec.num_classes, spec.mean, spec.std,
                         classes=full_ds.classes, shift=shift, hflip=hflip)
 
@@ -422,11 +429,7 @@ def _load_fashion_mnist(spec: DatasetSpec, data_dir: Optional[str], *, val_size:
 
     folder = fashion_mnist_folder(spec, data_dir)
     full, test = (read_fashion_mnist(folder, split, spec.image_size) for split in ("train", "test"))
-    if not 0 <= val_size < len(full):
-        raise DataError(f"--val-size must be in [0, {len(full)}) for {spec.display_name}; got {val_size}")
-    train_idx, val_idx = _split_off(len(full), val_size, torch.Generator().manual_seed(split_seed))
-    val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
-    train = Split(full.images[train_idx], full.labels[train_idx])
+    train, val = _hold_out(full, val_size, split_seed, spec.display_name)
     return InMemoryData(spec.name, train, val, test, spec.num_classes, spec.mean, spec.std,
                         classes=list(FashionMNIST.classes), shift=shift, hflip=hflip)
 

@@ -298,7 +298,8 @@ def test_compare_writes_results_table_and_figure_and_resumes_after_a_kill(tmp_pa
     assert [(r["setting"], r["seed"], r["finished"], r["epochs"]) for r in results["runs"]] == [
         ("constant_depth", 3, True, 2), ("stochastic_depth", 3, True, 2)]
     for run in results["runs"]:
-        epochs = [json.loads(line)["epoch"] for line in (Path(run["folder"]) / "metrics.jsonl").read_text().splitlines()]
+        lines = (Path(run["folder"]) / "metrics.jsonl").read_text().splitlines()
+        epochs = [json.loads(line)["epoch"] for line in lines]
         assert epochs == [1, 2]  # each epoch recorded once, the resumed one too
         assert len(run["test_error_curve"]) == 2 and run["first_stage_grad_curve"][0][1] > 0
     assert results["time_ratio"] > 0 and results["paper"]["stochastic_depth"]["test_error"] == 5.25
