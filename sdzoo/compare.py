@@ -12,7 +12,8 @@ It then writes, into the output folder:
 * ``results.json``: per run, the test error at the epoch of best validation error, that epoch, the wall time,
   the training time per epoch and the images per second; per setting, their mean and standard deviation; the
   ratio of the training times;
-* ``results.md``: that as a Markdown table, the paper's CIFAR-10 figures beside it;
+* ``results.md``: that as a Markdown table, the paper's CIFAR-10 figures beside it, and the test error of each
+  setting at each evaluation;
 * ``compare.png``: the test error against the epoch for both settings (the paper's figure 3) and the mean
   |gradient| of the first stage (its figure 7), from each run's ``metrics.jsonl``.
 """
@@ -255,6 +256,15 @@ def table(results: Dict[str, Any]) -> str:
     ratio = results["time_ratio"]
     lines.append(f"| time ratio (stochastic / constant) | | | {'-' if ratio is None else f'{ratio:.3f}'} | "
                  f"| | {paper['time_ratio']:.3f} |")
+    lines += ["", "| epoch | " + " | ".join(f"{LABELS[setting]}: test error (%)" for setting in SETTINGS) + " |",
+              "| ---: |" + " ---: |" * len(SETTINGS)]
+    by_epoch = {setting: {} for setting in SETTINGS}  # the mean over the seeds that reached each evaluation
+    for run in runs:
+        for epochs_done, error in run["test_error_curve"]:
+            by_epoch[run["setting"]].setdefault(epochs_done, []).append(error)
+    for point in sorted({p for errors in by_epoch.values() for p in errors}):
+        cells = [f"{statistics.fmean(by_epoch[s][point]):.2f}" if point in by_epoch[s] else "-" for s in SETTINGS]
+        lines.append(f"| {point:g} | " + " | ".join(cells) + " |")
     unfinished = [r["folder"] for r in runs if not r["finished"]]
     notes = [f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} per setting; ± is the standard deviation over "
              "them). Test error at the epoch of best validation error; training time without evaluation."]
