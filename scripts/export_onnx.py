@@ -78,7 +78,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quantize", default=None, choices=("int8",),
                         help="also write a static int8 (QDQ) model next to the output")
     parser.add_argument("--quant-output", default=None, help="the int8 file (default: OUTPUT with .int8.onnx)")
-    parser.add_argument("--calib-data", default=CALIB_DATA[0], choices=CALIB_DATA, help="calibration images")
+    parser.add_argument("--calib-data", default=None, choices=CALIB_DATA,
+                        help="calibration images (default: the model's own data set, as its cfg tag names it, when "
+                             f"it is one of these; else {CALIB_DATA[0]})")
     parser.add_argument("--calib-images", type=int, default=256,
                         help="training images used to calibrate; the test split measures top-1 agreement")
     parser.add_argument("--benchmark", action="store_true",
@@ -465,7 +467,10 @@ def calibration_split(args: argparse.Namespace, model: torch.nn.Module, input_si
     """Calibration images from the training split, held-out images from the test split."""
     cfg = model.pretrained_cfg
     mean, std = cfg.get("mean", (0.5,)), cfg.get("std", (0.5,))
-    train, _ = calibration_images(args.calib_data, input_size, mean, std, split="train")
+    try:
+        train, _ = calibration_images(args.calib_data, input_size, mean, std, split="train")
+    except DataError as err:
+        fail(args, f"--calib-data {args.calib_data}: {err}")
     if not 0 < args.calib_images <= len(train):
         fail(args, f"--calib-images must be from 1 to {len(train)} (the {args.calib_data} training split); "
                    f"got {args.calib_images}")
@@ -485,7 +490,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_img_size(args)  # before anything is loaded or written
     output_paths(args)
     batch_sizes = parse_batch_sizes(args)
-    if args.quantize:
+    if args.quantize and args.calib_data:
         available = calibration_split_size(args.calib_data, "train")  # checked before any file is written
         if not 0 < args.calib_images <= available:
             fail(args, f"--calib-images must be from 1 to {available} (the {args.calib_data} training split); "
@@ -499,10 +504,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_prune_flags(args)
 
     model = create_model(args).eval()
+    if args.calib_data is None:  # the images the model was trained on, where they may calibrate
+        tag = model.pretrained_cfg.get("tag")
+        args.calib_data = tag if tag in CALIB_DATA else CALIB_DATA[0]
     input_size = input_size_of(args, model)
     splits = None
     if args.keep_blocks is not None or args.prune_order not in ORDERS:
         model, splits = prune(args, model)
+    if args.quantize:  # read before anything is written: missing images stop the export, not the quantization
+        calib, held_out = calibration_split(args, model, input_size)
     maybe_fold(args, model)
     try:
         metadata = onnx_metadata(model, input_size=input_size, label_names=label_names)
@@ -520,7 +530,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_pruned_dir(args, model, splits, input_size)
 
     if args.quantize == "int8":
-        calib, held_out = calibration_split(args, model, input_size)
         try:
             quant = quantize_int8(args.output, quant_output_of(args), calib, held_out)
         except (ValueError, ExportError) as err:

@@ -12,6 +12,7 @@ the number of processes.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -25,7 +26,8 @@ from .datasets import DATASETS as REGISTRY, DatasetSpec, dataset_names
 
 __all__ = [
     "DATASETS", "DataError", "DIGITS_SPLIT_SIZES", "EpochPlan", "InMemoryData", "FolderData", "load_data",
-    "load_digits_split", "random_shift_flip", "normalize", "ColorJitter", "Lighting", "imagenet_train_transform",
+    "load_digits_split", "read_idx", "read_fashion_mnist", "fashion_mnist_folder", "random_shift_flip", "normalize",
+    "ColorJitter", "Lighting", "imagenet_train_transform",
 ]
 
 # Names of the registry's data sets (sdzoo.datasets), and of those held in memory as tensors.
@@ -35,6 +37,7 @@ TENSOR_DATASETS = dataset_names(on_device=True)
 DIGITS_SPLIT_SIZES = REGISTRY["digits"].split_sizes
 SYNTHETIC_SIZES = REGISTRY["synthetic"].split_sizes
 _IMAGENET = REGISTRY["imagenet"]
+DEFAULT_DATA_DIR = "~/data"  # --data-dir when none is given
 
 
 class DataError(Exception):
@@ -144,13 +147,14 @@ class _Data:
     """What both kinds of data set share: the size of an epoch, and the timm data config (preprocessing) that
     the models trained on them are saved with."""
     crop_pct = 1.0  # of the evaluation images: 1.0 is the whole image
+    in_chans = 3
 
     def __len__(self) -> int:
         return len(self.train)
 
     def data_config(self) -> dict:
         size = self.image_size
-        return dict(input_size=(3, size, size), mean=self.mean, std=self.std, crop_pct=self.crop_pct,
+        return dict(input_size=(self.in_chans, size, size), mean=self.mean, std=self.std, crop_pct=self.crop_pct,
                     interpolation="bilinear")
 
 
@@ -167,6 +171,7 @@ class InMemoryData(_Data):
         self.shift, self.hflip = int(shift), bool(hflip)
         self.test_is_val = test_is_val
         self.image_size = int(train.images.shape[-1])
+        self.in_chans = int(train.images.shape[1])
 
     def to(self, device: torch.device) -> "InMemoryData":
         """Keep the whole data set on the training device (a batch is then an index)."""
@@ -222,6 +227,16 @@ def _split_off(num: int, val_size: int, generator: torch.Generator) -> Tuple[Ten
     return order[val_size:].sort().values, order[:val_size].sort().values
 
 
+def _hold_out(full: Split, val_size: int, split_seed: int, label: str) -> Tuple[Split, Optional[Split]]:
+    """(train, validation) of a training set: ``val_size`` images held out at random (a fixed draw of
+    ``split_seed``); validation None for 0."""
+    if not 0 <= val_size < len(full):
+        raise DataError(f"--val-size must be in [0, {len(full)}) for {label}; got {val_size}")
+    train_idx, val_idx = _split_off(len(full), val_size, torch.Generator().manual_seed(split_seed))
+    val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
+    return Split(full.images[train_idx], full.labels[train_idx]), val
+
+
 def _torchvision_split(cls, label: str, where: str, root: str, download: bool, **kwargs):
     """One split of a torchvision data set (whose files live in ``where``), with errors that name the path
     and the flag."""
@@ -255,11 +270,7 @@ def _load_cifar(spec: DatasetSpec, root: str, *, download: bool, val_size: int, 
     full_ds = _torchvision_split(cls, label, where, root, download, train=True)
     full = as_split(full_ds)
     test = as_split(_torchvision_split(cls, label, where, root, download, train=False))
-    if not 0 <= val_size < len(full):
-        raise DataError(f"--val-size must be in [0, {len(full)}) for {label}; got {val_size}")
-    train_idx, val_idx = _split_off(len(full), val_size, torch.Generator().manual_seed(split_seed))
-    val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
-    train = Split(full.images[train_idx], full.labels[train_idx])
+    train, val = _hold_out(full, val_size, split_seed, label)
     return InMemoryData(spec.name, train, val, test, spec.num_classes, spec.mean, spec.std,
                         classes=full_ds.classes, shift=shift, hflip=hflip)
 
@@ -319,6 +330,108 @@ def _load_synthetic(spec: DatasetSpec, root: str, *, image_size: int, num_classe
     splits = {s: make(n) for s, n in spec.split_sizes.items()}
     return InMemoryData(spec.name, splits["train"], splits["val"], splits["test"], num_classes, spec.mean, spec.std,
                         shift=shift, hflip=hflip)
+
+
+# -- Fashion-MNIST: idx files -----------------------------------------------------------------------------------
+# The idx format (LeCun's MNIST page): a big-endian int32 magic 0x0000TTNN (TT the element type, 0x08 unsigned
+# bytes; NN the number of dimensions), NN big-endian int32 sizes, then the elements. Images are (N, 28, 28),
+# labels (N,).
+IDX_UBYTE = 0x08
+FASHION_MNIST_FILES = {  # split -> (images, labels) file names, without .gz
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: str, ndim: int) -> Tensor:
+    """The uint8 array of an idx file of ``ndim`` dimensions, gzipped (``.gz``) or not. A file that is not such
+    an idx file (a wrong magic number), or whose size does not match its header (truncated, or with bytes
+    left over), is a ``DataError`` naming it."""
+    import gzip
+
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a gzip stream cut short is an EOFError; a foreign one, an OSError
+        raise DataError(f"{path}: cannot read it ({error_line(e)}); the file is damaged or not an idx file") from None
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic != (IDX_UBYTE << 8 | ndim):
+        found = "too short for a header" if magic is None else f"magic number 0x{magic:08x}"
+        raise DataError(f"{path}: not an idx file of {ndim}-dimensional unsigned bytes (expected magic number "
+                        f"0x{IDX_UBYTE << 8 | ndim:08x}; {found})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated: {len(raw)} bytes, less than its {header}-byte header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = header + math.prod(shape)
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataError(f"{path}: {what}: {len(raw)} bytes where its header ({' x '.join(map(str, shape))} "
+                        f"bytes) makes {expected}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(shape)
+
+
+def fashion_mnist_folder(spec: DatasetSpec, data_dir: Optional[str]) -> str:
+    """The folder that holds the four idx files: ``data_dir`` or torchvision's layout under it; without a
+    ``data_dir``, the default data folder (and its torchvision layout) or the system package's folder. A
+    ``DataError`` says where it looked and how to get the files."""
+    root = os.path.expanduser(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
+    places = [root, os.path.join(root, spec.files)]
+    if data_dir is None and spec.system_dir:
+        places.append(spec.system_dir)
+    names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+    for place in places:
+        found = [name for name in names if _idx_path(place, name)]
+        if len(found) == len(names):
+            return place
+        if found:  # a folder with some of the files: say which are missing there
+            missing = ", ".join(f"{name}[.gz]" for name in names if name not in found)
+            raise DataError(f"{spec.display_name}: {place} holds some of its idx files but not {missing}")
+    flag = "--data-dir" if data_dir is not None else "no --data-dir given"
+    raise DataError(
+        f"{spec.display_name} not found ({flag}; looked for {', '.join(n + '[.gz]' for n in names)} in "
+        f"{', '.join(places)}). Nothing is downloaded: install the package {spec.system_package} "
+        f"(apt-get install {spec.system_package}), or on a machine with internet run "
+        f"torchvision.datasets.{spec.torchvision_class}(ROOT, download=True) and pass --data-dir ROOT")
+
+
+def _idx_path(folder: str, name: str) -> Optional[str]:
+    """The file ``name`` in ``folder``, uncompressed or gzipped (None if neither is there)."""
+    for path in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_fashion_mnist(folder: str, split: str, image_size: int = 28) -> Split:
+    """One split ('train' or 'test') of the idx files in ``folder``: uint8 images ``(N, 1, 28, 28)`` and int64
+    labels. Images and labels must agree in number, the images be 28x28 and the labels 0..9; else a
+    ``DataError`` names the file."""
+    check_choice("split", split, FASHION_MNIST_FILES)
+    image_path, label_path = (_idx_path(folder, name) for name in FASHION_MNIST_FILES[split])
+    for path, name in zip((image_path, label_path), FASHION_MNIST_FILES[split]):
+        if path is None:
+            raise DataError(f"{os.path.join(folder, name)}[.gz] not found")
+    images, labels = read_idx(image_path, 3), read_idx(label_path, 1)
+    if tuple(images.shape[1:]) != (image_size, image_size):
+        raise DataError(f"{image_path}: images of {images.shape[1]}x{images.shape[2]} pixels; Fashion-MNIST's "
+                        f"are {image_size}x{image_size}")
+    if len(images) != len(labels):
+        raise DataError(f"{image_path} holds {len(images)} images but {label_path} {len(labels)} labels")
+    if len(labels) and int(labels.max()) >= 10:
+        raise DataError(f"{label_path}: label {int(labels.max())}; Fashion-MNIST's classes are 0..9")
+    return Split(images.unsqueeze(1).clone(), labels.long())
+
+
+def _load_fashion_mnist(spec: DatasetSpec, data_dir: Optional[str], *, val_size: int, split_seed: int, shift: int,
+                        hflip: bool, **_) -> InMemoryData:
+    from torchvision.datasets import FashionMNIST  # its class names, no files
+
+    folder = fashion_mnist_folder(spec, data_dir)
+    full, test = (read_fashion_mnist(folder, split, spec.image_size) for split in ("train", "test"))
+    train, val = _hold_out(full, val_size, split_seed, spec.display_name)
+    return InMemoryData(spec.name, train, val, test, spec.num_classes, spec.mean, spec.std,
+                        classes=list(FashionMNIST.classes), shift=shift, hflip=hflip)
 
 
 # -- ImageFolder-style directories ---------------------------------------------------------------------------
@@ -516,16 +629,19 @@ def _load_folder(spec: DatasetSpec, root: str, *, image_size: int, hflip: bool, 
     return FolderData(spec.name, root, image_size, hflip, workers, color_jitter, lighting, spec.mean, spec.std)
 
 
-def load_data(name: str, data_dir: str = "~/data", *, download: bool = True, val_size: int = 0,
+def load_data(name: str, data_dir: Optional[str] = None, *, download: bool = True, val_size: int = 0,
               split_seed: int = 1, image_size: int = 32, num_classes: int = 10, shift: int = 0,
               hflip: bool = False, workers: int = 4, color_jitter: float = 0.0, lighting: float = 0.0):
     """Load a data set by ``--dataset`` name: an ``InMemoryData`` or a ``FolderData``. ``shift`` applies to
-    in-memory data, ``color_jitter`` and ``lighting`` (fb.resnet.torch's 0.4 and 0.1) to folder data."""
+    in-memory data, ``color_jitter`` and ``lighting`` (fb.resnet.torch's 0.4 and 0.1) to folder data.
+    ``data_dir`` None is ``~/data`` (and, for a data set a system package installs, that package's folder)."""
     if name not in REGISTRY:
         raise DataError(f"--dataset must be one of {', '.join(REGISTRY)}; got {name!r}")
     spec = REGISTRY[name]
     loader = globals()[spec.loader]  # the entry's loader, one of those above
-    return loader(spec, os.path.expanduser(data_dir), download=download, val_size=val_size, split_seed=split_seed,
+    if spec.system_dir is None:  # only a data set with a system folder tells "no --data-dir" apart
+        data_dir = os.path.expanduser(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
+    return loader(spec, data_dir, download=download, val_size=val_size, split_seed=split_seed,
                   image_size=image_size, num_classes=num_classes, shift=shift, hflip=hflip, workers=workers,
                   color_jitter=color_jitter, lighting=lighting)
 

@@ -31,11 +31,14 @@ class DatasetSpec:
     display_name: Optional[str] = None       # in the model card (None: the name)
     hub_id: Optional[str] = None             # the Hub data set id the model card links
     num_classes: Optional[int] = None        # its fixed class count; None: its class folders or --num-classes
+    in_chans: int = 3                        # channels of its images, and of the models trained on them
     classes_by_flag: bool = False            # --num-classes sets its class count
     image_size: Optional[int] = None         # its fixed image side; None: --image-size sets it
     val_split: bool = False                  # --val-size holds out part of its training set for validation
     split_sizes: Optional[Dict[str, int]] = field(default=None, hash=False)  # its fixed splits, where it has them
     files: Optional[str] = None              # the folder of torchvision's files under --data-dir
+    system_dir: Optional[str] = None         # where a system package puts its files (read without --data-dir)
+    system_package: Optional[str] = None     # that package
     torchvision_class: Optional[str] = None  # the torchvision.datasets class that reads them
     cifar_tag: bool = False                  # the zoo's CIFAR-layout models have a cfg tag for it
     calibration: Optional[str] = None        # the function of sdzoo.onnx_data that gives its images to
@@ -92,6 +95,17 @@ DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
         display_name="random images and labels (a throughput run: nothing was learned)", classes_by_flag=True,
         split_sizes={"train": 2560, "val": 256, "test": 256},
         mean=(0.5,) * 3, std=(0.29,) * 3),
+    # Fashion-MNIST from its four idx files, gzipped or not (sdzoo.data reads them; nothing is downloaded):
+    # 60,000 training images of 28x28 grey levels, 5,000 of them held out as in the paper's CIFAR protocol.
+    DatasetSpec(
+        name="fashion_mnist", loader="_load_fashion_mnist", recipe="fashion_mnist", on_device=True,
+        display_name="Fashion-MNIST", hub_id="zalando-datasets/fashion_mnist", num_classes=10, in_chans=1,
+        image_size=28, val_split=True, files="FashionMNIST/raw", torchvision_class="FashionMNIST",
+        system_dir="/usr/share/datasets/fashion-mnist", system_package="dataset-fashion-mnist", cifar_tag=True,
+        # The splits of its recipe: 5,000 of the files' 60,000 training images held out for validation.
+        split_sizes={"train": 55000, "val": 5000, "test": 10000}, calibration="fashion_mnist_images",
+        # Pixel statistics of the 60,000 training images (values / 255). tests/test_fashion_mnist.py recomputes them.
+        mean=(0.2860,), std=(0.3530,)),
 )}
 
 

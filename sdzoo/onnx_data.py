@@ -4,16 +4,18 @@ that name a ``calibration`` function of this module (``sdzoo.datasets``); they n
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ._checks import check_choice, check_input_size
-from .data import load_digits_split, normalize
+from .data import load_data, load_digits_split, normalize, to_unit_float
 from .datasets import DATASETS
+from .recipes import RECIPES
+from .settings import Settings
 
-__all__ = ["CALIB_DATA", "calibration_images", "calibration_split_size", "digits_images"]
+__all__ = ["CALIB_DATA", "calibration_images", "calibration_split_size", "digits_images", "fashion_mnist_images"]
 
 CALIB_DATA = tuple(name for name, spec in DATASETS.items() if spec.calibration)
 
@@ -33,6 +35,27 @@ def digits_images(input_size: Sequence[int], mean: Sequence[float], std: Sequenc
     images = torch.cat([p[0][:, :1] for p in parts]).expand(-1, channels, -1, -1)
     labels = torch.cat([p[1] for p in parts])
     images = normalize(images, _per_channel("mean", mean, channels), _per_channel("std", std, channels))
+    return images.numpy(), labels.numpy()
+
+
+def fashion_mnist_images(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                         split: str = "all", data_dir: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST as a model's inputs, as ``digits_images``: 'train' is the training split of the recipe
+    (the 60,000 training images less the 5,000 it holds out for validation), 'test' the 10,000 test images,
+    'all' both. Read from ``data_dir`` as the trainer's ``--data-dir`` (None: ~/data, then the Debian package's
+    folder); a ``sdzoo.data.DataError`` says where it looked when the files are missing."""
+    check_choice("split", split, ("all", "train", "test"))
+    channels, height, width = check_input_size("input_size", input_size, min_side=8)
+    recipe = RECIPES[DATASETS["fashion_mnist"].recipe]
+    data = load_data("fashion_mnist", data_dir, val_size=recipe.val_size, split_seed=Settings.split_seed)
+    parts = [getattr(data, s) for s in (("train", "test") if split == "all" else (split,))]
+    images = torch.cat([p.images for p in parts])
+    labels = torch.cat([p.labels for p in parts])
+    images = to_unit_float(images)
+    if (height, width) != tuple(images.shape[-2:]):
+        images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    images = normalize(images[:, :1].expand(-1, channels, -1, -1), _per_channel("mean", mean, channels),
+                       _per_channel("std", std, channels))
     return images.numpy(), labels.numpy()
 
 

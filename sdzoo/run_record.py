@@ -58,6 +58,9 @@ class GateLog:
 
     @property
     def last(self) -> Optional[Tuple[list, int]]:
+        """The gates of the last step and its batch size; at constant depth (nothing drawn), every block open."""
+        if self.sampler.last_draw is None and self.sampler.mode == "off":
+            return [None] * len(self.sampler.survival_probs), 1
         return self.sampler.last_draw
 
     def _last_or_every_block(self) -> Tuple[list, int]:

@@ -46,7 +46,7 @@ class Settings(Recipe):
     accum_steps: int = 1
     drop_warmup: float = 0.0                 # fraction of training over which the drop rates ramp up from 0
     # How it runs: free to change on resume.
-    data_dir: str = "~/data"
+    data_dir: Optional[str] = None           # None: ~/data (and a system package's folder, fashion_mnist)
     download: bool = True
     output: Optional[str] = None
     device: str = "auto"
@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = g.add_argument
     add("--dataset", choices=list(DATASETS), help="data set (default: digits, which needs no download)")
     add("--data-dir", help="folder of the data set; torchvision's files for cifar10/cifar100/svhn, "
-                           "train/ val/ [test/] class folders for imagenet/imagefolder (default: ~/data)")
+                           "train/ val/ [test/] class folders for imagenet/imagefolder, the four idx files "
+                           "(or torchvision's FashionMNIST/raw/ under it) for fashion_mnist (default: ~/data; "
+                           "for fashion_mnist also the folder of the Debian package dataset-fashion-mnist)")
     add("--download", action=bool_flag, help="download cifar10/cifar100/svhn when missing (default: yes)")
     add("--val-size", type=_number(int, 0), help="training images held out for validation: the test error is "
                                                  "reported at the epoch of best validation error "

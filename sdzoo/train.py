@@ -53,16 +53,17 @@ class Diverged(TrainError):
 
 
 # -- the run's parts -----------------------------------------------------------------------------------------
-def create_model(s: Settings, num_classes: int) -> nn.Module:
+def create_model(s: Settings, num_classes: int, in_chans: int = 3) -> nn.Module:
     import timm
     # The gate generator is seeded from --seed on every rank, so every rank draws the same gates.
     survival = SurvivalSettings.from_args(dict(vars(s), gate_seed=s.seed))
-    return timm.create_model(s.model, num_classes=num_classes, **survival.as_model_args())
+    return timm.create_model(s.model, num_classes=num_classes, in_chans=in_chans, **survival.as_model_args())
 
 
-def build_model(s: Settings, num_classes: int, dist: Dist, device: torch.device, channels_last: bool) -> nn.Module:
+def build_model(s: Settings, num_classes: int, dist: Dist, device: torch.device, channels_last: bool,
+                in_chans: int = 3) -> nn.Module:
     torch.manual_seed(s.seed)
-    model = create_model(s, num_classes)
+    model = create_model(s, num_classes, in_chans)
     if use_sync_batchnorm(s, dist, device.type == "cuda", s.batch_size // (dist.world * s.accum_steps)):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -106,7 +107,7 @@ def start_run(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, dev
     channels_last = cuda if s.channels_last is None else s.channels_last
     local_batch = local_batch_size(s, dist)
     data = load_data_everywhere(s, dist, device)
-    raw_model = build_model(s, data.num_classes, dist, device, channels_last)
+    raw_model = build_model(s, data.num_classes, dist, device, channels_last, data.in_chans)
     optimizer = build_optimizer(raw_model, s)
     scheduler = build_scheduler(optimizer, s)
     streams = RandomStreams(s.seed, raw_model.gate_sampler, device)
@@ -367,3 +368,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rank0:
         print(done_line(summary, settings))
     return 0
+
+
+if __name__ == "__main__":  # python -m sdzoo.train: the trainer's processes of sdzoo.compare
+    sys.exit(main())

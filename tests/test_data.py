@@ -364,7 +364,7 @@ def test_registry_entries_are_what_every_module_reads():
     assert sdzoo.data.TENSOR_DATASETS == tuple(n for n, d in DATASETS.items() if d.on_device)
     assert DIGITS_SPLIT_SIZES is DATASETS["digits"].split_sizes
     for name, spec in DATASETS.items():
-        assert spec.name == name and len(spec.mean) == len(spec.std) == 3
+        assert spec.name == name and len(spec.mean) == len(spec.std) == spec.in_chans
         assert callable(getattr(sdzoo.data, spec.loader)), name
         assert recipe_for_dataset(name) == spec.recipe and spec.recipe in RECIPES, name
         assert RECIPES[spec.recipe].dataset in (name, "imagenet"), name
@@ -374,8 +374,8 @@ def test_registry_entries_are_what_every_module_reads():
         if spec.cifar_tag:  # the zoo's cfgs carry the entry's statistics and classes
             cfg = get_pretrained_cfg(f"sd_resnet110_cifar.{name}")
             assert (cfg.mean, cfg.std, cfg.num_classes) == (spec.mean, spec.std, spec.num_classes)
-            assert cfg.input_size == (3, spec.image_size, spec.image_size)
-    assert onnx_data.CALIB_DATA == ("digits",)
+            assert cfg.input_size == (spec.in_chans, spec.image_size, spec.image_size)
+    assert onnx_data.CALIB_DATA == ("digits", "fashion_mnist")
     with pytest.raises(dataclasses.FrozenInstanceError):
         DATASETS["digits"].mean = (0.5,) * 3
 

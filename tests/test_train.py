@@ -452,8 +452,8 @@ def test_bf16_training_evaluates_in_fp32(tmp_path, monkeypatch):
     seen = []  # (training?, dtype of a convolution's output)
     real_create = sdzoo.train.create_model
 
-    def create_model(s, num_classes):
-        model = real_create(s, num_classes)
+    def create_model(s, num_classes, in_chans):
+        model = real_create(s, num_classes, in_chans)
         model.conv1.register_forward_hook(lambda module, args, out: seen.append((module.training, out.dtype)))
         return model
 

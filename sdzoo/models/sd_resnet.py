@@ -590,7 +590,10 @@ def _cifar_cfgs(name: str, first: Optional[str] = None) -> Dict[str, Dict[str, A
     """A tag per data set of the registry that the CIFAR-layout models are tagged for (``cifar_tag``), in the
     registry's order, ``first`` (the default tag) first."""
     tags = sorted((spec for spec in DATASETS.values() if spec.cifar_tag), key=lambda spec: spec.name != first)
-    return {f"{name}.{spec.name}": _cfg(num_classes=spec.num_classes, mean=spec.mean, std=spec.std) for spec in tags}
+    # The stages halve the input twice: the final feature map is a quarter of the image's side.
+    return {f"{name}.{spec.name}": _cfg(num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
+                                        input_size=(spec.in_chans, spec.image_size, spec.image_size),
+                                        pool_size=(spec.image_size // 4,) * 2) for spec in tags}
 
 
 def _in1k_cfg() -> Dict[str, Any]:
