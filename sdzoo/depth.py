@@ -75,7 +75,7 @@ def run_splits(settings: Mapping[str, Any], mean: Sequence[float], std: Sequence
                         f"recalibrate and measure pruned models; got {name!r}")
     kwargs = {k: settings[k] for k in ("val_size", "split_seed", "image_size", "num_classes")
               if settings.get(k) is not None}
-    data = load_data(name, data_dir or settings.get("data_dir") or "~/data", download=False, **kwargs)
+    data = load_data(name, data_dir or settings.get("data_dir"), download=False, **kwargs)
     splits = {}
     for split in ("train", "val", "test"):
         part = getattr(data, split, None)

@@ -322,3 +322,16 @@ def test_compare_refuses_the_flags_it_sets_itself(tmp_path, cli):
         assert result.code == 2 and flag in result.err and "set by the comparison" in result.err
     result = cli(compare.main, ["--output", tmp_path, "--dataset", "no_such_data"])
     assert result.code == 2 and "--dataset" in result.err
+
+
+def test_a_run_without_a_data_dir_is_measured_on_the_system_packages_files(tmp_path, monkeypatch):
+    """The depth sweep and the pruned export read a run's data set as the run did: a run that named no
+    --data-dir (summary.json's data_dir null) read the package's folder, and so do they."""
+    from sdzoo.depth import run_splits
+
+    monkeypatch.setitem(DATASETS, "fashion_mnist", dataclasses.replace(SPEC, system_dir=str(tmp_path / "system")))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    write_fashion_files(tmp_path / "system", fake_splits(), gz=True)
+    settings = {"dataset": "fashion_mnist", "data_dir": None, "val_size": 10, "split_seed": 1, "image_size": 28}
+    splits = run_splits(settings, SPEC.mean, SPEC.std)
+    assert {k: len(v[1]) for k, v in splits.items()} == {"train": 30, "val": 10, "test": 12}
