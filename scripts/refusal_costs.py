@@ -122,8 +122,8 @@ def main(argv=None) -> int:
 
 def hub_rows(work: Path, timeout: float):
     sys.path.insert(0, str(ROOT / "tests"))
-    from hub_server import FakeHub  # the loopback Hub of the test suite
-    from huggingface_hub import HfApi, constants
+    from hub_server import trickling_weights_hub  # the loopback Hub of the test suite
+    from huggingface_hub import constants
 
     import timm
 
@@ -132,14 +132,7 @@ def hub_rows(work: Path, timeout: float):
     tag = next(name for name in sorted(timm.list_pretrained("sd_resnet50.*")))
     timm_repo = timm.get_pretrained_cfg(tag).hf_hub_id
     rows = []
-    with FakeHub(tokens={token: "uploader"}, orgs={"uploader": [timm_repo.split("/")[0], "owner"]}) as server:
-        api = HfApi(endpoint=server.url, token=token)
-        api.create_repo(timm_repo)
-        api.upload_file(path_or_fileobj=b"never read", path_in_repo="model.safetensors", repo_id=timm_repo)
-        api.create_repo("owner/r20")
-        api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="owner/r20")
-        for method in ("GET", "HEAD"):
-            server.trickle(method, r"/resolve/")
+    with trickling_weights_hub(token, timm_repo) as server:
         env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
         env.update(HF_ENDPOINT=server.url, HF_HOME=str(work / "hf"), HF_HUB_DISABLE_XET="1",
                    HF_HUB_DISABLE_TELEMETRY="1", SDZOO_HUB_TIMEOUT=f"{timeout:g}")

@@ -12,6 +12,7 @@ LFS, not Xet.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
@@ -546,3 +547,20 @@ _ROUTES = [
     (("POST",), r"/lfs-verify", "lfs_verify"),
     (("GET", "HEAD"), _REPO + r"/resolve/([^/]+)/(.+)", "resolve"),
 ]
+
+
+@contextlib.contextmanager
+def trickling_weights_hub(token: str, timm_repo: str):
+    """A loopback Hub holding timm's weights repo ``timm_repo`` and a run repo ``owner/r20`` that answers every
+    download of them one byte a second: the stalled server that a load's deadline must end."""
+    from huggingface_hub import HfApi
+
+    with FakeHub(tokens={token: "uploader"}, orgs={"uploader": [timm_repo.split("/")[0], "owner"]}) as server:
+        api = HfApi(endpoint=server.url, token=token)
+        api.create_repo(timm_repo)
+        api.upload_file(path_or_fileobj=b"never read", path_in_repo="model.safetensors", repo_id=timm_repo)
+        api.create_repo("owner/r20")
+        api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="owner/r20")
+        for method in ("GET", "HEAD"):
+            server.trickle(method, r"/resolve/")
+        yield server

@@ -22,7 +22,7 @@ from safetensors.torch import save, save_file
 
 import timm
 
-from hub_server import FakeHub
+from hub_server import FakeHub, trickling_weights_hub
 from helpers import ROOT, randomize_batchnorm
 from sdzoo import pretrained
 from sdzoo.hub import publish
@@ -225,14 +225,7 @@ def test_a_hub_that_sends_a_byte_a_second_ends_the_load_within_its_bound(tmp_pat
     tag = next(t for t in sorted(tags("sd_resnet50")) if timm.get_pretrained_cfg(f"resnet50.{t}").num_classes == 1000)
     timm_repo = timm.get_pretrained_cfg(f"sd_resnet50.{tag}").hf_hub_id
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    with FakeHub(tokens={TOKEN: "uploader"}, orgs={"uploader": [timm_repo.split("/")[0], "owner"]}) as server:
-        api = HfApi(endpoint=server.url, token=TOKEN)
-        api.create_repo(timm_repo)
-        api.upload_file(path_or_fileobj=b"not read", path_in_repo="model.safetensors", repo_id=timm_repo)
-        api.create_repo("owner/r20")
-        api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="owner/r20")
-        for method in ("GET", "HEAD"):
-            server.trickle(method, r"/resolve/")
+    with trickling_weights_hub(TOKEN, timm_repo) as server:
         env = {k: v for k, v in os.environ.items()
                if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SDZOO_DISABLE_AUTOLOAD", "HF_HUB_OFFLINE")}
         env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
