@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ._files import atomic_write, save_json, write_text
 from .checkpoint import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME
 from .metrics_plot import epoch_records, evaluations, read_metrics
-from .model_card import PAPER_RESULTS
+from .recipes import PAPER_RESULTS
 from .settings import DEFINING, build_parser
 
 __all__ = ["SETTINGS", "PAPER_CIFAR10", "Job", "plan_jobs", "run_jobs", "collect", "write_results", "main"]

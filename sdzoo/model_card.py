@@ -17,11 +17,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from huggingface_hub import ModelCard
 
 from .datasets import DATASETS as _REGISTRY
+from .recipes import PAPER_RESULTS
 from .settings import DEFINING
 from .survival import SurvivalSettings
 
 __all__ = [
-    "DATASETS", "PAPER_RESULTS", "RunResults", "read_results", "card_metadata", "render_model_card",
+    "DATASETS", "RunResults", "read_results", "card_metadata", "render_model_card",
     "default_template_path", "published_summary", "SUMMARY_KEYS", "SETTINGS_KEYS", "markdown_cell", "onnx_note",
 ]
 
@@ -30,19 +31,6 @@ TEMPLATE_NAME = "model_card_template.md"
 # Data set name in a run's summary -> (display name, Hub data set id or None), from the registry (sdzoo.datasets).
 DATASETS: Dict[str, Tuple[str, Optional[str]]] = {
     name: (spec.display_name, spec.hub_id) for name, spec in _REGISTRY.items() if spec.display_name}
-
-# Test error (%) reported by Huang et al. (2016): (architecture, data set) -> rows of
-# (setting, constant depth, stochastic depth). CIFAR results use the standard augmentation ("+").
-PAPER_RESULTS: Dict[Tuple[str, str], List[Tuple[str, float, float]]] = {
-    ("sd_resnet110_cifar", "cifar10"): [("ResNet-110, CIFAR-10+, 500 epochs", 6.41, 5.25)],
-    ("sd_resnet110_cifar", "cifar100"): [("ResNet-110, CIFAR-100+, 500 epochs", 27.76, 24.98)],
-    ("sd_resnet152_cifar", "svhn"): [("ResNet-152 (CIFAR layout), SVHN, 50 epochs", 1.80, 1.75)],
-    ("sd_resnet1202_cifar", "cifar10"): [("ResNet-1202, CIFAR-10+, 500 epochs", 6.67, 4.91)],
-    ("sd_resnet152", "imagenet"): [
-        ("ResNet-152, ImageNet val, 90 epochs", 23.06, 23.38),
-        ("ResNet-152, ImageNet val, 120 epochs", 21.78, 21.98),
-    ],
-}
 
 # Training settings shown in the card's recipe table (keys of summary.json's "settings"): every setting that
 # defines a run, in the order of sdzoo.settings.DEFINING; the model, the data set and its classes head the card.

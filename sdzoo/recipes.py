@@ -12,12 +12,26 @@ offline run on scikit-learn's handwritten digits, and random data for throughput
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .datasets import DATASETS
 from .survival import SurvivalSettings
 
-__all__ = ["Recipe", "RECIPES", "DEFAULT_RECIPE", "LR_DROP_RULES", "recipe_for_dataset"]
+__all__ = ["Recipe", "RECIPES", "DEFAULT_RECIPE", "LR_DROP_RULES", "PAPER_RESULTS", "recipe_for_dataset"]
+
+# Test error (%) reported by Huang et al. (2016): (architecture, data set) -> rows of
+# (setting, constant depth, stochastic depth). CIFAR results use the standard augmentation ("+").
+PAPER_RESULTS: Dict[Tuple[str, str], List[Tuple[str, float, float]]] = {
+    ("sd_resnet110_cifar", "cifar10"): [("ResNet-110, CIFAR-10+, 500 epochs", 6.41, 5.25)],
+    ("sd_resnet110_cifar", "cifar100"): [("ResNet-110, CIFAR-100+, 500 epochs", 27.76, 24.98)],
+    ("sd_resnet152_cifar", "svhn"): [("ResNet-152 (CIFAR layout), SVHN, 50 epochs", 1.80, 1.75)],
+    ("sd_resnet1202_cifar", "cifar10"): [("ResNet-1202, CIFAR-10+, 500 epochs", 6.67, 4.91)],
+    ("sd_resnet152", "imagenet"): [
+        ("ResNet-152, ImageNet val, 90 epochs", 23.06, 23.38),
+        ("ResNet-152, ImageNet val, 120 epochs", 21.78, 21.98),
+    ],
+}
+
 
 _SURVIVAL = SurvivalSettings()  # the recipes' survival settings default to the model's
 
