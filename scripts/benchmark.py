@@ -36,10 +36,10 @@ from torch import nn
 
 import timm
 import sdzoo
-from sdzoo._checks import check_survival_prob
-from sdzoo._files import save_json
+from sdzoo.files.checks import check_survival_prob
+from sdzoo.files.disk import save_json
 # The variants live in the package, where the tests build them.
-from sdzoo.benchmark_variants import CONVERT_VARIANTS, VARIANTS, build_timm_variant, build_variant, flops_per_image
+from sdzoo.export.benchmark_variants import CONVERT_VARIANTS, VARIANTS, build_timm_variant, build_variant, flops_per_image
 
 NOT_RUN = "not run"
 
@@ -150,9 +150,9 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], iters: int, warmup
 def inference_benchmark(args) -> List[Dict]:
     """Folded model: PyTorch eager vs onnxruntime fp32 vs int8 (CPU), batch 1 and 32, and the folded ONNX
     against the same architecture built without stochastic depth (deployment should cost nothing extra)."""
-    from sdzoo import onnx_export
+    from sdzoo.export import onnx_export
     from sdzoo.fold import fold_survival
-    from sdzoo.onnx_data import digits_images
+    from sdzoo.export.calibration import digits_images
     print("inference: eager vs onnxruntime", file=sys.stderr)
     torch.manual_seed(args.seed)
     model = fold_survival(timm.create_model(args.model, survival_prob=args.survival_prob)).eval()

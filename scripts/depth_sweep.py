@@ -27,10 +27,10 @@ import torch
 
 import timm
 import sdzoo  # noqa: F401  (registers the zoo, which local-dir: and hf-hub: models need)
-from sdzoo._checks import check_seconds
-from sdzoo._files import save_json, write_text
-from sdzoo.data import DataError
-from sdzoo.depth import depth_sweep, format_sweep, plot_sweep, run_settings, run_splits
+from sdzoo.files.checks import check_seconds
+from sdzoo.files.disk import save_json, write_text
+from sdzoo.training.data import DataError
+from sdzoo.export.depth import depth_sweep, format_sweep, plot_sweep, run_settings, run_splits
 from sdzoo.prune import ORDERS, block_names, required_blocks
 
 EXIT_USAGE = 2
@@ -71,7 +71,7 @@ def load(args: argparse.Namespace, flag: str, source: str):
         fail(args, f"{flag}: no such run folder {name[len('local-dir:'):]!r}")
     try:
         return timm.create_model(name, pretrained=True).eval(), run_settings(source)
-    except Exception as err:  # noqa: BLE001  (sdzoo.integrity's refusals, missing files, unreadable JSON)
+    except Exception as err:  # noqa: BLE001  (sdzoo.files.weights's refusals, missing files, unreadable JSON)
         fail(args, f"{flag} {source}: cannot load it: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
 
 

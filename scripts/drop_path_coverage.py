@@ -34,7 +34,7 @@ import timm  # noqa: E402
 from timm.layers import DropPath  # noqa: E402
 
 import sdzoo  # noqa: E402
-from sdzoo._checks import error_line  # noqa: E402
+from sdzoo.files.checks import error_line  # noqa: E402
 
 MODES = ("batch", "sample")
 

@@ -25,22 +25,23 @@ import timm
 import sdzoo  # registers the zoo, which local-dir: and hf-hub: models need
 from timm.models import load_state_dict
 
-from sdzoo._checks import check_seconds
-from sdzoo._files import save_json
-from sdzoo.checkpoint import (
-    CONFIG_NAME, WEIGHTS_NAME, describe_load_error, read_run_config, read_weights_settings, save_weights)
-from sdzoo.data import DataError
-from sdzoo.depth import PRUNING_NAME, describe, run_settings, run_splits
+from sdzoo.files.checks import check_seconds
+from sdzoo.files.disk import save_json
+from sdzoo.files.run_folder import CONFIG_NAME, WEIGHTS_NAME, describe_load_error, read_run_config
+from sdzoo.files.weights import read_weights_settings, save_weights
+from sdzoo.training.data import DataError
+from sdzoo.export.depth import PRUNING_NAME, describe, run_settings, run_splits
 from sdzoo.prune import ORDERS, prune_blocks
 from sdzoo.fold import can_fold, fold_survival, is_folded
-from sdzoo.hf_config import model_kwargs_of_config, write_config
-from sdzoo.integrity import (
+from sdzoo.files.hf_config import model_kwargs_of_config, write_config
+from sdzoo.files.weights import (
     MissingWeightsError, WeightsError, WeightsProvenance, check_finite, check_weights_file, describe_failure,
-    effective_args, read_header)
-from sdzoo.latency import compare_latency, format_latency
-from sdzoo.onnx_data import CALIB_DATA, calibration_images, calibration_split_size
-from sdzoo.onnx_export import DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8
+    read_header)
+from sdzoo.export.latency import compare_latency, format_latency
+from sdzoo.export.calibration import CALIB_DATA, calibration_images, calibration_split_size
+from sdzoo.export.onnx_export import DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8
 from sdzoo.survival import TRAINED_FIELDS
+from sdzoo.models.sd_resnet import build_args
 
 HUB_PREFIXES = ("local-dir:", "hf-hub:")
 
@@ -193,7 +194,7 @@ def check_checkpoint_header(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     try:
         shapes, metadata = read_header(args.checkpoint)
         check_weights_file(shapes, metadata, args.checkpoint, args.model,
-                           effective_args(dict(dict(probe._model_args, layers=_stage_depths(probe),
+                           build_args(dict(dict(probe._model_args, layers=_stage_depths(probe),
                                                     widths=_stage_widths(probe), block=_block_of(probe),
                                                     stem=probe.stem), **kwargs), cfg),
                            asked_by="the flags")
@@ -270,7 +271,7 @@ def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
                 fail(args, f"--model {args.model}: {err}")
     try:
         return timm.create_model(args.model, pretrained=True)
-    except (WeightsError, MissingWeightsError) as err:  # checked before anything was built (sdzoo.integrity)
+    except (WeightsError, MissingWeightsError) as err:  # checked before anything was built (sdzoo.files.weights)
         fail(args, f"--model {args.model}: {err}")
     except (MemoryError, RuntimeError) as err:  # load_state_dict: the weights do not fit the architecture
         message = describe_failure(err, args.model) or \
@@ -284,7 +285,7 @@ def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str)
     """Load a state dict (safetensors, or a torch file read weights-only) strictly into ``model``.
 
     timm's ``load_state_dict`` reads it (the EMA or plain weights of a timm training checkpoint, DDP and
-    torch.compile prefixes removed); the model's load pre-hook maps sdzoo 0.1 keys; torch's strict load names
+    torch.compile prefixes removed); torch's strict load names
     what does not fit. Read and load are two steps so that an unreadable file and a mismatch get their own message.
     """
     if not os.path.isfile(path):

@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from sdzoo._checks import check_seconds
-from sdzoo._files import write_text
-from sdzoo.hub import DEFAULT_TIMEOUT, CheckpointMismatchError, HubError, publish
+from sdzoo.files.checks import check_seconds
+from sdzoo.files.disk import write_text
+from sdzoo.hub.upload import DEFAULT_TIMEOUT, CheckpointMismatchError, HubError, publish
 
 # 2: what was given is wrong (flags, a run folder whose files do not fit, as export_onnx.py says of it); 1: the
 # upload or its check failed.

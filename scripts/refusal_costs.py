@@ -50,7 +50,7 @@ def hostile_header_folder(folder: Path, tensors: int = 1_200_000) -> None:
     """A run folder whose model.safetensors header is ~60 MB of valid JSON naming ``tensors`` empty tensors."""
     import timm
 
-    from sdzoo.checkpoint import save_model_config
+    from sdzoo.files.run_folder import save_model_config
 
     folder.mkdir(parents=True)
     model = timm.create_model("sd_resnet20_cifar", num_classes=10)
@@ -66,7 +66,8 @@ def hostile_header_folder(folder: Path, tensors: int = 1_200_000) -> None:
 def config_folder(folder: Path, num_classes) -> None:
     import timm
 
-    from sdzoo.checkpoint import save_model_config, save_weights
+    from sdzoo.files.run_folder import save_model_config
+    from sdzoo.files.weights import save_weights
 
     folder.mkdir(parents=True)
     model = timm.create_model("sd_resnet20_cifar", num_classes=10)
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         hostile_header_folder(header)
         print(f"hostile header: {(header / 'model.safetensors').stat().st_size / 2**20:.1f} MB, 1,200,000 tensors",
               file=sys.stderr)
-        imports = "import timm, sdzoo.hub"
+        imports = "import timm, sdzoo.hub.upload"
         for door, call in (("timm local-dir:", f"timm.create_model('local-dir:{header}', pretrained=True)"),
                            ("sdzoo.hub.load_run", f"sdzoo.hub.load_run('{header}')")):
             rows.append(("60 MB header", door, measure(imports, call, offline)))

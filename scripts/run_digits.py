@@ -23,10 +23,11 @@ import timm
 import torch
 
 import sdzoo
-from sdzoo import hub, onnx_export
+from sdzoo.hub import upload as hub
+from sdzoo.export import onnx_export
 from sdzoo.fold import fold_survival
-from sdzoo.onnx_data import digits_images
-from sdzoo.train import main as train_main
+from sdzoo.export.calibration import digits_images
+from sdzoo.training.train import main as train_main
 
 
 def fresh_folder(path: Path) -> Path:

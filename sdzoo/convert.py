@@ -33,8 +33,8 @@ from torch.utils._pytree import tree_unflatten  # the counterpart of FX's pytree
 from timm.layers import DropPath, get_notrace_functions
 from timm.layers.drop import drop_path
 
-from ._checks import check_choice, check_fraction, check_input_size, check_int, error_line
-from .gate import Branch, GateSampler, ResidualGate
+from sdzoo.files.checks import check_choice, check_fraction, check_input_size, check_int, error_line
+from sdzoo.gate import Branch, GateSampler, ResidualGate
 
 __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPathGate", "DropPathSampler",
            "inspect_drop_paths", "BlockReport", "install_create_model_hook", "CONVERT_ENV", "SEED_ENV"]

@@ -7,12 +7,12 @@ is the same layer with its weight and bias times p_l: folding scales that layer 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List
+from typing import List
 
 import torch
 from torch import nn
 
-__all__ = ["fold_survival", "is_folded", "can_fold", "trained_settings"]
+__all__ = ["fold_survival", "is_folded", "can_fold"]
 
 
 def is_folded(model: nn.Module) -> bool:
@@ -92,11 +92,6 @@ def _residual_blocks(model: nn.Module):
         raise ValueError(f"model must be an sdzoo stochastic-depth model (with residual_blocks()); "
                          f"got {type(model).__name__}")
     return model.residual_blocks()
-
-
-def trained_settings(model: nn.Module) -> Dict[str, Any]:
-    """The survival settings a model's weights were trained with (what a folded model records)."""
-    return model.survival_settings.trained_dict()
 
 
 def _last_affine(layers: List[nn.Module], block_idx: int) -> nn.Module:

@@ -22,19 +22,25 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_choice, check_fraction, check_int, check_survival_prob
-from ._seeds import derived_seed
+from sdzoo.files.checks import check_choice, check_fraction, check_int, check_survival_prob
 
-__all__ = ["GATE_MODES", "SCALINGS", "GateSampler", "ResidualGate", "Branch", "kept_per_sample_count",
+__all__ = ["GATE_MODES", "derived_seed", "SCALINGS", "GateSampler", "ResidualGate", "Branch", "kept_per_sample_count",
            "samplers_of", "set_drop_rate_factor", "same_gates", "gate_state", "load_gate_state"]
 
 GATE_MODES = ("batch", "sample", "off")
 SCALINGS = ("expectation", "inverted")
+
+
+def derived_seed(seed: int, *key: int) -> int:
+    """A 63-bit seed for stream ``key`` of ``seed`` (numpy's SeedSequence: well mixed, the same everywhere): the
+    gates' dice and the training data's streams, independent and with no stored generator state."""
+    return int(np.random.SeedSequence([seed, *key]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def kept_per_sample_count(survival_prob: float, batch_size: int, minimum: int = 1) -> int:

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fold import fold_survival
-from .survival import survival_probs
+from sdzoo.fold import fold_survival
+from sdzoo.survival import survival_probs
 
 __all__ = ["ORDERS", "prune_blocks", "block_names", "required_blocks", "blocks_to_keep", "greedy_removals",
            "recalibrate_batchnorm", "trained_survival_probs"]

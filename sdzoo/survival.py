@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, List, Mapping, Optional
 
-from ._checks import check_choice, check_fraction, check_int, check_survival_prob
-from .gate import GATE_MODES, SCALINGS
+from sdzoo.files.checks import check_choice, check_fraction, check_int, check_survival_prob
+from sdzoo.gate import GATE_MODES, SCALINGS
 
 SURVIVAL_RULES = ("linear", "uniform")
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from sdzoo import train as sdtrain
+from sdzoo.training import train as sdtrain
 
 Result = namedtuple("Result", "code out err")
 

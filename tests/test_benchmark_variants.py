@@ -1,10 +1,10 @@
-"""The benchmark's model variants (sdzoo.benchmark_variants), built and run as scripts/benchmark.py runs them."""
+"""The benchmark's model variants (sdzoo.export.benchmark_variants), built and run as scripts/benchmark.py runs them."""
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from sdzoo.benchmark_variants import (CONVERT_VARIANTS, VARIANTS, MaskGate, build_timm_variant, build_variant,
+from sdzoo.export.benchmark_variants import (CONVERT_VARIANTS, VARIANTS, MaskGate, build_timm_variant, build_variant,
                                       flops_per_image)
 from sdzoo.gate import ResidualGate
 

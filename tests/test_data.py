@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdzoo.data import (DIGITS_SPLIT_SIZES, ColorJitter, DataError, Lighting, digits_images, load_data,
-                        load_digits_split, normalize, random_shift_flip)
-from sdzoo.dataset_stats import DIGITS_MEAN, DIGITS_STD, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC
-from sdzoo.recipes import RECIPES
+from sdzoo.training.data import DIGITS_SPLIT_SIZES, ColorJitter, DataError, Lighting, load_data, load_digits_split, normalize, random_shift_flip
+from sdzoo.export.calibration import digits_images
+from sdzoo.datasets import DATASETS
+
+DIGITS_MEAN, DIGITS_STD = DATASETS["digits"].mean, DATASETS["digits"].std
+IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC = DATASETS["imagenet"].pca_eigval, DATASETS["imagenet"].pca_eigvec
+from sdzoo.training.recipes import RECIPES
 
 
 def test_digits_splits_are_fixed_disjoint_and_cover_the_set():
@@ -350,27 +353,26 @@ def test_color_jitter_blends_as_fb_resnet_torch():
 def test_registry_entries_are_what_every_module_reads():
     import dataclasses
 
-    import sdzoo.data
-    from sdzoo import model_card, onnx_data
+    import sdzoo.training.data
+    from sdzoo.hub import model_card
+    from sdzoo.export import calibration as onnx_data
     from sdzoo.datasets import DATASETS
-    from sdzoo.onnx_data import digits_images as moved
-    from sdzoo.recipes import recipe_for_dataset
-    from sdzoo.settings import build_parser
+    from sdzoo.training.recipes import recipe_for_dataset
+    from sdzoo.training.settings import build_parser
     from timm.models import get_pretrained_cfg
 
-    assert digits_images is moved  # sdzoo.data's name for the calibration images is an alias
     choices = next(a.choices for a in build_parser()._actions if a.dest == "dataset")
-    assert list(choices) == list(DATASETS) == list(sdzoo.data.DATASETS)
-    assert sdzoo.data.TENSOR_DATASETS == tuple(n for n, d in DATASETS.items() if d.on_device)
+    assert list(choices) == list(DATASETS) == list(sdzoo.training.data.LOADERS)
+    assert sdzoo.training.data.TENSOR_DATASETS == tuple(n for n, d in DATASETS.items() if d.on_device)
     assert DIGITS_SPLIT_SIZES is DATASETS["digits"].split_sizes
     for name, spec in DATASETS.items():
         assert spec.name == name and len(spec.mean) == len(spec.std) == spec.in_chans
-        assert callable(getattr(sdzoo.data, spec.loader)), name
+        assert callable(sdzoo.training.data.LOADERS[name]), name
         assert recipe_for_dataset(name) == spec.recipe and spec.recipe in RECIPES, name
         assert RECIPES[spec.recipe].dataset in (name, "imagenet"), name
         assert model_card.RunResults(name, 1.0, 1).dataset_name == spec.title
-        if spec.calibration:
-            assert name in onnx_data.CALIB_DATA and callable(getattr(onnx_data, spec.calibration))
+        if name in onnx_data.CALIBRATION_IMAGES:
+            assert spec.split_sizes and callable(onnx_data.CALIBRATION_IMAGES[name])
         if spec.cifar_tag:  # the zoo's cfgs carry the entry's statistics and classes
             cfg = get_pretrained_cfg(f"sd_resnet110_cifar.{name}")
             assert (cfg.mean, cfg.std, cfg.num_classes) == (spec.mean, spec.std, spec.num_classes)
@@ -380,14 +382,16 @@ def test_registry_entries_are_what_every_module_reads():
         DATASETS["digits"].mean = (0.5,) * 3
 
 
-def test_a_data_set_is_one_registry_entry(monkeypatch):
+def test_a_data_set_is_one_registry_entry_and_its_loader(monkeypatch):
     import dataclasses
 
     from sdzoo.datasets import DATASETS
-    from sdzoo.recipes import recipe_for_dataset
+    from sdzoo.training.data import LOADERS
+    from sdzoo.training.recipes import recipe_for_dataset
 
     spec = dataclasses.replace(DATASETS["digits"], name="digits_copy", mean=(0.5,) * 3, std=(0.25,) * 3)
     monkeypatch.setitem(DATASETS, "digits_copy", spec)
+    monkeypatch.setitem(LOADERS, "digits_copy", LOADERS["digits"])
     data = load_data("digits_copy", image_size=8)
     assert data.name == "digits_copy" and (data.mean, data.std) == (spec.mean, spec.std)
     assert len(data) == DIGITS_SPLIT_SIZES["train"] and data.num_classes == 10

@@ -15,8 +15,8 @@ import timm
 import torch
 from timm.models import save_for_hf
 
+from sdzoo.files.weights import WeightsError
 from sdzoo.fold import fold_survival
-from sdzoo.models.sd_resnet import checkpoint_filter_fn
 
 from helpers import randomize_batchnorm, run_distributed_loop
 
@@ -65,35 +65,29 @@ def test_cifar_models_use_timm_block_names():
     assert block_keys == {"conv1", "bn1", "conv2", "bn2", "downsample"}
 
 
-def _legacy(state_dict):
-    """Keys as sdzoo 0.1 wrote them: the branch in a Sequential, the projection named shortcut."""
-    legacy = {}
+def _renamed(state_dict):
+    """The same tensors under other block names: the branch in a Sequential, the projection named shortcut."""
+    renamed = {}
     for key, value in state_dict.items():
         key = re.sub(r"^(layer\d+\.\d+)\.downsample\.", r"\1.shortcut.", key)
         key = re.sub(r"^(layer\d+\.\d+)\.((conv|bn)\d)", r"\1.branch.\2", key)
-        legacy[key] = value
-    return legacy
+        renamed[key] = value
+    return renamed
 
 
-def test_state_dicts_of_older_run_folders_still_load(tmp_path):
+def test_state_dicts_under_other_key_names_are_refused(tmp_path):
     from safetensors.torch import save_file
 
-    model = randomize_batchnorm(timm.create_model("sd_resnet20_cifar", shortcut="projection")).eval()
-    old = _legacy(model.state_dict())
-    assert "layer2.0.shortcut.0.weight" in old and "layer1.0.branch.conv1.weight" in old
-    assert checkpoint_filter_fn(old).keys() == model.state_dict().keys()
+    model = timm.create_model("sd_resnet20_cifar", shortcut="projection").eval()
+    other = _renamed(model.state_dict())
+    assert "layer2.0.shortcut.0.weight" in other and "layer1.0.branch.conv1.weight" in other
+    with pytest.raises(RuntimeError, match="layer1.0.conv1.weight"):  # torch's strict load names what is missing
+        timm.create_model("sd_resnet20_cifar", shortcut="projection").load_state_dict(other)
 
-    fresh = timm.create_model("sd_resnet20_cifar", shortcut="projection").eval()
-    fresh.load_state_dict(old, strict=True)  # a plain load_state_dict maps the old keys too
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(fresh(x), model(x))
-
-    save_for_hf(model, tmp_path)  # a run folder, then its weights replaced by old-style ones
-    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors")
-    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
+    save_for_hf(model, tmp_path)  # a run folder, then its weights replaced by renamed ones
+    save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError, match="layer1.0.conv1.weight"):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
 
 
 # -- timm's factory arguments and tools -----------------------------------------------------------------
@@ -210,7 +204,7 @@ def _timm_sdist_tests(cache: Path) -> Path:
 _TIMM_SUITE_FILTER = "sd_resnet and not torchscript"
 TIMM_TEST_TIMEOUT_S = 120  # timm marks its model tests with a 120 s timeout (pytest-timeout, when installed)
 # timm's test_model_load_pretrained and test_model_features_pretrained download the weights of every tag that
-# has some: sd_resnet50/101/152 carry timm's Hub weights (sdzoo.pretrained), and the tests have no network.
+# has some: sd_resnet50/101/152 carry timm's Hub weights (sdzoo.files.pretrained), and the tests have no network.
 # Their loading is tested against the loopback Hub in test_pretrained.py.
 _TIMM_SUITE_SKIP_DOWNLOADS = " and not load_pretrained and not features_pretrained"
 
@@ -224,7 +218,7 @@ def _cfg_tests_left_out() -> str:
     - sd_resnet1202_cifar's tags come from the same ``_cifar_cfgs`` as the shallower CIFAR models', which run
       them all, and its network costs about 20 s a tag: its default tag.
     """
-    from sdzoo.pretrained import TIMM_TWINS
+    from sdzoo.files.pretrained import TIMM_TWINS
 
     deepest = "sd_resnet1202_cifar"
     deepest_default = f"{deepest}.{timm.models.get_pretrained_cfg(deepest).tag}"

@@ -9,9 +9,9 @@ import torch
 
 import timm
 import sdzoo
-import sdzoo.onnx_export as onnx_export
+import sdzoo.export.onnx_export as onnx_export
 from sdzoo.fold import can_fold, fold_survival, is_folded
-from sdzoo.onnx_export import ExportCheckError, export_onnx, op_histogram, read_metadata
+from sdzoo.export.onnx_export import ExportCheckError, export_onnx, op_histogram, read_metadata
 from helpers import load_script, randomize_batchnorm
 
 RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial",
@@ -327,7 +327,7 @@ def test_folded_weights_never_load_where_p_l_would_apply_twice_and_fold_knows_th
 
     from safetensors.torch import save_file
 
-    from sdzoo.integrity import WeightsError
+    from sdzoo.files.weights import WeightsError
 
     folded = fold_survival(make_model(survival_prob=0.5))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))

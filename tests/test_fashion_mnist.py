@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdzoo.data import FASHION_MNIST_FILES, DataError, load_data, read_fashion_mnist
+from sdzoo.training.data import FASHION_MNIST_FILES, DataError, load_data, read_fashion_mnist
 from sdzoo.datasets import DATASETS
 
 from helpers import ROOT, load_script
@@ -142,7 +142,7 @@ def test_missing_files_say_where_they_were_looked_for_and_how_to_get_them(tmp_pa
 
 
 def test_the_trainer_refuses_bad_files_with_exit_2_naming_the_file(tmp_path, cli):
-    from sdzoo.train import main
+    from sdzoo.training.train import main
 
     name = _bad_files("truncated", tmp_path / "data")
     result = cli(main, ["--dataset", "fashion_mnist", "--data-dir", tmp_path / "data", "--output", tmp_path / "run",
@@ -154,7 +154,7 @@ def test_cfg_tag_describes_the_preprocessing_and_claims_no_weights():
     import timm
     from timm.data import resolve_data_config
 
-    from sdzoo.pretrained import NoPretrainedWeightsError
+    from sdzoo.files.pretrained import NoPretrainedWeightsError
 
     model = timm.create_model("sd_resnet20_cifar.fashion_mnist")
     config = resolve_data_config({}, model=model)
@@ -168,7 +168,7 @@ def test_cfg_tag_describes_the_preprocessing_and_claims_no_weights():
 
 @needs_real_data
 def test_real_files_have_the_registry_statistics_and_the_recipe_splits():
-    from sdzoo.recipes import RECIPES
+    from sdzoo.training.recipes import RECIPES
 
     data = load_data("fashion_mnist", SPEC.system_dir, val_size=RECIPES["fashion_mnist"].val_size)
     sizes = {"train": len(data.train), "val": len(data.val.labels), "test": len(data.test.labels)}
@@ -198,7 +198,7 @@ ACCURACY_FLOOR = {"stochastic_depth": 35.0, "constant_depth": 45.0}
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory):
-    from sdzoo import compare
+    from sdzoo.training import compare
 
     root = tmp_path_factory.mktemp("fmnist")
     train = read_fashion_mnist(SPEC.system_dir, "train")
@@ -248,8 +248,8 @@ def test_short_real_runs_learn_and_skip_blocks_as_scheduled(real_runs):
 @needs_real_data
 @pytest.mark.slow
 def test_fashion_mnist_run_exports_with_int8_calibrated_on_its_own_images(real_runs, tmp_path, capsys):
-    from sdzoo.onnx_data import calibration_images
-    from sdzoo.onnx_export import predict_onnx
+    from sdzoo.export.calibration import calibration_images
+    from sdzoo.export.onnx_export import predict_onnx
 
     results, _ = real_runs
     folder = next(run["folder"] for run in results["runs"] if run["setting"] == "stochastic_depth")
@@ -274,7 +274,7 @@ def test_fashion_mnist_run_exports_with_int8_calibrated_on_its_own_images(real_r
 # -- the comparison --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_compare_writes_results_table_and_figure_and_resumes_after_a_kill(tmp_path, cli):
-    from sdzoo import compare
+    from sdzoo.training import compare
 
     write_fashion_files(tmp_path / "data", fake_splits(train=96, test=32), gz=True)
     output = tmp_path / "compare"
@@ -315,7 +315,7 @@ def test_compare_writes_results_table_and_figure_and_resumes_after_a_kill(tmp_pa
 
 
 def test_compare_refuses_the_flags_it_sets_itself(tmp_path, cli):
-    from sdzoo import compare
+    from sdzoo.training import compare
 
     for flag in ("--gate-mode", "--seed", "--resume", "--quiet"):
         result = cli(compare.main, ["--output", tmp_path, "--dataset", "fashion_mnist", flag, "1"])
@@ -327,7 +327,7 @@ def test_compare_refuses_the_flags_it_sets_itself(tmp_path, cli):
 def test_a_run_without_a_data_dir_is_measured_on_the_system_packages_files(tmp_path, monkeypatch):
     """The depth sweep and the pruned export read a run's data set as the run did: a run that named no
     --data-dir (summary.json's data_dir null) read the package's folder, and so do they."""
-    from sdzoo.depth import run_splits
+    from sdzoo.export.depth import run_splits
 
     monkeypatch.setitem(DATASETS, "fashion_mnist", dataclasses.replace(SPEC, system_dir=str(tmp_path / "system")))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

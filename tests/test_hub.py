@@ -28,10 +28,11 @@ import timm
 from timm.models import save_for_hf
 
 from hub_server import FakeHub
-from sdzoo import hub, pretrained
-from sdzoo.hub import CheckpointMismatchError, MissingTokenError, UploadError, publish
-from sdzoo.pretrained import NoPretrainedWeightsError, require_published_weights, with_published_weights
-from sdzoo.model_card import render_model_card
+from sdzoo.hub import upload as hub
+from sdzoo.files import pretrained
+from sdzoo.hub.upload import CheckpointMismatchError, MissingTokenError, UploadError, publish
+from sdzoo.files.pretrained import NoPretrainedWeightsError, require_published_weights, with_published_weights
+from sdzoo.hub.model_card import render_model_card
 from helpers import load_script, randomize_batchnorm
 
 TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)  # random, so that a leak is found by search, not by luck
@@ -333,7 +334,7 @@ def test_invalid_repo_id(server, run, tmp_path, repo_id):
 
 @pytest.mark.parametrize("timeout", [0, -1.0, True, "5", None])
 def test_a_timeout_that_is_no_number_of_seconds_fails_before_any_work(tmp_path, timeout):
-    from sdzoo.latency import median_ms
+    from sdzoo.export.latency import median_ms
 
     # the run folder does not exist either: the timeout is checked first
     with pytest.raises(ValueError, match=r"^timeout must be a positive number of seconds; got "):

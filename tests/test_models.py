@@ -361,9 +361,9 @@ def test_survival_settings_are_one_value_that_every_record_reads():
     import dataclasses
     import json
     from timm.models import get_model_args
-    from sdzoo.checkpoint import SETTINGS_KEY, weights_metadata
+    from sdzoo.files.weights import SETTINGS_KEY, weights_metadata
     from sdzoo.fold import fold_survival
-    from sdzoo.onnx_export import onnx_metadata
+    from sdzoo.export.onnx_export import onnx_metadata
 
     model = timm.create_model("sd_resnet20_cifar", survival_prob=0.7, survival_rule="uniform", gate_seed=3,
                               num_classes=10)

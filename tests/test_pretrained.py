@@ -24,9 +24,9 @@ import timm
 
 from hub_server import FakeHub, trickling_weights_hub
 from helpers import ROOT, randomize_batchnorm
-from sdzoo import pretrained
-from sdzoo.hub import publish
-from sdzoo.pretrained import NoPretrainedWeightsError
+from sdzoo.files import pretrained
+from sdzoo.hub.upload import publish
+from sdzoo.files.pretrained import NoPretrainedWeightsError
 
 TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)
 
@@ -119,7 +119,7 @@ with torch.no_grad():
 assert torch.equal(out, expected), (out - expected).abs().max()
 assert model.scaling == "inverted", model.scaling
 # fine-tuning: a new head for 10 classes, every other tensor the pretrained one. A load accounts for every
-# tensor of the file (sdzoo.integrity), so the head is replaced after it, not dropped by timm's loader.
+# tensor of the file (sdzoo.files.weights), so the head is replaced after it, not dropped by timm's loader.
 try:
     timm.create_model(name, pretrained=True, num_classes=10)
     raise SystemExit("a load that drops the file's head was not refused")
@@ -189,13 +189,13 @@ def test_every_config_json_that_sdzoo_writes_keeps_num_classes_top_level(trained
 
 
 def test_no_other_writer_of_config_json():
-    """Every config.json goes through sdzoo.hf_config: no other module of the package or the scripts calls
+    """Every config.json goes through sdzoo.files.hf_config: no other module of the package or the scripts calls
     timm's writers."""
     # a call or an import of one of timm's writers (comments may name them)
     writers = re.compile(r"^[^#\n]*\b(save_config_for_hf|save_for_hf|push_to_hf_hub)\b\s*(\(|,|$)", re.M)
     sources = [p for p in [*(ROOT / "sdzoo").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
                if p.name != "hf_config.py"]
-    assert len(sources) > 10 and writers.search((ROOT / "sdzoo" / "hf_config.py").read_text())
+    assert len(sources) > 10 and writers.search((ROOT / "sdzoo" / "files" / "hf_config.py").read_text())
     offenders = [str(p.relative_to(ROOT)) for p in sources if writers.search(p.read_text())]
     assert offenders == []
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import timm
-from sdzoo.checkpoint import read_weights_settings, save_weights
+from sdzoo.files.weights import read_weights_settings, save_weights
 from sdzoo.fold import fold_survival
-from sdzoo.hf_config import write_config
-from sdzoo.onnx_export import export_onnx, op_histogram, read_metadata
+from sdzoo.files.hf_config import write_config
+from sdzoo.export.onnx_export import export_onnx, op_histogram, read_metadata
 from sdzoo.prune import block_names, blocks_to_keep, greedy_removals, prune_blocks
 from helpers import load_script, randomize_batchnorm
 
@@ -279,7 +279,7 @@ def test_export_prunes_a_run_and_publishes_it_with_a_pruned_card(trained_run, tm
 
 @pytest.mark.slow
 def test_depth_sweep_measures_a_run_and_its_twin_pruned_the_same_way(trained_run, tmp_path, cli):
-    from sdzoo.depth import accuracy, run_settings, run_splits
+    from sdzoo.export.depth import accuracy, run_settings, run_splits
 
     sweep = load_script("depth_sweep")
     out = tmp_path / "sweep"
@@ -308,8 +308,8 @@ def test_a_hub_repo_brings_its_validation_split_for_greedy(trained_run, tmp_path
 
     import huggingface_hub
     from hub_server import FakeHub
-    from sdzoo.depth import run_splits
-    from sdzoo.model_card import published_summary
+    from sdzoo.export.depth import run_splits
+    from sdzoo.hub.model_card import published_summary
 
     token = "hf_sdzoo_prune_test"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
@@ -321,7 +321,7 @@ def test_a_hub_repo_brings_its_validation_split_for_greedy(trained_run, tmp_path
         env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
         env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
                    HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", SDZOO_DISABLE_AUTOLOAD="1")
-        child = subprocess.run([sys.executable, "-c", "import json, sys; from sdzoo.depth import run_settings; "
+        child = subprocess.run([sys.executable, "-c", "import json, sys; from sdzoo.export.depth import run_settings; "
                                 "print(json.dumps(run_settings(sys.argv[1])))", "hf-hub:owner/r20"],
                                env=env, capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr[-2000:]

@@ -22,10 +22,11 @@ import torch
 
 from hub_server import FakeHub
 from helpers import ROOT, load_script
-from sdzoo import hub, onnx_export
-from sdzoo.checkpoint import CheckpointError, truncate_lines
-from sdzoo.metrics_plot import read_metrics
-from sdzoo.model_card import SETTINGS_KEYS, SUMMARY_KEYS
+from sdzoo.hub import upload as hub
+from sdzoo.export import onnx_export
+from sdzoo.files.run_folder import CheckpointError, truncate_lines
+from sdzoo.training.metrics_plot import read_metrics
+from sdzoo.hub.model_card import SETTINGS_KEYS, SUMMARY_KEYS
 from test_hub import make_run
 
 TOKEN = "hf_sdzoo_publish_" + secrets.token_hex(12)
@@ -397,7 +398,7 @@ def test_a_repo_that_a_wrong_404_hid_is_never_deleted(run, tmp_path):
 
 # -- what is published of a run folder ---------------------------------------------------------------------
 def test_published_metrics_hold_only_the_keys_the_trainer_writes(run, tmp_path, trained_run):
-    from sdzoo.run_record import METRICS_KEYS
+    from sdzoo.training.run_record import METRICS_KEYS
 
     # every key the trainer writes is one METRICS_KEYS knows, so that nothing of a real run is dropped
     assert {k for r in read_metrics(trained_run / "metrics.jsonl") for k in r} <= METRICS_KEYS
@@ -468,12 +469,12 @@ def test_weights_without_sdzoo_metadata_are_published_saying_so(run, tmp_path, c
     record them says nothing of the kind."""
     import logging
 
-    with caplog.at_level(logging.INFO, logger="sdzoo.hub"):
+    with caplog.at_level(logging.INFO, logger="sdzoo.hub.upload"):
         hub.publish(run, "tester/r20", local_dir=tmp_path / "bare")  # make_run writes with timm's save_for_hf
     assert "records no survival settings" in caplog.text and "cannot be checked against the weights" in caplog.text
     assert "recorded no survival settings" in (tmp_path / "bare" / "README.md").read_text()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="sdzoo.hub"):
+    with caplog.at_level(logging.INFO, logger="sdzoo.hub.upload"):
         hub.publish(tmp_path / "bare", "tester/r20", local_dir=tmp_path / "again")  # sdzoo's weights, recorded
     assert "records no survival settings" not in caplog.text
     assert "recorded no survival settings" not in (tmp_path / "again" / "README.md").read_text()

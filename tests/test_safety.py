@@ -19,11 +19,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from sdzoo import hub, onnx_export
-from sdzoo import train as sdtrain
-from sdzoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_weights_settings, save_model_config, save_weights
+from sdzoo.hub import upload as hub
+from sdzoo.export import onnx_export
+from sdzoo.training import train as sdtrain
+from sdzoo.files.run_folder import CONFIG_NAME, WEIGHTS_NAME, save_model_config
+from sdzoo.files.weights import read_weights_settings, save_weights
 from sdzoo.fold import fold_survival
-from sdzoo.integrity import MissingWeightsError, WeightsError
+from sdzoo.files.weights import MissingWeightsError, WeightsError
 
 from hub_server import FakeHub
 from helpers import ROOT, load_script, randomize_batchnorm
@@ -456,7 +458,7 @@ def test_21_1_a_config_with_other_classes_never_loads_a_random_head(tmp_path, ca
 
 HOSTILE_HF_CHILD = """
 import sys, timm, sdzoo
-from sdzoo.integrity import WeightsError
+from sdzoo.files.weights import WeightsError
 try:
     timm.create_model("hf-hub:" + sys.argv[1], pretrained=True)
 except WeightsError as e:
@@ -714,7 +716,7 @@ def test_21_13_tampered_model_or_optimizer_state_is_a_clear_error(tmp_path, caps
 
 # 21.18 ---------------------------------------------------------------------------------------------------
 def test_21_18_temporaries_of_a_live_writer_stay_and_a_killed_ones_go(tmp_path):
-    from sdzoo._files import remove_abandoned_temporaries, staged_file
+    from sdzoo.files.disk import remove_abandoned_temporaries, staged_file
 
     target = tmp_path / "m.int8.onnx"
     with staged_file(target) as live:
@@ -755,7 +757,7 @@ def test_21_18_kill_9_during_int8_quantization_leaves_no_hidden_file(tmp_path):
 
 
 def test_21_9_the_parameter_bound_counts_what_the_constructor_builds():
-    from sdzoo.integrity import count_parameters
+    from sdzoo.files.weights import count_parameters
 
     for name, kwargs in (("sd_resnet20_cifar", {}), ("sd_resnet56_cifar", dict(shortcut="projection", num_classes=7)),
                          ("sd_resnet50", dict(global_pool="catavgmax", in_chans=1)), ("sd_resnet101", dict(num_classes=0))):
@@ -836,7 +838,7 @@ def test_a_safetensors_header_beyond_any_zoo_model_is_refused_unparsed(tmp_path)
     lists more tensors than any sdzoo model has; every door reads headers through the same function."""
     import struct
 
-    from sdzoo.integrity import MAX_BLOCKS, MAX_HEADER_BYTES, MAX_TENSORS, read_header
+    from sdzoo.files.weights import MAX_BLOCKS, MAX_HEADER_BYTES, MAX_TENSORS, read_header
 
     huge = tmp_path / "huge.safetensors"
     huge.write_bytes(struct.pack("<Q", 60_000_000) + b"{" + b" " * 1000)  # the rest of the 60 MB never comes

@@ -3,7 +3,7 @@ semantics for skipped blocks, evaluation every N steps and in fp32, the lr sched
 SyncBatchNorm defaults, divergence and usage errors.
 
 Runs that the tests compare go through the real command line in subprocesses (``scripts/train.py``,
-``torchrun``); small checks call ``sdzoo.train.main`` in-process. Subprocesses use one thread each so
+``torchrun``); small checks call ``sdzoo.training.train.main`` in-process. Subprocesses use one thread each so
 that two of them can share two cores.
 """
 import dataclasses
@@ -21,12 +21,15 @@ import pytest
 import timm
 import torch
 
-from sdzoo.data import load_digits_split
-from sdzoo.dataset_stats import DIGITS_MEAN, DIGITS_STD
-from sdzoo.metrics_plot import epoch_records, evaluations, read_metrics
-from sdzoo.checkpoint import CheckpointError, lock_run_folder
-from sdzoo.settings import Settings, build_parser, resolve_settings
-from sdzoo.train import (
+from sdzoo.training.data import load_digits_split
+from sdzoo.datasets import DATASETS
+
+DIGITS_MEAN, DIGITS_STD = DATASETS["digits"].mean, DATASETS["digits"].std
+from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
+from sdzoo.files.run_folder import CheckpointError, lock_run_folder
+from sdzoo.training.resume import resolve_settings
+from sdzoo.training.settings import Settings, build_parser
+from sdzoo.training.train import (
     Dist, Diverged, GateLog, build_optimizer, build_scheduler, main, train, train_step, use_sync_batchnorm)
 
 from helpers import ROOT
@@ -323,17 +326,13 @@ def test_resume_keeps_the_run_settings_and_output_is_never_overwritten(tmp_path,
     assert len(read_metrics(run / "metrics.jsonl")) == 1
 
 
-def test_settings_round_trip_and_older_checkpoints_get_the_settings_they_ran_with():
+def test_settings_round_trip_and_a_checkpoint_lacking_a_defining_setting_is_refused():
     s = Settings.from_recipe("cifar10", lr=0.05, lr_changes=(dict(epoch=3, step=0, global_step=9, old=0.1, new=0.05),))
     saved = s.to_dict()
     assert isinstance(saved["lr_drops"], list) and saved["lr_changes"][0]["new"] == 0.05
     assert Settings.from_dict(saved) == s
-    # Written before lr_drop_rule, jitter, lighting, eval_every_steps and drop_warmup were settings:
-    older = {k: v for k, v in saved.items()
-             if k not in ("lr_drop_rule", "color_jitter", "lighting", "eval_every_steps", "drop_warmup")}
-    restored = Settings.from_dict(older)
-    assert restored.lr_drop_rule == "fb.resnet.torch" and restored.eval_every_steps == 0
-    assert restored.color_jitter == restored.lighting == restored.drop_warmup == 0.0
+    with pytest.raises(CheckpointError, match="lack settings that define the run: lr_drop_rule"):
+        Settings.from_dict({k: v for k, v in saved.items() if k != "lr_drop_rule"})
     with pytest.raises(CheckpointError, match="does not know: warp_speed"):
         Settings.from_dict(dict(saved, warp_speed=9))
     with pytest.raises(CheckpointError, match="lack settings that define the run: model"):
@@ -442,22 +441,22 @@ def test_sigkill_between_two_evaluations_then_resume_is_bit_identical(tmp_path):
 # -- evaluation precision ------------------------------------------------------------------------------------
 def test_bf16_training_evaluates_in_fp32(tmp_path, monkeypatch):
     """--amp autocasts the training forward pass to bfloat16; every evaluation runs in float32."""
-    import sdzoo.data
-    import sdzoo.train
+    import sdzoo.training.data
+    import sdzoo.training.train
 
     # bf16 convolutions are slow on most CPUs: train on 64 of the digits (2 steps of 32), evaluate on all.
-    real_split = sdzoo.data.load_digits_split
-    monkeypatch.setattr(sdzoo.data, "load_digits_split", lambda split, image_size=32: (
+    real_split = sdzoo.training.data.load_digits_split
+    monkeypatch.setattr(sdzoo.training.data, "load_digits_split", lambda split, image_size=32: (
         tuple(t[:64] for t in real_split(split, image_size)) if split == "train" else real_split(split, image_size)))
     seen = []  # (training?, dtype of a convolution's output)
-    real_create = sdzoo.train.create_model
+    real_create = sdzoo.training.train.create_model
 
     def create_model(s, num_classes, in_chans):
         model = real_create(s, num_classes, in_chans)
         model.conv1.register_forward_hook(lambda module, args, out: seen.append((module.training, out.dtype)))
         return model
 
-    monkeypatch.setattr(sdzoo.train, "create_model", create_model)
+    monkeypatch.setattr(sdzoo.training.train, "create_model", create_model)
     run = tmp_path / "run"
     assert _main(*TINY, "--image-size", 8, "--batch-size", 32, "--epochs", 1, "--eval-every-steps", 1, "--amp",
                  "--threads", 1, "--output", run) == 0
@@ -542,7 +541,7 @@ def test_a_run_removes_only_its_own_temporary_files(tmp_path):
 def test_a_constant_depth_run_counts_every_block_as_run():
     """With the gates off no draw is made; the depth of each step (the epoch line's ``depth x/L``, the
     metrics' mean_depth, the gates file) is every block, not nan."""
-    from sdzoo.run_record import GateLog
+    from sdzoo.training.run_record import GateLog
 
     model = timm.create_model("sd_resnet20_cifar", num_classes=10, gate_mode="off").train()
     log = GateLog(model.gate_sampler)

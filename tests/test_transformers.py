@@ -25,9 +25,10 @@ from timm.models import save_for_hf
 
 from hub_server import FakeHub
 from helpers import randomize_batchnorm
-from sdzoo.checkpoint import save_model_config, save_weights
-from sdzoo.data import load_digits_split
-from sdzoo.hub import publish
+from sdzoo.files.run_folder import save_model_config
+from sdzoo.files.weights import save_weights
+from sdzoo.training.data import load_digits_split
+from sdzoo.hub.upload import publish
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, pipeline  # noqa: E402
@@ -222,9 +223,9 @@ def test_class_names_that_do_not_fit_the_head_are_refused_or_dropped(tmp_path, r
 
 # -- readers of config.json: the new layout and the old one -------------------------------------------
 def test_readers_take_head_args_from_model_args_else_top_level_else_defaults(tmp_path, run):
-    from sdzoo.checkpoint import read_run_config
-    from sdzoo.hf_config import head_args
-    from sdzoo.hub import CheckpointMismatchError, load_run
+    from sdzoo.files.run_folder import read_run_config
+    from sdzoo.files.hf_config import head_args
+    from sdzoo.hub.upload import CheckpointMismatchError, load_run
 
     new = json.loads((run / "config.json").read_text())
     assert head_args(new) == dict(num_classes=10, in_chans=3, global_pool="avg")
@@ -303,7 +304,7 @@ def test_transformers_refuses_every_folder_that_timm_refuses(tmp_path):
     pretrained=False and sets the tensors itself, and the model factory checks that file first, so each of
     AutoModelForImageClassification, TimmWrapperForImageClassification and the pipeline refuses them, naming
     the contradiction, with nothing loaded."""
-    from sdzoo.integrity import WeightsError
+    from sdzoo.files.weights import WeightsError
 
     for case, (folder, expected) in tampered_folders(tmp_path).items():
         with pytest.raises(WeightsError, match=expected):
@@ -372,7 +373,7 @@ def test_transformers_refuses_tampered_repos_served_by_the_hub(tmp_path, monkeyp
 def test_load_run_vets_the_config_that_transformers_would_spend_gigabytes_on(tmp_path, num_classes):
     """transformers reads config.json's num_classes, and builds that many labels, before any sdzoo code runs;
     the check the README gives for an untrusted folder refuses it, naming the value, without building anything."""
-    from sdzoo.hub import CheckpointMismatchError, load_run
+    from sdzoo.hub.upload import CheckpointMismatchError, load_run
 
     write_run_folder(tmp_path / "run")
     config = json.loads((tmp_path / "run" / "config.json").read_text())

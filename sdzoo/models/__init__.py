@@ -1,4 +1,4 @@
 """The zoo: importing this module registers every sdzoo architecture with timm."""
-from .sd_resnet import SDResNet, BasicBlock, Bottleneck, cifar_stage_depths
+from sdzoo.models.sd_resnet import SDResNet, BasicBlock, Bottleneck, cifar_stage_depths
 
 __all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths"]

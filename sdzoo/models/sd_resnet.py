@@ -13,9 +13,8 @@ survival schedule (``sdzoo.survival``); the gates are drawn and applied by ``sdz
 """
 from __future__ import annotations
 
-import re
 from dataclasses import fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +26,15 @@ from timm.models.resnet import downsample_conv
 # it from here too (forward_intermediates' index rules stay timm's)
 from timm.models._features import feature_take_indices
 
-from .._checks import check_choice, check_int
+from sdzoo.files.checks import check_choice, check_int
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
-from ..datasets import DATASETS
-from ..gate import Branch, GateSampler, ResidualGate
-from .._transformers_load import transformers_checkpoint_files
-from ..integrity import (
-    PROVENANCE_KEY, WeightsProvenance, check_loader_files, check_model_size, check_pretrained, check_state_dict)
-from ..pretrained import require_published_weights, tag_model_defaults, timm_weight_cfgs, with_published_weights
-from ..survival import SurvivalSettings, survival_probs
+from sdzoo.datasets import DATASETS
+from sdzoo.gate import Branch, GateSampler, ResidualGate
+from sdzoo.files.weights import WeightsProvenance, check_before_build, check_model_size, install_state_dict_checks
+from sdzoo.files.pretrained import tag_model_defaults, timm_weight_cfgs, with_published_weights
+from sdzoo.survival import SurvivalSettings, survival_probs
 
-__all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths", "checkpoint_filter_fn"]
+__all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths", "build_args"]
 
 SHORTCUTS = ("zero_pad", "projection")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
@@ -274,9 +271,7 @@ class SDResNet(nn.Module):
         self.init_weights()
         # Where the weights came from, and whether that source said they are folded (``fold_survival`` reads it).
         self.weights_provenance = WeightsProvenance("initialised by this model", settings.as_recorded())
-        self.register_state_dict_post_hook(_record_settings)
-        self.register_load_state_dict_pre_hook(_load_legacy_keys)
-        self.register_load_state_dict_pre_hook(_check_loaded_state)
+        install_state_dict_checks(self)
         self.register_load_state_dict_post_hook(_restore_gate_stream)
 
     # -- init ------------------------------------------------------------------------------------------
@@ -464,22 +459,6 @@ def _check_pruned_from(record: Optional[Dict[str, Any]], layers: Sequence[int],
     return dict(record, layers=list(record["layers"]), kept=list(record["kept"]))
 
 
-# -- weights written before the blocks took timm's layout ---------------------------------------------
-# ``layer1.0.branch.conv1.weight`` is ``layer1.0.conv1.weight`` now, ``layer2.0.shortcut.0.weight`` is
-# ``layer2.0.downsample.0.weight``: the keys of timm's ResNet.
-_LEGACY_BRANCH = re.compile(r"(^|\.)(layer\d+\.\d+)\.branch\.")
-_LEGACY_SHORTCUT = re.compile(r"(^|\.)(layer\d+\.\d+)\.shortcut\.")
-
-
-def _legacy_key(key: str) -> str:
-    return _LEGACY_SHORTCUT.sub(r"\1\2.downsample.", _LEGACY_BRANCH.sub(r"\1\2.", key))
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
-    """A state dict in today's keys, from one in today's or in the keys of sdzoo 0.1 run folders."""
-    return {_legacy_key(k): v for k, v in state_dict.items()}
-
-
 def _restore_gate_stream(module: "SDResNet", incompatible_keys) -> None:
     """load_state_dict post-hook: the gates of training forward t are a function of (gate_seed, t), and t is
     the stem BatchNorm's num_batches_tracked (it counts every training forward), which every state dict
@@ -488,36 +467,6 @@ def _restore_gate_stream(module: "SDResNet", incompatible_keys) -> None:
     counter = module.bn1.num_batches_tracked
     if counter is not None and counter.device.type != "meta":
         module.gate_sampler.step = int(counter)
-
-
-def _record_settings(module: "SDResNet", state_dict, prefix: str, local_metadata: Dict[str, Any]) -> None:
-    """state_dict post-hook: the model's survival settings (``folded_from`` too) go into the dict's
-    ``_metadata``, which copies and torch.save keep and no loader takes for a tensor: the dict still loads
-    strictly into timm's ResNets, and says whether it is folded."""
-    local_metadata[PROVENANCE_KEY] = module.survival_settings.as_recorded()
-
-
-def _check_loaded_state(module: "SDResNet", state_dict, prefix: str, local_metadata: Dict[str, Any],
-                        *args) -> None:
-    """load_state_dict pre-hook, before any tensor is copied (so every torch door: a plain load_state_dict,
-    timm's pretrained and checkpoint loads, Lightning's): no NaN or infinite tensor, and, by what the source model
-    recorded (``_record_settings``), no p_l lost or applied twice (``check_state_dict``). The model remembers what
-    the dict said."""
-    recorded = local_metadata.get(PROVENANCE_KEY)
-    recorded = recorded if isinstance(recorded, dict) else None
-    scales_by_p_l = module.scaling == "expectation" and any(p < 1.0 for p in module.block_survival_probs())
-    check_state_dict(state_dict, prefix, recorded, module.folded_from, scales_by_p_l)
-    module.weights_provenance = WeightsProvenance(
-        "a state dict of an sdzoo model" if recorded else "a state dict without sdzoo's record of its settings",
-        recorded)
-
-
-def _load_legacy_keys(module, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook: a plain ``model.load_state_dict(old_state_dict)`` works too."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = prefix + _legacy_key(key[len(prefix):])
-        if new != key:
-            state_dict[new] = state_dict.pop(key)
 
 
 # -- builders -----------------------------------------------------------------------------------------
@@ -529,6 +478,23 @@ def _as_tuples(cfg: Any) -> Any:
     return cfg
 
 
+def build_args(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The arguments SDResNet will be built with: the factory's kwargs (config.json's model_args and the
+    caller's), else what timm takes from the pretrained cfg (config.json's top level: num_classes, the input
+    size's channels), else the constructor's defaults."""
+    input_size = cfg.get("input_size") or (3,)
+    args = dict(
+        layers=tuple(kwargs["layers"]) if isinstance(kwargs.get("layers"), (list, tuple)) else kwargs.get("layers"),
+        widths=tuple(kwargs["widths"]) if isinstance(kwargs.get("widths"), (list, tuple)) else kwargs.get("widths"),
+        block=kwargs.get("block", "basic"), stem=kwargs.get("stem", "cifar"),
+        shortcut=kwargs.get("shortcut", "zero_pad"),
+        num_classes=kwargs.get("num_classes", cfg.get("num_classes", 1000)),
+        in_chans=kwargs.get("in_chans", input_size[0]), global_pool=kwargs.get("global_pool", "avg"),
+        folded_from=None)
+    args.update(SurvivalSettings.from_args(kwargs).as_model_args())  # folded_from too, when the model is folded
+    return args
+
+
 def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDResNet:
     # Features come from forward_intermediates: the blocks need the step's gates, which a plain
     # module-by-module feature wrapper would not pass.
@@ -538,20 +504,11 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
             kwargs[key] = _as_tuples(kwargs[key])
     for key, value in tag_model_defaults(variant, kwargs.get("pretrained_cfg")).items():
         kwargs.setdefault(key, value)  # timm's weights: scaling="inverted", so eval is the pretrained network
-    provenance = None
-    if pretrained:  # a clear error, saying how to get weights, for a tag that has none
-        require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-        # The weights' header and metadata against the arguments, before anything is built; timm's load is then
-        # strict (every tensor of the file, and only those), and the model's load pre-hook refuses NaN and inf.
-        provenance = check_pretrained(variant, kwargs)
-        kwargs.pop("pretrained_strict", None)
-    elif (files := transformers_checkpoint_files()) is not None:
-        # transformers builds with pretrained=False, then sets these files' tensors without load_state_dict:
-        # the same checks, on its file, before anything is built.
-        provenance = check_loader_files(files, variant, kwargs)
+    # The weights' header and metadata against the arguments, before anything is built; timm's load is then
+    # strict (every tensor of the file, and only those), and the model's load pre-hook refuses NaN and inf.
+    provenance = check_before_build(variant, kwargs, pretrained, build_args)
     model = build_model_with_cfg(
         SDResNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
         pretrained_strict=True,
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_features))),
         **kwargs,
@@ -578,7 +535,7 @@ def _create_imagenet(variant: str, stage_depths: Sequence[int], pretrained: bool
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     """The zoo's own cfgs claim no weights: sdzoo publishes none yet, so ``url`` and ``hf_hub_id`` stay empty
-    (``sdzoo.pretrained.with_published_weights`` fills in those it does)."""
+    (``sdzoo.files.pretrained.with_published_weights`` fills in those it does)."""
     return {
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
         "interpolation": "bilinear", "mean": DATASETS["cifar10"].mean, "std": DATASETS["cifar10"].std,
@@ -609,7 +566,7 @@ default_cfgs = generate_default_cfgs(with_published_weights({
     # The paper's SVHN model is the 152-layer CIFAR ResNet: its first tag is its default.
     **_cifar_cfgs("sd_resnet152_cifar", first="svhn"),
     **_cifar_cfgs("sd_resnet1202_cifar"),
-    # timm's ImageNet weights of resnet50/101/152, one tag each (sdzoo.pretrained); then the weightless
+    # timm's ImageNet weights of resnet50/101/152, one tag each (sdzoo.files.pretrained); then the weightless
     # in1k tag, marked '*' and last, so that it stays the default tag (timm would make the first tag with
     # weights the default otherwise).
     **timm_weight_cfgs("sd_resnet50"),

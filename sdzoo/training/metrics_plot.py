@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
+from sdzoo.files.disk import atomic_write
 
 __all__ = ["read_metrics", "epoch_records", "evaluations", "plot_curves"]
 
@@ -60,8 +61,6 @@ def plot_curves(metrics_path, out_path, title: Optional[str] = None) -> bool:
     import matplotlib
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
-
-    from ._files import atomic_write
 
     fig, ax_err = plt.subplots(figsize=(7, 4.5), dpi=120)
     for key, label, style, rows in (("train_error", "train error", "--", epochs),

@@ -1,16 +1,15 @@
 """Run-folder files, written so that nothing is ever half-written.
 
-Every file goes through ``sdzoo._files`` (a temporary file, then renamed over the old one), so a run killed
+Every file goes through ``sdzoo.files.disk`` (a temporary file, then renamed over the old one), so a run killed
 at any moment leaves the previous version or the new one. The run folder is a timm local-dir (``config.json``
 + ``model.safetensors``); beside them lie the logs and ``checkpoint.pt``, the resume state, whose keys
-``sdzoo.resume`` owns (``save_state``/``load_state`` here read and write torch files of plain types and
+``sdzoo.training.resume`` owns (``save_state``/``load_state`` here read and write torch files of plain types and
 tensors only).
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -19,14 +18,13 @@ import torch
 from filelock import FileLock, Timeout
 from torch import nn
 
-from ._checks import error_line
-from ._files import PathLike, atomic_write, remove_stale_temps
-from .survival import TRAINED_FIELDS
+from sdzoo.files.checks import error_line
+from sdzoo.files.disk import PathLike, atomic_write, write_bytes
+from sdzoo.files.hf_config import normalize_config, write_config
 
 __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "CheckpointError",
-    "save_state", "load_state", "save_weights", "save_model_config", "remove_stale_temp_files",
-    "describe_load_error", "SURVIVAL_SETTINGS", "weights_metadata", "read_weights_settings", "read_run_config",
+    "save_state", "load_state", "save_model_config", "describe_load_error", "read_run_config",
     "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME", "truncate_lines",
 ]
 
@@ -37,25 +35,10 @@ METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 CURVES_NAME = "curves.png"
 LOCK_NAME = ".lock"
-# safetensors metadata key of the settings the weights were trained with (the values must be strings: JSON).
-SETTINGS_KEY = "sdzoo"
-# The model arguments that folding p_l into the weights depends on (an old name of sdzoo.survival's).
-SURVIVAL_SETTINGS = TRAINED_FIELDS
 
 
 class CheckpointError(Exception):
     """A resume state that is missing or unreadable: a user error, reported without a traceback."""
-
-
-def remove_stale_temp_files(folder: PathLike, names) -> None:
-    """Temporary files of the files ``names``, left by a process that was killed mid-write (not those of other
-    files: an export may be writing into the folder now)."""
-    remove_stale_temps(folder, names)
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def save_state(path: PathLike, state: Dict[str, Any]) -> None:
@@ -63,7 +46,7 @@ def save_state(path: PathLike, state: Dict[str, Any]) -> None:
     # (torch's own file writer reports it as an unexplained RuntimeError).
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write(path, lambda temp: _write_bytes(temp, buffer.getbuffer()))
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> Dict[str, Any]:
@@ -79,45 +62,6 @@ def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> D
                               "a checkpoint of this trainer and was not loaded (nothing in it was run)") from None
     except Exception as e:
         raise CheckpointError(f"--resume: cannot read {path} as a torch file ({error_line(e)})") from None
-
-
-def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
-    # safetensors needs contiguous tensors; channels_last weights are not.
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-
-
-def weights_metadata(model: nn.Module) -> Dict[str, str]:
-    """The metadata of a weights file: the architecture, its classes and the survival settings, so that a bare
-    ``model.safetensors`` brings what loading and folding it need (as a run folder's config.json does)."""
-    # One key: safetensors writes its metadata map in hash order, so with two keys the same weights would give
-    # files that differ in bytes from one process to the next.
-    survival = getattr(model, "survival_settings", None)
-    if survival is None:
-        return {"format": "pt"}
-    settings = survival.as_recorded()
-    if getattr(model, "pruned_from", None):  # a pruned model (sdzoo.prune): its layers, and what it was pruned from
-        settings.update(layers=[len(getattr(model, name)) for name in model.stage_names], pruned_from=model.pruned_from)
-    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    return {SETTINGS_KEY: json.dumps(dict(architecture=architecture, num_classes=model.num_classes,
-                                          model_args=settings))}
-
-
-def save_weights(path: PathLike, model: nn.Module) -> None:
-    """The model's weights as safetensors, with ``weights_metadata`` (the one writer of weights files)."""
-    from safetensors.torch import save
-
-    tensors = {k: v.cpu() for k, v in _weights(model).items()}
-    data = save(tensors, metadata=weights_metadata(model))
-    atomic_write(path, lambda temp: _write_bytes(temp, data))  # as in save_state: errors name the file
-
-
-def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
-    """What ``weights_metadata`` stored in a safetensors file (architecture, num_classes, model_args), or None
-    for a file written elsewhere. Raises ValueError naming the file when the metadata is malformed or the
-    header is beyond the bounds of ``sdzoo.integrity.read_header``."""
-    from .integrity import read_header, recorded_settings  # imports this module: imported when called
-
-    return recorded_settings(read_header(path)[1], os.fspath(path))
 
 
 def read_run_config(path: PathLike) -> Dict[str, Any]:
@@ -137,8 +81,6 @@ def read_run_config(path: PathLike) -> Dict[str, Any]:
     if not isinstance(config.get("model_args", {}), dict):
         raise ValueError(f"{path}: 'model_args' must be a JSON object of keyword arguments; got a "
                          f"{type(config['model_args']).__name__}")
-    from .hf_config import normalize_config
-
     normalize_config(config, source=str(path))  # raises when model_args and the top level disagree
     return config
 
@@ -177,11 +119,9 @@ def check_run_folder_free(folder: PathLike) -> None:
 
 def save_model_config(path: PathLike, model: nn.Module, data_config: Dict[str, Any], tag: Optional[str] = None,
                       label_names: Optional[List[str]] = None) -> None:
-    """The run folder's ``config.json`` (``sdzoo.hf_config``: loads in timm and in transformers): the
+    """The run folder's ``config.json`` (``sdzoo.files.hf_config``: loads in timm and in transformers): the
     architecture, the model arguments (survival settings included), the preprocessing the weights were
     trained with, and the class names."""
-    from .hf_config import write_config
-
     write_config(path, model, data_config=data_config, tag=tag, label_names=label_names)
 
 
@@ -192,18 +132,6 @@ def describe_load_error(error: RuntimeError, lines: int = 4, width: int = 400) -
     head = [line if len(line) <= width else line[:width] + " ..." for line in text[:lines]]
     more = f" ... ({len(text) - lines} more lines)" if len(text) > lines else ""
     return " ".join(head) + more
-
-
-# -- the resume state, which moved to sdzoo.resume ------------------------------------------------------------
-_MOVED_TO_RESUME = ("CHECKPOINT_FORMAT", "load_resume_state", "TrainState", "EpochTotals", "RandomStreams")
-
-
-def __getattr__(name: str):
-    """The resume state's names, importable from here as before (``sdzoo.resume`` owns checkpoint.pt)."""
-    if name in _MOVED_TO_RESUME:
-        from . import resume  # imports this module: imported when asked for
-        return getattr(resume, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def truncate_lines(path: Path, keep: Callable[[str], bool]) -> None:

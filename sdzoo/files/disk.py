@@ -94,6 +94,15 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         write(temp)
 
 
+def write_bytes(path: PathLike, data) -> None:
+    """``data`` (bytes or a buffer) as the file ``path``, atomically. Written by Python, so a full disk is an
+    OSError that names the file."""
+    def write(temp: str) -> None:
+        with open(temp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
 def write_text(path: PathLike, text: str) -> None:
     def write(temp: str) -> None:
         with open(temp, "w", encoding="utf-8") as f:

@@ -4,9 +4,9 @@ upload leaves on the Hub.
 
 Everything that can be checked is checked before the upload (the weights fit config.json; an ONNX file computes
 what the weights compute), and after it every file's hash is compared with what the Hub reports, without a
-download: those checks, and loading a run folder, are ``sdzoo.hub_load``; this module re-exports their names.
+download: those checks, and loading a run folder, are ``sdzoo.hub.load``; this module re-exports their names.
 Error messages say what state the repo is left in and never contain the token. Which weights are published,
-and the cfgs that point at them, live in ``sdzoo.pretrained``.
+and the cfgs that point at them, live in ``sdzoo.files.pretrained``.
 """
 from __future__ import annotations
 
@@ -25,19 +25,21 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ._checks import check_input_size, check_seconds
-from ._files import PathLike
-from ._hub_http import (
+from sdzoo.files.checks import check_input_size, check_seconds
+from sdzoo.files.disk import PathLike
+from sdzoo.files.hub_http import (
     DEFAULT_TIMEOUT, bounded_waits, describe_error, http_error, hub_api, is_timeout, scrub_token)
-from .checkpoint import CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, save_weights
-from .depth import PRUNING_NAME
-from .hf_config import write_config
-from .hub_load import (
+from sdzoo.files.run_folder import CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME
+from sdzoo.files.weights import save_weights
+from sdzoo.export.depth import PRUNING_NAME
+from sdzoo.files.hf_config import write_config
+from sdzoo.hub.load import (
     CheckpointMismatchError, HubError, Run, VerificationError, check_onnx_matches, file_sha256, load_run,
     verify_upload)
-from .metrics_plot import read_metrics
-from .model_card import published_summary, render_model_card
-from .run_record import METRICS_KEYS
+from sdzoo.training.metrics_plot import read_metrics
+from sdzoo.hub.model_card import published_summary, render_model_card
+from sdzoo.training.run_record import METRICS_KEYS
+from sdzoo.export.onnx_export import MAX_INPUT_SIDE, read_metadata
 
 __all__ = [
     "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError", "Run",
@@ -137,8 +139,6 @@ def _copy_without_links(src: Path, dst: Path) -> None:
 
 def onnx_folded(onnx_path: PathLike) -> Optional[bool]:
     """What the ONNX file's own metadata says: p_l folded into the weights, not folded, or not said (None)."""
-    from .onnx_export import read_metadata
-
     value = read_metadata(os.fspath(onnx_path)).get("folded")
     return {"true": True, "false": False}.get(value)
 
@@ -245,8 +245,6 @@ def _unverified_settings(run: Run) -> bool:
 
 def _check_input_size(run: Run, config: Dict) -> None:
     """The published config's input size must be one the project's own export takes (``MAX_INPUT_SIDE``)."""
-    from .onnx_export import MAX_INPUT_SIDE
-
     size = (config.get("pretrained_cfg") or {}).get("input_size")
     if size is None:
         return

@@ -19,15 +19,14 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from ._files import save_json
-from .checkpoint import (
-    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, lock_run_folder,
-    remove_stale_temp_files, save_model_config, save_weights, truncate_lines)
-from .gate import GateSampler
-from .metrics_plot import epoch_records, evaluations, read_metrics
-from .processes import Dist, all_reduce
-from .resume import EpochTotals, TrainState
-from .settings import Settings
+from sdzoo.files.disk import remove_stale_temps, save_json
+from sdzoo.files.run_folder import CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, lock_run_folder, save_model_config, truncate_lines
+from sdzoo.files.weights import save_weights
+from sdzoo.gate import GateSampler
+from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
+from sdzoo.training.processes import Dist, all_reduce
+from sdzoo.training.resume import EpochTotals, TrainState
+from sdzoo.training.settings import Settings
 
 __all__ = ["RunLog", "Progress", "GateLog", "epoch_record", "epoch_line", "done_line", "error_text", "stage_groups",
            "grad_abs_sums"]
@@ -100,7 +99,7 @@ class RunLog:
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
             self.lock = lock_run_folder(out)
-            remove_stale_temp_files(out, self.own_files())
+            remove_stale_temps(out, self.own_files())
 
     def own_files(self) -> List[str]:
         """Every file the trainer writes into its run folder (the others are not its to clean up)."""

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from .data import TENSOR_DATASETS, DataError, load_data
-from .settings import Settings, TrainError
+from sdzoo.training.data import TENSOR_DATASETS, DataError, load_data
+from sdzoo.training.settings import Settings, TrainError
 
 __all__ = ["Dist", "setup_processes", "all_reduce", "local_batch_size", "load_data_everywhere", "use_sync_batchnorm",
            "sync_batchnorm_statistics", "wrap_model"]

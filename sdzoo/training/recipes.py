@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .datasets import DATASETS
-from .survival import SurvivalSettings
+from sdzoo.datasets import DATASETS
+from sdzoo.survival import SurvivalSettings
 
 __all__ = ["Recipe", "RECIPES", "DEFAULT_RECIPE", "LR_DROP_RULES", "PAPER_RESULTS", "recipe_for_dataset"]
 

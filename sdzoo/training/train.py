@@ -8,9 +8,9 @@ momentum still move them, as in the authors' code.
 
 This module is the loop and its steps, read top to bottom: ``start_run`` builds the run's parts (a ``Run``),
 then each epoch is ``train_epoch`` (``train_one_step`` per batch, with the evaluations and checkpoints inside
-the epoch) and ``end_epoch``. The settings and flags live in ``sdzoo.settings``, the processes in
-``sdzoo.processes``, the optimizer in ``sdzoo.optimizer``, checkpoint.pt in ``sdzoo.resume`` and the run's
-record (metrics.jsonl, summary.json, the progress lines) in ``sdzoo.run_record``.
+the epoch) and ``end_epoch``. The settings and flags live in ``sdzoo.training.settings``, the processes in
+``sdzoo.training.processes``, the optimizer in ``sdzoo.training.optimizer``, checkpoint.pt in ``sdzoo.training.resume`` and the run's
+record (metrics.jsonl, summary.json, the progress lines) in ``sdzoo.training.run_record``.
 """
 from __future__ import annotations
 
@@ -28,19 +28,20 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME, CheckpointError, RunFolderBusy
-from .data import DataError
-from .gate import GateSampler
-from .metrics_plot import plot_curves
-from .optimizer import build_optimizer, build_scheduler
-from .processes import (
+from sdzoo.files.run_folder import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME, CheckpointError, RunFolderBusy
+from sdzoo.training.data import DataError
+from sdzoo.gate import GateSampler
+from sdzoo.training.metrics_plot import plot_curves
+from sdzoo.training.optimizer import build_optimizer, build_scheduler
+from sdzoo.training.processes import (
     Dist, all_reduce, load_data_everywhere, local_batch_size, setup_processes, sync_batchnorm_statistics,
     use_sync_batchnorm, wrap_model)
-from .resume import EpochTotals, RandomStreams, TrainState, lr_change_in, restore, save_checkpoint, say_resumed
-from .run_record import (
+from sdzoo.training.resume import EpochTotals, RandomStreams, TrainState, lr_change_in, restore, save_checkpoint, say_resumed
+from sdzoo.training.run_record import (
     GateLog, Progress, RunLog, done_line, epoch_line, epoch_record, error_text, grad_abs_sums, stage_groups)
-from .settings import Settings, TrainError, build_parser, resolve_settings
-from .survival import SurvivalSettings, drop_warmup_factor
+from sdzoo.training.resume import resolve_settings
+from sdzoo.training.settings import Settings, TrainError, build_parser
+from sdzoo.survival import SurvivalSettings, drop_warmup_factor
 
 __all__ = ["main", "train", "build_optimizer", "build_scheduler", "train_step", "Diverged",
            "Dist", "GateLog", "use_sync_batchnorm"]  # the last three: re-exported from their modules
@@ -370,5 +371,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m sdzoo.train: the trainer's processes of sdzoo.compare
+if __name__ == "__main__":  # python -m sdzoo.training.train: the trainer's processes of sdzoo.training.compare
     sys.exit(main())

@@ -8,7 +8,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .settings import Settings
+from sdzoo.training.settings import Settings
 
 __all__ = ["build_optimizer", "lr_milestones", "build_scheduler"]
 

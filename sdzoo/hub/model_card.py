@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from huggingface_hub import ModelCard
 
-from .datasets import DATASETS as _REGISTRY
-from .recipes import PAPER_RESULTS
-from .settings import DEFINING
-from .survival import SurvivalSettings
+from sdzoo.datasets import DATASETS as _REGISTRY
+from sdzoo.training.recipes import PAPER_RESULTS
+from sdzoo.training.settings import DEFINING
+from sdzoo.survival import SurvivalSettings
 
 __all__ = [
     "DATASETS", "RunResults", "read_results", "card_metadata", "render_model_card",
@@ -33,13 +33,13 @@ DATASETS: Dict[str, Tuple[str, Optional[str]]] = {
     name: (spec.display_name, spec.hub_id) for name, spec in _REGISTRY.items() if spec.display_name}
 
 # Training settings shown in the card's recipe table (keys of summary.json's "settings"): every setting that
-# defines a run, in the order of sdzoo.settings.DEFINING; the model, the data set and its classes head the card.
+# defines a run, in the order of sdzoo.training.settings.DEFINING; the model, the data set and its classes head the card.
 _RECIPE_KEYS = ("recipe",) + tuple(k for k in DEFINING if k not in ("recipe", "model", "dataset", "num_classes"))
 
 
 @dataclass
 class RunResults:
-    """The results of a training run, from the summary.json that ``sdzoo.train`` writes (errors in %)."""
+    """The results of a training run, from the summary.json that ``sdzoo.training.train`` writes (errors in %)."""
     dataset: str
     test_error: float
     best_epoch: int
@@ -189,7 +189,7 @@ def _survival_rows(model_args: Mapping[str, Any], block_probs: Sequence[float]) 
     return [(name, markdown_cell(value)) for name, value in rows if value is not None]
 
 
-# What a pruned model's card reports of its pruning.json (sdzoo.depth.describe), each a number: label, format.
+# What a pruned model's card reports of its pruning.json (sdzoo.export.depth.describe), each a number: label, format.
 _PRUNING_ROWS = (("params", "parameters", "{:,}"), ("mflops", "MFLOPs per image", "{:.2f}"),
                  ("acc_torch", "test accuracy, PyTorch (%)", "{:.2f}"),
                  ("acc_ort", "test accuracy, onnxruntime (%)", "{:.2f}"), ("test_images", "test images", "{:,}"),

@@ -20,13 +20,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._files import PathLike, atomic_write
-from .checkpoint import SUMMARY_NAME
-from .data import DataError, load_data, normalize
-from .datasets import DATASETS, dataset_names, spoken_list
-from .latency import onnx_latency
-from .onnx_export import export_onnx, ort_session, predict_onnx
-from .prune import block_names, greedy_removals, prune_blocks, required_blocks
+from sdzoo.files.disk import PathLike, atomic_write
+from sdzoo.files.run_folder import SUMMARY_NAME
+from sdzoo.training.data import DataError, load_data, normalize
+from sdzoo.datasets import DATASETS, dataset_names, spoken_list
+from sdzoo.export.latency import onnx_latency
+from sdzoo.export.onnx_export import export_onnx, ort_session, predict_onnx
+from sdzoo.prune import block_names, greedy_removals, prune_blocks, required_blocks
 
 __all__ = ["run_settings", "run_splits", "model_stats", "accuracy", "measure", "describe", "latencies", "depth_sweep", "format_sweep",
            "plot_sweep", "SWEEP_COLUMNS", "PRUNING_NAME"]

@@ -1,6 +1,6 @@
 """The paper's comparison as one command: the same network trained with stochastic depth and at constant depth.
 
-For each seed, two training runs of ``sdzoo.train`` that differ only in ``--gate-mode`` (``off`` is constant
+For each seed, two training runs of ``sdzoo.training.train`` that differ only in ``--gate-mode`` (``off`` is constant
 depth): the same architecture, recipe, seed and so the same weights at the start and the same data order and
 augmentation. Each run is a run folder of its own under the output folder, ``SETTING-seedN``, trained in a
 process of its own (its output in ``SETTING-seedN.log``), as many at once as ``jobs`` (on a CPU, one per core,
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ._files import atomic_write, save_json, write_text
-from .checkpoint import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME
-from .metrics_plot import epoch_records, evaluations, read_metrics
-from .recipes import PAPER_RESULTS
-from .settings import DEFINING, build_parser
+from sdzoo.files.disk import atomic_write, save_json, write_text
+from sdzoo.files.run_folder import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME
+from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
+from sdzoo.training.recipes import PAPER_RESULTS
+from sdzoo.training.settings import DEFINING, build_parser
 
 __all__ = ["SETTINGS", "PAPER_CIFAR10", "Job", "plan_jobs", "run_jobs", "collect", "write_results", "main"]
 
@@ -148,7 +148,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int, threads: Optional[int], say=pri
                 job = waiting.pop(0)
                 job.folder.parent.mkdir(parents=True, exist_ok=True)
                 with open(job.log, "a") as log:
-                    process = subprocess.Popen([sys.executable, "-m", "sdzoo.train", *job.argv], stdout=log,
+                    process = subprocess.Popen([sys.executable, "-m", "sdzoo.training.train", *job.argv], stdout=log,
                                                stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_on_sigint)
                 running[job] = process
                 say(f"{job.name}: {'continued' if job.state == 'resume' else 'started'} (log {job.log})")

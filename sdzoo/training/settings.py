@@ -1,7 +1,7 @@
 """The settings of a training run: the typed ``Settings`` and the command line that fills it.
 
-A run's settings are a named recipe (``sdzoo.recipes``) overridden by the flags given; a resumed run takes
-its checkpoint's settings (read by ``sdzoo.resume``), where only how it runs (device, logging, ...) and
+A run's settings are a named recipe (``sdzoo.training.recipes``) overridden by the flags given; a resumed run takes
+its checkpoint's settings (read by ``sdzoo.training.resume``), where only how it runs (device, logging, ...) and
 ``--lr`` may change. Everything
 the flag parser cannot see (combinations, the run folder) is checked here, before anything runs, and each
 message names the flag.
@@ -18,23 +18,18 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .checkpoint import (
+from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free)
-from .datasets import DATASETS, dataset_names, spoken_list
-from .gate import GATE_MODES, SCALINGS
-from .recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
-from .survival import SURVIVAL_RULES
+from sdzoo.datasets import DATASETS, dataset_names, spoken_list
+from sdzoo.gate import GATE_MODES, SCALINGS
+from sdzoo.training.recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
+from sdzoo.survival import SURVIVAL_RULES
 
-__all__ = ["Settings", "TrainError", "build_parser", "resolve_settings", "DEFINING"]
+__all__ = ["Settings", "TrainError", "build_parser", "new_run_settings", "DEFINING"]
 
 
 class TrainError(Exception):
     """A user error (a bad flag, an impossible combination): reported without a traceback."""
-
-
-# Defining settings added after the first checkpoints were written: a run resumed from one of those had them so.
-LATER_DEFINING = dict(lr_drop_rule="fb.resnet.torch", color_jitter=0.0, lighting=0.0, eval_every_steps=0,
-                      drop_warmup=0.0)
 
 
 @dataclass(frozen=True)
@@ -72,15 +67,14 @@ class Settings(Recipe):
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "Settings":
-        """Settings saved by ``to_dict`` (a checkpoint's), older ones included."""
+        """Settings saved by ``to_dict`` (a checkpoint's)."""
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        missing = [k for k in DEFINING if k not in values and k not in LATER_DEFINING]
+        missing = [k for k in DEFINING if k not in values]
         if unknown or missing:
             raise CheckpointError(
                 "--resume: the checkpoint's settings " + "; ".join(what for what in (
                     unknown and f"hold keys this version does not know: {', '.join(unknown)}",
                     missing and f"lack settings that define the run: {', '.join(missing)}") if what))
-        values = dict(LATER_DEFINING, **values)
         return cls(**dict(values, lr_drops=tuple(values["lr_drops"]), lr_changes=tuple(values.get("lr_changes", ()))))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -245,15 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- settings ------------------------------------------------------------------------------------------------
-def resolve_settings(args: argparse.Namespace) -> Tuple[Settings, Optional[Dict[str, Any]]]:
-    """The run's settings (recipe < flags, or the checkpoint's < run flags on resume) and the checkpoint."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if "lr_drops" in given:
-        given["lr_drops"] = tuple(sorted(given["lr_drops"]))
-    resume = given.pop("resume", None)
-    if resume is not None:  # the checkpoint's settings, with the flags of how it runs
-        from .resume import resume_settings  # imports this module: imported when called
-        return resume_settings(resume, given)
+def new_run_settings(given: Dict[str, Any]) -> Settings:
+    """The settings of a new run: its recipe overridden by the flags ``given``, checked."""
     recipe = given.pop("recipe", None) or (recipe_for_dataset(given["dataset"]) if "dataset" in given
                                            else DEFAULT_RECIPE)
     settings = Settings.from_recipe(recipe, **given)
@@ -261,7 +248,7 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[Settings, Optional[Dict[
     if settings.output is None:
         settings = dataclasses.replace(settings, output=os.path.join("runs", f"{settings.model}-{settings.dataset}"))
     _check_new_run_folder(settings.output)
-    return settings, None
+    return settings
 
 
 def _check_new_run_folder(output: str) -> None:

@@ -1,8 +1,8 @@
 """ONNX export of the zoo's models: export, check, describe (metadata), quantize to int8.
 
 Every file is checked before it is kept: written beside the output, it must pass onnx's full checker and match
-PyTorch under onnxruntime, and only then replaces the output (``sdzoo._files.staged_file``). Models come here
-folded (``sdzoo.fold``); calibration and test images come from ``sdzoo.onnx_data``.
+PyTorch under onnxruntime, and only then replaces the output (``sdzoo.files.disk.staged_file``). Models come here
+folded (``sdzoo.fold``); calibration and test images come from ``sdzoo.export.calibration``.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import onnx
 import torch
 from torch import nn
 
-from . import __version__
-from ._checks import check_input_size
-from ._files import PathLike, remove_abandoned_temporaries, staged_file
-from .survival import TRAINED_FIELDS
+from sdzoo.files import SDZOO_VERSION
+from sdzoo.files.checks import check_input_size
+from sdzoo.files.disk import PathLike, remove_abandoned_temporaries, staged_file
+from sdzoo.survival import TRAINED_FIELDS
 
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "MAX_INPUT_SIDE", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
@@ -166,7 +166,7 @@ def onnx_metadata(
         "interpolation": cfg.get("interpolation", ""),
         "crop_pct": cfg.get("crop_pct", ""),
         "num_classes": num_classes,
-        "sdzoo_version": __version__,
+        "sdzoo_version": SDZOO_VERSION,
     }
     if label_names is None:
         label_names = cfg.get("label_names")

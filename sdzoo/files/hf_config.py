@@ -22,11 +22,12 @@ import inspect
 import json
 import os
 import tempfile
+import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import nn
 
-from ._files import PathLike, save_json
+from sdzoo.files.disk import PathLike, save_json
 
 __all__ = ["HEAD_ARGS", "write_config", "hf_config_of", "normalize_config", "head_args", "model_kwargs_of_config"]
 
@@ -46,11 +47,11 @@ def _architecture_defaults(architecture: str) -> Dict[str, Any]:
     cfg = timm.get_pretrained_cfg(architecture) if timm.is_model(architecture) else None
     if cfg is not None and cfg.input_size:
         defaults["in_chans"] = cfg.input_size[0]
-    if timm.is_model(architecture) and timm.models.model_entrypoint(architecture).__module__.startswith("sdzoo."):
-        # An entrypoint does not say which class it builds; every sdzoo architecture builds an SDResNet.
-        from .models import SDResNet
-
-        params = inspect.signature(SDResNet.__init__).parameters
+    module = timm.models.model_entrypoint(architecture).__module__ if timm.is_model(architecture) else ""
+    if module.startswith("sdzoo."):
+        # An entrypoint does not say which class it builds; every sdzoo entrypoint builds the SDResNet of its own
+        # module, read from there so that this layer never imports a model.
+        params = inspect.signature(sys.modules[module].SDResNet.__init__).parameters
         defaults.setdefault("in_chans", params["in_chans"].default)
         defaults["global_pool"] = params["global_pool"].default
     return defaults

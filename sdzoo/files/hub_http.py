@@ -29,8 +29,8 @@ from huggingface_hub import HfApi, set_client_factory
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import parse_ratelimit_headers
 
-from . import __version__
-from ._checks import check_seconds, error_line
+from sdzoo.files import SDZOO_VERSION
+from sdzoo.files.checks import check_seconds, error_line
 
 __all__ = ["DEFAULT_TIMEOUT", "LOAD_TIMEOUT", "LOAD_TIMEOUT_ENV", "load_timeout", "install_load_deadline", "HubTimeout",
            "deadline_client", "bounded_waits", "hub_api", "http_error", "describe_error", "is_timeout", "scrub_token"]
@@ -209,7 +209,7 @@ def install_load_deadline() -> None:
 
 def hub_api(endpoint: Optional[str], token: Optional[str]) -> HfApi:
     """The client of the Hub's API, naming sdzoo and its version in its requests."""
-    return HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=__version__)
+    return HfApi(endpoint=endpoint, token=token, library_name="sdzoo", library_version=SDZOO_VERSION)
 
 
 def http_error(error: BaseException) -> Optional[HfHubHTTPError]:

@@ -9,13 +9,13 @@ that sdzoo does or documents (``local-dir:``, ``hf-hub:``, ``pretrained_cfg_over
   large is allocated;
 * the architecture is read from the safetensors header (every tensor's shape is in it; no tensor is read) and
   every model argument that shapes the weights must match it;
-* the file's own metadata (``sdzoo.checkpoint.weights_metadata``: architecture, classes, survival settings,
+* the file's own metadata (``sdzoo.files.weights.weights_metadata``: architecture, classes, survival settings,
   ``folded_from``) must agree with the arguments, so folded weights never load into an unfolded model, nor the
   other way round;
 * the load itself is strict (every tensor of the file, and only those), and NaN or infinite weights are refused.
 
 transformers' ``TimmWrapper`` builds the model with ``pretrained=False`` and sets the file's tensors itself,
-with no load hook of torch: the model factory finds that file (``sdzoo._transformers_load``) and checks it
+with no load hook of torch: the model factory finds that file (``sdzoo.internals.transformers_private``) and checks it
 with ``check_loader_files``, the same checks, before anything is built. A plain ``model.load_state_dict``
 gets its own (the model's load pre-hook, ``check_state_dict``): no NaN or infinite tensor, and the fold state
 that the source model recorded in the state dict's ``_metadata`` (``PROVENANCE_KEY``) must be the model's.
@@ -28,21 +28,28 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._checks import error_line
-from .checkpoint import SETTINGS_KEY, WEIGHTS_NAME
-from .survival import TRAINED_FIELDS, SurvivalSettings
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from sdzoo.files.checks import error_line
+from sdzoo.files.disk import PathLike, write_bytes
+from sdzoo.files.run_folder import WEIGHTS_NAME
+from sdzoo.files.pretrained import require_published_weights
+from sdzoo.internals.transformers_private import transformers_checkpoint_files
+from sdzoo.files.hub_http import LOAD_TIMEOUT_ENV, bounded_waits, is_timeout, load_timeout
 
 __all__ = [
     "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
     "MAX_PARAMETERS", "MAX_TENSORS", "MAX_HEADER_BYTES", "count_parameters", "check_model_size", "FileArchitecture",
     "read_header", "architecture_of", "check_pretrained", "check_weights_file", "check_loader_files",
     "check_state_dict", "check_finite", "fold_contradiction", "describe_failure", "is_out_of_memory",
-    "WeightsProvenance", "PROVENANCE_KEY",
+    "WeightsProvenance", "PROVENANCE_KEY", "SETTINGS_KEY", "weights_metadata", "save_weights",
+    "read_weights_settings",
 ]
 
 # Bounds on what a config.json may ask for. The largest zoo models are far inside them: sd_resnet1202_cifar
@@ -69,6 +76,8 @@ class MissingWeightsError(FileNotFoundError):
     """No safetensors weights where the model's source points."""
 
 
+# The safetensors metadata key of the settings the weights were trained with (the values must be strings: JSON).
+SETTINGS_KEY = "sdzoo"
 # The key of a state dict's ``_metadata`` (torch's per-module record, which travels with the dict through
 # copies and torch.save, and which no loader reads as a tensor) where an sdzoo model records its survival
 # settings: a state dict moves strictly to and from timm's ResNets, and still says whether it is folded.
@@ -148,7 +157,6 @@ def check_model_size(layers: Any, widths: Any, block: str, stem: str, shortcut: 
 def read_header(path: os.PathLike) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, str]]:
     """Every tensor's shape and the metadata of a safetensors file, from its header alone (no tensor is read).
     The header's length (its first 8 bytes) and its tensor count are bounded before anything else is read."""
-    from safetensors import SafetensorError, safe_open
 
     try:
         with open(path, "rb") as f:
@@ -191,10 +199,7 @@ class FileArchitecture:
 
 
 def architecture_of(shapes: Mapping[str, Sequence[int]], where: str) -> FileArchitecture:
-    """Read the architecture from the shapes of a state dict (today's keys or sdzoo 0.1's)."""
-    from .models.sd_resnet import _legacy_key
-
-    shapes = {_legacy_key(k): tuple(v) for k, v in shapes.items()}
+    """Read the architecture from the shapes of a state dict (timm's ResNet keys)."""
     conv1 = shapes.get("conv1.weight")
     if conv1 is None or len(conv1) != 4 or conv1[2] not in (3, 7):
         raise WeightsError(f"{where} is not an sdzoo ResNet's state dict: it has no 3x3 or 7x7 conv1.weight "
@@ -233,6 +238,43 @@ def recorded_settings(metadata: Mapping[str, str], where: str) -> Optional[Dict[
     return settings
 
 
+# -- writing and reading the metadata ------------------------------------------------------------------
+def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    # safetensors needs contiguous tensors; channels_last weights are not.
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def weights_metadata(model: nn.Module) -> Dict[str, str]:
+    """The metadata of a weights file: the architecture, its classes and the survival settings, so that a bare
+    ``model.safetensors`` brings what loading and folding it need (as a run folder's config.json does)."""
+    # One key: safetensors writes its metadata map in hash order, so with two keys the same weights would give
+    # files that differ in bytes from one process to the next.
+    survival = getattr(model, "survival_settings", None)
+    if survival is None:
+        return {"format": "pt"}
+    settings = survival.as_recorded()
+    if getattr(model, "pruned_from", None):  # a pruned model (sdzoo.prune): its layers, and what it was pruned from
+        settings.update(layers=[len(getattr(model, name)) for name in model.stage_names], pruned_from=model.pruned_from)
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    return {SETTINGS_KEY: json.dumps(dict(architecture=architecture, num_classes=model.num_classes,
+                                          model_args=settings))}
+
+
+def save_weights(path: PathLike, model: nn.Module) -> None:
+    """The model's weights as safetensors, with ``weights_metadata`` (the one writer of weights files)."""
+    tensors = {k: v.cpu() for k, v in _weights(model).items()}
+    data = save(tensors, metadata=weights_metadata(model))
+    write_bytes(path, data)
+
+
+def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
+    """What ``weights_metadata`` stored in a safetensors file (architecture, num_classes, model_args), or None
+    for a file written elsewhere. Raises ValueError naming the file when the metadata is malformed or the
+    header is beyond the bounds of ``sdzoo.files.weights.read_header``."""
+    return recorded_settings(read_header(path)[1], os.fspath(path))
+
+
+
 # -- the check -----------------------------------------------------------------------------------------------
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
@@ -242,23 +284,6 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a == b
-
-
-def effective_args(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """The arguments SDResNet will be built with: the factory's kwargs (config.json's model_args and the
-    caller's), else what timm takes from the pretrained cfg (config.json's top level: num_classes, the input
-    size's channels), else the constructor's defaults."""
-    input_size = cfg.get("input_size") or (3,)
-    args = dict(
-        layers=tuple(kwargs["layers"]) if isinstance(kwargs.get("layers"), (list, tuple)) else kwargs.get("layers"),
-        widths=tuple(kwargs["widths"]) if isinstance(kwargs.get("widths"), (list, tuple)) else kwargs.get("widths"),
-        block=kwargs.get("block", "basic"), stem=kwargs.get("stem", "cifar"),
-        shortcut=kwargs.get("shortcut", "zero_pad"),
-        num_classes=kwargs.get("num_classes", cfg.get("num_classes", 1000)),
-        in_chans=kwargs.get("in_chans", input_size[0]), global_pool=kwargs.get("global_pool", "avg"),
-        folded_from=None)
-    args.update(SurvivalSettings.from_args(kwargs).as_model_args())  # folded_from too, when the model is folded
-    return args
 
 
 def _describe_source(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
@@ -272,7 +297,7 @@ def _describe_source(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
 
 def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str], where: str,
                        variant: str, args: Mapping[str, Any], asked_by: str = "the model arguments") -> None:
-    """Refuse ``args`` (``effective_args``) that do not build the model the file holds, naming both values."""
+    """Refuse ``args`` (every argument the model will be built with) that do not build the model the file holds, naming both values."""
     arch = architecture_of(shapes, where)
     expected = dict(layers=arch.layers, widths=arch.widths, block=arch.block, stem=arch.stem,
                     shortcut=arch.shortcut, in_chans=arch.in_chans, num_classes=arch.num_classes)
@@ -297,8 +322,8 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     if recorded.get("num_classes") is not None and not _same(recorded["num_classes"], args["num_classes"]):
         differ.append(f"num_classes={args['num_classes']!r} (the file's: {recorded['num_classes']!r})")
     model_args = recorded["model_args"]
-    for key in TRAINED_FIELDS:
-        if key in model_args and model_args[key] is not None and not _same(model_args[key], args[key]):
+    for key in [k for k in model_args if k in args and k != "folded_from"]:  # the settings the weights were trained with
+        if model_args[key] is not None and not _same(model_args[key], args[key]):
             differ.append(f"{key}={args[key]!r} (the file's: {model_args[key]!r})")
     fold = fold_contradiction(model_args.get("folded_from"), args["folded_from"])
     if fold:
@@ -373,7 +398,6 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
         repo, filename = location if isinstance(location, (list, tuple)) else (location, WEIGHTS_NAME)
         if not filename.endswith(".safetensors"):
             raise WeightsError(f"hf-hub:{repo}: sdzoo loads weights from .safetensors files only; got {filename}")
-        from ._hub_http import LOAD_TIMEOUT_ENV, bounded_waits, is_timeout, load_timeout
 
         timeout = load_timeout()
         try:
@@ -391,10 +415,16 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
                        f"{location!r:.200}")
 
 
-def _checked_args(variant: str, kwargs: Mapping[str, Any], cfg: Mapping[str, Any], asked_by: str) -> Dict[str, Any]:
-    """``effective_args``, bounded (``check_model_size``) before anything is read or built."""
+# The model's arguments as it will be built from a factory's kwargs and the resolved pretrained cfg: the
+# model file knows its defaults, and gives them to the checks below.
+BuildArgs = Callable[[Mapping[str, Any], Mapping[str, Any]], Dict[str, Any]]
+
+
+def _checked_args(build_args: BuildArgs, kwargs: Mapping[str, Any], cfg: Mapping[str, Any],
+                  asked_by: str) -> Dict[str, Any]:
+    """``build_args(kwargs, cfg)``, bounded (``check_model_size``) before anything is read or built."""
     try:
-        args = effective_args(kwargs, cfg)
+        args = build_args(kwargs, cfg)
         check_model_size(args["layers"], args["widths"], args["block"], args["stem"], args["shortcut"],
                          args["num_classes"], args["in_chans"], args["global_pool"])
     except ValueError as e:
@@ -407,7 +437,7 @@ def _provenance(where: str, metadata: Mapping[str, str]) -> WeightsProvenance:
     return WeightsProvenance(where, None if recorded is None else dict(recorded["model_args"]))
 
 
-def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> WeightsProvenance:
+def check_pretrained(variant: str, kwargs: Dict[str, Any], build_args: BuildArgs) -> WeightsProvenance:
     """Before timm builds ``variant`` with ``pretrained=True``: bound the arguments, then check them against the
     weights' header and metadata, and make sure timm's load will be strict. Returns where the weights come
     from and what their file recorded."""
@@ -416,7 +446,7 @@ def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> WeightsProvenance:
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
     asked_by = _describe_source(kwargs, cfg)
-    args = _checked_args(variant, kwargs, cfg, asked_by)
+    args = _checked_args(build_args, kwargs, cfg, asked_by)
     if kwargs.get("pretrained_strict", True) is not True:
         raise WeightsError("pretrained_strict must be True: sdzoo loads every tensor of a weights file or none")
     path, state_dict, where = _weights_location(cfg, kwargs.get("cache_dir"))  # timm's load reads the same file
@@ -437,17 +467,17 @@ def check_pretrained(variant: str, kwargs: Dict[str, Any]) -> WeightsProvenance:
 _WRAPPER_PREFIX = "timm_model."
 
 
-def check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, Any]) -> WeightsProvenance:
+def check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, Any],
+                       build_args: BuildArgs) -> WeightsProvenance:
     """The checks of ``check_pretrained`` for weights that another library loads into the model after building
-    it with ``pretrained=False`` (transformers: ``sdzoo._transformers_load``): the arguments against the file's
+    it with ``pretrained=False`` (transformers: ``sdzoo.internals.transformers_private``): the arguments against the file's
     header and metadata, and no NaN or infinite tensor, before anything is built. That loader is not strict,
     so every tensor the model has must be in the file with its shape (``check_weights_file``)."""
-    from safetensors import safe_open
     from timm.models import resolve_pretrained_cfg
 
     folder = Path(paths[0]).parent
     asked_by = f"{folder / 'config.json'} (loaded by transformers)"
-    args = _checked_args(variant, kwargs, resolve_pretrained_cfg(variant).to_dict(), asked_by)
+    args = _checked_args(build_args, kwargs, resolve_pretrained_cfg(variant).to_dict(), asked_by)
     if len(paths) != 1 or not str(paths[0]).endswith(".safetensors"):
         raise WeightsError(f"{folder}: sdzoo weights are one .safetensors file ({WEIGHTS_NAME}); transformers "
                            f"would load {', '.join(Path(p).name for p in paths)}. Nothing was built or loaded")
@@ -459,6 +489,52 @@ def check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, 
         bad = [k for k in f.keys() if not _finite(f.get_tensor(k))]
     _refuse_nonfinite(bad, path)
     return _provenance(path, metadata)
+
+
+def check_before_build(variant: str, kwargs: Dict[str, Any], pretrained: bool,
+                       build_args: BuildArgs) -> Optional[WeightsProvenance]:
+    """The one weights check of a model factory, before anything is built: ``pretrained=True`` weights
+    (``check_pretrained``; timm's load is then strict), or the file transformers is about to set into the model
+    (``check_loader_files``). Returns where the weights come from, or None when nothing is loaded."""
+    if pretrained:  # a clear error, saying how to get weights, for a tag that has none
+        require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        provenance = check_pretrained(variant, kwargs, build_args)
+        kwargs.pop("pretrained_strict", None)
+        return provenance
+    files = transformers_checkpoint_files()
+    if files is not None:
+        # transformers builds with pretrained=False, then sets these files' tensors without load_state_dict.
+        return check_loader_files(files, variant, kwargs, build_args)
+    return None
+
+
+def install_state_dict_checks(model: nn.Module) -> None:
+    """Every ``state_dict()`` of ``model`` records its survival settings, and every ``load_state_dict`` is
+    checked before a tensor is copied (``check_state_dict``). The model has ``survival_settings``,
+    ``folded_from``, ``scaling`` and ``block_survival_probs()``."""
+    model.register_state_dict_post_hook(_record_settings)
+    model.register_load_state_dict_pre_hook(_check_loaded_state)
+
+
+def _record_settings(module: nn.Module, state_dict, prefix: str, local_metadata: Dict[str, Any]) -> None:
+    """state_dict post-hook: the model's survival settings (``folded_from`` too) go into the dict's
+    ``_metadata``, which copies and torch.save keep and no loader takes for a tensor: the dict still loads
+    strictly into timm's ResNets, and says whether it is folded."""
+    local_metadata[PROVENANCE_KEY] = module.survival_settings.as_recorded()
+
+
+def _check_loaded_state(module: nn.Module, state_dict, prefix: str, local_metadata: Dict[str, Any], *args) -> None:
+    """load_state_dict pre-hook, before any tensor is copied (so every torch door: a plain load_state_dict,
+    timm's pretrained and checkpoint loads, Lightning's): no NaN or infinite tensor, and, by what the source model
+    recorded (``_record_settings``), no p_l lost or applied twice (``check_state_dict``). The model remembers what
+    the dict said."""
+    recorded = local_metadata.get(PROVENANCE_KEY)
+    recorded = recorded if isinstance(recorded, dict) else None
+    scales_by_p_l = module.scaling == "expectation" and any(p < 1.0 for p in module.block_survival_probs())
+    check_state_dict(state_dict, prefix, recorded, module.folded_from, scales_by_p_l)
+    module.weights_provenance = WeightsProvenance(
+        "a state dict of an sdzoo model" if recorded else "a state dict without sdzoo's record of its settings",
+        recorded)
 
 
 def _finite(tensor: Any) -> bool:

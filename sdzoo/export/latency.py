@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
-from ._checks import check_seconds
-from ._files import PathLike
-from .onnx_export import INPUT_NAME, ort_session
+from sdzoo.files.checks import check_seconds
+from sdzoo.files.disk import PathLike
+from sdzoo.export.onnx_export import INPUT_NAME, ort_session
 
 __all__ = ["median_ms", "onnx_latency", "torch_latency", "compare_latency", "format_latency"]
 

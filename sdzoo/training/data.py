@@ -15,28 +15,26 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_choice, error_line
-from .datasets import DATASETS as REGISTRY, DatasetSpec, dataset_names
+from sdzoo.files.checks import check_choice, error_line
+from sdzoo.datasets import DATASETS, DatasetSpec, dataset_names
 
 __all__ = [
-    "DATASETS", "DataError", "DIGITS_SPLIT_SIZES", "EpochPlan", "InMemoryData", "FolderData", "load_data",
+    "LOADERS", "DataError", "DIGITS_SPLIT_SIZES", "EpochPlan", "InMemoryData", "FolderData", "load_data",
     "load_digits_split", "read_idx", "read_fashion_mnist", "fashion_mnist_folder", "random_shift_flip", "normalize",
     "ColorJitter", "Lighting", "imagenet_train_transform",
 ]
 
-# Names of the registry's data sets (sdzoo.datasets), and of those held in memory as tensors.
-DATASETS = tuple(REGISTRY)
+# The registry's data sets (sdzoo.datasets) held in memory as tensors.
 TENSOR_DATASETS = dataset_names(on_device=True)
 
-DIGITS_SPLIT_SIZES = REGISTRY["digits"].split_sizes
-SYNTHETIC_SIZES = REGISTRY["synthetic"].split_sizes
-_IMAGENET = REGISTRY["imagenet"]
+DIGITS_SPLIT_SIZES = DATASETS["digits"].split_sizes
+_IMAGENET = DATASETS["imagenet"]
 DEFAULT_DATA_DIR = "~/data"  # --data-dir when none is given
 
 
@@ -629,26 +627,27 @@ def _load_folder(spec: DatasetSpec, root: str, *, image_size: int, hflip: bool, 
     return FolderData(spec.name, root, image_size, hflip, workers, color_jitter, lighting, spec.mean, spec.std)
 
 
+# The loader of each data set of the registry (tests/test_data.py checks that every entry has one).
+LOADERS: Dict[str, Callable[..., Any]] = {
+    "cifar10": _load_cifar, "cifar100": _load_cifar, "svhn": _load_svhn, "imagenet": _load_folder,
+    "imagefolder": _load_folder, "digits": _load_digits, "synthetic": _load_synthetic,
+    "fashion_mnist": _load_fashion_mnist,
+}
+
+
 def load_data(name: str, data_dir: Optional[str] = None, *, download: bool = True, val_size: int = 0,
               split_seed: int = 1, image_size: int = 32, num_classes: int = 10, shift: int = 0,
               hflip: bool = False, workers: int = 4, color_jitter: float = 0.0, lighting: float = 0.0):
     """Load a data set by ``--dataset`` name: an ``InMemoryData`` or a ``FolderData``. ``shift`` applies to
     in-memory data, ``color_jitter`` and ``lighting`` (fb.resnet.torch's 0.4 and 0.1) to folder data.
     ``data_dir`` None is ``~/data`` (and, for a data set a system package installs, that package's folder)."""
-    if name not in REGISTRY:
-        raise DataError(f"--dataset must be one of {', '.join(REGISTRY)}; got {name!r}")
-    spec = REGISTRY[name]
-    loader = globals()[spec.loader]  # the entry's loader, one of those above
+    if name not in DATASETS:
+        raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    spec = DATASETS[name]
+    loader = LOADERS[name]
     if spec.system_dir is None:  # only a data set with a system folder tells "no --data-dir" apart
         data_dir = os.path.expanduser(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
     return loader(spec, data_dir, download=download, val_size=val_size, split_seed=split_seed,
                   image_size=image_size, num_classes=num_classes, shift=shift, hflip=hflip, workers=workers,
                   color_jitter=color_jitter, lighting=lighting)
 
-
-def __getattr__(name: str):
-    # The ONNX calibration images live in sdzoo.onnx_data; sdzoo.data.digits_images is their earlier name.
-    if name == "digits_images":
-        from .onnx_data import digits_images
-        return digits_images
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ no code. A resumed run ends with the same weights, bit for bit, as one that was 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -23,15 +24,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from ._checks import error_line
-from ._files import PathLike
-from .checkpoint import (
+from sdzoo.files.checks import error_line
+from sdzoo.files.disk import PathLike
+from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
     describe_load_error, load_state, save_state)
-from .settings import DEFINING, HOW_IT_RUNS, Settings, TrainError
-from .survival import TRAINED_FIELDS
+from sdzoo.training.settings import DEFINING, HOW_IT_RUNS, Settings, TrainError, new_run_settings
+from sdzoo.survival import TRAINED_FIELDS
+from sdzoo.gate import derived_seed
+from sdzoo.files.weights import WeightsError, read_header
 
 __all__ = [
     "CHECKPOINT_FORMAT", "RESUME_KEYS", "TrainState", "EpochTotals", "RandomStreams", "save_checkpoint",
@@ -107,7 +111,6 @@ class EpochTotals:
 
 def _stream_seed(seed: int, stream: int) -> int:
     """Independent seeds for the data order and the augmentation, derived from the run's seed."""
-    from ._seeds import derived_seed
     return derived_seed(seed, stream)
 
 
@@ -191,7 +194,7 @@ def _numbers(value: Any, low: float = 0.0) -> bool:
 
 
 def _template_states() -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """What the states of this trainer's optimizer param group and scheduler (``sdzoo.optimizer``: SGD,
+    """What the states of this trainer's optimizer param group and scheduler (``sdzoo.training.optimizer``: SGD,
     MultiStepLR) hold: their keys, and each value's type."""
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[1], gamma=0.1)
@@ -292,6 +295,17 @@ def check_restored_values(checkpoint: Dict[str, Any]) -> Optional[str]:
     if not _is_int(rng["gates"]) and not _is_byte_state(rng["gates"]):
         return f"rng['gates'] must be the gates' step, an integer in [0, 2**63 - 1]; got {rng['gates']!r:.80}"
     return None
+
+
+def resolve_settings(args: argparse.Namespace) -> Tuple[Settings, Optional[Dict[str, Any]]]:
+    """The run's settings (recipe < flags, or the checkpoint's < run flags on resume) and the checkpoint."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if "lr_drops" in given:
+        given["lr_drops"] = tuple(sorted(given["lr_drops"]))
+    resume = given.pop("resume", None)
+    if resume is None:
+        return new_run_settings(given), None
+    return resume_settings(resume, given)  # the checkpoint's settings, with the flags of how it runs
 
 
 def resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Settings, Dict[str, Any]]:
@@ -409,9 +423,6 @@ def _weights_problems(folder: Path, checkpoint: Dict[str, Any]) -> List[str]:
     if not weights.is_file():
         return [f"its best evaluation is step {best['step']}, and the folder has no {WEIGHTS_NAME}"] \
             if best.get("step") is not None else []
-    from safetensors import SafetensorError, safe_open
-
-    from .integrity import WeightsError, read_header
 
     try:
         shapes = read_header(weights)[0]  # bounded before it is parsed

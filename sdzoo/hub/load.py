@@ -6,7 +6,7 @@
 
 A run folder and a Hub repo are untrusted input: every failure is an error naming the file and what is wrong
 with it, and messages never contain the token. Publishing itself (staging, the commit, what a failed upload
-leaves) is ``sdzoo.hub``.
+leaves) is ``sdzoo.hub.upload``.
 """
 from __future__ import annotations
 
@@ -16,17 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import onnx
 import timm
 from huggingface_hub import RepoFile
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 from safetensors import SafetensorError
 from torch import nn
 
-from ._files import PathLike
-from ._hub_http import DEFAULT_TIMEOUT, bounded_waits, describe_error, hub_api, scrub_token
-from .checkpoint import CONFIG_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config
-from .hf_config import head_args, model_kwargs_of_config
-from .integrity import _PICKLE_SUFFIXES, WeightsError, describe_failure
+from sdzoo.files.disk import PathLike
+from sdzoo.files.hub_http import DEFAULT_TIMEOUT, bounded_waits, describe_error, hub_api, scrub_token
+from sdzoo.files.run_folder import CONFIG_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config
+from sdzoo.files.hf_config import head_args, model_kwargs_of_config
+from sdzoo.files.weights import _PICKLE_SUFFIXES, WeightsError, describe_failure
+from sdzoo.export.onnx_export import ExportError, verify_onnx
+from sdzoo.models import SDResNet
 
 __all__ = ["HubError", "CheckpointMismatchError", "VerificationError", "Run", "load_run", "check_onnx_matches",
            "verify_upload", "file_sha256"]
@@ -61,8 +64,6 @@ def file_sha256(path: PathLike) -> str:
 # -- the run folder -------------------------------------------------------------------------------------
 def load_run(model_dir: PathLike) -> Run:
     """Build the model that the run's config.json describes and load its weights, checking that they fit."""
-    from .models import SDResNet
-
     path = Path(model_dir)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not path.is_dir():
@@ -82,8 +83,7 @@ def load_run(model_dir: PathLike) -> Run:
     if not timm.is_model(architecture or ""):
         raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
     try:
-        # timm's own loader: config.json's model_args, then a strict load of the weights (sdzoo 0.1 keys too,
-        # through the model's pretrained_filter_fn), checked first by the model factory (sdzoo.integrity).
+        # timm's own loader: config.json's model_args, then a strict load of the weights, checked first by the model factory (sdzoo.files.weights).
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
     except WeightsError as e:  # the file does not fit config.json, contradicts it, or holds NaN/inf
         raise CheckpointMismatchError(str(e)) from None
@@ -116,9 +116,6 @@ def load_run(model_dir: PathLike) -> Run:
 def check_onnx_matches(run: Run, onnx_path: PathLike) -> None:
     """The ONNX file must compute what the run's weights compute: the export's own onnxruntime check (at the
     file's input size), so that a file exported from another epoch or run is never published."""
-    import onnx
-
-    from .onnx_export import ExportError, verify_onnx
 
     try:
         dims = onnx.load(os.fspath(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim

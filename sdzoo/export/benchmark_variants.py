@@ -22,9 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
-from .convert import convert_drop_path
-from .gate import ResidualGate
-from .survival import survival_probs
+from sdzoo.convert import convert_drop_path
+from sdzoo.gate import ResidualGate
+from sdzoo.survival import survival_probs
 
 __all__ = ["MaskGate", "VARIANTS", "build_variant", "CONVERT_VARIANTS", "build_timm_variant", "flops_per_image"]
 

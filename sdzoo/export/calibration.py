@@ -9,15 +9,14 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._checks import check_choice, check_input_size
-from .data import load_data, load_digits_split, normalize, to_unit_float
-from .datasets import DATASETS
-from .recipes import RECIPES
-from .settings import Settings
+from sdzoo.files.checks import check_choice, check_input_size
+from sdzoo.training.data import load_data, load_digits_split, normalize, to_unit_float
+from sdzoo.datasets import DATASETS
+from sdzoo.training.recipes import RECIPES
+from sdzoo.training.settings import Settings
 
 __all__ = ["CALIB_DATA", "calibration_images", "calibration_split_size", "digits_images", "fashion_mnist_images"]
 
-CALIB_DATA = tuple(name for name, spec in DATASETS.items() if spec.calibration)
 
 
 def digits_images(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
@@ -43,7 +42,7 @@ def fashion_mnist_images(input_size: Sequence[int], mean: Sequence[float], std: 
     """Fashion-MNIST as a model's inputs, as ``digits_images``: 'train' is the training split of the recipe
     (the 60,000 training images less the 5,000 it holds out for validation), 'test' the 10,000 test images,
     'all' both. Read from ``data_dir`` as the trainer's ``--data-dir`` (None: ~/data, then the Debian package's
-    folder); a ``sdzoo.data.DataError`` says where it looked when the files are missing."""
+    folder); a ``sdzoo.training.data.DataError`` says where it looked when the files are missing."""
     check_choice("split", split, ("all", "train", "test"))
     channels, height, width = check_input_size("input_size", input_size, min_side=8)
     recipe = RECIPES[DATASETS["fashion_mnist"].recipe]
@@ -59,12 +58,16 @@ def fashion_mnist_images(input_size: Sequence[int], mean: Sequence[float], std: 
     return images.numpy(), labels.numpy()
 
 
+# The data sets whose images may calibrate the int8 export, and the function that gives them.
+CALIBRATION_IMAGES = {"digits": digits_images, "fashion_mnist": fashion_mnist_images}
+CALIB_DATA = tuple(CALIBRATION_IMAGES)
+
+
 def calibration_images(dataset: str, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                        split: str = "all") -> Tuple[np.ndarray, np.ndarray]:
     """One split of a calibration data set (``CALIB_DATA``) as a model's normalised inputs, and its labels."""
     check_choice("dataset", dataset, CALIB_DATA)
-    images = globals()[DATASETS[dataset].calibration]  # the entry's function, one of those above
-    return images(input_size, mean, std, split=split)
+    return CALIBRATION_IMAGES[dataset](input_size, mean, std, split=split)
 
 
 def calibration_split_size(dataset: str, split: str = "train") -> int:

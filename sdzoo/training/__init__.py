@@ -1,0 +1,1 @@
+"""Training: the paper's recipes, the data, the loop (``train``), the resume state and the run's record."""
