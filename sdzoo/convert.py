@@ -950,11 +950,10 @@ def install_create_model_hook() -> bool:
     is; returns whether the hook is in place."""
     import timm
     import timm.models
-    from timm.models import _factory
 
     if os.environ.get(CONVERT_ENV, "").strip().lower() in _OFF_VALUES:
         return False
-    original = _factory.create_model
+    original = timm.models.create_model
     if getattr(original, "_sdzoo_converting", False):
         return True
 
@@ -975,7 +974,8 @@ def install_create_model_hook() -> bool:
         return model
 
     create_model._sdzoo_converting = True
-    for module in (_factory, timm.models, timm):  # timm re-exports the factory: each name that holds it
+    # timm's public names of the factory; timm's own code calls it through them (its scripts: timm.models)
+    for module in (timm.models, timm):
         if getattr(module, "create_model", None) is original:
             module.create_model = create_model
     return True

@@ -1,6 +1,6 @@
 """config.json, the one writer and the one reader of it: a file that timm and transformers both load.
 
-timm's ``save_config_for_hf`` writes ``num_classes``, ``in_chans`` and ``global_pool`` into ``model_args``.
+timm's ``save_for_hf`` writes ``num_classes``, ``in_chans`` and ``global_pool`` into ``model_args``.
 timm reads that back, but transformers' ``TimmWrapper`` calls ``timm.create_model(architecture,
 num_classes=config.num_labels, **model_args)``, which fails with "got multiple values for keyword argument
 'num_classes'". So every config.json that sdzoo writes (run folders, Hub folders, exports) goes through
@@ -26,6 +26,7 @@ import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import nn
+from timm.models import save_for_hf
 
 from sdzoo.files.disk import PathLike, save_json
 
@@ -88,13 +89,9 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
 
 def hf_config_of(model: nn.Module, data_config: Optional[Dict[str, Any]] = None, tag: Optional[str] = None,
                  label_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The config.json of ``model``: timm's ``save_config_for_hf`` (the architecture, the model arguments,
+    """The config.json of ``model``: timm's ``save_for_hf`` (the architecture, the model arguments,
     the preprocessing), then ``normalize_config``. ``label_names`` default to those of the model's cfg when
     they fit its head."""
-    # Private: timm.models exports only save_for_hf, which writes the weights too (sdzoo writes its own, with the
-    # survival settings in their metadata); this is its config half.
-    from timm.models._hub import save_config_for_hf
-
     model_config: Dict[str, Any] = {}
     if tag:
         model_config["pretrained_cfg"] = dict(tag=tag)
@@ -108,11 +105,11 @@ def hf_config_of(model: nn.Module, data_config: Optional[Dict[str, Any]] = None,
         raise ValueError(f"label_names must name each of the model's {num_classes} classes; got {len(names)} names")
     if names:
         model_config["label_names"] = list(names) if not isinstance(names, dict) else dict(names)
-    # timm writes only to a path; a private temporary one, read back at once.
+    # timm's public writer writes a folder: its config.json is read back at once, and the weights file it writes
+    # beside it is dropped with the folder (sdzoo writes its own, with the survival settings in its metadata).
     with tempfile.TemporaryDirectory(prefix="sdzoo-config-") as tmp:
-        path = os.path.join(tmp, "config.json")
-        save_config_for_hf(model, path, model_config=model_config, data_config=data_config)
-        with open(path, encoding="utf-8") as f:
+        save_for_hf(model, tmp, model_config=model_config, data_config=data_config)
+        with open(os.path.join(tmp, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
     return normalize_config(config)
 

@@ -31,6 +31,7 @@ from huggingface_hub.utils import parse_ratelimit_headers
 
 from sdzoo.files import SDZOO_VERSION
 from sdzoo.files.checks import check_seconds, error_line
+from sdzoo.internals.hub_private import client_factory_in_use, hf_request_event_hook
 
 __all__ = ["DEFAULT_TIMEOUT", "LOAD_TIMEOUT", "LOAD_TIMEOUT_ENV", "load_timeout", "install_load_deadline", "HubTimeout",
            "deadline_client", "bounded_waits", "hub_api", "http_error", "describe_error", "is_timeout", "scrub_token"]
@@ -163,17 +164,20 @@ def deadline_client(timeout: float, event_hooks=None) -> httpx2.Client:
                          timeout=timeout)
 
 
+def _deadline_client_factory(timeout: float):
+    """A client factory for ``set_client_factory``: deadline clients that keep the default client's request
+    hook (offline mode, request ids)."""
+    return lambda: deadline_client(timeout, event_hooks={"request": [hf_request_event_hook]})
+
+
 @contextlib.contextmanager
 def bounded_waits(timeout: float):
     """Every request of huggingface_hub's shared HTTP client ends within ``timeout`` seconds, end to end:
     calls that pass ``timeout=None`` and servers that trickle their answer included; a request past its
     deadline is not retried, and a wait the Hub asks for beyond ``timeout`` is not slept."""
-    from huggingface_hub.utils import _http  # the default client's request hook: offline mode, request ids
-
     check_seconds("timeout", timeout)
-    # huggingface_hub has no public getter for the factory in use; the default one if the attribute went away.
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
-    set_client_factory(lambda: deadline_client(timeout, event_hooks={"request": [_http.hf_request_event_hook]}))
+    previous = client_factory_in_use()
+    set_client_factory(_deadline_client_factory(timeout))
     try:
         yield
     finally:
@@ -201,10 +205,7 @@ def install_load_deadline() -> None:
     import os
 
     if os.environ.get(LOAD_TIMEOUT_ENV, "").strip():
-        from huggingface_hub.utils import _http  # the default client's request hook (see bounded_waits)
-
-        timeout = load_timeout()
-        set_client_factory(lambda: deadline_client(timeout, event_hooks={"request": [_http.hf_request_event_hook]}))
+        set_client_factory(_deadline_client_factory(load_timeout()))
 
 
 def hub_api(endpoint: Optional[str], token: Optional[str]) -> HfApi:

@@ -35,11 +35,14 @@ from torch import nn
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 
 from sdzoo.files.checks import error_line
 from sdzoo.files.disk import PathLike, write_bytes
 from sdzoo.files.run_folder import WEIGHTS_NAME
 from sdzoo.files.pretrained import require_published_weights
+from sdzoo.internals.timm_private import load_state_dict_from_path, resolve_pretrained_source
 from sdzoo.internals.transformers_private import transformers_checkpoint_files
 from sdzoo.files.hub_http import LOAD_TIMEOUT_ENV, bounded_waits, is_timeout, load_timeout
 
@@ -355,11 +358,8 @@ def _plain(value: Any) -> Any:
 def _weights_location(cfg: Dict[str, Any], cache_dir=None
                       ) -> Tuple[Optional[str], Optional[Dict[str, torch.Tensor]], str]:
     """(safetensors path, or a state dict, and how to name it) of the weights timm's loader would read."""
-    # timm's own resolution of a pretrained cfg's source (private, but it is exactly what load_pretrained
-    # reads next; a copy of it could drift from it).
-    from timm.models._builder import _resolve_pretrained_source
-
-    load_from, location = _resolve_pretrained_source(cfg)
+    # timm's own resolution of a pretrained cfg's source: exactly what load_pretrained reads next.
+    load_from, location = resolve_pretrained_source(cfg)
     if load_from == "state_dict":
         return None, location, "the pretrained state_dict"
     if load_from == "local-dir":
@@ -368,10 +368,7 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
         if path.is_file():
             return str(path), None, str(path)
         # timm's save_for_hf writes pytorch_model.bin by default; timm reads it weights-only (no code runs), and
-        # so do these checks, with the same choice of file as timm's loader (private: timm exports no name
-        # for it, and its public load_state_dict_from_hf reads from the Hub only).
-        from timm.models._hub import load_state_dict_from_path
-
+        # so do these checks, with the same choice of file as timm's loader.
         found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
         if not found:
             raise MissingWeightsError(f"{folder} has no {WEIGHTS_NAME} (nor another weights file); a model folder "
@@ -390,19 +387,18 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
             raise MissingWeightsError(f"pretrained file {location} does not exist")
         return str(location), None, str(location)
     if load_from == "hf-hub":
-        from huggingface_hub.errors import EntryNotFoundError
-        # private: timm's own download of a cfg's file (its cache layout, offline handling); timm exports no
-        # name for it, and its public loaders load the weights, where this check must read the header first.
-        from timm.models._hub import download_from_hf
-
         repo, filename = location if isinstance(location, (list, tuple)) else (location, WEIGHTS_NAME)
+        # timm's hf_hub_id names a revision after an "@"; its loaders download with hf_hub_download, into the
+        # same cache, as this does (its public loaders also load the weights, where this must read the header)
+        repo_id, _, revision = repo.partition("@")
         if not filename.endswith(".safetensors"):
             raise WeightsError(f"hf-hub:{repo}: sdzoo loads weights from .safetensors files only; got {filename}")
 
         timeout = load_timeout()
         try:
             with bounded_waits(timeout):  # a stalled or trickling server ends in an error, not a hang
-                return download_from_hf(repo, filename, cache_dir=cache_dir), None, f"hf-hub:{repo} {filename}"
+                downloaded = hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir)
+            return downloaded, None, f"hf-hub:{repo} {filename}"
         except EntryNotFoundError:
             raise MissingWeightsError(f"hf-hub:{repo} has no {filename} (pickle checkpoints are not loaded)") from None
         except Exception as e:  # noqa: BLE001  the client raises a timeout wrapped in errors of its own

@@ -22,11 +22,9 @@ from torch import Tensor, nn
 from timm.layers import create_classifier, get_device_dtype, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import downsample_conv
-# private module: timm 1.0.31 exports feature_take_indices under no public name, and its own models import
-# it from here too (forward_intermediates' index rules stay timm's)
-from timm.models._features import feature_take_indices
 
 from sdzoo.files.checks import check_choice, check_int
+from sdzoo.internals.timm_private import feature_take_indices
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
 from sdzoo.datasets import DATASETS
 from sdzoo.gate import Branch, GateSampler, ResidualGate
