@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_unflatten  # the counterpart of FX's pytree codegen
 from timm.layers import DropPath, get_notrace_functions
 from timm.layers.drop import drop_path
 
 from sdzoo.files.checks import check_choice, check_fraction, check_input_size, check_int, error_line
 from sdzoo.gate import Branch, GateSampler, ResidualGate
+from sdzoo.internals.torch_private import (FX_ASSERTS, FakeTensorMode, OptimizedModule, fx_output_spec,
+                                          tree_unflatten)
 
 __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPathGate", "DropPathSampler",
            "inspect_drop_paths", "BlockReport", "install_create_model_hook", "CONVERT_ENV", "SEED_ENV"]
@@ -127,7 +128,6 @@ _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim"}
 _SHAPE_METHODS = {"size", "dim", "numel"}
 _INT_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
             operator.getitem, operator.truediv}
-_ASSERTS = {torch._assert, fx._symbolic_trace._assert_is_none}
 
 
 def _own_class(block: nn.Module) -> type:
@@ -414,7 +414,7 @@ def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_e
     graph.output(env[site.end])
     graph.lint()
     modules, params = _module_names(block, site.region)
-    branch = Branch(block, modules, fn=_compile_graph(graph, name), param_names=params,
+    branch = Branch(block, _compile_graph(graph, name), modules, param_names=params,
                     batched=[_input_batched(n, main, batched_extras) for n in inputs])
     return branch, inputs
 
@@ -481,7 +481,7 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tu
     at_add = {s.add: i for i, s in enumerate(sites)}
     site_count: Dict[str, int] = {}
     for node in graph.nodes:
-        if node in skipped or node.op == "placeholder" or (node.op == "call_function" and node.target in _ASSERTS):
+        if node in skipped or node.op == "placeholder" or (node.op == "call_function" and node.target in FX_ASSERTS):
             continue  # the asserts: the trace's checks of its specialised arguments, which the cache key makes
         if node in at_add:
             i = at_add[node]
@@ -500,9 +500,9 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tu
     fn = _compile_graph(new, f"{cls}.forward")
     # A tuple specialised (a feature size) makes FX trace with its pytree codegen, whose output node holds the
     # flat leaves of what forward returns; FX keeps the output's structure there and nowhere public.
-    pytree_info = getattr(graph._codegen, "pytree_info", None)
-    if pytree_info is not None and pytree_info.out_spec is not None:
-        fn = _unflattening(fn, pytree_info.out_spec)
+    out_spec = fx_output_spec(graph)
+    if out_spec is not None:
+        fn = _unflattening(fn, out_spec)
     return _Rewrite(fn, tuple(branches), tuple(params)), kept_as_mask, sites
 
 
@@ -788,12 +788,10 @@ def _run_without_memory(model: nn.Module, size: Tuple[int, ...], batch_sizes: Se
     its parameters and buffers swapped for meta tensors (the running statistics a training forward updates
     are the copies'); where the model makes tensors of its own on the CPU, with fake tensors, many times
     slower. Whether either ran."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     meta_state = {name: torch.empty_like(t, device="meta") for name, t in named}
     # A model built for another input size fails here, and the fake-tensor mode logs each failing op first.
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    fake_log = logging.getLogger(FakeTensorMode.__module__)
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
@@ -887,6 +885,10 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
                          f"min_drop_rate={min_drop_rate} on a residual branch (build it with drop_path_rate > 0)"
                          f"{detail}")
 
+    never = [f"{r.name}.{slot}" for r, slot in gated if r.rates[slot] >= 1.0]
+    if never:  # the gates trust their rates: checked here, once
+        raise ValueError(f"drop_prob of {', '.join(never[:3])} must be below 1 to convert (at 1 the branch "
+                         f"never runs: a survival probability of 0)")
     probs: List[float] = []
     sampler = DropPathSampler([], mode, seed)
     for report in reports:
@@ -926,7 +928,7 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
 def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model.module
-    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+    if isinstance(model, OptimizedModule):
         raise ValueError("convert_drop_path(model) must come before torch.compile(model): the compiled model "
                          "has traced the unconverted forward")
     if isinstance(model, fx.GraphModule):

@@ -12,7 +12,11 @@ from typing import List
 import torch
 from torch import nn
 
-__all__ = ["fold_survival", "is_folded", "can_fold"]
+__all__ = ["fold_survival", "is_folded", "can_fold", "BATCH_NORMS", "CONVS"]
+
+# The affine layers a branch may end in, by their public classes (lazy ones become these at their first call).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def is_folded(model: nn.Module) -> bool:
@@ -102,9 +106,9 @@ def _last_affine(layers: List[nn.Module], block_idx: int) -> nn.Module:
     for layer in reversed(layers):
         if isinstance(layer, nn.Identity):
             continue
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.affine:
+        if isinstance(layer, BATCH_NORMS) and layer.affine:
             return layer
-        if isinstance(layer, nn.modules.conv._ConvNd):
+        if isinstance(layer, CONVS):
             return layer
         break
     raise ValueError(

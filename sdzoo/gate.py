@@ -1,21 +1,27 @@
 """Gates: which residual branches run in a training step, and how a branch is scaled (the models'
 ``gate_mode`` and ``scaling`` arguments).
 
+The skip itself is the first thing below, ``ResidualGate``: ``shortcut + b_l * f_l(x)``, where a dropped
+branch is not computed at all (which is where stochastic depth saves its time). In ``batch`` mode the whole
+mini-batch keeps or skips the branch; in ``sample`` mode the branch runs on a fixed k_l = round(p_l * B) (at
+least 1) of the B samples, gathered with ``index_select`` and added back with ``index_add`` (DINOv2's
+``drop_add_residual_stochastic_depth``), so that shapes stay static; at small batches the kept share k_l / B can
+be far from p_l. A skipped branch's parameters still get gradients, zeros (``_SkippedBranch``).
+
+* ``Branch`` is f_l as the gate runs it: a method of the block over the block's own modules, so that the
+  block keeps its state-dict layout.
 * ``GateSampler`` (one per model) draws the gates of a training forward. The draw of forward number t is a
   function of the model's seed and t alone, so every run and every data-parallel rank draws the same gates,
   and a model restored at forward t goes on with the gates it would have drawn. It draws in a forward
   pre-hook on the model, which runs before and outside any compiled graph, so torch.compile can neither bake
-  one step's draws into the graph (pytorch issue 95425) nor break its graph to draw.
-* ``ResidualGate`` (one per residual branch) applies its gate, ``shortcut + b_l * f_l(x)``; a dropped branch
-  is not computed at all, which is where stochastic depth saves its time. It reads its own gate from the
-  sampler, so blocks are called as timm calls them, ``block(x)``.
-* ``Branch`` is f_l as the gate runs it: the block's own modules, so that the block keeps its state-dict layout.
+  one step's draws into the graph (pytorch issue 95425) nor break its graph to draw. The drop rates, warm-up
+  included (``set_drop_rate_factor``), stay out of any compiled graph too: the sampler draws with them on the
+  CPU, and a batch gate carries its inverted scale as a 0-dim tensor (0 when the branch is skipped) instead of
+  a Python float the graph would bake in.
+* Under torch.compile, batch mode's skip is a ``torch.cond``: ``sdzoo.gate_compile``.
 
-``sample`` mode runs the branch on a fixed k_l = round(p_l * B) (at least 1) of the B samples, so that shapes
-stay static; at small batches the kept share k_l / B can be far from p_l. The drop rates, warm-up included
-(``set_drop_rate_factor``), stay out of any compiled graph too: the sampler draws with them on the CPU, and a
-batch gate carries its inverted scale as a 0-dim tensor (0 when the branch is skipped) instead of a Python
-float the graph would bake in.
+The survival probabilities, modes and seeds given to these classes are checked where they come from
+(``sdzoo.survival.SurvivalSettings`` for the zoo, ``sdzoo.convert_drop_path`` for timm's models).
 """
 from __future__ import annotations
 
@@ -25,10 +31,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from sdzoo.files.checks import check_choice, check_fraction, check_int, check_survival_prob
+from sdzoo.files.checks import check_fraction, check_int
+from sdzoo.gate_compile import BranchCall, compiled_batch_gate, mark_size_dynamic, never_compile_alone
+from sdzoo.internals.torch_private import in_backward_pass, outside_vmap, tree_leaves
 
 __all__ = ["GATE_MODES", "derived_seed", "SCALINGS", "GateSampler", "ResidualGate", "Branch", "kept_per_sample_count",
            "samplers_of", "set_drop_rate_factor", "same_gates", "gate_state", "load_gate_state"]
@@ -37,6 +44,189 @@ GATE_MODES = ("batch", "sample", "off")
 SCALINGS = ("expectation", "inverted")
 
 
+# -- the gate -------------------------------------------------------------------------------------------------
+class ResidualGate(nn.Module):
+    """``shortcut + b_l * f_l(inputs)`` for one residual branch, with the branch's survival probability p_l.
+
+    The gate b_l is branch ``index``'s gate of the model's ``GateSampler``. A skipped branch runs no forward
+    and no backward, but every one of its parameters still receives a gradient: zeros. This is what
+    torch.compile gives (the untaken side of ``torch.cond``) and what the authors' optimizer saw, so eager and
+    compiled training agree, weight decay and momentum move skipped blocks with any optimizer, and
+    DistributedDataParallel works without ``find_unused_parameters``. ``zero_grad_skipped=False`` leaves a
+    skipped branch's gradients missing instead (the cost is compared in scripts/benchmark.py).
+    ``checkpointing`` recomputes the branch in the backward pass (activation checkpointing), inside the gate,
+    which is where torch.compile can hold it.
+    """
+
+    def __init__(self, survival_prob: float = 1.0, scaling: str = "expectation", index: int = 0,
+                 sampler: Optional[GateSampler] = None, zero_grad_skipped: bool = True):
+        super().__init__()
+        self.survival_prob = float(survival_prob)
+        self.scaling = scaling
+        self.index = index
+        self.sampler = sampler
+        self.zero_grad_skipped = zero_grad_skipped
+        self.checkpointing = False
+        self.same_batch = True  # a zoo block sees the model's batch (see GateSampler.gate)
+
+    def extra_repr(self) -> str:
+        return f"survival_prob={self.survival_prob:.4f}, scaling={self.scaling!r}, index={self.index}"
+
+    def forward(self, branch: Branch, shortcut: Tensor, *inputs: Any) -> Tensor:
+        gate = None
+        if self.training and self.sampler is not None:
+            gate = self.sampler.gate(self.index, shortcut.shape[0], shortcut.device, self.same_batch)
+        return self.apply_gate(gate, branch, shortcut, *inputs)
+
+    def apply_gate(self, gate: Optional[Tensor], branch: Branch, shortcut: Tensor, *inputs: Any) -> Tensor:
+        """The block's output under ``gate``: None (the branch runs), a 0-dim bool or float (batch mode) or
+        the indices of the kept samples (sample mode)."""
+        p = self.survival_prob
+        if not self.training or gate is None:
+            out = self._run(branch, inputs)
+            # A branch with p_l = 1 stays a plain add, so the eval graph is exactly a ResNet's.
+            if not self.training and self.scaling == "expectation" and p < 1.0:
+                out = out * p
+            return shortcut + out
+        scale = 1.0 / p if self.scaling == "inverted" and p < 1.0 else None
+        if gate.dim() == 0:  # batch mode: the whole mini-batch keeps or skips the branch
+            if gate.is_floating_point():  # the gate carries the inverted scale in effect (see GateSampler)
+                scale = gate if self.scaling == "inverted" else None
+                gate = gate > 0
+            if torch.compiler.is_compiling():
+                return compiled_batch_gate(branch, shortcut, inputs, gate, scale, self.checkpointing)
+            if not gate:
+                return self._skip(branch, shortcut, inputs)
+            out = self._run(branch, inputs)
+            return shortcut + (out if scale is None else out * scale)
+        # sample mode: run the branch on the kept samples only and add it back. Inverted scaling divides by the
+        # share actually kept, k_l / B, so the expected branch is exact at every batch size.
+        batch_size = shortcut.shape[0]
+        kept_inputs = [gather_samples(t, gate) if _is_batched(t, flag, batch_size) else t
+                       for t, flag in zip(inputs, _flags(branch.batched, len(inputs)))]
+        out = self._run(branch, kept_inputs)
+        if scale is not None:
+            out = out * (batch_size / gate.shape[0])
+        return add_samples(shortcut, gate, out.to(shortcut.dtype))
+
+    def _run(self, branch: Branch, inputs: Sequence[Any]) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(branch, *inputs, use_reentrant=False)
+        return branch(*inputs)
+
+    def _skip(self, branch: Branch, shortcut: Tensor, inputs: Sequence[Any] = ()) -> Tensor:
+        if not self.zero_grad_skipped or not torch.is_grad_enabled():
+            return shortcut
+        # Inputs computed outside the branch (a norm before it, GC ViT's global query) get zero gradients
+        # too, so the layers that made them do not go without one either.
+        needs_grad = [p for p in branch.parameters() if p.requires_grad]
+        needs_grad += [t for t in inputs if isinstance(t, Tensor) and t.requires_grad and t is not shortcut]
+        return _SkippedBranch.apply(shortcut, *needs_grad) if needs_grad else shortcut
+
+
+# -- sample mode: the kept samples, gathered and added back in the input's memory format ---------------------
+def _flags(batched: Sequence[Optional[bool]], count: int) -> Sequence[Optional[bool]]:
+    return tuple(batched) + (None,) * (count - len(batched))
+
+
+def _is_batched(value: Any, flag: Optional[bool], batch_size: int) -> bool:
+    if not isinstance(value, Tensor) or value.dim() == 0 or flag is False:
+        return False
+    if value.shape[0] != batch_size:
+        if flag:
+            raise ValueError(f"sample mode: a branch input of shape {tuple(value.shape)} should hold the "
+                             f"{batch_size} samples of the batch in its first dimension")
+        return False
+    return True
+
+
+def _samples_first(t: Tensor) -> Tuple[Tensor, Optional[Tuple[int, ...]], Optional[Tuple[int, ...]]]:
+    """A view of ``t`` that is contiguous with the samples first (``t`` itself unless it is channels_last),
+    the permutation that made it and the one that undoes it. index_select and index_add return contiguous
+    tensors; on this view that is the input's own layout, so channels_last stays channels_last."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1), (0, 2, 3, 1), (0, 3, 1, 2)
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return t.permute(0, 2, 3, 4, 1), (0, 2, 3, 4, 1), (0, 4, 1, 2, 3)
+    return t, None, None
+
+
+def gather_samples(t: Tensor, kept: Tensor) -> Tensor:
+    """``t[kept]`` along the first dimension, in ``t``'s memory format."""
+    view, _, undo = _samples_first(t)
+    out = view.index_select(0, kept)
+    return out if undo is None else out.permute(undo)
+
+
+def add_samples(shortcut: Tensor, kept: Tensor, out: Tensor) -> Tensor:
+    """``shortcut`` with ``out`` added to its rows ``kept``, in ``shortcut``'s memory format."""
+    view, perm, undo = _samples_first(shortcut)
+    if perm is None:
+        return shortcut.index_add(0, kept, out)
+    return view.index_add(0, kept, out.permute(perm)).permute(undo)
+
+
+class _SkippedBranch(torch.autograd.Function):
+    """A skipped branch in eager mode: the shortcut passes through, and the backward pass hands the
+    branch's parameters (and its inputs) zero gradients without computing anything of the branch. A custom
+    autograd function is the way to give a parameter a gradient from a graph it took no part in (pytorch issue
+    90171). Written with ``setup_context`` and a generated vmap rule, so that ``torch.vmap`` can run a model
+    that uses it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(shortcut: Tensor, *params: Tensor) -> Tensor:
+        # A copy, not a view: what follows the block may change its output in place (RepVGG's in-place ReLU
+        # after an Identity), which a view made by a custom Function may not be, and FSDP2 warns of a view.
+        return shortcut.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[1:])  # references only: nothing is copied
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        params = ctx.saved_tensors
+        return (grad, *[torch.zeros_like(p) if needed else None
+                        for p, needed in zip(params, ctx.needs_input_grad[1:])])
+
+
+# -- the branch -----------------------------------------------------------------------------------------------
+class Branch:
+    """f_l, the residual branch of a block, as its gate runs it: ``fn(owner, *inputs)``, where ``owner`` is
+    the block (the zoo's blocks: their method ``residual``; a converted timm block: code generated from its
+    forward).
+
+    ``module_names`` and ``param_names`` are the block's modules and parameters that ``fn`` uses: a skipped
+    branch gives them zero gradients, and torch.compile's skip threads their buffers through its cond. They
+    are looked up at every call, so the branch follows whatever replaces a block's parameters (FSDP).
+    ``batched[i]`` says whether input i has the samples in its first dimension (sample mode gathers the kept
+    ones): True, False, or None for "if its first dimension is the batch size".
+    """
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., Tensor], module_names: Sequence[str],
+                 param_names: Sequence[str] = (), batched: Optional[Sequence[Optional[bool]]] = None):
+        self.owner = owner
+        self.fn = fn
+        self.module_names = tuple(module_names)
+        self.param_names = tuple(param_names)
+        self.batched = tuple(batched) if batched is not None else (True,)
+        self.call_module = BranchCall(self)  # made here: a module cannot be made inside a compiled graph
+
+    def __call__(self, *inputs: Any) -> Tensor:
+        return self.fn(self.owner, *inputs)
+
+    def modules(self) -> List[nn.Module]:
+        return [self.owner.get_submodule(name) for name in self.module_names]
+
+    def parameters(self) -> List[nn.Parameter]:
+        params = [p for module in self.modules() for p in module.parameters()]
+        params += [self.owner.get_parameter(name) for name in self.param_names]
+        return list({id(p): p for p in params}.values())
+
+
+# -- the draws ------------------------------------------------------------------------------------------------
 def derived_seed(seed: int, *key: int) -> int:
     """A 63-bit seed for stream ``key`` of ``seed`` (numpy's SeedSequence: well mixed, the same everywhere): the
     gates' dice and the training data's streams, independent and with no stored generator state."""
@@ -79,10 +269,9 @@ class GateSampler:
 
     def __init__(self, survival_probs: Sequence[float], mode: str = "batch", seed: int = 0,
                  scale_in_gate: bool = False):
-        check_choice("gate_mode", mode, GATE_MODES)
-        self.survival_probs = [check_survival_prob("survival_probs", p) for p in survival_probs]
+        self.survival_probs = [float(p) for p in survival_probs]
         self.mode = mode
-        self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
+        self.seed = seed
         self._step = 0  # training forwards so far: the key of the next draw
         self._written: Optional[int] = None  # the step last written to the model's STEP_BUFFER
         # Share of each branch's drop rate in effect (drop-rate warmup); 1.0: the targets.
@@ -172,7 +361,7 @@ class GateSampler:
             kept = kept.to(device, non_blocking=True)
         if self.drop_rate_factor != 1.0:
             # The kept count follows the moving rate: a dynamic size, not a recompile per count.
-            torch._dynamo.maybe_mark_dynamic(kept, 0)
+            mark_size_dynamic(kept)
         return kept
 
     def start_forward(self, batch_size: int, device: Optional[torch.device] = None) -> List[Optional[Tensor]]:
@@ -230,10 +419,11 @@ class GateSampler:
         if sample is None or sample.dim() == 0:  # no batch to draw for: the gates draw when they run
             self._fresh = False
             return
-        counter = module._buffers.get(STEP_BUFFER)
+        counter = getattr(module, STEP_BUFFER, None)
         self._follow_step_buffer(counter)
-        # A draw made under vmap would be batched (randomness="different"): the gates are drawn outside it.
-        with _outside_vmap():
+        # A draw made under vmap would be batched (randomness="different"), and a batched gate cannot decide
+        # whether a branch runs.
+        with outside_vmap():
             self.start_forward(sample.shape[0], sample.device)
             if counter is not None and counter.device.type != "meta":
                 counter.fill_(self._step)
@@ -273,8 +463,7 @@ class GateSampler:
             return self._kept_samples(self.current_survival_probs()[index], batch_size, generator, device,
                                       self.min_kept[index])
         # Activation checkpointing recomputes a block in the backward pass: with the gates it ran with.
-        in_backward = torch._C._current_graph_task_id() != -1
-        if self.last_draw is None or (index in self._taken and not in_backward):
+        if self.last_draw is None or (index in self._taken and not in_backward_pass()):
             self.start_forward(batch_size, device)
         self._taken.add(index)
         gate = self.gates[index]
@@ -284,23 +473,9 @@ class GateSampler:
 
 
 # torch.compile(model) runs a module's hooks outside its graph, but compiles each hook's own frame, where
-# fullgraph=True would refuse the draw. The hooks' frames are therefore skipped (dynamo's mechanism behind
-# torch._dynamo.skip, which would also forbid inlining them), while a graph that inlines them (torch.export,
-# a compiled function that calls the model) still traces them: in eval mode they do nothing.
-for _hook in (GateSampler._before_forward, GateSampler._after_forward):
-    torch._dynamo.eval_frame.skip_code(_hook.__code__)
-
-
-@contextlib.contextmanager
-def _outside_vmap() -> Iterator[None]:
-    """The gates drawn as plain tensors also inside ``torch.vmap(model, randomness="different")``, which
-    would otherwise batch the draw, and a batched gate cannot decide whether a branch runs. functorch offers
-    no public switch: its own code uses this one."""
-    if torch._C._functorch.maybe_current_level() is None:
-        yield
-        return
-    with torch._C._DisableFuncTorch():
-        yield
+# fullgraph=True would refuse the draw: the hooks' frames are never compiled alone, while a graph that inlines
+# them (torch.export, a compiled function that calls the model) still traces them: in eval mode they do nothing.
+never_compile_alone(GateSampler._before_forward, GateSampler._after_forward)
 
 
 _EXPORT_TRAINING = (
@@ -313,357 +488,10 @@ _EXPORT_TRAINING = (
 
 def _first_tensor(tree: Any) -> Optional[Tensor]:
     """The first tensor in nested args (a NaFlex dict, a tuple, ...): its first dimension is the batch."""
-    for leaf in torch.utils._pytree.tree_leaves(tree):
+    for leaf in tree_leaves(tree):
         if isinstance(leaf, Tensor):
             return leaf
     return None
-
-
-# -- the branch -----------------------------------------------------------------------------------------------
-class Branch:
-    """f_l, the residual branch of a block, as its gate runs it: ``fn(owner, *inputs)``, where ``owner`` is
-    the block, whose modules (``module_names``) and parameters (``param_names``) the branch uses.
-
-    Without ``fn`` the branch is the modules ``module_names`` applied one after the other to one input. The
-    names are looked up at every call, so the branch follows whatever replaces a block's parameters (FSDP).
-    ``batched[i]`` says whether input i has the samples in its first dimension (sample mode gathers the kept
-    ones): True, False, or None for "if its first dimension is the batch size".
-    """
-
-    def __init__(self, owner: nn.Module, module_names: Sequence[str], fn: Optional[Callable[..., Tensor]] = None,
-                 param_names: Sequence[str] = (), batched: Optional[Sequence[Optional[bool]]] = None):
-        self.owner = owner
-        self.module_names = tuple(module_names)
-        self.param_names = tuple(param_names)
-        self.fn = fn
-        self.batched = tuple(batched) if batched is not None else (True,)
-        self._call_module = _BranchCall(self)  # made here: a module cannot be made inside a compiled graph
-
-    def __call__(self, *inputs: Any) -> Tensor:
-        if self.fn is not None:
-            return self.fn(self.owner, *inputs)
-        (x,) = inputs
-        for layer in self.modules():
-            x = layer(x)
-        return x
-
-    def modules(self) -> List[nn.Module]:
-        return [self.owner.get_submodule(name) for name in self.module_names]
-
-    def parameters(self) -> List[nn.Parameter]:
-        params = [p for module in self.modules() for p in module.parameters()]
-        params += [self.owner.get_parameter(name) for name in self.param_names]
-        return list({id(p): p for p in params}.values())
-
-    def named_parameters(self) -> List[Tuple[str, nn.Parameter]]:
-        """The branch's parameters, named for ``functional``."""
-        named = [(f"owner.{name}.{p_name}" if name else f"owner.{p_name}", p)
-                 for name, module in zip(self.module_names, self.modules()) for p_name, p in module.named_parameters()]
-        named += [(f"owner.{name}", self.owner.get_parameter(name)) for name in self.param_names]
-        return list({id(p): (n, p) for n, p in named}.values())
-
-    def buffers(self) -> Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]:
-        """(float buffers, BatchNorm batch counters) of the branch's modules, named for ``functional``. Other
-        integer buffers (Swin's relative-position index) are tables the branch only reads."""
-        floats, counters = [], []
-        for name, module in zip(self.module_names, self.modules()):
-            for buffer_name, buffer in module.named_buffers():
-                entry = (f"owner.{name}.{buffer_name}" if name else f"owner.{buffer_name}", buffer)
-                if buffer.is_floating_point():
-                    floats.append(entry)
-                elif buffer_name.rsplit(".", 1)[-1] == "num_batches_tracked":
-                    counters.append(entry)
-        return floats, counters
-
-    def functional(self, state: Dict[str, Tensor], *inputs: Any) -> Tensor:
-        """The branch with the buffers in ``state`` in place of the modules' own (torch.cond branches may not
-        mutate their inputs, and BatchNorm updates its running statistics in place)."""
-        return functional_call(self._call_module, state, inputs, strict=False)
-
-
-class _BranchCall(nn.Module):
-    """A module whose forward is the branch, with the block as its child ``owner``: what ``functional_call``
-    needs to swap the branch's buffers. Off the model's module tree, so the state dict does not see it."""
-
-    def __init__(self, branch: Branch):
-        super().__init__()
-        self.owner = branch.owner
-        object.__setattr__(self, "branch", branch)  # a reference, not state
-
-    def forward(self, *inputs: Any) -> Tensor:
-        return self.branch(*inputs)
-
-
-# -- the gate -------------------------------------------------------------------------------------------------
-class ResidualGate(nn.Module):
-    """``shortcut + b_l * f_l(inputs)`` for one residual branch, with the branch's survival probability p_l.
-
-    The gate b_l is branch ``index``'s gate of the model's ``GateSampler``. A skipped branch runs no forward
-    and no backward, but every one of its parameters still receives a gradient: zeros. This is what
-    torch.compile gives (the untaken side of ``torch.cond``) and what the authors' optimizer saw, so eager and
-    compiled training agree, weight decay and momentum move skipped blocks with any optimizer, and
-    DistributedDataParallel works without ``find_unused_parameters``. ``zero_grad_skipped=False`` leaves a
-    skipped branch's gradients missing instead (the cost is compared in scripts/benchmark.py).
-    ``checkpointing`` recomputes the branch in the backward pass (activation checkpointing), inside the gate,
-    which is where torch.compile can hold it.
-    """
-
-    def __init__(self, survival_prob: float = 1.0, scaling: str = "expectation", index: int = 0,
-                 sampler: Optional[GateSampler] = None, zero_grad_skipped: bool = True):
-        super().__init__()
-        check_choice("scaling", scaling, SCALINGS)
-        self.survival_prob = check_survival_prob("survival_prob", survival_prob)
-        self.scaling = scaling
-        self.index = index
-        self.sampler = sampler
-        self.zero_grad_skipped = zero_grad_skipped
-        self.checkpointing = False
-        self.same_batch = True  # a zoo block sees the model's batch (see GateSampler.gate)
-
-    def extra_repr(self) -> str:
-        return f"survival_prob={self.survival_prob:.4f}, scaling={self.scaling!r}, index={self.index}"
-
-    def forward(self, branch: Branch, shortcut: Tensor, *inputs: Any) -> Tensor:
-        gate = None
-        if self.training and self.sampler is not None:
-            gate = self.sampler.gate(self.index, shortcut.shape[0], shortcut.device, self.same_batch)
-        return self.apply_gate(gate, branch, shortcut, *inputs)
-
-    def apply_gate(self, gate: Optional[Tensor], branch: Branch, shortcut: Tensor, *inputs: Any) -> Tensor:
-        survival_prob = self.survival_prob
-        if not self.training or gate is None:
-            out = self._run(branch, inputs)
-            # A branch with p_l = 1 stays a plain add, so the eval graph is exactly a ResNet's.
-            if not self.training and self.scaling == "expectation" and survival_prob < 1.0:
-                out = out * survival_prob
-            return shortcut + out
-        scale = 1.0 / survival_prob if self.scaling == "inverted" and survival_prob < 1.0 else None
-        if gate.dim() == 0:  # batch mode: the whole mini-batch keeps or skips the branch
-            if gate.is_floating_point():  # the gate carries the inverted scale in effect (see GateSampler)
-                scale = gate if self.scaling == "inverted" else None
-                gate = gate > 0
-            if torch.compiler.is_compiling():
-                if not torch._dynamo.config.assume_static_by_default:  # dynamic=True: floats are symbolic
-                    raise RuntimeError(_DYNAMIC_FLOATS)
-                return _compiled_batch_gate(branch, shortcut, inputs, gate, scale, self.checkpointing)
-            if not gate:
-                return self._skip(branch, shortcut, inputs)
-            out = self._run(branch, inputs)
-            return shortcut + (out if scale is None else out * scale)
-        # sample mode: run the branch on the kept samples only and add it back in place. Inverted scaling
-        # divides by the share actually kept, k_l / B, so the expected branch is exact at every batch size.
-        batch_size = shortcut.shape[0]
-        kept_inputs = [gather_samples(t, gate) if _is_batched(t, flag, batch_size) else t
-                       for t, flag in zip(inputs, _flags(branch.batched, len(inputs)))]
-        out = self._run(branch, kept_inputs)
-        if scale is not None:
-            out = out * (batch_size / gate.shape[0])
-        return add_samples(shortcut, gate, out.to(shortcut.dtype))
-
-    def _run(self, branch: Branch, inputs: Sequence[Any]) -> Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(branch, *inputs, use_reentrant=False)
-        return branch(*inputs)
-
-    def _skip(self, branch: Branch, shortcut: Tensor, inputs: Sequence[Any] = ()) -> Tensor:
-        if not self.zero_grad_skipped or not torch.is_grad_enabled():
-            return shortcut
-        # Inputs computed outside the branch (a norm before it, GC ViT's global query) get zero gradients
-        # too, so the layers that made them do not go without one either.
-        needs_grad = [p for p in branch.parameters() if p.requires_grad]
-        needs_grad += [t for t in inputs if isinstance(t, Tensor) and t.requires_grad and t is not shortcut]
-        return _SkippedBranch.apply(shortcut, *needs_grad) if needs_grad else shortcut
-
-
-def _flags(batched: Sequence[Optional[bool]], count: int) -> Sequence[Optional[bool]]:
-    return tuple(batched) + (None,) * (count - len(batched))
-
-
-def _is_batched(value: Any, flag: Optional[bool], batch_size: int) -> bool:
-    if not isinstance(value, Tensor) or value.dim() == 0 or flag is False:
-        return False
-    if value.shape[0] != batch_size:
-        if flag:
-            raise ValueError(f"sample mode: a branch input of shape {tuple(value.shape)} should hold the "
-                             f"{batch_size} samples of the batch in its first dimension")
-        return False
-    return True
-
-
-# -- kept samples, in the input's memory format -----------------------------------------------------------------
-def _samples_first(t: Tensor) -> Tuple[Tensor, Optional[Tuple[int, ...]], Optional[Tuple[int, ...]]]:
-    """A view of ``t`` that is contiguous with the samples first (``t`` itself unless it is channels_last),
-    the permutation that made it and the one that undoes it. index_select and index_add return contiguous
-    tensors; on this view that is the input's own layout, so channels_last stays channels_last."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1), (0, 2, 3, 1), (0, 3, 1, 2)
-    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return t.permute(0, 2, 3, 4, 1), (0, 2, 3, 4, 1), (0, 4, 1, 2, 3)
-    return t, None, None
-
-
-def gather_samples(t: Tensor, kept: Tensor) -> Tensor:
-    """``t[kept]`` along the first dimension, in ``t``'s memory format."""
-    view, _, undo = _samples_first(t)
-    out = view.index_select(0, kept)
-    return out if undo is None else out.permute(undo)
-
-
-def add_samples(shortcut: Tensor, kept: Tensor, out: Tensor) -> Tensor:
-    """``shortcut`` with ``out`` added to its rows ``kept``, in ``shortcut``'s memory format."""
-    view, perm, undo = _samples_first(shortcut)
-    if perm is None:
-        return shortcut.index_add(0, kept, out)
-    return view.index_add(0, kept, out.permute(perm)).permute(undo)
-
-
-class _SkippedBranch(torch.autograd.Function):
-    """A skipped branch in eager mode: the shortcut passes through, and the backward pass hands the
-    branch's parameters (and its inputs) zero gradients without computing anything of the branch. A custom autograd function
-    is the way to give a parameter a gradient from a graph it took no part in (pytorch issue 90171). Written
-    with ``setup_context`` and a generated vmap rule, so that ``torch.vmap`` can run a model that uses it."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(shortcut: Tensor, *params: Tensor) -> Tensor:
-        # A copy, not a view: what follows the block may change its output in place (RepVGG's in-place ReLU
-        # after an Identity), which a view made by a custom Function may not be, and FSDP2 warns of a view.
-        return shortcut.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs[1:])  # references only: nothing is copied
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        params = ctx.saved_tensors
-        return (grad, *[torch.zeros_like(p) if needed else None
-                        for p, needed in zip(params, ctx.needs_input_grad[1:])])
-
-
-class _GradInOperandLayout(torch.autograd.Function):
-    """Identity whose gradient has the strides of its input. Both sides of a ``torch.cond`` must give gradients
-    of one layout, and the untaken side gives zeros in the operand's, while the taken side's autograd may give
-    other strides: a 1x1 conv's weight gradient takes the layout of its input (channels_last after ConvNeXt's
-    LayerNorm2d), and for size-1 dimensions torch.cond's check tells equal layouts apart. The copy is
-    unconditional: dynamo traces this backward before it sees the real gradient's strides."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        # The strides zeros_like(x) has on the untaken side (for size-1 dimensions they can differ from x's).
-        ctx.layout = (x.shape, torch.empty_like(x, device="meta").stride())
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        shape, stride = ctx.layout
-        return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-
-
-def _layout_may_differ(t: Tensor, is_param: bool = False) -> bool:
-    """Whether the gradient of ``t`` can come in another layout than ``t``'s: a size-1 dimension, an
-    image-shaped (4-D or more) input, a convolution weight (3-D or more)."""
-    return t.dim() > (2 if is_param else 3) or 1 in t.shape
-
-
-def _in_operand_layout(t: Tensor, is_param: bool = False) -> Tensor:
-    """``t`` with its gradient in its own layout where that can differ (see ``_GradInOperandLayout``)."""
-    return _GradInOperandLayout.apply(t) if _layout_may_differ(t, is_param) else t
-
-
-def _compiled_batch_gate(branch: Branch, shortcut: Tensor, inputs: Sequence[Any], keep: Tensor, scale,
-                         checkpointing: bool) -> Tensor:
-    """The batch gate inside a compiled graph: ``torch.cond`` keeps the draw a runtime input, so the graph
-    neither bakes the first step's dice in nor recompiles when they change, and a skipped branch still
-    costs nothing (only the taken side of the cond runs, forward and backward; the parameters of the side
-    not taken get zero gradients).
-
-    cond branches may not mutate their inputs, but BatchNorm updates its running statistics in place. The
-    branch therefore runs on copies of its buffers (``Branch.functional``), the updated copies are returned,
-    and they are written back outside the cond; a skipped branch returns its statistics unchanged.
-    """
-    floats, counters = branch.buffers()
-    float_names = [name for name, _ in floats]
-    # Copies the branch may count on (BatchNorm's num_batches_tracked += 1); the real counters are moved below.
-    counter_copies = {name: c.clone() for name, c in counters}
-    tensor_at = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]
-
-    def with_operands(operands: Sequence[Tensor]) -> List[Any]:
-        values = list(inputs)
-        for i, t in zip(tensor_at, operands):
-            values[i] = t
-        return values
-
-    params = branch.named_parameters()
-    n_tensors, n_buffers = len(tensor_at), len(floats)
-
-    def run(shortcut, *operands):
-        shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
-        # Inputs and parameters where the gradient's layout can differ from the operand's: a size-1 dimension
-        # makes layouts ambiguous, and the gradient of a 4-D input or convolution weight can come out
-        # channels_last (CoAtNet's attention behind a LayerNorm2d). Not the others (linear and norm weights):
-        # each such Function is traced forward and backward, on both sides of every cond, which is much of
-        # batch mode's compile time.
-        tensors = [_in_operand_layout(t) for t in operands[:n_tensors]]
-        buffers = operands[n_tensors:n_tensors + n_buffers]
-        state = {name: b.clone() for name, b in zip(float_names, buffers)}
-        state.update({name: c.clone() for name, c in counter_copies.items()})
-        state.update({name: _in_operand_layout(p, is_param=True)
-                      for (name, _), p in zip(params, operands[n_tensors + n_buffers:])})
-        values = with_operands(tensors)
-        if checkpointing:
-            out = checkpoint(lambda *v: branch.functional(state, *v), *values, use_reentrant=False)
-        else:
-            out = branch.functional(state, *values)
-        if scale is not None:
-            out = out * scale
-        # In the shortcut's layout, as the skipped side's copy is (both sides must agree; inductor fuses the two).
-        return (shortcut.clone().add_(out), *[state[name] for name in float_names])
-
-    def skip(shortcut, *operands):
-        shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
-        # The parameters' zero gradients made as the taken side makes its gradients, so their layouts agree.
-        touched = sum(_in_operand_layout(p, is_param=True)[(0,) * p.dim()] * 0
-                      for p in operands[n_tensors + n_buffers:])
-        return (shortcut.clone() + touched if params else shortcut.clone(), *[b.clone() for b in operands[n_tensors:n_tensors + n_buffers]])
-
-    if not floats and not counters and not any(_layout_may_differ(p, is_param=True) for _, p in params):
-        # Nothing to swap (a transformer's linear layers and norms): the branch runs as it is, its parameters
-        # lifted by dynamo, which traces far less than functional_call's swap of every parameter.
-        def run_direct(shortcut, *operands):
-            shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
-            values = with_operands([_in_operand_layout(t) for t in operands])
-            out = checkpoint(branch, *values, use_reentrant=False) if checkpointing else branch(*values)
-            return shortcut.clone().add_(out if scale is None else out * scale)
-
-        def skip_direct(shortcut, *operands):
-            shortcut = _GradInOperandLayout.apply(shortcut) if 1 in shortcut.shape else shortcut
-            return shortcut.clone()
-
-        out = torch.cond(keep, run_direct, skip_direct, (shortcut, *[inputs[i] for i in tensor_at]))
-        return _GradInOperandLayout.apply(out)
-
-    # Buffer operands are copies: the write-back below must not touch tensors that autograd saved.
-    operands = [inputs[i] for i in tensor_at] + [b.clone() for _, b in floats] + [p for _, p in params]
-    results = torch.cond(keep, run, skip, (shortcut, *operands))
-    with torch.no_grad():
-        for (_, buffer), updated in zip(floats, results[1:]):
-            buffer.copy_(updated.detach())
-        for _, counter in counters:
-            counter.add_(keep.to(counter.dtype))
-    # The gradient enters the cond's backward in the output's own layout (inductor can assume another one).
-    return _GradInOperandLayout.apply(results[0])
-
-
-
-# Under torch.compile(dynamic=True), dynamo makes every float setting of a module symbolic.
-_DYNAMIC_FLOATS = (
-    "gate_mode='batch' under torch.compile(dynamic=True): the real skip is a torch.cond, and PyTorch cannot "
-    "trace a torch.cond branch whose layers hold float settings (BatchNorm's momentum and eps, LayerNorm's "
-    "eps) once dynamic=True has made every float symbolic. Use torch.compile(model) with the default "
-    "dynamic=None (a new batch size recompiles once, into a graph with a dynamic batch size), or mark the "
-    "batch dimension alone with torch._dynamo.mark_dynamic(x, 0), or gate_mode='sample'.")
 
 
 # -- model-level calls -------------------------------------------------------------------------------------------

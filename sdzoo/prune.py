@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdzoo.fold import fold_survival
-from sdzoo.survival import survival_probs
+from sdzoo.fold import BATCH_NORMS, fold_survival
 
 __all__ = ["ORDERS", "prune_blocks", "block_names", "required_blocks", "blocks_to_keep", "greedy_removals",
            "recalibrate_batchnorm", "trained_survival_probs"]
@@ -89,10 +88,8 @@ def trained_survival_probs(model: nn.Module) -> List[float]:
     pruning too): 1.0 for every block of a model trained at constant depth."""
     _check_model(model)
     _, layers, names = _source(model)
-    trained = model.survival_settings.trained_dict()
-    total = sum(layers)
-    probs = [1.0] * total if trained["gate_mode"] == "off" else \
-        survival_probs(total, trained["survival_prob"], trained["survival_rule"])
+    trained = model.survival_settings.folded_from or model.survival_settings
+    probs = trained.block_survival_probs(sum(layers))
     index = {name: i for i, name in enumerate(_names_of(model.stage_names, layers))}
     return [probs[index[name]] for name in names]
 
@@ -105,8 +102,7 @@ def _check_gates_match_settings(model: nn.Module) -> None:
     if settings.folded_from is not None:
         expected, state = [1.0] * len(gates), f"folded (folded_from={settings.folded_from.trained_dict()})"
     else:
-        expected = [1.0] * len(gates) if settings.gate_mode == "off" else \
-            survival_probs(len(gates), settings.survival_prob, settings.survival_rule)
+        expected = settings.block_survival_probs(len(gates))
         state = (f"not folded, with survival_prob={settings.survival_prob}, survival_rule="
                  f"{settings.survival_rule!r}, gate_mode={settings.gate_mode!r}")
     wrong = [i for i, (p, q) in enumerate(zip(gates, expected)) if not math.isclose(p, q, abs_tol=1e-9)]
@@ -275,7 +271,7 @@ def recalibrate_batchnorm(model: nn.Module, images: Tensor, batch_size: int = 12
     """Re-estimate every BatchNorm's running statistics on ``images``, in place: the plain average over the
     images (``momentum=None``), no gradient, the rest of the model in eval mode (a folded or pruned model
     has no gates to draw). Returns the model."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
     was_training = model.training
     model.eval()
     momenta = [m.momentum for m in norms]

@@ -4,7 +4,8 @@ Huang et al. (2016), eq. 4: the linear decay rule ``p_l = 1 - (l / L) * (1 - p_L
 counts every residual block (downsampling blocks included) and p_0 = 1 is the input. The uniform rule
 uses ``p_l = p_L`` for every block. This module is the only place these numbers are computed, and
 ``SurvivalSettings`` is the one definition of the settings a model's stochastic depth is built from: models,
-training, export, weights files and model cards all read and write it.
+training, export, weights files and model cards all read and write it. It checks them once, when made; the
+models, samplers and gates built from it trust them.
 """
 from __future__ import annotations
 
@@ -23,10 +24,17 @@ def survival_probs(num_blocks: int, survival_prob: float = 0.5, rule: str = "lin
 
     ``survival_prob`` is p_L, the survival probability of the last block (1.0 is constant depth).
     """
+    settings = SurvivalSettings(survival_prob=survival_prob, survival_rule=rule)  # checks p_L and the rule
+    return _schedule(_check_num_blocks(num_blocks), settings.survival_prob, settings.survival_rule)
+
+
+def _check_num_blocks(num_blocks: int) -> int:
     if not isinstance(num_blocks, int) or num_blocks < 1:
         raise ValueError(f"num_blocks must be a positive integer; got {num_blocks!r}")
-    survival_prob = check_survival_prob("survival_prob", survival_prob)
-    check_choice("survival_rule", rule, SURVIVAL_RULES)
+    return num_blocks
+
+
+def _schedule(num_blocks: int, survival_prob: float, rule: str) -> List[float]:
     if rule == "uniform":
         return [survival_prob] * num_blocks
     # Hand-written, not timm's calculate_drop_path_rates: that is linspace(0, r, L), which leaves block 1 at drop
@@ -90,6 +98,13 @@ class SurvivalSettings:
         if survival_prob is not None:
             given["survival_prob"] = survival_prob
         return cls(**given)
+
+    def block_survival_probs(self, num_blocks: int) -> List[float]:
+        """p_l of each of ``num_blocks`` residual blocks as the gates hold them: the schedule, or 1.0 for every
+        block at constant depth (gate_mode "off", a folded model's too)."""
+        if self.gate_mode == "off":
+            return [1.0] * _check_num_blocks(num_blocks)
+        return _schedule(_check_num_blocks(num_blocks), self.survival_prob, self.survival_rule)
 
     def folded(self) -> "SurvivalSettings":
         """The settings of this model once p_l is folded into its weights."""

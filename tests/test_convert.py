@@ -578,6 +578,12 @@ def test_bad_arguments_name_themselves(kwargs, match):
         sdzoo.convert_drop_path(build("resnet26", device="meta"), **kwargs)
 
 
+def test_a_drop_rate_of_one_is_refused_naming_the_branch():
+    model = build("vit_tiny_patch16_224", rate=1.0, device="meta", depth=2)  # timm's rates: 0.0, 1.0
+    with pytest.raises(ValueError, match=r"drop_prob of blocks\.1\.drop_path1, blocks\.1\.drop_path2 must be below 1"):
+        sdzoo.convert_drop_path(model)
+
+
 def test_branches_below_the_break_even_stay_timms_mask():
     model = sdzoo.convert_drop_path(build("vit_tiny_patch16_224", device="meta", depth=12), min_drop_rate=0.1)
     for name, module in model.named_modules():

@@ -35,6 +35,17 @@ def test_uniform_schedule_and_constant_depth():
     assert sdzoo.expected_depth(54, 1.0) == pytest.approx(54)
 
 
+def test_settings_give_each_blocks_survival_probability():
+    settings = sdzoo.SurvivalSettings(survival_prob=0.5, survival_rule="uniform")
+    assert settings.block_survival_probs(4) == sdzoo.survival_probs(4, 0.5, "uniform") == [0.5] * 4
+    assert sdzoo.SurvivalSettings().block_survival_probs(54) == sdzoo.survival_probs(54, 0.5)
+    # constant depth: at gate_mode "off", and once folded (p_l is in the weights then)
+    assert sdzoo.SurvivalSettings(gate_mode="off").block_survival_probs(3) == [1.0] * 3
+    assert settings.folded().block_survival_probs(3) == [1.0] * 3
+    with pytest.raises(ValueError, match="num_blocks"):
+        settings.block_survival_probs(0)
+
+
 def test_model_uses_the_schedule():
     model = timm.create_model("sd_resnet110_cifar")
     assert len(model.residual_blocks()) == 54
@@ -207,6 +218,23 @@ def test_inverted_scaling():
         out = blk.act2(blk.gate.apply_gate(torch.tensor(True), blk.branch, h, h))
         expected = F.relu(h + blk.branch(h) / blk.gate.survival_prob)
         torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("name", ["sd_resnet20_cifar", "sd_resnet50"])
+def test_a_blocks_branch_is_its_residual_method_in_timms_layer_names(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, layers=[1] * (3 if "cifar" in name else 4), num_classes=10).eval()
+    blk = model.residual_blocks()[1]
+    x = torch.randn(2, blk.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        written_out = blk.bn2(blk.conv2(blk.act1(blk.bn1(blk.conv1(x)))))
+        if hasattr(blk, "conv3"):  # the bottleneck goes on
+            written_out = blk.bn3(blk.conv3(blk.act2(written_out)))
+        assert torch.equal(blk.residual(x), written_out) and torch.equal(blk.branch(x), written_out)
+    assert blk.branch_layers() == [getattr(blk, layer) for layer in blk.branch_layer_names]
+    # timm's keys: the branch's layers at the block's top level (a projection shortcut adds downsample.*)
+    expected = {"conv1", "bn1", "conv2", "bn2"} | ({"conv3", "bn3", "downsample"} if hasattr(blk, "conv3") else set())
+    assert {key.split(".")[0] for key in blk.state_dict()} == expected
 
 
 # -- dice --------------------------------------------------------------------------------------------

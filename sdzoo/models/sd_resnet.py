@@ -30,7 +30,7 @@ from sdzoo.datasets import DATASETS
 from sdzoo.gate import Branch, GateSampler, ResidualGate
 from sdzoo.files.weights import WeightsProvenance, check_before_build, check_model_size, install_state_dict_checks
 from sdzoo.files.pretrained import tag_model_defaults, timm_weight_cfgs, with_published_weights
-from sdzoo.survival import SurvivalSettings, survival_probs
+from sdzoo.survival import SurvivalSettings
 
 __all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths", "build_args"]
 
@@ -82,9 +82,9 @@ def make_downsample(kind: str, in_chs: int, out_chs: int, stride: int, **dd) -> 
 class BasicBlock(nn.Module):
     """conv3x3 - BN - ReLU - conv3x3 - BN, gated, added to the shortcut, then ReLU."""
 
-    branch_names = ("conv1", "bn1", "act1", "conv2", "bn2")
-
     expansion = 1
+    # The layers ``residual`` uses: a skipped branch gives their parameters zero gradients.
+    branch_layer_names = ("conv1", "bn1", "act1", "conv2", "bn2")
 
     def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
         super().__init__()
@@ -97,24 +97,33 @@ class BasicBlock(nn.Module):
         self.act2 = nn.ReLU()  # not in place: a skipped block's output is its input
         self.downsample = make_downsample(shortcut, in_chs, out_chs, stride, **dd)
         self.gate = gate
-        self.branch = Branch(self, self.branch_names)
+        self.branch = Branch(self, type(self).residual, self.branch_layer_names)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """f_l, the residual branch."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        return x
 
     def branch_layers(self) -> List[nn.Module]:
-        """f_l, the residual branch, layer by layer."""
+        """f_l's layers, in order."""
         return self.branch.modules()
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act2(self.gate(self.branch, shortcut, x))
+        return self.act2(self.gate(self.branch, shortcut, x))  # shortcut + b_l * residual(x)
 
 
 @register_notrace_module
 class Bottleneck(nn.Module):
     """conv1x1 - BN - ReLU - conv3x3(stride) - BN - ReLU - conv1x1 - BN, gated, added, then ReLU."""
 
-    branch_names = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3")
-
     expansion = 4
+    # The layers ``residual`` uses: a skipped branch gives their parameters zero gradients.
+    branch_layer_names = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3")
 
     def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
         super().__init__()
@@ -130,15 +139,27 @@ class Bottleneck(nn.Module):
         self.act3 = nn.ReLU()  # not in place: a skipped block's output is its input
         self.downsample = make_downsample(shortcut, in_chs, out_chs, stride, **dd)
         self.gate = gate
-        self.branch = Branch(self, self.branch_names)
+        self.branch = Branch(self, type(self).residual, self.branch_layer_names)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """f_l, the residual branch."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.act2(x)
+        x = self.conv3(x)
+        x = self.bn3(x)
+        return x
 
     def branch_layers(self) -> List[nn.Module]:
-        """f_l, the residual branch, layer by layer."""
+        """f_l's layers, in order."""
         return self.branch.modules()
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act3(self.gate(self.branch, shortcut, x))
+        return self.act3(self.gate(self.branch, shortcut, x))  # shortcut + b_l * residual(x)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -221,9 +242,7 @@ class SDResNet(nn.Module):
         self._factory_args = dict(shortcut=shortcut)
 
         num_blocks = sum(layers)
-        constant_depth = settings.gate_mode == "off"
-        block_probs = [1.0] * num_blocks if constant_depth else \
-            survival_probs(num_blocks, settings.survival_prob, settings.survival_rule)
+        block_probs = settings.block_survival_probs(num_blocks)
         # The gates of each training forward are drawn by a pre-hook on this model, before any compiled graph.
         self.gate_sampler = GateSampler(block_probs, settings.gate_mode, settings.gate_seed)
         self.gate_sampler.attach(self, device=device)
