@@ -4,10 +4,8 @@ grad checkpointing, channels_last, a state-dict-only resume, gradient accumulati
 Compiled runs use the aot_eager backend: it runs dynamo and AOTAutograd (graphs, guards, recompiles, torch.cond)
 as inductor does, without inductor's C++ build, which on two cores takes minutes per graph.
 """
-import ast
 import copy
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ from torch._dynamo.utils import counters
 import sdzoo
 from sdzoo.fold import fold_survival
 from sdzoo.gate import gate_state, load_gate_state, same_gates
-from sdzoo.internals import torch_private
 
 NAME = "sd_resnet20_cifar"
 COMPILES = ["eager", "default", "fullgraph", "dynamic"]
@@ -256,60 +253,3 @@ def test_one_same_gates_object_may_be_entered_again():
             model(x)
     assert model.gate_sampler.step == 2
     assert model.gate_sampler._held is None  # every entry left
-
-
-# -- PyTorch's private names ----------------------------------------------------------------------------------------
-def _private(dotted: str) -> bool:
-    return any(part.startswith("_") and not part.startswith("__") for part in dotted.split("."))
-
-
-def torch_privates_used(source: str):
-    """(line, name) of each private torch name the source reaches: a private module or name imported from
-    torch, or an attribute path such as ``torch._dynamo`` or ``nn.modules.batchnorm._BatchNorm`` off a name
-    bound to torch or one of its modules."""
-    tree = ast.parse(source)
-    roots = {"torch"}
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.split(".")[0] == "torch":
-                    roots.add(alias.asname or "torch")
-                    if _private(alias.name):
-                        found.append((node.lineno, alias.name))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
-            for alias in node.names:
-                roots.add(alias.asname or alias.name)
-                if _private(f"{node.module}.{alias.name}"):
-                    found.append((node.lineno, f"{node.module}.{alias.name}"))
-    inner_links = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and id(node) not in inner_links:  # each whole path once
-            parts, inner = [node.attr], node.value
-            while isinstance(inner, ast.Attribute):
-                parts.append(inner.attr)
-                inner = inner.value
-            if isinstance(inner, ast.Name) and inner.id in roots and _private(".".join(reversed(parts))):
-                found.append((node.lineno, ".".join([inner.id, *reversed(parts)])))
-    return found
-
-
-def test_torch_privates_are_used_only_through_sdzoo_internals():
-    assert torch_privates_used("import torch\nx = torch._C._current_graph_task_id()\n")
-    assert torch_privates_used("from torch import nn\nisinstance(m, nn.modules.batchnorm._BatchNorm)\n")
-    assert torch_privates_used("from torch.utils._pytree import tree_leaves\n")
-    assert not torch_privates_used("import torch\ntorch.compiler.is_compiling()\nm.__class__\n")
-    package = Path(sdzoo.__file__).parent
-    used = [f"{path.relative_to(package.parent)}:{line}: {name}" for path in sorted(package.rglob("*.py"))
-            if "internals" not in path.relative_to(package).parts
-            for line, name in torch_privates_used(path.read_text(encoding="utf-8"))]
-    assert not used, "import these from sdzoo.internals.torch_private (listed in its INTERNALS):\n" + "\n".join(used)
-
-
-def test_torch_internals_lists_every_private_name_it_uses():
-    # That each listed name resolves in the installed torch is tests/test_internals.py's.
-    listed = [f"{module}.{name}" for module, name, _ in torch_private.INTERNALS]
-    used = {name for _, name in torch_privates_used(Path(torch_private.__file__).read_text(encoding="utf-8"))}
-    unlisted = [name for name in sorted(used)
-                if not any(name == entry or entry.startswith(name + ".") for entry in listed)]
-    assert not unlisted, f"private names torch_private uses that its INTERNALS does not list: {unlisted}"

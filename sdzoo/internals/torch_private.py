@@ -1,6 +1,6 @@
 """PyTorch's private names that sdzoo uses, in one place; none of them has a public equivalent in torch 2.14.1.
 
-Checked against torch 2.14.1. Per name, what it is for:
+Every name below was checked against torch 2.14.1. Per name, what it is for:
 
 * ``torch._C._current_graph_task_id``: -1 outside a backward pass. A gate asked for its draw inside the
   backward pass is activation checkpointing recomputing a block, which must reuse the draw it ran with.
