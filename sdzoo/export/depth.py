@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from sdzoo.files.disk import PathLike, atomic_write
 from sdzoo.files.run_folder import SUMMARY_NAME
-from sdzoo.training.data import DataError, load_data, normalize
-from sdzoo.datasets import DATASETS, dataset_names, spoken_list
+from sdzoo.training.data import TENSOR_DATASETS, DataError, load_data, normalize
+from sdzoo.datasets import spoken_list
 from sdzoo.export.latency import onnx_latency
 from sdzoo.export.onnx_export import eval_mode, export_onnx, ort_session, predict_onnx
 from sdzoo.prune import block_names, greedy_removals, prune_blocks, required_blocks
@@ -69,10 +69,9 @@ def run_splits(settings: Mapping[str, Any], mean: Sequence[float], std: Sequence
     "test"}`` -> (images normalised with ``mean`` / ``std``, labels). ``settings`` is a run's (``run_settings``)
     or ``{"dataset": NAME}``; ``data_dir`` overrides the folder the run read. Nothing is downloaded."""
     name = settings.get("dataset")
-    in_memory = dataset_names(on_device=True)
-    if name not in DATASETS or name not in in_memory:
-        raise DataError(f"--dataset must be one of {spoken_list(in_memory)} (data sets held in memory) to rank, "
-                        f"recalibrate and measure pruned models; got {name!r}")
+    if name not in TENSOR_DATASETS:
+        raise DataError(f"--dataset must be one of {spoken_list(TENSOR_DATASETS)} (data sets held in memory) to "
+                        f"rank, recalibrate and measure pruned models; got {name!r}")
     kwargs = {k: settings[k] for k in ("val_size", "split_seed", "image_size", "num_classes")
               if settings.get(k) is not None}
     data = load_data(name, data_dir or settings.get("data_dir"), download=False, **kwargs)

@@ -83,7 +83,8 @@ def load_run(model_dir: PathLike) -> LoadedRun:
     if not timm.is_model(architecture or ""):
         raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
     try:
-        # timm's own loader: config.json's model_args, then a strict load of the weights, checked first by the model factory (sdzoo.files.weights).
+        # timm's own loader: config.json's model_args, then a strict load of the weights, checked first by the
+        # model factory (sdzoo.files.weights).
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
     except WeightsError as e:  # the file does not fit config.json, contradicts it, or holds NaN/inf
         raise CheckpointMismatchError(str(e)) from None

@@ -29,8 +29,9 @@ __all__ = [
 TEMPLATE_NAME = "model_card_template.md"
 
 # Training settings shown in the card's recipe table (keys of summary.json's "settings"): every setting that
-# defines a run, in the order of sdzoo.training.settings.DEFINING_SETTINGS; the model, the data set and its classes head the card.
-_RECIPE_KEYS = ("recipe",) + tuple(k for k in DEFINING_SETTINGS if k not in ("recipe", "model", "dataset", "num_classes"))
+# defines a run, in the order of DEFINING_SETTINGS; the model, the data set and its classes head the card.
+_RECIPE_KEYS = ("recipe",) + tuple(k for k in DEFINING_SETTINGS
+                                   if k not in ("recipe", "model", "dataset", "num_classes"))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from sdzoo.files.disk import atomic_write, save_json, write_text
 from sdzoo.files.run_folder import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME
 from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
 from sdzoo.training.recipes import PAPER_RESULTS
-from sdzoo.training.settings import DEFINING_SETTINGS, build_parser
+from sdzoo.training.settings import DEFINING_SETTINGS, build_parser, given_flags
 
 __all__ = ["SETTINGS", "PAPER_CIFAR10", "Job", "plan_jobs", "run_jobs", "collect", "write_results", "main"]
 
@@ -90,11 +90,8 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 def _given_defining(train_args: Sequence[str]) -> Dict[str, Any]:
     """The settings that define a run which ``train_args`` set (the recipe's others are the same by name)."""
-    namespace = build_parser().parse_args(list(train_args))
-    given = {k: v for k, v in vars(namespace).items() if v is not None and k in DEFINING_SETTINGS}
-    if "lr_drops" in given:
-        given["lr_drops"] = sorted(given["lr_drops"])
-    return json.loads(json.dumps(given))
+    given = given_flags(build_parser().parse_args(list(train_args)))
+    return json.loads(json.dumps({k: v for k, v in given.items() if k in DEFINING_SETTINGS}))  # as summary.json
 
 
 def plan_jobs(output: Path, seeds: Sequence[int], train_args: Sequence[str], device: str,

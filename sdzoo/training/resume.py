@@ -32,7 +32,7 @@ from sdzoo.files.disk import PathLike
 from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
     describe_load_error, load_state, read_run_config, save_state)
-from sdzoo.training.settings import DEFINING_SETTINGS, Settings, TrainError, new_run_settings
+from sdzoo.training.settings import DEFINING_SETTINGS, Settings, TrainError, given_flags, new_run_settings
 from sdzoo.survival import TRAINED_FIELDS
 from sdzoo.gate import derived_seed
 from sdzoo.files.weights import WeightsError, read_header
@@ -295,9 +295,7 @@ def check_restored_values(checkpoint: Dict[str, Any]) -> Optional[str]:
 
 def resolve_settings(args: argparse.Namespace) -> Tuple[Settings, Optional[Dict[str, Any]]]:
     """The run's settings (recipe < flags, or the checkpoint's < run flags on resume) and the checkpoint."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if "lr_drops" in given:
-        given["lr_drops"] = tuple(sorted(given["lr_drops"]))
+    given = given_flags(args)
     resume = given.pop("resume", None)
     if resume is None:
         return new_run_settings(given), None
