@@ -195,9 +195,20 @@ def read_metadata(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Dict[str, 
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def _add_metadata(proto: onnx.ModelProto, metadata: Dict[str, str]) -> None:
+def _add_metadata(path: str, metadata: Dict[str, str]) -> onnx.ModelProto:
+    """The file at ``path`` with ``metadata`` added, written back; returns its proto."""
+    proto = onnx.load(path)
     # set_model_props replaces every entry: keep what the tools that made the file recorded, unless ours differ.
     onnx.helper.set_model_props(proto, {**read_metadata(proto), **metadata})
+    onnx.save(proto, path)
+    return proto
+
+
+def _full_check(path: str, what: str) -> None:
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportCheckError(f"onnx checker rejected the {what}: {err}") from err
 
 
 def op_histogram(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Counter:
@@ -255,10 +266,7 @@ def verify_onnx(
     path = os.fspath(path)
     input_size = check_input_size("input_size", input_size)
     batch_sizes = _check_batch_sizes("batch_sizes", batch_sizes)
-    try:
-        onnx.checker.check_model(path, full_check=True)
-    except onnx.checker.ValidationError as err:
-        raise ExportCheckError(f"onnx checker rejected the exported model: {err}") from err
+    _full_check(path, "exported model")
     try:
         session = ort_session(path)
     except Exception as err:  # noqa: BLE001  (onnxruntime raises its own exception types)
@@ -319,9 +327,7 @@ def export_onnx(
     with staged_file(path) as tmp:
         with eval_mode(model):
             _export_graph(model, tmp, input_size, opset)
-        proto = onnx.load(tmp)
-        _add_metadata(proto, metadata)
-        onnx.save(proto, tmp)
+        proto = _add_metadata(tmp, metadata)
         diffs = verify_onnx(tmp, model, input_size=input_size, batch_sizes=verify_batch_sizes, atol=atol,
                             rtol=rtol, seed=seed)
         file_size = os.path.getsize(tmp)
@@ -377,13 +383,8 @@ def quantize_int8(
     remove_abandoned_temporaries(output_path)  # of a quantization of this file that was killed mid-write
     with staged_file(output_path) as tmp:
         _quantize_static(fp32_path, tmp, _Reader(), per_channel)
-        proto = onnx.load(tmp)
-        _add_metadata(proto, metadata)
-        onnx.save(proto, tmp)
-        try:
-            onnx.checker.check_model(tmp, full_check=True)
-        except onnx.checker.ValidationError as err:
-            raise ExportCheckError(f"onnx checker rejected the quantized model: {err}") from err
+        _add_metadata(tmp, metadata)
+        _full_check(tmp, "quantized model")
         fp32_session, int8_session = ort_session(fp32_path), ort_session(tmp)
         agreement = _top1_agreement(fp32_session, int8_session, eval_images, batch_size)
         int8_size = os.path.getsize(tmp)

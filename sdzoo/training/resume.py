@@ -32,6 +32,7 @@ from sdzoo.files.disk import PathLike
 from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
     describe_load_error, load_state, read_run_config, save_state)
+from sdzoo.training.metrics_plot import epoch_records
 from sdzoo.training.settings import DEFINING_SETTINGS, Settings, TrainError, given_flags, new_run_settings
 from sdzoo.survival import TRAINED_FIELDS
 from sdzoo.gate import derived_seed
@@ -205,9 +206,7 @@ def _same_kind(value: Any, template: Any, exact_ints: bool = True) -> bool:
         return isinstance(value, bool)
     if isinstance(template, int) and exact_ints:
         return _is_int(value, low=-1)
-    if isinstance(template, int):
-        return _is_number(value)
-    if isinstance(template, float):
+    if isinstance(template, (int, float)):
         return _is_number(value)
     if template is None:
         return value is None or isinstance(value, bool)
@@ -339,7 +338,8 @@ def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
     """A checkpoint.pt must be the last state of the run whose files lie beside it: the same settings as
     summary.json and config.json, the history of metrics.jsonl up to its step (its best evaluation among them),
     and the weights of model.safetensors (the best ones: the same tensors when the best is its own step).
-    Raises CheckpointError, having read the files only."""
+    ``checkpoint`` is as ``load_resume_state`` returns it, its values checked. Raises CheckpointError, having
+    read the files only."""
     folder, settings = path.parent, checkpoint["settings"]
     problems = []
 
@@ -392,19 +392,17 @@ def _history_problems(folder: Path, checkpoint: Dict[str, Any]) -> List[str]:
                 continue  # a line cut by a kill: dropped on resume anyway
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 records.append(record)
-    elif epochs or (isinstance(best, dict) and best.get("step") is not None):
+    elif epochs or best["step"] is not None:
         return [f"it has done {epochs} epoch(s), and the folder has no {METRICS_NAME}"]
     problems = []
-    done = [r for r in records if r.get("kind", "epoch") == "epoch"]
-    if [r.get("epoch") for r in done] != list(range(1, epochs + 1)):
+    done = [r.get("epoch") for r in epoch_records(records)]
+    if done != list(range(1, epochs + 1)):
         problems.append(f"it has done {epochs} epoch(s) by step {step}, and {METRICS_NAME} records epochs "
-                        f"{[r.get('epoch') for r in done][:10]} by then")
-    if isinstance(best, dict) and best.get("step") is not None:
-        match = [r for r in records if r.get("step") == best["step"] and r.get("val_error") == best.get("val_error")
-                 and r.get("test_error") == best.get("test_error")]
-        if not match:
-            problems.append(f"its best evaluation (step {best['step']}, validation error {best.get('val_error')}, "
-                            f"test error {best.get('test_error')}) is not in {METRICS_NAME}")
+                        f"{done[:10]} by then")
+    recorded = any(all(r.get(k) == best[k] for k in ("step", "val_error", "test_error")) for r in records)
+    if best["step"] is not None and not recorded:
+        problems.append(f"its best evaluation (step {best['step']}, validation error {best['val_error']}, "
+                        f"test error {best['test_error']}) is not in {METRICS_NAME}")
     return problems
 
 
