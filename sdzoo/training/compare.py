@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from sdzoo.files.disk import atomic_write, save_json, write_text
 from sdzoo.files.run_folder import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME
-from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
+from sdzoo.training.metrics_plot import epoch_axis, epoch_records, evaluations, read_metrics
 from sdzoo.training.recipes import PAPER_RESULTS
 from sdzoo.training.settings import DEFINING_SETTINGS, build_parser, given_flags
 
@@ -202,7 +202,7 @@ def _run_result(job: Job) -> Dict[str, Any]:
         mean_depth=statistics.fmean(r["mean_depth"] for r in epochs) if epochs else None,
         expected_depth=epochs[-1]["expected_depth"] if epochs else None,
         # [epochs done, value]: evaluations fall at epoch ends, or every N steps (--eval-every-steps)
-        test_error_curve=[[r.get("epochs_done", r["epoch"]), r["test_error"]] for r in evaluations(records)],
+        test_error_curve=[[epoch_axis(r), r["test_error"]] for r in evaluations(records)],
         first_stage_grad_curve=[[r["epoch"], _first_stage(r["grad_mean_abs"])] for r in epochs])
 
 
