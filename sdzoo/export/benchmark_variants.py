@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm
+from timm.layers import DropPath
 
 from sdzoo.convert import convert_drop_path
 from sdzoo.gate import ResidualGate
@@ -61,7 +62,6 @@ def build_variant(model_name: str, variant: str, survival_prob: float, seed: int
     probs = survival_probs(len(model.residual_blocks()), survival_prob)
     for blk, p in zip(model.residual_blocks(), probs):
         if variant == "timm DropPath":
-            from timm.layers import DropPath
             drop = DropPath(1.0 - p)
         else:
             from torchvision.ops import StochasticDepth
@@ -73,7 +73,6 @@ def build_variant(model_name: str, variant: str, survival_prob: float, seed: int
 def build_timm_variant(model_name: str, variant: str, rate: float, img_size: int, seed: int,
                        uniform: bool, device=None) -> nn.Module:
     """timm's model built with drop_path_rate (its mask), or the same weights converted by sdzoo."""
-    from timm.layers import DropPath
     if variant not in CONVERT_VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(CONVERT_VARIANTS)}; got {variant!r}")
     torch.manual_seed(seed)

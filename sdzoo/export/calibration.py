@@ -18,7 +18,6 @@ from sdzoo.training.settings import Settings
 __all__ = ["CALIB_DATA", "calibration_images", "calibration_split_size", "digits_images", "fashion_mnist_images"]
 
 
-
 def digits_images(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                   split: str = "all") -> Tuple[np.ndarray, np.ndarray]:
     """The digits as a model's inputs, for ONNX calibration and measurement: (N, C, H, W) float32 images,

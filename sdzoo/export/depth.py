@@ -22,14 +22,14 @@ from torch import Tensor, nn
 
 from sdzoo.files.disk import PathLike, atomic_write
 from sdzoo.files.run_folder import SUMMARY_NAME
-from sdzoo.training.data import DataError, load_data, normalize
-from sdzoo.datasets import DATASETS, dataset_names, spoken_list
+from sdzoo.training.data import TENSOR_DATASETS, DataError, load_data, normalize
+from sdzoo.datasets import spoken_list
 from sdzoo.export.latency import onnx_latency
-from sdzoo.export.onnx_export import export_onnx, ort_session, predict_onnx
+from sdzoo.export.onnx_export import eval_mode, export_onnx, ort_session, predict_onnx
 from sdzoo.prune import block_names, greedy_removals, prune_blocks, required_blocks
 
-__all__ = ["run_settings", "run_splits", "model_stats", "accuracy", "measure", "describe", "latencies", "depth_sweep", "format_sweep",
-           "plot_sweep", "SWEEP_COLUMNS", "PRUNING_NAME"]
+__all__ = ["run_settings", "run_splits", "model_stats", "accuracy", "measure", "describe", "latencies",
+           "depth_sweep", "format_sweep", "plot_sweep", "SWEEP_COLUMNS", "PRUNING_NAME"]
 
 Progress = Optional[Callable[[str], None]]
 # The measurements of a pruned model, beside its weights in the folder the export writes (--pruned-dir): its
@@ -69,10 +69,9 @@ def run_splits(settings: Mapping[str, Any], mean: Sequence[float], std: Sequence
     "test"}`` -> (images normalised with ``mean`` / ``std``, labels). ``settings`` is a run's (``run_settings``)
     or ``{"dataset": NAME}``; ``data_dir`` overrides the folder the run read. Nothing is downloaded."""
     name = settings.get("dataset")
-    in_memory = dataset_names(on_device=True)
-    if name not in DATASETS or name not in in_memory:
-        raise DataError(f"--dataset must be one of {spoken_list(in_memory)} (data sets held in memory) to rank, "
-                        f"recalibrate and measure pruned models; got {name!r}")
+    if name not in TENSOR_DATASETS:
+        raise DataError(f"--dataset must be one of {spoken_list(TENSOR_DATASETS)} (data sets held in memory) to "
+                        f"rank, recalibrate and measure pruned models; got {name!r}")
     kwargs = {k: settings[k] for k in ("val_size", "split_seed", "image_size", "num_classes")
               if settings.get(k) is not None}
     data = load_data(name, data_dir or settings.get("data_dir"), download=False, **kwargs)
@@ -89,15 +88,9 @@ def model_stats(model: nn.Module, input_size: Sequence[int]) -> Tuple[int, float
     """(parameters, FLOPs per image as torch.utils.flop_counter counts them: 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    params = sum(p.numel() for p in model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_size))
-    finally:
-        model.train(was_training)
-    return params, float(counter.get_total_flops())
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_size))
+    return sum(p.numel() for p in model.parameters()), float(counter.get_total_flops())
 
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
@@ -209,11 +202,7 @@ SWEEP_COLUMNS = (("model", "model"), ("order", "order"), ("blocks", "blocks kept
 def _cell(key: str, value: Any) -> str:
     if key == "params":
         return f"{value:,}"
-    if key in ("acc_torch", "acc_ort"):
-        return f"{value:.2f}"
-    if key in ("mflops", "ms_b1", "ms_b32"):
-        return f"{value:.2f}"
-    return str(value)
+    return f"{value:.2f}" if key in ("acc_torch", "acc_ort", "mflops", "ms_b1", "ms_b32") else str(value)
 
 
 def _row_line(row: Mapping[str, Any]) -> str:

@@ -12,10 +12,9 @@ from torch.utils.benchmark import Timer
 
 from sdzoo.files.checks import check_seconds
 from sdzoo.files.disk import PathLike
-from sdzoo.export.onnx_export import INPUT_NAME, ort_session
+from sdzoo.export.onnx_export import INPUT_NAME, eval_mode, ort_session
 
 __all__ = ["median_ms", "onnx_latency", "torch_latency", "compare_latency", "format_latency"]
-
 
 
 def median_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
@@ -39,13 +38,8 @@ def onnx_latency(path_or_session, batch_size: int, *, input_size: Sequence[int],
 def torch_latency(model: nn.Module, batch_size: int, *, input_size: Sequence[int], min_run_time: float = 0.5) -> float:
     """Median PyTorch eager CPU latency in ms of one batch (the model in eval mode, inference mode)."""
     x = torch.randn(batch_size, *input_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return median_ms(lambda: model(x), min_run_time)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        return median_ms(lambda: model(x), min_run_time)
 
 
 def compare_latency(

@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from sdzoo.files import SDZOO_VERSION
-from sdzoo.files.checks import check_input_size
+from sdzoo.files.checks import check_input_size, error_line
 from sdzoo.files.disk import PathLike, remove_abandoned_temporaries, staged_file
 from sdzoo.survival import TRAINED_FIELDS
 
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "MAX_INPUT_SIDE", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
     "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
-    "predict_onnx", "ort_session", "quantize_int8",
+    "predict_onnx", "ort_session", "quantize_int8", "eval_mode",
 ]
 
 DEFAULT_OPSET = 20
@@ -195,9 +195,20 @@ def read_metadata(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Dict[str, 
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def _add_metadata(proto: onnx.ModelProto, metadata: Dict[str, str]) -> None:
+def _add_metadata(path: str, metadata: Dict[str, str]) -> onnx.ModelProto:
+    """The file at ``path`` with ``metadata`` added, written back; returns its proto."""
+    proto = onnx.load(path)
     # set_model_props replaces every entry: keep what the tools that made the file recorded, unless ours differ.
     onnx.helper.set_model_props(proto, {**read_metadata(proto), **metadata})
+    onnx.save(proto, path)
+    return proto
+
+
+def _full_check(path: str, what: str) -> None:
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportCheckError(f"onnx checker rejected the {what}: {err}") from err
 
 
 def op_histogram(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Counter:
@@ -208,7 +219,8 @@ def op_histogram(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Counter:
 
 # -- export -----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block, then in the mode it was in."""
     was_training = model.training
     model.eval()
     try:
@@ -232,7 +244,7 @@ def _export_graph(model: nn.Module, path: str, input_size: Tuple[int, int, int],
             )
     except Exception as err:  # noqa: BLE001  (the exporter raises many types; the caller needs one)
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__} at input size "
-                          f"{tuple(input_size)}, opset {opset}: {type(err).__name__}: {err}") from err
+                          f"{tuple(input_size)}, opset {opset}: {error_line(err)}") from err
 
 
 def verify_onnx(
@@ -254,10 +266,7 @@ def verify_onnx(
     path = os.fspath(path)
     input_size = check_input_size("input_size", input_size)
     batch_sizes = _check_batch_sizes("batch_sizes", batch_sizes)
-    try:
-        onnx.checker.check_model(path, full_check=True)
-    except onnx.checker.ValidationError as err:
-        raise ExportCheckError(f"onnx checker rejected the exported model: {err}") from err
+    _full_check(path, "exported model")
     try:
         session = ort_session(path)
     except Exception as err:  # noqa: BLE001  (onnxruntime raises its own exception types)
@@ -267,7 +276,7 @@ def verify_onnx(
     # (metadata and all) against the eager model, and also a file exported elsewhere (the Hub's ONNX check).
     generator = torch.Generator().manual_seed(seed)
     diffs, scale = {}, 0.0
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for batch_size in batch_sizes:
             x = torch.randn(batch_size, *input_size, generator=generator)
             expected = model(x).float().numpy()
@@ -299,22 +308,11 @@ def export_onnx(
         metadata: Optional[Dict[str, Any]] = None,
         seed: int = 0,
 ) -> ExportReport:
-    """Export ``model`` (in eval mode) to one ONNX file with a dynamic batch axis, verified before it is kept.
-
-    Args:
-        model: the model to export; fold a stochastic-depth model first for a plain-ResNet graph.
-        path: the output file; replaced only when every check passes.
-        input_size: (C, H, W); defaults to ``model.pretrained_cfg['input_size']``.
-        opset: ONNX opset of the graph.
-        verify_batch_sizes: batch sizes of the onnxruntime-vs-PyTorch check.
-        atol, rtol: the largest max abs difference of logits accepted is ``atol + rtol * max|logit|``.
-        metadata: ONNX metadata; defaults to ``onnx_metadata(model, input_size=input_size)``.
-        seed: seed of the random check inputs.
-
-    Raises:
-        ValueError: a bad argument. ExportError: the export failed (ExportCheckError: it failed a check);
-            in either case the output path is left as it was.
-    """
+    """Export ``model`` (in eval mode; fold a stochastic-depth model first for a plain-ResNet graph) to one ONNX
+    file with a dynamic batch axis, checked by ``verify_onnx`` at ``verify_batch_sizes`` before it replaces
+    ``path``. ``input_size`` (C, H, W) defaults to the model's pretrained_cfg, ``metadata`` to ``onnx_metadata``.
+    Raises ValueError for a bad argument, ExportError (ExportCheckError: a failed check) when the export fails;
+    ``path`` is then left as it was."""
     input_size = _input_size_of(model, input_size)
     opset = _check_opset(opset)
     verify_batch_sizes = _check_batch_sizes("verify_batch_sizes", verify_batch_sizes)
@@ -327,11 +325,9 @@ def export_onnx(
 
     remove_abandoned_temporaries(path)  # of an export of this file that was killed mid-write
     with staged_file(path) as tmp:
-        with _eval_mode(model):
+        with eval_mode(model):
             _export_graph(model, tmp, input_size, opset)
-        proto = onnx.load(tmp)
-        _add_metadata(proto, metadata)
-        onnx.save(proto, tmp)
+        proto = _add_metadata(tmp, metadata)
         diffs = verify_onnx(tmp, model, input_size=input_size, batch_sizes=verify_batch_sizes, atol=atol,
                             rtol=rtol, seed=seed)
         file_size = os.path.getsize(tmp)
@@ -387,13 +383,8 @@ def quantize_int8(
     remove_abandoned_temporaries(output_path)  # of a quantization of this file that was killed mid-write
     with staged_file(output_path) as tmp:
         _quantize_static(fp32_path, tmp, _Reader(), per_channel)
-        proto = onnx.load(tmp)
-        _add_metadata(proto, metadata)
-        onnx.save(proto, tmp)
-        try:
-            onnx.checker.check_model(tmp, full_check=True)
-        except onnx.checker.ValidationError as err:
-            raise ExportCheckError(f"onnx checker rejected the quantized model: {err}") from err
+        _add_metadata(tmp, metadata)
+        _full_check(tmp, "quantized model")
         fp32_session, int8_session = ort_session(fp32_path), ort_session(tmp)
         agreement = _top1_agreement(fp32_session, int8_session, eval_images, batch_size)
         int8_size = os.path.getsize(tmp)
@@ -416,7 +407,7 @@ def _quantize_static(fp32_path: str, output_path: str, reader, per_channel: bool
                 prepared, output_path, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     except Exception as err:  # noqa: BLE001  (onnxruntime's quantizer raises many types)
-        raise ExportError(f"onnxruntime quantization of {fp32_path} failed: {type(err).__name__}: {err}") from err
+        raise ExportError(f"onnxruntime quantization of {fp32_path} failed: {error_line(err)}") from err
 
 
 def _top1_agreement(session_a, session_b, images: np.ndarray, batch_size: int) -> float:

@@ -31,8 +31,8 @@ from sdzoo.files.weights import _PICKLE_SUFFIXES, WeightsError, describe_failure
 from sdzoo.export.onnx_export import ExportError, verify_onnx
 from sdzoo.models import SDResNet
 
-__all__ = ["HubError", "CheckpointMismatchError", "VerificationError", "Run", "load_run", "check_onnx_matches",
-           "verify_upload", "file_sha256"]
+__all__ = ["HubError", "CheckpointMismatchError", "VerificationError", "LoadedRun", "load_run",
+           "check_onnx_matches", "verify_upload", "file_sha256"]
 
 
 class HubError(RuntimeError):
@@ -48,7 +48,7 @@ class VerificationError(HubError):
 
 
 @dataclass
-class Run:
+class LoadedRun:
     """A run folder, loaded: the model with its weights (eval mode) and the run's summary.json."""
     path: Path
     model: nn.Module
@@ -62,7 +62,7 @@ def file_sha256(path: PathLike) -> str:
 
 
 # -- the run folder -------------------------------------------------------------------------------------
-def load_run(model_dir: PathLike) -> Run:
+def load_run(model_dir: PathLike) -> LoadedRun:
     """Build the model that the run's config.json describes and load its weights, checking that they fit."""
     path = Path(model_dir)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -83,7 +83,8 @@ def load_run(model_dir: PathLike) -> Run:
     if not timm.is_model(architecture or ""):
         raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
     try:
-        # timm's own loader: config.json's model_args, then a strict load of the weights, checked first by the model factory (sdzoo.files.weights).
+        # timm's own loader: config.json's model_args, then a strict load of the weights, checked first by the
+        # model factory (sdzoo.files.weights).
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
     except WeightsError as e:  # the file does not fit config.json, contradicts it, or holds NaN/inf
         raise CheckpointMismatchError(str(e)) from None
@@ -110,10 +111,10 @@ def load_run(model_dir: PathLike) -> Run:
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     except ValueError as e:
         raise CheckpointMismatchError(f"{summary_path} is not valid JSON: {e}") from None
-    return Run(path=path, model=model.eval(), summary=summary)
+    return LoadedRun(path=path, model=model.eval(), summary=summary)
 
 
-def check_onnx_matches(run: Run, onnx_path: PathLike) -> None:
+def check_onnx_matches(run: LoadedRun, onnx_path: PathLike) -> None:
     """The ONNX file must compute what the run's weights compute: the export's own onnxruntime check (at the
     file's input size), so that a file exported from another epoch or run is never published."""
 

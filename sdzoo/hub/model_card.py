@@ -16,25 +16,22 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from huggingface_hub import ModelCard
 
-from sdzoo.datasets import DATASETS as _REGISTRY
+from sdzoo.datasets import DATASETS
 from sdzoo.training.recipes import PAPER_RESULTS
-from sdzoo.training.settings import DEFINING
+from sdzoo.training.settings import DEFINING_SETTINGS
 from sdzoo.survival import SurvivalSettings
 
 __all__ = [
-    "DATASETS", "RunResults", "read_results", "card_metadata", "render_model_card",
+    "RunResults", "read_results", "card_metadata", "render_model_card",
     "default_template_path", "published_summary", "SUMMARY_KEYS", "SETTINGS_KEYS", "markdown_cell", "onnx_note",
 ]
 
 TEMPLATE_NAME = "model_card_template.md"
 
-# Data set name in a run's summary -> (display name, Hub data set id or None), from the registry (sdzoo.datasets).
-DATASETS: Dict[str, Tuple[str, Optional[str]]] = {
-    name: (spec.display_name, spec.hub_id) for name, spec in _REGISTRY.items() if spec.display_name}
-
 # Training settings shown in the card's recipe table (keys of summary.json's "settings"): every setting that
-# defines a run, in the order of sdzoo.training.settings.DEFINING; the model, the data set and its classes head the card.
-_RECIPE_KEYS = ("recipe",) + tuple(k for k in DEFINING if k not in ("recipe", "model", "dataset", "num_classes"))
+# defines a run, in the order of DEFINING_SETTINGS; the model, the data set and its classes head the card.
+_RECIPE_KEYS = ("recipe",) + tuple(k for k in DEFINING_SETTINGS
+                                   if k not in ("recipe", "model", "dataset", "num_classes"))
 
 
 @dataclass
@@ -52,11 +49,11 @@ class RunResults:
 
     @property
     def dataset_name(self) -> str:
-        return DATASETS.get(self.dataset, (self.dataset, None))[0]
+        return DATASETS[self.dataset].title if self.dataset in DATASETS else self.dataset
 
     @property
     def dataset_id(self) -> Optional[str]:
-        return DATASETS.get(self.dataset, (None, None))[1]
+        return DATASETS[self.dataset].hub_id if self.dataset in DATASETS else None
 
 
 # What the card reads of a run's summary.json, and all that a published summary.json holds (the rest of a run's
@@ -240,23 +237,10 @@ def render_model_card(
         unverified_settings: bool = False,
         pruning: Optional[Mapping[str, Any]] = None,
 ) -> str:
-    """The README.md of a Hub repo.
-
-    Args:
-        repo_id: the Hub repo, ``owner/name``.
-        config: the repo's config.json (timm's format: architecture, model_args, pretrained_cfg).
-        summary: the run's summary.json, or None (the card then reports no results).
-        block_probs: survival probability of each residual block (``SDResNet.block_survival_probs()``).
-        num_params: number of parameters of the model.
-        files: names of the files in the repo.
-        template: Jinja template text; default: the one shipped with sdzoo (``default_template_path()``).
-        file_notes: what each file is (name -> a few words), for the card's list of files.
-        onnx_folded: what the ONNX file's metadata says of p_l: folded (True), not (False), or nothing (None).
-        unverified_settings: the run's weights recorded no survival settings: the card says that those shown
-            come from its config.json alone.
-        pruning: a pruned model's measurements (pruning.json). A pruned model's card reports those and never
-            the results of the run it was pruned from (``summary`` is then left out).
-    """
+    """The README.md of a Hub repo, from its config.json and the run's summary.json (None: no results).
+    ``onnx_folded`` is what the ONNX file's metadata says of p_l (None: nothing); ``unverified_settings``, that
+    the weights recorded no survival settings. A pruned model's card reports its ``pruning`` measurements and
+    never the results of the run it was pruned from."""
     onnx = next((f for f in files if f.endswith(".onnx")), None)
     template_path = default_template_path() if template is None else None
     if template_path is not None and not template_path.is_file():
@@ -301,7 +285,7 @@ def render_model_card(
         onnx_note=onnx_note(onnx_folded),
         curves_name=next((f for f in files if f.endswith(".png")), None),
         channels=channels, height=height, width=width,
-        mean=list(pretrained_cfg.get("mean") or _REGISTRY["imagenet"].mean),
-        std=list(pretrained_cfg.get("std") or _REGISTRY["imagenet"].std),
+        mean=list(pretrained_cfg.get("mean") or DATASETS["imagenet"].mean),
+        std=list(pretrained_cfg.get("std") or DATASETS["imagenet"].std),
     )
     return str(card)

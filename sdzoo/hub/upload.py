@@ -34,7 +34,7 @@ from sdzoo.files.weights import save_weights
 from sdzoo.export.depth import PRUNING_NAME
 from sdzoo.files.hf_config import write_config
 from sdzoo.hub.load import (
-    CheckpointMismatchError, HubError, Run, VerificationError, check_onnx_matches, file_sha256, load_run,
+    CheckpointMismatchError, HubError, LoadedRun, VerificationError, check_onnx_matches, file_sha256, load_run,
     verify_upload)
 from sdzoo.training.metrics_plot import read_metrics
 from sdzoo.hub.model_card import published_summary, render_model_card
@@ -42,9 +42,9 @@ from sdzoo.training.run_record import METRICS_KEYS
 from sdzoo.export.onnx_export import MAX_INPUT_SIDE, read_metadata
 
 __all__ = [
-    "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError", "Run",
-    "PublishResult", "DEFAULT_TIMEOUT", "check_repo_id", "resolve_token", "load_run", "stage_hub_folder",
-    "write_hub_folder", "upload_hub_folder", "verify_upload", "publish",
+    "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError",
+    "LoadedRun", "PublishResult", "DEFAULT_TIMEOUT", "check_repo_id", "resolve_token", "load_run",
+    "stage_hub_folder", "write_hub_folder", "upload_hub_folder", "verify_upload", "publish",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def onnx_folded(onnx_path: PathLike) -> Optional[bool]:
     return {"true": True, "false": False}.get(value)
 
 
-def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Tuple[Path, bool]]:
+def _extras(run: LoadedRun, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Tuple[Path, bool]]:
     """Optional files of the repo (name in the repo -> source, whether it is a file of the run folder): ONNX,
     training curves, per-epoch metrics. Files named by the caller are taken as given."""
     for name, given in (("onnx", onnx), ("curves", curves)):
@@ -165,14 +165,14 @@ def _extras(run: Run, onnx: Optional[PathLike], curves: Optional[PathLike]) -> D
     return extras
 
 
-def _write_published_metrics(src: Path, dst: Path) -> None:
-    """metrics.jsonl as published: each record with only the keys the trainer writes (``METRICS_KEYS``), so that
-    nothing else a run folder's log was given (a token, a path) is published."""
-    lines = [json.dumps({k: v for k, v in record.items() if k in METRICS_KEYS}) + "\n" for record in read_metrics(src)]
-    dst.write_text("".join(lines), encoding="utf-8")
+def _keep_published_metrics(path: Path) -> None:
+    """Rewrite metrics.jsonl as published: each record with only the keys the trainer writes (``METRICS_KEYS``),
+    so that nothing else a run folder's log was given (a token, a path) is published."""
+    lines = [json.dumps({k: v for k, v in record.items() if k in METRICS_KEYS}) + "\n" for record in read_metrics(path)]
+    path.write_text("".join(lines), encoding="utf-8")
 
 
-def _pruning(run: Run) -> Optional[Dict]:
+def _pruning(run: LoadedRun) -> Optional[Dict]:
     """A pruned model's measurements, pruning.json of its folder (written by the export's --pruned-dir)."""
     path = run_folder_file(run.path, PRUNING_NAME)
     if path is None:
@@ -186,7 +186,7 @@ def _pruning(run: Run) -> Optional[Dict]:
     return pruning
 
 
-def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[PathLike] = None,
+def stage_hub_folder(run: LoadedRun, folder: PathLike, repo_id: str, onnx: Optional[PathLike] = None,
                      curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
     folder = Path(folder)
@@ -216,7 +216,7 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
         else:
             shutil.copyfile(src, folder / name)
         if name == METRICS_NAME:
-            _write_published_metrics(folder / name, folder / name)  # the copy, read through no link
+            _keep_published_metrics(folder / name)  # the copy, read through no link
     if summary is not None:
         with open(folder / SUMMARY_NAME, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -230,7 +230,7 @@ def stage_hub_folder(run: Run, folder: PathLike, repo_id: str, onnx: Optional[Pa
     return files
 
 
-def _unverified_settings(run: Run) -> bool:
+def _unverified_settings(run: LoadedRun) -> bool:
     """Whether the run's weights file recorded no survival settings: those of its config.json could not be
     checked against the weights, and the published file records them as its own. Said on the command line
     (a warning) and on the card."""
@@ -243,7 +243,7 @@ def _unverified_settings(run: Run) -> bool:
     return True
 
 
-def _check_input_size(run: Run, config: Dict) -> None:
+def _check_input_size(run: LoadedRun, config: Dict) -> None:
     """The published config's input size must be one the project's own export takes (``MAX_INPUT_SIDE``)."""
     size = (config.get("pretrained_cfg") or {}).get("input_size")
     if size is None:
@@ -255,7 +255,7 @@ def _check_input_size(run: Run, config: Dict) -> None:
                          "input size, which the export refuses") from None
 
 
-def write_hub_folder(run: Run, out_dir: PathLike, repo_id: str, **kwargs) -> List[str]:
+def write_hub_folder(run: LoadedRun, out_dir: PathLike, repo_id: str, **kwargs) -> List[str]:
     """``stage_hub_folder`` into a new folder, atomically: staged beside it, then renamed into place."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -33,9 +33,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from sdzoo.files.disk import atomic_write, save_json, write_text
 from sdzoo.files.run_folder import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME
-from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
+from sdzoo.training.metrics_plot import epoch_axis, epoch_records, evaluations, read_metrics
 from sdzoo.training.recipes import PAPER_RESULTS
-from sdzoo.training.settings import DEFINING, build_parser
+from sdzoo.training.settings import DEFINING_SETTINGS, build_parser, given_flags
 
 __all__ = ["SETTINGS", "PAPER_CIFAR10", "Job", "plan_jobs", "run_jobs", "collect", "write_results", "main"]
 
@@ -90,11 +90,8 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 def _given_defining(train_args: Sequence[str]) -> Dict[str, Any]:
     """The settings that define a run which ``train_args`` set (the recipe's others are the same by name)."""
-    namespace = build_parser().parse_args(list(train_args))
-    given = {k: v for k, v in vars(namespace).items() if v is not None and k in DEFINING}
-    if "lr_drops" in given:
-        given["lr_drops"] = sorted(given["lr_drops"])
-    return json.loads(json.dumps(given))
+    given = given_flags(build_parser().parse_args(list(train_args)))
+    return json.loads(json.dumps({k: v for k, v in given.items() if k in DEFINING_SETTINGS}))  # as summary.json
 
 
 def plan_jobs(output: Path, seeds: Sequence[int], train_args: Sequence[str], device: str,
@@ -205,7 +202,7 @@ def _run_result(job: Job) -> Dict[str, Any]:
         mean_depth=statistics.fmean(r["mean_depth"] for r in epochs) if epochs else None,
         expected_depth=epochs[-1]["expected_depth"] if epochs else None,
         # [epochs done, value]: evaluations fall at epoch ends, or every N steps (--eval-every-steps)
-        test_error_curve=[[r.get("epochs_done", r["epoch"]), r["test_error"]] for r in evaluations(records)],
+        test_error_curve=[[epoch_axis(r), r["test_error"]] for r in evaluations(records)],
         first_stage_grad_curve=[[r["epoch"], _first_stage(r["grad_mean_abs"])] for r in epochs])
 
 

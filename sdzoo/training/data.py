@@ -173,10 +173,8 @@ class InMemoryData(_Data):
 
     def to(self, device: torch.device) -> "InMemoryData":
         """Keep the whole data set on the training device (a batch is then an index)."""
-        def move(split: Optional[Split]) -> Optional[Split]:
-            return None if split is None else split.to(device)
-
-        self.train, self.val, self.test = move(self.train), move(self.val), move(self.test)
+        self.train, self.val, self.test = (None if split is None else split.to(device)
+                                           for split in (self.train, self.val, self.test))
         return self
 
     def plan_epoch(self, order_gen: torch.Generator, aug_gen: torch.Generator) -> EpochPlan:
@@ -219,18 +217,13 @@ class InMemoryData(_Data):
             yield normalize(x, self.mean, self.std), y
 
 
-def _split_off(num: int, val_size: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
-    """Shuffle ``range(num)`` and cut it into (train, val) index tensors."""
-    order = torch.randperm(num, generator=generator)
-    return order[val_size:].sort().values, order[:val_size].sort().values
-
-
 def _hold_out(full: Split, val_size: int, split_seed: int, label: str) -> Tuple[Split, Optional[Split]]:
     """(train, validation) of a training set: ``val_size`` images held out at random (a fixed draw of
     ``split_seed``); validation None for 0."""
     if not 0 <= val_size < len(full):
         raise DataError(f"--val-size must be in [0, {len(full)}) for {label}; got {val_size}")
-    train_idx, val_idx = _split_off(len(full), val_size, torch.Generator().manual_seed(split_seed))
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(split_seed))
+    train_idx, val_idx = order[val_size:].sort().values, order[:val_size].sort().values
     val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
     return Split(full.images[train_idx], full.labels[train_idx]), val
 

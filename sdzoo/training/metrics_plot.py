@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 from sdzoo.files.disk import atomic_write
 
-__all__ = ["read_metrics", "epoch_records", "evaluations", "plot_curves"]
+__all__ = ["read_metrics", "epoch_records", "evaluations", "epoch_axis", "plot_curves"]
 
 
 def read_metrics(path) -> List[Dict]:
@@ -48,7 +48,8 @@ def evaluations(records: List[Dict]) -> List[Dict]:
     return [r for r in records if r.get("test_error") is not None]
 
 
-def _epochs_done(record: Dict) -> float:
+def epoch_axis(record: Dict) -> float:
+    """Where a record lies on the epoch axis: an evaluation inside epochs at its ``epochs_done``."""
     return record.get("epochs_done", record["epoch"])
 
 
@@ -67,13 +68,13 @@ def plot_curves(metrics_path, out_path, title: Optional[str] = None) -> bool:
                                     ("val_error", "val error", "-", evals), ("test_error", "test error", "-", evals)):
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
-            ax_err.plot([_epochs_done(r) for r in rows], [float("nan") if v is None else v for v in values], style,
+            ax_err.plot([epoch_axis(r) for r in rows], [float("nan") if v is None else v for v in values], style,
                         label=label)
     ax_err.set_xlabel("epoch")
     ax_err.set_ylabel("error (%)")
     ax_err.grid(alpha=0.3)
     ax_loss = ax_err.twinx()
-    ax_loss.plot([_epochs_done(r) for r in epochs], [r["train_loss"] for r in epochs], ":", color="grey",
+    ax_loss.plot([epoch_axis(r) for r in epochs], [r["train_loss"] for r in epochs], ":", color="grey",
                  label="train loss")
     ax_loss.set_ylabel("training loss")
     lines = ax_err.get_legend_handles_labels()[0] + ax_loss.get_legend_handles_labels()[0]

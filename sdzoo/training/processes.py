@@ -1,8 +1,5 @@
 """The processes of a run and what they share: torchrun's ranks, the device, the global batch's split, the
 data (loaded on every rank), the BatchNorm policy over processes (SyncBatchNorm) and the DDP wrapper.
-
-Every rank draws the same gates (one gate seed) and so skips the same blocks; a skipped block's parameters
-get zero gradients, so a plain DDP sees a gradient for every parameter in every step.
 """
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from sdzoo.training.data import TENSOR_DATASETS, DataError, load_data
+from sdzoo.training.data import DataError, load_data
 from sdzoo.training.settings import Settings, TrainError
 
 __all__ = ["Dist", "setup_processes", "all_reduce", "local_batch_size", "load_data_everywhere", "use_sync_batchnorm",
@@ -96,8 +93,8 @@ def load_data_everywhere(s: Settings, dist: Dist, device: torch.device):
     if error:
         raise DataError(error)
     data = data if dist.main else load()
-    if device.type == "cuda" and s.dataset in TENSOR_DATASETS:
-        data.to(device)
+    if device.type == "cuda":
+        data.to(device)  # in-memory data moves; folder data stays with its loader
     if len(data) < s.batch_size:
         raise TrainError(f"--batch-size {s.batch_size} is larger than the {len(data)} training images")
     return data

@@ -31,8 +31,9 @@ from sdzoo.files.checks import error_line
 from sdzoo.files.disk import PathLike
 from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
-    describe_load_error, load_state, save_state)
-from sdzoo.training.settings import DEFINING, HOW_IT_RUNS, Settings, TrainError, new_run_settings
+    describe_load_error, load_state, read_run_config, save_state)
+from sdzoo.training.metrics_plot import epoch_records
+from sdzoo.training.settings import DEFINING_SETTINGS, Settings, TrainError, given_flags, new_run_settings
 from sdzoo.survival import TRAINED_FIELDS
 from sdzoo.gate import derived_seed
 from sdzoo.files.weights import WeightsError, read_header
@@ -109,19 +110,15 @@ class EpochTotals:
                    state["seen"], state["steps"], state["depth_sum"], state["train_time"])
 
 
-def _stream_seed(seed: int, stream: int) -> int:
-    """Independent seeds for the data order and the augmentation, derived from the run's seed."""
-    return derived_seed(seed, stream)
-
-
 class RandomStreams:
     """Every random state of a run: the data order and augmentation generators, the gates' sampler and
     torch's global generators. An epoch's data plan is drawn at its start, so a checkpoint inside an epoch
     keeps the generators' epoch-start states (the plan is redrawn on resume) and the others' current ones."""
 
     def __init__(self, seed: int, gate_sampler, device: torch.device):
-        self.order = torch.Generator().manual_seed(_stream_seed(seed, 1))
-        self.augment = torch.Generator().manual_seed(_stream_seed(seed, 2))
+        # Independent seeds for the data order and the augmentation, derived from the run's seed.
+        self.order = torch.Generator().manual_seed(derived_seed(seed, 1))
+        self.augment = torch.Generator().manual_seed(derived_seed(seed, 2))
         self.gate_sampler, self.device = gate_sampler, device
         self._epoch_start: Optional[tuple] = None
 
@@ -209,9 +206,7 @@ def _same_kind(value: Any, template: Any, exact_ints: bool = True) -> bool:
         return isinstance(value, bool)
     if isinstance(template, int) and exact_ints:
         return _is_int(value, low=-1)
-    if isinstance(template, int):
-        return _is_number(value)
-    if isinstance(template, float):
+    if isinstance(template, (int, float)):
         return _is_number(value)
     if template is None:
         return value is None or isinstance(value, bool)
@@ -299,9 +294,7 @@ def check_restored_values(checkpoint: Dict[str, Any]) -> Optional[str]:
 
 def resolve_settings(args: argparse.Namespace) -> Tuple[Settings, Optional[Dict[str, Any]]]:
     """The run's settings (recipe < flags, or the checkpoint's < run flags on resume) and the checkpoint."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if "lr_drops" in given:
-        given["lr_drops"] = tuple(sorted(given["lr_drops"]))
+    given = given_flags(args)
     resume = given.pop("resume", None)
     if resume is None:
         return new_run_settings(given), None
@@ -325,13 +318,13 @@ def resume_settings(resume: str, given: Dict[str, Any]) -> Tuple[Settings, Dict[
     check_checkpoint_of_folder(path, checkpoint)  # before anything in the folder is touched
     if "lr" in given:
         settings = _with_new_lr(settings, checkpoint, given["lr"])
-    changed = [k for k in DEFINING if k in given and given[k] != getattr(settings, k)]
+    changed = [k for k in DEFINING_SETTINGS if k in given and given[k] != getattr(settings, k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {_as_typed(given[k])} (run: {_as_typed(getattr(settings, k))})"
                           for k in changed)
         raise TrainError(f"--resume continues a run with its own settings; these flags differ: {flags}. "
                          "Start a new run (another --output) to change them")
-    how_it_runs = {k: v for k, v in given.items() if k in HOW_IT_RUNS}
+    how_it_runs = {k: v for k, v in given.items() if k not in DEFINING_SETTINGS}  # every flag left is of how it runs
     return dataclasses.replace(settings, **dict(how_it_runs, output=str(path.parent))), checkpoint
 
 
@@ -345,29 +338,30 @@ def check_checkpoint_of_folder(path: Path, checkpoint: Dict[str, Any]) -> None:
     """A checkpoint.pt must be the last state of the run whose files lie beside it: the same settings as
     summary.json and config.json, the history of metrics.jsonl up to its step (its best evaluation among them),
     and the weights of model.safetensors (the best ones: the same tensors when the best is its own step).
-    Raises CheckpointError, having read the files only."""
+    ``checkpoint`` is as ``load_resume_state`` returns it, its values checked. Raises CheckpointError, having
+    read the files only."""
     folder, settings = path.parent, checkpoint["settings"]
     problems = []
 
-    def read_json(name: str):
+    def read(name: str, reader):
         try:
-            return json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else None
+            return reader(folder / name) if (folder / name).is_file() else None
         except (OSError, ValueError):
             problems.append(f"{name} is unreadable")
             return None
 
-    summary = read_json(SUMMARY_NAME)
+    summary = read(SUMMARY_NAME, lambda path: json.loads(path.read_text(encoding="utf-8")))
     recorded = summary.get("settings") if isinstance(summary, dict) else None
     if isinstance(recorded, dict):
-        differ = [k for k in DEFINING
+        differ = [k for k in DEFINING_SETTINGS
                   if k != "lr" and k in recorded and _as_json(recorded[k]) != _as_json(settings.get(k))]
         if differ:
             pairs = ", ".join(f"{k}: {recorded[k]!r} there, {settings.get(k)!r} in the checkpoint" for k in differ[:4])
             problems.append(f"{SUMMARY_NAME} records other settings ({pairs})")
-    config = read_json(CONFIG_NAME)
-    if isinstance(config, dict):
-        args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
-        theirs = dict(model=config.get("architecture"), **{k: args.get(k) for k in TRAINED_FIELDS})
+    config = read(CONFIG_NAME, read_run_config)
+    if config is not None:
+        args = config.get("model_args", {})
+        theirs = dict(model=config["architecture"], **{k: args.get(k) for k in TRAINED_FIELDS})
         differ = [k for k, v in theirs.items()
                   if k in settings and v is not None and _as_json(v) != _as_json(settings[k])]
         if differ:
@@ -398,37 +392,32 @@ def _history_problems(folder: Path, checkpoint: Dict[str, Any]) -> List[str]:
                 continue  # a line cut by a kill: dropped on resume anyway
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 records.append(record)
-    elif epochs or (isinstance(best, dict) and best.get("step") is not None):
+    elif epochs or best["step"] is not None:
         return [f"it has done {epochs} epoch(s), and the folder has no {METRICS_NAME}"]
     problems = []
-    done = [r for r in records if r.get("kind", "epoch") == "epoch"]
-    if [r.get("epoch") for r in done] != list(range(1, epochs + 1)):
+    done = [r.get("epoch") for r in epoch_records(records)]
+    if done != list(range(1, epochs + 1)):
         problems.append(f"it has done {epochs} epoch(s) by step {step}, and {METRICS_NAME} records epochs "
-                        f"{[r.get('epoch') for r in done][:10]} by then")
-    if isinstance(best, dict) and best.get("step") is not None:
-        match = [r for r in records if r.get("step") == best["step"] and r.get("val_error") == best.get("val_error")
-                 and r.get("test_error") == best.get("test_error")]
-        if not match:
-            problems.append(f"its best evaluation (step {best['step']}, validation error {best.get('val_error')}, "
-                            f"test error {best.get('test_error')}) is not in {METRICS_NAME}")
+                        f"{done[:10]} by then")
+    recorded = any(all(r.get(k) == best[k] for k in ("step", "val_error", "test_error")) for r in records)
+    if best["step"] is not None and not recorded:
+        problems.append(f"its best evaluation (step {best['step']}, validation error {best['val_error']}, "
+                        f"test error {best['test_error']}) is not in {METRICS_NAME}")
     return problems
 
 
 def _weights_problems(folder: Path, checkpoint: Dict[str, Any]) -> List[str]:
     """model.safetensors holds the run's best weights: the checkpoint's tensors when the best is its own step,
-    tensors of the same names and shapes in any case."""
-    weights = folder / WEIGHTS_NAME
-    state = checkpoint["model"]
-    best = checkpoint["best"] if isinstance(checkpoint["best"], dict) else {}
+    tensors of the same names and shapes in any case (its header read by ``sdzoo.files.weights``, bounded)."""
+    weights, state, best = folder / WEIGHTS_NAME, checkpoint["model"], checkpoint["best"]  # checked: a state dict
     if not weights.is_file():
         return [f"its best evaluation is step {best['step']}, and the folder has no {WEIGHTS_NAME}"] \
-            if best.get("step") is not None else []
-
+            if best["step"] is not None else []
     try:
-        shapes = read_header(weights)[0]  # bounded before it is parsed
-        if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != shapes:
+        shapes = read_header(weights)[0]
+        if {k: tuple(v.shape) for k, v in state.items()} != shapes:
             return [f"{WEIGHTS_NAME} holds tensors of other names or shapes than the checkpoint's model"]
-        if best.get("step") == checkpoint["global_step"]:
+        if best["step"] == checkpoint["global_step"]:
             with safe_open(str(weights), framework="pt") as f:
                 changed = [k for k in shapes if not torch.equal(f.get_tensor(k), state[k])]
             if changed:
@@ -481,8 +470,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> 
 
 def say_resumed(log, checkpoint: Dict[str, Any], s: Settings, state: TrainState) -> None:
     """Where the run resumes (``log``: the run's ``RunLog``), a new ``--lr``, and a change of process count."""
-    if _lr_of(checkpoint) != s.lr:
-        log.say(f"--lr changed from {_lr_of(checkpoint)} to {s.lr} (recorded in metrics.jsonl and summary.json)")
+    old_lr = checkpoint["settings"]["lr"]
+    if old_lr != s.lr:
+        log.say(f"--lr changed from {old_lr} to {s.lr} (recorded in metrics.jsonl and summary.json)")
     log.say(f"resuming {log.out} at epoch {state.epoch + 1}, step {state.step} (global step {state.global_step})")
     if checkpoint["world_size"] != log.dist.world and log.dist.main:
         # Same global batches and gates, but BatchNorm sees other per-process batches: not bit-identical.
@@ -493,10 +483,6 @@ def say_resumed(log, checkpoint: Dict[str, Any], s: Settings, state: TrainState)
 # -- a new --lr on resume: the one defining setting a resumed run may change ----------------------------------
 # The settings record it (lr_changes, saved with them), the optimizer and scheduler take it over in
 # ``restore``, and the epoch it took effect in records it in metrics.jsonl (``lr_change_in``).
-def _lr_of(checkpoint: Dict[str, Any]) -> float:
-    return checkpoint["settings"]["lr"]
-
-
 def _with_new_lr(settings: Settings, checkpoint: Dict[str, Any], lr: float) -> Settings:
     if lr == settings.lr:
         return settings
@@ -507,7 +493,7 @@ def _with_new_lr(settings: Settings, checkpoint: Dict[str, Any], lr: float) -> S
 
 def _apply_new_lr(checkpoint: Dict[str, Any], s: Settings, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """The saved lr (its drops already passed included) scaled to the new one; later drops start from it."""
-    old_lr = _lr_of(checkpoint)
+    old_lr = checkpoint["settings"]["lr"]
     if old_lr != s.lr:
         for group in optimizer.param_groups:
             group["lr"] *= s.lr / old_lr

@@ -3,9 +3,7 @@
 ``RunLog`` holds the folder (its lock: rank 0 is its one writer), the best weights so far (model.safetensors
 and config.json), metrics.jsonl (a line per epoch and per evaluation), the gates files (``--record-gates``),
 summary.json and the progress lines. It keeps the counts that summary.json reports in memory (a resumed run
-counts the lines it finds once, when it starts). ``Progress`` is an epoch's progress bar, ``GateLog`` the gates
-of the last step, ``epoch_record`` an epoch's line of metrics.jsonl, and ``stage_groups``/``grad_abs_sums``
-its gradient metric.
+counts the lines it finds once, when it starts).
 """
 from __future__ import annotations
 
@@ -20,7 +18,9 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from sdzoo.files.disk import remove_stale_temps, save_json
-from sdzoo.files.run_folder import CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, lock_run_folder, save_model_config, truncate_lines
+from sdzoo.files.run_folder import (
+    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, lock_run_folder,
+    save_model_config, truncate_lines)
 from sdzoo.files.weights import save_weights
 from sdzoo.gate import GateSampler
 from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
@@ -62,25 +62,17 @@ class GateLog:
             return [None] * len(self.sampler.survival_probs), 1
         return self.sampler.last_draw
 
-    def _last_or_every_block(self) -> Tuple[list, int]:
-        """The last draw; with the gates off (constant depth) no draw is made, and every block runs."""
-        if self.last is None and self.sampler.mode == "off":
-            return [None] * len(self.sampler.survival_probs), 1
-        return self.last
-
     def depth(self) -> float:
-        """Blocks that ran in the last step (per sample, averaged, in sample mode); every block with the gates
-        off."""
-        if self.last is None and self.sampler.mode != "off":
+        """Blocks that ran in the last step (per sample, averaged, in sample mode); nan before the first draw."""
+        if self.last is None:
             return float("nan")
-        gates, batch = self._last_or_every_block()
+        gates, batch = self.last
         # A batch gate is a bool, or a float holding the inverted scale (0: skipped) under drop-rate warmup.
         return sum(1.0 if g is None else float(g > 0) if g.dim() == 0 else g.numel() / batch for g in gates)
 
     def line(self) -> str:
-        gates, _ = self._last_or_every_block()
         return " ".join("1" if g is None else str(int(g > 0)) if g.dim() == 0 else ",".join(map(str, g.tolist()))
-                        for g in gates)
+                        for g in self.last[0])
 
 
 # -- the run folder's logs -------------------------------------------------------------------------------------

@@ -2,9 +2,8 @@
 
 A run's settings are a named recipe (``sdzoo.training.recipes``) overridden by the flags given; a resumed run takes
 its checkpoint's settings (read by ``sdzoo.training.resume``), where only how it runs (device, logging, ...) and
-``--lr`` may change. Everything
-the flag parser cannot see (combinations, the run folder) is checked here, before anything runs, and each
-message names the flag.
+``--lr`` may change. Everything the flag parser cannot see (combinations, the run folder) is checked here,
+before anything runs, and each message names the flag.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from sdzoo.gate import GATE_MODES, SCALINGS
 from sdzoo.training.recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
 from sdzoo.survival import SURVIVAL_RULES
 
-__all__ = ["Settings", "TrainError", "build_parser", "new_run_settings", "DEFINING"]
+__all__ = ["Settings", "TrainError", "build_parser", "given_flags", "new_run_settings", "DEFINING_SETTINGS"]
 
 
 class TrainError(Exception):
@@ -69,7 +68,7 @@ class Settings(Recipe):
     def from_dict(cls, values: Dict[str, Any]) -> "Settings":
         """Settings saved by ``to_dict`` (a checkpoint's)."""
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        missing = [k for k in DEFINING if k not in values]
+        missing = [k for k in DEFINING_SETTINGS if k not in values]
         if unknown or missing:
             raise CheckpointError(
                 "--resume: the checkpoint's settings " + "; ".join(what for what in (
@@ -85,9 +84,8 @@ class Settings(Recipe):
 
 
 # Settings that define the training run: a resumed run must keep them (it would not be the same run).
-DEFINING = tuple(f.name for f in fields(Recipe) if f.name != "note") + (
+DEFINING_SETTINGS = tuple(f.name for f in fields(Recipe) if f.name != "note") + (
     "recipe", "split_seed", "num_classes", "accum_steps", "drop_warmup")
-HOW_IT_RUNS = tuple(f.name for f in fields(Settings) if f.name not in DEFINING + ("note", "lr_changes"))
 # Files of a finished or stopped run: a new run refuses a folder that holds them.
 RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME)
 
@@ -239,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- settings ------------------------------------------------------------------------------------------------
+def given_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The flags given (the parser leaves the others None), with ``lr_drops`` in order."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if "lr_drops" in given:
+        given["lr_drops"] = tuple(sorted(given["lr_drops"]))
+    return given
+
+
 def new_run_settings(given: Dict[str, Any]) -> Settings:
     """The settings of a new run: its recipe overridden by the flags ``given``, checked."""
     recipe = given.pop("recipe", None) or (recipe_for_dataset(given["dataset"]) if "dataset" in given

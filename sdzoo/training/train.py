@@ -6,11 +6,9 @@ Evaluation (each epoch, or every ``eval_every_steps``) runs the full network in 
 BatchNorm's and biases too, and a skipped block's parameters see a zero gradient, so that weight decay and
 momentum still move them, as in the authors' code.
 
-This module is the loop and its steps, read top to bottom: ``start_run`` builds the run's parts (a ``Run``),
-then each epoch is ``train_epoch`` (``train_one_step`` per batch, with the evaluations and checkpoints inside
-the epoch) and ``end_epoch``. The settings and flags live in ``sdzoo.training.settings``, the processes in
-``sdzoo.training.processes``, the optimizer in ``sdzoo.training.optimizer``, checkpoint.pt in ``sdzoo.training.resume`` and the run's
-record (metrics.jsonl, summary.json, the progress lines) in ``sdzoo.training.run_record``.
+This module is the loop and its steps, read top to bottom: ``start_run`` builds the run's parts (a
+``TrainingRun``), then each epoch is ``train_epoch`` (``train_one_step`` per batch, with the evaluations and
+checkpoints inside the epoch) and ``end_epoch``.
 """
 from __future__ import annotations
 
@@ -36,10 +34,10 @@ from sdzoo.training.optimizer import build_optimizer, build_scheduler
 from sdzoo.training.processes import (
     Dist, all_reduce, load_data_everywhere, local_batch_size, setup_processes, sync_batchnorm_statistics,
     use_sync_batchnorm, wrap_model)
-from sdzoo.training.resume import EpochTotals, RandomStreams, TrainState, lr_change_in, restore, save_checkpoint, say_resumed
+from sdzoo.training.resume import (
+    EpochTotals, RandomStreams, TrainState, lr_change_in, resolve_settings, restore, save_checkpoint, say_resumed)
 from sdzoo.training.run_record import (
     GateLog, Progress, RunLog, done_line, epoch_line, epoch_record, error_text, grad_abs_sums, stage_groups)
-from sdzoo.training.resume import resolve_settings
 from sdzoo.training.settings import Settings, TrainError, build_parser
 from sdzoo.survival import SurvivalSettings, drop_warmup_factor
 
@@ -72,7 +70,7 @@ def build_model(s: Settings, num_classes: int, dist: Dist, device: torch.device,
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Everything a training run holds while it trains; the steps below read it and move it on."""
     s: Settings
     dist: Dist
@@ -98,7 +96,7 @@ class Run:
 
 
 def start_run(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, device: torch.device,
-              log: RunLog) -> Tuple[Run, Optional[Dict[str, Any]]]:
+              log: RunLog) -> Tuple[TrainingRun, Optional[Dict[str, Any]]]:
     """Data, model, optimizer and random streams, restored from ``checkpoint`` on resume. Returns the run and the
     running sums of the epoch a resumed run stopped in."""
     cuda = device.type == "cuda"
@@ -118,7 +116,7 @@ def start_run(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, dev
         say_resumed(log, checkpoint, s, state)
     log.start_at(state.global_step)
     model, eval_model, no_sync = wrap_model(raw_model, s, dist, device)
-    run = Run(s=s, dist=dist, device=device, log=log, data=data, raw_model=raw_model, model=model,
+    run = TrainingRun(s=s, dist=dist, device=device, log=log, data=data, raw_model=raw_model, model=model,
               eval_model=eval_model, no_sync=no_sync,
               autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16) if amp else nullcontext,
               channels_last=channels_last, optimizer=optimizer, scheduler=scheduler, streams=streams, state=state,
@@ -177,7 +175,7 @@ def evaluate(model: nn.Module, data, split: str, dist: Dist, batch_size: int, de
     return loss_sum / count, 100.0 * (1.0 - correct / count)
 
 
-def evaluate_and_keep_best(run: Run, epoch: int) -> Dict[str, Any]:
+def evaluate_and_keep_best(run: TrainingRun, epoch: int) -> Dict[str, Any]:
     """Validation and test of the weights now, with rank 0's BatchNorm statistics on every rank. The best
     weights, those of the lowest validation error so far (of the latest evaluation when there is no validation
     set), go to the run folder."""
@@ -194,7 +192,7 @@ def evaluate_and_keep_best(run: Run, epoch: int) -> Dict[str, Any]:
                 eval_time_s=time.perf_counter() - started)
 
 
-def stop_if_diverged(run: Run, totals: EpochTotals, epoch: int, with_weights: bool) -> None:
+def stop_if_diverged(run: TrainingRun, totals: EpochTotals, epoch: int, with_weights: bool) -> None:
     """Stop with ``Diverged`` when something became NaN or infinite on any rank: the loss (a NaN or inf loss
     in any step leaves the epoch's sum non-finite, so no step escapes) and, ``with_weights`` (before anything
     is saved), the weights and statistics."""
@@ -218,7 +216,7 @@ def stop_if_diverged(run: Run, totals: EpochTotals, epoch: int, with_weights: bo
                    f"{run.steps_per_epoch}); training stopped and {advice}")
 
 
-def save_run_checkpoint(run: Run, totals: EpochTotals) -> None:
+def save_run_checkpoint(run: TrainingRun, totals: EpochTotals) -> None:
     """checkpoint.pt at this step (rank 0 writes it), the gates recorded so far flushed first."""
     run.log.flush()
     if run.dist.main:
@@ -227,7 +225,7 @@ def save_run_checkpoint(run: Run, totals: EpochTotals) -> None:
                         scheduler=run.scheduler, streams=run.streams)
 
 
-def evaluate_and_record(run: Run, epoch: int, lr: float) -> None:
+def evaluate_and_record(run: TrainingRun, epoch: int, lr: float) -> None:
     """An evaluation inside the epochs (--eval-every-steps): a line of metrics.jsonl of its own."""
     state = run.state
     result = evaluate_and_keep_best(run, epoch)
@@ -237,7 +235,7 @@ def evaluate_and_record(run: Run, epoch: int, lr: float) -> None:
                 f"test err {result['test_error']:.2f}%  lr {lr:.3g}  best val @ step {state.best['step']}")
 
 
-def train_one_step(run: Run, x: Tensor, y: Tensor, totals: EpochTotals) -> None:
+def train_one_step(run: TrainingRun, x: Tensor, y: Tensor, totals: EpochTotals) -> None:
     """One optimizer step on this batch, added to the epoch's sums (and the gates file)."""
     s, state = run.s, run.state
     if run.channels_last:
@@ -254,7 +252,7 @@ def train_one_step(run: Run, x: Tensor, y: Tensor, totals: EpochTotals) -> None:
     run.log.record_gates(state.global_step, run.gate_log)
 
 
-def train_epoch(run: Run, epoch: int, plan, totals: EpochTotals) -> float:
+def train_epoch(run: TrainingRun, epoch: int, plan, totals: EpochTotals) -> float:
     """The epoch's steps from where it stands (a resumed epoch goes on from its step), with the evaluations
     and checkpoints that fall inside it. Returns the epoch's lr."""
     s, state, steps = run.s, run.state, run.steps_per_epoch
@@ -285,7 +283,7 @@ def train_epoch(run: Run, epoch: int, plan, totals: EpochTotals) -> float:
     return lr
 
 
-def end_epoch(run: Run, epoch: int, totals: EpochTotals, lr: float) -> None:
+def end_epoch(run: TrainingRun, epoch: int, totals: EpochTotals, lr: float) -> None:
     """The lr schedule's step, then the epoch's evaluation (the full network, each branch scaled by its survival
     probability), unless the evaluations come every N steps, when the run's last step gets one if it fell
     between two; the epoch's record, the checkpoint and summary.json."""
