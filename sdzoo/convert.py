@@ -388,12 +388,12 @@ def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_e
     inputs: List[fx.Node] = []
     body: List[Tuple[fx.Node, bool]] = []  # (node, is a recomputed size), in order
 
-    def bring(node: fx.Node) -> None:
+    def add_input(node: fx.Node) -> None:
         if node in env:
             return
         if node.op != "placeholder" and _is_shape(node) and node.all_input_nodes:
             for arg in node.all_input_nodes:
-                bring(arg)
+                add_input(arg)
             env[node] = node  # placeholder: filled in below, once every input has its placeholder
             body.append((node, True))
         else:
@@ -404,7 +404,7 @@ def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_e
     for node in site.region:
         for arg in node.all_input_nodes:
             if arg not in region:
-                bring(arg)
+                add_input(arg)
         body.append((node, False))
     for node, _ in body:  # placeholders are all made: now the nodes, in order
         if node is site.drop:

@@ -14,9 +14,9 @@ Free of imports, so that the models do not import the data pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
-__all__ = ["DatasetSpec", "DATASETS", "dataset_names", "spoken_list"]
+__all__ = ["DatasetSpec", "DATASETS", "dataset_names"]
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,3 @@ def dataset_names(**where) -> Tuple[str, ...]:
     """The names of the data sets whose entries have the given values, e.g. ``dataset_names(on_device=True)``."""
     return tuple(name for name, spec in DATASETS.items()
                  if all(getattr(spec, key) == value for key, value in where.items()))
-
-
-def spoken_list(names: Sequence[str]) -> str:
-    """``a, b and c``: names as a message lists them."""
-    names = list(names)
-    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else ""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from sdzoo.files.disk import PathLike, atomic_write
 from sdzoo.files.run_folder import SUMMARY_NAME
 from sdzoo.training.data import TENSOR_DATASETS, DataError, load_data, normalize
-from sdzoo.datasets import spoken_list
+from sdzoo.files.checks import and_list
 from sdzoo.export.latency import onnx_latency
 from sdzoo.export.onnx_export import eval_mode, export_onnx, ort_session, predict_onnx
 from sdzoo.prune import block_names, greedy_removals, prune_blocks, required_blocks
@@ -70,7 +70,7 @@ def run_splits(settings: Mapping[str, Any], mean: Sequence[float], std: Sequence
     or ``{"dataset": NAME}``; ``data_dir`` overrides the folder the run read. Nothing is downloaded."""
     name = settings.get("dataset")
     if name not in TENSOR_DATASETS:
-        raise DataError(f"--dataset must be one of {spoken_list(TENSOR_DATASETS)} (data sets held in memory) to "
+        raise DataError(f"--dataset must be one of {and_list(TENSOR_DATASETS)} (data sets held in memory) to "
                         f"rank, recalibrate and measure pruned models; got {name!r}")
     kwargs = {k: settings[k] for k in ("val_size", "split_seed", "image_size", "num_classes")
               if settings.get(k) is not None}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Tuple
+from typing import Iterable, Sequence, Tuple
 
 
 def error_line(error: BaseException, width: int = 240) -> str:
@@ -76,3 +76,9 @@ def check_input_size(name: str, value, min_side: int = 1, max_side: int = None) 
             sides += f", height and width <= {max_side}"
         raise ValueError(f"{name} must be (channels, height, width) of positive integers{sides}; got {value!r:.200}")
     return size
+
+
+def and_list(names: Sequence[str]) -> str:
+    """``a, b and c``: names as a message lists them."""
+    names = list(names)
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else ""

@@ -52,7 +52,7 @@ __all__ = [
     "read_header", "architecture_of", "check_pretrained", "check_weights_file", "check_loader_files",
     "check_state_dict", "check_finite", "fold_contradiction", "describe_failure", "is_out_of_memory",
     "WeightsProvenance", "PROVENANCE_KEY", "SETTINGS_KEY", "weights_metadata", "save_weights",
-    "read_weights_settings",
+    "read_weights_settings", "PICKLE_SUFFIXES",
 ]
 
 # Bounds on what a config.json may ask for. The largest zoo models are far inside them: sd_resnet1202_cifar
@@ -68,7 +68,7 @@ MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32
 MAX_TENSORS = 20_000
 MAX_HEADER_BYTES = 4 * 2**20
 _EXPANSION = {"basic": 1, "bottleneck": 4}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 class WeightsError(ValueError):
@@ -279,13 +279,13 @@ def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
 
 
 # -- the check -----------------------------------------------------------------------------------------------
-def _same(a: Any, b: Any) -> bool:
+def settings_equal(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(settings_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(settings_equal(a[k], b[k]) for k in a)
     return a == b
 
 
@@ -306,8 +306,8 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
                     shortcut=arch.shortcut, in_chans=arch.in_chans, num_classes=arch.num_classes)
     if len(arch.layers) == 1 and arch.block == "basic":
         expected.pop("shortcut")  # no block changes shape: either shortcut builds the same weights
-    differ = [f"{k}={_plain(args[k])!r} ({where} holds {k}={_plain(v)!r})" for k, v in expected.items()
-              if not _same(args[k], v)]
+    differ = [f"{k}={as_json_value(args[k])!r} ({where} holds {k}={as_json_value(v)!r})" for k, v in expected.items()
+              if not settings_equal(args[k], v)]
     if arch.pool_mult is not None and arch.num_classes:
         mult = 2 if args["global_pool"] == "catavgmax" else 1
         if mult != arch.pool_mult:
@@ -322,11 +322,11 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     differ = []
     if recorded.get("architecture") not in (None, variant):
         differ.append(f"architecture {variant!r} (the file's: {recorded['architecture']!r})")
-    if recorded.get("num_classes") is not None and not _same(recorded["num_classes"], args["num_classes"]):
+    if recorded.get("num_classes") is not None and not settings_equal(recorded["num_classes"], args["num_classes"]):
         differ.append(f"num_classes={args['num_classes']!r} (the file's: {recorded['num_classes']!r})")
     model_args = recorded["model_args"]
     for key in [k for k in model_args if k in args and k != "folded_from"]:  # the settings the weights were trained with
-        if model_args[key] is not None and not _same(model_args[key], args[key]):
+        if model_args[key] is not None and not settings_equal(model_args[key], args[key]):
             differ.append(f"{key}={args[key]!r} (the file's: {model_args[key]!r})")
     fold = fold_contradiction(model_args.get("folded_from"), args["folded_from"])
     if fold:
@@ -340,7 +340,7 @@ def fold_contradiction(recorded: Optional[Mapping[str, Any]], asked: Optional[Ma
                        whose: str = "the file's") -> Optional[str]:
     """What is wrong when weights whose record says ``folded_from=recorded`` go into a model built with
     ``folded_from=asked`` (None: they agree)."""
-    if _same(recorded or None, asked or None):
+    if settings_equal(recorded or None, asked or None):
         return None
     if recorded and not asked:
         return (f"an unfolded model, while {whose} weights are folded (p_l is in them; trained with {recorded}): "
@@ -351,7 +351,7 @@ def fold_contradiction(recorded: Optional[Mapping[str, Any]], asked: Optional[Ma
     return f"folded_from={asked} ({whose}: {recorded})"
 
 
-def _plain(value: Any) -> Any:
+def as_json_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -369,7 +369,7 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
             return str(path), None, str(path)
         # timm's save_for_hf writes pytorch_model.bin by default; timm reads it weights-only (no code runs), and
         # so do these checks, with the same choice of file as timm's loader.
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
         if not found:
             raise MissingWeightsError(f"{folder} has no {WEIGHTS_NAME} (nor another weights file); a model folder "
                                       f"holds timm's config.json and {WEIGHTS_NAME}")

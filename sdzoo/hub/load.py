@@ -27,7 +27,7 @@ from sdzoo.files.disk import PathLike
 from sdzoo.files.hub_http import DEFAULT_TIMEOUT, bounded_waits, describe_error, hub_api, scrub_token
 from sdzoo.files.run_folder import CONFIG_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config
 from sdzoo.files.hf_config import head_args, model_kwargs_of_config
-from sdzoo.files.weights import _PICKLE_SUFFIXES, WeightsError, describe_failure
+from sdzoo.files.weights import PICKLE_SUFFIXES, WeightsError, describe_failure
 from sdzoo.export.onnx_export import ExportError, verify_onnx
 from sdzoo.models import SDResNet
 
@@ -72,7 +72,7 @@ def load_run(model_dir: PathLike) -> LoadedRun:
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; a run folder holds timm's config.json and "
                                 f"{WEIGHTS_NAME}")
     if not weights_path.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         hint = f" ({', '.join(pickles)} found: pickle checkpoints are neither loaded nor published)" if pickles else ""
         raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{hint}")
     try:

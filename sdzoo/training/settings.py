@@ -19,7 +19,8 @@ import torch
 
 from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free)
-from sdzoo.datasets import DATASETS, dataset_names, spoken_list
+from sdzoo.datasets import DATASETS, dataset_names
+from sdzoo.files.checks import and_list
 from sdzoo.gate import GATE_MODES, SCALINGS
 from sdzoo.training.recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
 from sdzoo.survival import SURVIVAL_RULES
@@ -290,10 +291,10 @@ def _check_settings(s: Settings, given: Dict[str, Any]) -> None:
         raise TrainError(f"--model must be one of {', '.join(models)}; got {s.model!r}")
     dataset, spec = s.dataset, DATASETS[s.dataset]
     if "num_classes" in given and not spec.classes_by_flag:
-        raise TrainError(f"--num-classes applies to --dataset {spoken_list(dataset_names(classes_by_flag=True))} "
+        raise TrainError(f"--num-classes applies to --dataset {and_list(dataset_names(classes_by_flag=True))} "
                          f"only ({dataset} fixes its classes)")
     if "val_size" in given and not spec.val_split:
-        raise TrainError(f"--val-size applies to {spoken_list(dataset_names(val_split=True))}; {dataset} has fixed "
+        raise TrainError(f"--val-size applies to {and_list(dataset_names(val_split=True))}; {dataset} has fixed "
                          "splits")
     if "image_size" in given and spec.image_size:
         side = spec.image_size
@@ -306,7 +307,7 @@ def _check_settings(s: Settings, given: Dict[str, Any]) -> None:
         raise TrainError(f"--shift {s.shift} must be smaller than the image ({where})")
     for flag in ("color_jitter", "lighting"):
         if flag in given and spec.on_device:
-            raise TrainError(f"--{flag.replace('_', '-')} applies to {spoken_list(dataset_names(on_device=False))} "
+            raise TrainError(f"--{flag.replace('_', '-')} applies to {and_list(dataset_names(on_device=False))} "
                              f"data; {dataset} is augmented on the device")
     if given.get("sync_bn") and (s.device == "cpu" or not torch.cuda.is_available()):
         raise TrainError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
