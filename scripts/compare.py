@@ -1,13 +1,12 @@
 #!/usr/bin/env python3
-"""The paper's comparison: the same network trained with stochastic depth and at constant depth, for N seeds
-(see ``--help``; the logic in sdzoo/training/compare.py).
+"""The paper's comparison, stochastic against constant depth for N seeds: `sdzoo compare` (sdzoo/cli/compare.py).
 
     python scripts/compare.py --output runs/fmnist-compare --dataset fashion_mnist
     python scripts/compare.py --output runs/fmnist-compare --dataset fashion_mnist   # again: continues
 """
 import sys
 
-from sdzoo.training.compare import main
+from sdzoo.cli.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

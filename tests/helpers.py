@@ -1,5 +1,4 @@
 """Small helpers shared by the test files."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,14 +23,6 @@ def run_distributed_loop(loop: str, cases, steps: int, out: Path) -> dict:
     proc = run_two_processes(Path(__file__).with_name("distributed_loops.py"), loop, json.dumps(cases), steps, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(Path(out).read_text())
-
-
-def load_script(name: str):
-    """scripts/NAME.py as a module, so that tests can call its functions and main() in process."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

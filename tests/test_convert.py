@@ -22,7 +22,8 @@ from sdzoo.convert import DropPathGate, inspect_drop_paths
 from sdzoo.gate import kept_per_sample_count, set_drop_rate_factor
 from sdzoo.survival import drop_warmup_factor
 
-from helpers import load_script, randomize_batchnorm, run_distributed_loop, step_compiled_and_eager
+import sdzoo.cli.coverage
+from helpers import randomize_batchnorm, run_distributed_loop, step_compiled_and_eager
 
 MODES = ["sample", "batch"]
 RATE = 0.4
@@ -403,7 +404,7 @@ def test_a_list_argument_takes_the_real_skip_and_a_fallback_warns_naming_the_blo
 
 
 def test_the_coverage_survey_counts_the_gates_a_training_forward_asks(monkeypatch):
-    script = load_script("drop_path_coverage")
+    script = sdzoo.cli.coverage
     blocks = torch.nn.Sequential(Residual(), Residual()).to("meta")
     blocks.pretrained_cfg = dict(input_size=(8,))
     convert(blocks, "batch")

@@ -12,7 +12,8 @@ import sdzoo
 import sdzoo.export.onnx_export as onnx_export
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.export.onnx_export import ExportCheckError, export_onnx, op_histogram, read_metadata
-from helpers import load_script, randomize_batchnorm
+import sdzoo.cli.export
+from helpers import randomize_batchnorm
 
 RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial",
               "Dropout"}
@@ -194,7 +195,7 @@ def test_export_argument_errors(tmp_path):
 # -- CLI --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def script():
-    return load_script("export_onnx")
+    return sdzoo.cli.export
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ import torch
 from sdzoo.training.data import FASHION_MNIST_FILES, DataError, load_data, read_fashion_mnist
 from sdzoo.datasets import DATASETS
 
-from helpers import ROOT, load_script
+import sdzoo.cli.export
+from helpers import ROOT
 
 SPEC = DATASETS["fashion_mnist"]
 HAVE_REAL_DATA = all(os.path.isfile(os.path.join(SPEC.system_dir, name + ".gz"))
@@ -254,7 +255,7 @@ def test_fashion_mnist_run_exports_with_int8_calibrated_on_its_own_images(real_r
     results, _ = real_runs
     folder = next(run["folder"] for run in results["runs"] if run["setting"] == "stochastic_depth")
     output = tmp_path / "fmnist.onnx"
-    export = load_script("export_onnx")
+    export = sdzoo.cli.export
     code = export.main(["--model", f"local-dir:{folder}", "--output", str(output), "--quantize", "int8",
                         "--calib-images", "64"])
     text = capsys.readouterr().out

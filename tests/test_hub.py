@@ -33,7 +33,8 @@ from sdzoo.files import pretrained
 from sdzoo.hub.upload import CheckpointMismatchError, MissingTokenError, UploadError, publish
 from sdzoo.files.pretrained import NoPretrainedWeightsError, require_published_weights, with_published_weights
 from sdzoo.hub.model_card import render_model_card
-from helpers import load_script, randomize_batchnorm
+import sdzoo.cli.push
+from helpers import randomize_batchnorm
 
 TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)  # random, so that a leak is found by search, not by luck
 OWNER = "sdzoo-test"
@@ -302,7 +303,7 @@ def test_local_dir_writes_the_same_folder_without_upload(server, run, tmp_path):
 @pytest.mark.slow
 def test_cli_publishes_private_repo_saves_card_and_never_shows_token(server, run, tmp_path, monkeypatch, capsys,
                                                                      caplog):
-    cli = load_script("push_to_hub")
+    cli = sdzoo.cli.push
     repo_id = f"{OWNER}/cli-private"
     common = ["--model", f"local-dir:{run[0]}", "--repo-id", repo_id, "--endpoint", server.url,
               "--card-dir", str(tmp_path / "cards")]

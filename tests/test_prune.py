@@ -13,7 +13,10 @@ from sdzoo.fold import fold_survival
 from sdzoo.files.hf_config import write_config
 from sdzoo.export.onnx_export import export_onnx, op_histogram, read_metadata
 from sdzoo.prune import block_names, blocks_to_keep, greedy_removals, prune_blocks
-from helpers import load_script, randomize_batchnorm
+import sdzoo.cli.depth_sweep
+import sdzoo.cli.export
+import sdzoo.cli.push
+from helpers import randomize_batchnorm
 
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
@@ -221,7 +224,7 @@ def test_models_without_blocks_to_prune_or_with_contradicting_settings_are_refus
     (["--keep-blocks", "5", "--recalibrate-bn", "-3"], "--recalibrate-bn: recalibrate_bn must be"),
 ])
 def test_export_refuses_bad_pruning_flags_and_writes_nothing(trained_run, tmp_path, cli, extra, match):
-    export = load_script("export_onnx")
+    export = sdzoo.cli.export
     out = tmp_path / "m.onnx"
     result = cli(export.main, ["--model", f"local-dir:{trained_run}", "--output", out, *extra])
     assert result.code == 2, result.err
@@ -230,7 +233,7 @@ def test_export_refuses_bad_pruning_flags_and_writes_nothing(trained_run, tmp_pa
 
 
 def test_export_refuses_greedy_for_a_bare_checkpoint_without_a_data_set(trained_run, tmp_path, cli):
-    export = load_script("export_onnx")
+    export = sdzoo.cli.export
     result = cli(export.main, ["--model", "sd_resnet20_cifar", "--checkpoint", trained_run / "model.safetensors",
                                "--output", tmp_path / "m.onnx", "--keep-blocks", "5", "--prune-order", "greedy"])
     assert result.code == 2 and "give --dataset" in result.err
@@ -241,7 +244,7 @@ def test_pruned_weights_alone_rebuild_the_pruned_model_in_the_export(tmp_path, c
     pruned = prune_blocks(make_model(), 5)
     save_weights(tmp_path / "model.safetensors", pruned)  # their metadata records layers and pruned_from
     out = tmp_path / "m.onnx"
-    result = cli(load_script("export_onnx").main, ["--model", "sd_resnet20_cifar", "--checkpoint",
+    result = cli(sdzoo.cli.export.main, ["--model", "sd_resnet20_cifar", "--checkpoint",
                                                    tmp_path / "model.safetensors", "--output", out,
                                                    "--keep-blocks", "6"])
     assert result.code == 2 and "--keep-blocks: keep must be at most 5" in result.err  # built: 5 blocks
@@ -250,7 +253,7 @@ def test_pruned_weights_alone_rebuild_the_pruned_model_in_the_export(tmp_path, c
 
 @pytest.mark.slow
 def test_export_prunes_a_run_and_publishes_it_with_a_pruned_card(trained_run, tmp_path, cli):
-    export, push = load_script("export_onnx"), load_script("push_to_hub")
+    export, push = sdzoo.cli.export, sdzoo.cli.push
     out, folder = tmp_path / "p.onnx", tmp_path / "pruned"
     result = cli(export.main, ["--model", f"local-dir:{trained_run}", "--output", out, "--keep-blocks", "5",
                                "--prune-order", "greedy", "--recalibrate-bn", "256", "--pruned-dir", folder,
@@ -281,7 +284,7 @@ def test_export_prunes_a_run_and_publishes_it_with_a_pruned_card(trained_run, tm
 def test_depth_sweep_measures_a_run_and_its_twin_pruned_the_same_way(trained_run, tmp_path, cli):
     from sdzoo.export.depth import accuracy, run_settings, run_splits
 
-    sweep = load_script("depth_sweep")
+    sweep = sdzoo.cli.depth_sweep
     out = tmp_path / "sweep"
     result = cli(sweep.main, ["--model", trained_run, "--twin", trained_run, "--output", out, "--depths", "4",
                               "--orders", "survival", "evenly", "--bench-seconds", "0.01", "--rounds", "1"])

@@ -21,7 +21,9 @@ import timm
 import torch
 
 from hub_server import FakeHub
-from helpers import ROOT, load_script
+import sdzoo.cli.export
+import sdzoo.cli.push
+from helpers import ROOT
 from sdzoo.hub import upload as hub
 from sdzoo.export import onnx_export
 from sdzoo.files.run_folder import CheckpointError, truncate_lines
@@ -68,7 +70,7 @@ def edit_summary(path: Path, **changes) -> None:
 
 
 def push(*args) -> int:
-    return load_script("push_to_hub").main([str(a) for a in args])
+    return sdzoo.cli.push.main([str(a) for a in args])
 
 
 def all_bytes(folder: Path) -> bytes:
@@ -452,7 +454,7 @@ def test_push_to_hub_exits_2_for_a_run_folder_that_export_onnx_refuses(run, tmp_
     config = json.loads((folder / "config.json").read_text())
     config["model_args"]["layers"] = [2, 2, 2]  # the weights hold three blocks a stage
     (folder / "config.json").write_text(json.dumps(config))
-    export = load_script("export_onnx").main
+    export = sdzoo.cli.export.main
     try:
         export_code = export(["--model", f"local-dir:{folder}", "--output", str(tmp_path / "m.onnx")])
     except SystemExit as e:

@@ -28,7 +28,11 @@ from sdzoo.fold import fold_survival
 from sdzoo.files.weights import MissingWeightsError, WeightsError
 
 from hub_server import FakeHub
-from helpers import ROOT, load_script, randomize_batchnorm
+import sdzoo.cli.bench
+import sdzoo.cli.demo
+import sdzoo.cli.export
+import sdzoo.cli.push
+from helpers import ROOT, randomize_batchnorm
 
 TRAIN = ROOT / "scripts" / "train.py"
 FAST = ["--dataset", "digits", "--batch-size", "128", "--device", "cpu", "--quiet", "--threads", "1"]
@@ -81,7 +85,7 @@ def interrupted_run(out: Path, monkeypatch, extra=()):
 
 # 1 -----------------------------------------------------------------------------------------------------
 def test_export_refuses_an_output_that_is_one_of_its_inputs(trained_run, tmp_path, capsys):
-    script = load_script("export_onnx")
+    script = sdzoo.cli.export
     before = snapshot(trained_run)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         code = exit_code(script.main, ["--model", f"local-dir:{trained_run}", "--output", str(trained_run / name)])
@@ -163,7 +167,7 @@ def test_two_processes_on_one_output_one_is_refused(tmp_path):
 
 
 def test_run_digits_creates_each_fresh_folder_atomically(tmp_path):
-    fresh_folder = load_script("run_digits").fresh_folder
+    fresh_folder = sdzoo.cli.demo.fresh_folder
     first, second = fresh_folder(tmp_path / "digits"), fresh_folder(tmp_path / "digits")
     assert first != second and first.is_dir() and second.is_dir()
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["digits", "digits-2"]
@@ -197,7 +201,7 @@ def test_push_exits_within_its_timeout_when_the_hub_never_answers_the_commit(tra
 
 # 6 -----------------------------------------------------------------------------------------------------
 def test_a_bare_checkpoint_brings_its_survival_settings(tmp_path, capsys):
-    script = load_script("export_onnx")
+    script = sdzoo.cli.export
     torch.manual_seed(0)
     model = randomize_batchnorm(timm.create_model("sd_resnet20_cifar", survival_prob=0.5, scaling="inverted"))
     bare = tmp_path / "inverted.safetensors"
@@ -277,7 +281,7 @@ EXPORT_FLAG_MISTAKES = [
 @pytest.mark.parametrize("flags,expected", EXPORT_FLAG_MISTAKES, ids=[e for _, e in EXPORT_FLAG_MISTAKES])
 def test_export_flag_mistakes_exit_2_naming_the_flag(flags, expected, trained_run, a_file, tmp_path, cli):
     flags = [f.format(a_file=a_file, tmp_path=tmp_path) for f in flags]
-    result = cli(load_script("export_onnx").main, ["--model", f"local-dir:{trained_run}", *flags])
+    result = cli(sdzoo.cli.export.main, ["--model", f"local-dir:{trained_run}", *flags])
     assert result.code == 2 and expected in result.err, flags
     assert not (tmp_path / "q.onnx").exists()
 
@@ -291,21 +295,21 @@ def test_a_broken_config_is_named_by_export_and_load_run(config, expected, train
     broken.mkdir()
     (broken / CONFIG_NAME).write_text(config)
     (broken / WEIGHTS_NAME).write_bytes((trained_run / WEIGHTS_NAME).read_bytes())
-    result = cli(load_script("export_onnx").main, ["--model", f"local-dir:{broken}", "--output", tmp_path / "b.onnx"])
+    result = cli(sdzoo.cli.export.main, ["--model", f"local-dir:{broken}", "--output", tmp_path / "b.onnx"])
     assert result.code == 2 and expected in result.err and str(broken / CONFIG_NAME) in result.err
     with pytest.raises(hub.CheckpointMismatchError, match=expected):
         hub.load_run(broken)
 
 
 def test_push_timeout_must_be_positive(trained_run, tmp_path, cli):
-    result = cli(load_script("push_to_hub").main, ["--model", trained_run, "--repo-id", "tester/t", "--local-dir",
+    result = cli(sdzoo.cli.push.main, ["--model", trained_run, "--repo-id", "tester/t", "--local-dir",
                                                     tmp_path / "h", "--timeout", "-1"])
     assert result.code == 2 and "--timeout must be a positive number of seconds" in result.err
     assert not (tmp_path / "h").exists()
 
 
 def test_benchmark_json_path_under_a_file_exits_2(a_file, cli):
-    result = cli(load_script("benchmark").parse_args, ["--json", a_file / "b.json"])
+    result = cli(sdzoo.cli.bench.parse_args, ["--json", a_file / "b.json"])
     assert result.code == 2 and "--json" in result.err
 
 
@@ -364,7 +368,7 @@ def test_a_repo_id_never_overwrites_a_file_the_project_ships(trained_run, tmp_pa
     cards.mkdir()
     for name in shipped:
         (cards / name).write_bytes((ROOT / "model_cards" / name).read_bytes())
-    cli = load_script("push_to_hub")
+    cli = sdzoo.cli.push
     with FakeHub(tokens={hub_token: "tester"}) as server:
         for repo_id in ("tester/README", "tester/template"):
             code = cli.main(["--model", str(trained_run), "--repo-id", repo_id, "--endpoint", server.url,
@@ -421,7 +425,7 @@ def refused_everywhere(folder: Path, tmp_path: Path, capsys, expected: str):
         hub.load_run(folder)
     with pytest.raises(hub.CheckpointMismatchError, match=expected):
         hub.publish(folder, "tester/wrong", local_dir=tmp_path / "hub")
-    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+    code = exit_code(sdzoo.cli.export.main, ["--model", f"local-dir:{folder}", "--output",
                                                        str(tmp_path / "wrong.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and re.search(expected, err) and "Traceback" not in err
@@ -524,7 +528,7 @@ def test_21_3_folded_and_unfolded_weights_never_mix(tmp_path, capsys):
     torch.testing.assert_close(logits(right), expected, rtol=0, atol=1e-5)
 
     # The export of a folded file never folds it again: what it computes is what the trained model computes.
-    script = load_script("export_onnx")
+    script = sdzoo.cli.export
     flags = ["--survival-prob", "0.5", "--survival-rule", "linear", "--scaling", "expectation", "--gate-mode", "batch"]
     code = exit_code(script.main, ["--model", "sd_resnet20_cifar", "--checkpoint", str(folded_file), *flags,
                                    "--output", str(tmp_path / "twice.onnx")])
@@ -551,7 +555,7 @@ def test_21_4_nan_or_infinite_weights_are_never_published_or_exported(tmp_path, 
         folder = folder_of(model, tmp_path / f"run_{value}")
         refused_everywhere(folder, tmp_path, capsys, r"holds NaN or infinite values in 1 tensor\(s\) "
                                                      r"\(layer2\.1\.bn2\.weight\)")
-        code = exit_code(load_script("export_onnx").main, [
+        code = exit_code(sdzoo.cli.export.main, [
             "--model", "sd_resnet20_cifar", "--checkpoint", str(folder / WEIGHTS_NAME), "--output",
             str(tmp_path / "nan.onnx")])
         assert code == 2 and "NaN or infinite" in capsys.readouterr().err
@@ -606,7 +610,7 @@ def test_21_9_a_hostile_config_is_refused_in_under_a_second(tmp_path):
 # 21.10 / 21.11 / 21.14 / 21.15 ----------------------------------------------------------------------------
 def test_21_10_export_input_size_is_bounded(tmp_path, capsys):
     folder = folder_of(trained_model(), tmp_path / "run")
-    script = load_script("export_onnx")
+    script = sdzoo.cli.export
     code = exit_code(script.main, ["--model", f"local-dir:{folder}", "--img-size", "100000",
                                    "--output", str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
@@ -631,7 +635,7 @@ def test_21_11_a_read_only_output_folder_is_found_before_loading(tmp_path, capsy
     try:
         # A folder with no weights at all: loading it would fail with another message.
         (tmp_path / "empty").mkdir()
-        code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{tmp_path / 'empty'}",
+        code = exit_code(sdzoo.cli.export.main, ["--model", f"local-dir:{tmp_path / 'empty'}",
                                                            "--output", str(read_only / "m.onnx")])
         err = capsys.readouterr().err
         assert code == 2 and f"--output: cannot write to directory {str(read_only)!r}" in err, err
@@ -645,7 +649,7 @@ def test_21_11_a_read_only_output_folder_is_found_before_loading(tmp_path, capsy
 def test_21_14_a_folder_without_weights_says_so(tmp_path, capsys):
     folder = folder_of(trained_model(), tmp_path / "run")
     (folder / WEIGHTS_NAME).unlink()
-    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+    code = exit_code(sdzoo.cli.export.main, ["--model", f"local-dir:{folder}", "--output",
                                                        str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and f"{folder} has no model.safetensors (nor another weights file)" in err
@@ -654,7 +658,7 @@ def test_21_14_a_folder_without_weights_says_so(tmp_path, capsys):
         timm.create_model(f"local-dir:{folder}", pretrained=True)
     # A torch file that is no state dict of this model is named as such, not as a mismatch of the architecture.
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
-    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+    code = exit_code(sdzoo.cli.export.main, ["--model", f"local-dir:{folder}", "--output",
                                                        str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and "pytorch_model.bin is not an sdzoo ResNet's state dict" in err
@@ -670,7 +674,7 @@ def test_21_15_an_allocation_failure_is_reported_as_memory(tmp_path, capsys, mon
                            "you tried to allocate 10485760000 bytes.")
 
     monkeypatch.setattr(SDResNet, "init_weights", out_of_memory)
-    code = exit_code(load_script("export_onnx").main, ["--model", f"local-dir:{folder}", "--output",
+    code = exit_code(sdzoo.cli.export.main, ["--model", f"local-dir:{folder}", "--output",
                                                        str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and "not enough memory to build and load" in err and "do not match" not in err

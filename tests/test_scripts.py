@@ -7,7 +7,10 @@ import pytest
 import timm
 import torch
 
-from helpers import ROOT, load_script
+import sdzoo.cli.bench
+import sdzoo.cli.coverage
+import sdzoo.cli.demo
+from helpers import ROOT
 
 
 def run_script(*args, timeout=600):
@@ -72,14 +75,14 @@ def test_benchmark_table_and_json(tmp_path):
 ])
 def test_benchmark_bad_flags(args, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script("benchmark").main(args)
+        sdzoo.cli.bench.main(args)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and flag in err and "Traceback" not in err
 
 
 def test_run_digits_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script("run_digits").main(["--epochs", "0", "--output", str(tmp_path / "x")])
+        sdzoo.cli.demo.main(["--epochs", "0", "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "--epochs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -91,7 +94,7 @@ def test_coverage_survey_trains_the_skip_side_of_every_branch(monkeypatch):
     from sdzoo.convert import DropPathGate
     from sdzoo.gate import ResidualGate
 
-    script = load_script("drop_path_coverage")
+    script = sdzoo.cli.coverage
     skipped = set()
     real_skip = ResidualGate._skip
 

@@ -1,6 +1,6 @@
 """The paper's comparison as one command: the same network trained with stochastic depth and at constant depth.
 
-For each seed, two training runs of ``sdzoo.training.train`` that differ only in ``--gate-mode`` (``off`` is constant
+For each seed, two training runs (``python -m sdzoo train``) that differ only in ``--gate-mode`` (``off`` is constant
 depth): the same architecture, recipe, seed and so the same weights at the start and the same data order and
 augmentation. Each run is a run folder of its own under the output folder, ``SETTING-seedN``, trained in a
 process of its own (its output in ``SETTING-seedN.log``), as many at once as ``jobs`` (on a CPU, one per core,
@@ -145,7 +145,8 @@ def run_jobs(jobs: Sequence[Job], parallel: int, threads: Optional[int], say=pri
                 job = waiting.pop(0)
                 job.folder.parent.mkdir(parents=True, exist_ok=True)
                 with open(job.log, "a") as log:
-                    process = subprocess.Popen([sys.executable, "-m", "sdzoo.training.train", *job.argv], stdout=log,
+                    # the installed command line (sdzoo/__main__.py), by module so that it is this interpreter's
+                    process = subprocess.Popen([sys.executable, "-m", "sdzoo", "train", *job.argv], stdout=log,
                                                stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_on_sigint)
                 running[job] = process
                 say(f"{job.name}: {'continued' if job.state == 'resume' else 'started'} (log {job.log})")

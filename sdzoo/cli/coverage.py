@@ -1,0 +1,353 @@
+"""How much of timm ``sdzoo.convert_drop_path`` reaches: every registered model, built on the meta device with
+``drop_path_rate``, converted in each mode, and (with --forward) run for two training steps on fake data: one
+with a random draw, one that skips every branch (batch mode) or keeps one sample (sample mode).
+
+    python scripts/drop_path_coverage.py                    # every model, the table by family
+    python scripts/drop_path_coverage.py --forward          # also two training steps of each
+    python scripts/drop_path_coverage.py --filter 'vit_*' --json out/coverage.json
+    python scripts/drop_path_coverage.py --forward --every 5 --time-limit 3600   # every 5th name, at most an hour
+    python scripts/drop_path_coverage.py --compile --backend aot_eager               # the compile table
+    sdzoo coverage --filter 'vit_*'                                                 # the same as the script
+
+Prints, by family (timm's model module), how many models hold a DropPath with a positive rate and how many
+convert in each mode, then every reason a model was refused, with its count and an example, and the
+conversion time per model (median and worst). With --forward a model counts as converted only when each of
+its training forwards asks every gate for its draw (a block that falls back to timm's masks asks none).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional, Tuple
+
+import timm
+import torch
+from timm.layers import DropPath
+from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
+from timm.models.maxxvit import MaxxVit, MaxxVitCfg
+
+from sdzoo.cli.common import first_paragraph
+from sdzoo.convert import convert_drop_path, inspect_drop_paths
+from sdzoo.files.checks import error_line
+
+MODES = ("batch", "sample")
+HELP = "how much of timm sdzoo.convert_drop_path reaches: every model, each mode (and under torch.compile)"
+
+
+def build(name: str, rate: float):
+    """The model on the meta device with drop_path_rate, or None when it takes no drop_path_rate."""
+    try:
+        return timm.create_model(name, drop_path_rate=rate, device="meta")
+    except TypeError:  # a model without drop_path_rate holds no DropPath
+        return None
+
+
+def has_drop_path(model) -> bool:
+    return any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules())
+
+
+def input_size_of(model) -> Tuple[int, ...]:
+    """(channels, height, width) the model is built for: its patch embedding's image size (a ViT built with
+    img_size=...), else its pretrained cfg's input size."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
+        return (getattr(model, "in_chans", 3), *img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224)))
+
+
+def training_step(model) -> int:
+    """One training forward and backward at the model's input size, batch 2, on the meta device; the gates
+    it asked for its draw (a converted block that runs timm's masks asks none)."""
+    size = input_size_of(model)
+    sampler = model.drop_path_sampler
+    asked = set()
+    gate = type(sampler).gate
+
+    def counting_gate(index, *args, **kwargs):
+        asked.add(index)
+        return gate(sampler, index, *args, **kwargs)
+
+    sampler.gate = counting_gate  # only the survey's copy of the model: it counts, then draws as before
+    try:
+        model.train()
+        out = model(torch.empty(2, *size, device="meta"))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out.float().sum().backward()
+    finally:
+        del sampler.gate
+    return len(asked)
+
+
+def skip_every_branch(model) -> None:
+    """From now on each training forward skips every branch (batch mode) or runs each on one of the samples
+    (sample mode). A random draw at a low rate may reach neither side of a branch's gate, and the skip side
+    is where a conversion can fail: one did, for a branch that read a buffer of its block (Swin's shifted
+    windows). The gates are in ``GateSampler.draw``'s format."""
+    sampler = model.drop_path_sampler
+
+    def draw(batch_size, device=None, step=None):
+        if sampler.mode == "batch":
+            return [torch.tensor(0.0 if sampler.scale_in_gate else False)] * len(sampler.survival_probs)
+        return [torch.zeros(1, dtype=torch.long, device=device)] * len(sampler.survival_probs)
+
+    sampler.draw = draw  # only the survey's copy of the model: a draw the sampler has no setting for
+
+
+def never_applied(model) -> bool:
+    """Whether timm's own forward calls none of the model's DropPaths (MobileNet-V1 and LCNet blocks have no
+    skip): such a model drops nothing in timm either."""
+    reports = inspect_drop_paths(model)
+    return bool(reports) and all(not r.refused and not r.masks and not any(r.sites.values()) for r in reports)
+
+
+def survey(names, rate: float, forward: bool, progress, deadline: float = float("inf")) -> dict:
+    results = {}
+    for i, name in enumerate(names, 1):
+        if time.perf_counter() > deadline:
+            break
+        model = build(name, rate)
+        if model is None or not has_drop_path(model):
+            continue
+        family = type(model).__module__.replace("timm.models.", "")
+        record = dict(family=family, seconds={})
+        for mode in MODES:
+            model = model if mode == MODES[0] else build(name, rate)
+            try:
+                started = time.perf_counter()
+                convert_drop_path(model, mode=mode, min_drop_rate=0.0)
+                record["seconds"][mode] = time.perf_counter() - started
+                if forward:
+                    gates = len(model.drop_path_sampler.survival_probs)
+                    try:
+                        asked = [training_step(model)]
+                        skip_every_branch(model)
+                        asked.append(training_step(model))
+                    except Exception as e:  # noqa: BLE001  (a converted model that fails to train)
+                        record[mode] = f"converted, but a training step failed: {error_line(e, 300)}"
+                        continue
+                    if min(asked) < gates:
+                        record[mode] = (f"converted, but a training forward asked {min(asked)} of its {gates} gates "
+                                        f"(the others ran timm's masks)")
+                        continue
+                record[mode] = "ok"
+            except ValueError as e:
+                record[mode] = error_line(e, 300)
+                if never_applied(model):
+                    record[mode] = "never applied: timm's forward calls none of its DropPaths (no residual to skip)"
+            except Exception as e:  # noqa: BLE001  (a crash is a bug of the conversion: reported as such)
+                record[mode] = f"crash: {error_line(e, 300)}"
+        results[name] = record
+        progress(i, len(names), name, record)
+    return results
+
+
+def table(results: dict) -> str:
+    families = defaultdict(lambda: Counter())
+    for record in results.values():
+        counts = families[record["family"]]
+        counts["models"] += 1
+        for mode in MODES:
+            counts[mode] += record[mode] == "ok"
+    total = Counter()
+    for counts in families.values():
+        total.update(counts)
+    idle = sum(r["batch"].startswith("never applied") for r in results.values())
+    lines = ["| family | DropPath models | batch | sample |", "| --- | ---: | ---: | ---: |"]
+    for family, counts in sorted(families.items(), key=lambda kv: (-kv[1]["models"], kv[0])):
+        lines.append(f"| {family} | {counts['models']} | {counts['batch']} | {counts['sample']} |")
+    n = total["models"] or 1
+    lines.append(f"| **all {len(families)} families** | **{total['models']}** | **{total['batch']} "
+                 f"({100 * total['batch'] / n:.1f}%)** | **{total['sample']} ({100 * total['sample'] / n:.1f}%)** |")
+    if idle:
+        applied = max(total["models"] - idle, 1)
+        lines.append(f"| models whose DropPaths timm applies | {total['models'] - idle} | "
+                     f"{100 * total['batch'] / applied:.1f}% | {100 * total['sample'] / applied:.1f}% |")
+    return "\n".join(lines)
+
+
+def reasons(results: dict) -> str:
+    found = defaultdict(list)
+    for name, record in results.items():
+        for mode in MODES:
+            if record[mode] != "ok":
+                found[(mode, record[mode])].append(name)
+    if not found:
+        return "every model converts in both modes"
+    lines = []
+    for (mode, reason), names in sorted(found.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"- {mode}, {len(names)} model(s), e.g. {names[0]}: {reason}")
+    return "\n".join(lines)
+
+
+# -- under torch.compile ---------------------------------------------------------------------------------------------
+def inverted_residual(d: int, c: int, s: int, br: float) -> ByoBlockCfg:
+    """MobileViT's inverted residual block (timm's mobilevit.py builds it so): a bottleneck whose ratio applies
+    to its input channels, depthwise (gs=1), with a linear output."""
+    return ByoBlockCfg(type="bottle", d=d, c=c, s=s, gs=1, br=br, block_kwargs=dict(bottle_in=True, linear_out=True))
+
+
+def tiny_mobilevit():
+    """MobileViT's kinds of block, few and narrow: an inverted residual stage, then one that ends in a MobileViT
+    block (its transformer over patches), built from timm's public ByobNet configuration."""
+    mobilevit = ByoBlockCfg(type="mobilevit", d=1, c=24, s=1,
+                            block_kwargs=dict(transformer_dim=32, transformer_depth=2, patch_size=2))
+    cfg = ByoModelCfg(blocks=(inverted_residual(d=2, c=16, s=1, br=2.0),
+                              (inverted_residual(d=1, c=24, s=2, br=2.0), mobilevit)),
+                      stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu", num_features=32)
+    return ByobNet(cfg, num_classes=10, drop_path_rate=0.3)
+
+
+def tiny_coatnet():
+    cfg = MaxxVitCfg(embed_dim=(16, 32, 64, 64), depths=(1, 1, 2, 1), stem_width=16)
+    return MaxxVit(cfg, img_size=32, num_classes=10, drop_path_rate=0.3)
+
+
+# The smallest configurations that keep each family's kinds of block (and its calls: EVA02's rope, PVT-v2's
+# feat_size, MobileViT's patches x batch), at a small input: (how it is built, input side).
+COMPILE_FAMILIES = {
+    "ViT": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, drop_path_rate=0.3), 32),
+    "ConvNeXt": (lambda: timm.create_model("convnext_atto", depths=(1, 1, 2, 1), drop_path_rate=0.3), 32),
+    "Swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, depths=(2, 1),
+                                       num_heads=(3, 6), drop_path_rate=0.3), 32),
+    "EVA02": (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, drop_path_rate=0.3), 28),
+    "PVT-v2": (lambda: timm.create_model("pvt_v2_b0", depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2),
+                                         drop_path_rate=0.3), 32),
+    "MobileViT": (tiny_mobilevit, 16),
+    "EfficientNet (tinynet_e)": (lambda: timm.create_model("tinynet_e", drop_path_rate=0.3), 32),
+    "CoAtNet": (tiny_coatnet, 32),
+}
+
+
+def compile_row(family: str, mode: str, backend: str, steps: int) -> str:
+    """Graphs, graph breaks and recompiles of ``steps`` training steps of the family's converted model under
+    torch.compile (default fullgraph=False), and the seconds to its first step (compile included)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    build_model, side = COMPILE_FAMILIES[family]
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = convert_drop_path(build_model(), mode=mode, min_drop_rate=0.0, input_size=(3, side, side)).train()
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(4, 3, side, side)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        compiled(x).sum().backward()
+        times.append(time.perf_counter() - started)
+    breaks = sum(counters["graph_break"].values())
+    graphs = counter.frame_count
+    recompiles = max(graphs - 1 - breaks, 0)  # a break starts a graph of its own; the rest are recompiles
+    gates = len(model.drop_path_sampler.survival_probs)
+    # fullgraph=True fails exactly where dynamo breaks the graph
+    return (f"| {family} | {mode} | {gates} | {graphs} | {breaks} | {recompiles} | {'yes' if breaks == 0 else 'no'} "
+            f"| {times[0]:.1f} | {statistics.median(times[1:]) * 1000:.0f} |")
+
+
+def compile_table(backend: str, steps: int, deadline: float, pattern: str = "*") -> str:
+    lines = [f"| family | mode | gates | graphs | graph breaks | recompiles | fullgraph=True | first step s "
+             f"({backend}) | later step ms |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for family in [f for f in COMPILE_FAMILIES if fnmatch.fnmatch(f, pattern)]:
+        for mode in ("sample", "batch"):
+            if time.perf_counter() > deadline:
+                lines.append(f"| {family} | {mode} | not measured (--time-limit) | | | | | | |")
+                continue
+            try:
+                lines.append(compile_row(family, mode, backend, steps))
+            except Exception as e:  # noqa: BLE001  (a family that fails to compile is a row of the table)
+                lines.append(f"| {family} | {mode} | failed: {error_line(e, 300)} | | | | | | |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def conversion_times(results: dict) -> str:
+    """Seconds ``convert_drop_path`` took per model, median and worst, in each mode (meta device)."""
+    lines = ["| mode | models converted | median s | worst s | worst model |", "| --- | ---: | ---: | ---: | --- |"]
+    for mode in MODES:
+        times = {name: r["seconds"][mode] for name, r in results.items() if mode in r.get("seconds", {})}
+        if times:
+            worst = max(times, key=times.get)
+            lines.append(f"| {mode} | {len(times)} | {statistics.median(times.values()):.2f} | {times[worst]:.2f} "
+                         f"| {worst} |")
+    return "Conversion time per model:\n" + "\n".join(lines)
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=first_paragraph(__doc__))
+    parser.add_argument("--filter", default="*",
+                        help="fnmatch pattern of model names (with --compile: of family names; default: all)")
+    parser.add_argument("--drop-path-rate", type=float, default=0.1, help="the rate the models are built with")
+    parser.add_argument("--forward", action="store_true",
+                        help="also run two training steps of each converted model: a random draw, then every branch "
+                             "skipped")
+    parser.add_argument("--json", type=Path, help="write every model's result to this file")
+    parser.add_argument("--every", type=int, default=1, metavar="K",
+                        help="a sample: every K-th of the matching names, in timm's order (default 1: all)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no model after this many seconds; the tables cover the models done")
+    parser.add_argument("--compile", action="store_true",
+                        help="instead: the compile table, 8 families in both modes (graphs, breaks, recompiles, "
+                             "time to the first step)")
+    parser.add_argument("--backend", default="aot_eager", help="torch.compile backend of --compile")
+    parser.add_argument("--steps", type=int, default=5, help="training steps of each model with --compile")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv=None, prog: Optional[str] = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if not 0.0 < args.drop_path_rate < 1.0:
+        parser.error(f"--drop-path-rate must be in (0, 1); got {args.drop_path_rate}")
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    if args.every < 1:
+        parser.error(f"--every must be a positive integer; got {args.every}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        parser.error(f"--time-limit must be a positive number of seconds; got {args.time_limit}")
+    if args.compile:
+        if args.steps < 2:
+            parser.error(f"--steps must be at least 2; got {args.steps}")
+        started = time.perf_counter()
+        deadline = started + args.time_limit if args.time_limit else float("inf")
+        print(f"timm {timm.__version__}, torch {torch.__version__}, backend {args.backend}, {args.steps} steps, "
+              f"batch 4\n")
+        print(compile_table(args.backend, args.steps, deadline, args.filter))
+        return 0
+    matching = [n for n in timm.list_models() if fnmatch.fnmatch(n, args.filter)]
+    if not matching:
+        parser.error(f"--filter {args.filter!r} matches no timm model")
+    names = matching[::args.every]
+    started = time.perf_counter()
+    deadline = started + args.time_limit if args.time_limit else float("inf")
+
+    def progress(i, count, name, record):
+        if not args.quiet:
+            marks = " ".join(f"{m}={'ok' if record[m] == 'ok' else 'no'}" for m in MODES)
+            print(f"[{i}/{count}] {name}: {marks}", file=sys.stderr, flush=True)
+
+    results = survey(names, args.drop_path_rate, args.forward, progress, deadline)
+    done = names.index(list(results)[-1]) + 1 if results else 0
+    sampled = f"every {args.every}th of {len(matching)} names, " if args.every > 1 else ""
+    cut = f"; stopped at --time-limit after {done} of {len(names)} names" if done < len(names) and results else ""
+    print(f"timm {timm.__version__}, torch {torch.__version__}: {sampled}{len(names)} models{cut}, {len(results)} "
+          f"hold a DropPath at drop_path_rate={args.drop_path_rate} ({time.perf_counter() - started:.0f} s"
+          f"{', with two training steps each' if args.forward else ''})\n")
+    print(table(results))
+    print("\nNot converted:\n" + reasons(results))
+    print("\n" + conversion_times(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, sort_keys=True))
+    return 0
+

@@ -1,0 +1,32 @@
+"""``sdzoo train``: train a stochastic-depth ResNet with the paper's recipe. The flags live in
+sdzoo.training.settings (``build_parser``), the loop in sdzoo.training.train (``main``).
+
+    sdzoo train --model sd_resnet110_cifar --dataset cifar10 --data-dir ~/data --output runs/r110
+    python scripts/train.py --dataset digits --output runs/digits      # the same command
+
+Exit status: 0 done, 2 bad usage or data, 3 the loss became NaN or infinite, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from sdzoo.cli.common import asks_for_help
+from sdzoo.training.settings import build_parser as build_train_parser
+from sdzoo.training.train import main as train_main
+
+HELP = "train a stochastic-depth ResNet with the paper's recipe (digits by default: offline, about a minute)"
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = build_train_parser()
+    if prog is not None:
+        parser.prog = prog
+    return parser
+
+
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    """The trainer's main; ``prog`` names the command in its help (its messages name it train.py)."""
+    if asks_for_help(argv):
+        build_parser(prog).parse_args(argv)
+    return train_main(argv)
