@@ -34,6 +34,7 @@ from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
 from timm.models.maxxvit import MaxxVit, MaxxVitCfg
 
 from sdzoo.cli.common import first_paragraph
+from sdzoo.internals.torch_private import CompileCounterWithBackend, dynamo_counters
 from sdzoo.convert import convert_drop_path, inspect_drop_paths
 from sdzoo.files.checks import error_line
 
@@ -229,12 +230,9 @@ COMPILE_FAMILIES = {
 def compile_row(family: str, mode: str, backend: str, steps: int) -> str:
     """Graphs, graph breaks and recompiles of ``steps`` training steps of the family's converted model under
     torch.compile (default fullgraph=False), and the seconds to its first step (compile included)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch._dynamo.utils import counters
-
     build_model, side = COMPILE_FAMILIES[family]
-    torch._dynamo.reset()
-    counters.clear()
+    torch.compiler.reset()
+    dynamo_counters.clear()
     torch.manual_seed(0)
     model = convert_drop_path(build_model(), mode=mode, min_drop_rate=0.0, input_size=(3, side, side)).train()
     counter = CompileCounterWithBackend(backend)
@@ -245,7 +243,7 @@ def compile_row(family: str, mode: str, backend: str, steps: int) -> str:
         started = time.perf_counter()
         compiled(x).sum().backward()
         times.append(time.perf_counter() - started)
-    breaks = sum(counters["graph_break"].values())
+    breaks = sum(dynamo_counters["graph_break"].values())
     graphs = counter.frame_count
     recompiles = max(graphs - 1 - breaks, 0)  # a break starts a graph of its own; the rest are recompiles
     gates = len(model.drop_path_sampler.survival_probs)

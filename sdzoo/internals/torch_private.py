@@ -22,6 +22,8 @@ Every name below was checked against torch 2.14.1. Per name, what it is for:
   ``pytree_info.out_spec`` is the structure, kept nowhere public.
 * ``torch._assert`` and ``torch.fx._symbolic_trace._assert_is_none``: the assert calls FX traces for the
   arguments it specialised, dropped from a rewritten forward.
+* ``torch._dynamo.testing.CompileCounterWithBackend`` and ``torch._dynamo.utils.counters``: the graphs and
+  graph breaks that ``sdzoo coverage`` counts for its compile table (dynamo reports them nowhere public).
 * ``torch._subclasses.fake_tensor.FakeTensorMode``: a training forward that allocates nothing, for models
   that make tensors of their own on the CPU (the meta device is tried first).
 """
@@ -34,6 +36,8 @@ import torch
 import torch._dynamo
 from torch import fx
 from torch._dynamo.eval_frame import OptimizedModule, skip_code
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters as dynamo_counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.graph import _PyTreeCodeGen
@@ -41,7 +45,7 @@ from torch.utils._pytree import tree_leaves, tree_unflatten
 
 __all__ = ["INTERNALS", "in_backward_pass", "outside_vmap", "skip_code", "maybe_mark_dynamic",
            "compiling_with_dynamic_shapes", "OptimizedModule", "tree_leaves", "tree_unflatten", "fx_output_spec",
-           "FX_ASSERTS", "FakeTensorMode"]
+           "FX_ASSERTS", "FakeTensorMode", "CompileCounterWithBackend", "dynamo_counters"]
 
 # (module, attribute, what sdzoo uses it for): every private name this module exposes, for tests/test_internals.py.
 INTERNALS: List[Tuple[str, str, str]] = [
@@ -58,6 +62,8 @@ INTERNALS: List[Tuple[str, str, str]] = [
     ("torch", "_assert", "FX's asserts on specialised arguments, dropped from a rewritten forward"),
     ("torch.fx._symbolic_trace", "_assert_is_none", "FX's asserts on None arguments, dropped likewise"),
     ("torch._subclasses.fake_tensor", "FakeTensorMode", "convert_drop_path's probe forward without memory"),
+    ("torch._dynamo.testing", "CompileCounterWithBackend", "sdzoo coverage counts the graphs torch.compile makes"),
+    ("torch._dynamo.utils", "counters", "sdzoo coverage counts the graph breaks"),
 ]
 
 maybe_mark_dynamic = torch._dynamo.maybe_mark_dynamic

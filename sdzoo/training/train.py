@@ -369,5 +369,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m sdzoo.training.train: the trainer's processes of sdzoo.training.compare
+if __name__ == "__main__":  # python -m sdzoo.training.train runs the trainer too (sdzoo train is the command)
     sys.exit(main())
