@@ -201,8 +201,7 @@ def create_from_safetensors(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     try:
         model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (WeightsError, MissingWeightsError) as err:  # the file against the model, or NaN in it
-        # The model arguments of this build are the flags given (with what the file records): say so.
-        fail(args, f"--checkpoint: {str(err).replace('the model arguments', 'the flags')}")
+        fail(args, f"--checkpoint: {err}")  # "the model arguments": the flags of that --help group
     except (ValueError, TypeError) as err:
         fail(args, f"--model {args.model}: {err}")
     except (MemoryError, RuntimeError) as err:  # a model that is no sdzoo model: torch's strict load
