@@ -26,7 +26,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    """The trainer's main; ``prog`` names the command in its help (its messages name it train.py)."""
+    """The trainer's main; ``prog`` names the command in its help."""
     if asks_for_help(argv):
         build_parser(prog).parse_args(argv)
     return train_main(argv)

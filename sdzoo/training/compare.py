@@ -308,7 +308,7 @@ def write_results(output: Path, jobs: Sequence[Job], command: str) -> Dict[str, 
 # -- command line --------------------------------------------------------------------------------------------
 def build_compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="compare.py",
+        prog="sdzoo compare",
         description="Train the same network with stochastic depth and at constant depth (the same seeds, so the "
                     "same initial weights and data order), for each seed, and compare them: results.json, a "
                     "Markdown table beside the paper's CIFAR-10 figures, and a figure. Started again with the "

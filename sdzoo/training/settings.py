@@ -122,12 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The trainer's flags. Every flag defaults to None (not given), so that the recipe's value applies."""
     recipes = "\n".join(_recipe_line(name, r) for name, r in RECIPES.items())
     parser = argparse.ArgumentParser(
-        prog="train.py",
+        prog="sdzoo train",
         description="Train a stochastic-depth ResNet (Huang et al., 2016) with the paper's recipe. "
                     "Flags left out take the recipe's value; with no flags at all it trains on the digits "
                     "that scikit-learn ships (offline, about a minute on 2 CPU cores).",
         epilog=f"recipes (--recipe; by default the one named after --dataset):\n{recipes}\n\n"
-               "several processes: torchrun --nproc_per_node N train.py ... (--batch-size stays the global "
+               "several processes: torchrun --nproc_per_node N scripts/train.py ... (--batch-size stays the global "
                "batch).\nexit status: 0 done, 2 bad usage or data, 3 the loss became NaN or infinite.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
