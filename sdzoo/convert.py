@@ -43,7 +43,7 @@ __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPa
 CONVERT_MODES = ("sample", "batch")
 # Below this per-branch rate a branch stays timm's mask. On a 2-core CPU, ViT-Tiny, sample mode broke even at
 # about 0.03 and batch mode was faster at every rate measured, 0.02 included (README, "Real skip for timm's
-# drop-path models"); scripts/benchmark.py --convert MODEL --uniform-rate measures it elsewhere.
+# drop-path models"); sdzoo bench --convert MODEL --uniform-rate measures it elsewhere.
 BREAK_EVEN_DROP_RATE = 0.05
 
 

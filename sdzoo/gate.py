@@ -53,7 +53,7 @@ class ResidualGate(nn.Module):
     torch.compile gives (the untaken side of ``torch.cond``) and what the authors' optimizer saw, so eager and
     compiled training agree, weight decay and momentum move skipped blocks with any optimizer, and
     DistributedDataParallel works without ``find_unused_parameters``. ``zero_grad_skipped=False`` leaves a
-    skipped branch's gradients missing instead (the cost is compared in scripts/benchmark.py).
+    skipped branch's gradients missing instead (the cost is compared in sdzoo bench).
     ``checkpointing`` recomputes the branch in the backward pass (activation checkpointing), inside the gate,
     which is where torch.compile can hold it.
     """

@@ -3,7 +3,7 @@ depth for N seeds (sdzoo.training.compare). Flags it does not know go to every t
 holds the trainer's flags too, so that its help lists them.
 
     sdzoo compare --output runs/fmnist-compare --dataset fashion_mnist
-    python scripts/compare.py --output runs/fmnist-compare --dataset fashion_mnist   # the same command
+    sdzoo compare --output runs/fmnist-compare --dataset fashion_mnist   # the same command
 
 Exit status: 0 done, 1 a run failed, 2 bad usage, 130 interrupted (rerun to continue).
 """

@@ -2,11 +2,11 @@
 ``drop_path_rate``, converted in each mode, and (with --forward) run for two training steps on fake data: one
 with a random draw, one that skips every branch (batch mode) or keeps one sample (sample mode).
 
-    python scripts/drop_path_coverage.py                    # every model, the table by family
-    python scripts/drop_path_coverage.py --forward          # also two training steps of each
-    python scripts/drop_path_coverage.py --filter 'vit_*' --json out/coverage.json
-    python scripts/drop_path_coverage.py --forward --every 5 --time-limit 3600   # every 5th name, at most an hour
-    python scripts/drop_path_coverage.py --compile --backend aot_eager               # the compile table
+    sdzoo coverage                    # every model, the table by family
+    sdzoo coverage --forward          # also two training steps of each
+    sdzoo coverage --filter 'vit_*' --json out/coverage.json
+    sdzoo coverage --forward --every 5 --time-limit 3600   # every 5th name, at most an hour
+    sdzoo coverage --compile --backend aot_eager               # the compile table
     sdzoo coverage --filter 'vit_*'                                                 # the same as the script
 
 Prints, by family (timm's model module), how many models hold a DropPath with a positive rate and how many

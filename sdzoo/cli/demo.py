@@ -4,12 +4,11 @@
 2. report their test accuracy side by side;
 3. fold p_l into the weights, export ONNX, check onnxruntime against PyTorch and measure its accuracy on
    the held-out test split;
-4. write the model card and a Hub-ready folder (what scripts/push_to_hub.py would upload);
+4. write the model card and a Hub-ready folder (what ``sdzoo push`` would upload);
 5. print where every file is.
 
-    python scripts/run_digits.py                      # into runs/digits (runs/digits-2, ... if taken)
-    python scripts/run_digits.py --output runs/mine --epochs 10
-    sdzoo demo --output runs/mine --epochs 10        # the same
+    sdzoo demo                                 # into runs/digits (runs/digits-2, ... if taken)
+    sdzoo demo --output runs/mine --epochs 10  # scripts/run_digits.py takes the same flags
 """
 from __future__ import annotations
 
@@ -142,6 +141,6 @@ def main(argv=None, prog: Optional[str] = None) -> int:
             ("  model card", hub_dir / "README.md")]:
         print(f"  {label:<40} {path}")
     print(f"\nLoad it back: timm.create_model('local-dir:{sd_dir}', pretrained=True)")
-    print(f"Publish it:   python scripts/push_to_hub.py --model local-dir:{sd_dir} --repo-id ORG/NAME")
+    print(f"Publish it:   sdzoo push --model local-dir:{sd_dir} --repo-id ORG/NAME")
     return 0
 

@@ -1,6 +1,6 @@
 """What one trained model buys at each depth: prune it to every depth, export and measure each.
 
-    python scripts/depth_sweep.py --model runs/digits/stochastic_depth --twin runs/digits/constant_depth \\
+    sdzoo depth-sweep --model runs/digits/stochastic_depth --twin runs/digits/constant_depth \\
         --output out/depth-digits
     sdzoo depth-sweep --model runs/digits/stochastic_depth --output out/depth-digits     # the same command
 

@@ -1,10 +1,10 @@
 """Export a trained stochastic-depth model to ONNX: fold p_l into the weights, export, verify, describe.
 
-    python scripts/export_onnx.py --model local-dir:runs/r110 --output r110.onnx
-    python scripts/export_onnx.py --model sd_resnet110_cifar --checkpoint r110.safetensors --survival-prob 0.5 \
+    sdzoo export --model local-dir:runs/r110 --output r110.onnx
+    sdzoo export --model sd_resnet110_cifar --checkpoint r110.safetensors --survival-prob 0.5 \
         --output r110.onnx
-    python scripts/export_onnx.py --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
-    python scripts/export_onnx.py --model local-dir:runs/r110 --output r110-k40.onnx --keep-blocks 40 \
+    sdzoo export --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
+    sdzoo export --model local-dir:runs/r110 --output r110-k40.onnx --keep-blocks 40 \
         --prune-order greedy
     sdzoo export --model local-dir:runs/r110 --output r110.onnx     # the same, from the installed command
 
@@ -105,7 +105,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     group.add_argument("--data-dir", default=None, help="folder of that data set (default: the run's)")
     group.add_argument("--pruned-dir", default=None,
                        help="also write the pruned model as a new folder (config.json, model.safetensors and "
-                            "pruning.json: its measurements), which scripts/push_to_hub.py publishes")
+                            "pruning.json: its measurements), which sdzoo push publishes")
     return parser
 
 
@@ -384,7 +384,7 @@ def prune(args: argparse.Namespace, model: torch.nn.Module):
 
 def write_pruned_dir(args: argparse.Namespace, model: torch.nn.Module, splits, input_size: List[int]) -> None:
     """The pruned model as a model folder (timm's config.json and model.safetensors) with pruning.json, its
-    measurements: what scripts/push_to_hub.py publishes, and what its card reports."""
+    measurements: what sdzoo push publishes, and what its card reports."""
     row = describe(model, args.output, splits["test"], input_size, args.bench_seconds)
     folder = args.pruned_dir
     staging = tempfile.mkdtemp(prefix=".pruned-", dir=os.path.dirname(os.path.abspath(folder)))
@@ -400,7 +400,7 @@ def write_pruned_dir(args: argparse.Namespace, model: torch.nn.Module, splits, i
         raise
     print(f"wrote {folder}: the pruned model (test accuracy {row['acc_torch']:.2f}% in PyTorch, "
           f"{row['acc_ort']:.2f}% in onnxruntime on {len(splits['test'][1])} test images); publish it with "
-          f"scripts/push_to_hub.py --model {folder} --onnx {args.output}")
+          f"sdzoo push --model {folder} --onnx {args.output}")
 
 
 # -- steps --------------------------------------------------------------------------------------------------

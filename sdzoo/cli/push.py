@@ -1,8 +1,8 @@
 """Publish a training run to the Hugging Face Hub, with a model card, and check what arrived.
 
-    python scripts/push_to_hub.py --model local-dir:runs/r110 --repo-id ORG/sd_resnet110_cifar.cifar10
-    python scripts/push_to_hub.py --model runs/r110 --repo-id ORG/NAME --onnx r110.onnx --private
-    python scripts/push_to_hub.py --model runs/r110 --repo-id ORG/NAME --local-dir out/NAME   # no upload
+    sdzoo push --model local-dir:runs/r110 --repo-id ORG/sd_resnet110_cifar.cifar10
+    sdzoo push --model runs/r110 --repo-id ORG/NAME --onnx r110.onnx --private
+    sdzoo push --model runs/r110 --repo-id ORG/NAME --local-dir out/NAME   # no upload
     sdzoo push --model runs/r110 --repo-id ORG/NAME --local-dir out/NAME                     # the same
 
 Then, with timm alone: timm.create_model("hf-hub:ORG/NAME", pretrained=True).

@@ -1,4 +1,4 @@
-"""The model variants that ``scripts/benchmark.py`` times against each other, and the FLOPs they execute.
+"""The model variants that ``sdzoo bench`` times against each other, and the FLOPs they execute.
 
 One architecture and the same per-block survival probabilities, with each library's way of dropping a block:
 

@@ -123,7 +123,7 @@ def require_published_weights(variant: str, pretrained_cfg=None, pretrained_cfg_
         f"No pretrained weights for {name}: the sdzoo registry only points at weights that are published "
         f"(published so far: {published}).{with_weights} To get weights, load a published run with "
         f"timm.create_model('hf-hub:OWNER/REPO', pretrained=True), or train one "
-        f"(python scripts/train.py --output runs/NAME) and load its run folder with "
+        f"(sdzoo train --output runs/NAME) and load its run folder with "
         f"timm.create_model('local-dir:runs/NAME', pretrained=True). "
         f"Use pretrained=False for random initialisation.")
 

@@ -125,7 +125,7 @@ def check_onnx_matches(run: LoadedRun, onnx_path: PathLike) -> None:
     except (ExportError, ValueError, IndexError) as e:
         raise CheckpointMismatchError(
             f"onnx: {onnx_path} does not compute what {run.path / WEIGHTS_NAME} computes ({e}); it was exported "
-            f"from other weights. Export it again: python scripts/export_onnx.py --model local-dir:{run.path} "
+            f"from other weights. Export it again: sdzoo export --model local-dir:{run.path} "
             f"--output {onnx_path}") from None
 
 

@@ -315,7 +315,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
                     "same command, it continues where it stopped. Flags it does not know go to every training "
                     "run (see train.py --help), e.g. --dataset fashion_mnist --epochs 15.",
         epilog="example (the CPU recipe, about an hour per pair of runs on 2 cores):\n"
-               "  python scripts/compare.py --output runs/fmnist-compare --seeds 1 --dataset fashion_mnist\n"
+               "  sdzoo compare --output runs/fmnist-compare --seeds 1 --dataset fashion_mnist\n"
                "exit status: 0 done, 1 a run failed, 2 bad usage, 130 interrupted (rerun to continue).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)  # --seed is the trainer's flag, not short for --seeds
@@ -353,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     threads = args.threads or (None if cuda else 1)
     parallel = args.jobs or (1 if cuda else max(1, min(os.cpu_count() or 1, 2 * len(args.seeds))))
-    command = " ".join(["python scripts/compare.py", *map(str, argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["sdzoo compare", *map(str, argv if argv is not None else sys.argv[1:])])
     try:
         jobs = plan_jobs(args.output, args.seeds, train_args, "cuda" if cuda else "cpu", threads)
         todo = [job for job in jobs if job.state != "done"]

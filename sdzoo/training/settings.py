@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Flags left out take the recipe's value; with no flags at all it trains on the digits "
                     "that scikit-learn ships (offline, about a minute on 2 CPU cores).",
         epilog=f"recipes (--recipe; by default the one named after --dataset):\n{recipes}\n\n"
-               "several processes: torchrun --nproc_per_node N scripts/train.py ... (--batch-size stays the global "
+               "several processes: torchrun --nproc_per_node N -m sdzoo train ... (--batch-size stays the global "
                "batch).\nexit status: 0 done, 2 bad usage or data, 3 the loss became NaN or infinite.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
