@@ -39,7 +39,8 @@ import sdzoo
 from sdzoo.files.checks import check_survival_prob
 from sdzoo.files.disk import save_json
 # The variants live in the package, where the tests build them.
-from sdzoo.export.benchmark_variants import CONVERT_VARIANTS, VARIANTS, build_timm_variant, build_variant, flops_per_image
+from sdzoo.export.benchmark_variants import (
+    CONVERT_VARIANTS, VARIANTS, build_timm_variant, build_variant, flops_per_image)
 
 NOT_RUN = "not run"
 
@@ -177,9 +178,9 @@ def inference_benchmark(args) -> List[Dict]:
         for batch in (1, 32):
             x = torch.randn(batch, *cfg["input_size"])
             feed = {onnx_export.INPUT_NAME: x.numpy()}
-            fns = {name: (lambda s=session: s.run(None, feed)) for name, session in sessions.items()}
+            fns = {name: (lambda s=session, feed=feed: s.run(None, feed)) for name, session in sessions.items()}
             with torch.inference_mode():
-                fns["torch_eager"] = lambda: model(x)
+                fns["torch_eager"] = lambda x=x: model(x)
                 ms = interleaved_medians(fns, args.infer_iters)
             rows.append(dict(batch=batch, torch_eager_ms=ms["torch_eager"], ort_fp32_ms=ms["ort_fp32"],
                              ort_int8_ms=ms["ort_int8"], ort_plain_fp32_ms=ms["ort_plain_fp32"],

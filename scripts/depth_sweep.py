@@ -127,7 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"depth sweep of {', '.join(models)} on {settings['dataset']} ({len(splits['test'][1])} test images), "
           f"orders {', '.join(args.orders)}, {torch.get_num_threads()} thread(s)", flush=True)
     rows = depth_sweep(models, splits, orders=args.orders, depths=args.depths, recalibrate_bn=args.recalibrate_bn,
-                       bench_seconds=args.bench_seconds, rounds=args.rounds, progress=lambda line: print(line, flush=True))
+                       bench_seconds=args.bench_seconds, rounds=args.rounds,
+                       progress=lambda line: print(line, flush=True))
     out.mkdir(parents=True, exist_ok=True)
     table = format_sweep(rows)
     title = f"{cfg.get('architecture')} on {settings['dataset']}" + \

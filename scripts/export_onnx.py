@@ -2,9 +2,11 @@
 """Export a trained stochastic-depth model to ONNX: fold p_l into the weights, export, verify, describe.
 
     python scripts/export_onnx.py --model local-dir:runs/r110 --output r110.onnx
-    python scripts/export_onnx.py --model sd_resnet110_cifar --checkpoint r110.safetensors --survival-prob 0.5 --output r110.onnx
+    python scripts/export_onnx.py --model sd_resnet110_cifar --checkpoint r110.safetensors --survival-prob 0.5 \\
+        --output r110.onnx
     python scripts/export_onnx.py --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
-    python scripts/export_onnx.py --model local-dir:runs/r110 --output r110-k40.onnx --keep-blocks 40 --prune-order greedy
+    python scripts/export_onnx.py --model local-dir:runs/r110 --output r110-k40.onnx --keep-blocks 40 \\
+        --prune-order greedy
 
 The exported graph is a plain ResNet (p_l lives in the weights). It is kept only after onnx's full checker
 and an onnxruntime-vs-PyTorch check at several batch sizes; on any failure the script exits non-zero and
@@ -39,7 +41,8 @@ from sdzoo.files.weights import (
     read_header)
 from sdzoo.export.latency import compare_latency, format_latency
 from sdzoo.export.calibration import CALIB_DATA, calibration_images, calibration_split_size
-from sdzoo.export.onnx_export import DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8
+from sdzoo.export.onnx_export import (
+    DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8)
 from sdzoo.survival import TRAINED_FIELDS
 from sdzoo.models.sd_resnet import build_args
 
@@ -230,7 +233,8 @@ def output_paths(args: argparse.Namespace) -> List[str]:
                    for name in (CONFIG_NAME, WEIGHTS_NAME, "pytorch_model.bin")]
     for flag, path in outputs:
         if os.path.isdir(path):
-            fail(args, f"{flag} {path} is a directory; give the file to write (e.g. {os.path.join(path, 'model.onnx')})")
+            fail(args, f"{flag} {path} is a directory; give the file to write "
+                       f"(e.g. {os.path.join(path, 'model.onnx')})")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             what = "is a file" if os.path.exists(parent) else "does not exist"
@@ -327,8 +331,8 @@ def check_prune_flags(args: argparse.Namespace) -> None:
     """The pruning flags among themselves, before anything is loaded or written."""
     pruning = args.keep_blocks is not None or args.prune_order not in ORDERS
     if not pruning:
-        for flag, given in (("--prune-order", args.prune_order != "survival"), ("--recalibrate-bn", args.recalibrate_bn),
-                            ("--pruned-dir", args.pruned_dir)):
+        for flag, given in (("--prune-order", args.prune_order != "survival"),
+                            ("--recalibrate-bn", args.recalibrate_bn), ("--pruned-dir", args.pruned_dir)):
             if given:
                 fail(args, f"{flag} applies to a pruned export: give --keep-blocks K (or the blocks to keep as "
                            "--prune-order NAME,NAME,...)")

@@ -39,14 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="the run folder: local-dir:PATH or PATH (config.json + model.safetensors)")
-    parser.add_argument("--repo-id", required=True, help="the Hub repo, OWNER/NAME (e.g. ORG/sd_resnet110_cifar.cifar10)")
+    parser.add_argument("--repo-id", required=True,
+                        help="the Hub repo, OWNER/NAME (e.g. ORG/sd_resnet110_cifar.cifar10)")
     parser.add_argument("--local-dir", default=None,
                         help="write the repo's files to this new folder instead of uploading (no token needed)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--commit-message", default=None, help="commit message")
-    parser.add_argument("--onnx", default=None, help="ONNX file to include as model.onnx (default: RUN/model.onnx if any)")
+    parser.add_argument("--onnx", default=None,
+                        help="ONNX file to include as model.onnx (default: RUN/model.onnx if any)")
     parser.add_argument("--curves", default=None, help="training curves to include (default: RUN/curves.png if any)")
-    parser.add_argument("--card-template", default=None, help="model card, a Jinja template (default: the one shipped with sdzoo)")
+    parser.add_argument("--card-template", default=None,
+                        help="model card, a Jinja template (default: the one shipped with sdzoo)")
     parser.add_argument("--card-dir", default=None,
                         help="also save the published card as CARD_DIR/NAME.md (the zoo's record: model_cards); "
                              "default: not saved")
