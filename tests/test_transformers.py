@@ -41,13 +41,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """Local folders only: the client may not reach any server, and no real login is read."""
+def offline(monkeypatch, hub_client):
+    """Local folders only: the client may not reach any server, and no real login is read (``hub_client``)."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def write_run_folder(path, name="sd_resnet20_cifar.cifar10", seed=0, **kwargs):
