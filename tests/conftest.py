@@ -1,8 +1,9 @@
 """Fixtures and markers shared by the test files.
 
 ``trained_run`` is the one run folder of the trainer that the test modules share; ``cli`` runs a script's
-``main`` as its command line would (exit code, stdout, stderr); ``hub_token`` is a random token, so that a
-leak is found by a search for it, not by luck. ``gpu`` tests are skipped where CUDA is not available, so the
+``main`` as its command line would (exit code, stdout, stderr); ``hub_token`` is helpers.TOKEN, a random
+token, so that a leak is found by a search for it, not by luck; ``hub_client`` keeps the Hub client off any
+real login and off Xet. ``gpu`` tests are skipped where CUDA is not available, so the
 suite passes on a CPU-only machine (``.ci/gpu`` runs them where a GPU is); ``network`` marks the tests that may
 fetch a package with pip (timm's sdist).
 
@@ -12,14 +13,16 @@ cores instead of each spinning up a thread for every core; the workers share one
 need it trains it.
 """
 import os
-import secrets
 from collections import namedtuple
 
+import huggingface_hub.constants
 import pytest
 import torch
 from filelock import FileLock
 
 from sdzoo.training import train as sdtrain
+
+from helpers import TOKEN
 
 Result = namedtuple("Result", "code out err")
 
@@ -100,4 +103,13 @@ def cli(capsys):
 
 @pytest.fixture(scope="session")
 def hub_token():
-    return "hf_sdzoo_test_" + secrets.token_hex(12)
+    return TOKEN
+
+
+@pytest.fixture
+def hub_client(monkeypatch, tmp_path):
+    """The Hub client as a user has it, minus Xet (the test server speaks LFS) and minus any real login."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)

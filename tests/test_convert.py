@@ -309,7 +309,7 @@ def test_compiled_in_one_graph_without_recompiles(name, mode):
     size = FAMILIES[name]["size"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(3):
+        for _ in range(3):
             step_compiled_and_eager(compiled, eager, torch.randn(4, 3, size, size))
     assert not [str(w.message) for w in caught if "recompil" in str(w.message).lower()]  # the limit's warning
     assert backend.frame_count == 1, f"{backend.frame_count} graphs"
@@ -505,7 +505,8 @@ def test_pickle_and_deepcopy_round_trip_keep_the_real_skip(mode):
         assert gates_of(copied).keys() == gates_of(model).keys()
         model.drop_path_sampler.step = 0  # both draw the gates of step 0
         torch.testing.assert_close(copied(x), model(x))
-        assert copied.drop_path_sampler.step == 1 and copied.drop_path_sampler.gates is not model.drop_path_sampler.gates
+        assert copied.drop_path_sampler.step == 1
+        assert copied.drop_path_sampler.gates is not model.drop_path_sampler.gates
 
 
 def test_features_only_and_a_plain_sequential():
@@ -553,7 +554,8 @@ def test_drop_paths_off_the_residual_stay_masks_and_say_why():
 @pytest.mark.parametrize("model,match", [
     (lambda: timm.create_model("resnet18", device="meta"), "nothing to convert in ResNet.*drop_path_rate > 0"),
     (lambda: timm.create_model("tiny_vit_5m_224", drop_path_rate=0.2, device="meta"),
-     r"cannot convert timm.models.tiny_vit.TinyVitBlock \('stages.1.blocks.0' of TinyVit\): its forward cannot be traced"),
+     r"cannot convert timm.models.tiny_vit.TinyVitBlock \('stages.1.blocks.0' of TinyVit\): "
+     r"its forward cannot be traced"),
 ])
 def test_unconvertible_models_are_refused_naming_the_block_and_the_reason(model, match):
     with pytest.raises(ValueError, match=match):
@@ -630,6 +632,7 @@ DDP_CASES = [
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # torchrun's two processes (up to 600 s)
 def test_plain_ddp_loop_trains_converted_models_and_keeps_the_ranks_in_step(tmp_path):
     # two steps: DDP refuses the second one when a parameter had no gradient. Rank 1 runs an extra training
     # forward after the first (a debug print): DDP's broadcast of the step buffer keeps the ranks' draws equal.
@@ -643,6 +646,7 @@ def test_plain_ddp_loop_trains_converted_models_and_keeps_the_ranks_in_step(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # torchrun's two processes (up to 600 s)
 def test_fsdp2_trains_a_converted_model(tmp_path):
     # the ranks draw the same gates, a skipped branch still takes part in every reduce-scatter, and the
     # sharded weights stay one model

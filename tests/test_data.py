@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdzoo.training.data import DIGITS_SPLIT_SIZES, ColorJitter, DataError, Lighting, load_data, load_digits_split, normalize, random_shift_flip
-from sdzoo.export.calibration import digits_images
 from sdzoo.datasets import DATASETS
+from sdzoo.export.calibration import digits_images
+from sdzoo.training.data import (
+    DIGITS_SPLIT_SIZES, ColorJitter, DataError, Lighting, load_data, load_digits_split, normalize, random_shift_flip)
+from sdzoo.training.recipes import RECIPES
 
 DIGITS_MEAN, DIGITS_STD = DATASETS["digits"].mean, DATASETS["digits"].std
 IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC = DATASETS["imagenet"].pca_eigval, DATASETS["imagenet"].pca_eigvec
-from sdzoo.training.recipes import RECIPES
 
 
 def test_digits_splits_are_fixed_disjoint_and_cover_the_set():

@@ -22,6 +22,7 @@ from helpers import randomize_batchnorm, run_distributed_loop
 
 # -- a plain DDP loop (tests/distributed_loops.py) ----------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # torchrun's two processes (up to 600 s)
 @pytest.mark.parametrize("name,size", [("sd_resnet20_cifar", 32), ("sd_resnet50", 64)])
 def test_plain_ddp_loop_trains_and_replicas_stay_equal(tmp_path, name, size):
     # rank 1 runs an extra training forward after the first step: the ranks go on drawing the same gates
@@ -170,7 +171,8 @@ def test_imagenet_init_is_fb_resnet_torch():
     convs, norms = _convs_and_norms(model)
     for conv in convs:
         fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
-        assert conv.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=6 / math.sqrt(conv.weight.numel()))
+        expected = pytest.approx(math.sqrt(2.0 / fan_out), rel=6 / math.sqrt(conv.weight.numel()))
+        assert conv.weight.std().item() == expected
     assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.bias.any() for bn in norms)
     assert not model.fc.bias.any()
 
@@ -233,6 +235,7 @@ def _cfg_tests_left_out() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # fetching timm's sdist (up to 600 s), then timm's suite (up to 1500 s)
 @pytest.mark.network
 def test_timm_model_suite_passes_on_the_zoo(tmp_path):
     # TorchScript tests are left out: the gates draw with a torch.Generator and decide in Python, which
@@ -306,6 +309,7 @@ TIMM_TRAIN_PY = os.environ.get("SDZOO_TIMM_TRAIN_PY")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # timm's train.py in a subprocess (up to 600 s)
 @pytest.mark.skipif(not TIMM_TRAIN_PY, reason="timm's train.py is not in timm's distributions: set SDZOO_TIMM_TRAIN_PY "
                                               "to a copy of pytorch-image-models' train.py to run it")
 @pytest.mark.parametrize("mode", ["sample", "batch"])

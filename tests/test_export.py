@@ -295,7 +295,8 @@ def test_cli_checkpoint_that_does_not_match(script, tmp_path, capsys):
     assert code == 2 and "--survival-prob" in err and "--gate-mode off" in err  # never guess p_L
     code, err = cli_error(script, ["--model", "sd_resnet20_cifar", "--checkpoint", str(checkpoint),
                                    "--survival-prob", "0.5", "--survival-rule", "linear", "--scaling", "expectation",
-                                   "--gate-mode", "batch", "--checkpoint-folded", "no", "--output", str(output)], capsys)
+                                   "--gate-mode", "batch", "--checkpoint-folded", "no", "--output", str(output)],
+                          capsys)
     assert code == 2  # found in the file's header, before anything is built
     assert f"--checkpoint: {checkpoint} does not fit sd_resnet20_cifar as described by the model arguments: num_classes=10 " \
            f"({checkpoint} holds num_classes=100)" in err

@@ -213,6 +213,7 @@ def real_runs(tmp_path_factory):
 
 @needs_real_data
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first user of real_runs: two trainings on Fashion-MNIST
 def test_short_real_runs_learn_and_skip_blocks_as_scheduled(real_runs):
     import timm
     from torch.utils.flop_counter import FlopCounterMode
@@ -248,6 +249,7 @@ def test_short_real_runs_learn_and_skip_blocks_as_scheduled(real_runs):
 
 @needs_real_data
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first user of real_runs: two trainings on Fashion-MNIST
 def test_fashion_mnist_run_exports_with_int8_calibrated_on_its_own_images(real_runs, tmp_path, capsys):
     from sdzoo.export.calibration import calibration_images
     from sdzoo.export.onnx_export import predict_onnx

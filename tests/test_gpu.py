@@ -78,6 +78,7 @@ def test_a_converted_timm_model_trains_under_bf16_autocast_and_inductor():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.timeout(900)  # the trainer in a subprocess (up to 600 s)
 def test_the_trainer_runs_an_epoch_on_the_gpu(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(

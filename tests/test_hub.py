@@ -9,11 +9,9 @@ import hashlib
 import json
 import os
 import pickle
-import secrets
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.lfs
@@ -25,7 +23,6 @@ from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 import timm
-from timm.models import save_for_hf
 
 from hub_server import FakeHub
 from sdzoo.hub import upload as hub
@@ -34,35 +31,15 @@ from sdzoo.hub.upload import CheckpointMismatchError, MissingTokenError, UploadE
 from sdzoo.files.pretrained import NoPretrainedWeightsError, require_published_weights, with_published_weights
 from sdzoo.hub.model_card import render_model_card
 import sdzoo.cli.push
-from helpers import randomize_batchnorm
+from helpers import SURVIVAL, TOKEN, make_run
 
-TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)  # random, so that a leak is found by search, not by luck
 OWNER = "sdzoo-test"
-SURVIVAL = dict(survival_prob=0.7, survival_rule="linear", gate_seed=3)
 
-# huggingface_hub's own LFS upload passes a file object as data=, which its HTTP library flags.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
-
-
-def make_run(path: Path, name="sd_resnet20_cifar.cifar10", seed=0, summary=True, extras=True, **kwargs):
-    """A run folder as the training script writes it, with a model whose BatchNorm statistics are not trivial
-    (so that lost buffers would show in the outputs) and a summary whose numbers are drawn at random."""
-    torch.manual_seed(seed)
-    model = randomize_batchnorm(timm.create_model(name, **{**SURVIVAL, **kwargs})).eval()
-    save_for_hf(model, path, safe_serialization=True)
-    if summary:
-        rng = torch.Generator().manual_seed(seed)
-        test_error = round(2.0 + 20.0 * torch.rand(1, generator=rng).item(), 3)
-        settings = dict(model=name.split(".")[0], dataset="cifar10", epochs=12, batch_size=128, lr=0.1, momentum=0.9,
-                        nesterov=True, weight_decay=1e-4, lr_drops=[0.5, 0.75], data_dir="/home/someone/private-data",
-                        output=str(path), **SURVIVAL)
-        (path / "summary.json").write_text(json.dumps(dict(
-            finished=True, epochs_done=12, best_epoch=9, best_val_error=test_error + 0.5, test_error=test_error,
-            test_accuracy=100 - test_error, selection="lowest validation error", settings=settings)))
-    if extras:
-        (path / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, test_error=50.0)) + "\n")
-        (path / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n" + secrets.token_bytes(64))
-    return model
+pytestmark = [
+    # huggingface_hub's own LFS upload passes a file object as data=, which its HTTP library flags.
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning"),
+    pytest.mark.usefixtures("hub_client"),
+]
 
 
 def outputs(model, x):
@@ -78,15 +55,6 @@ def sha256(data: bytes) -> str:
 def server():
     with FakeHub(tokens={TOKEN: "tester"}, orgs={"tester": [OWNER]}) as hub_server:
         yield hub_server
-
-
-@pytest.fixture(autouse=True)
-def hub_client(monkeypatch, tmp_path):
-    """The client as a user has it, minus Xet (the test server speaks LFS) and minus any real login."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +217,8 @@ def test_model_card_front_matter_parses_with_results(published, server, run):
     # the body: stochastic depth, settings, recipe, results with the paper's, usage, citation
     for needle in ("## Stochastic depth", "| survival probability of the last block, p_L | 0.7 |",
                    f"| this model (sd_resnet20_cifar) | CIFAR-10 | {summary['test_error']:.2f} | 9 of 12 |",
-                   "| ResNet-110, CIFAR-10+, 500 epochs | 6.41 | 5.25 |", "| ResNet-1202, CIFAR-10+, 500 epochs | 6.67 | 4.91 |", f'"hf-hub:{repo_id}"',
+                   "| ResNet-110, CIFAR-10+, 500 epochs | 6.41 | 5.25 |",
+                   "| ResNet-1202, CIFAR-10+, 500 epochs | 6.67 | 4.91 |", f'"hf-hub:{repo_id}"',
                    "onnxruntime", "Deep Networks with Stochastic Depth", "![Training curves](curves.png)"):
         assert needle in card_text, needle
     assert "private-data" not in card_text

@@ -52,8 +52,9 @@ def sdzoo_imports(path: Path):
                 parts = package.split(".")
                 base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
             # `from sdzoo.x import y` imports sdzoo.x.y when y is a module
-            targets = [f"{base}.{a.name}" if (PACKAGE.parent / f"{base}.{a.name}".replace(".", "/")).with_suffix(".py").exists()
-                       or (PACKAGE.parent / f"{base}.{a.name}".replace(".", "/")).is_dir() else base for a in node.names]
+            paths = {a.name: PACKAGE.parent / f"{base}.{a.name}".replace(".", "/") for a in node.names}
+            targets = [f"{base}.{a.name}" if paths[a.name].with_suffix(".py").exists() or paths[a.name].is_dir()
+                       else base for a in node.names]
         else:
             continue
         for target in targets:
@@ -116,9 +117,11 @@ def test_no_import_circle():
 
 
 def test_no_function_local_import_of_an_sdzoo_module():
-    local = [f"{path.relative_to(PACKAGE.parent)}:{line}: {target}" for module, (path, imports) in import_graph().items()
+    local = [f"{path.relative_to(PACKAGE.parent)}:{line}: {target}"
+             for module, (path, imports) in import_graph().items()
              for target, line, is_local in imports if is_local and (module, target) not in LOCAL_IMPORTS_ALLOWED]
-    assert not local, "function-local imports of sdzoo modules (import at the top, or move the code):\n" + "\n".join(local)
+    assert not local, ("function-local imports of sdzoo modules (import at the top, or move the code):\n"
+                       + "\n".join(local))
 
 
 @pytest.mark.parametrize("target, upward", [("sdzoo.training.train", True), ("sdzoo.files.checks", False)])

@@ -8,7 +8,6 @@ every config.json that sdzoo writes keeps num_classes out of model_args.
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -23,12 +22,11 @@ from safetensors.torch import save, save_file
 import timm
 
 from hub_server import FakeHub, trickling_weights_hub
-from helpers import ROOT, randomize_batchnorm
+from helpers import ROOT, TOKEN, randomize_batchnorm
 from sdzoo.files import pretrained
 from sdzoo.hub.upload import publish
 from sdzoo.files.pretrained import NoPretrainedWeightsError
 
-TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
@@ -61,7 +59,7 @@ def test_tags_are_timms_hub_weights_of_the_same_network(architecture, twin):
         assert pretrained.TIMM_WEIGHTS[f"{architecture}.{tag}"] == f"{twin}.{tag}"
 
 
-def test_the_resnet50_tags_are_those_of_the_issue():
+def test_the_resnet50_tags_are_timms_resnet50_tags_with_weights():
     listed = timm.list_pretrained("sd_resnet50*")
     assert {"sd_resnet50.a1_in1k", "sd_resnet50.tv2_in1k"} <= set(listed)
     assert [name.split(".", 1)[1] for name in listed] == [

@@ -200,9 +200,10 @@ def test_models_without_blocks_to_prune_or_with_contradicting_settings_are_refus
     with pytest.raises(ValueError, match="its gates hold other p_l"):
         prune_blocks(folded, 5)
     folded_from = dict(survival_prob=0.5, survival_rule="linear", scaling="expectation", gate_mode="batch")
-    for record, match in ((dict(layers=[3, 3, "x"], kept=["layer1.0", "layer2.0", "layer3.0"]), "pruned_from\\['layers'\\]"),
-                          (dict(layers=[3, 3, 3], kept=["layer1.0", "layer2.0", "layer9.0"]), "pruned_from\\['kept'\\]"),
-                          (dict(layers=[3, 3, 3], kept=["layer1.0", "layer1.0", "layer3.0"]), "pruned_from\\['kept'\\]")):
+    bad_records = ((dict(layers=[3, 3, "x"], kept=["layer1.0", "layer2.0", "layer3.0"]), "pruned_from\\['layers'\\]"),
+                   (dict(layers=[3, 3, 3], kept=["layer1.0", "layer2.0", "layer9.0"]), "pruned_from\\['kept'\\]"),
+                   (dict(layers=[3, 3, 3], kept=["layer1.0", "layer1.0", "layer3.0"]), "pruned_from\\['kept'\\]"))
+    for record, match in bad_records:
         with pytest.raises(ValueError, match=match):  # a config.json's record is checked before anything is built
             timm.create_model("sd_resnet20_cifar", layers=(1, 1, 1), folded_from=folded_from,
                               pruned_from=dict(record, architecture="sd_resnet20_cifar"))
@@ -298,7 +299,8 @@ def test_depth_sweep_measures_a_run_and_its_twin_pruned_the_same_way(trained_run
     assert rows[0]["kept"] == pruned.pruned_from["kept"] and rows[0]["acc_torch"] == accuracy(pruned, *test)
     assert all(abs(r["acc_torch"] - r["acc_ort"]) <= 100 / len(test[1]) + 1e-9 for r in rows)
     assert rows[0]["params"] == sum(p.numel() for p in pruned.parameters()) and rows[0]["ms_b32"] > rows[0]["ms_b1"] > 0
-    assert (out / "sweep.png").stat().st_size > 0 and "| stochastic depth | survival | 4 |" in (out / "sweep.md").read_text()
+    assert (out / "sweep.png").stat().st_size > 0
+    assert "| stochastic depth | survival | 4 |" in (out / "sweep.md").read_text()
     bad = cli(sweep.main, ["--model", trained_run, "--output", tmp_path / "bad", "--depths", "2"])
     assert bad.code == 2 and "--depths must be from 3" in bad.err and not (tmp_path / "bad").exists()
 

@@ -19,6 +19,7 @@ def run_script(*args, timeout=600):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the script in a subprocess (up to 600 s)
 def test_run_digits_does_the_whole_job(tmp_path):
     out = tmp_path / "digits"
     out.mkdir()  # taken: the job must not overwrite it, but use digits-2
@@ -44,6 +45,7 @@ def test_run_digits_does_the_whole_job(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the script in a subprocess (up to 600 s)
 def test_benchmark_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     result = run_script("scripts/benchmark.py", "--model", "sd_resnet20_cifar", "--batch-size", "8",

@@ -38,7 +38,8 @@ def prepared(gate_mode, state):
 def compiled(model, kind, backend):
     if kind == "eager":
         return model
-    return torch.compile(model, backend=backend, fullgraph=kind == "fullgraph", dynamic=True if kind == "dynamic" else None)
+    return torch.compile(model, backend=backend, fullgraph=kind == "fullgraph",
+                         dynamic=True if kind == "dynamic" else None)
 
 
 def step(model, x):
@@ -99,7 +100,7 @@ def test_grad_checkpointing_under_fullgraph_compile(gate_mode):
     eager = copy.deepcopy(model)
     backend = CompileCounterWithBackend("aot_eager")
     run = torch.compile(model, backend=backend, fullgraph=True)
-    for i in range(2):
+    for _ in range(2):
         x = torch.randn(8, 3, 32, 32)
         out, grads = step(run, x)
         ref, ref_grads = step(eager, x)
@@ -137,8 +138,10 @@ def test_dynamic_batch_mode_under_fullgraph_says_what_to_use_instead():
 def test_channels_last_is_kept_through_the_gates(gate_mode):
     model = zoo(gate_mode).train().to(memory_format=torch.channels_last)
     layouts = []
-    hooks = [blk.register_forward_hook(lambda m, a, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
-             for blk in model.residual_blocks()]
+    def record_layout(module, args, out):
+        layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+
+    hooks = [blk.register_forward_hook(record_layout) for blk in model.residual_blocks()]
     x = torch.randn(8, 3, 32, 32).to(memory_format=torch.channels_last).requires_grad_()
     out = model.forward_features(x)
     assert all(layouts) and len(layouts) == 9, layouts
@@ -151,7 +154,7 @@ def test_channels_last_is_kept_through_the_gates(gate_mode):
 
 # -- resume, stochastic_depth_args, gradient accumulation -----------------------------------------------------------
 def train_steps(model, steps, batch=8):
-    for i in range(steps):
+    for _ in range(steps):
         model(torch.randn(batch, 3, 32, 32)).sum().backward()
 
 
@@ -179,7 +182,8 @@ def test_state_dicts_interchange_strictly_with_timms_resnet50():
     ours = timm.create_model("sd_resnet50", device="meta")
     theirs = timm.create_model("resnet50", device="meta")
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
-    small_ours, small_theirs = timm.create_model("sd_resnet50", num_classes=3), timm.create_model("resnet50", num_classes=3)
+    small_ours = timm.create_model("sd_resnet50", num_classes=3)
+    small_theirs = timm.create_model("resnet50", num_classes=3)
     small_ours.load_state_dict(small_theirs.state_dict(), strict=True)
     small_theirs.load_state_dict(small_ours.state_dict(), strict=True)
 

@@ -21,18 +21,18 @@ import pytest
 import timm
 import torch
 
-from sdzoo.training.data import load_digits_split
 from sdzoo.datasets import DATASETS
-
-DIGITS_MEAN, DIGITS_STD = DATASETS["digits"].mean, DATASETS["digits"].std
-from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
 from sdzoo.files.run_folder import CheckpointError, lock_run_folder
+from sdzoo.training.data import load_digits_split
+from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
 from sdzoo.training.resume import resolve_settings
 from sdzoo.training.settings import Settings, build_parser
 from sdzoo.training.train import (
     Dist, Diverged, GateLog, build_optimizer, build_scheduler, main, train, train_step, use_sync_batchnorm)
 
 from helpers import ROOT
+
+DIGITS_MEAN, DIGITS_STD = DATASETS["digits"].mean, DATASETS["digits"].std
 
 SCRIPT = str(ROOT / "scripts" / "train.py")
 TINY = ["--dataset", "digits", "--model", "sd_resnet20_cifar", "--quiet"]
@@ -137,6 +137,7 @@ def _kill_rng() -> random.Random:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two trainings in subprocesses (up to 300 s each)
 def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
     args = TINY + ["--image-size", 16, "--batch-size", 16, "--epochs", 2, "--checkpoint-every-steps", 7,
                    "--record-gates", "--threads", 1]
@@ -175,6 +176,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bit_identical(tmp_path):
 
 # -- distributed ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # one-process and torchrun trainings (up to 300 and 600 s)
 def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_path):
     """2 ranks x 16 images against 1 process with the same 32 images as 2 micro-batches of 16.
 
@@ -221,7 +223,7 @@ def test_skipped_blocks_are_moved_by_weight_decay_and_momentum():
     images, labels = load_digits_split("train", image_size=16)
     x, y = images[:32], labels[:32]
     ran_before = set()
-    for step in range(30):
+    for _ in range(30):
         before = {p: p.detach().clone() for p in model.parameters()}
         buffers = {p: optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()
                    if "momentum_buffer" in optimizer.state[p]}
@@ -406,6 +408,7 @@ def test_svhn_recipe_evaluates_every_200_steps():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two trainings in subprocesses (up to 300 s each)
 def test_sigkill_between_two_evaluations_then_resume_is_bit_identical(tmp_path):
     args = TINY + ["--image-size", 8, "--batch-size", 16, "--epochs", 2, "--eval-every-steps", 10,
                    "--checkpoint-every-steps", 7, "--threads", 1]

@@ -8,7 +8,6 @@ import ast
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import timm
 from timm.models import save_for_hf
 
 from hub_server import FakeHub
-from helpers import randomize_batchnorm
+from helpers import TOKEN, randomize_batchnorm
 from sdzoo.files.run_folder import save_model_config
 from sdzoo.files.weights import save_weights
 from sdzoo.training.data import load_digits_split
@@ -33,7 +32,6 @@ from sdzoo.hub.upload import publish
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, pipeline  # noqa: E402
 
-TOKEN = "hf_sdzoo_test_" + secrets.token_hex(12)
 OWNER = "sdzoo-test"
 # Not the defaults, so that settings lost on the way would show.
 SURVIVAL = dict(survival_prob=0.7, survival_rule="uniform", gate_seed=3, scaling="expectation")
@@ -43,13 +41,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """Local folders only: the client may not reach any server, and no real login is read."""
+def offline(monkeypatch, hub_client):
+    """Local folders only: the client may not reach any server, and no real login is read (``hub_client``)."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def write_run_folder(path, name="sd_resnet20_cifar.cifar10", seed=0, **kwargs):
@@ -114,7 +108,7 @@ def test_non_default_in_chans_and_pool_stay_in_model_args(tmp_path):
 
 
 def test_folder_of_timms_writer_fails_in_transformers_and_publishing_fixes_it(tmp_path):
-    """timm's own writer puts num_classes into model_args (the failure of the issue); sdzoo's Hub folder
+    """timm's own writer puts num_classes into model_args (transformers then passes it twice); sdzoo's Hub folder
     of that run loads in transformers, and sdzoo's readers still load the old folder."""
     torch.manual_seed(0)
     model = randomize_batchnorm(timm.create_model("sd_resnet20_cifar", **SURVIVAL)).eval()
@@ -179,7 +173,8 @@ def test_hub_repo_loads_in_transformers_with_timm_logits(run, tmp_path, monkeypa
         top5 = ast.literal_eval(lines[-2])  # what the card's print shows
         assert len(top5) == 5 and all(answer["label"] in LABELS for answer in top5)
         downloads = [p for m, p in server.requests if m == "GET" and "/resolve/" in p]
-        assert any(p.startswith(f"/{repo_id}/resolve/") and p.endswith("/model.safetensors") for p in downloads), downloads
+        assert any(p.startswith(f"/{repo_id}/resolve/") and p.endswith("/model.safetensors")
+                   for p in downloads), downloads
 
 
 # -- the pipeline on digits ----------------------------------------------------------------------------
@@ -306,7 +301,7 @@ def test_transformers_refuses_every_folder_that_timm_refuses(tmp_path):
     the contradiction, with nothing loaded."""
     from sdzoo.files.weights import WeightsError
 
-    for case, (folder, expected) in tampered_folders(tmp_path).items():
+    for folder, expected in tampered_folders(tmp_path).values():
         with pytest.raises(WeightsError, match=expected):
             timm.create_model(f"local-dir:{folder}", pretrained=True)
         for loader in (AutoModelForImageClassification.from_pretrained,
@@ -351,7 +346,7 @@ def test_transformers_refuses_tampered_repos_served_by_the_hub(tmp_path, monkeyp
     with FakeHub(tokens={TOKEN: "tester"}, orgs={"tester": [OWNER]}) as server:
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         api = huggingface_hub.HfApi(endpoint=server.url, token=TOKEN)
-        for case, (folder, expected) in folders.items():
+        for folder, expected in folders.values():
             repo_id = f"{OWNER}/{folder.name.replace('.', '-')}"
             api.create_repo(repo_id)
             api.upload_folder(repo_id=repo_id, folder_path=folder)
