@@ -10,7 +10,8 @@ call added over the imports), and the head of the error. The cases:
 * a safetensors header of 60 MB of valid JSON listing 1.2 million tensors, in a run folder, loaded by timm
   (``local-dir:``), by ``sdzoo.hub.load_run`` and by transformers' ``AutoModelForImageClassification``;
 * a run folder whose config.json says ``num_classes: 1e9`` (and ``10**9``), vetted with ``sdzoo.hub.load_run``
-  (transformers itself builds a table of that many labels before any sdzoo code runs: see the README);
+  (transformers itself builds a table of that many labels before any sdzoo code runs: docs/loading.md,
+  "Where the bounds stop");
 * a pretrained tag and an ``hf-hub:`` repo served one byte a second by the loopback Hub of the test suite
   (tests/hub_server.py), loaded with ``$SDZOO_HUB_TIMEOUT`` set to ``--hub-timeout``.
 """

@@ -42,8 +42,8 @@ __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPa
 
 CONVERT_MODES = ("sample", "batch")
 # Below this per-branch rate a branch stays timm's mask. On a 2-core CPU, ViT-Tiny, sample mode broke even at
-# about 0.03 and batch mode was faster at every rate measured, 0.02 included (README, "Real skip for timm's
-# drop-path models"); sdzoo bench --convert MODEL --uniform-rate measures it elsewhere.
+# about 0.03 and batch mode was faster at every rate measured, 0.02 included (docs/benchmarks.md, "Sample mode's
+# break-even"); sdzoo bench --convert MODEL --uniform-rate measures it elsewhere.
 BREAK_EVEN_DROP_RATE = 0.05
 
 
@@ -207,7 +207,8 @@ def _post_op_reason(block: nn.Module, node: fx.Node, carried: Set[fx.Node]) -> O
     add; None when it may. Allowed: a scale by something that does not depend on the branch, a layout op,
     a size query, a module that is the identity or such a scale (LayerScale, MetaFormer's Scale)."""
     others = [a for a in node.all_input_nodes if a not in carried]
-    if node.op == "call_function" and node.target in _SCALES or node.op == "call_method" and node.target in _SCALE_METHODS:
+    if (node.op == "call_function" and node.target in _SCALES
+            or node.op == "call_method" and node.target in _SCALE_METHODS):
         carried_args = [a for a in node.all_input_nodes if a in carried]
         if len(carried_args) == 1 and not (node.target in (operator.truediv, torch.div, "div", "div_")
                                            and node.args[0] is not carried_args[0]):
@@ -452,7 +453,8 @@ def _placeholder_roots(node: fx.Node, seen: Optional[Set[fx.Node]] = None) -> Li
     return [r for a in node.all_input_nodes for r in _placeholder_roots(a, seen)]
 
 
-def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tuple[_Rewrite, Dict[str, str], List[_Site]]:
+def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]
+             ) -> Tuple[_Rewrite, Dict[str, str], List[_Site]]:
     """The training forward of ``block`` with each gated site's add replaced by a call of its gate."""
     graph = _trace(block, key)
     sites, kept_as_mask = _find_sites(block, graph, slots)

@@ -27,7 +27,7 @@ class DatasetSpec:
     std: Tuple[float, ...]
     on_device: bool                          # held in memory as tensors (on the training GPU), augmented there;
     #                                          else a folder read and augmented by DataLoader workers
-    recipe: Optional[str] = None             # the recipe (sdzoo.training.recipes) it trains with unless --recipe is given
+    recipe: Optional[str] = None             # the recipe (sdzoo.training.recipes) it trains with, unless --recipe
     display_name: Optional[str] = None       # in the model card (None: the name)
     hub_id: Optional[str] = None             # the Hub data set id the model card links
     num_classes: Optional[int] = None        # its fixed class count; None: its class folders or --num-classes

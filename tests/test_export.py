@@ -298,7 +298,8 @@ def test_cli_checkpoint_that_does_not_match(script, tmp_path, capsys):
                                    "--gate-mode", "batch", "--checkpoint-folded", "no", "--output", str(output)],
                           capsys)
     assert code == 2  # found in the file's header, before anything is built
-    assert f"--checkpoint: {checkpoint} does not fit sd_resnet20_cifar as described by the model arguments: num_classes=10 " \
+    assert f"--checkpoint: {checkpoint} does not fit sd_resnet20_cifar as described by the model arguments: " \
+           f"num_classes=10 " \
            f"({checkpoint} holds num_classes=100)" in err
     code, err = cli_error(script, ["--model", "sd_resnet56_cifar", "--checkpoint", str(checkpoint),
                                    "--survival-prob", "1.0", "--survival-rule", "linear", "--scaling", "expectation",

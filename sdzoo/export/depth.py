@@ -167,8 +167,8 @@ def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tens
             size = tuple(input_size or model.pretrained_cfg["input_size"])
             greedy = None
             if "greedy" in orders:
-                say(f"{label}: greedy search on the validation split ({len(splits['val'][1]) if 'val' in splits else 0} "
-                    "images)")
+                val_images = len(splits['val'][1]) if 'val' in splits else 0
+                say(f"{label}: greedy search on the validation split ({val_images} images)")
                 greedy, evaluations = greedy_removals(model, splits, down_to=min(model_depths), progress=say)
                 say(f"{label}: greedy order {', '.join(greedy)} ({evaluations} evaluations)")
             measured: Dict[Tuple[str, ...], Dict[str, Any]] = {}

@@ -60,7 +60,7 @@ def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> D
         # torch's message suggests weights_only=False, which would run code from the file: not an option here.
         raise CheckpointError(f"--resume: {path} holds objects other than tensors and plain types; it is not "
                               "a checkpoint of this trainer and was not loaded (nothing in it was run)") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (torch.load's errors have no common type; each one is refused)
         raise CheckpointError(f"--resume: cannot read {path} as a torch file ({error_line(e)})") from None
 
 

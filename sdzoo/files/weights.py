@@ -300,7 +300,8 @@ def _describe_source(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
 
 def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str], where: str,
                        variant: str, args: Mapping[str, Any], asked_by: str = "the model arguments") -> None:
-    """Refuse ``args`` (every argument the model will be built with) that do not build the model the file holds, naming both values."""
+    """Refuse ``args`` (every argument the model will be built with) that do not build the model the file holds,
+    naming both values."""
     arch = architecture_of(shapes, where)
     expected = dict(layers=arch.layers, widths=arch.widths, block=arch.block, stem=arch.stem,
                     shortcut=arch.shortcut, in_chans=arch.in_chans, num_classes=arch.num_classes)
@@ -325,7 +326,8 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     if recorded.get("num_classes") is not None and not settings_equal(recorded["num_classes"], args["num_classes"]):
         differ.append(f"num_classes={args['num_classes']!r} (the file's: {recorded['num_classes']!r})")
     model_args = recorded["model_args"]
-    for key in [k for k in model_args if k in args and k != "folded_from"]:  # the settings the weights were trained with
+    # the settings the weights were trained with, in the order the file records them
+    for key in [k for k in model_args if k in args and k != "folded_from"]:
         if model_args[key] is not None and not settings_equal(model_args[key], args[key]):
             differ.append(f"{key}={args[key]!r} (the file's: {model_args[key]!r})")
     fold = fold_contradiction(model_args.get("folded_from"), args["folded_from"])
@@ -466,8 +468,8 @@ _WRAPPER_PREFIX = "timm_model."
 def check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, Any],
                        build_args: BuildArgs) -> WeightsProvenance:
     """The checks of ``check_pretrained`` for weights that another library loads into the model after building
-    it with ``pretrained=False`` (transformers: ``sdzoo.internals.transformers_private``): the arguments against the file's
-    header and metadata, and no NaN or infinite tensor, before anything is built. That loader is not strict,
+    it with ``pretrained=False`` (transformers: ``sdzoo.internals.transformers_private``): the arguments against
+    the file's header and metadata, and no NaN or infinite tensor, before anything is built. That loader is not strict,
     so every tensor the model has must be in the file with its shape (``check_weights_file``)."""
     from timm.models import resolve_pretrained_cfg
 

@@ -228,7 +228,8 @@ class SDResNet(nn.Module):
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be a number in [0, 1); got {drop_rate!r}")
         if len(layers) != len(widths) or any(not isinstance(n, int) or n < 1 for n in layers):
-            raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; got {layers!r}")
+            raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; "
+                             f"got {layers!r}")
         # Bounded before anything is allocated: config.json of a Hub repo or a local folder may ask for anything.
         check_model_size(layers, widths, block, stem, shortcut, num_classes, in_chans, global_pool)
         self.num_classes = num_classes
@@ -271,7 +272,8 @@ class SDResNet(nn.Module):
             reduction *= stride
             blocks = []
             for i in range(num):
-                gate = ResidualGate(block_probs[block_idx], settings.scaling, index=block_idx, sampler=self.gate_sampler)
+                gate = ResidualGate(block_probs[block_idx], settings.scaling, index=block_idx,
+                                    sampler=self.gate_sampler)
                 blocks.append(block_cls(in_chs, chs, stride if i == 0 else 1, shortcut, gate, **dd))
                 in_chs = chs * block_cls.expansion
                 block_idx += 1

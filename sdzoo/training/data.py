@@ -240,7 +240,7 @@ def _torchvision_split(cls, label: str, where: str, root: str, download: bool, *
                 f"(needs internet), or point --data-dir at the folder that holds it") from None
     try:
         return cls(root, download=True, **kwargs)
-    except Exception as e:  # network errors come as URLError, OSError, RuntimeError, ...
+    except Exception as e:  # noqa: BLE001  (network errors come as URLError, OSError, RuntimeError, ...)
         raise DataError(
             f"--data-dir {root}: {label} is not there and downloading it failed ({error_line(e)}). "
             f"Download it on a machine with internet and copy it into {where}, or point --data-dir at "

@@ -5,8 +5,8 @@ Nesterov, dampening 0, weight decay 1e-4 on every parameter, batch 128, lr / 10 
 run, the linear decay rule with p_L = 0.5. SVHN is evaluated every 200 steps (main.lua); ImageNet trains with
 fb.resnet.torch's augmentation and schedule. On several GPUs the paper recipes normalise BatchNorm over the
 whole batch (SyncBatchNorm), as the authors' single GPU did. Where sdzoo deliberately differs (per-channel
-normalisation instead of a per-pixel mean image, bf16 training on GPUs, ...) the README's "Differences
-from the authors' code" lists it. ``digits`` and ``synthetic`` are this project's additions: a small
+normalisation instead of a per-pixel mean image, bf16 training on GPUs, ...) docs/differences.md (Differences
+from the authors' code) lists it. ``digits`` and ``synthetic`` are this project's additions: a small
 offline run on scikit-learn's handwritten digits, and random data for throughput measurements.
 """
 from __future__ import annotations

@@ -98,7 +98,8 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}; got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'}; got {text!r}") from None
         bad = (low is not None and (value <= low if low_open else value < low)) or \
               (high is not None and (value >= high if high_open else value > high)) or \
               (kind is float and not math.isfinite(value))
