@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import sdzoo.cli.export
 import sdzoo.cli.bench
 from sdzoo.export import onnx_export
+from sdzoo.files.checks import error_line
 from sdzoo.files.run_folder import CONFIG_NAME, WEIGHTS_NAME
 from sdzoo.files.weights import MissingWeightsError, save_weights
 from sdzoo.hub import upload as hub
@@ -214,3 +215,15 @@ def test_an_allocation_failure_is_reported_as_memory(tmp_path, capsys, monkeypat
     with pytest.raises(hub.CheckpointMismatchError, match="not enough memory") as info:
         hub.load_run(folder)
     assert "does not fit" not in str(info.value)
+
+
+def test_an_error_is_quoted_in_one_line_however_long_it_is():
+    strict_load = RuntimeError("Error(s) in loading state_dict for SDResNet:\n\tMissing key(s): " + "k, " * 500
+                               + "\n\tUnexpected key(s): a\n\tsize mismatch for fc.weight\n\tand more\n")
+    assert error_line(ValueError("bad\nsecond line")) == "ValueError: bad"
+    assert error_line(OSError()) == "OSError"
+    quoted = error_line(strict_load, 40, lines=3)
+    assert "\n" not in quoted and quoted.endswith(" ... (2 more lines)")
+    assert quoted.startswith("RuntimeError: Error(s) in loading state_dict for SDResNet: Missing key(s): k, k,")
+    assert "Unexpected key(s): a" in quoted and len(quoted) < 200
+

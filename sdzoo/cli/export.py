@@ -35,7 +35,7 @@ from sdzoo.export.onnx_export import (
 from sdzoo.files.checks import check_seconds, error_line
 from sdzoo.files.disk import save_json
 from sdzoo.files.hf_config import model_kwargs_of_config, write_config
-from sdzoo.files.run_folder import CONFIG_NAME, WEIGHTS_NAME, describe_load_error, read_run_config
+from sdzoo.files.run_folder import CONFIG_NAME, WEIGHTS_NAME, read_run_config
 from sdzoo.files.weights import (
     MissingWeightsError, WeightsError, WeightsProvenance, check_finite, describe_failure, read_weights_settings,
     save_weights)
@@ -206,7 +206,7 @@ def create_from_safetensors(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
         fail(args, f"--model {args.model}: {err}")
     except (MemoryError, RuntimeError) as err:  # a model that is no sdzoo model: torch's strict load
         fail(args, f"--checkpoint {path} does not match --model {args.model}: "
-                   f"{describe_failure(err, args.model) or describe_load_error(err)}")
+                   f"{describe_failure(err, args.model) or error_line(err, 400, lines=4)}")
     except Exception as err:  # noqa: BLE001  (safetensors' own errors of a damaged file)
         fail(args, f"--checkpoint {path}: cannot read it as .safetensors: {error_line(err)}")
     check_loaded(args, model, path)
@@ -275,7 +275,7 @@ def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
         fail(args, f"--model {args.model}: {err}")
     except (MemoryError, RuntimeError) as err:  # load_state_dict: the weights do not fit the architecture
         message = describe_failure(err, args.model) or \
-            f"the weights do not match the architecture: {describe_load_error(err)}"
+            f"the weights do not match the architecture: {error_line(err, 400, lines=4)}"
         fail(args, f"--model {args.model}: {message}")
     except Exception as err:  # noqa: BLE001  (missing files, unknown architecture, no network, ...)
         fail(args, f"--model {args.model}: cannot load it: {error_line(err)}")
@@ -299,7 +299,7 @@ def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str)
         fail(args, f"--checkpoint {path}: {err}")
     except RuntimeError as err:
         fail(args, f"--checkpoint {path} does not match --model {args.model} "
-                   f"(num_classes={model.num_classes}): {describe_load_error(err)}")
+                   f"(num_classes={model.num_classes}): {error_line(err, 400, lines=4)}")
     check_loaded(args, model, path)
 
 

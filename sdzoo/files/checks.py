@@ -5,10 +5,14 @@ import math
 from typing import Iterable, Sequence, Tuple
 
 
-def error_line(error: BaseException, width: int = 240) -> str:
-    """``TypeName: first line of its message``, cut at ``width``: how one error is quoted inside another."""
-    first = (str(error).strip().splitlines() or [""])[0][:width]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+def error_line(error: BaseException, width: int = 240, lines: int = 1) -> str:
+    """``TypeName: message``, how one error is quoted inside another: its first ``lines`` lines (torch's
+    strict-load error lists every key, hundreds for a deep model), each cut at ``width``."""
+    text = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    quoted = " ".join(line[:width] for line in text[:lines])
+    if len(text) > lines > 1:
+        quoted += f" ... ({len(text) - lines} more lines)"
+    return f"{type(error).__name__}: {quoted}" if quoted else type(error).__name__
 
 
 def check_choice(name: str, value, allowed: Iterable) -> None:

@@ -24,7 +24,7 @@ from sdzoo.files.hf_config import normalize_config, write_config
 
 __all__ = [
     "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "CheckpointError",
-    "save_state", "load_state", "save_model_config", "describe_load_error", "read_run_config",
+    "save_state", "load_state", "save_model_config", "read_run_config",
     "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME", "truncate_lines",
 ]
 
@@ -123,15 +123,6 @@ def save_model_config(path: PathLike, model: nn.Module, data_config: Dict[str, A
     architecture, the model arguments (survival settings included), the preprocessing the weights were
     trained with, and the class names."""
     write_config(path, model, data_config=data_config, tag=tag, label_names=label_names)
-
-
-def describe_load_error(error: RuntimeError, lines: int = 4, width: int = 400) -> str:
-    """torch's strict-load error (missing, unexpected and mis-shaped tensors), cut to its first lines: for a
-    deep model it can list hundreds of keys."""
-    text = [line.strip() for line in str(error).strip().splitlines()]
-    head = [line if len(line) <= width else line[:width] + " ..." for line in text[:lines]]
-    more = f" ... ({len(text) - lines} more lines)" if len(text) > lines else ""
-    return " ".join(head) + more
 
 
 def truncate_lines(path: Path, keep: Callable[[str], bool]) -> None:

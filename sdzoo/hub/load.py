@@ -25,7 +25,8 @@ from torch import nn
 
 from sdzoo.files.disk import PathLike
 from sdzoo.files.hub_http import DEFAULT_TIMEOUT, bounded_waits, describe_error, hub_api, scrub_token
-from sdzoo.files.run_folder import CONFIG_NAME, SUMMARY_NAME, WEIGHTS_NAME, describe_load_error, read_run_config
+from sdzoo.files.checks import error_line
+from sdzoo.files.run_folder import CONFIG_NAME, SUMMARY_NAME, WEIGHTS_NAME, read_run_config
 from sdzoo.files.hf_config import head_args, model_kwargs_of_config
 from sdzoo.files.weights import PICKLE_SUFFIXES, WeightsError, describe_failure
 from sdzoo.export.onnx_export import ExportError, verify_onnx
@@ -93,7 +94,7 @@ def load_run(model_dir: PathLike) -> LoadedRun:
         if message is None:  # torch's strict load: missing, unexpected or mis-shaped tensors
             args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_kwargs_of_config(config).items()))
             message = (f"{weights_path} does not fit {architecture}({args}) as config.json describes it: "
-                       f"{describe_load_error(e)}")
+                       f"{error_line(e, 400, lines=4)}")
         raise CheckpointMismatchError(message) from None
     except (TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{config_path}: cannot build {architecture} from its model_args: {e}") from None

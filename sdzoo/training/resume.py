@@ -31,7 +31,7 @@ from sdzoo.files.checks import error_line
 from sdzoo.files.disk import PathLike
 from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free,
-    describe_load_error, load_state, read_run_config, save_state)
+    load_state, read_run_config, save_state)
 from sdzoo.training.metrics_plot import epoch_records
 from sdzoo.training.settings import DEFINING_SETTINGS, Settings, TrainError, given_flags, new_run_settings
 from sdzoo.survival import TRAINED_FIELDS
@@ -438,7 +438,7 @@ def restore(checkpoint: Dict[str, Any], s: Settings, model: nn.Module, optimizer
     try:
         model.load_state_dict(checkpoint["model"])
     except Exception as e:  # noqa: BLE001  a tampered or foreign state: any type, any error
-        why = describe_load_error(e) if isinstance(e, RuntimeError) else error_line(e, 300)
+        why = error_line(e, 400, lines=4)
         raise CheckpointError(f"--resume: the model state in {path} does not fit {s.model}: {why}") from None
     for part, load in (("optimizer", lambda: _load_optimizer(optimizer, checkpoint["optimizer"])),
                        ("scheduler", lambda: scheduler.load_state_dict(checkpoint["scheduler"])),
