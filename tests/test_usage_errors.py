@@ -222,7 +222,7 @@ def test_an_error_is_quoted_in_one_line_however_long_it_is():
                                + "\n\tUnexpected key(s): a\n\tsize mismatch for fc.weight\n\tand more\n")
     assert error_line(ValueError("bad\nsecond line")) == "ValueError: bad"
     assert error_line(OSError()) == "OSError"
-    quoted = error_line(strict_load, 40, lines=3)
+    quoted = error_line(strict_load, 60, lines=3)  # each line cut at 60 characters
     assert "\n" not in quoted and quoted.endswith(" ... (2 more lines)")
     assert quoted.startswith("RuntimeError: Error(s) in loading state_dict for SDResNet: Missing key(s): k, k,")
     assert "Unexpected key(s): a" in quoted and len(quoted) < 200
