@@ -14,6 +14,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+import sdzoo.cli
 import sdzoo.cli.export
 import sdzoo.cli.bench
 from sdzoo.export import onnx_export
@@ -227,3 +228,24 @@ def test_an_error_is_quoted_in_one_line_however_long_it_is():
     assert quoted.startswith("RuntimeError: Error(s) in loading state_dict for SDResNet: Missing key(s): k, k,")
     assert "Unexpected key(s): a" in quoted and len(quoted) < 200
 
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["demo", "--output", "{file}/run"], "--output"),
+    (["compare", "--output", "{file}/runs", "--seeds", "1"], "--output"),
+    (["compare", "--output", "{file}", "--seeds", "1"], "--output"),
+    (["depth-sweep", "--model", "local-dir:{tmp}", "--output", "{file}/sweep"], "--output"),
+    (["bench", "--json", "{file}/b.json"], "--json"),
+    (["coverage", "--json", "{file}/c.json"], "--json"),
+    (["push", "--model", "{tmp}", "--repo-id", "tester/t", "--local-dir", "{file}/out"], "--local-dir"),
+    (["push", "--model", "{tmp}", "--repo-id", "tester/t", "--local-dir", "{tmp}"], "--local-dir"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, argv, flag):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    argv = [a.format(file=a_file, tmp=tmp_path) for a in argv]
+    before = sorted(tmp_path.rglob("*"))
+    assert exit_code(sdzoo.cli.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"sdzoo {argv[0]}: error: {flag} ") and "Traceback" not in "".join(err)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing trained, written or created

@@ -40,6 +40,7 @@ import onnxruntime
 import timm
 
 # The variants live in sdzoo.export, where the tests build them.
+from sdzoo.cli.common import check_output_path
 from sdzoo.export import onnx_export
 from sdzoo.export.benchmark_variants import (
     CONVERT_VARIANTS, VARIANTS, build_timm_variant, build_variant, flops_per_image)
@@ -336,11 +337,7 @@ def parse_args(argv=None, prog: Optional[str] = None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.json is not None:  # before the benchmark runs, not after
-        if args.json.is_dir():
-            p.error(f"--json {args.json} is a directory; give the file to write")
-        existing = next((d for d in args.json.parents if d.exists()), None)
-        if existing is not None and not existing.is_dir():
-            p.error(f"--json {args.json}: {existing} is a file, not a folder")
+        check_output_path(p, "--json", args.json)
     return args
 
 
@@ -387,4 +384,3 @@ def main(argv=None, prog: Optional[str] = None) -> int:
         save_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
-

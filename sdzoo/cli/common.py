@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
+
+from sdzoo.files import checks
 
 # argparse's own status for a wrong flag; every command uses it for a wrong argument it finds later too.
 EXIT_USAGE = 2
@@ -14,6 +17,14 @@ HUB_PREFIXES = ("local-dir:", "hf-hub:")
 def usage_error(parser: argparse.ArgumentParser, message: str) -> None:
     """Exit with EXIT_USAGE and one line that names the argument at fault, as argparse reports a wrong flag."""
     parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message}\n")
+
+
+def check_output_path(parser: argparse.ArgumentParser, flag: str, path: Path, kind: str = "file") -> None:
+    """``sdzoo.files.checks.check_output_path`` as a usage error of the command."""
+    try:
+        checks.check_output_path(flag, path, kind)
+    except ValueError as err:
+        usage_error(parser, str(err))
 
 
 def first_paragraph(doc: str) -> str:

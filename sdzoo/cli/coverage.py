@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import statistics
 import sys
 import time
@@ -33,10 +32,11 @@ from timm.layers import DropPath
 from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
 from timm.models.maxxvit import MaxxVit, MaxxVitCfg
 
-from sdzoo.cli.common import first_paragraph
+from sdzoo.cli.common import check_output_path, first_paragraph
 from sdzoo.internals.torch_private import CompileCounterWithBackend, dynamo_counters
 from sdzoo.convert import convert_drop_path, inspect_drop_paths
 from sdzoo.files.checks import error_line
+from sdzoo.files.disk import save_json
 
 MODES = ("batch", "sample")
 HELP = "how much of timm sdzoo.convert_drop_path reaches: every model, each mode (and under torch.compile)"
@@ -313,6 +313,8 @@ def main(argv=None, prog: Optional[str] = None) -> int:
         parser.error(f"--every must be a positive integer; got {args.every}")
     if args.time_limit is not None and not args.time_limit > 0:
         parser.error(f"--time-limit must be a positive number of seconds; got {args.time_limit}")
+    if args.json is not None:  # before the survey, which may take an hour
+        check_output_path(parser, "--json", args.json)
     if args.compile:
         if args.steps < 2:
             parser.error(f"--steps must be at least 2; got {args.steps}")
@@ -345,7 +347,5 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     print("\nNot converted:\n" + reasons(results))
     print("\n" + conversion_times(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1, sort_keys=True))
+        save_json(args.json, results)
     return 0
-

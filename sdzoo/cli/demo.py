@@ -22,6 +22,7 @@ import numpy as np
 import timm
 import torch
 
+from sdzoo.cli.common import check_output_path
 from sdzoo.export import onnx_export
 from sdzoo.export.calibration import digits_images
 from sdzoo.fold import fold_survival
@@ -48,7 +49,7 @@ def fresh_folder(path: Path) -> Path:
 def train_run(output: Path, extra) -> None:
     code = train_main(["--dataset", "digits", "--output", str(output), *extra])
     if code != 0:
-        raise SystemExit(f"run_digits: training into {output} failed (exit {code}); see the message above")
+        raise SystemExit(f"sdzoo demo: training into {output} failed (exit {code}); see the message above")
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -87,6 +88,7 @@ def parse_args(argv=None, prog: Optional[str] = None):
 
 def main(argv=None, prog: Optional[str] = None) -> int:
     args = parse_args(argv, prog)
+    check_output_path(build_parser(prog), "--output", args.output, kind="folder")
     start = time.perf_counter()
     root = fresh_folder(args.output)
     sd_dir, constant_dir = root / "stochastic_depth", root / "constant_depth"
@@ -143,4 +145,3 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     print(f"\nLoad it back: timm.create_model('local-dir:{sd_dir}', pretrained=True)")
     print(f"Publish it:   sdzoo push --model local-dir:{sd_dir} --repo-id ORG/NAME")
     return 0
-

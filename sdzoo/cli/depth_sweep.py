@@ -26,7 +26,7 @@ import torch
 
 import timm
 
-from sdzoo.cli.common import HUB_PREFIXES, first_paragraph, usage_error
+from sdzoo.cli.common import HUB_PREFIXES, check_output_path, first_paragraph, usage_error
 from sdzoo.files.checks import check_seconds, error_line
 from sdzoo.files.disk import save_json, write_text
 from sdzoo.training.data import DataError
@@ -95,8 +95,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     if args.recalibrate_bn < 0:
         fail(args, f"--recalibrate-bn must be a number of training images >= 0; got {args.recalibrate_bn}")
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        fail(args, f"--output {out} is a file; give a folder")
+    check_output_path(args.parser, "--output", out, kind="folder")
 
     model, settings = load(args, "--model", args.model)
     models = {"stochastic depth" if model.survival_settings.trained_dict()["gate_mode"] != "off"
@@ -147,4 +146,3 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     print(f"\n{table}\n\nwrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'} "
           f"in {time.perf_counter() - start:.0f} s")
     return 0
-

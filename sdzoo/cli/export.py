@@ -543,4 +543,3 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         rows = compare_latency(model, files, input_size=input_size, min_run_time=args.bench_seconds)
         print(format_latency(rows, labels))
     return 0
-

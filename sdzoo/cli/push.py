@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from sdzoo.cli.common import EXIT_USAGE, first_paragraph
+from sdzoo.cli.common import EXIT_USAGE, check_output_path, first_paragraph, usage_error
 from sdzoo.files.checks import check_seconds
 from sdzoo.files.disk import write_text
 from sdzoo.hub.upload import DEFAULT_TIMEOUT, CheckpointMismatchError, HubError, publish
@@ -91,7 +91,13 @@ def save_card(card: str, path: Path) -> Path:
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.local_dir:  # a dry run: refused before the run is loaded
+        local_dir = Path(args.local_dir)
+        check_output_path(parser, "--local-dir", local_dir, kind="folder")
+        if local_dir.is_dir() and any(local_dir.iterdir()):
+            usage_error(parser, f"--local-dir {local_dir} is not empty; give a new folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
     template = card = None
@@ -106,7 +112,7 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             commit_message=args.commit_message, onnx=args.onnx, curves=args.curves, card_template=template,
             endpoint=args.endpoint, timeout=args.timeout)
     except (HubError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
         given = isinstance(err, (ValueError, CheckpointMismatchError, FileNotFoundError, NotADirectoryError))
         return EXIT_USAGE if given else EXIT_ERROR
     if args.local_dir:
@@ -121,4 +127,3 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     print(f"published {args.repo_id} at commit {result.commit_oid}, every file's hash checked; load it with "
           f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
     return 0
-

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Iterable, Sequence, Tuple
 
 
@@ -86,3 +88,16 @@ def and_list(names: Sequence[str]) -> str:
     """``a, b and c``: names as a message lists them."""
     names = list(names)
     return " and ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else ""
+
+
+def check_output_path(name: str, path, kind: str = "file") -> None:
+    """Refuse, before any work is done, an output ``path`` (a ``"file"`` or a ``"folder"``) that cannot be
+    written: the wrong kind already there, a file where a parent folder must be, or no write permission."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != (kind == "folder"):
+        raise ValueError(f"{name} {path} is a {'folder' if path.is_dir() else 'file'}; give a {kind}")
+    existing = next(p for p in [*([path] if kind == "folder" else []), *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{name} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path}: {existing} is not writable")

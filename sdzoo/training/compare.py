@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
+from sdzoo.files.checks import check_output_path
 from sdzoo.files.disk import atomic_write, save_json, write_text
 from sdzoo.files.run_folder import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME
 from sdzoo.training.metrics_plot import epoch_axis, epoch_records, evaluations, read_metrics
@@ -341,6 +344,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"{flag} is set by the comparison for each run; leave it out")
     if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct non-negative integers; got {args.seeds}")
+    try:
+        check_output_path("--output", args.output, kind="folder")
+    except ValueError as err:
+        parser.error(str(err))
     for name in ("jobs", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer; got {getattr(args, name)}")
@@ -348,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         build_parser().parse_args(train_args)  # the trainer's own check of the flags passed through
     except SystemExit as e:
         return 2 if e.code else 0
-    import torch
+
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     threads = args.threads or (None if cuda else 1)
@@ -375,7 +382,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{', '.join(str(job.log) for job in failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

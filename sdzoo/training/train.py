@@ -367,7 +367,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rank0:
         print(done_line(summary, settings))
     return 0
-
-
-if __name__ == "__main__":  # python -m sdzoo.training.train runs the trainer too (sdzoo train is the command)
-    sys.exit(main())
