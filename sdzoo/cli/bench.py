@@ -16,7 +16,6 @@ On a GPU each variant also runs in bf16 with channels_last, with and without tor
 peak memory. Then inference: PyTorch eager against onnxruntime fp32 and int8 at batch 1 and 32.
 
     sdzoo bench --model sd_resnet110_cifar --batch-size 128 --json out/benchmark.json
-    sdzoo bench --model sd_resnet110_cifar --batch-size 128 --json out/benchmark.json     # the same
 """
 from __future__ import annotations
 

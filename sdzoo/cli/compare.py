@@ -3,7 +3,6 @@ depth for N seeds (sdzoo.training.compare). Flags it does not know go to every t
 holds the trainer's flags too, so that its help lists them.
 
     sdzoo compare --output runs/fmnist-compare --dataset fashion_mnist
-    sdzoo compare --output runs/fmnist-compare --dataset fashion_mnist   # the same command
 
 Exit status: 0 done, 1 a run failed, 2 bad usage, 130 interrupted (rerun to continue).
 """
@@ -30,7 +29,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    """The comparison's main; ``prog`` names the command in its help (its messages name it compare.py)."""
+    """The comparison's main; ``prog`` names the command in its help."""
     if asks_for_help(argv):
         build_parser(prog).parse_args(argv)
     return compare_main(argv)

@@ -7,7 +7,6 @@ with a random draw, one that skips every branch (batch mode) or keeps one sample
     sdzoo coverage --filter 'vit_*' --json out/coverage.json
     sdzoo coverage --forward --every 5 --time-limit 3600   # every 5th name, at most an hour
     sdzoo coverage --compile --backend aot_eager               # the compile table
-    sdzoo coverage --filter 'vit_*'                                                 # the same as the script
 
 Prints, by family (timm's model module), how many models hold a DropPath with a positive rate and how many
 convert in each mode, then every reason a model was refused, with its count and an example, and the

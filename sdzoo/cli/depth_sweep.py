@@ -2,7 +2,7 @@
 
     sdzoo depth-sweep --model runs/digits/stochastic_depth --twin runs/digits/constant_depth \\
         --output out/depth-digits
-    sdzoo depth-sweep --model runs/digits/stochastic_depth --output out/depth-digits     # the same command
+    sdzoo depth-sweep --model runs/digits/stochastic_depth --output out/depth-digits
 
 Each row is one depth of one model and order (sdzoo.prune: survival, evenly, greedy): the blocks kept,
 parameters and FLOPs per image, test accuracy in PyTorch and in onnxruntime (each depth exported to ONNX and

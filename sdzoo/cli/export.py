@@ -6,7 +6,6 @@
     sdzoo export --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
     sdzoo export --model local-dir:runs/r110 --output r110-k40.onnx --keep-blocks 40 \
         --prune-order greedy
-    sdzoo export --model local-dir:runs/r110 --output r110.onnx     # the same, from the installed command
 
 The exported graph is a plain ResNet (p_l lives in the weights). It is kept only after onnx's full checker
 and an onnxruntime-vs-PyTorch check at several batch sizes; on any failure the script exits non-zero and

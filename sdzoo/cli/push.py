@@ -3,7 +3,6 @@
     sdzoo push --model local-dir:runs/r110 --repo-id ORG/sd_resnet110_cifar.cifar10
     sdzoo push --model runs/r110 --repo-id ORG/NAME --onnx r110.onnx --private
     sdzoo push --model runs/r110 --repo-id ORG/NAME --local-dir out/NAME   # no upload
-    sdzoo push --model runs/r110 --repo-id ORG/NAME --local-dir out/NAME                     # the same
 
 Then, with timm alone: timm.create_model("hf-hub:ORG/NAME", pretrained=True).
 

@@ -2,7 +2,7 @@
 sdzoo.training.settings (``build_parser``), the loop in sdzoo.training.train (``main``).
 
     sdzoo train --model sd_resnet110_cifar --dataset cifar10 --data-dir ~/data --output runs/r110
-    sdzoo train --dataset digits --output runs/digits      # the same command
+    sdzoo train --dataset digits --output runs/digits
 
 Exit status: 0 done, 2 bad usage or data, 3 the loss became NaN or infinite, 130 interrupted.
 """

@@ -316,7 +316,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
                     "same initial weights and data order), for each seed, and compare them: results.json, a "
                     "Markdown table beside the paper's CIFAR-10 figures, and a figure. Started again with the "
                     "same command, it continues where it stopped. Flags it does not know go to every training "
-                    "run (see train.py --help), e.g. --dataset fashion_mnist --epochs 15.",
+                    "run (see sdzoo train --help), e.g. --dataset fashion_mnist --epochs 15.",
         epilog="example (the CPU recipe, about an hour per pair of runs on 2 cores):\n"
                "  sdzoo compare --output runs/fmnist-compare --seeds 1 --dataset fashion_mnist\n"
                "exit status: 0 done, 1 a run failed, 2 bad usage, 130 interrupted (rerun to continue).",

@@ -5,7 +5,7 @@ It holds plain types and tensors only, read with ``torch.load(weights_only=True)
 no code. A resumed run ends with the same weights, bit for bit, as one that was never stopped. Its keys:
 
 * ``format``: ``CHECKPOINT_FORMAT`` (1); a file without it is not a checkpoint of this trainer;
-* ``settings``: the run's ``Settings.to_dict()`` (older ones load through ``Settings.from_dict``);
+* ``settings``: the run's ``Settings.to_dict()``, read back by ``Settings.from_dict``;
 * ``epoch``, ``step``, ``global_step``, ``elapsed``, ``best``: where the run is (``TrainState``);
 * ``totals``: the running sums of the epoch in progress (``EpochTotals``);
 * ``model``, ``optimizer``, ``scheduler``: their state dicts;
