@@ -13,6 +13,16 @@ none of them), and each is what timm itself runs, so a copy of it could drift fr
   that has no model.safetensors, read weights-only as timm's loader reads it (the public
   ``load_state_dict_from_hf`` reads from the Hub only).
 
+Two of timm's conventions have no name to import, and live where they act:
+
+* ``model._model_args``: the arguments ``timm.create_model`` records on a model, which the public
+  ``get_model_args`` and ``save_for_hf`` (config.json's ``model_args``) read. ``SDResNet`` defines it as a
+  property, so that a folded or pruned model records what rebuilds it (tests/test_models.py checks the round
+  trip through ``get_model_args`` and config.json).
+* ``timm.create_model`` wrapped by ``sdzoo.convert.install_create_model_hook`` when
+  ``SDZOO_CONVERT_DROP_PATH`` is set: the public names ``timm.create_model`` and ``timm.models.create_model``,
+  which timm's scripts call, are replaced; timm offers no hook for it (tests/test_dropin.py checks it).
+
 ``tests/test_internals.py`` checks every name of ``INTERNALS`` against the timm that is installed.
 """
 from timm.models._builder import _resolve_pretrained_source
