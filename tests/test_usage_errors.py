@@ -249,3 +249,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"sdzoo {argv[0]}: error: {flag} ") and "Traceback" not in "".join(err)
     assert sorted(tmp_path.rglob("*")) == before  # nothing trained, written or created
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--opset", "0"], "--opset must be an integer from "),
+    (["--atol", "-1"], "--atol and --rtol must be >= 0"),
+])
+def test_export_settings_are_checked_before_the_model_is_built(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("the model was built"))
+    argv = ["export", "--model", "sd_resnet20_cifar", "--output", str(tmp_path / "m.onnx"), *flags]
+    assert exit_code(sdzoo.cli.main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"sdzoo export: error: {message}")
+    assert list(tmp_path.iterdir()) == []

@@ -30,7 +30,7 @@ from sdzoo.export.calibration import CALIB_DATA, calibration_images, calibration
 from sdzoo.export.depth import PRUNING_NAME, describe, run_settings, run_splits
 from sdzoo.export.latency import compare_latency, format_latency
 from sdzoo.export.onnx_export import (
-    DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, export_onnx, onnx_metadata, quantize_int8)
+    DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, check_opset, export_onnx, onnx_metadata, quantize_int8)
 from sdzoo.files.checks import check_seconds, error_line
 from sdzoo.files.disk import save_json
 from sdzoo.files.hf_config import model_kwargs_of_config, write_config
@@ -497,6 +497,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         check_seconds("--bench-seconds", args.bench_seconds)
     except ValueError as e:
         fail(args, str(e))
+    try:
+        check_opset(args.opset)
+    except ValueError as e:
+        fail(args, f"--{e}")  # "opset must be ...": the flag is the argument's name
+    if not (args.atol >= 0 and args.rtol >= 0):
+        fail(args, f"--atol and --rtol must be >= 0; got {args.atol} and {args.rtol}")
     label_names = label_names_of(args)
 
     check_prune_flags(args)

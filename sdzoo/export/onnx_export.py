@@ -28,7 +28,7 @@ from sdzoo.survival import TRAINED_FIELDS
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "MAX_INPUT_SIDE", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
     "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
-    "predict_onnx", "ort_session", "quantize_int8", "eval_mode",
+    "predict_onnx", "ort_session", "quantize_int8", "eval_mode", "check_opset",
 ]
 
 DEFAULT_OPSET = 20
@@ -89,7 +89,7 @@ class QuantizeReport:
 
 
 # -- argument checks -------------------------------------------------------------------------------------
-def _check_opset(opset) -> int:
+def check_opset(opset) -> int:
     latest = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= latest:
         raise ValueError(f"opset must be an integer from {MIN_OPSET} to {latest}; got {opset!r}")
@@ -314,7 +314,7 @@ def export_onnx(
     Raises ValueError for a bad argument, ExportError (ExportCheckError: a failed check) when the export fails;
     ``path`` is then left as it was."""
     input_size = _input_size_of(model, input_size)
-    opset = _check_opset(opset)
+    opset = check_opset(opset)
     verify_batch_sizes = _check_batch_sizes("verify_batch_sizes", verify_batch_sizes)
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if not tol >= 0:
