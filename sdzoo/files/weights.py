@@ -50,7 +50,7 @@ __all__ = [
     "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
     "MAX_PARAMETERS", "MAX_TENSORS", "MAX_HEADER_BYTES", "count_parameters", "check_model_size", "FileArchitecture",
     "read_header", "architecture_of", "check_pretrained", "check_weights_file", "check_loader_files",
-    "check_state_dict", "check_finite", "fold_contradiction", "describe_failure", "is_out_of_memory",
+    "check_state_dict", "check_finite", "fold_contradiction", "out_of_memory_message", "is_out_of_memory",
     "WeightsProvenance", "PROVENANCE_KEY", "SETTINGS_KEY", "weights_metadata", "save_weights",
     "read_weights_settings", "PICKLE_SUFFIXES",
 ]
@@ -578,7 +578,7 @@ def is_out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
 
 
-def describe_failure(error: BaseException, what: str) -> Optional[str]:
+def out_of_memory_message(error: BaseException, what: str) -> Optional[str]:
     """A one-line message for an allocation failure while building or loading ``what`` (None for other errors)."""
     if is_out_of_memory(error):
         return (f"not enough memory to build and load {what} ({error_line(error)}); the weights fit the "

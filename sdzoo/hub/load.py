@@ -28,7 +28,7 @@ from sdzoo.files.hub_http import DEFAULT_TIMEOUT, bounded_waits, describe_error,
 from sdzoo.files.checks import error_line
 from sdzoo.files.run_folder import CONFIG_NAME, SUMMARY_NAME, WEIGHTS_NAME, read_run_config
 from sdzoo.files.hf_config import head_args, model_kwargs_of_config
-from sdzoo.files.weights import PICKLE_SUFFIXES, WeightsError, describe_failure
+from sdzoo.files.weights import PICKLE_SUFFIXES, WeightsError, out_of_memory_message
 from sdzoo.export.onnx_export import ExportError, verify_onnx
 from sdzoo.models import SDResNet
 
@@ -90,7 +90,7 @@ def load_run(model_dir: PathLike) -> LoadedRun:
     except WeightsError as e:  # the file does not fit config.json, contradicts it, or holds NaN/inf
         raise CheckpointMismatchError(str(e)) from None
     except (MemoryError, RuntimeError) as e:
-        message = describe_failure(e, f"{architecture} from {config_path}")
+        message = out_of_memory_message(e, f"{architecture} from {config_path}")
         if message is None:  # torch's strict load: missing, unexpected or mis-shaped tensors
             args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_kwargs_of_config(config).items()))
             message = (f"{weights_path} does not fit {architecture}({args}) as config.json describes it: "
