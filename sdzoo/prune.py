@@ -42,7 +42,7 @@ __all__ = ["ORDERS", "prune_blocks", "block_names", "required_blocks", "blocks_t
            "recalibrate_batchnorm", "trained_survival_probs"]
 
 ORDERS = ("survival", "evenly", "greedy")
-Progress = Optional[Callable[[str], None]]
+ProgressCallback = Optional[Callable[[str], None]]
 
 
 # -- the model's blocks ---------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def _branches_off(model: nn.Module, names: Sequence[str]):
 
 
 def greedy_removals(model: nn.Module, data: Any, down_to: Optional[int] = None,
-                    progress: Progress = None) -> Tuple[List[str], int]:
+                    progress: ProgressCallback = None) -> Tuple[List[str], int]:
     """The greedy order: the blocks in the order they are removed, each the one whose removal raises the loss
     on ``data["val"]`` least (Veit's lesion study, repeated), down to ``down_to`` blocks (default: the first
     block of each stage); and how many evaluations that took. Nested: the first k removals are those of a
@@ -225,7 +225,7 @@ def greedy_removals(model: nn.Module, data: Any, down_to: Optional[int] = None,
 
 
 def blocks_to_keep(model: nn.Module, keep: Optional[int], order: Union[str, Sequence[str]] = "survival",
-                   data: Any = None, progress: Progress = None) -> Tuple[List[str], Optional[int]]:
+                   data: Any = None, progress: ProgressCallback = None) -> Tuple[List[str], Optional[int]]:
     """The names of the blocks a prune keeps, in model order, and the evaluations it took (greedy only)."""
     _check_model(model)
     if not isinstance(order, str):
@@ -342,7 +342,7 @@ def _pruned(model: nn.Module, source: Tuple[Dict[str, Tensor], Any], kept: Seque
 
 
 def prune_blocks(model: nn.Module, keep: Optional[int], order: Union[str, Sequence[str]] = "survival",
-                 data: Any = None, recalibrate_bn: int = 0, progress: Progress = None) -> nn.Module:
+                 data: Any = None, recalibrate_bn: int = 0, progress: ProgressCallback = None) -> nn.Module:
     """A new folded model with ``keep`` of ``model``'s residual blocks, gates off; ``model`` is left unchanged.
 
     Args:

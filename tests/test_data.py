@@ -378,7 +378,7 @@ def test_registry_entries_are_what_every_module_reads():
             cfg = get_pretrained_cfg(f"sd_resnet110_cifar.{name}")
             assert (cfg.mean, cfg.std, cfg.num_classes) == (spec.mean, spec.std, spec.num_classes)
             assert cfg.input_size == (spec.in_chans, spec.image_size, spec.image_size)
-    assert onnx_data.CALIB_DATA == ("digits", "fashion_mnist")
+    assert onnx_data.CALIBRATION_DATASETS == ("digits", "fashion_mnist")
     with pytest.raises(dataclasses.FrozenInstanceError):
         DATASETS["digits"].mean = (0.5,) * 3
 

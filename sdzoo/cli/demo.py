@@ -25,6 +25,7 @@ import torch
 from sdzoo.cli.common import check_output_path
 from sdzoo.export import onnx_export
 from sdzoo.export.calibration import digits_images
+from sdzoo.files.run_folder import ONNX_NAME
 from sdzoo.fold import fold_survival
 from sdzoo.hub import upload as hub
 from sdzoo.training.train import main as train_main
@@ -110,7 +111,7 @@ def main(argv=None, prog: Optional[str] = None) -> int:
         constant_acc = accuracy(constant(torch.from_numpy(images)).numpy(), labels)
         fold_survival(model)
         folded_acc = accuracy(model(torch.from_numpy(images)).numpy(), labels)
-    onnx_path = sd_dir / "model.onnx"
+    onnx_path = sd_dir / ONNX_NAME
     report = onnx_export.export_onnx(model, onnx_path)
     ort_acc = accuracy(onnx_export.predict_onnx(onnx_path, images), labels)
     diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in report.max_abs_diff.items())

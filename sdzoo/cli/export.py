@@ -26,7 +26,7 @@ import timm
 from timm.models import load_state_dict
 
 from sdzoo.cli.common import HUB_PREFIXES, first_paragraph, usage_error
-from sdzoo.export.calibration import CALIB_DATA, calibration_images, calibration_split_size
+from sdzoo.export.calibration import CALIBRATION_DATASETS, calibration_images, calibration_split_size
 from sdzoo.export.depth import PRUNING_NAME, describe, run_settings, run_splits
 from sdzoo.export.latency import compare_latency, format_latency
 from sdzoo.export.onnx_export import (
@@ -80,9 +80,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--quantize", default=None, choices=("int8",),
                         help="also write a static int8 (QDQ) model next to the output")
     parser.add_argument("--quant-output", default=None, help="the int8 file (default: OUTPUT with .int8.onnx)")
-    parser.add_argument("--calib-data", default=None, choices=CALIB_DATA,
+    parser.add_argument("--calib-data", default=None, choices=CALIBRATION_DATASETS,
                         help="calibration images (default: the model's own data set, as its cfg tag names it, when "
-                             f"it is one of these; else {CALIB_DATA[0]})")
+                             f"it is one of these; else {CALIBRATION_DATASETS[0]})")
     parser.add_argument("--calib-images", type=int, default=256,
                         help="training images used to calibrate; the test split measures top-1 agreement")
     parser.add_argument("--benchmark", action="store_true",
@@ -510,7 +510,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     model = create_model(args).eval()
     if args.calib_data is None:  # the images the model was trained on, where they may calibrate
         tag = model.pretrained_cfg.get("tag")
-        args.calib_data = tag if tag in CALIB_DATA else CALIB_DATA[0]
+        args.calib_data = tag if tag in CALIBRATION_DATASETS else CALIBRATION_DATASETS[0]
     input_size = input_size_of(args, model)
     splits = None
     if args.keep_blocks is not None or args.prune_order not in ORDERS:

@@ -15,7 +15,8 @@ from sdzoo.datasets import DATASETS
 from sdzoo.training.recipes import RECIPES
 from sdzoo.training.settings import Settings
 
-__all__ = ["CALIB_DATA", "calibration_images", "calibration_split_size", "digits_images", "fashion_mnist_images"]
+__all__ = ["CALIBRATION_IMAGES", "CALIBRATION_DATASETS", "calibration_images", "calibration_split_size",
+           "digits_images", "fashion_mnist_images"]
 
 
 def digits_images(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
@@ -59,19 +60,19 @@ def fashion_mnist_images(input_size: Sequence[int], mean: Sequence[float], std: 
 
 # The data sets whose images may calibrate the int8 export, and the function that gives them.
 CALIBRATION_IMAGES = {"digits": digits_images, "fashion_mnist": fashion_mnist_images}
-CALIB_DATA = tuple(CALIBRATION_IMAGES)
+CALIBRATION_DATASETS = tuple(CALIBRATION_IMAGES)  # their names, the choices of --calib-data
 
 
 def calibration_images(dataset: str, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                        split: str = "all") -> Tuple[np.ndarray, np.ndarray]:
-    """One split of a calibration data set (``CALIB_DATA``) as a model's normalised inputs, and its labels."""
-    check_choice("dataset", dataset, CALIB_DATA)
+    """One split of a calibration data set (``CALIBRATION_DATASETS``) as a model's normalised inputs, and its labels."""
+    check_choice("dataset", dataset, CALIBRATION_DATASETS)
     return CALIBRATION_IMAGES[dataset](input_size, mean, std, split=split)
 
 
 def calibration_split_size(dataset: str, split: str = "train") -> int:
     """The number of images in one split of a calibration data set."""
-    check_choice("dataset", dataset, CALIB_DATA)
+    check_choice("dataset", dataset, CALIBRATION_DATASETS)
     return DATASETS[dataset].split_sizes[split]
 
 

@@ -31,7 +31,7 @@ from sdzoo.prune import block_names, greedy_removals, prune_blocks, required_blo
 __all__ = ["run_settings", "run_splits", "model_stats", "accuracy", "measure", "describe", "latencies",
            "depth_sweep", "format_sweep", "plot_sweep", "SWEEP_COLUMNS", "PRUNING_NAME"]
 
-Progress = Optional[Callable[[str], None]]
+ProgressCallback = Optional[Callable[[str], None]]
 # The measurements of a pruned model, beside its weights in the folder the export writes (--pruned-dir): its
 # model card reports them, never the full model's results.
 PRUNING_NAME = "pruning.json"
@@ -132,7 +132,7 @@ def describe(model: nn.Module, onnx_path: PathLike, test: Tuple[Tensor, Tensor],
 
 
 def latencies(files: Mapping[Any, PathLike], input_size: Sequence[int], bench_seconds: float = 0.3,
-              rounds: int = 3, progress: Progress = None) -> Dict[Any, Tuple[float, float]]:
+              rounds: int = 3, progress: ProgressCallback = None) -> Dict[Any, Tuple[float, float]]:
     """onnxruntime's latency (ms) at batch 1 and 32 of each file (key -> path): each file timed once per round,
     the files in turn, and the fastest round kept. On a shared machine the load comes and goes; round-robin
     spreads it over every file alike, and the fastest round is the one least disturbed."""
@@ -151,7 +151,7 @@ def latencies(files: Mapping[Any, PathLike], input_size: Sequence[int], bench_se
 def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tensor, Tensor]],
                 orders: Sequence[str] = ("survival", "evenly", "greedy"), depths: Optional[Sequence[int]] = None,
                 recalibrate_bn: int = 0, bench_seconds: float = 0.3, rounds: int = 3,
-                input_size: Optional[Sequence[int]] = None, progress: Progress = None) -> List[Dict[str, Any]]:
+                input_size: Optional[Sequence[int]] = None, progress: ProgressCallback = None) -> List[Dict[str, Any]]:
     """A row for each model (label -> model), order and depth: ``measure`` of the pruned model, with the blocks
     it kept. ``depths`` default to every depth from the first block of each stage to all blocks. The greedy
     order is searched once per model (it is nested: each depth removes one block more). Latency is timed at the

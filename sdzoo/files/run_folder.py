@@ -23,7 +23,8 @@ from sdzoo.files.disk import PathLike, atomic_write, write_bytes
 from sdzoo.files.hf_config import normalize_config, write_config
 
 __all__ = [
-    "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "CheckpointError",
+    "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "ONNX_NAME",
+    "gates_name", "CheckpointError",
     "save_state", "load_state", "save_model_config", "read_run_config",
     "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME", "truncate_lines",
 ]
@@ -34,7 +35,13 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 CURVES_NAME = "curves.png"
+ONNX_NAME = "model.onnx"  # where an export of the run goes by default, and what sdzoo push publishes beside it
 LOCK_NAME = ".lock"
+
+
+def gates_name(rank: int) -> str:
+    """The file of one process's gate draws (``--log-gates``)."""
+    return f"gates_rank{rank}.txt"
 
 
 class CheckpointError(Exception):

@@ -29,7 +29,7 @@ from sdzoo.files.checks import check_input_size, check_seconds
 from sdzoo.files.disk import PathLike
 from sdzoo.files.hub_http import (
     DEFAULT_TIMEOUT, bounded_waits, describe_error, http_error, hub_api, is_timeout, scrub_token)
-from sdzoo.files.run_folder import CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME
+from sdzoo.files.run_folder import CONFIG_NAME, CURVES_NAME, METRICS_NAME, ONNX_NAME, SUMMARY_NAME, WEIGHTS_NAME
 from sdzoo.files.weights import save_weights
 from sdzoo.export.depth import PRUNING_NAME
 from sdzoo.files.hf_config import write_config
@@ -50,7 +50,6 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-ONNX_NAME = "model.onnx"
 # What each file of a published repo is, for the model card's list of files.
 FILE_NOTES = {
     WEIGHTS_NAME: "the weights (safetensors)",

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from sdzoo.files.disk import remove_stale_temps, save_json
 from sdzoo.files.run_folder import (
-    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, lock_run_folder,
+    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, gates_name, lock_run_folder,
     save_model_config, truncate_lines)
 from sdzoo.files.weights import save_weights
 from sdzoo.gate import GateSampler
@@ -96,7 +96,7 @@ class RunLog:
     def own_files(self) -> List[str]:
         """Every file the trainer writes into its run folder (the others are not its to clean up)."""
         return [CHECKPOINT_NAME, WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, CURVES_NAME,
-                *(f"gates_rank{rank}.txt" for rank in range(self.dist.world))]
+                *(gates_name(rank) for rank in range(self.dist.world))]
 
     def __enter__(self) -> "RunLog":
         return self
@@ -113,7 +113,7 @@ class RunLog:
         if self.s.record_gates:
             if self.dist.enabled:
                 torch_dist.barrier()  # rank 0 made the folder
-            gates_path = self.out / f"gates_rank{self.dist.rank}.txt"
+            gates_path = self.out / gates_name(self.dist.rank)
             truncate_lines(gates_path, lambda line: int(line.split(" ", 1)[0]) <= global_step)
             self.gates = open(gates_path, "a")
 
