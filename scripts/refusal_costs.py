@@ -28,6 +28,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import timm
+from huggingface_hub import constants
+
+from sdzoo.files.run_folder import save_model_config
+from sdzoo.files.weights import save_weights
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
@@ -49,10 +55,6 @@ print(json.dumps(dict(seconds=seconds, peak_mib=peak / 1024, added_mib=(peak - b
 
 def hostile_header_folder(folder: Path, tensors: int = 1_200_000) -> None:
     """A run folder whose model.safetensors header is ~60 MB of valid JSON naming ``tensors`` empty tensors."""
-    import timm
-
-    from sdzoo.files.run_folder import save_model_config
-
     folder.mkdir(parents=True)
     model = timm.create_model("sd_resnet20_cifar", num_classes=10)
     save_model_config(folder / "config.json", model, timm.data.resolve_model_data_config(model),
@@ -65,11 +67,6 @@ def hostile_header_folder(folder: Path, tensors: int = 1_200_000) -> None:
 
 
 def config_folder(folder: Path, num_classes) -> None:
-    import timm
-
-    from sdzoo.files.run_folder import save_model_config
-    from sdzoo.files.weights import save_weights
-
     folder.mkdir(parents=True)
     model = timm.create_model("sd_resnet20_cifar", num_classes=10)
     save_model_config(folder / "config.json", model, timm.data.resolve_model_data_config(model))
@@ -123,12 +120,8 @@ def main(argv=None) -> int:
 
 
 def hub_rows(work: Path, timeout: float):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hub_server import trickling_weights_hub  # the loopback Hub of the test suite
-    from huggingface_hub import constants
-
-    import timm
-
+    sys.path.insert(0, str(ROOT / "tests"))  # the loopback Hub of the test suite: this tool needs a checkout
+    from hub_server import trickling_weights_hub
     constants.HF_HUB_DISABLE_XET = True
     token = "hf_refusals_" + secrets.token_hex(8)
     tag = next(name for name in sorted(timm.list_pretrained("sd_resnet50.*")))
