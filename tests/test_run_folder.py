@@ -101,3 +101,13 @@ def test_a_sigkill_during_int8_quantization_leaves_no_hidden_file(tmp_path):
     rerun = subprocess.run(cmd + ["--calib-images", "64"], capture_output=True, env=env, cwd=ROOT, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["m.int8.onnx", "m.onnx"]
+
+
+def test_a_run_refused_before_it_wrote_anything_leaves_no_folder_behind(tmp_path, capsys):
+    refused = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "no-data"), "--no-download"]
+    assert sdtrain.main([*refused, "--output", str(tmp_path / "new")]) == 2
+    assert "CIFAR-10 not found" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # it made the folder, and took it away with its lock
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, empty as it was
+    assert sdtrain.main([*refused, "--output", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []

@@ -7,6 +7,7 @@ counts the lines it finds once, when it starts).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -19,8 +20,8 @@ from torch import Tensor, nn
 
 from sdzoo.files.disk import remove_stale_temps, save_json
 from sdzoo.files.run_folder import (
-    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, gates_name, lock_run_folder,
-    save_model_config, truncate_lines)
+    CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, LOCK_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, gates_name,
+    lock_run_folder, save_model_config, truncate_lines)
 from sdzoo.files.weights import save_weights
 from sdzoo.gate import GateSampler
 from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
@@ -88,7 +89,10 @@ class RunLog:
         # metrics.jsonl's counts (rank 0's, which writes it): epochs, evaluations, the last evaluation's test error
         self.epochs_done, self.evaluations, self.last_test_error = 0, 0, None
         self.lock = self.gates = None
+        # What this run made: a run refused before it wrote a file takes them away again (``close``).
+        self.made_folder = self.made_lock = False
         if dist.main:
+            self.made_folder, self.made_lock = not out.exists(), not (out / LOCK_NAME).exists()
             out.mkdir(parents=True, exist_ok=True)
             self.lock = lock_run_folder(out)
             remove_stale_temps(out, self.own_files())
@@ -163,10 +167,18 @@ class RunLog:
             self.gates.flush()
 
     def close(self) -> None:
+        # A lock file (and folder) this run made and wrote nothing beside goes: the lock file is unlinked while
+        # still held, and the folder removed only if no other process has put a file there since.
+        empty = self.lock is not None and self.made_lock and [p.name for p in self.out.iterdir()] == [LOCK_NAME]
+        if empty:
+            (self.out / LOCK_NAME).unlink()
         for f in (self.gates, self.lock):
             if f is not None:
                 f.close()
         self.gates = self.lock = None
+        if empty and self.made_folder:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
 
     def seconds(self, state: TrainState) -> float:
         """Seconds the run has taken, over every process that worked on it."""
