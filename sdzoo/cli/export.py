@@ -36,8 +36,8 @@ from sdzoo.files.disk import save_json
 from sdzoo.files.hf_config import model_kwargs_of_config, write_config
 from sdzoo.files.run_folder import CONFIG_NAME, WEIGHTS_NAME, read_run_config
 from sdzoo.files.weights import (
-    MissingWeightsError, WeightsError, WeightsProvenance, check_finite, out_of_memory_message, read_weights_settings,
-    save_weights)
+    MissingWeightsError, WeightsError, WeightsProvenance, check_finite, load_failure_reason, out_of_memory_message,
+    read_weights_settings, save_weights)
 from sdzoo.fold import can_fold, fold_survival, is_folded
 from sdzoo.gate import GATE_MODES, SCALINGS
 from sdzoo.prune import ORDERS, prune_blocks
@@ -204,8 +204,7 @@ def create_from_safetensors(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     except (ValueError, TypeError) as err:
         fail(args, f"--model {args.model}: {err}")
     except (MemoryError, RuntimeError) as err:  # a model that is no sdzoo model: torch's strict load
-        fail(args, f"--checkpoint {path} does not match --model {args.model}: "
-                   f"{out_of_memory_message(err, args.model) or error_line(err, 400, lines=4)}")
+        fail(args, f"--checkpoint {path}: {load_failure_reason(err, f'--model {args.model}')}")
     except Exception as err:  # noqa: BLE001  (safetensors' own errors of a damaged file)
         fail(args, f"--checkpoint {path}: cannot read it as .safetensors: {error_line(err)}")
     check_loaded(args, model, path)
@@ -273,9 +272,7 @@ def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
     except (WeightsError, MissingWeightsError) as err:  # checked before anything was built (sdzoo.files.weights)
         fail(args, f"--model {args.model}: {err}")
     except (MemoryError, RuntimeError) as err:  # load_state_dict: the weights do not fit the architecture
-        message = out_of_memory_message(err, args.model) or \
-            f"the weights do not match the architecture: {error_line(err, 400, lines=4)}"
-        fail(args, f"--model {args.model}: {message}")
+        fail(args, f"--model {args.model}: {load_failure_reason(err, 'the architecture of its config.json')}")
     except Exception as err:  # noqa: BLE001  (missing files, unknown architecture, no network, ...)
         fail(args, f"--model {args.model}: cannot load it: {error_line(err)}")
 

@@ -50,7 +50,8 @@ __all__ = [
     "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
     "MAX_PARAMETERS", "MAX_TENSORS", "MAX_HEADER_BYTES", "count_parameters", "check_model_size", "FileArchitecture",
     "read_header", "architecture_of", "check_pretrained", "check_weights_file", "check_loader_files",
-    "check_state_dict", "check_finite", "fold_contradiction", "out_of_memory_message", "is_out_of_memory",
+    "check_state_dict", "check_finite", "fold_contradiction", "out_of_memory_message", "load_failure_reason",
+    "is_out_of_memory",
     "WeightsProvenance", "PROVENANCE_KEY", "SETTINGS_KEY", "weights_metadata", "save_weights",
     "read_weights_settings", "PICKLE_SUFFIXES",
 ]
@@ -576,6 +577,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
+
+
+def load_failure_reason(error: BaseException, model: str) -> str:
+    """Why building ``model`` and loading its weights failed, in one line (the caller names the weights):
+    too little memory, or torch's strict load, whose error lists the tensors that do not fit."""
+    return out_of_memory_message(error, model) or f"its tensors do not fit {model}: {error_line(error, 400, lines=4)}"
 
 
 def out_of_memory_message(error: BaseException, what: str) -> Optional[str]:

@@ -25,10 +25,9 @@ from torch import nn
 
 from sdzoo.files.disk import PathLike
 from sdzoo.files.hub_http import DEFAULT_TIMEOUT, bounded_waits, describe_error, hub_api, scrub_token
-from sdzoo.files.checks import error_line
 from sdzoo.files.run_folder import CONFIG_NAME, SUMMARY_NAME, WEIGHTS_NAME, read_run_config
 from sdzoo.files.hf_config import head_args, model_kwargs_of_config
-from sdzoo.files.weights import PICKLE_SUFFIXES, WeightsError, out_of_memory_message
+from sdzoo.files.weights import PICKLE_SUFFIXES, WeightsError, load_failure_reason
 from sdzoo.export.onnx_export import ExportError, verify_onnx
 from sdzoo.models import SDResNet
 
@@ -90,12 +89,9 @@ def load_run(model_dir: PathLike) -> LoadedRun:
     except WeightsError as e:  # the file does not fit config.json, contradicts it, or holds NaN/inf
         raise CheckpointMismatchError(str(e)) from None
     except (MemoryError, RuntimeError) as e:
-        message = out_of_memory_message(e, f"{architecture} from {config_path}")
-        if message is None:  # torch's strict load: missing, unexpected or mis-shaped tensors
-            args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_kwargs_of_config(config).items()))
-            message = (f"{weights_path} does not fit {architecture}({args}) as config.json describes it: "
-                       f"{error_line(e, 400, lines=4)}")
-        raise CheckpointMismatchError(message) from None
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(model_kwargs_of_config(config).items()))
+        reason = load_failure_reason(e, f"{architecture}({args}) as config.json describes it")
+        raise CheckpointMismatchError(f"{weights_path}: {reason}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{config_path}: cannot build {architecture} from its model_args: {e}") from None
     except (SafetensorError, OSError) as e:
