@@ -26,9 +26,9 @@ import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import nn
-from timm.models import save_for_hf
 
 from sdzoo.files.disk import PathLike, save_json
+from sdzoo.internals.timm_private import save_config_for_hf
 
 __all__ = ["HEAD_ARGS", "write_config", "hf_config_of", "normalize_config", "head_args", "model_kwargs_of_config"]
 
@@ -89,7 +89,7 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
 
 def hf_config_of(model: nn.Module, data_config: Optional[Dict[str, Any]] = None, tag: Optional[str] = None,
                  label_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The config.json of ``model``: timm's ``save_for_hf`` (the architecture, the model arguments,
+    """The config.json of ``model``: timm's ``save_config_for_hf`` (the architecture, the model arguments,
     the preprocessing), then ``normalize_config``. ``label_names`` default to those of the model's cfg when
     they fit its head."""
     model_config: Dict[str, Any] = {}
@@ -105,11 +105,11 @@ def hf_config_of(model: nn.Module, data_config: Optional[Dict[str, Any]] = None,
         raise ValueError(f"label_names must name each of the model's {num_classes} classes; got {len(names)} names")
     if names:
         model_config["label_names"] = list(names) if not isinstance(names, dict) else dict(names)
-    # timm's public writer writes a folder: its config.json is read back at once, and the weights file it writes
-    # beside it is dropped with the folder (sdzoo writes its own, with the survival settings in its metadata).
+    # timm writes only to a path; a private temporary one, read back at once.
     with tempfile.TemporaryDirectory(prefix="sdzoo-config-") as tmp:
-        save_for_hf(model, tmp, model_config=model_config, data_config=data_config)
-        with open(os.path.join(tmp, "config.json"), encoding="utf-8") as f:
+        path = os.path.join(tmp, "config.json")
+        save_config_for_hf(model, path, model_config=model_config, data_config=data_config)
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
     return normalize_config(config)
 

@@ -12,6 +12,9 @@ none of them), and each is what timm itself runs, so a copy of it could drift fr
 * ``load_state_dict_from_path`` (``timm.models._hub``): the weights file timm picks in a ``local-dir:`` folder
   that has no model.safetensors, read weights-only as timm's loader reads it (the public
   ``load_state_dict_from_hf`` reads from the Hub only).
+* ``save_config_for_hf`` (``timm.models._hub``): the config.json half of timm's public ``save_for_hf``, which
+  also writes every weight with ``torch.save``; sdzoo writes its own safetensors weights, with the survival
+  settings in their metadata, and a run rewrites config.json at each new best evaluation.
 
 Two of timm's conventions have no name to import, and live where they act:
 
@@ -27,9 +30,10 @@ Two of timm's conventions have no name to import, and live where they act:
 """
 from timm.models._builder import _resolve_pretrained_source
 from timm.models._features import feature_take_indices
-from timm.models._hub import load_state_dict_from_path
+from timm.models._hub import load_state_dict_from_path, save_config_for_hf
 
-__all__ = ["INTERNALS", "feature_take_indices", "resolve_pretrained_source", "load_state_dict_from_path"]
+__all__ = ["INTERNALS", "feature_take_indices", "resolve_pretrained_source", "load_state_dict_from_path",
+           "save_config_for_hf"]
 
 resolve_pretrained_source = _resolve_pretrained_source
 
@@ -41,4 +45,6 @@ INTERNALS = [
      "the weights checks before a pretrained build: the source timm's load_pretrained will read"),
     ("timm.models._hub", "load_state_dict_from_path",
      "the weights checks of a local-dir: folder without model.safetensors: the file timm's loader picks"),
+    ("timm.models._hub", "save_config_for_hf",
+     "config.json (sdzoo.files.hf_config) without the weights file that save_for_hf writes beside it"),
 ]
