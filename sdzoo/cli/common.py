@@ -19,6 +19,18 @@ def usage_error(parser: argparse.ArgumentParser, message: str) -> None:
     parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message}\n")
 
 
+def parse_keeping_parser(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The parsed flags, holding their parser (``args.parser``) so that ``fail`` reports an error found later."""
+    args = parser.parse_args(argv)
+    args.parser = parser
+    return args
+
+
+def fail(args: argparse.Namespace, message: str) -> None:
+    """``usage_error`` for flags parsed by ``parse_keeping_parser``."""
+    usage_error(args.parser, message)
+
+
 def check_output_path(parser: argparse.ArgumentParser, flag: str, path: Path, kind: str = "file") -> None:
     """``sdzoo.files.checks.check_output_path`` as a usage error of the command."""
     try:

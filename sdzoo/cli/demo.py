@@ -80,6 +80,7 @@ def parse_args(argv=None, prog: Optional[str] = None):
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be a positive integer; got {args.epochs}")
+    check_output_path(p, "--output", args.output, kind="folder")
     try:
         hub.check_repo_id(args.repo_id)
     except ValueError as e:
@@ -89,7 +90,6 @@ def parse_args(argv=None, prog: Optional[str] = None):
 
 def main(argv=None, prog: Optional[str] = None) -> int:
     args = parse_args(argv, prog)
-    check_output_path(build_parser(prog), "--output", args.output, kind="folder")
     start = time.perf_counter()
     root = fresh_folder(args.output)
     sd_dir, constant_dir = root / "stochastic_depth", root / "constant_depth"

@@ -26,7 +26,7 @@ import torch
 
 import timm
 
-from sdzoo.cli.common import HUB_PREFIXES, check_output_path, first_paragraph, usage_error
+from sdzoo.cli.common import HUB_PREFIXES, check_output_path, fail, first_paragraph, parse_keeping_parser
 from sdzoo.files.checks import check_seconds, error_line
 from sdzoo.files.disk import save_json, write_text
 from sdzoo.training.data import DataError
@@ -60,14 +60,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    args.parser = parser
-    return args
-
-
-def fail(args: argparse.Namespace, message: str) -> None:
-    usage_error(args.parser, message)
+    return parse_keeping_parser(build_parser(prog), argv)
 
 
 def load(args: argparse.Namespace, flag: str, source: str):

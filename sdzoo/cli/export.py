@@ -25,7 +25,7 @@ import torch
 import timm
 from timm.models import load_state_dict
 
-from sdzoo.cli.common import HUB_PREFIXES, first_paragraph, usage_error
+from sdzoo.cli.common import HUB_PREFIXES, fail, first_paragraph, parse_keeping_parser
 from sdzoo.export.calibration import CALIBRATION_DATASETS, calibration_images, calibration_split_size
 from sdzoo.export.depth import PRUNING_NAME, describe, run_settings, run_splits
 from sdzoo.export.latency import compare_latency, format_latency
@@ -109,15 +109,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    args.parser = parser
-    return args
-
-
-def fail(args: argparse.Namespace, message: str) -> None:
-    """Exit with status 2 and a message that names the argument at fault (argparse's convention)."""
-    usage_error(args.parser, message)
+    return parse_keeping_parser(build_parser(prog), argv)
 
 
 # -- model --------------------------------------------------------------------------------------------------
