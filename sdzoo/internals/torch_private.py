@@ -1,31 +1,19 @@
-"""PyTorch's private names that sdzoo uses, in one place; none of them has a public equivalent in torch 2.14.1.
+"""PyTorch's private names that sdzoo uses, in one place; checked against torch 2.14.1, which has no public
+equivalent for any of them. Why each is needed:
 
-Every name below was checked against torch 2.14.1. Per name, what it is for:
-
-* ``torch._C._current_graph_task_id``: -1 outside a backward pass. A gate asked for its draw inside the
-  backward pass is activation checkpointing recomputing a block, which must reuse the draw it ran with.
-* ``torch._C._functorch.maybe_current_level`` and ``torch._C._DisableFuncTorch``: whether a ``torch.vmap`` is
-  running, and a way to step outside it, so the gates are drawn as plain tensors (functorch's own code uses
-  them; a batched gate cannot decide whether a branch runs).
-* ``torch._dynamo.eval_frame.skip_code``: dynamo never compiles the gate sampler's hook frames on their own
-  (fullgraph=True would refuse the draw there), while a graph that inlines them still traces them.
-  ``torch.compiler.disable`` would also forbid the inlining.
-* ``torch._dynamo.maybe_mark_dynamic``: the kept-sample count of sample mode follows a moving drop rate as
-  one dynamic size instead of a recompile per count.
-* ``torch._dynamo.config.assume_static_by_default``: False under ``torch.compile(dynamic=True)``, where a
-  ``torch.cond`` branch holding float settings (BatchNorm's eps) cannot be traced; the gate says so.
-* ``torch._dynamo.eval_frame.OptimizedModule``: what ``torch.compile(module)`` returns, refused by
-  ``convert_drop_path`` (the compiled model has traced the unconverted forward).
-* ``torch.utils._pytree.tree_leaves`` and ``tree_unflatten``: the first tensor of nested forward arguments
-  (the batch), and a rewritten FX forward's output rebuilt in the structure FX flattened it to.
-* ``torch.fx.graph._PyTreeCodeGen``: the FX code generator that flattens a traced forward's output; its
-  ``pytree_info.out_spec`` is the structure, kept nowhere public.
-* ``torch._assert`` and ``torch.fx._symbolic_trace._assert_is_none``: the assert calls FX traces for the
-  arguments it specialised, dropped from a rewritten forward.
-* ``torch._dynamo.testing.CompileCounterWithBackend`` and ``torch._dynamo.utils.counters``: the graphs and
-  graph breaks that ``sdzoo coverage`` counts for its compile table (dynamo reports them nowhere public).
-* ``torch._subclasses.fake_tensor.FakeTensorMode``: a training forward that allocates nothing, for models
-  that make tensors of their own on the CPU (the meta device is tried first).
+* ``_current_graph_task_id``: a gate asked inside the backward pass (checkpointing) reuses its draw.
+* ``maybe_current_level``, ``_DisableFuncTorch``: gates are drawn as plain tensors inside ``torch.vmap``.
+* ``skip_code``: dynamo never compiles the sampler's hooks as frames of their own, yet still inlines them
+  (``torch.compiler.disable`` would forbid the inlining).
+* ``maybe_mark_dynamic``: sample mode's kept count is one dynamic size, not a recompile per count.
+* ``assume_static_by_default``: tells ``torch.compile(dynamic=True)`` apart, where a ``torch.cond`` branch
+  holding floats (BatchNorm's eps) cannot be traced.
+* ``OptimizedModule``: ``convert_drop_path`` refuses a compiled model (it traced the unconverted forward).
+* ``tree_leaves``, ``tree_unflatten``, ``_PyTreeCodeGen``: the batch among nested forward arguments, and a
+  rewritten FX forward's output rebuilt in the structure FX flattened it to (kept nowhere public).
+* ``_assert``, ``_assert_is_none``: FX's asserts on specialised arguments, dropped from a rewritten forward.
+* ``CompileCounterWithBackend``, ``counters``: the graphs and graph breaks ``sdzoo coverage`` counts.
+* ``FakeTensorMode``: a training forward that allocates nothing, for models that make CPU tensors of their own.
 """
 from __future__ import annotations
 

@@ -1,23 +1,14 @@
 """transformers' private details that sdzoo uses, read from here alone; checked against transformers 5.25.0.
 
-transformers' ``TimmWrapper`` builds its timm model with ``timm.create_model(architecture, pretrained=False,
-num_classes=..., **config.model_args)``, then reads the checkpoint files itself and sets each tensor with
-``setattr``: no ``load_state_dict``, hence no load hook of the model, ever runs, and nothing public tells the
-model which files it is given. The only place those files are known while sdzoo code runs is
-``from_pretrained``'s own frame, which has resolved them before it builds the model:
+``TimmWrapper`` builds its timm model, then sets each tensor of the checkpoint with ``setattr``: no load hook
+runs, and nothing public tells the model which files it is given. Only ``from_pretrained``'s own frame knows:
 
-* ``PreTrainedModel.from_pretrained`` (``transformers.modeling_utils``): the frame looked for on the stack,
-  by its module and function name.
+* ``from_pretrained`` (``PreTrainedModel``, ``transformers.modeling_utils``): the frame looked for on the stack.
 * its local ``config``: tells a TimmWrapper load (``model_type == "timm_wrapper"``) from any other.
-* its local ``checkpoint_files``: the weights files the TimmWrapper is about to be given, which the weights
-  checks read before the model is built.
+* its local ``checkpoint_files``: the files the weights checks read before the model is built.
 
-It finds nothing (so nothing is checked twice) when transformers is not loading a TimmWrapper. The
-architecture config.json names is not compared: a TimmWrapper builds one timm model, and a name with a tag or
-an ``hf-hub:`` prefix must not take the model past the check.
-
-``INTERNALS`` names a function's local variable as ``"function:variable"``; ``tests/test_internals.py`` checks
-every entry against the transformers that is installed.
+The architecture config.json names is not compared: a name with a tag or an ``hf-hub:`` prefix must not take
+the model past the check. ``INTERNALS`` names a local variable as ``"function:variable"``.
 """
 from __future__ import annotations
 
