@@ -1,12 +1,9 @@
-"""Requests to the Hub, each ending within a deadline however slowly the Hub answers, and what a failed one says.
+"""Hub requests that end within a deadline however slowly the Hub answers, and what a failed one says.
 
-httpx2's timeouts bound each socket operation (a server that sends a byte a second never trips them), it has no
-total timeout, and huggingface_hub passes ``timeout=None`` on some calls (``model_info``). So huggingface_hub's
-shared client is replaced (``bounded_waits``) by one whose network backend gives every connect, read and write
-only the seconds left until the deadline: ``timeout`` after the request started or last sent a part of its body
-(an upload's bytes are ours to send; the answer, once asked for, is bounded end to end). Past it, ``HubTimeout``,
-which huggingface_hub's backoff does not retry; an answer that asks to wait longer than ``timeout`` before a retry
-(Retry-After, RateLimit) gets it at once instead of the sleep.
+httpx2 bounds each socket operation only (one byte a second never trips it) and huggingface_hub passes
+``timeout=None`` on some calls, so ``bounded_waits`` gives every connect, read and write only the seconds left
+until ``timeout`` after the request started or last sent a part of its body. Past it: ``HubTimeout``, which the
+backoff does not retry; an answer asking to wait longer than ``timeout`` before a retry raises it at once.
 """
 from __future__ import annotations
 
@@ -27,8 +24,8 @@ from sdzoo.files.checks import check_seconds, error_line
 from sdzoo.internals.hub_private import client_factory_in_use, hf_request_event_hook
 
 DEFAULT_TIMEOUT = 60.0  # seconds within which each request to the Hub ends, its answer read
-# A load's requests (a weights download is one) end within LOAD_TIMEOUT, or $SDZOO_HUB_TIMEOUT, which, when set,
-# bounds every Hub request of the process (``install_load_deadline``).
+# A load's requests (a weights download is one) end within LOAD_TIMEOUT, or $SDZOO_HUB_TIMEOUT, which also bounds
+# every Hub request of the process when set (``install_load_deadline``).
 LOAD_TIMEOUT = 300.0
 LOAD_TIMEOUT_ENV = "SDZOO_HUB_TIMEOUT"
 
@@ -39,11 +36,6 @@ _deadlines = threading.local()  # the timeout and deadline of the request this t
 class HubTimeout(httpx2.TransportError):
     """A request that did not get its whole answer within the timeout. Not a ``TimeoutException``: the
     client's backoff retries those, which would multiply the wait."""
-
-
-def _start(timeout: float) -> None:
-    _deadlines.timeout = timeout
-    _deadlines.deadline = time.monotonic() + timeout
 
 
 def _within(what: str, timeout: Optional[float], operation: Callable[[Optional[float]], object]):
@@ -69,8 +61,8 @@ class _DeadlineStream(httpcore2.NetworkStream):
 
     def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
         _within("sending the request", timeout, lambda left: self._stream.write(buffer, left))
-        if getattr(_deadlines, "timeout", None) is not None:
-            _start(_deadlines.timeout)  # a part of the body went out: the answer gets the whole timeout
+        if getattr(_deadlines, "timeout", None) is not None:  # a part of the body went out: the answer gets it all
+            _deadlines.deadline = time.monotonic() + _deadlines.timeout
 
     def close(self) -> None:
         self._stream.close()
@@ -94,16 +86,6 @@ class _DeadlineBackend(httpcore2.SyncBackend):
         return _DeadlineStream(_within("connecting", timeout, lambda left: connect(path, left, socket_options)))
 
 
-def _asked_wait(response: httpx2.Response) -> Optional[float]:
-    """Seconds the answer asks to wait before a retry (as huggingface_hub's backoff reads them), or None."""
-    if response.status_code == 429:
-        info = parse_ratelimit_headers(response.headers)
-        if info is not None and info.remaining == 0:
-            return float(info.reset_in_seconds)
-    value = response.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None
-
-
 class _DeadlineTransport(httpx2.HTTPTransport):
     def __init__(self, timeout: float):
         super().__init__()
@@ -113,9 +95,17 @@ class _DeadlineTransport(httpx2.HTTPTransport):
         self.timeout = timeout
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        _start(self.timeout)  # kept for this thread until its next request: the body is read after this returns
+        # kept for this thread until its next request: the body is read after this returns
+        _deadlines.timeout, _deadlines.deadline = self.timeout, time.monotonic() + self.timeout
         response = super().handle_request(request)
-        wait = _asked_wait(response) if response.status_code in _RETRIED_STATUSES else None
+        wait = None
+        if response.status_code in _RETRIED_STATUSES:  # how long huggingface_hub's backoff would sleep
+            info = parse_ratelimit_headers(response.headers) if response.status_code == 429 else None
+            retry_after = response.headers.get("Retry-After", "").strip()
+            if info is not None and info.remaining == 0:
+                wait = float(info.reset_in_seconds)
+            elif retry_after.isdigit():
+                wait = float(retry_after)
         if wait is not None and wait > self.timeout:
             response.close()
             raise HubTimeout(f"the Hub answered HTTP {response.status_code} to {request.method} "

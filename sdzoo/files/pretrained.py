@@ -1,12 +1,9 @@
-"""Which pretrained weights exist: the zoo's cfgs claim weights only where they are published.
+"""Which pretrained weights exist: the zoo's cfgs claim weights only where they are published (timm's own
+``pretrained=True`` on a cfg without weights only warns, and builds random ones).
 
-* timm's ImageNet weights of resnet50/101/152: ``sd_resnet50/101/152`` are those networks key for key, so each
-  of timm's Hub weights of them is a tag of ours (``timm_weight_cfgs``, read from timm's registry), a starting
-  point for fine-tuning. Those tags default to ``scaling="inverted"``, so the eval network is exactly timm's.
-* weights that sdzoo publishes itself: ``PUBLISHED_WEIGHTS`` (``with_published_weights``).
-
-timm's own ``pretrained=True`` on a cfg without weights only warns and builds random weights;
-``require_published_weights`` fails instead, saying how to get some.
+``sd_resnet50/101/152`` are timm's resnet50/101/152 key for key, so each of timm's Hub weights of them is a tag of
+ours (``timm_weight_cfgs``), whose default ``scaling="inverted"`` makes the eval network exactly timm's. Weights
+that sdzoo publishes itself are listed in ``PUBLISHED_WEIGHTS``.
 """
 from __future__ import annotations
 
@@ -18,16 +15,12 @@ from timm.models import resolve_pretrained_cfg
 
 # "architecture.tag" -> Hub repo id, for weights that sdzoo trained, published and verified. None yet.
 PUBLISHED_WEIGHTS: Dict[str, str] = {}
-
 # The zoo's architectures that are timm's ResNets with the same layers and state-dict keys.
 TIMM_TWINS: Dict[str, str] = {"sd_resnet50": "resnet50", "sd_resnet101": "resnet101", "sd_resnet152": "resnet152"}
-
 # "sd_resnet50.a1_in1k" -> "resnet50.a1_in1k": each tag of ours that loads timm's weights. Filled by timm_weight_cfgs.
 TIMM_WEIGHTS: Dict[str, str] = {}
-
 # Model arguments of the tags that load timm's weights, unless given: the eval network is timm's.
 TIMM_WEIGHTS_DEFAULTS = {"scaling": "inverted"}
-
 # What a cfg says about where its weights are and how they load: ours are set here, not copied.
 _LOCATION_FIELDS = ("url", "file", "state_dict", "hf_hub_filename", "source", "architecture", "tag")
 
@@ -77,12 +70,9 @@ def timm_weight_cfgs(architecture: str) -> Dict[str, Dict[str, Any]]:
 def tag_model_defaults(variant: str, pretrained_cfg=None) -> Dict[str, Any]:
     """Model arguments that the tag ``pretrained_cfg`` (a tag, a cfg or None: the default tag) implies:
     ``TIMM_WEIGHTS_DEFAULTS`` for the tags of timm's weights, else none."""
-    if isinstance(pretrained_cfg, str):
-        tag = pretrained_cfg
-    elif isinstance(pretrained_cfg, dict):
+    tag = pretrained_cfg if isinstance(pretrained_cfg, str) else getattr(pretrained_cfg, "tag", None)
+    if isinstance(pretrained_cfg, dict):
         tag = pretrained_cfg.get("tag")
-    else:
-        tag = getattr(pretrained_cfg, "tag", None)
     return dict(TIMM_WEIGHTS_DEFAULTS) if f"{variant}.{tag}" in TIMM_WEIGHTS else {}
 
 

@@ -1,17 +1,14 @@
-"""What a weights file is, checked against what is about to be built from it, before anything is built.
+"""The one check of a weights file against the model about to be built from it, before anything is built.
 
-Hub repos and run folders are untrusted: config.json may ask for any architecture, and timm's loader adapts what
-does not fit (it drops a classifier of another class count and loads the rest non-strict). So the model factory
-runs ``check_before_build`` for every load (``local-dir:``, ``hf-hub:``, ``pretrained_cfg_overlay=dict(file=...)``,
-and the file transformers sets into a model it built with ``pretrained=False``): the arguments are bounded
-(``check_model_size``) before anything large is allocated; the architecture read from the safetensors header
-(no tensor is read) and the settings in its metadata (``weights_metadata``) must match them, so folded weights
-never load into an unfolded model, nor the other way round; the load is strict, and NaN or infinite weights are
-refused. A plain ``load_state_dict`` is checked by the model's load pre-hook, against the settings the source
-model recorded in the state dict's ``_metadata``. Each door leaves a ``WeightsProvenance`` on the model.
+Hub repos and run folders are untrusted, and timm's loader adapts what does not fit (it drops a classifier of
+another class count and loads the rest non-strict). So ``check_before_build`` bounds the model arguments, then
+checks them against the shapes in the safetensors header and the settings in its metadata (folded weights never
+load into an unfolded model, nor the other way round), and the load is strict, without NaN or infinite weights.
+A plain ``load_state_dict`` is checked by the model's load pre-hook, against what the source model recorded.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -35,29 +32,26 @@ from sdzoo.files.run_folder import WEIGHTS_NAME
 from sdzoo.internals.timm_private import load_state_dict_from_path, resolve_pretrained_source
 from sdzoo.internals.transformers_private import transformers_checkpoint_files
 
-# Bounds on what a config.json may ask for. The largest zoo models are far inside them: sd_resnet1202_cifar
-# has 600 blocks, sd_resnet152 60M parameters; ImageNet-21k has 21,843 classes.
+# Bounds on what a config.json may ask for, far beyond the largest zoo models (sd_resnet1202_cifar: 600 blocks,
+# sd_resnet152: 60M parameters; ImageNet-21k: 21,843 classes).
 MAX_NUM_CLASSES = 100_000
 MAX_BLOCKS = 1024
 MAX_WIDTH = 4096
 MAX_IN_CHANS = 256
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32
-# Bounds on a safetensors header, checked before it is parsed (60 MB of hostile JSON would cost a minute and a
-# GB): the largest model allowed above has about 18,500 tensors, sd_resnet1202_cifar's header is 650 kB.
+# Bounds on a safetensors header, checked before it is parsed (60 MB of hostile JSON costs a minute and a GB);
+# the largest model allowed above has about 18,500 tensors.
 MAX_TENSORS = 20_000
 MAX_HEADER_BYTES = 4 * 2**20
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-# The safetensors metadata key of the settings the weights were trained with: one key, as safetensors writes
-# its metadata in hash order (two keys would make the same weights differ in bytes from one process to the next).
+# The safetensors metadata key of the settings: one key, as safetensors writes its metadata in hash order.
 SETTINGS_KEY = "sdzoo"
-# The key of a state dict's ``_metadata`` (kept by copies and torch.save, read as a tensor by no loader) where an
-# sdzoo model records its survival settings: the dict still loads strictly into timm's ResNets.
+# The key of a state dict's ``_metadata`` (kept by copies and torch.save, and no tensor) where a model records
+# its survival settings: the dict still loads strictly into timm's ResNets.
 PROVENANCE_KEY = "sdzoo_survival"
-# transformers' TimmWrapper saves its timm model's tensors under this prefix, and strips it on load.
-_WRAPPER_PREFIX = "timm_model."
-
-# The model's arguments as it will be built from a factory's kwargs and the resolved pretrained cfg.
+_WRAPPER_PREFIX = "timm_model."  # transformers' TimmWrapper saves its timm model's tensors under it
+# build_args(kwargs, cfg): the arguments the model will be built with, from a factory's kwargs and pretrained cfg
 BuildArgs = Callable[[Mapping[str, Any], Mapping[str, Any]], Dict[str, Any]]
 
 
@@ -82,7 +76,6 @@ class WeightsProvenance:
         return None if self.recorded is None else bool(self.recorded.get("folded_from"))
 
 
-# -- bounds -----------------------------------------------------------------------------------------------
 def count_parameters(layers: Sequence[int], widths: Sequence[int], block: str, stem: str, shortcut: str,
                      num_classes: int, in_chans: int, global_pool: str = "avg") -> int:
     """The parameters an SDResNet of these arguments has, counted without building it."""
@@ -128,23 +121,19 @@ def check_model_size(layers: Any, widths: Any, block: str, stem: str, shortcut: 
                          f"allowed (layers={layers}, widths={widths}, block={block!r}, num_classes={num_classes})")
 
 
-# -- the file -----------------------------------------------------------------------------------------------
 def read_header(path: os.PathLike) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, str]]:
     """Every tensor's shape and the metadata of a safetensors file, from its header alone (no tensor is read).
     The header's length (its first 8 bytes) and its tensor count are bounded before anything else is read."""
     try:
         with open(path, "rb") as f:
             length = f.read(8)
-    except OSError as e:
-        raise WeightsError(f"cannot read {path} as safetensors: {e}") from None
-    if len(length) < 8:
-        raise WeightsError(f"cannot read {path} as safetensors: it is {len(length)} bytes long, shorter than the "
-                           "8 bytes that give its header's length")
-    header_bytes = int.from_bytes(length, "little")
-    if header_bytes > MAX_HEADER_BYTES:
-        raise WeightsError(f"{path}: its safetensors header is {header_bytes:,} bytes, more than the "
-                           f"{MAX_HEADER_BYTES:,} that any sdzoo model needs; refused without reading it")
-    try:
+        if len(length) < 8:
+            raise WeightsError(f"cannot read {path} as safetensors: it is {len(length)} bytes long, shorter than "
+                               "the 8 bytes that give its header's length")
+        header_bytes = int.from_bytes(length, "little")
+        if header_bytes > MAX_HEADER_BYTES:
+            raise WeightsError(f"{path}: its safetensors header is {header_bytes:,} bytes, more than the "
+                               f"{MAX_HEADER_BYTES:,} that any sdzoo model needs; refused without reading it")
         with safe_open(os.fspath(path), framework="pt") as f:
             keys = list(f.keys())
             if len(keys) > MAX_TENSORS:
@@ -167,10 +156,7 @@ def architecture_of(shapes: Mapping[str, Sequence[int]], where: str) -> Dict[str
     layers, widths = [], []
     while f"layer{len(layers) + 1}.0.conv1.weight" in shapes:
         stage = len(layers) + 1
-        num = 0
-        while f"layer{stage}.{num}.conv1.weight" in shapes:
-            num += 1
-        layers.append(num)
+        layers.append(next(n for n in itertools.count() if f"layer{stage}.{n}.conv1.weight" not in shapes))
         widths.append(shapes[f"layer{stage}.0.conv1.weight"][0])
     if not layers:
         raise WeightsError(f"{where} is not an sdzoo ResNet's state dict: it has no layer1.0.conv1.weight")
@@ -225,7 +211,6 @@ def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
     return recorded_settings(read_header(path)[1], os.fspath(path))
 
 
-# -- the check -----------------------------------------------------------------------------------------------
 def settings_equal(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
@@ -259,8 +244,8 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     pool_mult = expected.pop("pool_mult")
     if len(expected["layers"]) == 1 and expected["block"] == "basic":
         expected.pop("shortcut")  # no block changes shape: either shortcut builds the same weights
-    differ = [f"{k}={_shown(args[k])!r} ({where} holds {k}={v!r})" for k, v in expected.items()
-              if not settings_equal(args[k], v)]
+    differ = [f"{k}={list(args[k]) if isinstance(args[k], tuple) else args[k]!r} ({where} holds {k}={v!r})"
+              for k, v in expected.items() if not settings_equal(args[k], v)]
     asked_mult = 2 if args["global_pool"] == "catavgmax" else 1
     if pool_mult is not None and expected["num_classes"] and pool_mult != asked_mult:
         differ.append(f"global_pool={args['global_pool']!r} (the classifier of {where} takes "
@@ -284,18 +269,6 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     if differ:
         raise WeightsError(f"the settings recorded in {where} contradict {asked_by}, which asks for "
                            f"{'; '.join(differ)}. Nothing was built or loaded")
-
-
-def _shown(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _describe_source(cfg: Mapping[str, Any]) -> str:
-    if cfg.get("source") == "local-dir":
-        return f"{Path(cfg.get('file', '')) / 'config.json'}"
-    if cfg.get("source") == "hf-hub":
-        return f"hf-hub:{cfg.get('hf_hub_id')} config.json"
-    return "the model arguments"
 
 
 def _weights_location(cfg: Dict[str, Any], cache_dir=None
@@ -383,7 +356,8 @@ def _check_pretrained(variant: str, kwargs: Dict[str, Any], build_args: BuildArg
     require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
-    asked_by = _describe_source(cfg)
+    asked_by = {"local-dir": f"{Path(cfg.get('file', '')) / 'config.json'}",
+                "hf-hub": f"hf-hub:{cfg.get('hf_hub_id')} config.json"}.get(cfg.get("source"), "the model arguments")
     args = _checked_args(build_args, kwargs, cfg, asked_by)
     if kwargs.pop("pretrained_strict", True) is not True:
         raise WeightsError("pretrained_strict must be True: sdzoo loads every tensor of a weights file or none")
@@ -419,7 +393,6 @@ def _check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str,
     return _provenance(path, metadata)
 
 
-# -- torch's own doors: state_dict() and load_state_dict() ----------------------------------------------------
 def install_state_dict_checks(model: nn.Module) -> None:
     """Every ``state_dict()`` of ``model`` records its survival settings, and every ``load_state_dict`` is
     checked before a tensor is copied. The model has ``survival_settings``, ``folded_from``, ``scaling`` and
@@ -466,16 +439,12 @@ def check_finite(model: nn.Module, where: str) -> None:
     _refuse_nonfinite(model.state_dict().items(), where)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """An allocation failure, as torch raises it on the CPU (a RuntimeError) or on a GPU."""
-    text = str(error)
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
-
-
 def out_of_memory_message(error: BaseException, what: str) -> Optional[str]:
-    """A one-line message for an allocation failure while building or loading ``what`` (None for other errors)."""
-    if is_out_of_memory(error):
+    """A one-line message for an allocation failure (as torch raises it on the CPU or a GPU) while building or
+    loading ``what``; None for other errors."""
+    text = str(error)
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+            isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)):
         return (f"not enough memory to build and load {what} ({error_line(error)}); the weights fit the "
                 "architecture, the machine has too little free memory for it")
     return None
