@@ -1,11 +1,9 @@
 """config.json, its one writer and its one reader: a file that both timm and transformers load.
 
 transformers' ``TimmWrapper`` calls ``timm.create_model(architecture, num_classes=config.num_labels, **model_args)``,
-which fails ("multiple values for keyword argument 'num_classes'") on the ``model_args`` that timm's ``save_for_hf``
-writes. So ``num_classes`` moves to the top level, ``in_chans`` and ``global_pool`` leave ``model_args`` where they
-are what ``timm.create_model(architecture)`` builds anyway, the class names (``label_names``) are top-level, and the
-survival settings stay in ``model_args``. Readers take the three head arguments from ``model_args``, else the top
-level, else the architecture's defaults (``head_args``), so that folders written before keep loading.
+so ``num_classes`` (and ``in_chans``, ``global_pool`` at their defaults) leave the ``model_args`` that timm writes,
+for the top level; so do the class names. Readers take those from model_args, else the top level, else the
+architecture's defaults (``head_args``), so that folders written before keep loading.
 """
 from __future__ import annotations
 

@@ -75,15 +75,11 @@ class _DeadlineStream(httpcore2.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
-class _DeadlineBackend(httpcore2.SyncBackend):
+class _DeadlineBackend(httpcore2.SyncBackend):  # (no unix sockets: the pool has no uds)
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
         connect = super().connect_tcp
         return _DeadlineStream(_within("connecting", timeout,
                                        lambda left: connect(host, port, left, local_address, socket_options)))
-
-    def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        connect = super().connect_unix_socket
-        return _DeadlineStream(_within("connecting", timeout, lambda left: connect(path, left, socket_options)))
 
 
 class _DeadlineTransport(httpx2.HTTPTransport):

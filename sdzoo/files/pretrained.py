@@ -1,9 +1,6 @@
-"""Which pretrained weights exist: the zoo's cfgs claim weights only where they are published (timm's own
-``pretrained=True`` on a cfg without weights only warns, and builds random ones).
-
-``sd_resnet50/101/152`` are timm's resnet50/101/152 key for key, so each of timm's Hub weights of them is a tag of
-ours (``timm_weight_cfgs``), whose default ``scaling="inverted"`` makes the eval network exactly timm's. Weights
-that sdzoo publishes itself are listed in ``PUBLISHED_WEIGHTS``.
+"""Which pretrained weights exist: unlike timm, whose ``pretrained=True`` without weights only warns, the zoo's
+cfgs claim weights only where they are published (``PUBLISHED_WEIGHTS``), or where they are timm's weights of the
+same network (``sd_resnet50/101/152``: ``timm_weight_cfgs``, whose ``scaling="inverted"`` keeps timm's eval net).
 """
 from __future__ import annotations
 
@@ -43,9 +40,8 @@ def with_published_weights(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[st
 
 
 def timm_weight_cfgs(architecture: str) -> Dict[str, Dict[str, Any]]:
-    """A cfg ``architecture.tag`` for each of timm's Hub weights of its twin (``TIMM_TWINS``), recorded in
-    ``TIMM_WEIGHTS``: timm's cfg as it is, but always ``model.safetensors`` (so timm never falls back to
-    unpickling a ``.bin``), and a description and notes that say whose weights they are."""
+    """A cfg ``architecture.tag`` for each of timm's Hub weights of its twin, recorded in ``TIMM_WEIGHTS``:
+    timm's cfg, but always ``model.safetensors`` (timm never unpickles a ``.bin``), saying whose weights they are."""
     twin = TIMM_TWINS[architecture]
     cfgs: Dict[str, Dict[str, Any]] = {}
     for name, cfg in timm.models.get_arch_pretrained_cfgs(twin).items():

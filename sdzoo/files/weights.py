@@ -1,10 +1,9 @@
 """The one check of a weights file against the model about to be built from it, before anything is built.
 
 Hub repos and run folders are untrusted, and timm's loader adapts what does not fit (it drops a classifier of
-another class count and loads the rest non-strict). So ``check_before_build`` bounds the model arguments, then
-checks them against the shapes in the safetensors header and the settings in its metadata (folded weights never
-load into an unfolded model, nor the other way round), and the load is strict, without NaN or infinite weights.
-A plain ``load_state_dict`` is checked by the model's load pre-hook, against what the source model recorded.
+another class count). So ``check_before_build`` bounds the model arguments and checks them against the shapes in
+the safetensors header and the settings in its metadata (folded weights never load into an unfolded model, nor
+the other way round); the load is strict and NaN or inf is refused, as by a plain ``load_state_dict``'s pre-hook.
 """
 from __future__ import annotations
 
@@ -65,8 +64,7 @@ class MissingWeightsError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class WeightsProvenance:
-    """Where a model's weights came from (``source``), and the survival settings recorded there
-    (``SurvivalSettings.as_recorded()``), or None when the source recorded none."""
+    """Where a model's weights came from, and the survival settings recorded there (None: nothing recorded)."""
     source: str
     recorded: Optional[Dict[str, Any]]
 
@@ -342,9 +340,8 @@ def _provenance(where: str, metadata: Mapping[str, str]) -> WeightsProvenance:
 
 def check_before_build(variant: str, kwargs: Dict[str, Any], pretrained: bool,
                        build_args: BuildArgs) -> Optional[WeightsProvenance]:
-    """The one weights check of a model factory, before anything is built: the ``pretrained=True`` weights
-    (timm's load is then strict), or the file transformers is about to set into a model it builds with
-    ``pretrained=False``. Returns where the weights come from, or None when nothing is loaded."""
+    """The ``pretrained=True`` weights, or the file transformers sets into a model it builds with
+    ``pretrained=False``, checked before anything is built; returns their provenance, or None without weights."""
     if pretrained:
         return _check_pretrained(variant, kwargs, build_args)
     files = transformers_checkpoint_files()
@@ -394,9 +391,8 @@ def _check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str,
 
 
 def install_state_dict_checks(model: nn.Module) -> None:
-    """Every ``state_dict()`` of ``model`` records its survival settings, and every ``load_state_dict`` is
-    checked before a tensor is copied. The model has ``survival_settings``, ``folded_from``, ``scaling`` and
-    ``block_survival_probs()``."""
+    """Every ``state_dict()`` of ``model`` (an SDResNet) records its survival settings, and every
+    ``load_state_dict`` is checked before a tensor is copied."""
     model.register_state_dict_post_hook(_record_settings)
     model.register_load_state_dict_pre_hook(_check_loaded_state)
 
@@ -406,10 +402,8 @@ def _record_settings(module: nn.Module, state_dict, prefix: str, local_metadata:
 
 
 def _check_loaded_state(module: nn.Module, state_dict, prefix: str, local_metadata: Dict[str, Any], *args) -> None:
-    """Before any tensor is copied, by every torch door (load_state_dict, timm's pretrained and checkpoint loads,
-    Lightning's): no NaN or infinite tensor and, by what the source model recorded, no p_l lost or applied twice.
-    Folded weights go into a folded model or one that applies no p_l (gates off or inverted scaling: a plain
-    ResNet at eval, as timm's takes them); unfolded weights never into a folded model."""
+    """No NaN or inf, and no p_l lost or applied twice by what the source model recorded: folded weights go into
+    a folded model or one that applies no p_l (a plain ResNet at eval); unfolded ones never into a folded model."""
     _refuse_nonfinite(((k, t) for k, t in state_dict.items() if k.startswith(prefix)), "the state dict")
     recorded = local_metadata.get(PROVENANCE_KEY)
     recorded = recorded if isinstance(recorded, dict) else None
