@@ -84,8 +84,7 @@ def write_config(path: PathLike, model: nn.Module, data_config: Optional[Dict[st
     if label_names:
         model_config["label_names"] = dict(label_names) if isinstance(label_names, dict) else list(label_names)
     with tempfile.TemporaryDirectory(prefix="sdzoo-config-") as tmp:  # timm writes only to a path
-        save_config_for_hf(model, os.path.join(tmp, "config.json"), model_config=model_config,
-                           data_config=data_config)
+        save_config_for_hf(model, os.path.join(tmp, "config.json"), model_config=model_config, data_config=data_config)
         with open(os.path.join(tmp, "config.json"), encoding="utf-8") as f:
             config = normalize_config(json.load(f))
     save_json(path, config)
@@ -99,13 +98,11 @@ def head_args(config: Mapping[str, Any]) -> Dict[str, Any]:
     pretrained_cfg = config.get("pretrained_cfg") or {}
     input_size = pretrained_cfg.get("input_size") or [None]
     in_cfg = dict(num_classes=pretrained_cfg.get("num_classes"), in_chans=input_size[0])
-    found = {}
+    found = _architecture_defaults(config.get("architecture") or "")
     for key in HEAD_ARGS:
         value = next((v for v in (model_args.get(key), config.get(key), in_cfg.get(key)) if v is not None), None)
         if value is not None:
             found[key] = value
-    for key, value in _architecture_defaults(config.get("architecture") or "").items():
-        found.setdefault(key, value)
     return found
 
 

@@ -234,10 +234,10 @@ def fold_contradiction(recorded: Optional[Mapping[str, Any]], asked: Optional[Ma
     return f"folded_from={asked} ({whose}: {recorded})"
 
 
-def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str], where: str,
-                       variant: str, args: Mapping[str, Any], asked_by: str = "the model arguments") -> None:
+def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str], where: str, variant: str,
+                       args: Mapping[str, Any], asked_by: str = "the model arguments") -> WeightsProvenance:
     """Refuse ``args`` (every argument the model will be built with) that do not build the model the file holds,
-    or that contradict the settings the file records, naming both values."""
+    or that contradict the settings the file records, naming both values; returns the file's provenance."""
     expected = architecture_of(shapes, where)
     pool_mult = expected.pop("pool_mult")
     if len(expected["layers"]) == 1 and expected["block"] == "basic":
@@ -253,7 +253,7 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
                            "Nothing was built or loaded")
     recorded = recorded_settings(metadata, where)
     if recorded is None:
-        return
+        return WeightsProvenance(where, None)
     if recorded.get("architecture") not in (None, variant):
         differ.append(f"architecture {variant!r} (the file's: {recorded['architecture']!r})")
     if recorded.get("num_classes") is not None and not settings_equal(recorded["num_classes"], args["num_classes"]):
@@ -267,6 +267,7 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     if differ:
         raise WeightsError(f"the settings recorded in {where} contradict {asked_by}, which asks for "
                            f"{'; '.join(differ)}. Nothing was built or loaded")
+    return WeightsProvenance(where, dict(model_args))
 
 
 def _weights_location(cfg: Dict[str, Any], cache_dir=None
@@ -333,11 +334,6 @@ def _checked_args(build_args: BuildArgs, kwargs: Mapping[str, Any], cfg: Mapping
     return args
 
 
-def _provenance(where: str, metadata: Mapping[str, str]) -> WeightsProvenance:
-    recorded = recorded_settings(metadata, where)
-    return WeightsProvenance(where, None if recorded is None else dict(recorded["model_args"]))
-
-
 def check_before_build(variant: str, kwargs: Dict[str, Any], pretrained: bool,
                        build_args: BuildArgs) -> Optional[WeightsProvenance]:
     """The ``pretrained=True`` weights, or the file transformers sets into a model it builds with
@@ -363,13 +359,13 @@ def _check_pretrained(variant: str, kwargs: Dict[str, Any], build_args: BuildArg
         shapes, metadata = read_header(path)
     else:
         shapes, metadata = {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}, {}
-    check_weights_file(shapes, metadata, where, variant, args, asked_by)
+    provenance = check_weights_file(shapes, metadata, where, variant, args, asked_by)
     if not kwargs.get("features_only") and cfg.get("num_classes") != args["num_classes"]:
         # timm's loader drops a classifier whose class count differs from the cfg's and loads the rest non-strict.
         raise WeightsError(f"{asked_by} says num_classes={cfg.get('num_classes')!r} for the pretrained cfg and "
                            f"builds num_classes={args['num_classes']!r}: timm would drop the classifier of {where}. "
                            "Load with the file's classes, then model.reset_classifier(n) for a new head")
-    return _provenance(where, metadata)
+    return provenance
 
 
 def _check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, Any],
@@ -384,10 +380,10 @@ def _check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str,
     path = str(paths[0])
     shapes, metadata = read_header(path)
     shapes = {k[len(_WRAPPER_PREFIX):] if k.startswith(_WRAPPER_PREFIX) else k: v for k, v in shapes.items()}
-    check_weights_file(shapes, metadata, path, variant, args, asked_by)
+    provenance = check_weights_file(shapes, metadata, path, variant, args, asked_by)
     with safe_open(path, framework="pt") as f:
         _refuse_nonfinite(((k, f.get_tensor(k)) for k in f.keys()), path)
-    return _provenance(path, metadata)
+    return provenance
 
 
 def install_state_dict_checks(model: nn.Module) -> None:
