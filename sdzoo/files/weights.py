@@ -406,11 +406,11 @@ def _check_loaded_state(module: nn.Module, state_dict, prefix: str, local_metada
     weights_folded = (recorded or {}).get("folded_from") or None
     applies_p_l = module.folded_from or (
         module.scaling == "expectation" and any(p < 1.0 for p in module.block_survival_probs()))
-    fold = recorded is not None and (applies_p_l or not weights_folded) and \
-        fold_contradiction(weights_folded, module.folded_from, whose="the state dict's")
-    if fold:
-        raise WeightsError(f"the state dict comes from an sdzoo model whose settings contradict this model, "
-                           f"which is {fold}. Nothing was loaded")
+    if recorded is not None and (applies_p_l or not weights_folded):
+        fold = fold_contradiction(weights_folded, module.folded_from, whose="the state dict's")
+        if fold:
+            raise WeightsError(f"the state dict comes from an sdzoo model whose settings contradict this model, "
+                               f"which is {fold}. Nothing was loaded")
     module.weights_provenance = WeightsProvenance(
         "a state dict of an sdzoo model" if recorded else "a state dict without sdzoo's record of its settings",
         recorded)
