@@ -1,10 +1,5 @@
-"""Files and weights, the bottom layer: atomic writes and the run folder's lock (``disk``), the run folder's
-files (``run_folder``), safetensors weights and the one check of a weights file against the model about to be
-built (``weights``), config.json (``hf_config``), which pretrained weights exist (``pretrained``), Hub requests
-with a deadline (``hub_http``), and the argument checks and error wording every layer shares (``checks``).
-Nothing here imports a model."""
-
+"""Files and weights, the bottom layer: atomic writes, the run folder, safetensors weights and their one check,
+config.json, the pretrained weights that exist, Hub requests with a deadline, and shared argument checks."""
 from importlib.metadata import version
 
-# The installed release, as files written by sdzoo record it (the package's own __version__ is above this layer).
-SDZOO_VERSION = version("sdzoo")
+SDZOO_VERSION = version("sdzoo")  # the installed release, as the files sdzoo writes record it

@@ -6,11 +6,14 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence, Tuple
 
+# The longest wait a timeout may ask for (11.6 days): the sockets and clocks it reaches overflow far below 1e308.
+MAX_SECONDS = 1_000_000
+
 
 def error_line(error: BaseException, width: int = 240, lines: int = 1) -> str:
     """``TypeName: message``, how one error is quoted inside another: its first ``lines`` lines (torch's
     strict-load error lists every key, hundreds for a deep model), each cut at ``width``."""
-    text = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = [line.strip() for line in str(error).splitlines() if line.strip()]
     quoted = " ".join(line[:width] for line in text[:lines])
     if len(text) > lines > 1:
         quoted += f" ... ({len(text) - lines} more lines)"
@@ -20,14 +23,13 @@ def error_line(error: BaseException, width: int = 240, lines: int = 1) -> str:
 def check_choice(name: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
-        choices = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 
 
 def check_int(name: str, value, low: int = 0, high: int = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+        raise ValueError(f"{name} must be {allowed}; got {value!r:.200}")
     return value
 
 
@@ -52,26 +54,21 @@ def check_fraction(name: str, value, include_one: bool = True) -> float:
     return float(value)
 
 
-# The longest wait a number of seconds may ask for (11.6 days): the sockets and clocks a timeout reaches overflow
-# far below 1e308, and no wait of this project is meant to be longer.
-MAX_SECONDS = 1_000_000
-
-
 def check_seconds(name: str, value) -> float:
-    """A positive, finite number of seconds up to ``MAX_SECONDS``: a timeout, a measuring time (inf and nan
-    bound nothing)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
-        finite = "" if isinstance(value, bool) or not isinstance(value, float) or math.isfinite(value) else \
-            " (inf and nan bound nothing: give a finite number)"
-        if not finite and isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_SECONDS:
-            finite = f" (at most {MAX_SECONDS:,})"
-        raise ValueError(f"{name} must be a positive number of seconds; got {value!r}{finite}")
+    """A positive, finite number of seconds up to ``MAX_SECONDS`` (inf and nan bound nothing)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 < value <= MAX_SECONDS:
+        hint = ""
+        if isinstance(value, float) and not math.isfinite(value):
+            hint = " (inf and nan bound nothing: give a finite number)"
+        elif number and value > MAX_SECONDS:
+            hint = f" (at most {MAX_SECONDS:,})"
+        raise ValueError(f"{name} must be a positive number of seconds; got {value!r}{hint}")
     return float(value)
 
 
 def check_input_size(name: str, value, min_side: int = 1, max_side: int = None) -> Tuple[int, int, int]:
-    """A model input's (channels, height, width), with height and width at least ``min_side`` (and at most
-    ``max_side``)."""
+    """A model input's (channels, height, width), with height and width in [``min_side``, ``max_side``]."""
     try:
         size = tuple(int(s) for s in value)
     except (TypeError, ValueError, OverflowError):

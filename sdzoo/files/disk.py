@@ -1,9 +1,6 @@
-"""Files written so that nothing is ever half-written: a temporary file beside the target, then a rename.
-
-``os.replace`` within one directory is atomic, so a reader (or a run killed at any moment) sees either the
-old file or the new one, never a part of it. Every writer in sdzoo goes through ``staged_file``. Hand-written:
-the standard library has no atomic write, and torch, safetensors and timm write their files in place.
-"""
+"""Atomic writes: a temporary file beside the target, then ``os.replace``, so a reader (or a run killed at any
+moment) sees the old file or the new one. The standard library has none, and torch, safetensors and timm write
+in place."""
 from __future__ import annotations
 
 import contextlib
@@ -25,12 +22,21 @@ def staged_file(path: PathLike) -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"output directory does not exist: {directory!r}")
-    fd, temp = _locked_temp(directory, os.path.basename(path))
+    # Locked (flock, on the temporary itself) while this process lives: one whose lock can be taken was
+    # abandoned (remove_abandoned_temporaries). A cleaner may unlink it between mkstemp and flock: then retry.
+    while True:
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)
     try:
         yield temp
         with open(temp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
             os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual permissions
         os.replace(temp, path)
     except OSError as e:  # disk full, a file-size limit, ...: name the file meant, not the temporary one
         if e.filename in (None, temp) and e.errno is not None:
@@ -42,36 +48,19 @@ def staged_file(path: PathLike) -> Iterator[str]:
         os.close(fd)  # releases the lock
 
 
-def _locked_temp(directory: str, name: str):
-    """A new temporary file for ``name`` in ``directory``, locked (flock) for as long as this process holds the
-    descriptor: the OS drops the lock when the process ends, however it ends, so a temporary whose lock can be
-    taken was abandoned (``remove_abandoned_temporaries``). fcntl, not filelock.FileLock: FileLock locks a
-    separate lock file, where this lock must live on the temporary itself, so that the two vanish together."""
-    while True:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=TEMP_SUFFIX)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.fstat(fd).st_nlink:  # not removed by a cleaner between its creation and the lock
-            return fd, temp
-        os.close(fd)
-
-
 def remove_abandoned_temporaries(path: PathLike) -> List[str]:
-    """Remove the temporaries of ``path`` that a killed process left (``kill -9`` mid-write), and only those: a
-    temporary still being written is locked by its writer and stays. Returns the names removed."""
+    """Remove the temporaries of ``path`` that a killed process left, and only those: one still being written
+    is locked by its writer and stays. Returns the names removed."""
     removed: List[str] = []
-    path = os.fspath(path)
-    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    for temp in glob.glob(os.path.join(glob.escape(directory), glob.escape(f".{name}.") + "*" + TEMP_SUFFIX)):
+    path = os.path.abspath(path)
+    pattern = glob.escape(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.")) + "*" + TEMP_SUFFIX
+    for temp in glob.glob(pattern):
         try:
             fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)  # its writer is alive
-            continue
-        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its writer is alive
             if os.path.samestat(os.fstat(fd), os.stat(temp, follow_symlinks=False)):
                 os.unlink(temp)
                 removed.append(os.path.basename(temp))
@@ -83,8 +72,7 @@ def remove_abandoned_temporaries(path: PathLike) -> List[str]:
 
 
 def remove_stale_temps(folder: PathLike, names: Iterable[str]) -> List[str]:
-    """Remove the abandoned temporaries of the files ``names`` of ``folder`` (a writer killed mid-write); those
-    of any other file, and any still locked by a live writer, are left alone. Returns the names removed."""
+    """``remove_abandoned_temporaries`` for each of the files ``names`` of ``folder``."""
     return [t for name in names for t in remove_abandoned_temporaries(os.path.join(folder, name))]
 
 
@@ -97,24 +85,13 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 def write_bytes(path: PathLike, data) -> None:
     """``data`` (bytes or a buffer) as the file ``path``, atomically. Written by Python, so a full disk is an
     OSError that names the file."""
-    def write(temp: str) -> None:
-        with open(temp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write)
+    with staged_file(path) as temp, open(temp, "wb") as f:
+        f.write(data)
 
 
 def write_text(path: PathLike, text: str) -> None:
-    def write(temp: str) -> None:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
+    write_bytes(path, text.encode("utf-8"))
 
 
 def save_json(path: PathLike, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

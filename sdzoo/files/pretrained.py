@@ -1,42 +1,23 @@
-"""Which pretrained weights exist: the zoo's cfgs claim weights only where they are published.
-
-Two kinds of weights:
-
-* timm's ImageNet weights of ``resnet50``, ``resnet101`` and ``resnet152``. ``sd_resnet50/101/152`` are
-  those networks layer for layer and key for key, so each of timm's Hub weights of them is a tag of ours:
-  ``timm.create_model("sd_resnet50.a1_in1k", pretrained=True)`` downloads ``timm/resnet50.a1_in1k``
-  through timm's own Hub path, as a starting point for fine-tuning with stochastic depth. The tags are
-  derived from timm's registry when the models module is imported (``timm_weight_cfgs``), so new timm
-  weights appear by themselves. Those tags default to ``scaling="inverted"``: the branch is divided by p_l
-  in training and left alone at eval, so the eval network is exactly the pretrained one.
-* weights that sdzoo publishes itself: ``PUBLISHED_WEIGHTS`` maps ``architecture.tag`` to the Hub repo
-  (``with_published_weights``).
-
-The models file calls ``require_published_weights`` on ``pretrained=True``, so a tag without weights fails
-with a message that says how to get some; timm's own pretrained=True on a cfg without weights only warns
-and builds random weights. Kept free of heavy imports at module level: the models module imports it.
+"""Which pretrained weights exist: unlike timm, whose ``pretrained=True`` without weights only warns, the zoo's
+cfgs claim weights only where they are published (``PUBLISHED_WEIGHTS``), or where they are timm's weights of the
+same network (``sd_resnet50/101/152``: ``timm_weight_cfgs``, whose ``scaling="inverted"`` keeps timm's eval net).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Dict
 
-__all__ = ["PUBLISHED_WEIGHTS", "TIMM_TWINS", "TIMM_WEIGHTS", "NoPretrainedWeightsError", "with_published_weights",
-           "timm_weight_cfgs", "tag_model_defaults", "require_published_weights"]
+import timm
+from timm.models import resolve_pretrained_cfg
 
 # "architecture.tag" -> Hub repo id, for weights that sdzoo trained, published and verified. None yet.
 PUBLISHED_WEIGHTS: Dict[str, str] = {}
-
 # The zoo's architectures that are timm's ResNets with the same layers and state-dict keys.
 TIMM_TWINS: Dict[str, str] = {"sd_resnet50": "resnet50", "sd_resnet101": "resnet101", "sd_resnet152": "resnet152"}
-
-# "sd_resnet50.a1_in1k" -> "resnet50.a1_in1k": each tag of ours that loads timm's weights, and whose. Filled
-# by timm_weight_cfgs.
+# "sd_resnet50.a1_in1k" -> "resnet50.a1_in1k": each tag of ours that loads timm's weights. Filled by timm_weight_cfgs.
 TIMM_WEIGHTS: Dict[str, str] = {}
-
 # Model arguments of the tags that load timm's weights, unless given: the eval network is timm's.
 TIMM_WEIGHTS_DEFAULTS = {"scaling": "inverted"}
-
 # What a cfg says about where its weights are and how they load: ours are set here, not copied.
 _LOCATION_FIELDS = ("url", "file", "state_dict", "hf_hub_filename", "source", "architecture", "tag")
 
@@ -45,34 +26,22 @@ class NoPretrainedWeightsError(RuntimeError):
     """``pretrained=True`` on a tag whose weights are not published."""
 
 
-def _strip_default_mark(name: str) -> str:
-    return name[:-1] if name.endswith("*") else name
-
-
 def with_published_weights(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Point the cfgs of published tags at their Hub repos (``hf_hub_id``); leave every other cfg as it is.
     Keys may end in ``*`` (timm's mark of an architecture's default tag)."""
-    unknown = sorted(set(PUBLISHED_WEIGHTS) - {_strip_default_mark(k) for k in cfgs})
+    unknown = sorted(set(PUBLISHED_WEIGHTS) - {k.rstrip("*") for k in cfgs})
     if unknown:
         raise KeyError(f"PUBLISHED_WEIGHTS names tags the zoo does not have: {', '.join(unknown)}")
     out = {}
     for name, cfg in cfgs.items():
-        repo = PUBLISHED_WEIGHTS.get(_strip_default_mark(name))
+        repo = PUBLISHED_WEIGHTS.get(name.rstrip("*"))
         out[name] = dict(cfg, hf_hub_id=repo) if repo else cfg
     return out
 
 
 def timm_weight_cfgs(architecture: str) -> Dict[str, Dict[str, Any]]:
-    """A cfg of ``architecture`` for each of timm's Hub weights of its twin (``TIMM_TWINS``), keyed
-    ``architecture.tag`` with timm's tag, and recorded in ``TIMM_WEIGHTS``.
-
-    Only weights on the Hub (an ``hf_hub_id``) are taken, and only as safetensors: the cfg names
-    ``model.safetensors``, so timm never falls back to unpickling a ``.bin``. Everything else (input sizes,
-    crop, mean and std, classes, license, paper, origin) is timm's cfg as it is; ``description`` and
-    ``notes`` say whose weights they are.
-    """
-    import timm
-
+    """A cfg ``architecture.tag`` for each of timm's Hub weights of its twin, recorded in ``TIMM_WEIGHTS``:
+    timm's cfg, but always ``model.safetensors`` (timm never unpickles a ``.bin``), saying whose weights they are."""
     twin = TIMM_TWINS[architecture]
     cfgs: Dict[str, Dict[str, Any]] = {}
     for name, cfg in timm.models.get_arch_pretrained_cfgs(twin).items():
@@ -97,20 +66,14 @@ def timm_weight_cfgs(architecture: str) -> Dict[str, Dict[str, Any]]:
 def tag_model_defaults(variant: str, pretrained_cfg=None) -> Dict[str, Any]:
     """Model arguments that the tag ``pretrained_cfg`` (a tag, a cfg or None: the default tag) implies:
     ``TIMM_WEIGHTS_DEFAULTS`` for the tags of timm's weights, else none."""
-    if isinstance(pretrained_cfg, str):
-        tag = pretrained_cfg
-    elif isinstance(pretrained_cfg, dict):
+    tag = pretrained_cfg if isinstance(pretrained_cfg, str) else getattr(pretrained_cfg, "tag", None)
+    if isinstance(pretrained_cfg, dict):
         tag = pretrained_cfg.get("tag")
-    else:
-        tag = getattr(pretrained_cfg, "tag", None)
     return dict(TIMM_WEIGHTS_DEFAULTS) if f"{variant}.{tag}" in TIMM_WEIGHTS else {}
 
 
 def require_published_weights(variant: str, pretrained_cfg=None, pretrained_cfg_overlay=None) -> None:
     """Raise a clear error, with the ways to get weights, when ``pretrained=True`` has nothing to load."""
-    import timm
-    from timm.models import resolve_pretrained_cfg
-
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     if cfg.has_weights or cfg.state_dict is not None:
         return
@@ -126,4 +89,3 @@ def require_published_weights(variant: str, pretrained_cfg=None, pretrained_cfg_
         f"(sdzoo train --output runs/NAME) and load its run folder with "
         f"timm.create_model('local-dir:runs/NAME', pretrained=True). "
         f"Use pretrained=False for random initialisation.")
-

@@ -1,11 +1,6 @@
-"""Run-folder files, written so that nothing is ever half-written.
-
-Every file goes through ``sdzoo.files.disk`` (a temporary file, then renamed over the old one), so a run killed
-at any moment leaves the previous version or the new one. The run folder is a timm local-dir (``config.json``
-+ ``model.safetensors``); beside them lie the logs and ``checkpoint.pt``, the resume state, whose keys
-``sdzoo.training.resume`` owns (``save_state``/``load_state`` here read and write torch files of plain types and
-tensors only).
-"""
+"""A run folder's files: a timm local-dir (config.json + model.safetensors), the logs beside them and
+``checkpoint.pt``, the resume state (its keys are ``sdzoo.training.resume``'s). Every file is written atomically
+(``sdzoo.files.disk``), so a run killed at any moment leaves the previous version or the new one."""
 from __future__ import annotations
 
 import io
@@ -19,15 +14,8 @@ from filelock import FileLock, Timeout
 from torch import nn
 
 from sdzoo.files.checks import error_line
-from sdzoo.files.disk import PathLike, atomic_write, write_bytes
+from sdzoo.files.disk import PathLike, write_bytes, write_text
 from sdzoo.files.hf_config import normalize_config, write_config
-
-__all__ = [
-    "CHECKPOINT_NAME", "WEIGHTS_NAME", "CONFIG_NAME", "METRICS_NAME", "SUMMARY_NAME", "CURVES_NAME", "ONNX_NAME",
-    "gates_name", "CheckpointError",
-    "save_state", "load_state", "save_model_config", "read_run_config",
-    "RunFolderBusy", "lock_run_folder", "check_run_folder_free", "LOCK_NAME", "truncate_lines",
-]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
@@ -48,6 +36,10 @@ class CheckpointError(Exception):
     """A resume state that is missing or unreadable: a user error, reported without a traceback."""
 
 
+class RunFolderBusy(Exception):
+    """Another process is writing to the run folder."""
+
+
 def save_state(path: PathLike, state: Dict[str, Any]) -> None:
     # Serialised in memory, then written by Python: a full disk is then an OSError that names the file
     # (torch's own file writer reports it as an unexplained RuntimeError).
@@ -63,8 +55,7 @@ def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> D
         raise CheckpointError(f"--resume: no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's message suggests weights_only=False, which would run code from the file: not an option here.
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which would run the file's code
         raise CheckpointError(f"--resume: {path} holds objects other than tensors and plain types; it is not "
                               "a checkpoint of this trainer and was not loaded (nothing in it was run)") from None
     except Exception as e:  # noqa: BLE001  (torch.load's errors have no common type; each one is refused)
@@ -72,8 +63,8 @@ def load_state(path: PathLike, map_location: Optional[torch.device] = None) -> D
 
 
 def read_run_config(path: PathLike) -> Dict[str, Any]:
-    """A run folder's config.json, checked: a JSON object whose model_args (if any) is a mapping.
-    Raises ValueError naming the file."""
+    """A run folder's config.json, checked: a JSON object naming an architecture, whose model_args (if any)
+    is a mapping that agrees with the top level. Raises ValueError naming the file."""
     path = Path(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -88,34 +79,25 @@ def read_run_config(path: PathLike) -> Dict[str, Any]:
     if not isinstance(config.get("model_args", {}), dict):
         raise ValueError(f"{path}: 'model_args' must be a JSON object of keyword arguments; got a "
                          f"{type(config['model_args']).__name__}")
-    normalize_config(config, source=str(path))  # raises when model_args and the top level disagree
+    normalize_config(config, source=str(path))
     return config
 
 
-# -- one writer per run folder ----------------------------------------------------------------------------
-class RunFolderBusy(Exception):
-    """Another process is writing to the run folder."""
+class _RunFolderLock(FileLock):
+    def close(self) -> None:
+        self.release(force=True)
 
 
-def lock_run_folder(folder: PathLike):
-    """Hold the run folder's lock file (``filelock``: an OS lock, which the OS drops when the process ends,
-    however it ends) until ``close()`` is called on the returned lock, or it is garbage-collected. Raises
-    ``RunFolderBusy`` when another process holds it."""
-    path = Path(folder) / LOCK_NAME
-    lock = _RunFolderLock(path)
+def lock_run_folder(folder: PathLike) -> _RunFolderLock:
+    """Hold the run folder's lock file (an OS lock, dropped when the process ends, however it ends) until
+    ``close()`` is called on the returned lock. Raises ``RunFolderBusy`` when another process holds it."""
+    lock = _RunFolderLock(Path(folder) / LOCK_NAME)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise RunFolderBusy(f"another process is writing to {folder} (it holds {path}); wait for it to "
+        raise RunFolderBusy(f"another process is writing to {folder} (it holds {lock.lock_file}); wait for it to "
                             "finish, or choose another --output") from None
     return lock
-
-
-class _RunFolderLock(FileLock):
-    """The run folder's lock; ``close()`` lets go of it (as closing the lock file did)."""
-
-    def close(self) -> None:
-        self.release(force=True)
 
 
 def check_run_folder_free(folder: PathLike) -> None:
@@ -126,9 +108,8 @@ def check_run_folder_free(folder: PathLike) -> None:
 
 def save_model_config(path: PathLike, model: nn.Module, data_config: Dict[str, Any], tag: Optional[str] = None,
                       label_names: Optional[List[str]] = None) -> None:
-    """The run folder's ``config.json`` (``sdzoo.files.hf_config``: loads in timm and in transformers): the
-    architecture, the model arguments (survival settings included), the preprocessing the weights were
-    trained with, and the class names."""
+    """The run folder's config.json (``hf_config.write_config``), with the preprocessing the weights were trained
+    with and the class names."""
     write_config(path, model, data_config=data_config, tag=tag, label_names=label_names)
 
 
@@ -150,4 +131,4 @@ def truncate_lines(path: Path, keep: Callable[[str], bool]) -> None:
                 continue  # cut off by a kill mid-write
             raise CheckpointError(f"--resume: {path}, line {number} is corrupt ({error_line(e)}); it is "
                                   "not a line this trainer writes: fix or remove it, then resume") from None
-    atomic_write(path, lambda temp: Path(temp).write_text("".join(kept)))
+    write_text(path, "".join(kept))

@@ -1,75 +1,57 @@
-"""What a weights file is, checked against what is about to be built from it, before anything is built.
+"""The one check of a weights file against the model about to be built from it, before anything is built.
 
-Hub repos and run folders are untrusted: config.json may ask for any architecture, and timm's loader adapts
-what does not fit (it drops a classifier whose class count differs and loads the rest non-strict). Every load
-that sdzoo does or documents (``local-dir:``, ``hf-hub:``, ``pretrained_cfg_overlay=dict(file=...)``,
-``hub.load_run``, the export) comes through ``check_pretrained`` first, from the model factory:
-
-* the model arguments are bounded (``check_model_size``), so a hostile config.json is refused before anything
-  large is allocated;
-* the architecture is read from the safetensors header (every tensor's shape is in it; no tensor is read) and
-  every model argument that shapes the weights must match it;
-* the file's own metadata (``sdzoo.files.weights.weights_metadata``: architecture, classes, survival settings,
-  ``folded_from``) must agree with the arguments, so folded weights never load into an unfolded model, nor the
-  other way round;
-* the load itself is strict (every tensor of the file, and only those), and NaN or infinite weights are refused.
-
-transformers' ``TimmWrapper`` builds the model with ``pretrained=False`` and sets the file's tensors itself,
-with no load hook of torch: the model factory finds that file (``sdzoo.internals.transformers_private``) and checks it
-with ``check_loader_files``, the same checks, before anything is built. A plain ``model.load_state_dict``
-gets its own (the model's load pre-hook, ``check_state_dict``): no NaN or infinite tensor, and the fold state
-that the source model recorded in the state dict's ``_metadata`` (``PROVENANCE_KEY``) must be the model's.
-Each door leaves a ``WeightsProvenance`` on the model: where its weights came from and what was recorded there.
+Hub repos and run folders are untrusted, and timm's loader adapts what does not fit (it drops a classifier of
+another class count). So ``check_before_build`` bounds the model arguments and checks them against the shapes in
+the safetensors header and the settings in its metadata (folded weights never load into an unfolded model, nor
+the other way round); the load is strict and NaN or inf is refused, as by a plain ``load_state_dict``'s pre-hook.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from timm.models import resolve_pretrained_cfg
+from torch import nn
 
-from sdzoo.files.checks import error_line
+from sdzoo.files.checks import check_int, error_line
 from sdzoo.files.disk import PathLike, write_bytes
-from sdzoo.files.run_folder import WEIGHTS_NAME
+from sdzoo.files.hub_http import LOAD_TIMEOUT_ENV, bounded_waits, is_timeout, load_timeout
 from sdzoo.files.pretrained import require_published_weights
+from sdzoo.files.run_folder import WEIGHTS_NAME
 from sdzoo.internals.timm_private import load_state_dict_from_path, resolve_pretrained_source
 from sdzoo.internals.transformers_private import transformers_checkpoint_files
-from sdzoo.files.hub_http import LOAD_TIMEOUT_ENV, bounded_waits, is_timeout, load_timeout
 
-__all__ = [
-    "WeightsError", "MissingWeightsError", "MAX_NUM_CLASSES", "MAX_BLOCKS", "MAX_WIDTH", "MAX_IN_CHANS",
-    "MAX_PARAMETERS", "MAX_TENSORS", "MAX_HEADER_BYTES", "count_parameters", "check_model_size", "FileArchitecture",
-    "read_header", "architecture_of", "check_pretrained", "check_weights_file", "check_loader_files",
-    "check_state_dict", "check_finite", "fold_contradiction", "out_of_memory_message", "load_failure_reason",
-    "is_out_of_memory",
-    "WeightsProvenance", "PROVENANCE_KEY", "SETTINGS_KEY", "weights_metadata", "save_weights",
-    "read_weights_settings", "PICKLE_SUFFIXES",
-]
-
-# Bounds on what a config.json may ask for. The largest zoo models are far inside them: sd_resnet1202_cifar
-# has 600 blocks, sd_resnet152 60M parameters; ImageNet-21k has 21,843 classes.
+# Bounds on what a config.json may ask for, far beyond the largest zoo models (sd_resnet1202_cifar: 600 blocks,
+# sd_resnet152: 60M parameters; ImageNet-21k: 21,843 classes).
 MAX_NUM_CLASSES = 100_000
 MAX_BLOCKS = 1024
 MAX_WIDTH = 4096
 MAX_IN_CHANS = 256
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32
-# Bounds on a safetensors header, checked before it is parsed: a hostile header of 60 MB of JSON would cost a
-# minute and a GB to parse. The largest model the bounds above allow (MAX_BLOCKS bottleneck blocks, 18 tensors
-# each) has about 18,500 tensors; sd_resnet1202_cifar's header is 650 kB for 7,221, sd_resnet152's 86 kB.
+# Bounds on a safetensors header, checked before it is parsed (60 MB of hostile JSON costs a minute and a GB);
+# the largest model allowed above has about 18,500 tensors.
 MAX_TENSORS = 20_000
 MAX_HEADER_BYTES = 4 * 2**20
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# The safetensors metadata key of the settings: one key, as safetensors writes its metadata in hash order.
+SETTINGS_KEY = "sdzoo"
+# The key of a state dict's ``_metadata`` (kept by copies and torch.save, and no tensor) where a model records
+# its survival settings: the dict still loads strictly into timm's ResNets.
+PROVENANCE_KEY = "sdzoo_survival"
+_WRAPPER_PREFIX = "timm_model."  # transformers' TimmWrapper saves its timm model's tensors under it
+# build_args(kwargs, cfg): the arguments the model will be built with, from a factory's kwargs and pretrained cfg
+BuildArgs = Callable[[Mapping[str, Any], Mapping[str, Any]], Dict[str, Any]]
 
 
 class WeightsError(ValueError):
@@ -80,19 +62,9 @@ class MissingWeightsError(FileNotFoundError):
     """No safetensors weights where the model's source points."""
 
 
-# The safetensors metadata key of the settings the weights were trained with (the values must be strings: JSON).
-SETTINGS_KEY = "sdzoo"
-# The key of a state dict's ``_metadata`` (torch's per-module record, which travels with the dict through
-# copies and torch.save, and which no loader reads as a tensor) where an sdzoo model records its survival
-# settings: a state dict moves strictly to and from timm's ResNets, and still says whether it is folded.
-PROVENANCE_KEY = "sdzoo_survival"
-
-
 @dataclass(frozen=True)
 class WeightsProvenance:
-    """Where a model's weights came from (``source``), and the survival settings recorded there
-    (``SurvivalSettings.as_recorded()``, ``folded_from`` included), or None when the source recorded none:
-    a safetensors file without sdzoo's metadata, a state dict rebuilt key by key, timm's own weights."""
+    """Where a model's weights came from, and the survival settings recorded there (None: nothing recorded)."""
     source: str
     recorded: Optional[Dict[str, Any]]
 
@@ -102,45 +74,35 @@ class WeightsProvenance:
         return None if self.recorded is None else bool(self.recorded.get("folded_from"))
 
 
-# -- bounds -----------------------------------------------------------------------------------------------
-def _int_list(name: str, value: Any) -> List[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
-            any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-        raise ValueError(f"{name} must be a list of integers; got {value!r:.200}")
-    return list(value)
-
-
 def count_parameters(layers: Sequence[int], widths: Sequence[int], block: str, stem: str, shortcut: str,
                      num_classes: int, in_chans: int, global_pool: str = "avg") -> int:
     """The parameters an SDResNet of these arguments has, counted without building it."""
-    expansion = _EXPANSION[block]
     stem_chs = widths[0]
     total = in_chans * stem_chs * (9 if stem == "cifar" else 49) + (stem_chs if stem == "cifar" else 0) + 2 * stem_chs
     in_chs = stem_chs
     for stage, (num, chs) in enumerate(zip(layers, widths)):
-        out = chs * expansion
+        out = chs * _EXPANSION[block]
+        # a block's parameters: per_in for each input channel (its first conv), and the rest
         if block == "basic":
-            per_block = 9 * chs * chs + 9 * chs * out + 2 * chs + 2 * out
-            first = 9 * in_chs * chs + 9 * chs * out + 2 * chs + 2 * out
+            per_in, rest = 9 * chs, 9 * chs * out + 2 * chs + 2 * out
         else:
-            per_block = out * chs + 9 * chs * chs + chs * out + 4 * chs + 2 * out
-            first = in_chs * chs + 9 * chs * chs + chs * out + 4 * chs + 2 * out
-        if shortcut == "projection" and (in_chs != out or stage > 0):
-            first += in_chs * out + 2 * out
-        total += first + (num - 1) * per_block
+            per_in, rest = chs, 9 * chs * chs + chs * out + 4 * chs + 2 * out
+        projection = shortcut == "projection" and (in_chs != out or stage > 0)
+        total += in_chs * per_in + rest + projection * (in_chs * out + 2 * out) + (num - 1) * (out * per_in + rest)
         in_chs = out
-    mult = 2 if global_pool == "catavgmax" else 1
-    return total + (in_chs * mult + 1) * num_classes
+    return total + (in_chs * (2 if global_pool == "catavgmax" else 1) + 1) * num_classes
 
 
 def check_model_size(layers: Any, widths: Any, block: str, stem: str, shortcut: str, num_classes: Any,
                      in_chans: Any, global_pool: str = "avg") -> None:
     """Refuse arguments that would build an SDResNet beyond the bounds above, before a parameter is allocated."""
-    layers, widths = _int_list("layers", layers), _int_list("widths", widths)
-    for name, value, low, high in (("num_classes", num_classes, 0, MAX_NUM_CLASSES),
-                                   ("in_chans", in_chans, 1, MAX_IN_CHANS)):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r:.200}")
+    for name, value in (("layers", layers), ("widths", widths)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
+                any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ValueError(f"{name} must be a list of integers; got {value!r:.200}")
+    layers, widths = list(layers), list(widths)
+    check_int("num_classes", num_classes, 0, MAX_NUM_CLASSES)
+    check_int("in_chans", in_chans, 1, MAX_IN_CHANS)
     if not layers or len(layers) != len(widths) or any(n < 1 for n in layers):
         raise ValueError(f"layers must give a positive block count for each of the {len(widths)} stages of "
                          f"widths; got layers={layers!r:.200}")
@@ -157,53 +119,34 @@ def check_model_size(layers: Any, widths: Any, block: str, stem: str, shortcut: 
                          f"allowed (layers={layers}, widths={widths}, block={block!r}, num_classes={num_classes})")
 
 
-# -- the file -----------------------------------------------------------------------------------------------
 def read_header(path: os.PathLike) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, str]]:
     """Every tensor's shape and the metadata of a safetensors file, from its header alone (no tensor is read).
     The header's length (its first 8 bytes) and its tensor count are bounded before anything else is read."""
-
     try:
         with open(path, "rb") as f:
             length = f.read(8)
-    except OSError as e:
-        raise WeightsError(f"cannot read {path} as safetensors: {e}") from None
-    if len(length) < 8:
-        raise WeightsError(f"cannot read {path} as safetensors: it is {len(length)} bytes long, shorter than the "
-                           "8 bytes that give its header's length")
-    header_bytes = int.from_bytes(length, "little")
-    if header_bytes > MAX_HEADER_BYTES:
-        raise WeightsError(f"{path}: its safetensors header is {header_bytes:,} bytes, more than the "
-                           f"{MAX_HEADER_BYTES:,} that any sdzoo model needs; refused without reading it")
-    try:
+        if len(length) < 8:
+            raise WeightsError(f"cannot read {path} as safetensors: it is {len(length)} bytes long, shorter than "
+                               "the 8 bytes that give its header's length")
+        header_bytes = int.from_bytes(length, "little")
+        if header_bytes > MAX_HEADER_BYTES:
+            raise WeightsError(f"{path}: its safetensors header is {header_bytes:,} bytes, more than the "
+                               f"{MAX_HEADER_BYTES:,} that any sdzoo model needs; refused without reading it")
         with safe_open(os.fspath(path), framework="pt") as f:
             keys = list(f.keys())
             if len(keys) > MAX_TENSORS:
                 raise WeightsError(f"{path} holds {len(keys):,} tensors, more than the {MAX_TENSORS:,} that any "
                                    "sdzoo model has; refused")
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            metadata = dict(f.metadata() or {})
+            return {k: tuple(f.get_slice(k).get_shape()) for k in keys}, dict(f.metadata() or {})
+    except WeightsError:
+        raise
     except (SafetensorError, OSError, ValueError) as e:
-        if isinstance(e, WeightsError):
-            raise
         raise WeightsError(f"cannot read {path} as safetensors: {e}") from None
-    return shapes, metadata
 
 
-@dataclass
-class FileArchitecture:
-    """The SDResNet arguments that a state dict's shapes fix."""
-    layers: Tuple[int, ...]
-    widths: Tuple[int, ...]
-    block: str
-    stem: str
-    shortcut: str
-    in_chans: int
-    num_classes: int
-    pool_mult: Optional[int]  # fc's input over the trunk's channels: 2 for catavgmax; None without a head
-
-
-def architecture_of(shapes: Mapping[str, Sequence[int]], where: str) -> FileArchitecture:
-    """Read the architecture from the shapes of a state dict (timm's ResNet keys)."""
+def architecture_of(shapes: Mapping[str, Sequence[int]], where: str) -> Dict[str, Any]:
+    """The SDResNet arguments that a state dict's shapes (timm's ResNet keys) fix, and ``pool_mult``: fc's
+    input over the trunk's channels (2 for catavgmax; None without a head)."""
     conv1 = shapes.get("conv1.weight")
     if conv1 is None or len(conv1) != 4 or conv1[2] not in (3, 7):
         raise WeightsError(f"{where} is not an sdzoo ResNet's state dict: it has no 3x3 or 7x7 conv1.weight "
@@ -211,21 +154,18 @@ def architecture_of(shapes: Mapping[str, Sequence[int]], where: str) -> FileArch
     layers, widths = [], []
     while f"layer{len(layers) + 1}.0.conv1.weight" in shapes:
         stage = len(layers) + 1
-        num = 0
-        while f"layer{stage}.{num}.conv1.weight" in shapes:
-            num += 1
-        layers.append(num)
+        layers.append(next(n for n in itertools.count() if f"layer{stage}.{n}.conv1.weight" not in shapes))
         widths.append(shapes[f"layer{stage}.0.conv1.weight"][0])
     if not layers:
         raise WeightsError(f"{where} is not an sdzoo ResNet's state dict: it has no layer1.0.conv1.weight")
     block = "bottleneck" if "layer1.0.conv3.weight" in shapes else "basic"
     fc = shapes.get("fc.weight")
+    fc = fc if fc is not None and len(fc) == 2 else None
     features = widths[-1] * _EXPANSION[block]
-    pool_mult = fc[1] // features if fc is not None and len(fc) == 2 and fc[1] % features == 0 else None
-    return FileArchitecture(
-        layers=tuple(layers), widths=tuple(widths), block=block, stem="cifar" if conv1[2] == 3 else "imagenet",
-        shortcut="projection" if any(".downsample." in k for k in shapes) else "zero_pad", in_chans=conv1[1],
-        num_classes=fc[0] if fc is not None and len(fc) == 2 else 0, pool_mult=pool_mult)
+    return dict(layers=layers, widths=widths, block=block, stem="cifar" if conv1[2] == 3 else "imagenet",
+                shortcut="projection" if any(".downsample." in k for k in shapes) else "zero_pad",
+                in_chans=conv1[1], num_classes=fc[0] if fc else 0,
+                pool_mult=fc[1] // features if fc and fc[1] % features == 0 else None)
 
 
 def recorded_settings(metadata: Mapping[str, str], where: str) -> Optional[Dict[str, Any]]:
@@ -242,17 +182,9 @@ def recorded_settings(metadata: Mapping[str, str], where: str) -> Optional[Dict[
     return settings
 
 
-# -- writing and reading the metadata ------------------------------------------------------------------
-def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
-    # safetensors needs contiguous tensors; channels_last weights are not.
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-
-
 def weights_metadata(model: nn.Module) -> Dict[str, str]:
     """The metadata of a weights file: the architecture, its classes and the survival settings, so that a bare
     ``model.safetensors`` brings what loading and folding it need (as a run folder's config.json does)."""
-    # One key: safetensors writes its metadata map in hash order, so with two keys the same weights would give
-    # files that differ in bytes from one process to the next.
     survival = getattr(model, "survival_settings", None)
     if survival is None:
         return {"format": "pt"}
@@ -266,20 +198,17 @@ def weights_metadata(model: nn.Module) -> Dict[str, str]:
 
 def save_weights(path: PathLike, model: nn.Module) -> None:
     """The model's weights as safetensors, with ``weights_metadata`` (the one writer of weights files)."""
-    tensors = {k: v.cpu() for k, v in _weights(model).items()}
-    data = save(tensors, metadata=weights_metadata(model))
-    write_bytes(path, data)
+    # safetensors needs contiguous tensors; channels_last weights are not
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_bytes(path, save(tensors, metadata=weights_metadata(model)))
 
 
 def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
-    """What ``weights_metadata`` stored in a safetensors file (architecture, num_classes, model_args), or None
-    for a file written elsewhere. Raises ValueError naming the file when the metadata is malformed or the
-    header is beyond the bounds of ``sdzoo.files.weights.read_header``."""
+    """What ``weights_metadata`` stored in a safetensors file, or None for a file written elsewhere. Raises
+    WeightsError (a ValueError) naming the file when the metadata is malformed or the header out of bounds."""
     return recorded_settings(read_header(path)[1], os.fspath(path))
 
 
-
-# -- the check -----------------------------------------------------------------------------------------------
 def settings_equal(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
@@ -288,55 +217,6 @@ def settings_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(settings_equal(a[k], b[k]) for k in a)
     return a == b
-
-
-def _describe_source(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
-    source = cfg.get("source")
-    if source == "local-dir":
-        return f"{Path(cfg.get('file', '')) / 'config.json'}"
-    if source == "hf-hub":
-        return f"hf-hub:{cfg.get('hf_hub_id')} config.json"
-    return "the model arguments"
-
-
-def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str], where: str,
-                       variant: str, args: Mapping[str, Any], asked_by: str = "the model arguments") -> None:
-    """Refuse ``args`` (every argument the model will be built with) that do not build the model the file holds,
-    naming both values."""
-    arch = architecture_of(shapes, where)
-    expected = dict(layers=arch.layers, widths=arch.widths, block=arch.block, stem=arch.stem,
-                    shortcut=arch.shortcut, in_chans=arch.in_chans, num_classes=arch.num_classes)
-    if len(arch.layers) == 1 and arch.block == "basic":
-        expected.pop("shortcut")  # no block changes shape: either shortcut builds the same weights
-    differ = [f"{k}={as_json_value(args[k])!r} ({where} holds {k}={as_json_value(v)!r})" for k, v in expected.items()
-              if not settings_equal(args[k], v)]
-    if arch.pool_mult is not None and arch.num_classes:
-        mult = 2 if args["global_pool"] == "catavgmax" else 1
-        if mult != arch.pool_mult:
-            differ.append(f"global_pool={args['global_pool']!r} (the classifier of {where} takes "
-                          f"{arch.pool_mult}x the trunk's channels)")
-    if differ:
-        raise WeightsError(f"{where} does not fit {variant} as described by {asked_by}: {'; '.join(differ)}. "
-                           "Nothing was built or loaded")
-    recorded = recorded_settings(metadata, where)
-    if recorded is None:
-        return
-    differ = []
-    if recorded.get("architecture") not in (None, variant):
-        differ.append(f"architecture {variant!r} (the file's: {recorded['architecture']!r})")
-    if recorded.get("num_classes") is not None and not settings_equal(recorded["num_classes"], args["num_classes"]):
-        differ.append(f"num_classes={args['num_classes']!r} (the file's: {recorded['num_classes']!r})")
-    model_args = recorded["model_args"]
-    # the settings the weights were trained with, in the order the file records them
-    for key in [k for k in model_args if k in args and k != "folded_from"]:
-        if model_args[key] is not None and not settings_equal(model_args[key], args[key]):
-            differ.append(f"{key}={args[key]!r} (the file's: {model_args[key]!r})")
-    fold = fold_contradiction(model_args.get("folded_from"), args["folded_from"])
-    if fold:
-        differ.append(fold)
-    if differ:
-        raise WeightsError(f"the settings recorded in {where} contradict {asked_by}, which asks for "
-                           f"{'; '.join(differ)}. Nothing was built or loaded")
 
 
 def fold_contradiction(recorded: Optional[Mapping[str, Any]], asked: Optional[Mapping[str, Any]],
@@ -354,15 +234,46 @@ def fold_contradiction(recorded: Optional[Mapping[str, Any]], asked: Optional[Ma
     return f"folded_from={asked} ({whose}: {recorded})"
 
 
-def as_json_value(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str], where: str, variant: str,
+                       args: Mapping[str, Any], asked_by: str = "the model arguments") -> WeightsProvenance:
+    """Refuse ``args`` (every argument the model will be built with) that do not build the model the file holds,
+    or that contradict the settings the file records, naming both values; returns the file's provenance."""
+    expected = architecture_of(shapes, where)
+    pool_mult = expected.pop("pool_mult")
+    if len(expected["layers"]) == 1 and expected["block"] == "basic":
+        expected.pop("shortcut")  # no block changes shape: either shortcut builds the same weights
+    differ = [f"{k}={list(args[k]) if isinstance(args[k], tuple) else args[k]!r} ({where} holds {k}={v!r})"
+              for k, v in expected.items() if not settings_equal(args[k], v)]
+    asked_mult = 2 if args["global_pool"] == "catavgmax" else 1
+    if pool_mult is not None and expected["num_classes"] and pool_mult != asked_mult:
+        differ.append(f"global_pool={args['global_pool']!r} (the classifier of {where} takes "
+                      f"{pool_mult}x the trunk's channels)")
+    if differ:
+        raise WeightsError(f"{where} does not fit {variant} as described by {asked_by}: {'; '.join(differ)}. "
+                           "Nothing was built or loaded")
+    recorded = recorded_settings(metadata, where)
+    if recorded is None:
+        return WeightsProvenance(where, None)
+    if recorded.get("architecture") not in (None, variant):
+        differ.append(f"architecture {variant!r} (the file's: {recorded['architecture']!r})")
+    if recorded.get("num_classes") is not None and not settings_equal(recorded["num_classes"], args["num_classes"]):
+        differ.append(f"num_classes={args['num_classes']!r} (the file's: {recorded['num_classes']!r})")
+    model_args = recorded["model_args"]
+    # the settings the weights were trained with, in the order the file records them
+    differ += [f"{k}={args[k]!r} (the file's: {v!r})" for k, v in model_args.items()
+               if k in args and k != "folded_from" and v is not None and not settings_equal(v, args[k])]
+    fold = fold_contradiction(model_args.get("folded_from"), args["folded_from"])
+    differ += [fold] if fold else []
+    if differ:
+        raise WeightsError(f"the settings recorded in {where} contradict {asked_by}, which asks for "
+                           f"{'; '.join(differ)}. Nothing was built or loaded")
+    return WeightsProvenance(where, dict(model_args))
 
 
 def _weights_location(cfg: Dict[str, Any], cache_dir=None
                       ) -> Tuple[Optional[str], Optional[Dict[str, torch.Tensor]], str]:
-    """(safetensors path, or a state dict, and how to name it) of the weights timm's loader would read."""
-    # timm's own resolution of a pretrained cfg's source: exactly what load_pretrained reads next.
-    load_from, location = resolve_pretrained_source(cfg)
+    """(safetensors path, or a state dict, and how to name it) of the weights timm's loader reads next."""
+    load_from, location = resolve_pretrained_source(cfg)  # timm's own resolution of the cfg's source
     if load_from == "state_dict":
         return None, location, "the pretrained state_dict"
     if load_from == "local-dir":
@@ -391,15 +302,12 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
         return str(location), None, str(location)
     if load_from == "hf-hub":
         repo, filename = location if isinstance(location, (list, tuple)) else (location, WEIGHTS_NAME)
-        # timm's hf_hub_id names a revision after an "@"; its loaders download with hf_hub_download, into the
-        # same cache, as this does (its public loaders also load the weights, where this must read the header)
-        repo_id, _, revision = repo.partition("@")
+        repo_id, _, revision = repo.partition("@")  # timm's hf_hub_id names a revision after an "@"
         if not filename.endswith(".safetensors"):
             raise WeightsError(f"hf-hub:{repo}: sdzoo loads weights from .safetensors files only; got {filename}")
-
         timeout = load_timeout()
         try:
-            with bounded_waits(timeout):  # a stalled or trickling server ends in an error, not a hang
+            with bounded_waits(timeout):  # into timm's cache, as timm's loader downloads it
                 downloaded = hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir)
             return downloaded, None, f"hf-hub:{repo} {filename}"
         except EntryNotFoundError:
@@ -414,11 +322,6 @@ def _weights_location(cfg: Dict[str, Any], cache_dir=None
                        f"{location!r:.200}")
 
 
-# The model's arguments as it will be built from a factory's kwargs and the resolved pretrained cfg: the
-# model file knows its defaults, and gives them to the checks below.
-BuildArgs = Callable[[Mapping[str, Any], Mapping[str, Any]], Dict[str, Any]]
-
-
 def _checked_args(build_args: BuildArgs, kwargs: Mapping[str, Any], cfg: Mapping[str, Any],
                   asked_by: str) -> Dict[str, Any]:
     """``build_args(kwargs, cfg)``, bounded (``check_model_size``) before anything is read or built."""
@@ -431,49 +334,43 @@ def _checked_args(build_args: BuildArgs, kwargs: Mapping[str, Any], cfg: Mapping
     return args
 
 
-def _provenance(where: str, metadata: Mapping[str, str]) -> WeightsProvenance:
-    recorded = recorded_settings(metadata, where)
-    return WeightsProvenance(where, None if recorded is None else dict(recorded["model_args"]))
+def check_before_build(variant: str, kwargs: Dict[str, Any], pretrained: bool,
+                       build_args: BuildArgs) -> Optional[WeightsProvenance]:
+    """The ``pretrained=True`` weights, or the file transformers sets into a model it builds with
+    ``pretrained=False``, checked before anything is built; returns their provenance, or None without weights."""
+    if pretrained:
+        return _check_pretrained(variant, kwargs, build_args)
+    files = transformers_checkpoint_files()
+    return None if files is None else _check_loader_files(files, variant, kwargs, build_args)
 
 
-def check_pretrained(variant: str, kwargs: Dict[str, Any], build_args: BuildArgs) -> WeightsProvenance:
-    """Before timm builds ``variant`` with ``pretrained=True``: bound the arguments, then check them against the
-    weights' header and metadata, and make sure timm's load will be strict. Returns where the weights come
-    from and what their file recorded."""
-    from timm.models import resolve_pretrained_cfg
-
+def _check_pretrained(variant: str, kwargs: Dict[str, Any], build_args: BuildArgs) -> WeightsProvenance:
+    # a clear error, saying how to get weights, for a tag that has none
+    require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
-    asked_by = _describe_source(kwargs, cfg)
+    asked_by = {"local-dir": f"{Path(cfg.get('file', '')) / 'config.json'}",
+                "hf-hub": f"hf-hub:{cfg.get('hf_hub_id')} config.json"}.get(cfg.get("source"), "the model arguments")
     args = _checked_args(build_args, kwargs, cfg, asked_by)
-    if kwargs.get("pretrained_strict", True) is not True:
+    if kwargs.pop("pretrained_strict", True) is not True:
         raise WeightsError("pretrained_strict must be True: sdzoo loads every tensor of a weights file or none")
-    path, state_dict, where = _weights_location(cfg, kwargs.get("cache_dir"))  # timm's load reads the same file
+    path, state_dict, where = _weights_location(cfg, kwargs.get("cache_dir"))
     if path is not None:
         shapes, metadata = read_header(path)
     else:
         shapes, metadata = {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}, {}
-    check_weights_file(shapes, metadata, where, variant, args, asked_by)
+    provenance = check_weights_file(shapes, metadata, where, variant, args, asked_by)
     if not kwargs.get("features_only") and cfg.get("num_classes") != args["num_classes"]:
         # timm's loader drops a classifier whose class count differs from the cfg's and loads the rest non-strict.
         raise WeightsError(f"{asked_by} says num_classes={cfg.get('num_classes')!r} for the pretrained cfg and "
                            f"builds num_classes={args['num_classes']!r}: timm would drop the classifier of {where}. "
                            "Load with the file's classes, then model.reset_classifier(n) for a new head")
-    return _provenance(where, metadata)
+    return provenance
 
 
-# transformers' TimmWrapper saves its timm model's tensors under this prefix, and strips it on load.
-_WRAPPER_PREFIX = "timm_model."
-
-
-def check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, Any],
-                       build_args: BuildArgs) -> WeightsProvenance:
-    """The checks of ``check_pretrained`` for weights that another library loads into the model after building
-    it with ``pretrained=False`` (transformers: ``sdzoo.internals.transformers_private``): the arguments against
-    the file's header and metadata, and no NaN or infinite tensor, before anything is built. That loader is not strict,
-    so every tensor the model has must be in the file with its shape (``check_weights_file``)."""
-    from timm.models import resolve_pretrained_cfg
-
+def _check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, Any],
+                        build_args: BuildArgs) -> WeightsProvenance:
+    # transformers' load is not strict, so every tensor the model has must be in the file with its shape
     folder = Path(paths[0]).parent
     asked_by = f"{folder / 'config.json'} (loaded by transformers)"
     args = _checked_args(build_args, kwargs, resolve_pretrained_cfg(variant).to_dict(), asked_by)
@@ -483,66 +380,45 @@ def check_loader_files(paths: Sequence[str], variant: str, kwargs: Mapping[str, 
     path = str(paths[0])
     shapes, metadata = read_header(path)
     shapes = {k[len(_WRAPPER_PREFIX):] if k.startswith(_WRAPPER_PREFIX) else k: v for k, v in shapes.items()}
-    check_weights_file(shapes, metadata, path, variant, args, asked_by)
+    provenance = check_weights_file(shapes, metadata, path, variant, args, asked_by)
     with safe_open(path, framework="pt") as f:
-        bad = [k for k in f.keys() if not _finite(f.get_tensor(k))]
-    _refuse_nonfinite(bad, path)
-    return _provenance(path, metadata)
-
-
-def check_before_build(variant: str, kwargs: Dict[str, Any], pretrained: bool,
-                       build_args: BuildArgs) -> Optional[WeightsProvenance]:
-    """The one weights check of a model factory, before anything is built: ``pretrained=True`` weights
-    (``check_pretrained``; timm's load is then strict), or the file transformers is about to set into the model
-    (``check_loader_files``). Returns where the weights come from, or None when nothing is loaded."""
-    if pretrained:  # a clear error, saying how to get weights, for a tag that has none
-        require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-        provenance = check_pretrained(variant, kwargs, build_args)
-        kwargs.pop("pretrained_strict", None)
-        return provenance
-    files = transformers_checkpoint_files()
-    if files is not None:
-        # transformers builds with pretrained=False, then sets these files' tensors without load_state_dict.
-        return check_loader_files(files, variant, kwargs, build_args)
-    return None
+        _refuse_nonfinite(((k, f.get_tensor(k)) for k in f.keys()), path)
+    return provenance
 
 
 def install_state_dict_checks(model: nn.Module) -> None:
-    """Every ``state_dict()`` of ``model`` records its survival settings, and every ``load_state_dict`` is
-    checked before a tensor is copied (``check_state_dict``). The model has ``survival_settings``,
-    ``folded_from``, ``scaling`` and ``block_survival_probs()``."""
+    """Every ``state_dict()`` of ``model`` (an SDResNet) records its survival settings, and every
+    ``load_state_dict`` is checked before a tensor is copied."""
     model.register_state_dict_post_hook(_record_settings)
     model.register_load_state_dict_pre_hook(_check_loaded_state)
 
 
 def _record_settings(module: nn.Module, state_dict, prefix: str, local_metadata: Dict[str, Any]) -> None:
-    """state_dict post-hook: the model's survival settings (``folded_from`` too) go into the dict's
-    ``_metadata``, which copies and torch.save keep and no loader takes for a tensor: the dict still loads
-    strictly into timm's ResNets, and says whether it is folded."""
     local_metadata[PROVENANCE_KEY] = module.survival_settings.as_recorded()
 
 
 def _check_loaded_state(module: nn.Module, state_dict, prefix: str, local_metadata: Dict[str, Any], *args) -> None:
-    """load_state_dict pre-hook, before any tensor is copied (so every torch door: a plain load_state_dict,
-    timm's pretrained and checkpoint loads, Lightning's): no NaN or infinite tensor, and, by what the source model
-    recorded (``_record_settings``), no p_l lost or applied twice (``check_state_dict``). The model remembers what
-    the dict said."""
+    """No NaN or inf, and no p_l lost or applied twice by what the source model recorded: folded weights go into
+    a folded model or one that applies no p_l (a plain ResNet at eval); unfolded ones never into a folded model."""
+    _refuse_nonfinite(((k, t) for k, t in state_dict.items() if k.startswith(prefix)), "the state dict")
     recorded = local_metadata.get(PROVENANCE_KEY)
     recorded = recorded if isinstance(recorded, dict) else None
-    scales_by_p_l = module.scaling == "expectation" and any(p < 1.0 for p in module.block_survival_probs())
-    check_state_dict(state_dict, prefix, recorded, module.folded_from, scales_by_p_l)
+    weights_folded = (recorded or {}).get("folded_from") or None
+    applies_p_l = module.folded_from or (
+        module.scaling == "expectation" and any(p < 1.0 for p in module.block_survival_probs()))
+    if recorded is not None and (applies_p_l or not weights_folded):
+        fold = fold_contradiction(weights_folded, module.folded_from, whose="the state dict's")
+        if fold:
+            raise WeightsError(f"the state dict comes from an sdzoo model whose settings contradict this model, "
+                               f"which is {fold}. Nothing was loaded")
     module.weights_provenance = WeightsProvenance(
         "a state dict of an sdzoo model" if recorded else "a state dict without sdzoo's record of its settings",
         recorded)
 
 
-def _finite(tensor: Any) -> bool:
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.device.type == "meta":
-        return True
-    return bool(torch.isfinite(tensor).all())
-
-
-def _refuse_nonfinite(bad: Sequence[str], where: str) -> None:
+def _refuse_nonfinite(tensors: Iterable[Tuple[str, Any]], where: str) -> None:
+    bad = [k for k, t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
+           and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
     if bad:
         raise WeightsError(f"{where} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
                            f"{', ...' if len(bad) > 3 else ''}): these are no usable weights; refused")
@@ -550,44 +426,21 @@ def _refuse_nonfinite(bad: Sequence[str], where: str) -> None:
 
 def check_finite(model: nn.Module, where: str) -> None:
     """Refuse a model with NaN or infinite weights or statistics (what a diverged run leaves)."""
-    _refuse_nonfinite([k for k, t in model.state_dict().items() if not _finite(t)], where)
+    _refuse_nonfinite(model.state_dict().items(), where)
 
 
-def check_state_dict(state_dict: Mapping[str, Any], prefix: str, recorded: Optional[Mapping[str, Any]],
-                     folded_from: Optional[Mapping[str, Any]], scales_by_p_l: bool) -> None:
-    """A state dict about to be loaded into a model (its ``folded_from``; whether its eval network multiplies
-    branches by p_l): no NaN or infinite tensor under ``prefix``, and, when the source model recorded its
-    settings (``recorded``, from the dict's ``_metadata``), no p_l lost or applied twice: folded weights go
-    into a folded model or one that applies no p_l (gates off, inverted scaling: a plain ResNet at eval), and
-    unfolded weights never into a folded model. Raises WeightsError before any tensor is copied."""
-    _refuse_nonfinite([k for k, t in state_dict.items() if k.startswith(prefix) and not _finite(t)], "the state dict")
-    if recorded is None:
-        return
-    weights_folded = recorded.get("folded_from") or None
-    if weights_folded and not folded_from and not scales_by_p_l:
-        return  # a plain ResNet at eval takes folded weights as they are, as timm's ResNet does
-    fold = fold_contradiction(weights_folded, folded_from, whose="the state dict's")
-    if fold:
-        raise WeightsError(f"the state dict comes from an sdzoo model whose settings contradict this model, "
-                           f"which is {fold}. Nothing was loaded")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """An allocation failure, as torch raises it on the CPU (a RuntimeError) or on a GPU."""
+def out_of_memory_message(error: BaseException, what: str) -> Optional[str]:
+    """A one-line message for an allocation failure (as torch raises it on the CPU or a GPU) while building or
+    loading ``what``; None for other errors."""
     text = str(error)
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+            isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)):
+        return (f"not enough memory to build and load {what} ({error_line(error)}); the weights fit the "
+                "architecture, the machine has too little free memory for it")
+    return None
 
 
 def load_failure_reason(error: BaseException, model: str) -> str:
     """Why building ``model`` and loading its weights failed, in one line (the caller names the weights):
     too little memory, or torch's strict load, whose error lists the tensors that do not fit."""
     return out_of_memory_message(error, model) or f"its tensors do not fit {model}: {error_line(error, 400, lines=4)}"
-
-
-def out_of_memory_message(error: BaseException, what: str) -> Optional[str]:
-    """A one-line message for an allocation failure while building or loading ``what`` (None for other errors)."""
-    if is_out_of_memory(error):
-        return (f"not enough memory to build and load {what} ({error_line(error)}); the weights fit the "
-                "architecture, the machine has too little free memory for it")
-    return None
