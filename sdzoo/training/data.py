@@ -191,10 +191,9 @@ class InMemoryData(_Data):
                      device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
         data = getattr(self, split)
         part = _shard(len(data), rank, world)
-        for start in range(part.start, part.stop, batch_size):
-            stop = min(start + batch_size, part.stop)
-            x = data.images[start:stop].to(device, non_blocking=True)
-            yield normalize(x, self.mean, self.std), data.labels[start:stop].to(device, non_blocking=True)
+        for x, y in zip(data.images[part.start:part.stop].split(batch_size),
+                        data.labels[part.start:part.stop].split(batch_size)):
+            yield normalize(x.to(device, non_blocking=True), self.mean, self.std), y.to(device, non_blocking=True)
 
 
 def _hold_out(full: Split, val_size: int, split_seed: int, label: str) -> Tuple[Split, Optional[Split]]:
