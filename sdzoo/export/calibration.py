@@ -3,7 +3,7 @@ that measure the quantized model's agreement. Their data sets (``CALIBRATION_IMA
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,21 +47,16 @@ def fashion_mnist_images(input_size: Sequence[int], mean: Sequence[float], std: 
 def _model_inputs(parts: Sequence[Tuple[Tensor, Tensor]], size: Tuple[int, int, int], mean: Sequence[float],
                   std: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
     """(images, labels) of grey data sets as a model's inputs: resized bilinearly to ``size``'s sides where they
-    differ, the grey channel repeated ``size[0]`` times, normalised."""
+    differ, the grey channel repeated ``size[0]`` times, normalised (one mean or std broadcast to every channel)."""
     channels, height, width = size
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(f"{name} must have 1 or {channels} values; got {len(values)}")
     images = to_unit_float(torch.cat([images[:, :1] for images, _ in parts]))
     if (height, width) != tuple(images.shape[-2:]):
         images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
-    images = normalize(images.expand(-1, channels, -1, -1), _per_channel("mean", mean, channels),
-                       _per_channel("std", std, channels))
+    images = normalize(images.expand(-1, channels, -1, -1), mean, std)
     return images.numpy(), torch.cat([labels for _, labels in parts]).numpy()
-
-
-def _per_channel(name: str, values: Sequence[float], channels: int) -> List[float]:
-    values = [float(v) for v in values]
-    if len(values) not in (1, channels):
-        raise ValueError(f"{name} must have 1 or {channels} values; got {len(values)}")
-    return values * (channels // len(values))
 
 
 # The data sets whose images may calibrate the int8 export, and the function that gives them.

@@ -100,8 +100,10 @@ class EpochPlan:
 
 
 def _shard(num: int, rank: int, world: int) -> range:
-    """The contiguous part of ``range(num)`` that one rank evaluates (sizes differ by at most one)."""
-    return range(num * rank // world, num * (rank + 1) // world)
+    """The contiguous part of ``range(num)`` that one rank evaluates: the first ``num % world`` ranks one more."""
+    per, extra = divmod(num, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
 
 
 # -- in-memory data (CIFAR, SVHN, digits, Fashion-MNIST, synthetic) -----------------------------------------
