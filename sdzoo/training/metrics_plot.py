@@ -27,11 +27,12 @@ def read_metrics(path) -> List[Dict]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from None
-            if not isinstance(records[-1], dict):
+            if not isinstance(record, dict):
                 raise ValueError(f"{path}, line {number}: a record must be a JSON object")
+            records.append(record)
     return records
 
 
