@@ -1,5 +1,6 @@
-"""The data sets of sdzoo, one entry each: all the package knows about a data set. Adding one is an entry here and
-its loader in ``sdzoo.training.data.LOADERS``. Free of imports, so that the models do not import the data pipeline.
+"""The data sets of sdzoo, one entry each: all the package knows about a data set. Adding one is an entry here, its
+loader in ``sdzoo.training.data.LOADERS`` and, if its images may calibrate the int8 export, a function in
+``sdzoo.export.calibration.CALIBRATION_IMAGES``. Free of imports, so that the models do not import the data pipeline.
 """
 from __future__ import annotations
 
