@@ -1,17 +1,13 @@
 """The data sets of the training script, their fixed splits, and augmentation done on the training device.
 
-CIFAR-sized data sets are held in memory as one tensor (on the GPU when training there): a batch is an
-index and the augmentation one batched tensor op on the device, with no loader processes and no host round
-trip. ImageFolder directories go through timm's folder reader and eval transform, with fb.resnet.torch's
-training augmentation, in DataLoader workers.
-
-Everything random about an epoch's data (order, and each image's augmentation) is drawn up front from two
-seeded generators (``EpochPlan``), so a run resumed mid-epoch redraws the same plan and skips the batches
-done, and each distributed rank reads its slice of the same global batch: the data seen does not depend on
-the number of processes.
+Small data sets are held in memory as tensors (on the GPU when training there), so a batch is an index and its
+augmentation one batched op; ImageFolder directories are decoded and augmented in DataLoader workers. Everything
+random about an epoch is drawn up front (``EpochPlan``): a resumed epoch redraws it and skips the batches done,
+and the data seen does not depend on the number of processes.
 """
 from __future__ import annotations
 
+import gzip
 import math
 import os
 from dataclasses import dataclass
@@ -30,9 +26,7 @@ __all__ = [
     "ColorJitter", "Lighting", "imagenet_train_transform",
 ]
 
-# The registry's data sets (sdzoo.datasets) held in memory as tensors.
-TENSOR_DATASETS = dataset_names(on_device=True)
-
+TENSOR_DATASETS = dataset_names(on_device=True)  # the registry's data sets held in memory as tensors
 DIGITS_SPLIT_SIZES = DATASETS["digits"].split_sizes
 _IMAGENET = DATASETS["imagenet"]
 DEFAULT_DATA_DIR = "~/data"  # --data-dir when none is given
@@ -42,22 +36,13 @@ class DataError(Exception):
     """A data set that cannot be found, downloaded or used: a user error, reported without a traceback."""
 
 
-# -- digits --------------------------------------------------------------------------------------------------
 def load_digits_split(split: str, image_size: Union[int, Tuple[int, int]] = 32) -> Tuple[Tensor, Tensor]:
-    """One fixed split of scikit-learn's digits: ``(images, labels)``.
-
-    images: float32 ``(N, 3, H, W)`` in [0, 1] (the 0..16 grey levels divided by 16, bilinearly upsampled
-    from 8x8 to ``image_size``, an int or ``(H, W)``, the grey channel repeated three times), not
-    normalised: normalise with the digits' ``mean`` / ``std`` (``sdzoo.datasets``). labels: int64 ``(N,)``,
-    the digit 0..9. The splits are stratified and fixed: train 1,257, val 180, test 360 images.
-    """
+    """One fixed, stratified split of scikit-learn's digits: float32 images ``(N, 3, H, W)`` in [0, 1] (grey
+    levels / 16, bilinearly upsampled from 8x8, not normalised) and int64 labels ``(N,)``."""
     check_choice("split", split, DIGITS_SPLIT_SIZES)
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if not (isinstance(size, (tuple, list)) and len(size) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 8 for s in size)):
-        raise ValueError(f"image_size must be an integer >= 8 or a (height, width) pair of them; "
-                         f"got {image_size!r}")
-    size = tuple(size)
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 8 for s in size):
+        raise ValueError(f"image_size must be an integer >= 8 or a (height, width) pair of them; got {image_size!r}")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -72,8 +57,7 @@ def load_digits_split(split: str, image_size: Union[int, Tuple[int, int]] = 32) 
     if size != (8, 8):
         images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     images = images.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.as_tensor(digits.target[chosen], dtype=torch.int64)
-    return images, labels
+    return images, torch.as_tensor(digits.target[chosen], dtype=torch.int64)
 
 
 # -- tensor ops on the training device -----------------------------------------------------------------------
@@ -85,27 +69,22 @@ def to_unit_float(x: Tensor) -> Tensor:
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 [0, 255] or float [0, 1] images to float32 normalised per channel."""
     x = to_unit_float(x)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    return (x - x.new_tensor(mean).view(1, -1, 1, 1)) / x.new_tensor(std).view(1, -1, 1, 1)
 
 
 def random_shift_flip(x: Tensor, shifts: Tensor, flips: Optional[Tensor], pad: int) -> Tensor:
-    """Shift each image by ``shifts[i] = (dy, dx)`` pixels (|d| <= pad) with zero fill, then mirror the images
-    where ``flips[i]``: the paper's pad-and-crop + flip as two gathers over the whole batch, on any device.
-    """
+    """Shift each image by ``shifts[i] = (dy, dx)`` pixels (|d| <= pad) with zero fill, then mirror it where
+    ``flips[i]``: the paper's pad-and-crop + flip as two gathers over the whole batch."""
     n, c, h, w = x.shape
-    if pad:
-        x = F.pad(x, (pad, pad, pad, pad))
+    x = F.pad(x, (pad, pad, pad, pad))
     rows = torch.arange(h, device=x.device) + pad + shifts[:, :1].to(x.device)   # (n, h) in the padded image
     cols = torch.arange(w, device=x.device) + pad + shifts[:, 1:].to(x.device)   # (n, w)
     if flips is not None:
-        cols = torch.where(flips.to(x.device)[:, None], cols.flip(1), cols)      # a flip reverses the columns
+        cols = torch.where(flips.to(x.device)[:, None], cols.flip(1), cols)
     x = x.gather(2, rows[:, None, :, None].expand(n, c, h, x.shape[3]))
     return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
-# -- the epoch plan ------------------------------------------------------------------------------------------
 @dataclass
 class EpochPlan:
     """Everything random about one epoch's data: the order, and each position's augmentation."""
@@ -121,14 +100,13 @@ class EpochPlan:
 
 
 def _shard(num: int, rank: int, world: int) -> range:
-    """Contiguous part of ``range(num)`` evaluated by one rank (sizes differ by at most one)."""
-    per = num // world
-    extra = num % world
+    """The contiguous part of ``range(num)`` that one rank evaluates: the first ``num % world`` ranks one more."""
+    per, extra = divmod(num, world)
     start = rank * per + min(rank, extra)
-    return range(start, start + per + (1 if rank < extra else 0))
+    return range(start, start + per + (rank < extra))
 
 
-# -- in-memory data (CIFAR, SVHN, digits, synthetic) ---------------------------------------------------------
+# -- in-memory data (CIFAR, SVHN, digits, Fashion-MNIST, synthetic) -----------------------------------------
 @dataclass
 class Split:
     images: Tensor   # uint8 (N, C, H, W) in [0, 255] or float in [0, 1]
@@ -140,12 +118,23 @@ class Split:
     def to(self, device: torch.device) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
 
+    def subset(self, index: Tensor) -> "Split":
+        return Split(self.images[index], self.labels[index])
+
+    @staticmethod
+    def cat(parts: Sequence["Split"]) -> "Split":
+        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+
 
 class _Data:
-    """What both kinds of data set share: the size of an epoch, and the timm data config (preprocessing) that
-    the models trained on them are saved with."""
+    """What both kinds of data set share: the size of an epoch and the timm data config the models are saved with."""
     crop_pct = 1.0  # of the evaluation images: 1.0 is the whole image
     in_chans = 3
+    test_is_val = False
+
+    def __init__(self, spec: DatasetSpec, classes: Optional[Sequence[str]]):
+        self.name, self.mean, self.std = spec.name, tuple(spec.mean), tuple(spec.std)
+        self.classes = None if classes is None else list(classes)
 
     def __len__(self) -> int:
         return len(self.train)
@@ -159,17 +148,14 @@ class _Data:
 class InMemoryData(_Data):
     """A data set held as tensors; batches are gathered, normalised and augmented on the device."""
 
-    def __init__(self, name: str, train: Split, val: Optional[Split], test: Split, num_classes: int,
-                 mean: Sequence[float], std: Sequence[float], shift: int = 0, hflip: bool = False,
-                 test_is_val: bool = False, classes: Optional[Sequence[str]] = None):
-        self.name, self.train, self.val, self.test = name, train, val, test
-        self.num_classes = num_classes
-        self.classes = list(classes) if classes is not None else None
-        self.mean, self.std = tuple(mean), tuple(std)
+    def __init__(self, spec: DatasetSpec, train: Split, val: Optional[Split], test: Split,
+                 classes: Optional[Sequence[str]] = None, *, shift: int = 0, hflip: bool = False,
+                 num_classes: Optional[int] = None):
+        super().__init__(spec, classes)
+        self.train, self.val, self.test = train, val, test
+        self.num_classes = num_classes or spec.num_classes
         self.shift, self.hflip = int(shift), bool(hflip)
-        self.test_is_val = test_is_val
-        self.image_size = int(train.images.shape[-1])
-        self.in_chans = int(train.images.shape[1])
+        self.image_size, self.in_chans = int(train.images.shape[-1]), int(train.images.shape[1])
 
     def to(self, device: torch.device) -> "InMemoryData":
         """Keep the whole data set on the training device (a batch is then an index)."""
@@ -191,46 +177,41 @@ class InMemoryData(_Data):
         images, labels = self.train.images, self.train.labels
         # The plan goes to the device once per epoch, so a step makes no host-to-device copy of it.
         order = plan.order.to(images.device)
-        shifts = None if plan.shifts is None else plan.shifts.to(device)
         flips = None if plan.flips is None else plan.flips.to(device)
+        shifts = None if plan.shifts is None else plan.shifts.to(device)
         if flips is not None and shifts is None:
             shifts = torch.zeros(len(order), 2, dtype=torch.long, device=device)
         for step in range(start_step, num_steps):
             pos = plan.rank_positions(step, rank, world, local_batch)
             index = order[pos]
-            x = images.index_select(0, index).to(device, non_blocking=True)
-            y = labels.index_select(0, index).to(device, non_blocking=True)
-            x = normalize(x, self.mean, self.std)
-            if shifts is not None:
-                # Normalised first, so the zero fill is the mean colour.
+            x = normalize(images.index_select(0, index).to(device, non_blocking=True), self.mean, self.std)
+            if shifts is not None:  # after normalising, so that the zero fill is the mean colour
                 x = random_shift_flip(x, shifts[pos], None if flips is None else flips[pos], self.shift)
-            yield x, y
+            yield x, labels.index_select(0, index).to(device, non_blocking=True)
 
     def eval_batches(self, split: str, rank: int, world: int, batch_size: int,
                      device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
         data = getattr(self, split)
         part = _shard(len(data), rank, world)
-        for start in range(part.start, part.stop, batch_size):
-            stop = min(start + batch_size, part.stop)
-            x = data.images[start:stop].to(device, non_blocking=True)
-            y = data.labels[start:stop].to(device, non_blocking=True)
-            yield normalize(x, self.mean, self.std), y
+        for x, y in zip(data.images[part.start:part.stop].split(batch_size),
+                        data.labels[part.start:part.stop].split(batch_size)):
+            yield normalize(x.to(device, non_blocking=True), self.mean, self.std), y.to(device, non_blocking=True)
 
 
 def _hold_out(full: Split, val_size: int, split_seed: int, label: str) -> Tuple[Split, Optional[Split]]:
-    """(train, validation) of a training set: ``val_size`` images held out at random (a fixed draw of
-    ``split_seed``); validation None for 0."""
+    """(train, validation): ``val_size`` images held out by a fixed draw of ``split_seed``; validation None for 0."""
     if not 0 <= val_size < len(full):
         raise DataError(f"--val-size must be in [0, {len(full)}) for {label}; got {val_size}")
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(split_seed))
-    train_idx, val_idx = order[val_size:].sort().values, order[:val_size].sort().values
-    val = Split(full.images[val_idx], full.labels[val_idx]) if val_size else None
-    return Split(full.images[train_idx], full.labels[train_idx]), val
+    val = full.subset(order[:val_size].sort().values) if val_size else None
+    return full.subset(order[val_size:].sort().values), val
 
 
-def _torchvision_split(cls, label: str, where: str, root: str, download: bool, **kwargs):
-    """One split of a torchvision data set (whose files live in ``where``), with errors that name the path
-    and the flag."""
+def _torchvision_split(spec: DatasetSpec, label: str, where: str, root: str, download: bool, **kwargs):
+    """One split of a torchvision data set (whose files live in ``where``), with errors that name the path and flag."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, spec.torchvision_class)
     try:
         return cls(root, download=False, **kwargs)
     except RuntimeError:
@@ -249,65 +230,44 @@ def _torchvision_split(cls, label: str, where: str, root: str, download: bool, *
 
 def _load_cifar(spec: DatasetSpec, root: str, *, download: bool, val_size: int, split_seed: int, shift: int,
                 hflip: bool, **_) -> InMemoryData:
-    import torchvision
-
-    cls, label = getattr(torchvision.datasets, spec.torchvision_class), spec.display_name
     where = os.path.join(root, spec.files)
-
-    def as_split(ds) -> Split:
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC uint8 -> NCHW
-        return Split(images, torch.as_tensor(ds.targets, dtype=torch.int64))
-
-    full_ds = _torchvision_split(cls, label, where, root, download, train=True)
-    full = as_split(full_ds)
-    test = as_split(_torchvision_split(cls, label, where, root, download, train=False))
-    train, val = _hold_out(full, val_size, split_seed, label)
-    return InMemoryData(spec.name, train, val, test, spec.num_classes, spec.mean, spec.std,
-                        classes=full_ds.classes, shift=shift, hflip=hflip)
+    sets = [_torchvision_split(spec, spec.display_name, where, root, download, train=train) for train in (True, False)]
+    full, test = (Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),  # NHWC -> NCHW
+                        torch.as_tensor(ds.targets, dtype=torch.int64)) for ds in sets)
+    train, val = _hold_out(full, val_size, split_seed, spec.display_name)
+    return InMemoryData(spec, train, val, test, sets[0].classes, shift=shift, hflip=hflip)
 
 
 def _load_svhn(spec: DatasetSpec, root: str, *, download: bool, val_size: int, split_seed: int, shift: int,
                hflip: bool, **_) -> InMemoryData:
-    import torchvision
-
-    def as_split(ds) -> Split:
+    def get(split: str) -> Split:
+        ds = _torchvision_split(spec, f"{spec.display_name} ({split}_32x32.mat)", root, root, download, split=split)
         return Split(torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64))
 
-    def get(split: str) -> Split:
-        return as_split(_torchvision_split(
-            getattr(torchvision.datasets, spec.torchvision_class), f"{spec.display_name} ({split}_32x32.mat)", root,
-            root, download, split=split))
-
     train, extra, test = get("train"), get("extra"), get("test")
-    # The paper's validation set: 400 images per class from train and 200 per class from extra (6,000 in
-    # all), so the size must split 2:1 over train and extra, evenly over the 10 classes.
+    # The paper's validation set: 400 images per class from train and 200 from extra, so a size that splits 2:1
+    # over train and extra, evenly over the 10 classes.
     if val_size % 30:
         raise DataError(f"--val-size {val_size}: SVHN holds out 2/3 from train and 1/3 from extra, evenly over "
                         "10 classes, so it must be a multiple of 30 (the paper's is 6000)")
-    from_train, from_extra = val_size * 2 // 30, val_size // 30
     generator = torch.Generator().manual_seed(split_seed)
     keep, held = [], []
-    for part, per_class in ((train, from_train), (extra, from_extra)):
+    for part, per_class in ((train, val_size * 2 // 30), (extra, val_size // 30)):
         val_mask = torch.zeros(len(part), dtype=torch.bool)
         for c in range(spec.num_classes):
             members = (part.labels == c).nonzero().flatten()
             if per_class > len(members):
                 raise DataError(f"--val-size {val_size} asks for more SVHN class-{c} images than there are")
             val_mask[members[torch.randperm(len(members), generator=generator)[:per_class]]] = True
-        keep.append(Split(part.images[~val_mask], part.labels[~val_mask]))
-        held.append(Split(part.images[val_mask], part.labels[val_mask]))
-    def cat(parts: List[Split]) -> Split:
-        return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
-
-    val = cat(held) if val_size else None
-    return InMemoryData(spec.name, cat(keep), val, test, spec.num_classes, spec.mean, spec.std,
-                        classes=[str(c) for c in range(spec.num_classes)], shift=shift, hflip=hflip)
+        keep.append(part.subset(~val_mask))
+        held.append(part.subset(val_mask))
+    return InMemoryData(spec, Split.cat(keep), Split.cat(held) if val_size else None, test,
+                        [str(c) for c in range(spec.num_classes)], shift=shift, hflip=hflip)
 
 
 def _load_digits(spec: DatasetSpec, root: str, *, image_size: int, shift: int, hflip: bool, **_) -> InMemoryData:
-    splits = {s: Split(*load_digits_split(s, image_size)) for s in spec.split_sizes}
-    return InMemoryData(spec.name, splits["train"], splits["val"], splits["test"], spec.num_classes, spec.mean,
-                        spec.std, classes=[str(c) for c in range(spec.num_classes)], shift=shift, hflip=hflip)
+    splits = [Split(*load_digits_split(s, image_size)) for s in ("train", "val", "test")]
+    return InMemoryData(spec, *splits, [str(c) for c in range(spec.num_classes)], shift=shift, hflip=hflip)
 
 
 def _load_synthetic(spec: DatasetSpec, root: str, *, image_size: int, num_classes: int, shift: int, hflip: bool,
@@ -318,15 +278,13 @@ def _load_synthetic(spec: DatasetSpec, root: str, *, image_size: int, num_classe
         images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
         return Split(images, torch.randint(0, num_classes, (n,), generator=generator))
 
-    splits = {s: make(n) for s, n in spec.split_sizes.items()}
-    return InMemoryData(spec.name, splits["train"], splits["val"], splits["test"], num_classes, spec.mean, spec.std,
-                        shift=shift, hflip=hflip)
+    splits = [make(spec.split_sizes[s]) for s in ("train", "val", "test")]
+    return InMemoryData(spec, *splits, shift=shift, hflip=hflip, num_classes=num_classes)
 
 
 # -- Fashion-MNIST: idx files -----------------------------------------------------------------------------------
 # The idx format (LeCun's MNIST page): a big-endian int32 magic 0x0000TTNN (TT the element type, 0x08 unsigned
-# bytes; NN the number of dimensions), NN big-endian int32 sizes, then the elements. Images are (N, 28, 28),
-# labels (N,).
+# bytes; NN the number of dimensions), NN big-endian int32 sizes, then the elements.
 IDX_UBYTE = 0x08
 FASHION_MNIST_FILES = {  # split -> (images, labels) file names, without .gz
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -335,11 +293,8 @@ FASHION_MNIST_FILES = {  # split -> (images, labels) file names, without .gz
 
 
 def read_idx(path: str, ndim: int) -> Tensor:
-    """The uint8 array of an idx file of ``ndim`` dimensions, gzipped (``.gz``) or not. A file that is not such
-    an idx file (a wrong magic number), or whose size does not match its header (truncated, or with bytes
-    left over), is a ``DataError`` naming it."""
-    import gzip
-
+    """The uint8 array of an idx file of ``ndim`` dimensions, gzipped (``.gz``) or not; a file that is not one,
+    or whose size does not match its header, is a ``DataError`` naming it."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
@@ -362,22 +317,25 @@ def read_idx(path: str, ndim: int) -> Tensor:
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(shape)
 
 
+def _idx_path(folder: str, name: str) -> Optional[str]:
+    """The file ``name`` in ``folder``, uncompressed or gzipped (None if neither is there)."""
+    paths = (os.path.join(folder, name), os.path.join(folder, name + ".gz"))
+    return next((path for path in paths if os.path.isfile(path)), None)
+
+
 def fashion_mnist_folder(spec: DatasetSpec, data_dir: Optional[str]) -> str:
-    """The folder that holds the four idx files: ``data_dir`` or torchvision's layout under it; without a
-    ``data_dir``, the default data folder (and its torchvision layout) or the system package's folder. A
-    ``DataError`` says where it looked and how to get the files."""
+    """The folder of the four idx files: ``data_dir`` or torchvision's layout under it; without a ``data_dir``,
+    the default data folder (the same two places) or the system package's folder."""
     root = os.path.expanduser(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
-    places = [root, os.path.join(root, spec.files)]
-    if data_dir is None and spec.system_dir:
-        places.append(spec.system_dir)
+    places = [root, os.path.join(root, spec.files), *([spec.system_dir] if data_dir is None else [])]
     names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
     for place in places:
-        found = [name for name in names if _idx_path(place, name)]
-        if len(found) == len(names):
+        missing = [name for name in names if not _idx_path(place, name)]
+        if not missing:
             return place
-        if found:  # a folder with some of the files: say which are missing there
-            missing = ", ".join(f"{name}[.gz]" for name in names if name not in found)
-            raise DataError(f"{spec.display_name}: {place} holds some of its idx files but not {missing}")
+        if len(missing) < len(names):
+            raise DataError(f"{spec.display_name}: {place} holds some of its idx files but not "
+                            f"{', '.join(name + '[.gz]' for name in missing)}")
     flag = "--data-dir" if data_dir is not None else "no --data-dir given"
     raise DataError(
         f"{spec.display_name} not found ({flag}; looked for {', '.join(n + '[.gz]' for n in names)} in "
@@ -386,18 +344,9 @@ def fashion_mnist_folder(spec: DatasetSpec, data_dir: Optional[str]) -> str:
         f"torchvision.datasets.{spec.torchvision_class}(ROOT, download=True) and pass --data-dir ROOT")
 
 
-def _idx_path(folder: str, name: str) -> Optional[str]:
-    """The file ``name`` in ``folder``, uncompressed or gzipped (None if neither is there)."""
-    for path in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
-        if os.path.isfile(path):
-            return path
-    return None
-
-
 def read_fashion_mnist(folder: str, split: str, image_size: int = 28) -> Split:
     """One split ('train' or 'test') of the idx files in ``folder``: uint8 images ``(N, 1, 28, 28)`` and int64
-    labels. Images and labels must agree in number, the images be 28x28 and the labels 0..9; else a
-    ``DataError`` names the file."""
+    labels, checked to agree in number, size and classes."""
     check_choice("split", split, FASHION_MNIST_FILES)
     image_path, label_path = (_idx_path(folder, name) for name in FASHION_MNIST_FILES[split])
     for path, name in zip((image_path, label_path), FASHION_MNIST_FILES[split]):
@@ -421,37 +370,29 @@ def _load_fashion_mnist(spec: DatasetSpec, data_dir: Optional[str], *, val_size:
     folder = fashion_mnist_folder(spec, data_dir)
     full, test = (read_fashion_mnist(folder, split, spec.image_size) for split in ("train", "test"))
     train, val = _hold_out(full, val_size, split_seed, spec.display_name)
-    return InMemoryData(spec.name, train, val, test, spec.num_classes, spec.mean, spec.std,
-                        classes=list(FashionMNIST.classes), shift=shift, hflip=hflip)
+    return InMemoryData(spec, train, val, test, FashionMNIST.classes, shift=shift, hflip=hflip)
 
 
 # -- ImageFolder-style directories ---------------------------------------------------------------------------
-# fb.resnet.torch's colour augmentation, on float RGB images in [0, 1] of shape (3, H, W). Hand-written because
-# the libraries differ: torchvision's ColorJitter also applies its steps in random order with the same factor
-# ranges, but clamps to [0, 1] after each step (and rounds to uint8 on PIL images), where fb.resnet.torch
-# blends without clamping; neither torchvision nor timm has the PCA lighting noise.
-_GREY_WEIGHTS = (0.299, 0.587, 0.114)
-
-
+# fb.resnet.torch's colour augmentation on float RGB images in [0, 1], hand-written: torchvision's ColorJitter
+# clamps after each step where fb.resnet.torch does not, and neither torchvision nor timm has the PCA lighting.
 def _grey(image: Tensor) -> Tensor:
-    w = _GREY_WEIGHTS
-    return (w[0] * image[0] + w[1] * image[1] + w[2] * image[2]).expand_as(image)
+    return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]).expand_as(image)
 
 
 class ColorJitter(torch.nn.Module):
     """fb.resnet.torch's ``ColorJitter``: brightness, contrast and saturation in a random order, each a blend
-    ``alpha * image + (1 - alpha) * other`` with ``alpha ~ U(1 - v, 1 + v)``, where ``other`` is black, the mean
-    grey level, or the grey image. No clamping. Uses torch's global generator (seeded per image by the loader)."""
+    ``alpha * image + (1 - alpha) * other``, ``alpha ~ U(1 - v, 1 + v)``, with black, the mean grey level or the
+    grey image; unclamped. Draws from torch's global generator (seeded per image by the loader)."""
 
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4):
         super().__init__()
         self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
 
     def forward(self, image: Tensor) -> Tensor:
-        steps = [(v, other) for v, other in (
-            (self.brightness, lambda img: torch.zeros_like(img)),
-            (self.contrast, lambda img: _grey(img).mean().expand_as(img)),
-            (self.saturation, _grey)) if v]
+        steps = [(v, other) for v, other in ((self.brightness, torch.zeros_like),
+                                             (self.contrast, lambda img: _grey(img).mean().expand_as(img)),
+                                             (self.saturation, _grey)) if v]
         for i in torch.randperm(len(steps)).tolist():
             var, other = steps[i]
             alpha = 1.0 + float(torch.empty(()).uniform_(-var, var))
@@ -463,8 +404,8 @@ class ColorJitter(torch.nn.Module):
 
 
 class Lighting(torch.nn.Module):
-    """AlexNet-style PCA lighting noise as fb.resnet.torch's ``Lighting``: adds ``eigvec @ (alpha * eigval)``
-    to the RGB channels, ``alpha ~ N(0, alphastd)`` per image. No clamping."""
+    """AlexNet's PCA lighting noise as fb.resnet.torch's ``Lighting``: adds ``eigvec @ (alpha * eigval)`` to the
+    RGB channels, ``alpha ~ N(0, alphastd)`` per image; unclamped."""
 
     def __init__(self, alphastd: float = 0.1, eigval: Sequence[float] = _IMAGENET.pca_eigval,
                  eigvec: Sequence[Sequence[float]] = _IMAGENET.pca_eigvec):
@@ -477,8 +418,7 @@ class Lighting(torch.nn.Module):
         if self.alphastd == 0:
             return image
         alpha = torch.empty(3).normal_(0.0, self.alphastd)
-        rgb = self.eigvec @ (alpha * self.eigval)
-        return image + rgb.view(3, 1, 1)
+        return image + (self.eigvec @ (alpha * self.eigval)).view(3, 1, 1)
 
     def extra_repr(self) -> str:
         return f"alphastd={self.alphastd}"
@@ -486,11 +426,9 @@ class Lighting(torch.nn.Module):
 
 def imagenet_train_transform(image_size: int, hflip: bool = True, color_jitter: float = 0.4,
                              lighting: float = 0.1):
-    """fb.resnet.torch's ImageNet training transform on a PIL image: RandomSizedCrop (8-100% of the area,
-    aspect 3/4-4/3, bicubic), flip, ColorJitter(``color_jitter`` for brightness, contrast and saturation),
-    Lighting(``lighting``). With jitter or lighting the result is a float32 tensor in about [0, 1] (not
-    clamped, as in fb.resnet.torch); without, a uint8 tensor. fb.resnet.torch flips after normalising; every
-    step here acts per pixel or on the whole image, so flipping first gives the same images."""
+    """fb.resnet.torch's ImageNet training transform of a PIL image: RandomSizedCrop (8-100% of the area, aspect
+    3/4-4/3, bicubic), flip, ColorJitter, Lighting; a float32 tensor with jitter or lighting, else uint8. Flipping
+    before the per-pixel colour steps gives the images of fb.resnet.torch's flip after them."""
     from torchvision import transforms as T
 
     steps = [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -508,8 +446,8 @@ def imagenet_train_transform(image_size: int, hflip: bool = True, color_jitter: 
 
 
 class _SeededTransform(torch.utils.data.Dataset):
-    """A data set of PIL images whose items are asked for as ``(index, seed)``: each image's augmentation is a
-    function of its seed, so it does not depend on the loader's worker count or on where a resumed epoch starts."""
+    """PIL images asked for as ``(index, seed)``: an image's augmentation is a function of its seed alone, not of
+    the loader's worker count or where a resumed epoch starts."""
 
     def __init__(self, images, transform):
         self.images, self.transform = images, transform
@@ -522,8 +460,7 @@ class _SeededTransform(torch.utils.data.Dataset):
         image, label = self.images[index]
         with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone (workers=0)
             torch.manual_seed(int(seed))
-            image = self.transform(image)
-        return image, label
+            return self.transform(image), label
 
 
 def _class_names(images) -> List[str]:
@@ -545,32 +482,27 @@ def _check_classes(root: str, split: str, classes: List[str], train_classes: Lis
 
 class FolderData(_Data):
     """An ImageFolder-style directory read with timm's folder reader, decoded and augmented by DataLoader
-    workers (uint8 batches, float32 training batches with colour jitter or lighting)."""
+    workers (uint8 batches; float32 training batches with colour jitter or lighting)."""
     crop_pct = 0.875  # evaluation: shorter side resized to size / 0.875 (256 for 224), then the centre crop
 
-    def __init__(self, name: str, root: str, image_size: int, hflip: bool, workers: int,
-                 color_jitter: float = 0.0, lighting: float = 0.0, mean: Sequence[float] = _IMAGENET.mean,
-                 std: Sequence[float] = _IMAGENET.std):
+    def __init__(self, spec: DatasetSpec, root: str, *, image_size: int, hflip: bool, workers: int,
+                 color_jitter: float = 0.0, lighting: float = 0.0, **_):
         from timm.data import create_dataset, create_transform
 
-        for split in ("train", "val"):
-            path = os.path.join(root, split)
+        for path in (os.path.join(root, "train"), os.path.join(root, "val")):
             if not os.path.isdir(path):
                 raise DataError(
                     f"--data-dir {root}: expected an ImageFolder-style directory with train/ and val/ "
                     f"sub-folders (one folder of images per class, optionally test/ too); {path} not found")
-        self.name, self.root = name, root
-        self.image_size, self.workers = int(image_size), int(workers)
-        self.mean, self.std = tuple(mean), tuple(std)
+        super().__init__(spec, None)
+        self.root, self.image_size, self.workers = root, int(image_size), int(workers)
         self.train_transform = imagenet_train_transform(image_size, hflip, color_jitter, lighting)
-        # timm's eval transform of the cfg the models are saved with (resize to size / crop_pct, centre crop);
-        # use_prefetcher: uint8 tensors, normalised on the training device as the training batches are.
+        # timm's eval transform of the saved cfg; use_prefetcher: uint8 tensors, normalised on the device.
         self.eval_transform = create_transform(**self.data_config(), is_training=False, use_prefetcher=True)
         splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
         try:
-            # Each split folder by its path: timm's split search falls back to the whole root when one is missing.
-            # Each is read with its own class index, checked against train/'s below; given train/'s class_map, the
-            # reader would silently leave out the images of classes that train/ lacks.
+            # Each split by its own path and class index: timm's split search falls back to the whole root, and
+            # given train/'s class_map its reader would silently drop the images of classes train/ lacks.
             folders = {s: create_dataset("", root=os.path.join(root, s), search_split=False,
                                          transform=None if s == "train" else self.eval_transform) for s in splits}
         except RuntimeError as e:  # a split without images
@@ -593,9 +525,8 @@ class FolderData(_Data):
                          seeds=torch.randint(0, 2 ** 62, (n,), generator=aug_gen))
 
     def _batches(self, dataset, batches, device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
-        # Our own DataLoader over explicit batches, not timm's create_loader: its samplers would replace the seeded
-        # per-epoch plan, and with it the bit-exact mid-epoch resume; and its OrderedDistributedSampler pads the
-        # evaluation shards with repeated images, which would miscount the error.
+        # Not timm's create_loader: its samplers would replace the seeded epoch plan (and the bit-exact resume),
+        # and its OrderedDistributedSampler pads evaluation shards with repeated images.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                                              pin_memory=device.type == "cuda")
         for x, y in loader:
@@ -614,16 +545,10 @@ class FolderData(_Data):
         yield from self._batches(images, torch.utils.data.BatchSampler(part, batch_size, drop_last=False), device)
 
 
-# -- entry point ---------------------------------------------------------------------------------------------
-def _load_folder(spec: DatasetSpec, root: str, *, image_size: int, hflip: bool, workers: int, color_jitter: float,
-                 lighting: float, **_) -> FolderData:
-    return FolderData(spec.name, root, image_size, hflip, workers, color_jitter, lighting, spec.mean, spec.std)
-
-
 # The loader of each data set of the registry (tests/test_data.py checks that every entry has one).
 LOADERS: Dict[str, Callable[..., Any]] = {
-    "cifar10": _load_cifar, "cifar100": _load_cifar, "svhn": _load_svhn, "imagenet": _load_folder,
-    "imagefolder": _load_folder, "digits": _load_digits, "synthetic": _load_synthetic,
+    "cifar10": _load_cifar, "cifar100": _load_cifar, "svhn": _load_svhn, "imagenet": FolderData,
+    "imagefolder": FolderData, "digits": _load_digits, "synthetic": _load_synthetic,
     "fashion_mnist": _load_fashion_mnist,
 }
 
@@ -637,10 +562,8 @@ def load_data(name: str, data_dir: Optional[str] = None, *, download: bool = Tru
     if name not in DATASETS:
         raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
     spec = DATASETS[name]
-    loader = LOADERS[name]
     if spec.system_dir is None:  # only a data set with a system folder tells "no --data-dir" apart
         data_dir = os.path.expanduser(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
-    return loader(spec, data_dir, download=download, val_size=val_size, split_seed=split_seed,
-                  image_size=image_size, num_classes=num_classes, shift=shift, hflip=hflip, workers=workers,
-                  color_jitter=color_jitter, lighting=lighting)
-
+    return LOADERS[name](spec, data_dir, download=download, val_size=val_size, split_seed=split_seed,
+                         image_size=image_size, num_classes=num_classes, shift=shift, hflip=hflip, workers=workers,
+                         color_jitter=color_jitter, lighting=lighting)

@@ -1,16 +1,14 @@
-"""The optimizer and the learning-rate schedule of a run: SGD on every parameter, and MultiStepLR drops on the
-epochs where the authors' code dropped the lr (``lr_drop_rule``)."""
+"""SGD on every parameter, and MultiStepLR drops on the epochs where the authors' code dropped the lr."""
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 from torch import nn
 
 from sdzoo.training.settings import Settings
 
-__all__ = ["build_optimizer", "lr_milestones", "build_scheduler"]
+__all__ = ["build_optimizer", "build_scheduler"]
 
 
 def build_optimizer(model: nn.Module, s: Settings) -> torch.optim.SGD:
@@ -19,16 +17,9 @@ def build_optimizer(model: nn.Module, s: Settings) -> torch.optim.SGD:
                            nesterov=s.nesterov, weight_decay=s.weight_decay)
 
 
-def lr_milestones(s: Settings) -> List[int]:
-    """Epochs done when each lr drop takes effect (MultiStepLR's milestones), by ``lr_drop_rule``."""
-    milestones = set()
-    for fraction in s.lr_drops:
-        at = round(fraction * s.epochs, 9)  # 0.6 x 50 is not exactly 30 in floating point
-        # main.lua: lr 0.1 while epoch < f x E (epochs from 1); fb.resnet.torch: while epoch <= f x E.
-        done = math.ceil(at) - 1 if s.lr_drop_rule == "main.lua" else math.floor(at)
-        milestones.add(max(1, done))
-    return sorted(milestones)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, s: Settings):
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(s), gamma=s.lr_gamma)
+def build_scheduler(optimizer: torch.optim.Optimizer, s: Settings) -> torch.optim.lr_scheduler.MultiStepLR:
+    # Epochs done when each drop takes effect. main.lua: lr 0.1 while epoch < f x E (epochs from 1);
+    # fb.resnet.torch: while epoch <= f x E. Rounded as 0.6 x 50 is not exactly 30 in floating point.
+    ats = [round(fraction * s.epochs, 9) for fraction in s.lr_drops]
+    done = {max(1, math.ceil(at) - 1 if s.lr_drop_rule == "main.lua" else math.floor(at)) for at in ats}
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=sorted(done), gamma=s.lr_gamma)

@@ -1,6 +1,5 @@
-"""The processes of a run and what they share: torchrun's ranks, the device, the global batch's split, the
-data (loaded on every rank), the BatchNorm policy over processes (SyncBatchNorm) and the DDP wrapper.
-"""
+"""The processes of a run and what they share: torchrun's ranks, the device, the global batch's split, the data,
+SyncBatchNorm and the DDP wrapper."""
 from __future__ import annotations
 
 import os
@@ -11,6 +10,7 @@ from typing import Tuple
 
 import torch
 import torch.distributed as torch_dist
+from timm.utils import distribute_bn
 from torch import Tensor, nn
 
 from sdzoo.training.data import DataError, load_data
@@ -46,8 +46,7 @@ def setup_processes(s: Settings) -> Tuple[Dist, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not s.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if s.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -74,24 +73,22 @@ def local_batch_size(s: Settings, dist: Dist) -> int:
 
 
 def load_data_everywhere(s: Settings, dist: Dist, device: torch.device):
-    """Rank 0 loads first (it may download), then the others; an error on rank 0 stops every rank. CIFAR-sized
-    data then sits on the GPU, so that a batch is an index and its augmentation a tensor op."""
+    """Rank 0 loads first (it may download), then the others; an error on rank 0 stops every rank. In-memory
+    data then moves to the GPU, so that a batch is an index and its augmentation a tensor op."""
     def load():
         return load_data(s.dataset, s.data_dir, download=s.download, val_size=s.val_size, split_seed=s.split_seed,
                          image_size=s.image_size, num_classes=s.num_classes, shift=s.shift, hflip=s.hflip,
                          workers=s.workers, color_jitter=s.color_jitter, lighting=s.lighting)
-    data, error = None, None
+    data, error = None, [None]
     if dist.main:
         try:
             data = load()
         except DataError as e:
-            error = str(e)
+            error = [str(e)]
     if dist.enabled:
-        message = [error]
-        torch_dist.broadcast_object_list(message, 0)
-        error = message[0]
-    if error:
-        raise DataError(error)
+        torch_dist.broadcast_object_list(error, 0)  # rank 0's error, or None, to every rank
+    if error[0]:
+        raise DataError(error[0])
     data = data if dist.main else load()
     if device.type == "cuda":
         data.to(device)  # in-memory data moves; folder data stays with its loader
@@ -101,25 +98,20 @@ def load_data_everywhere(s: Settings, dist: Dist, device: torch.device):
 
 
 def use_sync_batchnorm(s: Settings, dist: Dist, cuda: bool, micro_batch: int) -> bool:
-    """Whether BatchNorm normalises over every process's images (SyncBatchNorm). Where the settings ask for it
-    but it cannot run (gloo on CPUs), rank 0 says once what differs."""
-    if not (s.sync_bn and dist.enabled):
-        return False
-    if cuda:
-        return True
-    if dist.main:
+    """Whether BatchNorm normalises over every process's images. Where the settings ask for it but it cannot
+    run (gloo on CPUs), rank 0 says once what differs."""
+    if s.sync_bn and dist.enabled and not cuda and dist.main:
         print(f"warning: SyncBatchNorm runs on GPUs only, so on these {dist.world} CPU processes BatchNorm "
               f"normalises each process's own {micro_batch} images, not the {micro_batch * dist.world} of "
               f"the step across processes as the recipe's single-GPU BatchNorm did (a single process with "
               f"--accum-steps {dist.world} would match this run); pass --no-sync-bn to accept it silently",
               file=sys.stderr)
-    return False
+    return s.sync_bn and dist.enabled and cuda
 
 
 def sync_batchnorm_statistics(model: nn.Module, dist: Dist) -> None:
     """Rank 0's BatchNorm statistics on every rank (what DDP gives every rank at its next forward anyway)."""
     if dist.enabled and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-        from timm.utils import distribute_bn
         distribute_bn(model, dist.world, reduce=False)
 
 
