@@ -60,8 +60,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     group.add_argument("--gate-mode", default=None, choices=GATE_MODES,
                        help="'off' for a checkpoint trained at constant depth (there is no p_l to fold)")
     group.add_argument("--checkpoint-folded", default=None, choices=("yes", "no"),
-                       help="whether p_l is already in the weights of a --checkpoint that does not record it (sdzoo's "
-                            "own files record it); the survival flags then say what it was trained with")
+                       help="whether p_l is already in the weights of a --checkpoint that does not record it")
     parser.add_argument("--img-size", type=int, default=None,
                         help=f"input height and width, at most {MAX_INPUT_SIDE} (default: the model's)")
     parser.add_argument("--label-names", default=None,
@@ -81,8 +80,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", action="store_true",
                         help="CPU latency at batch 1 and 32: onnxruntime (int8 too, with --quantize) against PyTorch")
     parser.add_argument("--bench-seconds", type=float, default=0.5,
-                        help="seconds of timed runs per latency (torch.utils.benchmark's blocked_autorange; the "
-                             "median is reported)")
+                        help="seconds of timed runs per latency (torch.utils.benchmark; the median is reported)")
     group = parser.add_argument_group("depth on demand (sdzoo.prune): export a shallower network of the same model")
     group.add_argument("--keep-blocks", type=int, default=None, metavar="K",
                        help="keep K residual blocks (at least the first block of each stage)")

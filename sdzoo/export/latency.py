@@ -3,6 +3,7 @@ for ``sdzoo export --benchmark`` and the depth sweep."""
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -32,22 +33,18 @@ def onnx_latency(path_or_session, batch_size: int, *, input_size: Sequence[int],
     return median_ms(lambda: session.run(None, feed), min_run_time)
 
 
-def torch_latency(model: nn.Module, batch_size: int, *, input_size: Sequence[int], min_run_time: float = 0.5) -> float:
-    """Median PyTorch eager latency in ms of one batch (the model in eval mode, inference mode)."""
-    x = torch.randn(batch_size, *input_size)
-    with eval_mode(model), torch.inference_mode():
-        return median_ms(lambda: model(x), min_run_time)
-
-
 def compare_latency(model: Optional[nn.Module], onnx_paths: Dict[str, PathLike], *, input_size: Sequence[int],
                     batch_sizes: Sequence[int] = (1, 32), min_run_time: float = 0.5) -> List[Dict[str, float]]:
-    """One row per batch size: ``torch_ms`` (when ``model`` is given) and ``NAME_ms`` for each ONNX file."""
+    """One row per batch size: ``torch_ms``, PyTorch eager in inference mode (when ``model`` is given), and
+    ``NAME_ms`` for each ONNX file."""
     sessions = {name: ort_session(os.fspath(path)) for name, path in onnx_paths.items()}
     rows = []
     for batch_size in batch_sizes:
         row: Dict[str, float] = {"batch_size": batch_size}
         if model is not None:
-            row["torch_ms"] = torch_latency(model, batch_size, input_size=input_size, min_run_time=min_run_time)
+            x = torch.randn(batch_size, *input_size)
+            with eval_mode(model), torch.inference_mode():
+                row["torch_ms"] = median_ms(partial(model, x), min_run_time)
         for name, session in sessions.items():
             row[f"{name}_ms"] = onnx_latency(session, batch_size, input_size=input_size, min_run_time=min_run_time)
         rows.append(row)

@@ -1,8 +1,5 @@
-"""ONNX export of the zoo's models: export, check, describe (metadata), quantize to int8.
-
-Every file is written beside its output and replaces it only after onnx's full checker and, for an export, the
-parity check against PyTorch under onnxruntime pass (``sdzoo.files.disk.staged_file``).
-"""
+"""ONNX export of the zoo's models: export, check, describe (metadata), quantize to int8. Every file is written
+beside its output and replaces it only once its checks pass (``sdzoo.files.disk.staged_file``)."""
 from __future__ import annotations
 
 import contextlib
@@ -129,10 +126,13 @@ def _run_onnx(session, x: np.ndarray) -> np.ndarray:
     return session.run(None, {INPUT_NAME: x})[0]
 
 
+def _predict(session, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([_run_onnx(session, batch) for batch in _batches(images, batch_size)])
+
+
 def predict_onnx(path: PathLike, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Logits of an exported model for (N, C, H, W) ``images``, with onnxruntime on the CPU."""
-    session = ort_session(os.fspath(path))
-    return np.concatenate([_run_onnx(session, b) for b in _batches(_check_images("images", images), batch_size)])
+    return _predict(ort_session(os.fspath(path)), _check_images("images", images), batch_size)
 
 
 def _proto(path_or_proto: Union[PathLike, onnx.ModelProto]) -> onnx.ModelProto:
@@ -322,10 +322,8 @@ def quantize_int8(fp32_path: PathLike, output_path: PathLike, calibration_images
             raise ExportError(f"onnxruntime quantization of {fp32_path} failed: {error_line(err)}") from err
         _add_metadata(tmp, metadata)
         _full_check(tmp, "quantized model")
-        fp32, int8 = ort_session(fp32_path), ort_session(tmp)
-        agree = sum(int((_run_onnx(fp32, b).argmax(1) == _run_onnx(int8, b).argmax(1)).sum())
-                    for b in _batches(eval_images, batch_size))
+        top1 = [_predict(ort_session(p), eval_images, batch_size).argmax(1) for p in (fp32_path, tmp)]
         int8_size = os.path.getsize(tmp)
     return QuantizeReport(path=os.fspath(output_path), fp32_size=os.path.getsize(fp32_path), int8_size=int8_size,
-                          top1_agreement=agree / len(eval_images), num_calibration=len(calibration_images),
+                          top1_agreement=float((top1[0] == top1[1]).mean()), num_calibration=len(calibration_images),
                           num_eval=len(eval_images))
