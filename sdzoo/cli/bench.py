@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -38,7 +39,6 @@ import onnx
 import onnxruntime
 import timm
 
-# The variants live in sdzoo.export, where the tests build them.
 from sdzoo.cli.common import check_output_path
 from sdzoo.export import onnx_export
 from sdzoo.export.benchmark_variants import (
@@ -52,7 +52,29 @@ NOT_RUN = "not run"
 HELP = "time the training step of each stochastic-depth variant, and eager against onnxruntime inference"
 
 
-# -- training measurements ---------------------------------------------------------------------------
+# -- measurements ------------------------------------------------------------------------------------
+def interleaved_medians(fns: Dict[str, Callable[[], object]], iters: int, warmup: int = 3,
+                        sync: Callable[[], None] = lambda: None,
+                        progress: Callable[[int], None] = lambda i: None) -> Dict[str, float]:
+    """Median ms of each callable, timed round-robin so that machine noise hits them all alike."""
+    # Not torch.utils.benchmark.Timer: it times one statement after another, so a burst of load on a shared
+    # machine lands on one variant; interleaving spreads it over all and keeps the ratios.
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no callable always goes first
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(1000 * (time.perf_counter() - start))
+        progress(i)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
@@ -65,94 +87,76 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> 
     return step
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_training(models: Dict[str, nn.Module], x, y, steps: int, warmup: int, amp: bool,
-                  measure_memory: bool) -> Dict[str, Dict[str, float]]:
-    device = x.device
-    stepper = {name: make_step(m, x, y, amp) for name, m in models.items()}
-    results: Dict[str, Dict[str, float]] = {name: {} for name in models}
-    if measure_memory:  # one variant at a time, since the peak is per process
-        for name, step in stepper.items():
+def time_training(models: Dict[str, nn.Module], flops: Dict[str, float], x, y, args, amp: bool = False,
+                  **common) -> List[Dict]:
+    """One row per model, each ratio against the first model: the median training step, the executed FLOPs per
+    image (``flops``, where counted) and, on a GPU, the peak memory."""
+    steppers = {name: make_step(m, x, y, amp) for name, m in models.items()}
+    cuda = x.device.type == "cuda"
+    peak = {}
+    if cuda:  # one variant at a time, since the peak is per process
+        for name, step in steppers.items():
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(max(2, warmup)):
+            torch.cuda.reset_peak_memory_stats(x.device)
+            for _ in range(max(2, args.warmup)):
                 step()
-            sync(device)
-            results[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    for _ in range(warmup):
-        for step in stepper.values():
-            step()
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    for i in range(steps):
-        for name, step in stepper.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-        print(f"  step {i + 1}/{steps}", end="\r", file=sys.stderr, flush=True)
+            torch.cuda.synchronize(x.device)
+            peak[name] = torch.cuda.max_memory_allocated(x.device) / 2**30
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(x.device)
+
+    def progress(i):
+        print(f"  step {i + 1}/{args.steps}", end="\r", file=sys.stderr, flush=True)
+
+    ms = interleaved_medians(steppers, args.steps, args.warmup, sync, progress)
     print(file=sys.stderr)
-    for name in models:
-        results[name]["step_ms"] = 1000 * statistics.median(times[name])
-        results[name]["img_per_s"] = x.shape[0] / (results[name]["step_ms"] / 1000)
-    return results
+    base = next(iter(models))
+
+    def ratio(values, variant):
+        return values[variant] / values[base] if variant in values else None
+    return [dict(common, variant=v, step_ms=ms[v], img_per_s=x.shape[0] / (ms[v] / 1000), time_ratio=ratio(ms, v),
+                 gflops_per_img=flops[v] / 1e9 if v in flops else None, flop_ratio=ratio(flops, v),
+                 peak_mem_gib=peak.get(v), mem_ratio=ratio(peak, v)) for v in models]
 
 
 def training_benchmark(args, device: torch.device, amp: bool, channels_last: bool, compile_model: bool):
     label = f"{device.type}{' bf16' if amp else ''}{' channels_last' if channels_last else ''}" \
             f"{' compile' if compile_model else ''}"
     print(f"training: {label}", file=sys.stderr)
-    in_chans, height, width = timm.create_model(args.model).pretrained_cfg["input_size"]
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch_size, in_chans, height, width, generator=gen).to(device)
-    y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = x.contiguous(memory_format=memory_format)
+    x = torch.randn(args.batch_size, *timm.create_model(args.model).pretrained_cfg["input_size"], generator=gen)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
+    x = x.to(device).contiguous(memory_format=memory_format)
     models, flops = {}, {}
     flop_batch = min(32, args.batch_size)  # per-image FLOPs do not depend on it; the CPU time does
     for variant in args.variants:
         model = build_variant(args.model, variant, args.survival_prob, args.seed).train()
         if not compile_model:  # FLOPs are the same compiled or not; count them once, eagerly
-            flops[variant] = flops_per_image(model, x[:flop_batch], y[:flop_batch],
-                                             args.flop_steps)
+            flops[variant] = flops_per_image(model, x[:flop_batch], y[:flop_batch], args.flop_steps)
         model = model.to(device, memory_format=memory_format)
         models[variant] = torch.compile(model) if compile_model else model
-    results = time_training(models, x, y, args.steps, args.warmup, amp, device.type == "cuda")
-    base = results["constant depth"]
+    return time_training(models, flops, x, y, args, amp, setting=label)
+
+
+def convert_benchmark(args) -> List[Dict]:
+    """Training step time and executed FLOPs of timm's mask against sdzoo sample and batch, per model and rate,
+    all variants of a model and rate timed round-robin in one run."""
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (args.batch_size,))
     rows = []
-    for variant in args.variants:
-        r = results[variant]
-        rows.append(dict(setting=label, variant=variant, step_ms=r["step_ms"], img_per_s=r["img_per_s"],
-                         time_ratio=r["step_ms"] / base["step_ms"],
-                         gflops_per_img=flops[variant] / 1e9 if variant in flops else None,
-                         peak_mem_gib=r.get("peak_mem_gib"),
-                         mem_ratio=(r["peak_mem_gib"] / base["peak_mem_gib"]) if "peak_mem_gib" in r else None))
-    if flops:
-        for row in rows:
-            row["flop_ratio"] = flops[row["variant"]] / flops["constant depth"]
+    for name in args.convert:
+        for rate in args.drop_path_rate:
+            print(f"{name}, drop_path_rate {rate}", file=sys.stderr)
+            build = partial(build_timm_variant, name, rate=rate, img_size=args.img_size, seed=args.seed,
+                            uniform=args.uniform_rate)
+            # counted from shapes on the meta device: no compute
+            flops = {v: flops_per_image(build(v, device="meta"), x.to("meta"), y.to("meta"), args.flop_steps)
+                     for v in CONVERT_VARIANTS}
+            rows += time_training({v: build(v) for v in CONVERT_VARIANTS}, flops, x, y, args, model=name, rate=rate)
     return rows
-
-
-# -- inference measurements --------------------------------------------------------------------------
-def interleaved_medians(fns: Dict[str, Callable[[], object]], iters: int, warmup: int = 3) -> Dict[str, float]:
-    """Median ms of each callable, timed round-robin so that machine noise hits them all alike."""
-    # Hand-written, not torch.utils.benchmark.Timer: a Timer measures one statement after another, so a burst
-    # of load on a shared machine lands on one variant; interleaving spreads it over all and keeps the ratios.
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for i in range(iters):
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no callable always goes first
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def inference_benchmark(args) -> List[Dict]:
@@ -167,26 +171,23 @@ def inference_benchmark(args) -> List[Dict]:
     images, _ = digits_images(cfg["input_size"], cfg["mean"], cfg["std"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, int8, plain_path = (Path(tmp) / n for n in ("model.onnx", "model.int8.onnx", "plain.onnx"))
+        paths = {name: Path(tmp) / f"{name}.onnx" for name in ("ort_fp32", "ort_int8", "ort_plain_fp32")}
         # Untrained deep ResNets have huge logits (the residual stream grows block by block): check relatively.
-        onnx_export.export_onnx(model, fp32, rtol=1e-5)
-        onnx_export.export_onnx(plain, plain_path, rtol=1e-5)
-        onnx_export.quantize_int8(fp32, int8, images[:256], images[256:512])
-        identical = onnx.load(str(fp32)).graph == onnx.load(str(plain_path)).graph
+        onnx_export.export_onnx(model, paths["ort_fp32"], rtol=1e-5)
+        onnx_export.export_onnx(plain, paths["ort_plain_fp32"], rtol=1e-5)
+        onnx_export.quantize_int8(paths["ort_fp32"], paths["ort_int8"], images[:256], images[256:512])
+        identical = onnx.load(str(paths["ort_fp32"])).graph == onnx.load(str(paths["ort_plain_fp32"])).graph
         print(f"  folded graph identical to the plain ResNet's (same weights): {identical}", file=sys.stderr)
         # The same threads as PyTorch (a fair comparison), and no spinning: timings are interleaved.
-        sessions = {name: onnx_export.ort_session(str(path), spinning=False)
-                    for name, path in
-                    (("ort_fp32", fp32), ("ort_int8", int8), ("ort_plain_fp32", plain_path))}
+        sessions = {name: onnx_export.ort_session(str(path), spinning=False) for name, path in paths.items()}
         for batch in (1, 32):
             x = torch.randn(batch, *cfg["input_size"])
             feed = {onnx_export.INPUT_NAME: x.numpy()}
-            fns = {name: (lambda s=session, f=feed: s.run(None, f)) for name, session in sessions.items()}
+            fns = {name: partial(session.run, None, feed) for name, session in sessions.items()}
             with torch.inference_mode():
-                fns["torch_eager"] = lambda x=x: model(x)
+                fns["torch_eager"] = partial(model, x)
                 ms = interleaved_medians(fns, args.infer_iters)
-            rows.append(dict(batch=batch, torch_eager_ms=ms["torch_eager"], ort_fp32_ms=ms["ort_fp32"],
-                             ort_int8_ms=ms["ort_int8"], ort_plain_fp32_ms=ms["ort_plain_fp32"],
+            rows.append(dict(batch=batch, **{f"{name}_ms": t for name, t in ms.items()},
                              fp32_speedup=ms["torch_eager"] / ms["ort_fp32"],
                              int8_speedup=ms["torch_eager"] / ms["ort_int8"],
                              folded_vs_plain=ms["ort_fp32"] / ms["ort_plain_fp32"], graph_identical=identical))
@@ -194,37 +195,30 @@ def inference_benchmark(args) -> List[Dict]:
 
 
 # -- report --------------------------------------------------------------------------------------------
-def _fmt(value, spec: str) -> str:
-    return NOT_RUN if value is None else format(value, spec)
+# Each table's columns: header, row key, format ("{}": a left-aligned text column).
+TRAINING_COLUMNS = [
+    ("setting", "setting", "{}"), ("variant", "variant", "{}"), ("step ms", "step_ms", "{:.1f}"),
+    ("img/s", "img_per_s", "{:.0f}"), ("time vs constant", "time_ratio", "{:.3f}"),
+    ("GFLOP/img", "gflops_per_img", "{:.3f}"), ("FLOPs vs constant", "flop_ratio", "{:.3f}"),
+    ("peak GiB", "peak_mem_gib", "{:.2f}"), ("memory vs constant", "mem_ratio", "{:.3f}")]
+INFERENCE_COLUMNS = [
+    ("batch", "batch", "{:d}"), ("PyTorch eager ms", "torch_eager_ms", "{:.2f}"),
+    ("onnxruntime fp32 ms", "ort_fp32_ms", "{:.2f}"), ("onnxruntime int8 ms", "ort_int8_ms", "{:.2f}"),
+    ("fp32 speed-up", "fp32_speedup", "{:.2f}x"), ("int8 speed-up", "int8_speedup", "{:.2f}x"),
+    ("plain ResNet fp32 ms", "ort_plain_fp32_ms", "{:.2f}"), ("folded vs plain", "folded_vs_plain", "{:.3f}")]
+CONVERT_COLUMNS = [
+    ("model", "model", "{}"), ("drop_path_rate", "rate", "{:g}"), ("variant", "variant", "{}"),
+    ("step ms", "step_ms", "{:.1f}"), ("time vs mask", "time_ratio", "{:.3f}"),
+    ("GFLOP/img", "gflops_per_img", "{:.3f}"), ("FLOPs vs mask", "flop_ratio", "{:.3f}")]
 
 
-def format_training(rows: List[Dict]) -> str:
-    lines = ["| setting | variant | step ms | img/s | time vs constant | GFLOP/img | FLOPs vs constant "
-             "| peak GiB | memory vs constant |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        if r.get("step_ms") is None:
-            lines.append(f"| {r['setting']} | {r['variant']} | {NOT_RUN} |  |  |  |  |  |  |")
-            continue
-        lines.append(
-            f"| {r['setting']} | {r['variant']} | {r['step_ms']:.1f} | {r['img_per_s']:.0f} "
-            f"| {r['time_ratio']:.3f} | {_fmt(r.get('gflops_per_img'), '.3f')} | {_fmt(r.get('flop_ratio'), '.3f')} "
-            f"| {_fmt(r.get('peak_mem_gib'), '.2f')} | {_fmt(r.get('mem_ratio'), '.3f')} |")
-    return "\n".join(lines)
-
-
-def format_inference(rows: List[Dict]) -> str:
-    lines = ["| batch | PyTorch eager ms | onnxruntime fp32 ms | onnxruntime int8 ms | fp32 speed-up "
-             "| int8 speed-up | plain ResNet fp32 ms | folded vs plain |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    if rows:
-        lines.insert(0, f"Folded ONNX graph identical to the same architecture built without stochastic depth: "
-                        f"{'yes' if rows[0]['graph_identical'] else 'NO'}\n")
-    for r in rows:
-        lines.append(f"| {r['batch']} | {r['torch_eager_ms']:.2f} | {r['ort_fp32_ms']:.2f} | {r['ort_int8_ms']:.2f} "
-                     f"| {r['fp32_speedup']:.2f}x | {r['int8_speedup']:.2f}x | {r['ort_plain_fp32_ms']:.2f} "
-                     f"| {r['folded_vs_plain']:.3f} |")
-    return "\n".join(lines)
+def markdown_table(columns, rows: List[Dict]) -> str:
+    """A value of None was not measured ("not run"); a key the row lacks is an empty cell."""
+    def cell(row, key, spec):
+        return "" if key not in row else NOT_RUN if row[key] is None else spec.format(row[key])
+    lines = [[header for header, _, _ in columns], ["---" if spec == "{}" else "---:" for _, _, spec in columns]]
+    lines += [[cell(row, key, spec) for _, key, spec in columns] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 def machine() -> Dict[str, str]:
@@ -234,45 +228,6 @@ def machine() -> Dict[str, str]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-# -- a real skip for timm's drop-path models (--convert) -----------------------------------------------
-def convert_benchmark(args) -> int:
-    """Training step time and executed FLOPs of timm's mask against sdzoo sample and batch, per model and rate,
-    all variants of a model and rate timed round-robin in one run."""
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
-    y = torch.randint(0, 10, (args.batch_size,))
-    rows = []
-    for name in args.convert:
-        for rate in args.drop_path_rate:
-            print(f"{name}, drop_path_rate {rate}", file=sys.stderr)
-            flops = {}
-            for variant in CONVERT_VARIANTS:  # counted from shapes on the meta device: no compute
-                model = build_timm_variant(name, variant, rate, args.img_size, args.seed, args.uniform_rate,
-                                           device="meta")
-                flops[variant] = flops_per_image(model, x.to("meta"), y.to("meta"), args.flop_steps)
-            models = {v: build_timm_variant(name, v, rate, args.img_size, args.seed, args.uniform_rate)
-                      for v in CONVERT_VARIANTS}
-            timed = time_training(models, x, y, args.steps, args.warmup, amp=False, measure_memory=False)
-            base = CONVERT_VARIANTS[0]
-            for v in CONVERT_VARIANTS:
-                rows.append(dict(model=name, rate=rate, variant=v, step_ms=timed[v]["step_ms"],
-                                 time_ratio=timed[v]["step_ms"] / timed[base]["step_ms"],
-                                 gflops_per_img=flops[v] / 1e9, flop_ratio=flops[v] / flops[base]))
-    rates = "every branch at the rate" if args.uniform_rate else "timm's per-block rates, 0 to the rate"
-    print(f"\n## {args.img_size} px, batch {args.batch_size}, CPU, {rates}; median of {args.steps} steps after "
-          f"{args.warmup} warm-up, FLOPs averaged over {args.flop_steps} steps\n")
-    print("| model | drop_path_rate | variant | step ms | time vs mask | GFLOP/img | FLOPs vs mask |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['model']} | {r['rate']} | {r['variant']} | {r['step_ms']:.1f} | {r['time_ratio']:.3f} "
-              f"| {r['gflops_per_img']:.3f} | {r['flop_ratio']:.3f} |")
-    print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
-    if args.json:
-        save_json(args.json, dict(convert=args.convert, img_size=args.img_size, batch_size=args.batch_size,
-                                  uniform_rate=args.uniform_rate, machine=machine(), rows=rows))
-        print(f"wrote {args.json}")
-    return 0
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -331,8 +286,8 @@ def parse_args(argv=None, prog: Optional[str] = None):
         p.error(str(err))
     if args.model not in timm.list_models("sd_*"):
         p.error(f"--model must be one of {', '.join(timm.list_models('sd_*'))}; got {args.model!r}")
-    if "constant depth" not in args.variants:
-        args.variants = ["constant depth", *args.variants]  # the baseline every ratio is against
+    # constant depth first: the baseline every ratio is against
+    args.variants = ["constant depth", *(v for v in args.variants if v != "constant depth")]
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.json is not None:  # before the benchmark runs, not after
@@ -343,43 +298,46 @@ def parse_args(argv=None, prog: Optional[str] = None):
 def main(argv=None, prog: Optional[str] = None) -> int:
     args = parse_args(argv, prog)
     if args.convert is not None:
-        return convert_benchmark(args)
-    use_cpu = args.device in ("auto", "cpu")
-    use_gpu = args.device in ("auto", "cuda") and torch.cuda.is_available()
-    train_rows = []
-    if args.skip_training:
-        use_cpu = use_gpu = False
-    if use_cpu:
-        for channels_last in (False, True) if args.channels_last else (False,):
-            train_rows += training_benchmark(args, torch.device("cpu"), amp=False, channels_last=channels_last,
-                                             compile_model=False)
-    if use_gpu:
-        cuda = torch.device("cuda")
-        torch.backends.cudnn.benchmark = True
-        train_rows += training_benchmark(args, cuda, amp=True, channels_last=True, compile_model=False)
-        if not args.no_compile:
-            train_rows += training_benchmark(args, cuda, amp=True, channels_last=True, compile_model=True)
-    elif not args.skip_training:
-        for setting in ("cuda bf16 channels_last", "cuda bf16 channels_last compile"):
-            train_rows.append(dict(setting=setting, variant="every variant", step_ms=None))
-    infer_rows = [] if args.skip_inference else inference_benchmark(args)
-
-    info = machine()
-    if train_rows:
-        print(f"\n## Training step: {args.model}, batch {args.batch_size}, p_L = {args.survival_prob}, "
-              f"median of {args.steps} steps after {args.warmup} warm-up\n")
-        print(format_training(train_rows))
-        if not use_gpu:
-            print("\nNo GPU on this machine: the GPU rows were not run.")
-    if infer_rows:
-        print(f"\n## Inference (folded {args.model}, CPU, onnxruntime {onnxruntime.__version__})\n")
-        print(format_inference(infer_rows))
-    print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+        rows = convert_benchmark(args)
+        rates = "every branch at the rate" if args.uniform_rate else "timm's per-block rates, 0 to the rate"
+        print(f"\n## {args.img_size} px, batch {args.batch_size}, CPU, {rates}; median of {args.steps} steps after "
+              f"{args.warmup} warm-up, FLOPs averaged over {args.flop_steps} steps\n")
+        print(markdown_table(CONVERT_COLUMNS, rows))
+        payload = dict(convert=args.convert, img_size=args.img_size, batch_size=args.batch_size,
+                       uniform_rate=args.uniform_rate, rows=rows)
+    else:
+        payload = dict(model=args.model, batch_size=args.batch_size, survival_prob=args.survival_prob,
+                       steps=args.steps, warmup=args.warmup, training=[], inference=[])
+        use_gpu = args.device in ("auto", "cuda") and torch.cuda.is_available() and not args.skip_training
+        if args.device in ("auto", "cpu") and not args.skip_training:
+            for channels_last in (False, True) if args.channels_last else (False,):
+                payload["training"] += training_benchmark(args, torch.device("cpu"), amp=False,
+                                                          channels_last=channels_last, compile_model=False)
+        if use_gpu:
+            torch.backends.cudnn.benchmark = True
+            for compile_model in (False,) if args.no_compile else (False, True):
+                payload["training"] += training_benchmark(args, torch.device("cuda"), amp=True, channels_last=True,
+                                                          compile_model=compile_model)
+        elif not args.skip_training:
+            payload["training"] += [dict(setting=setting, variant="every variant", step_ms=None)
+                                    for setting in ("cuda bf16 channels_last", "cuda bf16 channels_last compile")]
+        if not args.skip_inference:
+            payload["inference"] = inference_benchmark(args)
+        if payload["training"]:
+            print(f"\n## Training step: {args.model}, batch {args.batch_size}, p_L = {args.survival_prob}, "
+                  f"median of {args.steps} steps after {args.warmup} warm-up\n")
+            print(markdown_table(TRAINING_COLUMNS, payload["training"]))
+            if not use_gpu:
+                print("\nNo GPU on this machine: the GPU rows were not run.")
+        if payload["inference"]:
+            identical = "yes" if payload["inference"][0]["graph_identical"] else "NO"
+            print(f"\n## Inference (folded {args.model}, CPU, onnxruntime {onnxruntime.__version__})\n\n"
+                  f"Folded ONNX graph identical to the same architecture built without stochastic depth: {identical}\n")
+            print(markdown_table(INFERENCE_COLUMNS, payload["inference"]))
+    payload["machine"] = machine()
+    print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in payload["machine"].items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = dict(model=args.model, batch_size=args.batch_size, survival_prob=args.survival_prob,
-                       steps=args.steps, warmup=args.warmup, machine=info, training=train_rows,
-                       inference=infer_rows)
         save_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0

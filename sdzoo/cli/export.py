@@ -1,15 +1,7 @@
 """Export a trained stochastic-depth model to ONNX: fold p_l into the weights, export, verify, describe.
 
-    sdzoo export --model local-dir:runs/r110 --output r110.onnx
-    sdzoo export --model sd_resnet110_cifar --checkpoint r110.safetensors --survival-prob 0.5 \
-        --output r110.onnx
-    sdzoo export --model hf-hub:ORG/NAME --output model.onnx --quantize int8 --benchmark
-    sdzoo export --model local-dir:runs/r110 --output r110-k40.onnx --keep-blocks 40 \
-        --prune-order greedy
-
-The exported graph is a plain ResNet (p_l lives in the weights). It is kept only after onnx's full checker
-and an onnxruntime-vs-PyTorch check at several batch sizes; on any failure the script exits non-zero and
-writes no file.
+The file is kept only after onnx's full checker and an onnxruntime-vs-PyTorch check at several batch sizes pass;
+otherwise the command exits 1 and writes nothing. Examples: docs/export.md.
 """
 from __future__ import annotations
 
@@ -45,6 +37,7 @@ from sdzoo.survival import SURVIVAL_RULES, TRAINED_FIELDS
 from sdzoo.training.data import DataError
 
 HELP = "fold p_l into the weights, export ONNX and check it against PyTorch"
+LOCAL_DIR = "local-dir:"
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -67,8 +60,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     group.add_argument("--gate-mode", default=None, choices=GATE_MODES,
                        help="'off' for a checkpoint trained at constant depth (there is no p_l to fold)")
     group.add_argument("--checkpoint-folded", default=None, choices=("yes", "no"),
-                       help="whether p_l is already in the weights of a --checkpoint that does not record it (sdzoo's "
-                            "own files record it); the survival flags then say what it was trained with")
+                       help="whether p_l is already in the weights of a --checkpoint that does not record it")
     parser.add_argument("--img-size", type=int, default=None,
                         help=f"input height and width, at most {MAX_INPUT_SIDE} (default: the model's)")
     parser.add_argument("--label-names", default=None,
@@ -88,8 +80,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", action="store_true",
                         help="CPU latency at batch 1 and 32: onnxruntime (int8 too, with --quantize) against PyTorch")
     parser.add_argument("--bench-seconds", type=float, default=0.5,
-                        help="seconds of timed runs per latency (torch.utils.benchmark's blocked_autorange; the "
-                             "median is reported)")
+                        help="seconds of timed runs per latency (torch.utils.benchmark; the median is reported)")
     group = parser.add_argument_group("depth on demand (sdzoo.prune): export a shallower network of the same model")
     group.add_argument("--keep-blocks", type=int, default=None, metavar="K",
                        help="keep K residual blocks (at least the first block of each stage)")
@@ -110,6 +101,110 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
     return parse_keeping_parser(build_parser(prog), argv)
+
+
+# -- checks of the flags, before anything is loaded or written ------------------------------------------------
+def check_flags(args: argparse.Namespace) -> List[int]:
+    """Every flag that can be checked alone; returns the parity check's batch sizes."""
+    if args.img_size is not None and not 1 <= args.img_size <= MAX_INPUT_SIDE:
+        fail(args, f"--img-size must be an integer from 1 to {MAX_INPUT_SIDE}; got {args.img_size}")
+    check_output_paths(args)
+    try:
+        batch_sizes = [int(s) for s in args.verify_batch_sizes.split(",")]
+    except ValueError:
+        batch_sizes = []
+    if not batch_sizes or min(batch_sizes) < 1:
+        fail(args, f"--verify-batch-sizes must be comma-separated positive integers; got {args.verify_batch_sizes!r}")
+    if args.quantize and args.calib_data:
+        check_calib_images(args)
+    try:
+        check_seconds("--bench-seconds", args.bench_seconds)
+    except ValueError as err:
+        fail(args, str(err))
+    try:
+        check_opset(args.opset)
+    except ValueError as err:
+        fail(args, f"--{err}")  # "opset must be ...": the flag is the argument's name
+    if not (args.atol >= 0 and args.rtol >= 0):
+        fail(args, f"--atol and --rtol must be >= 0; got {args.atol} and {args.rtol}")
+    check_prune_flags(args)
+    return batch_sizes
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """The files this export writes: never one of its inputs, never a folder, in a folder that can be written."""
+    outputs = [("--output", args.output)] + ([("--quant-output", quant_output_of(args))] if args.quantize else [])
+    inputs = [("--checkpoint", args.checkpoint)] if args.checkpoint else []
+    if args.label_names and args.label_names.startswith("@"):
+        inputs.append(("--label-names", args.label_names[1:]))
+    if args.model.startswith(LOCAL_DIR):
+        inputs += [(f"--model {args.model}", os.path.join(args.model[len(LOCAL_DIR):], name))
+                   for name in (CONFIG_NAME, WEIGHTS_NAME, "pytorch_model.bin")]
+    for flag, path in outputs:
+        if os.path.isdir(path):
+            fail(args, f"{flag} {path} is a directory; give the file to write "
+                       f"(e.g. {os.path.join(path, 'model.onnx')})")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            fail(args, f"{flag}: directory {parent!r} {'is a file' if os.path.exists(parent) else 'does not exist'}")
+        try:  # a file with no name, gone however the process ends: can the folder be written?
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as err:
+            fail(args, f"{flag}: cannot write to directory {parent!r} ({err.strerror or err}); give an output in "
+                       "a folder you can write to")
+        for input_flag, source in inputs:
+            if _same_file(path, source):
+                fail(args, f"{flag} {path} is the file {input_flag} reads; writing it would destroy the "
+                           "input: choose another output file")
+    if len(outputs) == 2 and _same_file(outputs[0][1], outputs[1][1]):
+        fail(args, f"--quant-output {outputs[1][1]} is --output: the int8 file would replace the checked fp32 one")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_calib_images(args: argparse.Namespace) -> None:
+    available = calibration_split_size(args.calib_data, "train")
+    if not 0 < args.calib_images <= available:
+        fail(args, f"--calib-images must be from 1 to {available} (the {args.calib_data} training split); "
+                   f"got {args.calib_images}")
+
+
+def check_prune_flags(args: argparse.Namespace) -> None:
+    if not pruning(args):
+        for flag, given in (("--prune-order", args.prune_order != "survival"),
+                            ("--recalibrate-bn", args.recalibrate_bn), ("--pruned-dir", args.pruned_dir)):
+            if given:
+                fail(args, f"{flag} applies to a pruned export: give --keep-blocks K (or the blocks to keep as "
+                           "--prune-order NAME,NAME,...)")
+    elif args.no_fold:
+        fail(args, "--no-fold: a pruned model is folded (sdzoo.prune folds it); leave --no-fold out")
+    elif args.pruned_dir and os.path.exists(args.pruned_dir) and (
+            not os.path.isdir(args.pruned_dir) or os.listdir(args.pruned_dir)):
+        fail(args, f"--pruned-dir {args.pruned_dir} exists and is not an empty folder; choose a new one")
+
+
+def pruning(args: argparse.Namespace) -> bool:
+    return args.keep_blocks is not None or args.prune_order not in ORDERS
+
+
+def label_names_of(args: argparse.Namespace) -> Optional[List[str]]:
+    if args.label_names is None:
+        return None
+    if args.label_names.startswith("@"):
+        try:
+            with open(args.label_names[1:]) as f:
+                return [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            fail(args, f"--label-names: cannot read {args.label_names[1:]!r}: {err.strerror}")
+    return [name.strip() for name in args.label_names.split(",")]
+
+
+def quant_output_of(args: argparse.Namespace) -> str:
+    return args.quant_output or args.output.removesuffix(".onnx") + ".int8.onnx"
 
 
 # -- model --------------------------------------------------------------------------------------------------
@@ -142,9 +237,9 @@ def create_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> Dict[str, Any]:
-    """The model arguments of a bare checkpoint: those its safetensors metadata records (sdzoo writes them),
-    where flags given agree with them; without that metadata, every setting the fold depends on, from flags.
-    A wrong p_L or scaling would be folded into the weights and still pass the parity check: ask, never guess."""
+    """The model arguments of a bare checkpoint: those its safetensors metadata records, where the flags given
+    agree; without that metadata, every setting the fold depends on from the flags. A wrong p_L or scaling
+    would be folded into the weights and still pass the parity check: ask, never guess."""
     recorded = None
     if args.checkpoint.endswith(".safetensors"):
         try:
@@ -163,16 +258,15 @@ def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> D
         if args.checkpoint_folded == "yes":  # built as the plain ResNet it is: never folded a second time
             return dict(given, folded_from={k: given[k] for k in TRAINED_FIELDS})
         return given
-    if args.checkpoint_folded is not None and (args.checkpoint_folded == "yes") != bool(
-            recorded["model_args"].get("folded_from")):
-        state = "folded" if recorded["model_args"].get("folded_from") else "not folded"
+    folded = bool(recorded["model_args"].get("folded_from"))
+    if args.checkpoint_folded is not None and (args.checkpoint_folded == "yes") != folded:
         fail(args, f"--checkpoint-folded {args.checkpoint_folded}: {args.checkpoint} records that its weights are "
-                   f"{state}; leave the flag out")
+                   f"{'folded' if folded else 'not folded'}; leave the flag out")
     architecture = recorded.get("architecture")
     if architecture and architecture != args.model:
         fail(args, f"--checkpoint {args.checkpoint} holds {architecture} weights, not --model {args.model}")
-    settings = model_kwargs_of_config(recorded)  # num_classes from model_args, else the top level
-    settings = {k: v for k, v in settings.items() if v is not None}
+    # num_classes from model_args, else the top level
+    settings = {k: v for k, v in model_kwargs_of_config(recorded).items() if v is not None}
     differ = [f"--{k.replace('_', '-')} {v} (the checkpoint's: {settings[k]})" for k, v in given.items()
               if k in settings and settings[k] != v]
     if differ:
@@ -182,9 +276,8 @@ def settings_of_checkpoint(args: argparse.Namespace, given: Dict[str, Any]) -> D
 
 
 def create_from_safetensors(args: argparse.Namespace, kwargs: Dict[str, Any]) -> torch.nn.Module:
-    """``--model NAME --checkpoint FILE.safetensors``: timm's pretrained load of a file. For sdzoo's models its
-    header (shapes and recorded settings) is checked against the model before anything is built
-    (``sdzoo.files.weights.check_before_build``, the one such check), and the load is strict."""
+    """timm's pretrained load of the file: for sdzoo's models its header is checked against the model before
+    anything is built (``sdzoo.files.weights.check_before_build``), and the load is strict."""
     path = args.checkpoint
     overlay = dict(file=os.path.abspath(path))
     if "num_classes" in kwargs:  # the classifier of the file: timm would drop one that differs from its cfg's
@@ -192,7 +285,7 @@ def create_from_safetensors(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     try:
         model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (WeightsError, MissingWeightsError) as err:  # the file against the model, or NaN in it
-        fail(args, f"--checkpoint: {err}")  # "the model arguments": the flags of that --help group
+        fail(args, f"--checkpoint: {err}")
     except (ValueError, TypeError) as err:
         fail(args, f"--model {args.model}: {err}")
     except (MemoryError, RuntimeError) as err:  # a model that is no sdzoo model: torch's strict load
@@ -203,55 +296,13 @@ def create_from_safetensors(args: argparse.Namespace, kwargs: Dict[str, Any]) ->
     return model
 
 
-def output_paths(args: argparse.Namespace) -> List[str]:
-    """The files this export writes, checked before any work: never one of its inputs, never a folder."""
-    outputs = [("--output", args.output)]
-    if args.quantize:
-        outputs.append(("--quant-output", quant_output_of(args)))
-    inputs = []
-    if args.checkpoint:
-        inputs.append(("--checkpoint", args.checkpoint))
-    if args.label_names and args.label_names.startswith("@"):
-        inputs.append(("--label-names", args.label_names[1:]))
-    if args.model.startswith("local-dir:"):
-        folder = args.model[len("local-dir:"):]
-        inputs += [(f"--model {args.model}", os.path.join(folder, name))
-                   for name in (CONFIG_NAME, WEIGHTS_NAME, "pytorch_model.bin")]
-    for flag, path in outputs:
-        if os.path.isdir(path):
-            fail(args, f"{flag} {path} is a directory; give the file to write "
-                       f"(e.g. {os.path.join(path, 'model.onnx')})")
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            what = "is a file" if os.path.exists(parent) else "does not exist"
-            fail(args, f"{flag}: directory {parent!r} {what}")
-        try:  # a file that has no name (removed on close, however the process ends): can the folder be written?
-            tempfile.TemporaryFile(dir=parent).close()
-        except OSError as err:
-            fail(args, f"{flag}: cannot write to directory {parent!r} ({err.strerror or err}); give an output in "
-                       "a folder you can write to")
-        for input_flag, source in inputs:
-            if _same_file(path, source):
-                fail(args, f"{flag} {path} is the file {input_flag} reads; writing it would destroy the "
-                           "input: choose another output file")
-    if len(outputs) == 2 and _same_file(outputs[0][1], outputs[1][1]):
-        fail(args, f"--quant-output {outputs[1][1]} is --output: the int8 file would replace the checked fp32 one")
-    return [path for _, path in outputs]
-
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
     for flag in ("checkpoint", "num_classes", *TRAINED_FIELDS):
         if getattr(args, flag) is not None:
             fail(args, f"--{flag.replace('_', '-')} applies to a registered model name only; "
                        f"{args.model} brings its weights and settings with it")
-    if args.model.startswith("local-dir:"):
-        folder = args.model[len("local-dir:"):]
+    if args.model.startswith(LOCAL_DIR):
+        folder = args.model[len(LOCAL_DIR):]
         if not os.path.isdir(folder):
             fail(args, f"--model: no such directory {folder!r}")
         if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
@@ -270,12 +321,8 @@ def _create_pretrained(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def load_checkpoint(args: argparse.Namespace, model: torch.nn.Module, path: str) -> None:
-    """Load a state dict (safetensors, or a torch file read weights-only) strictly into ``model``.
-
-    timm's ``load_state_dict`` reads it (the EMA or plain weights of a timm training checkpoint, DDP and
-    torch.compile prefixes removed); torch's strict load names
-    what does not fit. Read and load are two steps so that an unreadable file and a mismatch get their own message.
-    """
+    """A torch file (or safetensors) read by timm (EMA weights first, DDP and compile prefixes removed), then
+    loaded strictly: two steps, so that an unreadable file and a mismatch get their own message."""
     try:
         state = load_state_dict(path, use_ema=True, weights_only=True)
     except Exception as err:  # noqa: BLE001  (safetensors, zip and unpickling errors alike)
@@ -303,31 +350,25 @@ def check_loaded(args: argparse.Namespace, model: torch.nn.Module, path: str) ->
                                                      model.survival_settings.as_recorded())
 
 
+def input_size_of(args: argparse.Namespace, model: torch.nn.Module) -> List[int]:
+    channels, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    if args.img_size is not None:
+        height = width = args.img_size
+    if max(height, width) > MAX_INPUT_SIDE:
+        fail(args, f"--model {args.model}: its input size {height}x{width} is larger than the {MAX_INPUT_SIDE}x"
+                   f"{MAX_INPUT_SIDE} exported at most; give --img-size (at most {MAX_INPUT_SIDE})")
+    return [channels, height, width]
+
+
 # -- depth on demand ----------------------------------------------------------------------------------------
+# The flag of each argument of sdzoo.prune.prune_blocks, as its errors name it first.
 PRUNE_FLAGS = {"keep": "--keep-blocks", "order": "--prune-order", "recalibrate_bn": "--recalibrate-bn",
                "data": "--dataset", "model": "--model"}
 
 
-def check_prune_flags(args: argparse.Namespace) -> None:
-    """The pruning flags among themselves, before anything is loaded or written."""
-    pruning = args.keep_blocks is not None or args.prune_order not in ORDERS
-    if not pruning:
-        for flag, given in (("--prune-order", args.prune_order != "survival"),
-                            ("--recalibrate-bn", args.recalibrate_bn), ("--pruned-dir", args.pruned_dir)):
-            if given:
-                fail(args, f"{flag} applies to a pruned export: give --keep-blocks K (or the blocks to keep as "
-                           "--prune-order NAME,NAME,...)")
-        return
-    if args.no_fold:
-        fail(args, "--no-fold: a pruned model is folded (sdzoo.prune folds it); leave --no-fold out")
-    if args.pruned_dir and os.path.exists(args.pruned_dir) and (
-            not os.path.isdir(args.pruned_dir) or os.listdir(args.pruned_dir)):
-        fail(args, f"--pruned-dir {args.pruned_dir} exists and is not an empty folder; choose a new one")
-
-
 def prune_data(args: argparse.Namespace, model: torch.nn.Module, needs_val: bool) -> Dict[str, Any]:
-    """The splits of the model's data set (greedy ranks on the validation split, --recalibrate-bn uses the
-    training split, --pruned-dir measures on the test split): the run's, or --dataset's."""
+    """The splits of the model's data set, the run's or --dataset's: greedy ranks on the validation split,
+    --recalibrate-bn uses the training split, --pruned-dir measures on the test split."""
     settings = None
     if args.model.startswith(HUB_PREFIXES):
         try:
@@ -339,8 +380,8 @@ def prune_data(args: argparse.Namespace, model: torch.nn.Module, needs_val: bool
     if settings is None:
         fail(args, f"--prune-order greedy, --recalibrate-bn and --pruned-dir need the model's data set: {args.model} "
                    "brings none (a run folder or Hub repo brings its summary.json); give --dataset (and --data-dir)")
-    cfg = model.pretrained_cfg
     try:
+        cfg = model.pretrained_cfg
         splits = run_splits(settings, cfg["mean"], cfg["std"], data_dir=args.data_dir)
     except (DataError, ValueError) as err:
         fail(args, f"--dataset/--data-dir: {err}")
@@ -371,8 +412,7 @@ def prune(args: argparse.Namespace, model: torch.nn.Module):
 
 
 def write_pruned_dir(args: argparse.Namespace, model: torch.nn.Module, splits, input_size: List[int]) -> None:
-    """The pruned model as a model folder (timm's config.json and model.safetensors) with pruning.json, its
-    measurements: what sdzoo push publishes, and what its card reports."""
+    """The pruned model as a model folder with pruning.json, its measurements: what sdzoo push publishes."""
     row = describe(model, args.output, splits["test"], input_size, args.bench_seconds)
     folder = args.pruned_dir
     staging = tempfile.mkdtemp(prefix=".pruned-", dir=os.path.dirname(os.path.abspath(folder)))
@@ -411,98 +451,29 @@ def maybe_fold(args: argparse.Namespace, model: torch.nn.Module) -> None:
         print(f"folded p_l into {len(probs)} residual branches (p_l from {max(probs):.4f} to {min(probs):.4f})")
 
 
-def input_size_of(args: argparse.Namespace, model: torch.nn.Module) -> List[int]:
-    channels, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    if args.img_size is not None:
-        check_img_size(args)
-        height = width = args.img_size
-    if max(height, width) > MAX_INPUT_SIDE:
-        fail(args, f"--model {args.model}: its input size {height}x{width} is larger than the {MAX_INPUT_SIDE}x"
-                   f"{MAX_INPUT_SIDE} exported at most; give --img-size (at most {MAX_INPUT_SIDE})")
-    return [channels, height, width]
-
-
-def check_img_size(args: argparse.Namespace) -> None:
-    if args.img_size is not None and not 1 <= args.img_size <= MAX_INPUT_SIDE:
-        fail(args, f"--img-size must be an integer from 1 to {MAX_INPUT_SIDE}; got {args.img_size}")
-
-
-def label_names_of(args: argparse.Namespace) -> Optional[List[str]]:
-    if args.label_names is None:
-        return None
-    if args.label_names.startswith("@"):
-        try:
-            with open(args.label_names[1:]) as f:
-                return [line.strip() for line in f if line.strip()]
-        except OSError as err:
-            fail(args, f"--label-names: cannot read {args.label_names[1:]!r}: {err.strerror}")
-    return [name.strip() for name in args.label_names.split(",")]
-
-
-def parse_batch_sizes(args: argparse.Namespace) -> List[int]:
-    try:
-        sizes = [int(s) for s in args.verify_batch_sizes.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        fail(args, f"--verify-batch-sizes must be comma-separated positive integers; got {args.verify_batch_sizes!r}")
-    return sizes
-
-
 def calibration_split(args: argparse.Namespace, model: torch.nn.Module, input_size: List[int]):
     """Calibration images from the training split, held-out images from the test split."""
-    cfg = model.pretrained_cfg
-    mean, std = cfg.get("mean", (0.5,)), cfg.get("std", (0.5,))
+    check_calib_images(args)
+    mean, std = model.pretrained_cfg.get("mean", (0.5,)), model.pretrained_cfg.get("std", (0.5,))
     try:
         train, _ = calibration_images(args.calib_data, input_size, mean, std, split="train")
     except DataError as err:
         fail(args, f"--calib-data {args.calib_data}: {err}")
-    if not 0 < args.calib_images <= len(train):
-        fail(args, f"--calib-images must be from 1 to {len(train)} (the {args.calib_data} training split); "
-                   f"got {args.calib_images}")
-    test, _ = calibration_images(args.calib_data, input_size, mean, std, split="test")
-    return train[:args.calib_images], test
-
-
-def quant_output_of(args: argparse.Namespace) -> str:
-    if args.quant_output:
-        return args.quant_output
-    stem = args.output[:-len(".onnx")] if args.output.endswith(".onnx") else args.output
-    return stem + ".int8.onnx"
+    return train[:args.calib_images], calibration_images(args.calib_data, input_size, mean, std, split="test")[0]
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Exit status: 0 written and checked, 1 the export or its check failed (no file written), 2 a wrong argument."""
     args = parse_args(argv, prog)
-    check_img_size(args)  # before anything is loaded or written
-    output_paths(args)
-    batch_sizes = parse_batch_sizes(args)
-    if args.quantize and args.calib_data:
-        available = calibration_split_size(args.calib_data, "train")  # checked before any file is written
-        if not 0 < args.calib_images <= available:
-            fail(args, f"--calib-images must be from 1 to {available} (the {args.calib_data} training split); "
-                       f"got {args.calib_images}")
-    try:
-        check_seconds("--bench-seconds", args.bench_seconds)
-    except ValueError as e:
-        fail(args, str(e))
-    try:
-        check_opset(args.opset)
-    except ValueError as e:
-        fail(args, f"--{e}")  # "opset must be ...": the flag is the argument's name
-    if not (args.atol >= 0 and args.rtol >= 0):
-        fail(args, f"--atol and --rtol must be >= 0; got {args.atol} and {args.rtol}")
+    batch_sizes = check_flags(args)
     label_names = label_names_of(args)
-
-    check_prune_flags(args)
-
     model = create_model(args).eval()
     if args.calib_data is None:  # the images the model was trained on, where they may calibrate
         tag = model.pretrained_cfg.get("tag")
         args.calib_data = tag if tag in CALIBRATION_DATASETS else CALIBRATION_DATASETS[0]
     input_size = input_size_of(args, model)
     splits = None
-    if args.keep_blocks is not None or args.prune_order not in ORDERS:
+    if pruning(args):
         model, splits = prune(args, model)
     if args.quantize:  # read before anything is written: missing images stop the export, not the quantization
         calib, held_out = calibration_split(args, model, input_size)

@@ -1,17 +1,6 @@
-"""The model variants that ``sdzoo bench`` times against each other, and the FLOPs they execute.
-
-One architecture and the same per-block survival probabilities, with each library's way of dropping a block:
-
-  constant depth          every block runs
-  sdzoo batch             the paper's gate: a dropped block is not computed, its parameters get zero gradients
-  sdzoo batch, no grads   the same, the skipped parameters' gradients left missing (None)
-  sdzoo sample            per-sample drop computed on the kept samples only
-  timm DropPath           the same per-block rates, as a mask (computes every block)
-  torchvision SD batch    torchvision.ops.StochasticDepth(mode="batch"), a mask
-  torchvision SD row      torchvision.ops.StochasticDepth(mode="row"), a mask
-
-and, for timm's own drop-path models (``CONVERT_VARIANTS``), timm's mask against the same weights converted by
-``sdzoo.convert_drop_path``.
+"""The model variants that ``sdzoo bench`` times against each other (its --help says what each is), and the FLOPs
+they execute: one architecture and the same per-block survival probabilities, each library's way of dropping a
+block; and, for timm's own drop-path models (``CONVERT_VARIANTS``), timm's mask against ``sdzoo.convert_drop_path``.
 """
 from __future__ import annotations
 
@@ -26,8 +15,6 @@ from timm.layers import DropPath
 from sdzoo.convert import convert_drop_path
 from sdzoo.gate import ResidualGate
 from sdzoo.survival import survival_probs
-
-__all__ = ["MaskGate", "VARIANTS", "build_variant", "CONVERT_VARIANTS", "build_timm_variant", "flops_per_image"]
 
 VARIANTS = ["constant depth", "sdzoo batch", "sdzoo batch, no grads", "sdzoo sample", "timm DropPath",
             "torchvision SD batch", "torchvision SD row"]

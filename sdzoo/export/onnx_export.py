@@ -1,9 +1,5 @@
-"""ONNX export of the zoo's models: export, check, describe (metadata), quantize to int8.
-
-Every file is checked before it is kept: written beside the output, it must pass onnx's full checker and match
-PyTorch under onnxruntime, and only then replaces the output (``sdzoo.files.disk.staged_file``). Models come here
-folded (``sdzoo.fold``); calibration and test images come from ``sdzoo.export.calibration``.
-"""
+"""ONNX export of the zoo's models: export, check, describe (metadata), quantize to int8. Every file is written
+beside its output and replaces it only once its checks pass (``sdzoo.files.disk.staged_file``)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +9,7 @@ import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -25,20 +21,12 @@ from sdzoo.files.checks import check_input_size, error_line
 from sdzoo.files.disk import PathLike, remove_abandoned_temporaries, staged_file
 from sdzoo.survival import TRAINED_FIELDS
 
-__all__ = [
-    "DEFAULT_OPSET", "MIN_OPSET", "MAX_INPUT_SIDE", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportCheckError",
-    "ExportReport", "QuantizeReport", "export_onnx", "verify_onnx", "onnx_metadata", "read_metadata", "op_histogram",
-    "predict_onnx", "ort_session", "quantize_int8", "eval_mode", "check_opset",
-]
-
 DEFAULT_OPSET = 20
-# The largest input height and width exported: a ResNet's activations at 1024x1024 and the parity check's batches
-# already take gigabytes; a config.json or a flag asking for more is refused before anything is allocated.
+# A ResNet's activations at 1024x1024 and the parity check's batches already take gigabytes.
 MAX_INPUT_SIDE = 1024
 MIN_OPSET = 18  # the torch.export-based exporter emits opset 18 and later
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-_BATCH_AXIS = "batch"
 
 
 class ExportError(RuntimeError):
@@ -79,16 +67,13 @@ class QuantizeReport:
     num_eval: int
 
     def summary(self) -> str:
-        lines = [
-            f"wrote {self.path}: int8 static QDQ, calibrated on {self.num_calibration} images",
-            f"file size: fp32 {self.fp32_size / 2**20:.2f} MiB -> int8 {self.int8_size / 2**20:.2f} MiB "
-            f"({self.fp32_size / max(self.int8_size, 1):.1f}x smaller)",
-            f"top-1 agreement with fp32 on {self.num_eval} held-out images: {100 * self.top1_agreement:.1f}%",
-        ]
-        return "\n".join(lines)
+        return (f"wrote {self.path}: int8 static QDQ, calibrated on {self.num_calibration} images\n"
+                f"file size: fp32 {self.fp32_size / 2**20:.2f} MiB -> int8 {self.int8_size / 2**20:.2f} MiB "
+                f"({self.fp32_size / max(self.int8_size, 1):.1f}x smaller)\n"
+                f"top-1 agreement with fp32 on {self.num_eval} held-out images: {100 * self.top1_agreement:.1f}%")
 
 
-# -- argument checks -------------------------------------------------------------------------------------
+# -- arguments --------------------------------------------------------------------------------------------
 def check_opset(opset) -> int:
     latest = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= latest:
@@ -103,6 +88,13 @@ def _check_batch_sizes(name: str, batch_sizes) -> Tuple[int, ...]:
     return sizes
 
 
+def _check_images(name: str, images) -> np.ndarray:
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"{name} must be a non-empty (N, C, H, W) array; got shape {images.shape}")
+    return images
+
+
 def _input_size_of(model: nn.Module, input_size) -> Tuple[int, int, int]:
     if input_size is None:
         input_size = getattr(model, "pretrained_cfg", {}).get("input_size")
@@ -111,12 +103,15 @@ def _input_size_of(model: nn.Module, input_size) -> Tuple[int, int, int]:
     return check_input_size("input_size", input_size, max_side=MAX_INPUT_SIDE)
 
 
-# -- files ------------------------------------------------------------------------------------------------
+def _batches(images: np.ndarray, batch_size: int):
+    return np.split(images, range(batch_size, len(images), batch_size))
+
+
+# -- running and reading files ----------------------------------------------------------------------------
 def ort_session(path_or_bytes, threads: Optional[int] = None, spinning: bool = True):
-    """A CPU onnxruntime session on ``threads`` threads, by default the process's torch thread count, so that
-    one setting (OMP_NUM_THREADS, ``torch.set_num_threads``, the scripts' --threads) bounds both; onnxruntime's
-    own default is a thread a core. ``spinning=False`` stops idle worker threads from busy-waiting, which
-    would steal the cores from whatever is timed next (PyTorch, or another session, round-robin)."""
+    """A CPU onnxruntime session on ``threads`` threads, by default torch's, so that one setting bounds both
+    (onnxruntime's own default is a thread a core). ``spinning=False`` keeps idle workers from busy-waiting
+    on the cores that whatever is timed next needs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -131,75 +126,32 @@ def _run_onnx(session, x: np.ndarray) -> np.ndarray:
     return session.run(None, {INPUT_NAME: x})[0]
 
 
-def predict_onnx(path: PathLike, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits of an exported model for (N, C, H, W) ``images``, with onnxruntime on the CPU."""
-    images = _check_images("images", images)
-    session = ort_session(os.fspath(path))
+def _predict(session, images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([_run_onnx(session, batch) for batch in _batches(images, batch_size)])
 
 
-# -- metadata ---------------------------------------------------------------------------------------------
-def onnx_metadata(
-        model: nn.Module,
-        *,
-        model_name: Optional[str] = None,
-        input_size: Optional[Sequence[int]] = None,
-        label_names: Optional[Sequence[str]] = None,
-        extra: Optional[Dict[str, Any]] = None,
-) -> Dict[str, str]:
-    """What a deployment needs to know about a model, as ONNX metadata (string values; lists are JSON).
-
-    ``label_names`` defaults to the model's ``pretrained_cfg['label_names']`` when it has as many as the model
-    has classes; otherwise none are written (a wrong list is worse than none).
-    """
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    if model_name is None:
-        arch, tag = cfg.get("architecture"), cfg.get("tag")
-        model_name = f"{arch}.{tag}" if arch and tag else (arch or type(model).__name__)
-    num_classes = int(getattr(model, "num_classes", cfg.get("num_classes", 0)) or 0)
-    meta: Dict[str, Any] = {
-        "model_name": model_name,
-        "architecture": cfg.get("architecture", type(model).__name__),
-        "input_size": list(_input_size_of(model, input_size)),
-        "mean": list(cfg.get("mean", ())),
-        "std": list(cfg.get("std", ())),
-        "interpolation": cfg.get("interpolation", ""),
-        "crop_pct": cfg.get("crop_pct", ""),
-        "num_classes": num_classes,
-        "sdzoo_version": SDZOO_VERSION,
-    }
-    if label_names is None:
-        label_names = cfg.get("label_names")
-    if label_names is not None:
-        label_names = [str(n) for n in label_names]
-        if len(label_names) != num_classes:
-            raise ValueError(f"label_names must name each of the {num_classes} classes; got {len(label_names)} names")
-        meta["label_names"] = label_names
-    meta.update(_survival_metadata(model))
-    if getattr(model, "pruned_from", None):  # sdzoo.prune: the source architecture and layers, the blocks kept
-        meta["pruned_from"] = model.pruned_from
-    meta.update(extra or {})
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+def predict_onnx(path: PathLike, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits of an exported model for (N, C, H, W) ``images``, with onnxruntime on the CPU."""
+    return _predict(ort_session(os.fspath(path)), _check_images("images", images), batch_size)
 
 
-def _survival_metadata(model: nn.Module) -> Dict[str, Any]:
-    """The survival settings the weights were trained with, and whether p_l is folded into them."""
-    settings = getattr(model, "survival_settings", None)
-    if settings is None:  # a model without stochastic depth of its own (timm's, converted or not): no settings
-        return {"stochastic_depth": dict.fromkeys(TRAINED_FIELDS), "folded": "false"}
-    return {"stochastic_depth": settings.trained_dict(), "folded": "true" if settings.folded_from else "false"}
+def _proto(path_or_proto: Union[PathLike, onnx.ModelProto]) -> onnx.ModelProto:
+    return path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else onnx.load(os.fspath(path_or_proto))
 
 
 def read_metadata(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Dict[str, str]:
-    proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else onnx.load(os.fspath(path_or_proto))
-    return {p.key: p.value for p in proto.metadata_props}
+    return {p.key: p.value for p in _proto(path_or_proto).metadata_props}
+
+
+def op_histogram(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Counter:
+    """How many nodes of each operator type the main graph has."""
+    return Counter(node.op_type for node in _proto(path_or_proto).graph.node)
 
 
 def _add_metadata(path: str, metadata: Dict[str, str]) -> onnx.ModelProto:
-    """The file at ``path`` with ``metadata`` added, written back; returns its proto."""
+    """The file at ``path`` with ``metadata`` added (over what the exporter recorded), written back."""
     proto = onnx.load(path)
-    # set_model_props replaces every entry: keep what the tools that made the file recorded, unless ours differ.
-    onnx.helper.set_model_props(proto, {**read_metadata(proto), **metadata})
+    onnx.helper.set_model_props(proto, {**read_metadata(proto), **metadata})  # set_model_props replaces all
     onnx.save(proto, path)
     return proto
 
@@ -211,10 +163,38 @@ def _full_check(path: str, what: str) -> None:
         raise ExportCheckError(f"onnx checker rejected the {what}: {err}") from err
 
 
-def op_histogram(path_or_proto: Union[PathLike, onnx.ModelProto]) -> Counter:
-    """How many nodes of each operator type the main graph has."""
-    proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else onnx.load(os.fspath(path_or_proto))
-    return Counter(node.op_type for node in proto.graph.node)
+# -- metadata ---------------------------------------------------------------------------------------------
+def _strings(meta: Dict[str, Any]) -> Dict[str, str]:
+    """ONNX metadata values are strings: anything else as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def onnx_metadata(model: nn.Module, *, model_name: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
+                  label_names: Optional[Sequence[str]] = None, extra: Optional[Dict[str, Any]] = None
+                  ) -> Dict[str, str]:
+    """What a deployment needs to know about a model, as ONNX metadata (string values; lists are JSON).
+    ``label_names`` defaults to the model's ``pretrained_cfg['label_names']``."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    arch = cfg.get("architecture")
+    if model_name is None:
+        model_name = f"{arch}.{cfg['tag']}" if arch and cfg.get("tag") else (arch or type(model).__name__)
+    num_classes = int(getattr(model, "num_classes", cfg.get("num_classes", 0)) or 0)
+    settings = getattr(model, "survival_settings", None)  # None: no stochastic depth of its own (timm's models)
+    meta: Dict[str, Any] = dict(
+        model_name=model_name, architecture=arch or type(model).__name__,
+        input_size=list(_input_size_of(model, input_size)), mean=list(cfg.get("mean", ())),
+        std=list(cfg.get("std", ())), interpolation=cfg.get("interpolation", ""), crop_pct=cfg.get("crop_pct", ""),
+        num_classes=num_classes, sdzoo_version=SDZOO_VERSION,
+        stochastic_depth=dict.fromkeys(TRAINED_FIELDS) if settings is None else settings.trained_dict(),
+        folded="true" if settings is not None and settings.folded_from else "false")
+    label_names = cfg.get("label_names") if label_names is None else label_names
+    if label_names is not None:
+        meta["label_names"] = [str(n) for n in label_names]
+        if len(label_names) != num_classes:  # a wrong list is worse than none
+            raise ValueError(f"label_names must name each of the {num_classes} classes; got {len(label_names)} names")
+    if getattr(model, "pruned_from", None):  # sdzoo.prune: the source architecture and layers, the blocks kept
+        meta["pruned_from"] = model.pruned_from
+    return _strings(dict(meta, **(extra or {})))
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -229,39 +209,14 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _export_graph(model: nn.Module, path: str, input_size: Tuple[int, int, int], opset: int) -> None:
-    # torch.onnx.export(dynamo=True) directly: timm's export helper uses the legacy TorchScript exporter.
-    # Batch 2 as the example: torch.export would specialise a batch of 1 into the graph.
-    example = torch.randn(2, *input_size)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (example,), path, dynamo=True, opset_version=opset, verbose=False,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim(_BATCH_AXIS)},),
-                external_data=False,  # one self-contained file: every zoo model is well under protobuf's 2 GB
-            )
-    except Exception as err:  # noqa: BLE001  (the exporter raises many types; the caller needs one)
-        raise ExportError(f"torch.onnx.export failed for {type(model).__name__} at input size "
-                          f"{tuple(input_size)}, opset {opset}: {error_line(err)}") from err
+def verify_onnx(path: PathLike, model: nn.Module, *, input_size: Sequence[int], batch_sizes: Sequence[int] = (1, 3, 16),
+                atol: float = 1e-4, rtol: float = 0.0, seed: int = 0) -> Dict[int, float]:
+    """onnx's full checker, then onnxruntime against the PyTorch model in eval mode at each batch size; returns
+    the max abs difference per batch size, raises ``ExportCheckError`` when a check fails.
 
-
-def verify_onnx(
-        path: PathLike,
-        model: nn.Module,
-        *,
-        input_size: Sequence[int],
-        batch_sizes: Sequence[int] = (1, 3, 16),
-        atol: float = 1e-4,
-        rtol: float = 0.0,
-        seed: int = 0,
-) -> Dict[int, float]:
-    """onnx's full checker, then onnxruntime against the PyTorch model in eval mode at each batch size.
-
-    A batch passes when its max abs difference is at most ``atol + rtol * max|logit|``. The default is the
-    absolute bound alone; ``rtol`` is for untrained deep models, whose logits can reach 1e5 and more.
-    Returns the max abs difference per batch size; raises ``ExportCheckError`` when a check fails.
+    A batch passes when its max abs difference is at most ``atol + rtol * max|logit|``: ``rtol`` is for untrained
+    deep models, whose logits can reach 1e5. The file on disk is checked against the eager model (not an
+    in-memory ONNXProgram, as torch.onnx.verification does), so that a file exported elsewhere can be checked.
     """
     path = os.fspath(path)
     input_size = check_input_size("input_size", input_size)
@@ -271,9 +226,6 @@ def verify_onnx(
         session = ort_session(path)
     except Exception as err:  # noqa: BLE001  (onnxruntime raises its own exception types)
         raise ExportCheckError(f"onnxruntime cannot load the exported model: {err}") from err
-    # Hand-written rather than torch.onnx.verification.verify_onnx_program / torch.onnx.testing.assert_onnx_program:
-    # those run an in-memory ONNXProgram against its own exported program, while this checks the file on disk
-    # (metadata and all) against the eager model, and also a file exported elsewhere (the Hub's ONNX check).
     generator = torch.Generator().manual_seed(seed)
     diffs, scale = {}, 0.0
     with eval_mode(model), torch.no_grad():
@@ -286,31 +238,19 @@ def verify_onnx(
                                        f"at batch {batch_size}")
             diffs[batch_size] = float(np.abs(got - expected).max())
             scale = max(scale, float(np.abs(expected).max()))
-    bound = atol + rtol * scale
-    failed = {b: d for b, d in diffs.items() if not d <= bound}  # `not <=` also catches NaN
+    failed = ", ".join(f"batch {b}: {d:.3e}" for b, d in diffs.items() if not d <= atol + rtol * scale)  # and NaN
     if failed:
-        detail = ", ".join(f"batch {b}: {d:.3e}" for b, d in failed.items())
-        # Float rounding grows with the logits (an untrained deep ResNet's reach 1e5): say how large they are.
         raise ExportCheckError(f"onnxruntime output differs from PyTorch by more than atol={atol:g} + "
-                               f"rtol={rtol:g} x {scale:.3g} (the largest |logit|): {detail}")
+                               f"rtol={rtol:g} x {scale:.3g} (the largest |logit|): {failed}")
     return diffs
 
 
-def export_onnx(
-        model: nn.Module,
-        path: PathLike,
-        *,
-        input_size: Optional[Sequence[int]] = None,
-        opset: int = DEFAULT_OPSET,
-        verify_batch_sizes: Sequence[int] = (1, 3, 16),
-        atol: float = 1e-4,
-        rtol: float = 0.0,
-        metadata: Optional[Dict[str, Any]] = None,
-        seed: int = 0,
-) -> ExportReport:
+def export_onnx(model: nn.Module, path: PathLike, *, input_size: Optional[Sequence[int]] = None,
+                opset: int = DEFAULT_OPSET, verify_batch_sizes: Sequence[int] = (1, 3, 16), atol: float = 1e-4,
+                rtol: float = 0.0, metadata: Optional[Dict[str, Any]] = None, seed: int = 0) -> ExportReport:
     """Export ``model`` (in eval mode; fold a stochastic-depth model first for a plain-ResNet graph) to one ONNX
-    file with a dynamic batch axis, checked by ``verify_onnx`` at ``verify_batch_sizes`` before it replaces
-    ``path``. ``input_size`` (C, H, W) defaults to the model's pretrained_cfg, ``metadata`` to ``onnx_metadata``.
+    file with a dynamic batch axis, checked by ``verify_onnx`` before it replaces ``path``. ``input_size``
+    (C, H, W) defaults to the model's pretrained_cfg, ``metadata`` to ``onnx_metadata``.
     Raises ValueError for a bad argument, ExportError (ExportCheckError: a failed check) when the export fails;
     ``path`` is then left as it was."""
     input_size = _input_size_of(model, input_size)
@@ -319,14 +259,20 @@ def export_onnx(
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if not tol >= 0:
             raise ValueError(f"{name} must be >= 0; got {tol!r}")
-    if metadata is None:
-        metadata = onnx_metadata(model, input_size=input_size)
-    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    metadata = _strings(onnx_metadata(model, input_size=input_size) if metadata is None else metadata)
 
     remove_abandoned_temporaries(path)  # of an export of this file that was killed mid-write
     with staged_file(path) as tmp:
-        with eval_mode(model):
-            _export_graph(model, tmp, input_size, opset)
+        try:  # torch.onnx.export itself: timm's export helper uses the legacy TorchScript exporter
+            with eval_mode(model), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # Batch 2 as the example: torch.export would specialise a batch of 1 into the graph.
+                torch.onnx.export(model, (torch.randn(2, *input_size),), tmp, dynamo=True, opset_version=opset,
+                                  verbose=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
+        except Exception as err:  # noqa: BLE001  (the exporter raises many types; the caller needs one)
+            raise ExportError(f"torch.onnx.export failed for {type(model).__name__} at input size "
+                              f"{tuple(input_size)}, opset {opset}: {error_line(err)}") from err
         proto = _add_metadata(tmp, metadata)
         diffs = verify_onnx(tmp, model, input_size=input_size, batch_sizes=verify_batch_sizes, atol=atol,
                             rtol=rtol, seed=seed)
@@ -336,29 +282,16 @@ def export_onnx(
         file_size=file_size, op_histogram=dict(op_histogram(proto)), metadata=metadata)
 
 
-def _batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(images), batch_size):
-        yield images[start:start + batch_size]
-
-
 # -- quantization -----------------------------------------------------------------------------------------
-def quantize_int8(
-        fp32_path: PathLike,
-        output_path: PathLike,
-        calibration_images: np.ndarray,
-        eval_images: np.ndarray,
-        *,
-        per_channel: bool = True,
-        batch_size: int = 32,
-        metadata: Optional[Dict[str, str]] = None,
-) -> QuantizeReport:
-    """Static int8 QDQ quantization with onnxruntime, calibrated on ``calibration_images`` (N, C, H, W).
-
-    Reports file sizes and how often the two models agree on the top-1 class of ``eval_images`` (keep them
-    apart from the calibration images). The fp32 file's metadata is carried over.
-    The output is written only when the quantized model passes onnx's checker and runs.
-    """
-    from onnxruntime.quantization import CalibrationDataReader
+def quantize_int8(fp32_path: PathLike, output_path: PathLike, calibration_images: np.ndarray, eval_images: np.ndarray,
+                  *, per_channel: bool = True, batch_size: int = 32, metadata: Optional[Dict[str, str]] = None
+                  ) -> QuantizeReport:
+    """Static int8 QDQ quantization with onnxruntime, calibrated on ``calibration_images`` (N, C, H, W); reports
+    file sizes and how often int8 and fp32 agree on the top-1 class of ``eval_images`` (keep them apart from the
+    calibration images). The fp32 file's metadata is carried over; the output is written only when the quantized
+    model passes onnx's checker and runs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path = os.fspath(fp32_path)
     if not os.path.isfile(fp32_path):
@@ -366,59 +299,31 @@ def quantize_int8(
     calibration_images = _check_images("calibration_images", calibration_images)
     eval_images = _check_images("eval_images", eval_images)
 
-    class _Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = iter(_batches(calibration_images, batch_size))
+            self.feeds = iter([{INPUT_NAME: b} for b in _batches(calibration_images, batch_size)])
 
         def get_next(self):
-            batch = next(self._it, None)
-            return None if batch is None else {INPUT_NAME: batch}
+            return next(self.feeds, None)
 
-    fp32_meta = read_metadata(fp32_path)
-    metadata = dict(fp32_meta, **(metadata or {}))
-    metadata.update(quantization=json.dumps(dict(
+    metadata = {**read_metadata(fp32_path), **(metadata or {}), "quantization": json.dumps(dict(
         method="onnxruntime static QDQ", weights="int8", activations="int8", per_channel=per_channel,
-        calibration_images=len(calibration_images))))
+        calibration_images=len(calibration_images)))}
 
     remove_abandoned_temporaries(output_path)  # of a quantization of this file that was killed mid-write
     with staged_file(output_path) as tmp:
-        _quantize_static(fp32_path, tmp, _Reader(), per_channel)
+        try:
+            with tempfile.TemporaryDirectory() as work:  # onnxruntime's recommended preparation comes first
+                prepared = os.path.join(work, "prepared.onnx")
+                quant_pre_process(fp32_path, prepared)
+                quantize_static(prepared, tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        except Exception as err:  # noqa: BLE001  (onnxruntime's quantizer raises many types)
+            raise ExportError(f"onnxruntime quantization of {fp32_path} failed: {error_line(err)}") from err
         _add_metadata(tmp, metadata)
         _full_check(tmp, "quantized model")
-        fp32_session, int8_session = ort_session(fp32_path), ort_session(tmp)
-        agreement = _top1_agreement(fp32_session, int8_session, eval_images, batch_size)
+        top1 = [_predict(ort_session(p), eval_images, batch_size).argmax(1) for p in (fp32_path, tmp)]
         int8_size = os.path.getsize(tmp)
-    return QuantizeReport(
-        path=os.fspath(output_path), fp32_size=os.path.getsize(fp32_path), int8_size=int8_size,
-        top1_agreement=agreement, num_calibration=len(calibration_images),
-        num_eval=len(eval_images))
-
-
-def _quantize_static(fp32_path: str, output_path: str, reader, per_channel: bool) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        with tempfile.TemporaryDirectory() as work:
-            # onnxruntime's recommended preparation: shape inference and graph optimisation, then calibrate.
-            prepared = os.path.join(work, "prepared.onnx")
-            quant_pre_process(fp32_path, prepared)
-            quantize_static(
-                prepared, output_path, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-    except Exception as err:  # noqa: BLE001  (onnxruntime's quantizer raises many types)
-        raise ExportError(f"onnxruntime quantization of {fp32_path} failed: {error_line(err)}") from err
-
-
-def _top1_agreement(session_a, session_b, images: np.ndarray, batch_size: int) -> float:
-    agree = 0
-    for batch in _batches(images, batch_size):
-        agree += int((_run_onnx(session_a, batch).argmax(1) == _run_onnx(session_b, batch).argmax(1)).sum())
-    return agree / len(images)
-
-
-def _check_images(name: str, images) -> np.ndarray:
-    images = np.ascontiguousarray(images, dtype=np.float32)
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"{name} must be a non-empty (N, C, H, W) array; got shape {images.shape}")
-    return images
+    return QuantizeReport(path=os.fspath(output_path), fp32_size=os.path.getsize(fp32_path), int8_size=int8_size,
+                          top1_agreement=float((top1[0] == top1[1]).mean()), num_calibration=len(calibration_images),
+                          num_eval=len(eval_images))
