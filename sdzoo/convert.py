@@ -1,10 +1,7 @@
 """A real skip for timm's own drop-path models: ``convert_drop_path`` moves every ``shortcut + drop_path(f(x))``
-of a model onto the zoo's gates (``sdzoo.gate``), in place.
-
-Each block that holds a DropPath is traced with torch.fx (its own forward only: its submodules stay calls), the
-branch that feeds each DropPath is found in that graph, and the residual add becomes a call of the gate, which
-runs the branch on the kept samples or not at all. The block keeps its class (a subclass with another forward
-in training), its attributes and its state dict; in eval mode it runs timm's own forward (docs/convert.md).
+of a model onto the zoo's gates (``sdzoo.gate``), in place. Each block's forward is traced with torch.fx, the
+branch that feeds each DropPath is found in that graph, and the residual add becomes a call of the gate, in a
+subclass of the block's class used in training only (docs/convert.md, "One mechanism for every block class").
 """
 from __future__ import annotations
 
@@ -37,14 +34,13 @@ __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPa
            "model_input_size"]
 
 CONVERT_MODES = ("sample", "batch")
-# Below this per-branch rate a branch stays timm's mask: the real skip's gather and scatter cost more than the
-# branch time they save (docs/benchmarks.md, "Sample mode's break-even"; sdzoo bench --convert measures it).
+# Below this rate the real skip costs more than it saves (docs/benchmarks.md, "Sample mode's break-even").
 BREAK_EVEN_DROP_RATE = 0.05
 
 
 class DropPathSampler(GateSampler):
-    """The gate sampler of a converted model (``model.drop_path_sampler``): batch gates carry their scale as a
-    tensor, so no rate is a constant of a compiled graph, and the masks left ramp with the warmup too."""
+    """``model.drop_path_sampler``: batch gates carry their scale as a tensor (no rate is a constant of a compiled
+    graph), and the masks left ramp with the warmup too."""
 
     def __init__(self, survival_probs: Sequence[float], mode: str, seed: int):
         super().__init__(survival_probs, mode, seed, scale_in_gate=True)
@@ -57,9 +53,8 @@ class DropPathSampler(GateSampler):
 
 
 class DropPathGate(ResidualGate):
-    """timm's DropPath slot, converted: the rewritten forward calls it as ``slot(site, branch, shortcut,
-    *inputs)``, one gate per place (site) the forward uses the slot; called as ``slot(x)`` (eval mode, or a call
-    the rewrite does not cover) it is timm's DropPath at the rate in effect."""
+    """timm's DropPath slot, converted: called as ``slot(site, branch, shortcut, *inputs)`` by the rewritten
+    forward (a gate per site that uses the slot), and as ``slot(x)`` timm's DropPath at the rate in effect."""
 
     def __init__(self, drop_prob: float, scale_by_keep: bool, indices: Sequence[int], sampler: DropPathSampler):
         # timm divides a kept branch by its keep rate unless scale_by_keep is off: then nothing is scaled.
@@ -96,8 +91,8 @@ class NotConvertible(Exception):
 
 
 class _BlockTracer(fx.Tracer):
-    """Traces one block's own forward: every submodule is a call (a leaf), and timm's registered functions
-    are kept opaque, as timm's own FX feature extraction keeps them."""
+    """Traces one block's own forward: every submodule a call, timm's registered functions opaque (as timm's FX
+    feature extraction keeps them)."""
 
     def __init__(self):
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
@@ -137,11 +132,10 @@ def _forward_params(block: nn.Module) -> List[inspect.Parameter]:
 def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
     concrete = {p.name: list(k[1]) if k[0] == "list" else k[1]
                 for p, k in zip(_forward_params(block), key) if k != _TENSOR}
-    # The training forward: the block's own flag only (its submodules are leaves), so a user's frozen
-    # BatchNorm inside it stays as it was.
+    # The training forward of timm's class; the block's own flag only, so a frozen BatchNorm inside stays frozen.
     was_training, cls = block.training, type(block)
     block.training = True
-    block.__class__ = _own_class(block)  # trace timm's forward, also of a block converted before
+    block.__class__ = _own_class(block)
     try:
         graph = _BlockTracer().trace(block, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001  (FX raises many kinds; each is a reason to report, not a crash)
@@ -174,8 +168,7 @@ def _depends_on(node: fx.Node, roots: Set[fx.Node], memo: Dict[fx.Node, bool]) -
 
 
 def _is_shape(node: Any) -> bool:
-    """A node that computes a size or a property of a tensor, not values: cheap to recompute from the kept
-    samples (sample mode needs a batch size taken before the branch to be the kept count inside it)."""
+    """A size or property of a tensor, not values: recomputed from the kept samples inside a branch."""
     if not isinstance(node, fx.Node):
         return True
     if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS or _calls(node, _SIZES):
@@ -188,9 +181,8 @@ def _inplace_module(block: nn.Module, node: fx.Node) -> bool:
 
 
 def _post_op_reason(block: nn.Module, node: fx.Node, carried: Set[fx.Node]) -> Optional[str]:
-    """Why ``node``, which reads the dropped branch (``carried``), may not sit between the drop path and the
-    add; None when it may: a scale by a value that is not the branch, a layout op, a size query, or a module
-    that is the identity or such a scale (LayerScale, MetaFormer's Scale)."""
+    """Why ``node``, which reads the dropped branch (``carried``), may not sit between the drop path and the add
+    (None: it may, being a scale, a layout op, a size, or an identity or scale module)."""
     if _calls(node, _SCALES):
         carried_args = [a for a in node.all_input_nodes if a in carried]
         if len(carried_args) == 1 and not (node.target in _DIVS and node.args[0] is not carried_args[0]):
@@ -214,15 +206,15 @@ def _is_scale_module(module: nn.Module) -> bool:
     """A module whose forward only scales its input by its own parameters (LayerScale, MetaFormer's Scale)."""
     key = (type(module), *sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str))))
     if key not in _SCALE_MODULES:
-        try:
-            _SCALE_MODULES[key] = _only_scales(module)
-        except Exception:  # noqa: BLE001  (not traceable: not known to be a scale)
-            _SCALE_MODULES[key] = False
+        _SCALE_MODULES[key] = _only_scales(module)
     return _SCALE_MODULES[key]
 
 
 def _only_scales(module: nn.Module) -> bool:
-    graph = _BlockTracer().trace(module)
+    try:
+        graph = _BlockTracer().trace(module)
+    except Exception:  # noqa: BLE001  (not traceable: not known to be a scale)
+        return False
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     carried = set(inputs[:1])
     for node in graph.nodes:
@@ -235,8 +227,7 @@ def _only_scales(module: nn.Module) -> bool:
 
 
 def _find_sites(block: nn.Module, graph: fx.Graph, slots: Iterable[str]) -> Tuple[List[_Site], Dict[str, str]]:
-    """The residual sites of the drop-path ``slots`` in a block's graph, and for each slot that is used but
-    cannot be gated, why (slots the forward never calls are neither)."""
+    """The residual sites of the drop-path ``slots`` in a block's graph, and why each slot used but not gated is not."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     sites, kept_as_mask = [], {}
     for slot in slots:
@@ -324,21 +315,16 @@ class _Rewrite:
     branches: Tuple[Branch, ...]
 
 
-def _compile_graph(graph: fx.Graph, name: str):
+def _compile_graph(graph: fx.Graph, name: str, out_spec: Any = None):
+    """The graph's code as a function; with ``out_spec``, it returns that structure of the graph's flat output."""
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<sdzoo {name}>", "exec"), namespace)  # noqa: S102  (FX's own generated code)
-    return namespace["forward"]
+    fn = namespace["forward"]
+    return fn if out_spec is None else lambda *args: tree_unflatten(fn(*args), out_spec)
 
 
-def _unflattening(fn, out_spec):
-    def forward(*args: Any) -> Any:
-        return tree_unflatten(fn(*args), out_spec)
-    return forward
-
-
-def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_extras: Dict[str, Optional[bool]],
-               name: str) -> Tuple[Branch, List[fx.Node]]:
+def _branch_of(block: nn.Module, site: _Site, placeholders: List[fx.Node], name: str) -> Tuple[Branch, List[fx.Node]]:
     """The site's branch as a function of its inputs, and those inputs (nodes of the block's graph). Sizes
     read before the branch are recomputed inside it, from its own (in sample mode: gathered) inputs."""
     graph = fx.Graph()
@@ -369,19 +355,19 @@ def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_e
     parameters = dict(block.named_parameters(remove_duplicate=False))
     modules = sorted({n.target for n in site.region if n.op == "call_module"})
     params = sorted({n.target for n in site.region if n.op == "get_attr" and n.target in parameters})
+    extras = getattr(block, "_sdzoo_batched_inputs", None) or {}
     branch = Branch(block, _compile_graph(graph, name), modules, param_names=params,
-                    batched=[_input_batched(n, main, batched_extras) for n in inputs])
+                    batched=[_input_batched(n, placeholders, extras) for n in inputs])
     return branch, inputs
 
 
-def _input_batched(node: fx.Node, main: Optional[fx.Node], batched_extras: Dict[str, Optional[bool]]) -> Optional[bool]:
-    """Whether a branch input holds the samples first (None: "if its first dimension is the batch size").
-    Values made from the block's main input are judged by their size; an extra input of the block (a mask, a
-    rotary table, a relative-position bias) by what ``convert_drop_path`` saw of it, where it saw it."""
-    roots = _placeholder_roots(node, set())
-    if not roots or main in roots:
+def _input_batched(node: fx.Node, placeholders: List[fx.Node], extras: Dict[str, bool]) -> Optional[bool]:
+    """Whether a branch input holds the samples first (None: "if its first dimension is the batch size"): one
+    made from the block's main input is judged by its size, from extra inputs by what the probe saw of them."""
+    roots = [p for p in placeholders if _depends_on(node, {p}, {})]
+    if not roots or placeholders[0] in roots:
         return None
-    flags = [batched_extras.get(_argument_name(r, list(batched_extras))) for r in roots]
+    flags = [extras.get(_argument_name(r, list(extras))) for r in roots]
     if all(f is False for f in flags):
         return False
     return True if any(flags) else None
@@ -397,25 +383,13 @@ def _argument_name(placeholder: fx.Node, params: Sequence[str]) -> str:
     return max(matches, key=len) if matches else target
 
 
-def _placeholder_roots(node: fx.Node, seen: Set[fx.Node]) -> List[fx.Node]:
-    if node in seen:
-        return []
-    seen.add(node)
-    if node.op == "placeholder":
-        return [node]
-    return [r for a in node.all_input_nodes for r in _placeholder_roots(a, seen)]
-
-
 def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tuple[_Rewrite, List[_Site]]:
     """The training forward of ``block`` with each gated site's add replaced by a call of its gate."""
     graph = _trace(block, key)
     sites, _ = _find_sites(block, graph, slots)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    main = placeholders[0] if placeholders else None
-    batched_extras = dict(getattr(block, "_sdzoo_batched_inputs", None) or {})
     cls = type(block).__name__
-    made = [_branch_of(block, site, main, batched_extras, f"{cls}.{site.slot}.branch{i}")
-            for i, site in enumerate(sites)]
+    made = [_branch_of(block, site, placeholders, f"{cls}.{site.slot}.branch{i}") for i, site in enumerate(sites)]
     # The new forward: the same graph, each site's region and add replaced by ``slot(site, branch, ...)``.
     new = fx.Graph()
     branches_arg = new.placeholder("sdzoo_branches")
@@ -446,12 +420,8 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tu
         if node.op == "call_function" and node.target is operator.eq and not node.users:
             new.erase_node(node)
     new.lint()
-    fn = _compile_graph(new, f"{cls}.forward")
-    # A tuple specialised (a feature size) makes FX trace with its pytree codegen, whose output node holds the
-    # flat leaves of what forward returns; FX keeps the output's structure there and nowhere public.
-    out_spec = fx_output_spec(graph)
-    if out_spec is not None:
-        fn = _unflattening(fn, out_spec)
+    # A specialised tuple (a feature size) makes FX trace with its pytree codegen: the output is flattened.
+    fn = _compile_graph(new, f"{cls}.forward", fx_output_spec(graph))
     return _Rewrite(fn, tuple(branch for branch, _ in made)), sites
 
 
@@ -462,15 +432,15 @@ _NAME = "_sdzoo_name"  # the block's name in the converted model, for messages
 
 
 class DropPathGatedBlock:
-    """The forward of a converted block: in training, the block's own forward with each residual add replaced
-    by its gate (``_rewrite``, generated once per kind of call); in eval mode, timm's forward, bit for bit.
-    Mixed into the block's own class, so the block stays an instance of it."""
+    """Mixed into a converted block's class: in training, the rewrite of the block's forward for the kind of call
+    (made once per kind); in eval mode, timm's forward, bit for bit."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:
             rewrite = _rewrite_for(self, args, kwargs)
             if rewrite is not None:
-                return rewrite.fn(self, rewrite.branches, *_positional(self, args, kwargs))
+                defaults = [kwargs.get(name, default) for name, default in self._sdzoo_params[len(args):]]
+                return rewrite.fn(self, rewrite.branches, *args, *defaults)
         return super().forward(*args, **kwargs)
 
     def __reduce_ex__(self, protocol: int):
@@ -506,30 +476,23 @@ def _new_gated_block(cls: type) -> nn.Module:
     return object.__new__(_gated_class(cls))
 
 
-def _positional(block: nn.Module, args: tuple, kwargs: dict) -> List[Any]:
-    return list(args) + [kwargs.get(name, default) for name, default in block._sdzoo_params[len(args):]]
-
-
 def _rewrite_for(block: nn.Module, args: tuple, kwargs: dict) -> Optional[_Rewrite]:
     key = _call_key_fast(block, args, kwargs)
     rewrites = block.__dict__[_REWRITES]
     if key in rewrites:  # (None: a call whose arguments make no key; it was warned of)
         return rewrites[key]
-    if torch.compiler.is_compiling():
-        raise RuntimeError(_unbuilt_call_message(block, key, args, kwargs))
-    return _build_rewrite(block, key)
-
-
-def _unbuilt_call_message(block: nn.Module, key: Optional[Tuple[Any, ...]], args: tuple, kwargs: dict) -> str:
+    if not torch.compiler.is_compiling():
+        return _build_rewrite(block, key)
     # Names only: inside a compiled frame the values may be symbolic, which dynamo cannot format.
     name = block.__dict__.get(_NAME) or type(block).__name__
     names = [n for n, _ in block._sdzoo_params][:len(args)] + sorted(kwargs)
     what = "with " + ", ".join(names) if key is not None else "with an argument that makes no kind of call"
-    return (f"convert_drop_path: a compiled training forward called the converted block {name!r} "
-            f"({type(block).__name__}) {what}, in a kind of call it was not prepared for at conversion (which ran "
-            f"one training forward at the model's input size: another input size changes a feature size). "
-            f"Convert with input_size=(C, H, W) of the training inputs, or run one training step of the model as "
-            f"it will be called before torch.compile, so that the block's rewrite for the call is made eagerly.")
+    raise RuntimeError(
+        f"convert_drop_path: a compiled training forward called the converted block {name!r} "
+        f"({type(block).__name__}) {what}, in a kind of call it was not prepared for at conversion (which ran "
+        f"one training forward at the model's input size: another input size changes a feature size). "
+        f"Convert with input_size=(C, H, W) of the training inputs, or run one training step of the model as "
+        f"it will be called before torch.compile, so that the block's rewrite for the call is made eagerly.")
 
 
 def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
@@ -558,11 +521,9 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 
 @torch.compiler.disable
 def _build_rewrite(block: nn.Module, key: Optional[Tuple[Any, ...]]) -> Optional[_Rewrite]:
-    """The rewrite for a kind of call (made at conversion for the calls a training forward makes; later for
-    another mask, a flag, a new input size). Where it cannot be made the call runs timm's forward (its masks,
-    no skip), with a warning once for the block and kind of call."""
+    """The rewrite for a kind of call, made at conversion or when a new kind first runs eagerly. Where it cannot
+    be made, the call runs timm's forward and masks, with a warning once for the block and kind of call."""
     slots = {name: m for name, m in block.named_children() if isinstance(m, DropPathGate)}
-    rewrite = None
     try:
         if key is None:
             raise NotConvertible("an argument is neither a tensor nor a number, string or flat tuple/list of them")
@@ -589,9 +550,8 @@ def _build_rewrite(block: nn.Module, key: Optional[Tuple[Any, ...]]) -> Optional
 
 
 def _keep_shortcuts_unchanged(block: nn.Module, sites: Sequence[_Site]) -> None:
-    """A skipped branch returns its shortcut unchanged: what the block does in place after the add (an
-    in-place activation, also behind an Identity or a reshape, as in RepVGG's ``x += identity; attn; act``)
-    is made out of place, or it would change the shortcut, which the caller may still hold."""
+    """An in-place module after the add (RepVGG's ReLU, also behind an Identity or a reshape) made out of place: a
+    skipped branch returns its shortcut, which the caller may still hold."""
     for site in sites:
         frontier = list(site.add.users)
         while frontier:
@@ -646,29 +606,21 @@ def _default_key(block: nn.Module) -> Tuple[Any, ...]:
 
 
 # -- the calls of a training forward ----------------------------------------------------------------------------
-_MAIN_INPUT = "<input>"
-
-
 def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Sequence[int],
                  size: Optional[Tuple[int, ...]]) -> Dict[int, Set[Any]]:
-    """The kinds of call (``_call_key_fast``) each block gets in a training forward at the model's input size,
-    seen without memory or compute (``_run_without_memory``), so that their rewrites are made at conversion and
-    not inside a compiled graph. At two batch sizes it also sees which extra tensor inputs of a block (masks,
-    rotary tables, relative-position biases) hold the batch first, and how many rows of its input the block
-    gets per sample (MobileViT's transformer sees patches x batch). What it cannot see is judged at run time."""
+    """The kinds of call (``_call_key_fast``) each block gets in a training forward at ``size``, seen without
+    memory or compute, so that their rewrites are made at conversion, not in a compiled graph. At two batch
+    sizes it also sees which extra tensor inputs hold the batch first (masks, rotary tables), and the rows per
+    sample a block gets (MobileViT's transformer: patches x batch); what it cannot see is judged at run time."""
     keys: Dict[int, Set[Any]] = {id(b): set() for b in blocks}
     if size is None:
         return keys
-    shapes: Dict[int, Dict[str, List[Tuple[int, ...]]]] = {id(b): {} for b in blocks}
+    shapes: Dict[int, Dict[str, List[Tuple[int, ...]]]] = {id(b): {} for b in blocks}  # argument -> its shapes
 
     def record(block, args, kwargs):
         keys[id(block)].add(_call_key_fast(block, args, kwargs))
-        names = [n for n, _ in block._sdzoo_params]
-        values = dict(zip(names[1:], args[1:]), **kwargs)
-        if args and isinstance(args[0], Tensor):
-            values[_MAIN_INPUT] = args[0]
-        for name, value in values.items():
-            if isinstance(value, Tensor) and (value.dim() > 0 or name == _MAIN_INPUT):
+        for name, value in dict(zip([n for n, _ in block._sdzoo_params], args), **kwargs).items():
+            if isinstance(value, Tensor) and value.dim() > 0:
                 shapes[id(block)].setdefault(name, []).append(tuple(value.shape))
 
     def reset():  # what a failed way recorded
@@ -691,12 +643,11 @@ def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Seq
         return keys
     low, high = batch_sizes[0], batch_sizes[-1]
     for block in blocks:
-        main = shapes[id(block)].pop(_MAIN_INPUT, [])
+        main = shapes[id(block)].pop(block._sdzoo_params[0][0] if block._sdzoo_params else None, [])
         block._sdzoo_batched_inputs = {name: (seen[0][0], seen[-1][0]) == (low, high)
                                        for name, seen in shapes[id(block)].items()
                                        if len(seen) >= 2 and len({len(s) for s in seen}) == 1}
-        # The rows per sample, where the block's batch is a fixed multiple of the model's: then the pre-hook
-        # draws its rows too, also under torch.compile, where batch sizes are not compared.
+        # Where the block's batch is a fixed multiple of the model's, the pre-hook draws its rows too.
         rows = main[0][0] // low if main else None
         if main and any(shape[0] != rows * b for shape, b in zip(main, batch_sizes)):
             rows = None
@@ -708,10 +659,8 @@ def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Seq
 
 
 def _run_without_memory(model: nn.Module, size: Tuple[int, ...], batch_sizes: Sequence[int], reset) -> bool:
-    """Training forwards of ``model`` at ``size`` that compute nothing and change nothing: on the meta device,
-    its parameters and buffers swapped for meta tensors (the running statistics a training forward updates
-    are the copies'); where the model makes tensors of its own on the CPU, with fake tensors, many times
-    slower. Whether either ran."""
+    """Whether training forwards of ``model`` at ``size`` ran, computing and changing nothing: on meta copies of
+    its parameters and buffers, or (a model that makes CPU tensors of its own) with fake tensors, many times slower."""
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     meta_state = {name: torch.empty_like(t, device="meta") for name, t in named}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -757,23 +706,12 @@ def model_input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
 def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
                       min_drop_rate: float = BREAK_EVEN_DROP_RATE,
                       input_size: Optional[Sequence[int]] = None) -> nn.Module:
-    """Give a timm model built with ``drop_path_rate`` a real skip, in place; returns the model.
-
-    Args:
-        model: a timm model whose residual blocks hold DropPath layers (``drop_path_rate > 0``); also one
-            wrapped in DistributedDataParallel (its module is converted).
-        mode: "sample" (DINOv2's fixed-size subset of round(keep * B) samples) or "batch" (one gate per
-            branch for the whole batch). Both scale a kept branch as timm does (divided by the kept share).
-        seed: seed of the model's gate generator: the same seed gives the same gates on every run and rank.
-        min_drop_rate: a branch whose drop rate is below this stays timm's mask, where the real skip does not
-            pay (default: ``BREAK_EVEN_DROP_RATE``; 0 converts every DropPath'd branch).
-        input_size: (channels, height, width) of the training inputs (default: ``model_input_size``), at
-            which conversion runs one training forward without memory or compute, to prepare the blocks for
-            the calls it makes; a call at another size is prepared when it first runs eagerly.
-
-    A DropPath that is not on a residual branch stays timm's mask (``inspect_drop_paths`` says which and why).
-    Raises ValueError when the model has nothing to convert, or when a block holding a DropPath cannot be
-    read (its forward cannot be traced): the message names the block class and the reason.
+    """Give a timm model built with ``drop_path_rate`` (or its DistributedDataParallel) a real skip, in place;
+    returns the model. ``mode``: "sample" (DINOv2's subset of round(keep * B) samples) or "batch" (one gate per
+    branch for the batch); ``seed``: the gates' generator, the same on every run and rank; a branch below
+    ``min_drop_rate`` stays timm's mask; ``input_size`` (C, H, W; default ``model_input_size``): the size whose
+    calls are prepared. Raises ValueError, naming the block and why, where nothing converts or a block cannot be
+    traced; a DropPath off a residual stays timm's mask (``inspect_drop_paths`` says why). See docs/convert.md.
     """
     check_choice("mode", mode, CONVERT_MODES)
     check_int("seed", seed, 0, 2**63 - 1)
@@ -853,10 +791,8 @@ _OFF_VALUES = ("", "0", "off", "no", "false")
 
 
 def install_create_model_hook() -> bool:
-    """With ``SDZOO_CONVERT_DROP_PATH=sample`` (or ``batch``) in the environment, every model that
-    ``timm.create_model`` builds with a DropPath on a residual branch comes back converted, so timm's own
-    train.py (or any script) gets the real skip without an edit; ``SDZOO_CONVERT_SEED`` seeds the gates
-    (default 0). Called when sdzoo is imported; returns whether the hook is in place."""
+    """With ``SDZOO_CONVERT_DROP_PATH=sample`` (or ``batch``), ``timm.create_model`` converts every model it builds
+    with drop paths (``SDZOO_CONVERT_SEED``: the seed), timm's train.py too. Whether the hook is in place."""
     import timm
     import timm.models
 
@@ -896,10 +832,4 @@ def _environment_settings() -> Tuple[str, int]:
         raise ValueError(f"{CONVERT_ENV} must be one of {', '.join(map(repr, CONVERT_MODES))} (or unset, or "
                          f"'off'); got {os.environ.get(CONVERT_ENV)!r}")
     raw = os.environ.get(SEED_ENV, "0").strip()
-    try:
-        seed = int(raw)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"{SEED_ENV} must be an integer in [0, 2**63); got {raw!r}")
-    return mode, seed
+    return mode, check_int(SEED_ENV, int(raw) if raw.isdecimal() else raw, 0, 2**63 - 1)
