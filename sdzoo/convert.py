@@ -76,12 +76,10 @@ class DropPathGate(ResidualGate):
             rate = self.sampler.drop_rate_factor * self.drop_prob
             return drop_path(args[0], rate, self.training, self.scale_by_keep)
         site, branch, shortcut, *inputs = args
-        gate = None
-        if self.training:
-            index = self.indices[site]
-            # Rows per sample seen at conversion: the pre-hook drew this branch's rows (see GateSampler.gate).
-            known_rows = self.sampler.rows_per_sample[index] is not None
-            gate = self.sampler.gate(index, shortcut.shape[0], shortcut.device, known_rows)
+        index = self.indices[site]
+        # Rows per sample seen at conversion: the pre-hook drew this branch's rows (see GateSampler.gate).
+        known_rows = self.sampler.rows_per_sample[index] is not None
+        gate = self.sampler.gate(index, shortcut.shape[0], shortcut.device, known_rows) if self.training else None
         return self.apply_gate(gate, branch, shortcut, *inputs)
 
 
@@ -120,8 +118,7 @@ def _calls(node: fx.Node, targets: Set[Any]) -> bool:
     return node.op in ("call_function", "call_method") and node.target in targets
 
 
-def _own_class(block: nn.Module) -> type:
-    """The class whose forward is the block's own: under a converted block, the timm class."""
+def _own_class(block: nn.Module) -> type:  # under a converted block, the timm class
     return getattr(type(block), "_sdzoo_timm_class", type(block))
 
 
@@ -168,7 +165,7 @@ def _depends_on(node: fx.Node, roots: Set[fx.Node], memo: Dict[fx.Node, bool]) -
 
 
 def _is_shape(node: Any) -> bool:
-    """A size or property of a tensor, not values: recomputed from the kept samples inside a branch."""
+    """A size or property of a tensor, not values: a branch recomputes it from its own (kept) samples."""
     if not isinstance(node, fx.Node):
         return True
     if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS or _calls(node, _SIZES):
@@ -236,8 +233,7 @@ def _find_sites(block: nn.Module, graph: fx.Graph, slots: Iterable[str]) -> Tupl
         except NotConvertible as e:
             kept_as_mask[slot] = str(e)
     sites.sort(key=lambda s: order[s.add])
-    # A residual inside another's branch (EdgeNeXt: an attention residual inside the block's residual) stays
-    # timm's mask there: the outer gate skips it with the rest of its branch.
+    # A residual inside another's branch (EdgeNeXt's attention) stays timm's mask: the outer gate skips both.
     regions = [set(s.region) for s in sites]
     sites = [s for i, s in enumerate(sites) if not any(
         j != i and s.add in outer and regions[i] <= outer for j, outer in enumerate(regions))]
@@ -295,8 +291,7 @@ def _site(block: nn.Module, slot: str, drop: fx.Node, order: Dict[fx.Node, int])
             region.add(node)
     if branch_out not in region or branch_out.op in ("placeholder", "get_attr"):
         raise NotConvertible(f"{slot} drops the shortcut or a shared value: there is no branch of its own to skip")
-    # A branch of indexing and reshapes only takes its values from a call that stays outside it (MViTv2's
-    # attention returns its output and the new feature size, which the block returns too): nothing to skip.
+    # Indexing and reshapes of a call that stays outside (MViTv2's attention and its feature size): nothing to skip.
     if all(n in post or n is drop or _is_shape(n) or n.op == "get_attr" or _calls(n, _LAYOUT) for n in region):
         raise NotConvertible(f"the branch of {slot} computes nothing of its own: its value comes from "
                              f"{branch_out.format_node()}, whose call is also used outside the residual")
@@ -325,8 +320,7 @@ def _compile_graph(graph: fx.Graph, name: str, out_spec: Any = None):
 
 
 def _branch_of(block: nn.Module, site: _Site, placeholders: List[fx.Node], name: str) -> Tuple[Branch, List[fx.Node]]:
-    """The site's branch as a function of its inputs, and those inputs (nodes of the block's graph). Sizes
-    read before the branch are recomputed inside it, from its own (in sample mode: gathered) inputs."""
+    """The site's branch as a function of its inputs (nodes of the block's graph), which it also returns."""
     graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     inputs: List[fx.Node] = []
@@ -374,8 +368,7 @@ def _input_batched(node: fx.Node, placeholders: List[fx.Node], extras: Dict[str,
 
 
 def _argument_name(placeholder: fx.Node, params: Sequence[str]) -> str:
-    """The forward parameter a placeholder stands for: FX names a specialised argument's placeholders
-    ``<name>_1``, ``<name>_2``, ... (one per element of a tuple)."""
+    """The forward parameter a placeholder stands for (FX names a specialised tuple's ``<name>_1``, ...)."""
     target = str(placeholder.target)
     if target in params:
         return target
@@ -390,11 +383,10 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tu
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     cls = type(block).__name__
     made = [_branch_of(block, site, placeholders, f"{cls}.{site.slot}.branch{i}") for i, site in enumerate(sites)]
-    # The new forward: the same graph, each site's region and add replaced by ``slot(site, branch, ...)``.
+    # The same graph, each site's region and add replaced by ``slot(site, branch, ...)``, and one placeholder per
+    # forward parameter (the trace has one per element of a specialised tuple, which fed asserts only).
     new = fx.Graph()
     branches_arg = new.placeholder("sdzoo_branches")
-    # One placeholder per forward parameter, as the block is called: the trace has one per tensor argument and
-    # one per element of each specialised one (which only fed the asserts dropped below).
     params = [p.name for p in _forward_params(block)]
     arguments = {name: new.placeholder(name) for name in params}
     env: Dict[fx.Node, Any] = {}
@@ -432,8 +424,7 @@ _NAME = "_sdzoo_name"  # the block's name in the converted model, for messages
 
 
 class DropPathGatedBlock:
-    """Mixed into a converted block's class: in training, the rewrite of the block's forward for the kind of call
-    (made once per kind); in eval mode, timm's forward, bit for bit."""
+    """Mixed into a converted block's class: the rewritten forward in training, timm's in eval mode."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:
@@ -444,8 +435,7 @@ class DropPathGatedBlock:
         return super().forward(*args, **kwargs)
 
     def __reduce_ex__(self, protocol: int):
-        # The generated code is not pickled, only the kinds of call it was made for: the copy (an EMA copy, a
-        # spawn worker, torch.load) makes it again as it is rebuilt, before anything compiles it.
+        # Only the kinds of call are pickled: a copy (EMA, spawn, torch.load) makes its rewrites as it is rebuilt.
         state = {k: v for k, v in self.__dict__.items() if k != _REWRITES}
         state[_REWRITE_KEYS] = {key: rewrite is not None for key, rewrite in self.__dict__[_REWRITES].items()}
         return _new_gated_block, (_own_class(self),), state
@@ -463,8 +453,7 @@ _GATED_CLASSES: Dict[type, type] = {}
 
 
 def _gated_class(cls: type) -> type:
-    """``Gated<Block>``: the block class with ``DropPathGatedBlock``'s forward, made once per class. It names
-    the block class (``_sdzoo_timm_class``), also under wrappers that subclass it, such as FSDP's."""
+    """``Gated<Block>``, made once per class; it names the block's class also under subclasses (FSDP's)."""
     if cls not in _GATED_CLASSES:
         _GATED_CLASSES[cls] = type(f"Gated{cls.__name__}", (DropPathGatedBlock, cls),
                                    {"__module__": __name__, "__qualname__": f"Gated{cls.__qualname__}",
@@ -496,8 +485,7 @@ def _rewrite_for(block: nn.Module, args: tuple, kwargs: dict) -> Optional[_Rewri
 
 
 def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
-    """The kind of a call: which arguments are tensors and the values of the others (None: an argument that
-    makes no key). From the parameters recorded at conversion: no ``inspect`` in what torch.compile traces."""
+    """Which arguments are tensors and the values of the others (None: no key), without ``inspect``: compiled."""
     params = block._sdzoo_params
     if len(args) > len(params):
         return None
@@ -599,8 +587,7 @@ def inspect_drop_paths(model: nn.Module) -> List[BlockReport]:
     return reports
 
 
-def _default_key(block: nn.Module) -> Tuple[Any, ...]:
-    """The call key of ``block(x)``: the first argument a tensor, every other at its default."""
+def _default_key(block: nn.Module) -> Tuple[Any, ...]:  # the call key of ``block(x)``
     return tuple(_TENSOR if i == 0 or p.default is inspect.Parameter.empty or isinstance(p.default, Tensor)
                  else ("value", p.default) for i, p in enumerate(_forward_params(block)))
 
@@ -693,8 +680,7 @@ def _run_without_memory(model: nn.Module, size: Tuple[int, ...], batch_sizes: Se
 
 
 def model_input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
-    """(channels, height, width) the model is built for: its patch embedding's image size (a ViT built with
-    img_size=...), else its pretrained cfg's input size; None when it says neither."""
+    """(C, H, W) the model is built for: its patch embedding's image size, else its pretrained cfg's (or None)."""
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
         return (getattr(model, "in_chans", 3), *img_size)

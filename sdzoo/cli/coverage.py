@@ -163,17 +163,14 @@ def reasons(results: dict) -> str:
 
 
 # -- under torch.compile ---------------------------------------------------------------------------------------------
-def inverted_residual(d: int, c: int, s: int, br: float) -> ByoBlockCfg:
-    """MobileViT's inverted residual block, as timm's mobilevit.py builds it."""
-    return ByoBlockCfg(type="bottle", d=d, c=c, s=s, gs=1, br=br, block_kwargs=dict(bottle_in=True, linear_out=True))
-
-
 def tiny_mobilevit():
     """MobileViT's kinds of block, few and narrow, from timm's public ByobNet configuration."""
+    # the inverted residual block, as timm's mobilevit.py builds it
+    inverted = dict(type="bottle", gs=1, br=2.0, block_kwargs=dict(bottle_in=True, linear_out=True))
     mobilevit = ByoBlockCfg(type="mobilevit", d=1, c=24, s=1,
                             block_kwargs=dict(transformer_dim=32, transformer_depth=2, patch_size=2))
-    cfg = ByoModelCfg(blocks=(inverted_residual(d=2, c=16, s=1, br=2.0),
-                              (inverted_residual(d=1, c=24, s=2, br=2.0), mobilevit)),
+    cfg = ByoModelCfg(blocks=(ByoBlockCfg(d=2, c=16, s=1, **inverted),
+                              (ByoBlockCfg(d=1, c=24, s=2, **inverted), mobilevit)),
                       stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu", num_features=32)
     return ByobNet(cfg, num_classes=10, drop_path_rate=0.3)
 
