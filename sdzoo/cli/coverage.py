@@ -105,8 +105,7 @@ def survey(names, rate: float, forward: bool, progress, deadline: float = float(
 
 
 def convert_and_train(model, mode: str, forward: bool, seconds: dict) -> str:
-    """"ok", or why the model does not convert in ``mode`` (with ``forward``: or does not train); ``seconds``
-    gets the conversion time."""
+    """'ok', or why the model does not convert in ``mode`` (or, with ``forward``, train); records its seconds."""
     started = time.perf_counter()
     try:
         convert_drop_path(model, mode=mode, min_drop_rate=0.0)
