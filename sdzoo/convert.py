@@ -692,12 +692,13 @@ def model_input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
 def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
                       min_drop_rate: float = BREAK_EVEN_DROP_RATE,
                       input_size: Optional[Sequence[int]] = None) -> nn.Module:
-    """Give a timm model built with ``drop_path_rate`` (or its DistributedDataParallel) a real skip, in place;
-    returns the model. ``mode``: "sample" (DINOv2's subset of round(keep * B) samples) or "batch" (one gate per
-    branch for the batch); ``seed``: the gates' generator, the same on every run and rank; a branch below
-    ``min_drop_rate`` stays timm's mask; ``input_size`` (C, H, W; default ``model_input_size``): the size whose
-    calls are prepared. Raises ValueError, naming the block and why, where nothing converts or a block cannot be
-    traced; a DropPath off a residual stays timm's mask (``inspect_drop_paths`` says why). See docs/convert.md.
+    """Give a timm model built with ``drop_path_rate`` a real skip, in place; returns the model (docs/convert.md).
+
+    mode: "sample" (DINOv2's subset of round(keep * B) samples) or "batch" (one gate per branch for the batch).
+    seed: the gates' generator, the same on every run and rank. min_drop_rate: a branch below it stays timm's mask.
+    input_size: (C, H, W) whose calls are prepared at conversion (default: ``model_input_size``).
+    ``model`` may be wrapped in DistributedDataParallel. Raises ValueError, naming the block and why, where nothing
+    converts or a block cannot be traced; a DropPath off a residual stays timm's mask (``inspect_drop_paths``).
     """
     check_choice("mode", mode, CONVERT_MODES)
     check_int("seed", seed, 0, 2**63 - 1)
