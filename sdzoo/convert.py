@@ -1,19 +1,10 @@
 """A real skip for timm's own drop-path models: ``convert_drop_path`` moves every ``shortcut + drop_path(f(x))``
-of a model onto the zoo's gates (``sdzoo.gate``), in place.
-
-timm's DropPath computes a branch for the whole batch and then multiplies it by a random mask, so a dropped
-branch costs as much as a kept one. One mechanism serves every block class: each block that holds a DropPath
-is traced with torch.fx (its own forward only: its submodules stay calls, and timm's registry of functions FX
-must not trace into stays opaque), the branch that feeds each DropPath is found in that graph (the nodes only
-the drop path uses), and the residual add becomes a call of the gate, which runs the branch, on the kept
-samples or not at all. The block keeps its class (a subclass with another forward in training), its
-attributes and its state dict; in eval mode it runs timm's own forward. A branch whose rate is below
-``min_drop_rate`` stays timm's mask: there the real skip's gather and scatter cost more than the branch time
-they save (``BREAK_EVEN_DROP_RATE``).
+of a model onto the zoo's gates (``sdzoo.gate``), in place. Each block's forward is traced with torch.fx, the
+branch that feeds each DropPath is found in that graph, and the residual add becomes a call of the gate, in a
+subclass of the block's class used in training only (docs/convert.md, "One mechanism for every block class").
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -22,6 +13,7 @@ import operator
 import re
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -38,19 +30,17 @@ from sdzoo.internals.torch_private import (FX_ASSERTS, FakeTensorMode, Optimized
                                           tree_unflatten)
 
 __all__ = ["convert_drop_path", "CONVERT_MODES", "BREAK_EVEN_DROP_RATE", "DropPathGate", "DropPathSampler",
-           "inspect_drop_paths", "BlockReport", "install_create_model_hook", "CONVERT_ENV", "SEED_ENV"]
+           "inspect_drop_paths", "BlockReport", "install_create_model_hook", "CONVERT_ENV", "SEED_ENV",
+           "model_input_size"]
 
 CONVERT_MODES = ("sample", "batch")
-# Below this per-branch rate a branch stays timm's mask. On a 2-core CPU, ViT-Tiny, sample mode broke even at
-# about 0.03 and batch mode was faster at every rate measured, 0.02 included (docs/benchmarks.md, "Sample mode's
-# break-even"); sdzoo bench --convert MODEL --uniform-rate measures it elsewhere.
+# Below this rate the real skip costs more than it saves (docs/benchmarks.md, "Sample mode's break-even").
 BREAK_EVEN_DROP_RATE = 0.05
 
 
 class DropPathSampler(GateSampler):
-    """The gate sampler of a converted model (``model.drop_path_sampler``): batch gates carry their inverted
-    scale as a tensor, so no rate is ever a constant of a compiled graph, and the masks left below
-    ``min_drop_rate`` ramp with the drop-rate warmup too."""
+    """``model.drop_path_sampler``: batch gates carry their scale as a tensor (no rate is a constant of a compiled
+    graph), and the masks left ramp with the warmup too."""
 
     def __init__(self, survival_probs: Sequence[float], mode: str, seed: int):
         super().__init__(survival_probs, mode, seed, scale_in_gate=True)
@@ -63,12 +53,8 @@ class DropPathSampler(GateSampler):
 
 
 class DropPathGate(ResidualGate):
-    """timm's DropPath slot, converted: the zoo's gate, fed by the model's sampler.
-
-    The block's rewritten forward calls it as ``slot(site, branch, shortcut, *inputs)``, one gate per place
-    (site) the block's forward uses the slot. Called as timm's forward calls a DropPath, ``slot(x)`` (eval mode,
-    or a call the rewrite does not cover), it is timm's DropPath at the rate in effect.
-    """
+    """timm's DropPath slot, converted: called as ``slot(site, branch, shortcut, *inputs)`` by the rewritten
+    forward (a gate per site that uses the slot), and as ``slot(x)`` timm's DropPath at the rate in effect."""
 
     def __init__(self, drop_prob: float, scale_by_keep: bool, indices: Sequence[int], sampler: DropPathSampler):
         # timm divides a kept branch by its keep rate unless scale_by_keep is off: then nothing is scaled.
@@ -90,12 +76,10 @@ class DropPathGate(ResidualGate):
             rate = self.sampler.drop_rate_factor * self.drop_prob
             return drop_path(args[0], rate, self.training, self.scale_by_keep)
         site, branch, shortcut, *inputs = args
-        gate = None
-        if self.training:
-            index = self.indices[site]
-            # Rows per sample seen at conversion: the pre-hook drew this branch's rows (see GateSampler.gate).
-            known_rows = self.sampler.rows_per_sample[index] is not None
-            gate = self.sampler.gate(index, shortcut.shape[0], shortcut.device, known_rows)
+        index = self.indices[site]
+        # Rows per sample seen at conversion: the pre-hook drew this branch's rows (see GateSampler.gate).
+        known_rows = self.sampler.rows_per_sample[index] is not None
+        gate = self.sampler.gate(index, shortcut.shape[0], shortcut.device, known_rows) if self.training else None
         return self.apply_gate(gate, branch, shortcut, *inputs)
 
 
@@ -105,8 +89,8 @@ class NotConvertible(Exception):
 
 
 class _BlockTracer(fx.Tracer):
-    """Traces one block's own forward: every submodule is a call (a leaf), and timm's registered functions
-    are kept opaque, as timm's own FX feature extraction keeps them."""
+    """Traces one block's own forward: every submodule a call, timm's registered functions opaque (as timm's FX
+    feature extraction keeps them)."""
 
     def __init__(self):
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
@@ -115,42 +99,40 @@ class _BlockTracer(fx.Tracer):
         return True
 
 
-_ADDS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
-_SCALES = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
-_SCALE_METHODS = {"mul", "mul_", "div", "div_"}
+# Targets of call_function (functions) and call_method (method names) nodes, together: see ``_calls``.
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_DIVS = {operator.truediv, torch.div, "div", "div_"}
+_SCALES = {operator.mul, operator.imul, operator.itruediv, torch.mul, "mul", "mul_", *_DIVS}
 # Ops that move or pad values without mixing samples or changing a zero: they may follow a drop path.
-_LAYOUT_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze",
-                   "unsqueeze", "view_as", "reshape_as", "roll", "flip"}
-_LAYOUT_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten, torch.squeeze,
-                     torch.unsqueeze, torch.roll, torch.flip, operator.getitem, F.pad}
+_LAYOUT = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze",
+           "view_as", "reshape_as", "roll", "flip", torch.reshape, torch.permute, torch.transpose, torch.flatten,
+           torch.unflatten, torch.squeeze, torch.unsqueeze, torch.roll, torch.flip, operator.getitem, F.pad}
+_SIZES = {"size", "dim", "numel"}
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim"}
-_SHAPE_METHODS = {"size", "dim", "numel"}
 _INT_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
             operator.getitem, operator.truediv}
+_TENSOR = "tensor"  # a tensor argument in a call key (``_call_key_fast``)
 
 
-def _own_class(block: nn.Module) -> type:
-    """The class whose forward is the block's own: under a converted block, the timm class."""
-    cls = type(block)
-    return _timm_class(cls) if issubclass(cls, DropPathGatedBlock) else cls
+def _calls(node: fx.Node, targets: Set[Any]) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in targets
 
 
-def _signature(block: nn.Module) -> inspect.Signature:
-    return inspect.signature(_own_class(block).forward)
+def _own_class(block: nn.Module) -> type:  # under a converted block, the timm class
+    return getattr(type(block), "_sdzoo_timm_class", type(block))
 
 
-_TENSOR = "tensor"
+def _forward_params(block: nn.Module) -> List[inspect.Parameter]:
+    return list(inspect.signature(_own_class(block).forward).parameters.values())[1:]
 
 
 def _trace(block: nn.Module, key: Tuple[Any, ...]) -> fx.Graph:
-    params = list(_signature(block).parameters.values())[1:]
-    concrete = {p.name: list(k[1]) if k[0] == "list" else k[1] for p, k in zip(params, key) if k != _TENSOR}
-    # The training forward: the block's own flag only (its submodules are leaves), so a user's frozen
-    # BatchNorm inside it stays as it was.
+    concrete = {p.name: list(k[1]) if k[0] == "list" else k[1]
+                for p, k in zip(_forward_params(block), key) if k != _TENSOR}
+    # The training forward of timm's class; the block's own flag only, so a frozen BatchNorm inside stays frozen.
     was_training, cls = block.training, type(block)
     block.training = True
-    block.__class__ = _own_class(block)  # trace timm's forward, also of a block converted before
+    block.__class__ = _own_class(block)
     try:
         graph = _BlockTracer().trace(block, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001  (FX raises many kinds; each is a reason to report, not a crash)
@@ -173,29 +155,22 @@ class _Site:
     add: fx.Node
     shortcut: fx.Node
     region: List[fx.Node]  # the branch, the drop path and what follows it up to the add, in graph order
-    inputs: List[fx.Node]  # what the region reads from outside it
     end: fx.Node  # the region's value that the add adds
 
 
 def _depends_on(node: fx.Node, roots: Set[fx.Node], memo: Dict[fx.Node, bool]) -> bool:
-    if node in memo:
-        return memo[node]
-    memo[node] = node in roots or any(_depends_on(a, roots, memo) for a in node.all_input_nodes)
+    if node not in memo:
+        memo[node] = node in roots or any(_depends_on(a, roots, memo) for a in node.all_input_nodes)
     return memo[node]
 
 
 def _is_shape(node: Any) -> bool:
-    """A node that computes a size or a property of a tensor, not values: cheap to recompute from the kept
-    samples (sample mode needs a batch size taken before the branch to be the kept count inside it)."""
+    """A size or property of a tensor, not values: a branch recomputes it from its own (kept) samples."""
     if not isinstance(node, fx.Node):
         return True
-    if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS:
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS or _calls(node, _SIZES):
         return True
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
-        return True
-    if node.op == "call_function" and node.target in _INT_OPS:
-        return all(_is_shape(a) for a in node.all_input_nodes)
-    return False
+    return _calls(node, _INT_OPS) and all(_is_shape(a) for a in node.all_input_nodes)
 
 
 def _inplace_module(block: nn.Module, node: fx.Node) -> bool:
@@ -203,20 +178,14 @@ def _inplace_module(block: nn.Module, node: fx.Node) -> bool:
 
 
 def _post_op_reason(block: nn.Module, node: fx.Node, carried: Set[fx.Node]) -> Optional[str]:
-    """Why ``node``, which reads the dropped branch (``carried``), may not sit between the drop path and the
-    add; None when it may. Allowed: a scale by something that does not depend on the branch, a layout op,
-    a size query, a module that is the identity or such a scale (LayerScale, MetaFormer's Scale)."""
-    others = [a for a in node.all_input_nodes if a not in carried]
-    if (node.op == "call_function" and node.target in _SCALES
-            or node.op == "call_method" and node.target in _SCALE_METHODS):
+    """Why ``node``, which reads the dropped branch (``carried``), may not sit between the drop path and the add
+    (None: it may, being a scale, a layout op, a size, or an identity or scale module)."""
+    if _calls(node, _SCALES):
         carried_args = [a for a in node.all_input_nodes if a in carried]
-        if len(carried_args) == 1 and not (node.target in (operator.truediv, torch.div, "div", "div_")
-                                           and node.args[0] is not carried_args[0]):
+        if len(carried_args) == 1 and not (node.target in _DIVS and node.args[0] is not carried_args[0]):
             return None
         return f"{node.format_node()} mixes the dropped branch with itself"
-    if _is_shape(node) or node.op == "call_method" and node.target in _LAYOUT_METHODS:
-        return None
-    if node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS:
+    if _is_shape(node) or _calls(node, _LAYOUT):
         if node.target is F.pad and node.kwargs.get("value", 0) != 0:
             return "a non-zero pad follows the drop path"
         return None
@@ -224,55 +193,50 @@ def _post_op_reason(block: nn.Module, node: fx.Node, carried: Set[fx.Node]) -> O
         module = block.get_submodule(node.target)
         if isinstance(module, nn.Identity) or _is_scale_module(module):
             return None
-    del others
     return f"the drop path's output goes through {node.format_node()}, which is not a scale or a layout op"
 
 
-_SCALE_MODULES: Dict[Tuple[type, Tuple[Tuple[str, Any], ...]], bool] = {}
+_SCALE_MODULES: Dict[Tuple[Any, ...], bool] = {}  # (class, its flags) -> whether it only scales
 
 
 def _is_scale_module(module: nn.Module) -> bool:
     """A module whose forward only scales its input by its own parameters (LayerScale, MetaFormer's Scale)."""
-    flags = tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str))))
-    key = (type(module), flags)
+    key = (type(module), *sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str))))
     if key not in _SCALE_MODULES:
-        try:
-            graph = _BlockTracer().trace(module)
-            inputs = [n for n in graph.nodes if n.op == "placeholder"]
-            carried = set(inputs[:1])
-            ok = len(inputs) == 1
-            for node in graph.nodes:
-                if node.op in ("placeholder", "get_attr", "output") or not (set(node.all_input_nodes) & carried):
-                    continue
-                ok = ok and node.op != "call_module" and _post_op_reason(module, node, carried) is None
-                carried.add(node)
-            _SCALE_MODULES[key] = ok
-        except Exception:  # noqa: BLE001  (not traceable: not known to be a scale)
-            _SCALE_MODULES[key] = False
+        _SCALE_MODULES[key] = _only_scales(module)
     return _SCALE_MODULES[key]
 
 
+def _only_scales(module: nn.Module) -> bool:
+    try:
+        graph = _BlockTracer().trace(module)
+    except Exception:  # noqa: BLE001  (not traceable: not known to be a scale)
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    carried = set(inputs[:1])
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output") or not set(node.all_input_nodes) & carried:
+            continue
+        if node.op == "call_module" or _post_op_reason(module, node, carried) is not None:
+            return False
+        carried.add(node)
+    return len(inputs) == 1
+
+
 def _find_sites(block: nn.Module, graph: fx.Graph, slots: Iterable[str]) -> Tuple[List[_Site], Dict[str, str]]:
-    """The residual sites of the drop-path ``slots`` in a block's graph, and for each slot that is used but
-    cannot be gated, why (slots the forward never calls are neither)."""
-    nodes = list(graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
+    """The residual sites of the drop-path ``slots`` in a block's graph, and why each slot used but not gated is not."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
     sites, kept_as_mask = [], {}
     for slot in slots:
-        calls = [n for n in nodes if n.op == "call_module" and n.target == slot]
         try:
-            found = [_site(block, slot, call, order) for call in calls]
+            sites += [_site(block, slot, n, order) for n in order if n.op == "call_module" and n.target == slot]
         except NotConvertible as e:
             kept_as_mask[slot] = str(e)
-            continue
-        sites.extend(found)
     sites.sort(key=lambda s: order[s.add])
-    # A residual inside another's branch (EdgeNeXt: an attention residual inside the block's residual) stays
-    # timm's mask there: the outer gate skips it with the rest of its branch.
+    # A residual inside another's branch (EdgeNeXt's attention) stays timm's mask: the outer gate skips both.
     regions = [set(s.region) for s in sites]
-    nested = [i for i, inner in enumerate(sites) if any(
-        j != i and inner.add in regions[j] and regions[i] <= regions[j] for j in range(len(sites)))]
-    sites = [s for i, s in enumerate(sites) if i not in nested]
+    sites = [s for i, s in enumerate(sites) if not any(
+        j != i and s.add in outer and regions[i] <= outer for j, outer in enumerate(regions))]
     claimed: Set[fx.Node] = set()
     for site in sites:
         if claimed & set(site.region):
@@ -292,9 +256,8 @@ def _site(block: nn.Module, slot: str, drop: fx.Node, order: Dict[fx.Node, int])
         if node in carried:
             continue
         data_args = [a for a in node.all_input_nodes if a in carried]
-        is_add = (node.op == "call_function" and node.target in _ADDS or
-                  node.op == "call_method" and node.target in _ADD_METHODS)
-        if is_add and len(node.args) == 2 and not node.kwargs and len(data_args) == 1 and not _is_shape(node):
+        if (_calls(node, _ADDS) and len(node.args) == 2 and not node.kwargs and len(data_args) == 1
+                and not _is_shape(node)):
             if add is not None and add is not node:
                 raise NotConvertible(f"the output of {slot} reaches two adds")
             add, end = node, data_args[0]
@@ -314,8 +277,7 @@ def _site(block: nn.Module, slot: str, drop: fx.Node, order: Dict[fx.Node, int])
         raise NotConvertible(f"the shortcut of {slot}'s residual add depends on the branch")
     # Every value that follows the drop path must end in the add (not in the block's output as well).
     for node in post:
-        stray = [u for u in node.users if u not in carried and u is not add]
-        if stray:
+        if any(u not in carried and u is not add for u in node.users):
             raise NotConvertible(f"{node.format_node()} after {slot} is also used outside the residual")
 
     # The branch: the nodes before the drop path that nothing but the region uses.
@@ -329,24 +291,15 @@ def _site(block: nn.Module, slot: str, drop: fx.Node, order: Dict[fx.Node, int])
             region.add(node)
     if branch_out not in region or branch_out.op in ("placeholder", "get_attr"):
         raise NotConvertible(f"{slot} drops the shortcut or a shared value: there is no branch of its own to skip")
-    # A branch of indexing and reshapes only takes its values from a call that stays outside it (MViTv2's
-    # attention returns its output and the new feature size, which the block returns too): nothing to skip.
-    if all(n in post or n is drop or _is_shape(n) or n.op == "get_attr"
-           or n.op == "call_function" and n.target in _LAYOUT_FUNCTIONS
-           or n.op == "call_method" and n.target in _LAYOUT_METHODS for n in region):
+    # Indexing and reshapes of a call that stays outside (MViTv2's attention and its feature size): nothing to skip.
+    if all(n in post or n is drop or _is_shape(n) or n.op == "get_attr" or _calls(n, _LAYOUT) for n in region):
         raise NotConvertible(f"the branch of {slot} computes nothing of its own: its value comes from "
                              f"{branch_out.format_node()}, whose call is also used outside the residual")
     for node in region:
-        if node.op == "call_method" and str(node.target).endswith("_") and node.args and node.args[0] not in region:
+        in_place = node.op == "call_method" and str(node.target).endswith("_") or _inplace_module(block, node)
+        if in_place and node.args and node.args[0] not in region:
             raise NotConvertible(f"the branch of {slot} changes a value outside it in place ({node.format_node()})")
-        if _inplace_module(block, node) and node.args and node.args[0] not in region:
-            raise NotConvertible(f"the branch of {slot} changes a value outside it in place ({node.format_node()})")
-    inputs: List[fx.Node] = []
-    for node in sorted(region, key=order.get):
-        for arg in node.all_input_nodes:
-            if arg not in region and arg not in inputs:
-                inputs.append(arg)
-    return _Site(slot, drop, add, shortcut, sorted(region, key=order.get), inputs, end)
+    return _Site(slot, drop, add, shortcut, sorted(region, key=order.get), end)
 
 
 # -- the rewrite -------------------------------------------------------------------------------------------------
@@ -355,39 +308,23 @@ class _Rewrite:
     """A block's training forward for one kind of call: generated code and the branches it hands its gates."""
     fn: Any
     branches: Tuple[Branch, ...]
-    params: Tuple[str, ...]  # the forward's parameters, in order
 
 
-def _compile_graph(graph: fx.Graph, name: str):
+def _compile_graph(graph: fx.Graph, name: str, out_spec: Any = None):
+    """The graph's code as a function; with ``out_spec``, it returns that structure of the graph's flat output."""
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<sdzoo {name}>", "exec"), namespace)  # noqa: S102  (FX's own generated code)
-    return namespace["forward"]
+    fn = namespace["forward"]
+    return fn if out_spec is None else lambda *args: tree_unflatten(fn(*args), out_spec)
 
 
-def _unflattening(fn, out_spec):
-    def forward(*args: Any) -> Any:
-        return tree_unflatten(fn(*args), out_spec)
-    return forward
-
-
-def _module_names(block: nn.Module, region: Sequence[fx.Node]) -> Tuple[List[str], List[str]]:
-    """The submodules the branch calls and the parameters it reads itself. A get_attr may also read a buffer
-    (the attention mask of Swin's shifted windows): the branch only reads those, so they are not its state."""
-    modules = sorted({n.target for n in region if n.op == "call_module"})
-    parameters = dict(block.named_parameters(remove_duplicate=False))
-    params = sorted({n.target for n in region if n.op == "get_attr" and n.target in parameters})
-    return modules, params
-
-
-def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_extras: Dict[str, Optional[bool]],
-               name: str) -> Tuple[Branch, List[fx.Node]]:
-    """The site's branch as a function of its inputs, and those inputs (nodes of the block's graph). Sizes
-    read before the branch are recomputed inside it, from its own (in sample mode: gathered) inputs."""
+def _branch_of(block: nn.Module, site: _Site, placeholders: List[fx.Node], name: str) -> Tuple[Branch, List[fx.Node]]:
+    """The site's branch as a function of its inputs (nodes of the block's graph), which it also returns."""
     graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     inputs: List[fx.Node] = []
-    body: List[Tuple[fx.Node, bool]] = []  # (node, is a recomputed size), in order
+    sizes: List[fx.Node] = []  # sizes read before the branch, in an order that computes each after its inputs
 
     def add_input(node: fx.Node) -> None:
         if node in env:
@@ -395,47 +332,43 @@ def _branch_of(block: nn.Module, site: _Site, main: Optional[fx.Node], batched_e
         if node.op != "placeholder" and _is_shape(node) and node.all_input_nodes:
             for arg in node.all_input_nodes:
                 add_input(arg)
-            env[node] = node  # placeholder: filled in below, once every input has its placeholder
-            body.append((node, True))
+            env[node] = node  # copied below, once every input has its placeholder
+            sizes.append(node)
         else:
             inputs.append(node)
             env[node] = graph.placeholder(f"in{len(inputs)}")
 
     region = set(site.region)
-    for node in site.region:
-        for arg in node.all_input_nodes:
-            if arg not in region:
-                add_input(arg)
-        body.append((node, False))
-    for node, _ in body:  # placeholders are all made: now the nodes, in order
-        if node is site.drop:
-            env[node] = env[node.args[0]]
-        else:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+    for arg in (a for node in site.region for a in node.all_input_nodes if a not in region):
+        add_input(arg)
+    for node in sizes + site.region:
+        env[node] = env[node.args[0]] if node is site.drop else graph.node_copy(node, lambda n: env[n])
     graph.output(env[site.end])
     graph.lint()
-    modules, params = _module_names(block, site.region)
+    # A get_attr may also read a buffer (the attention mask of Swin's shifted windows): not the branch's state.
+    parameters = dict(block.named_parameters(remove_duplicate=False))
+    modules = sorted({n.target for n in site.region if n.op == "call_module"})
+    params = sorted({n.target for n in site.region if n.op == "get_attr" and n.target in parameters})
+    extras = getattr(block, "_sdzoo_batched_inputs", None) or {}
     branch = Branch(block, _compile_graph(graph, name), modules, param_names=params,
-                    batched=[_input_batched(n, main, batched_extras) for n in inputs])
+                    batched=[_input_batched(n, placeholders, extras) for n in inputs])
     return branch, inputs
 
 
-def _input_batched(node: fx.Node, main: Optional[fx.Node], batched_extras: Dict[str, Optional[bool]]) -> Optional[bool]:
-    """Whether a branch input holds the samples first (None: "if its first dimension is the batch size").
-    Values made from the block's main input are judged by their size; an extra input of the block (a mask, a
-    rotary table, a relative-position bias) by what ``convert_drop_path`` saw of it, where it saw it."""
-    roots = _placeholder_roots(node)
-    if not roots or main in roots:
+def _input_batched(node: fx.Node, placeholders: List[fx.Node], extras: Dict[str, bool]) -> Optional[bool]:
+    """Whether a branch input holds the samples first (None: "if its first dimension is the batch size"): one
+    made from the block's main input is judged by its size, from extra inputs by what the probe saw of them."""
+    roots = [p for p in placeholders if _depends_on(node, {p}, {})]
+    if not roots or placeholders[0] in roots:
         return None
-    flags = [batched_extras.get(_argument_name(r, list(batched_extras))) for r in roots]
+    flags = [extras.get(_argument_name(r, list(extras))) for r in roots]
     if all(f is False for f in flags):
         return False
     return True if any(flags) else None
 
 
 def _argument_name(placeholder: fx.Node, params: Sequence[str]) -> str:
-    """The forward parameter a placeholder stands for: FX names a specialised argument's placeholders
-    ``<name>_1``, ``<name>_2``, ... (one per element of a tuple)."""
+    """The forward parameter a placeholder stands for (FX names a specialised tuple's ``<name>_1``, ...)."""
     target = str(placeholder.target)
     if target in params:
         return target
@@ -443,36 +376,18 @@ def _argument_name(placeholder: fx.Node, params: Sequence[str]) -> str:
     return max(matches, key=len) if matches else target
 
 
-def _placeholder_roots(node: fx.Node, seen: Optional[Set[fx.Node]] = None) -> List[fx.Node]:
-    seen = set() if seen is None else seen
-    if node in seen:
-        return []
-    seen.add(node)
-    if node.op == "placeholder":
-        return [node]
-    return [r for a in node.all_input_nodes for r in _placeholder_roots(a, seen)]
-
-
-def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]
-             ) -> Tuple[_Rewrite, Dict[str, str], List[_Site]]:
+def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]) -> Tuple[_Rewrite, List[_Site]]:
     """The training forward of ``block`` with each gated site's add replaced by a call of its gate."""
     graph = _trace(block, key)
-    sites, kept_as_mask = _find_sites(block, graph, slots)
+    sites, _ = _find_sites(block, graph, slots)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    main = placeholders[0] if placeholders else None
-    batched_extras = dict(getattr(block, "_sdzoo_batched_inputs", None) or {})
     cls = type(block).__name__
-    branches, branch_inputs = [], []
-    for i, site in enumerate(sites):
-        branch, inputs = _branch_of(block, site, main, batched_extras, f"{cls}.{site.slot}.branch{i}")
-        branches.append(branch)
-        branch_inputs.append(inputs)
-    # The new forward: the same graph, each site's region and add replaced by ``slot(site, branch, ...)``.
+    made = [_branch_of(block, site, placeholders, f"{cls}.{site.slot}.branch{i}") for i, site in enumerate(sites)]
+    # The same graph, each site's region and add replaced by ``slot(site, branch, ...)``, and one placeholder per
+    # forward parameter (the trace has one per element of a specialised tuple, which fed asserts only).
     new = fx.Graph()
     branches_arg = new.placeholder("sdzoo_branches")
-    # One placeholder per forward parameter, as the block is called: the trace has one per tensor argument and
-    # one per element of each specialised one (which only fed the asserts dropped below).
-    params = list(_signature(block).parameters)[1:]
+    params = [p.name for p in _forward_params(block)]
     arguments = {name: new.placeholder(name) for name in params}
     env: Dict[fx.Node, Any] = {}
     for node in placeholders:
@@ -481,31 +396,25 @@ def _rewrite(block: nn.Module, key: Tuple[Any, ...], slots: Sequence[str]
         env[node] = arguments[_argument_name(node, params)]
     skipped = {n for s in sites for n in s.region}
     at_add = {s.add: i for i, s in enumerate(sites)}
-    site_count: Dict[str, int] = {}
+    uses: Counter = Counter()  # the sites of each slot so far
     for node in graph.nodes:
-        if node in skipped or node.op == "placeholder" or (node.op == "call_function" and node.target in FX_ASSERTS):
+        if node in skipped or node.op == "placeholder" or _calls(node, FX_ASSERTS):
             continue  # the asserts: the trace's checks of its specialised arguments, which the cache key makes
         if node in at_add:
-            i = at_add[node]
-            site = sites[i]
-            number = site_count.get(site.slot, 0)
-            site_count[site.slot] = number + 1
-            branch = new.call_function(operator.getitem, (branches_arg, i))
-            env[node] = new.call_module(site.slot, (number, branch, env[site.shortcut],
-                                                    *[env[n] for n in branch_inputs[i]]))
-            continue
-        env[node] = new.node_copy(node, lambda n: env[n])
+            site, inputs = sites[at_add[node]], made[at_add[node]][1]
+            branch = new.call_function(operator.getitem, (branches_arg, at_add[node]))
+            env[node] = new.call_module(site.slot, (uses[site.slot], branch, env[site.shortcut],
+                                                    *[env[n] for n in inputs]))
+            uses[site.slot] += 1
+        else:
+            env[node] = new.node_copy(node, lambda n: env[n])
     for node in reversed(list(new.nodes)):  # the comparisons that fed the dropped asserts
         if node.op == "call_function" and node.target is operator.eq and not node.users:
             new.erase_node(node)
     new.lint()
-    fn = _compile_graph(new, f"{cls}.forward")
-    # A tuple specialised (a feature size) makes FX trace with its pytree codegen, whose output node holds the
-    # flat leaves of what forward returns; FX keeps the output's structure there and nowhere public.
-    out_spec = fx_output_spec(graph)
-    if out_spec is not None:
-        fn = _unflattening(fn, out_spec)
-    return _Rewrite(fn, tuple(branches), tuple(params)), kept_as_mask, sites
+    # A specialised tuple (a feature size) makes FX trace with its pytree codegen: the output is flattened.
+    fn = _compile_graph(new, f"{cls}.forward", fx_output_spec(graph))
+    return _Rewrite(fn, tuple(branch for branch, _ in made)), sites
 
 
 # -- converted blocks ---------------------------------------------------------------------------------------------
@@ -515,24 +424,21 @@ _NAME = "_sdzoo_name"  # the block's name in the converted model, for messages
 
 
 class DropPathGatedBlock:
-    """The forward of a converted block: in training, the block's own forward with each residual add replaced
-    by its gate (``_rewrite``, generated once per kind of call); in eval mode, timm's forward, bit for bit.
-    Mixed into the block's own class, so the block stays an instance of it (``GatedBlock``s pickle by
-    naming that class)."""
+    """Mixed into a converted block's class: the rewritten forward in training, timm's in eval mode."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:
             rewrite = _rewrite_for(self, args, kwargs)
             if rewrite is not None:
-                return rewrite.fn(self, rewrite.branches, *_positional(self, args, kwargs))
+                defaults = [kwargs.get(name, default) for name, default in self._sdzoo_params[len(args):]]
+                return rewrite.fn(self, rewrite.branches, *args, *defaults)
         return super().forward(*args, **kwargs)
 
     def __reduce_ex__(self, protocol: int):
-        # The generated code is not pickled, only the kinds of call it was made for: the copy (an EMA copy, a
-        # spawn worker, torch.load) makes it again as it is rebuilt, before anything compiles it.
+        # Only the kinds of call are pickled: a copy (EMA, spawn, torch.load) makes its rewrites as it is rebuilt.
         state = {k: v for k, v in self.__dict__.items() if k != _REWRITES}
         state[_REWRITE_KEYS] = {key: rewrite is not None for key, rewrite in self.__dict__[_REWRITES].items()}
-        return _new_gated_block, (_timm_class(type(self)),), state
+        return _new_gated_block, (_own_class(self),), state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         keys = state.pop(_REWRITE_KEYS, {})
@@ -547,30 +453,16 @@ _GATED_CLASSES: Dict[type, type] = {}
 
 
 def _gated_class(cls: type) -> type:
-    """``Gated<Block>``: the block class with ``DropPathGatedBlock``'s forward, made once per class."""
+    """``Gated<Block>``, made once per class; it names the block's class also under subclasses (FSDP's)."""
     if cls not in _GATED_CLASSES:
         _GATED_CLASSES[cls] = type(f"Gated{cls.__name__}", (DropPathGatedBlock, cls),
-                                   {"__module__": __name__, "__qualname__": f"Gated{cls.__qualname__}"})
+                                   {"__module__": __name__, "__qualname__": f"Gated{cls.__qualname__}",
+                                    "_sdzoo_timm_class": cls})
     return _GATED_CLASSES[cls]
-
-
-def _timm_class(cls: type) -> type:
-    """The block's own class behind a gated one (also under wrappers that subclass it, such as FSDP's)."""
-    for base in cls.__mro__:
-        if base in _GATED_CLASSES.values():
-            return base.__mro__[2]  # Gated<Block>, DropPathGatedBlock, <Block>
-    raise TypeError(f"{cls.__name__} is not a converted block class")
 
 
 def _new_gated_block(cls: type) -> nn.Module:
     return object.__new__(_gated_class(cls))
-
-
-def _positional(block: nn.Module, args: tuple, kwargs: dict) -> List[Any]:
-    values = list(args)
-    for name, default in block._sdzoo_params[len(args):]:
-        values.append(kwargs.get(name, default))
-    return values
 
 
 def _rewrite_for(block: nn.Module, args: tuple, kwargs: dict) -> Optional[_Rewrite]:
@@ -578,26 +470,22 @@ def _rewrite_for(block: nn.Module, args: tuple, kwargs: dict) -> Optional[_Rewri
     rewrites = block.__dict__[_REWRITES]
     if key in rewrites:  # (None: a call whose arguments make no key; it was warned of)
         return rewrites[key]
-    if torch.compiler.is_compiling():
-        raise RuntimeError(_unbuilt_call_message(block, key, args, kwargs))
-    return _build_rewrite(block, key)
-
-
-def _unbuilt_call_message(block: nn.Module, key: Optional[Tuple[Any, ...]], args: tuple, kwargs: dict) -> str:
+    if not torch.compiler.is_compiling():
+        return _build_rewrite(block, key)
     # Names only: inside a compiled frame the values may be symbolic, which dynamo cannot format.
     name = block.__dict__.get(_NAME) or type(block).__name__
     names = [n for n, _ in block._sdzoo_params][:len(args)] + sorted(kwargs)
     what = "with " + ", ".join(names) if key is not None else "with an argument that makes no kind of call"
-    return (f"convert_drop_path: a compiled training forward called the converted block {name!r} "
-            f"({type(block).__name__}) {what}, in a kind of call it was not prepared for at conversion (which ran "
-            f"one training forward at the model's input size: another input size changes a feature size). "
-            f"Convert with input_size=(C, H, W) of the training inputs, or run one training step of the model as "
-            f"it will be called before torch.compile, so that the block's rewrite for the call is made eagerly.")
+    raise RuntimeError(
+        f"convert_drop_path: a compiled training forward called the converted block {name!r} "
+        f"({type(block).__name__}) {what}, in a kind of call it was not prepared for at conversion (which ran "
+        f"one training forward at the model's input size: another input size changes a feature size). "
+        f"Convert with input_size=(C, H, W) of the training inputs, or run one training step of the model as "
+        f"it will be called before torch.compile, so that the block's rewrite for the call is made eagerly.")
 
 
 def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[Any, ...]]:
-    """``_call_key`` from the parameters recorded at conversion (no ``inspect`` in the hot path, which
-    torch.compile traces)."""
+    """Which arguments are tensors and the values of the others (None: no key), without ``inspect``: compiled."""
     params = block._sdzoo_params
     if len(args) > len(params):
         return None
@@ -616,17 +504,18 @@ def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tupl
     return tuple(key)
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 @torch.compiler.disable
 def _build_rewrite(block: nn.Module, key: Optional[Tuple[Any, ...]]) -> Optional[_Rewrite]:
-    """The rewrite for a kind of call (made at conversion for the calls a training forward makes; later for
-    another mask, a flag, a new input size). Where it cannot be made the call runs timm's forward (its masks,
-    no skip), with a warning once for the block and kind of call."""
+    """The rewrite for a kind of call, made at conversion or when a new kind first runs eagerly. Where it cannot
+    be made, the call runs timm's forward and masks, with a warning once for the block and kind of call."""
     slots = {name: m for name, m in block.named_children() if isinstance(m, DropPathGate)}
-    rewrite = None
     try:
         if key is None:
             raise NotConvertible("an argument is neither a tensor nor a number, string or flat tuple/list of them")
-        rewrite, _, sites = _rewrite(block, key, list(slots))
+        rewrite, sites = _rewrite(block, key, list(slots))
         counts = {name: sum(s.slot == name for s in sites) for name in slots}
         if any(counts[name] != len(gate.indices) for name, gate in slots.items()):
             raise NotConvertible(f"this call uses its drop paths {counts} times, the conversion saw "
@@ -640,25 +529,17 @@ def _build_rewrite(block: nn.Module, key: Optional[Tuple[Any, ...]]) -> Optional
     else:
         _keep_shortcuts_unchanged(block, sites)
         for site in sites:  # a branch with a BatchNorm keeps 2 samples: one sample's 1x1 map has no statistics
-            if any(isinstance(m, _BATCH_NORMS) for module in _modules_of(block, site.region)
-                   for m in module.modules()):
+            if any(isinstance(m, _BATCH_NORMS) for n in site.region if n.op == "call_module"
+                   for m in block.get_submodule(n.target).modules()):
                 for index in slots[site.slot].indices:
-                    block.get_submodule(site.slot).sampler.min_kept[index] = 2
+                    slots[site.slot].sampler.min_kept[index] = 2
     block.__dict__.setdefault(_REWRITES, {})[key] = rewrite
     return rewrite
 
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def _modules_of(block: nn.Module, region: Sequence[fx.Node]) -> List[nn.Module]:
-    return [block.get_submodule(n.target) for n in region if n.op == "call_module"]
-
-
 def _keep_shortcuts_unchanged(block: nn.Module, sites: Sequence[_Site]) -> None:
-    """A skipped branch returns its shortcut unchanged: what the block does in place after the add (an
-    in-place activation, also behind an Identity or a reshape, as in RepVGG's ``x += identity; attn; act``)
-    is made out of place, or it would change the shortcut, which the caller may still hold."""
+    """An in-place module after the add (RepVGG's ReLU, also behind an Identity or a reshape) made out of place: a
+    skipped branch returns its shortcut, which the caller may still hold."""
     for site in sites:
         frontier = list(site.add.users)
         while frontier:
@@ -666,8 +547,7 @@ def _keep_shortcuts_unchanged(block: nn.Module, sites: Sequence[_Site]) -> None:
             if _inplace_module(block, user):
                 block.get_submodule(user.target).inplace = False
             elif (user.op == "call_module" and isinstance(block.get_submodule(user.target), nn.Identity)
-                  or user.op == "call_method" and user.target in _LAYOUT_METHODS
-                  or user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS):
+                  or _calls(user, _LAYOUT)):
                 frontier.extend(user.users)
 
 
@@ -690,16 +570,16 @@ class BlockReport:
 
 def inspect_drop_paths(model: nn.Module) -> List[BlockReport]:
     """Every block of ``model`` that holds a DropPath with a positive rate, and what its forward does with it."""
-    reports, holders = [], {}
+    holders: Dict[str, Tuple[nn.Module, Dict[str, float]]] = {}
     for name, module in model.named_modules():
         for slot, child in module.named_children():
             if isinstance(child, DropPath) and child.drop_prob > 0:
                 holders.setdefault(name, (module, {}))[1][slot] = float(child.drop_prob)
+    reports = []
     for name, (block, rates) in holders.items():
         report = BlockReport(name, block, rates)
         try:
-            graph = _trace(block, _default_key(block))
-            sites, report.masks = _find_sites(block, graph, list(rates))
+            sites, report.masks = _find_sites(block, _trace(block, _default_key(block)), list(rates))
             report.sites = {slot: sum(s.slot == slot for s in sites) for slot in rates if slot not in report.masks}
         except NotConvertible as e:
             report.refused = str(e)
@@ -707,44 +587,31 @@ def inspect_drop_paths(model: nn.Module) -> List[BlockReport]:
     return reports
 
 
-def _default_key(block: nn.Module) -> Tuple[Any, ...]:
-    """The call key of ``block(x)``: the first argument a tensor, every other at its default."""
-    params = list(_signature(block).parameters.values())[1:]
-    key = []
-    for i, param in enumerate(params):
-        if i == 0 or param.default is inspect.Parameter.empty or isinstance(param.default, Tensor):
-            key.append(_TENSOR)
-        else:
-            key.append(("value", param.default))
-    return tuple(key)
+def _default_key(block: nn.Module) -> Tuple[Any, ...]:  # the call key of ``block(x)``
+    return tuple(_TENSOR if i == 0 or p.default is inspect.Parameter.empty or isinstance(p.default, Tensor)
+                 else ("value", p.default) for i, p in enumerate(_forward_params(block)))
 
 
 # -- the calls of a training forward ----------------------------------------------------------------------------
 def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Sequence[int],
                  size: Optional[Tuple[int, ...]]) -> Dict[int, Set[Any]]:
-    """The kinds of call (``_call_key_fast``) each block gets in a training forward at the model's input size,
-    seen without memory or compute (``_run_without_memory``), so that their rewrites are made at conversion and
-    not inside a compiled graph. At two batch sizes it also sees, for the block's extra tensor inputs (masks, rotary
-    tables, relative-position biases), whether their first dimension is the batch, and how many rows of its
-    input the block gets per sample of the model's (MobileViT's transformer sees patches x batch). An input
-    not seen (None there, or a model this cannot run) is judged at run time by its size."""
+    """The kinds of call (``_call_key_fast``) each block gets in a training forward at ``size``, seen without
+    memory or compute, so that their rewrites are made at conversion, not in a compiled graph. At two batch
+    sizes it also sees which extra tensor inputs hold the batch first (masks, rotary tables), and the rows per
+    sample a block gets (MobileViT's transformer: patches x batch); what it cannot see is judged at run time."""
     keys: Dict[int, Set[Any]] = {id(b): set() for b in blocks}
     if size is None:
         return keys
-    seen: Dict[int, Dict[str, List[Tuple[int, ...]]]] = {id(b): {} for b in blocks}
+    shapes: Dict[int, Dict[str, List[Tuple[int, ...]]]] = {id(b): {} for b in blocks}  # argument -> its shapes
 
     def record(block, args, kwargs):
         keys[id(block)].add(_call_key_fast(block, args, kwargs))
-        names = [n for n, _ in block._sdzoo_params]
-        values = dict(zip(names, args[1:]), **kwargs)
-        if args and isinstance(args[0], Tensor):
-            seen[id(block)].setdefault(_MAIN_INPUT, []).append(tuple(args[0].shape))
-        for name, value in values.items():
+        for name, value in dict(zip([n for n, _ in block._sdzoo_params], args), **kwargs).items():
             if isinstance(value, Tensor) and value.dim() > 0:
-                seen[id(block)].setdefault(name, []).append(tuple(value.shape))
+                shapes[id(block)].setdefault(name, []).append(tuple(value.shape))
 
     def reset():  # what a failed way recorded
-        for values in (*keys.values(), *seen.values()):
+        for values in (*keys.values(), *shapes.values()):
             values.clear()
 
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
@@ -763,35 +630,27 @@ def _probe_calls(model: nn.Module, blocks: Sequence[nn.Module], batch_sizes: Seq
         return keys
     low, high = batch_sizes[0], batch_sizes[-1]
     for block in blocks:
-        flags = {}
-        for name, shapes in seen[id(block)].items():
-            if len(shapes) >= 2 and len({len(s) for s in shapes}) == 1:
-                flags[name] = (shapes[0][0], shapes[-1][0]) == (low, high)
-        # The rows per sample, where the block's batch is a fixed multiple of the model's: then the pre-hook
-        # draws its rows too, also under torch.compile, where batch sizes are not compared.
-        main = seen[id(block)].pop(_MAIN_INPUT, [])
-        rows = main[0][0] // low if main and main[0][0] % low == 0 else None
-        if rows is None or any(shape[0] != rows * b for shape, b in zip(main, batch_sizes)):
+        main = shapes[id(block)].pop(block._sdzoo_params[0][0] if block._sdzoo_params else None, [])
+        block._sdzoo_batched_inputs = {name: (seen[0][0], seen[-1][0]) == (low, high)
+                                       for name, seen in shapes[id(block)].items()
+                                       if len(seen) >= 2 and len({len(s) for s in seen}) == 1}
+        # Where the block's batch is a fixed multiple of the model's, the pre-hook draws its rows too.
+        rows = main[0][0] // low if main else None
+        if main and any(shape[0] != rows * b for shape, b in zip(main, batch_sizes)):
             rows = None
-        flags.pop(_MAIN_INPUT, None)
         for gate in block.children():
             if isinstance(gate, DropPathGate):
                 for index in gate.indices:
                     gate.sampler.rows_per_sample[index] = rows
-        block._sdzoo_batched_inputs = flags
     return keys
 
 
-_MAIN_INPUT = "<input>"
-
-
 def _run_without_memory(model: nn.Module, size: Tuple[int, ...], batch_sizes: Sequence[int], reset) -> bool:
-    """Training forwards of ``model`` at ``size`` that compute nothing and change nothing: on the meta device,
-    its parameters and buffers swapped for meta tensors (the running statistics a training forward updates
-    are the copies'); where the model makes tensors of its own on the CPU, with fake tensors, many times
-    slower. Whether either ran."""
+    """Whether training forwards of ``model`` at ``size`` ran, computing and changing nothing: on meta copies of
+    its parameters and buffers, or (a model that makes CPU tensors of its own) with fake tensors, many times slower."""
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     meta_state = {name: torch.empty_like(t, device="meta") for name, t in named}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # A model built for another input size fails here, and the fake-tensor mode logs each failing op first.
     fake_log = logging.getLogger(FakeTensorMode.__module__)
     level = fake_log.level
@@ -800,21 +659,19 @@ def _run_without_memory(model: nn.Module, size: Tuple[int, ...], batch_sizes: Se
         for on_meta in (True, False):
             reset()
             try:
-                with contextlib.ExitStack() as stack:
-                    stack.enter_context(torch.no_grad())
-                    stack.enter_context(warnings.catch_warnings())
+                with torch.no_grad(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if on_meta:
                         for batch in batch_sizes:
                             functional_call(model, meta_state, (torch.empty(batch, *size, device="meta"),))
-                    else:
-                        for m in model.modules():  # the real buffers: running statistics left as they are
-                            if getattr(m, "running_mean", None) is not None:
-                                m.eval()
-                        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+                        return True
+                    for m in model.modules():  # the real buffers: running statistics left as they are
+                        if getattr(m, "running_mean", None) is not None:
+                            m.eval()
+                    with FakeTensorMode(allow_non_fake_inputs=True):
                         for batch in batch_sizes:
-                            model(torch.empty(batch, *size, device=_device_of(model)))
-                return True
+                            model(torch.empty(batch, *size, device=device))
+                    return True
             except Exception:  # noqa: BLE001  (the next way, or none)
                 continue
         return False
@@ -822,46 +679,26 @@ def _run_without_memory(model: nn.Module, size: Tuple[int, ...], batch_sizes: Se
         fake_log.setLevel(level)
 
 
-def _input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    chans = getattr(model, "in_chans", 3)
+def model_input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
+    """(C, H, W) the model is built for: its patch embedding's image size, else its pretrained cfg's (or None)."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
-        return (chans, *img_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
+        return (getattr(model, "in_chans", 3), *img_size)
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     return tuple(size) if size else None
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 # -- the conversion ------------------------------------------------------------------------------------------------
 def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
                       min_drop_rate: float = BREAK_EVEN_DROP_RATE,
                       input_size: Optional[Sequence[int]] = None) -> nn.Module:
-    """Give a timm model built with ``drop_path_rate`` a real skip, in place; returns the model.
+    """Give a timm model built with ``drop_path_rate`` a real skip, in place; returns the model (docs/convert.md).
 
-    Args:
-        model: a timm model whose residual blocks hold DropPath layers (``drop_path_rate > 0``); also one
-            wrapped in DistributedDataParallel (its module is converted).
-        mode: "sample" (DINOv2's fixed-size subset of round(keep * B) samples) or "batch" (one gate per
-            branch for the whole batch). Both scale a kept branch as timm does (divided by the kept share).
-        seed: seed of the model's gate generator: the same seed gives the same gates on every run and rank.
-        min_drop_rate: a branch whose drop rate is below this stays timm's mask, where the real skip does not
-            pay (default: ``BREAK_EVEN_DROP_RATE``; 0 converts every DropPath'd branch).
-        input_size: (channels, height, width) of the training inputs (default: the model's pretrained_cfg
-            input size). Conversion runs one training forward at this size, without memory or compute, and
-            prepares the blocks for the calls it makes (a feature size, a rotary table): torch.compile then
-            meets no call it was not prepared for. A call at another size is prepared when it first runs
-            eagerly, and refused with a message inside a compiled graph.
-
-    A DropPath that is not on a residual branch (its output is the block's output, or concatenated, or it
-    drops the shortcut) stays timm's mask: there is no shortcut to fall back on. ``inspect_drop_paths`` says
-    which and why. Raises ValueError when the model has nothing to convert, or when a block holding a
-    DropPath cannot be read (its forward cannot be traced): the message names the block class and the reason.
+    mode: "sample" (DINOv2's subset of round(keep * B) samples) or "batch" (one gate per branch for the batch).
+    seed: the gates' generator, the same on every run and rank. min_drop_rate: a branch below it stays timm's mask.
+    input_size: (C, H, W) whose calls are prepared at conversion (default: ``model_input_size``).
+    ``model`` may be wrapped in DistributedDataParallel. Raises ValueError, naming the block and why, where nothing
+    converts or a block cannot be traced; a DropPath off a residual stays timm's mask (``inspect_drop_paths``).
     """
     check_choice("mode", mode, CONVERT_MODES)
     check_int("seed", seed, 0, 2**63 - 1)
@@ -886,35 +723,29 @@ def convert_drop_path(model: nn.Module, mode: str = "sample", seed: int = 0,
         raise ValueError(f"nothing to convert in {type(target).__name__}: no DropPath with a rate of at least "
                          f"min_drop_rate={min_drop_rate} on a residual branch (build it with drop_path_rate > 0)"
                          f"{detail}")
-
     never = [f"{r.name}.{slot}" for r, slot in gated if r.rates[slot] >= 1.0]
     if never:  # the gates trust their rates: checked here, once
         raise ValueError(f"drop_prob of {', '.join(never[:3])} must be below 1 to convert (at 1 the branch "
                          f"never runs: a survival probability of 0)")
-    probs: List[float] = []
-    sampler = DropPathSampler([], mode, seed)
-    for report in reports:
-        block = report.block
-        for slot, rate in report.rates.items():
-            if not report.sites.get(slot) or rate < min_drop_rate:
-                if report.sites.get(slot):
-                    sampler.masks.append((getattr(block, slot), rate))
-                continue
-            indices = list(range(len(probs), len(probs) + report.sites[slot]))
-            probs += [1.0 - rate] * len(indices)
-            setattr(block, slot, DropPathGate(rate, getattr(block, slot).scale_by_keep, indices, sampler))
-    sampler.survival_probs = probs
-    sampler.gates = [None] * len(probs)
-    sampler.rows_per_sample = [None] * len(probs)  # not known until the probe below sees the blocks' batches
-    sampler.min_kept = [1] * len(probs)
 
-    converted = [r for r in reports if any(isinstance(getattr(r.block, s), DropPathGate) for s in r.rates)]
+    sampler = DropPathSampler([1.0 - r.rates[slot] for r, slot in gated for _ in range(r.sites[slot])], mode, seed)
+    sampler.rows_per_sample = [None] * len(sampler.survival_probs)  # until the probe below sees the batches
+    sampler.masks = [(getattr(r.block, slot), rate) for r in reports for slot, rate in r.rates.items()
+                     if r.sites.get(slot) and rate < min_drop_rate]
+    start = 0
+    for report, slot in gated:
+        count = report.sites[slot]
+        gate = DropPathGate(report.rates[slot], getattr(report.block, slot).scale_by_keep,
+                            range(start, start + count), sampler)
+        setattr(report.block, slot, gate)
+        start += count
+    converted = [r for r in reports if any(r is g for g, _ in gated)]
     for report in converted:
         report.block._sdzoo_params = tuple((p.name, None if p.default is inspect.Parameter.empty else p.default)
-                                           for p in list(_signature(report.block).parameters.values())[1:])
+                                           for p in _forward_params(report.block))
         report.block.__dict__[_NAME] = report.name
     calls = _probe_calls(target, [r.block for r in converted], (2, 3) if mode == "sample" else (2,),
-                         size or _input_size(target))
+                         size or model_input_size(target))
     for report in converted:
         block = report.block
         block.__class__ = _gated_class(type(block))
@@ -947,11 +778,8 @@ _OFF_VALUES = ("", "0", "off", "no", "false")
 
 
 def install_create_model_hook() -> bool:
-    """With ``SDZOO_CONVERT_DROP_PATH=sample`` (or ``batch``) in the environment, every model that
-    ``timm.create_model`` builds with a DropPath on a residual branch comes back converted, so timm's own
-    train.py (or any script) gets the real skip without an edit. ``SDZOO_CONVERT_SEED`` seeds the gates
-    (default 0, the same on every rank). Called when sdzoo is imported, which the start-up hook does when timm
-    is; returns whether the hook is in place."""
+    """With ``SDZOO_CONVERT_DROP_PATH=sample`` (or ``batch``), ``timm.create_model`` converts every model it builds
+    with drop paths (``SDZOO_CONVERT_SEED``: the seed), timm's train.py too. Whether the hook is in place."""
     import timm
     import timm.models
 
@@ -991,10 +819,4 @@ def _environment_settings() -> Tuple[str, int]:
         raise ValueError(f"{CONVERT_ENV} must be one of {', '.join(map(repr, CONVERT_MODES))} (or unset, or "
                          f"'off'); got {os.environ.get(CONVERT_ENV)!r}")
     raw = os.environ.get(SEED_ENV, "0").strip()
-    try:
-        seed = int(raw)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"{SEED_ENV} must be an integer in [0, 2**63); got {raw!r}")
-    return mode, seed
+    return mode, check_int(SEED_ENV, int(raw) if raw.isdecimal() else raw, 0, 2**63 - 1)

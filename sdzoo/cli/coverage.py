@@ -2,16 +2,12 @@
 ``drop_path_rate``, converted in each mode, and (with --forward) run for two training steps on fake data: one
 with a random draw, one that skips every branch (batch mode) or keeps one sample (sample mode).
 
-    sdzoo coverage                    # every model, the table by family
-    sdzoo coverage --forward          # also two training steps of each
-    sdzoo coverage --filter 'vit_*' --json out/coverage.json
     sdzoo coverage --forward --every 5 --time-limit 3600   # every 5th name, at most an hour
     sdzoo coverage --compile --backend aot_eager               # the compile table
 
-Prints, by family (timm's model module), how many models hold a DropPath with a positive rate and how many
-convert in each mode, then every reason a model was refused, with its count and an example, and the
-conversion time per model (median and worst). With --forward a model counts as converted only when each of
-its training forwards asks every gate for its draw (a block that falls back to timm's masks asks none).
+Prints, by family (timm's model module), how many models hold a DropPath and how many convert in each mode, each
+reason a model was refused (its count and an example) and the conversion times. With --forward a model counts as
+converted only when each training forward asks every gate for its draw (a block on timm's masks asks none).
 """
 from __future__ import annotations
 
@@ -23,7 +19,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import timm
 import torch
@@ -33,7 +29,7 @@ from timm.models.maxxvit import MaxxVit, MaxxVitCfg
 
 from sdzoo.cli.common import check_output_path, first_paragraph
 from sdzoo.internals.torch_private import CompileCounterWithBackend, dynamo_counters
-from sdzoo.convert import convert_drop_path, inspect_drop_paths
+from sdzoo.convert import convert_drop_path, inspect_drop_paths, model_input_size
 from sdzoo.files.checks import error_line
 from sdzoo.files.disk import save_json
 
@@ -49,24 +45,9 @@ def build(name: str, rate: float):
         return None
 
 
-def has_drop_path(model) -> bool:
-    return any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules())
-
-
-def input_size_of(model) -> Tuple[int, ...]:
-    """(channels, height, width) the model is built for: its patch embedding's image size (a ViT built with
-    img_size=...), else its pretrained cfg's input size."""
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
-        return (getattr(model, "in_chans", 3), *img_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("input_size", (3, 224, 224)))
-
-
 def training_step(model) -> int:
     """One training forward and backward at the model's input size, batch 2, on the meta device; the gates
     it asked for its draw (a converted block that runs timm's masks asks none)."""
-    size = input_size_of(model)
     sampler = model.drop_path_sampler
     asked = set()
     gate = type(sampler).gate
@@ -77,8 +58,7 @@ def training_step(model) -> int:
 
     sampler.gate = counting_gate  # only the survey's copy of the model: it counts, then draws as before
     try:
-        model.train()
-        out = model(torch.empty(2, *size, device="meta"))
+        out = model.train()(torch.empty(2, *(model_input_size(model) or (3, 224, 224)), device="meta"))
         out = out[0] if isinstance(out, (tuple, list)) else out
         out.float().sum().backward()
     finally:
@@ -87,13 +67,12 @@ def training_step(model) -> int:
 
 
 def skip_every_branch(model) -> None:
-    """From now on each training forward skips every branch (batch mode) or runs each on one of the samples
-    (sample mode). A random draw at a low rate may reach neither side of a branch's gate, and the skip side
-    is where a conversion can fail: one did, for a branch that read a buffer of its block (Swin's shifted
-    windows). The gates are in ``GateSampler.draw``'s format."""
+    """From now on each training forward skips every branch (batch mode) or runs each on one sample (sample
+    mode): a random draw at a low rate may never reach the skip side, where a conversion can fail (one did,
+    for a branch that read a buffer of its block: Swin's shifted windows)."""
     sampler = model.drop_path_sampler
 
-    def draw(batch_size, device=None, step=None):
+    def draw(batch_size, device=None, step=None):  # in GateSampler.draw's format
         if sampler.mode == "batch":
             return [torch.tensor(0.0 if sampler.scale_in_gate else False)] * len(sampler.survival_probs)
         return [torch.zeros(1, dtype=torch.long, device=device)] * len(sampler.survival_probs)
@@ -114,51 +93,49 @@ def survey(names, rate: float, forward: bool, progress, deadline: float = float(
         if time.perf_counter() > deadline:
             break
         model = build(name, rate)
-        if model is None or not has_drop_path(model):
+        if model is None or not any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules()):
             continue
-        family = type(model).__module__.replace("timm.models.", "")
-        record = dict(family=family, seconds={})
+        record = dict(family=type(model).__module__.replace("timm.models.", ""), seconds={})
         for mode in MODES:
-            model = model if mode == MODES[0] else build(name, rate)
-            try:
-                started = time.perf_counter()
-                convert_drop_path(model, mode=mode, min_drop_rate=0.0)
-                record["seconds"][mode] = time.perf_counter() - started
-                if forward:
-                    gates = len(model.drop_path_sampler.survival_probs)
-                    try:
-                        asked = [training_step(model)]
-                        skip_every_branch(model)
-                        asked.append(training_step(model))
-                    except Exception as e:  # noqa: BLE001  (a converted model that fails to train)
-                        record[mode] = f"converted, but a training step failed: {error_line(e, 300)}"
-                        continue
-                    if min(asked) < gates:
-                        record[mode] = (f"converted, but a training forward asked {min(asked)} of its {gates} gates "
-                                        f"(the others ran timm's masks)")
-                        continue
-                record[mode] = "ok"
-            except ValueError as e:
-                record[mode] = error_line(e, 300)
-                if never_applied(model):
-                    record[mode] = "never applied: timm's forward calls none of its DropPaths (no residual to skip)"
-            except Exception as e:  # noqa: BLE001  (a crash is a bug of the conversion: reported as such)
-                record[mode] = f"crash: {error_line(e, 300)}"
+            record[mode] = convert_and_train(model if mode == MODES[0] else build(name, rate), mode, forward,
+                                             record["seconds"])
         results[name] = record
         progress(i, len(names), name, record)
     return results
 
 
+def convert_and_train(model, mode: str, forward: bool, seconds: dict) -> str:
+    """'ok', or why the model does not convert in ``mode`` (or, with ``forward``, train); records its seconds."""
+    started = time.perf_counter()
+    try:
+        convert_drop_path(model, mode=mode, min_drop_rate=0.0)
+    except ValueError as e:
+        if never_applied(model):
+            return "never applied: timm's forward calls none of its DropPaths (no residual to skip)"
+        return error_line(e, 300)
+    except Exception as e:  # noqa: BLE001  (a crash is a bug of the conversion: reported as such)
+        return f"crash: {error_line(e, 300)}"
+    seconds[mode] = time.perf_counter() - started
+    if not forward:
+        return "ok"
+    gates = len(model.drop_path_sampler.survival_probs)
+    try:
+        asked = [training_step(model)]
+        skip_every_branch(model)
+        asked.append(training_step(model))
+    except Exception as e:  # noqa: BLE001  (a converted model that fails to train)
+        return f"converted, but a training step failed: {error_line(e, 300)}"
+    if min(asked) < gates:
+        return (f"converted, but a training forward asked {min(asked)} of its {gates} gates (the others ran timm's "
+                f"masks)")
+    return "ok"
+
+
 def table(results: dict) -> str:
-    families = defaultdict(lambda: Counter())
+    families = defaultdict(Counter)
     for record in results.values():
-        counts = families[record["family"]]
-        counts["models"] += 1
-        for mode in MODES:
-            counts[mode] += record[mode] == "ok"
-    total = Counter()
-    for counts in families.values():
-        total.update(counts)
+        families[record["family"]].update(models=1, **{mode: record[mode] == "ok" for mode in MODES})
+    total = sum(families.values(), Counter())
     idle = sum(r["batch"].startswith("never applied") for r in results.values())
     lines = ["| family | DropPath models | batch | sample |", "| --- | ---: | ---: | ---: |"]
     for family, counts in sorted(families.items(), key=lambda kv: (-kv[1]["models"], kv[0])):
@@ -179,28 +156,20 @@ def reasons(results: dict) -> str:
         for mode in MODES:
             if record[mode] != "ok":
                 found[(mode, record[mode])].append(name)
-    if not found:
-        return "every model converts in both modes"
-    lines = []
-    for (mode, reason), names in sorted(found.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"- {mode}, {len(names)} model(s), e.g. {names[0]}: {reason}")
-    return "\n".join(lines)
+    lines = [f"- {mode}, {len(names)} model(s), e.g. {names[0]}: {reason}"
+             for (mode, reason), names in sorted(found.items(), key=lambda kv: -len(kv[1]))]
+    return "\n".join(lines) or "every model converts in both modes"
 
 
 # -- under torch.compile ---------------------------------------------------------------------------------------------
-def inverted_residual(d: int, c: int, s: int, br: float) -> ByoBlockCfg:
-    """MobileViT's inverted residual block (timm's mobilevit.py builds it so): a bottleneck whose ratio applies
-    to its input channels, depthwise (gs=1), with a linear output."""
-    return ByoBlockCfg(type="bottle", d=d, c=c, s=s, gs=1, br=br, block_kwargs=dict(bottle_in=True, linear_out=True))
-
-
 def tiny_mobilevit():
-    """MobileViT's kinds of block, few and narrow: an inverted residual stage, then one that ends in a MobileViT
-    block (its transformer over patches), built from timm's public ByobNet configuration."""
+    """MobileViT's kinds of block, few and narrow, from timm's public ByobNet configuration."""
+    # the inverted residual block, as timm's mobilevit.py builds it
+    inverted = dict(type="bottle", gs=1, br=2.0, block_kwargs=dict(bottle_in=True, linear_out=True))
     mobilevit = ByoBlockCfg(type="mobilevit", d=1, c=24, s=1,
                             block_kwargs=dict(transformer_dim=32, transformer_depth=2, patch_size=2))
-    cfg = ByoModelCfg(blocks=(inverted_residual(d=2, c=16, s=1, br=2.0),
-                              (inverted_residual(d=1, c=24, s=2, br=2.0), mobilevit)),
+    cfg = ByoModelCfg(blocks=(ByoBlockCfg(d=2, c=16, s=1, **inverted),
+                              (ByoBlockCfg(d=1, c=24, s=2, **inverted), mobilevit)),
                       stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu", num_features=32)
     return ByobNet(cfg, num_classes=10, drop_path_rate=0.3)
 
@@ -227,8 +196,7 @@ COMPILE_FAMILIES = {
 
 
 def compile_row(family: str, mode: str, backend: str, steps: int) -> str:
-    """Graphs, graph breaks and recompiles of ``steps`` training steps of the family's converted model under
-    torch.compile (default fullgraph=False), and the seconds to its first step (compile included)."""
+    """Graphs, breaks and recompiles of ``steps`` compiled training steps, and the seconds to the first one."""
     build_model, side = COMPILE_FAMILIES[family]
     torch.compiler.reset()
     dynamo_counters.clear()
@@ -304,21 +272,21 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def main(argv=None, prog: Optional[str] = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if not 0.0 < args.drop_path_rate < 1.0:
-        parser.error(f"--drop-path-rate must be in (0, 1); got {args.drop_path_rate}")
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    if args.every < 1:
-        parser.error(f"--every must be a positive integer; got {args.every}")
-    if args.time_limit is not None and not args.time_limit > 0:
-        parser.error(f"--time-limit must be a positive number of seconds; got {args.time_limit}")
+    for wrong, message in ((not 0.0 < args.drop_path_rate < 1.0, f"--drop-path-rate must be in (0, 1); got "
+                                                                 f"{args.drop_path_rate}"),
+                           (args.every < 1, f"--every must be a positive integer; got {args.every}"),
+                           (args.time_limit is not None and not args.time_limit > 0,
+                            f"--time-limit must be a positive number of seconds; got {args.time_limit}"),
+                           (args.compile and args.steps < 2, f"--steps must be at least 2; got {args.steps}")):
+        if wrong:
+            parser.error(message)
     if args.json is not None:  # before the survey, which may take an hour
         check_output_path(parser, "--json", args.json)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    started = time.perf_counter()
+    deadline = started + args.time_limit if args.time_limit else float("inf")
     if args.compile:
-        if args.steps < 2:
-            parser.error(f"--steps must be at least 2; got {args.steps}")
-        started = time.perf_counter()
-        deadline = started + args.time_limit if args.time_limit else float("inf")
         print(f"timm {timm.__version__}, torch {torch.__version__}, backend {args.backend}, {args.steps} steps, "
               f"batch 4\n")
         print(compile_table(args.backend, args.steps, deadline, args.filter))
@@ -327,8 +295,6 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     if not matching:
         parser.error(f"--filter {args.filter!r} matches no timm model")
     names = matching[::args.every]
-    started = time.perf_counter()
-    deadline = started + args.time_limit if args.time_limit else float("inf")
 
     def progress(i, count, name, record):
         if not args.quiet:
