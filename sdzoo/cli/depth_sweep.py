@@ -2,17 +2,15 @@
 
     sdzoo depth-sweep --model runs/digits/stochastic_depth --twin runs/digits/constant_depth \\
         --output out/depth-digits
-    sdzoo depth-sweep --model runs/digits/stochastic_depth --output out/depth-digits
 
 Each row is one depth of one model and order (sdzoo.prune: survival, evenly, greedy): the blocks kept,
-parameters and FLOPs per image, test accuracy in PyTorch and in onnxruntime (each depth exported to ONNX and
-checked as every export is), onnxruntime latency at batch 1 and 32 (each shape of graph timed in turn,
---rounds times, the fastest round kept). --twin puts a second model beside the
-first, pruned the same way: the same architecture trained at constant depth shows what stochastic depth buys.
-The data come from the run's summary.json (its data set and splits; --data-dir where the files are now):
-greedy ranks blocks on the validation split, --recalibrate-bn uses the training split, accuracy is the test
-split's. Writes OUTPUT/sweep.md (the table), OUTPUT/sweep.json (every row) and OUTPUT/sweep.png (accuracy
-against latency); nothing when an argument is wrong (exit 2).
+parameters and FLOPs per image, test accuracy in PyTorch and in onnxruntime (each depth exported and checked as
+every export is), onnxruntime latency at batch 1 and 32 (each shape of graph timed in turn, --rounds times, the
+fastest round kept). --twin prunes a second model the same way beside the first: the same architecture trained
+at constant depth shows what stochastic depth buys. The data are the run's (its summary.json; --data-dir where
+the files are now): greedy ranks blocks on the validation split, --recalibrate-bn uses the training split,
+accuracy is the test split's. Writes OUTPUT/sweep.md, sweep.json and sweep.png (accuracy against latency);
+nothing when an argument is wrong (exit 2).
 """
 from __future__ import annotations
 
@@ -64,6 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
 
 
 def load(args: argparse.Namespace, flag: str, source: str):
+    """The model of a run folder or Hub repo, in eval mode, and its run's settings (None without a summary)."""
     name = source if source.startswith(HUB_PREFIXES) else f"local-dir:{source}"
     if name.startswith("local-dir:") and not os.path.isdir(name[len("local-dir:"):]):
         fail(args, f"{flag}: no such run folder {name[len('local-dir:'):]!r}")
@@ -73,33 +72,35 @@ def load(args: argparse.Namespace, flag: str, source: str):
         fail(args, f"{flag} {source}: cannot load it: {error_line(err, 300)}")
 
 
+def _constant_depth(model) -> bool:
+    return model.survival_settings.trained_dict()["gate_mode"] == "off"
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Exit status: 0 the sweep is written, 2 a wrong argument (nothing written)."""
     args = parse_args(argv, prog)
-    if args.threads < 1:
-        fail(args, f"--threads must be a positive integer; got {args.threads}")
+    for flag, value in (("--threads", args.threads), ("--rounds", args.rounds)):
+        if value < 1:
+            fail(args, f"{flag} must be a positive integer; got {value}")
     torch.set_num_threads(args.threads)
     try:
         check_seconds("--bench-seconds", args.bench_seconds)
     except ValueError as err:
         fail(args, str(err))
-    if args.rounds < 1:
-        fail(args, f"--rounds must be a positive integer; got {args.rounds}")
     if args.recalibrate_bn < 0:
         fail(args, f"--recalibrate-bn must be a number of training images >= 0; got {args.recalibrate_bn}")
     out = Path(args.output)
     check_output_path(args.parser, "--output", out, kind="folder")
 
     model, settings = load(args, "--model", args.model)
-    models = {"stochastic depth" if model.survival_settings.trained_dict()["gate_mode"] != "off"
-              else "constant depth": model}
+    models = {"constant depth" if _constant_depth(model) else "stochastic depth": model}
     if args.twin:
         twin, _ = load(args, "--twin", args.twin)
         if block_names(twin) != block_names(model) or twin.pretrained_cfg.get("architecture") != \
                 model.pretrained_cfg.get("architecture"):
             fail(args, f"--twin {args.twin} is not the architecture of --model {args.model}: the twins of a "
                        "comparison are pruned the same way")
-        label = "constant depth" if twin.survival_settings.trained_dict()["gate_mode"] == "off" else "twin"
+        label = "constant depth" if _constant_depth(twin) else "twin"
         models[label if label not in models else f"{label} (twin)"] = twin
     names, required = block_names(model), required_blocks(model)
     bad = [d for d in args.depths or () if not len(required) <= d <= len(names)]
