@@ -1,18 +1,9 @@
-"""Depth on demand: a shallower network from one trained stochastic-depth model.
+"""Depth on demand: a shallower network from one trained stochastic-depth model (docs/depth-on-demand.md).
 
-A network trained with stochastic depth works with blocks missing (Veit et al., 2016; LayerDrop, Fan et al.,
-2019). ``prune_blocks`` keeps ``keep`` residual blocks and returns an ordinary zoo model with fewer blocks per
-stage (``layers=[...]``), folded, gates off: a removed block leaves only its shortcut. The first block of each
-stage is always kept: it holds the stage's downsampling shortcut, and a stage cannot be empty.
-
-Which blocks go (``order``): ``"survival"``, the lowest trained p_l first, ties to the later block (so a
-constant-depth twin loses the same blocks); ``"evenly"``, fairseq's advice for LayerDrop, each stage keeping its
-share, block ``floor(j * n / k)`` of a stage of n keeping k; ``"greedy"``, Veit's lesion study as a search, one
-block at a time, the one whose removal raises the loss on ``data["val"]`` least; or a list of block names to keep.
-
-``model.pruned_from`` records the source architecture and ``layers``, the kept blocks' names there, the order and
-the recalibration; config.json, the weights' and the ONNX metadata carry it. Pruned again, it still names blocks
-of the first source.
+A network trained with stochastic depth works with blocks missing (Veit et al., 2016; LayerDrop, 2019).
+``prune_blocks`` keeps some residual blocks and returns an ordinary zoo model with fewer blocks per stage,
+folded, gates off; a removed block leaves only its shortcut. The first block of each stage is always kept: it
+holds the stage's downsampling shortcut. ``model.pruned_from`` records the source and the blocks kept there.
 """
 from __future__ import annotations
 
@@ -58,8 +49,7 @@ def required_blocks(model: nn.Module) -> List[str]:
 
 
 def _source(model: nn.Module) -> Tuple[str, List[int], List[str]]:
-    """(architecture, layers, the name there of each of the model's blocks) of the model the weights were
-    trained as: the model itself, or what a pruned model records."""
+    """(architecture, layers, each block's name there) of the model the weights were trained as."""
     names, record = block_names(model), getattr(model, "pruned_from", None)
     if record:
         return record["architecture"], list(record["layers"]), list(record["kept"])
@@ -67,8 +57,7 @@ def _source(model: nn.Module) -> Tuple[str, List[int], List[str]]:
 
 
 def trained_survival_probs(model: nn.Module) -> List[float]:
-    """p_l of each of the model's blocks under the settings its weights were trained with (after folding or
-    pruning too): 1.0 for every block of a model trained at constant depth."""
+    """p_l of each block under the settings its weights were trained with, folded or pruned since or not."""
     _, layers, names = _source(model)
     trained = model.survival_settings.folded_from or model.survival_settings
     probs = dict(zip(_names_of(model.stage_names, layers), trained.block_survival_probs(sum(layers))))
@@ -135,8 +124,9 @@ def _survival_keep(model: nn.Module, keep: int) -> List[str]:
 
 
 def _evenly_keep(model: nn.Module, keep: int) -> List[str]:
+    # Each stage its share of keep (one block at a time to the stage furthest below its share, ties to the
+    # earlier), spaced as fairseq advises for LayerDrop: block floor(j * n / k) of a stage of n keeping k.
     depths = _stage_depths(model)
-    # One block at a time to the open stage furthest below its share of keep (ties to the earlier stage).
     counts = [1] * len(depths)
     for _ in range(keep - len(depths)):
         open_stages = [s for s in range(len(depths)) if counts[s] < depths[s]]
@@ -158,13 +148,13 @@ def _shortcut_only(gate: nn.Module, args: tuple, output: Tensor) -> Tensor:
 
 def greedy_removals(model: nn.Module, data: Any, down_to: Optional[int] = None,
                     progress: ProgressCallback = None) -> Tuple[List[str], int]:
-    """The blocks in the order greedy removes them, each the one whose removal raises the loss on
-    ``data["val"]`` least, down to ``down_to`` blocks (default: the first of each stage); and the evaluations
-    that took. Nested: the first k removals are those of a greedy prune by k blocks."""
+    """The blocks in the order greedy removes them (Veit's lesion study, repeated: the block whose removal raises
+    the loss on ``data["val"]`` least), down to ``down_to`` (default: the first of each stage), and the
+    evaluations that took. Nested: the first k removals are those of a greedy prune by k blocks."""
     images, labels = _split(data, "val", "order='greedy'", labels=True)
     names, required = block_names(model), required_blocks(model)
     down_to = len(required) if down_to is None else _check_keep(model, down_to)
-    folded = _pruned(model, _folded_source(model), names, record={}).eval()  # a copy: hooks stay on it
+    folded = _pruned(model, names, record={}).eval()  # a copy: hooks stay on it
     removed, evaluations = [], 0
     while len(names) - len(removed) > down_to:
         losses = {}
@@ -213,11 +203,9 @@ def _split(data: Any, split: str, needed_by: str, labels: bool) -> Tuple[Tensor,
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"data[{split!r}] images must be a non-empty (N, C, H, W) batch; got shape "
                          f"{tuple(images.shape)}")
-    if labels:
-        if targets is None or len(targets) != len(images):
-            raise ValueError(f"data[{split!r}] must be (images, labels) with a label for each image")
-        targets = torch.as_tensor(targets, dtype=torch.long)
-    return images, targets
+    if labels and (targets is None or len(targets) != len(images)):
+        raise ValueError(f"data[{split!r}] must be (images, labels) with a label for each image")
+    return images, torch.as_tensor(targets, dtype=torch.long) if labels else None
 
 
 # -- the pruned model ----------------------------------------------------------------------------------------
@@ -234,11 +222,10 @@ def _folded_source(model: nn.Module) -> Tuple[Dict[str, Tensor], Any]:
     return folded.state_dict(), folded.survival_settings
 
 
-def _pruned(model: nn.Module, source: Tuple[Dict[str, Tensor], Any], kept: Sequence[str],
-            record: Dict[str, Any]) -> nn.Module:
-    """A new model of the same architecture holding the blocks ``kept`` of ``model`` (renumbered within their
-    stage), built through timm with ``layers=[...]`` and loaded strictly."""
-    state, settings = source
+def _pruned(model: nn.Module, kept: Sequence[str], record: Dict[str, Any]) -> nn.Module:
+    """A new folded model of the same architecture holding the blocks ``kept`` of ``model`` (renumbered within
+    their stage), built through timm with ``layers=[...]`` and loaded strictly."""
+    state, settings = _folded_source(model)
     architecture, source_layers, source_names = _source(model)
     if not architecture or not timm.is_model(architecture):
         raise ValueError(f"model must be a model of the zoo built by timm.create_model (its pretrained_cfg names "
@@ -248,12 +235,12 @@ def _pruned(model: nn.Module, source: Tuple[Dict[str, Tensor], Any], kept: Seque
     renamed = {n: f"{stage}.{j}" for stage, blocks in in_stage.items() for j, n in enumerate(blocks)}
     new_state = {}
     for key, value in state.items():
-        stage, index, rest = (key.split(".", 2) + ["", ""])[:3]
-        block = f"{stage}.{index}"
+        parts = key.split(".", 2)
+        block = ".".join(parts[:2])
         if block in names:  # a block's tensor: renumbered, or gone with its block
             if block not in renamed:
                 continue
-            key = f"{renamed[block]}.{rest}"
+            key = f"{renamed[block]}.{parts[2]}"
         new_state[key] = value
     args = dict(get_model_args(model), **settings.as_model_args(), layers=[len(b) for b in in_stage.values()])
     args.pop("pruned_from", None)
@@ -271,20 +258,10 @@ def prune_blocks(model: nn.Module, keep: Optional[int], order: Union[str, Sequen
                  data: Any = None, recalibrate_bn: int = 0, progress: ProgressCallback = None) -> nn.Module:
     """A new folded model with ``keep`` of ``model``'s residual blocks, gates off; ``model`` is left unchanged.
 
-    Args:
-        model: a zoo model (``SDResNet``), folded or not, pruned before or not.
-        keep: the residual blocks to keep, from the number of stages to all of them (the folded model). None
-            with a list of names as ``order``.
-        order: ``"survival"``, ``"evenly"``, ``"greedy"`` (see the module's doc), or the block names to keep.
-        data: a mapping of splits to (images, labels), images normalised as the model's input: ``"val"`` ranks
-            the blocks for ``greedy`` (a held-out split, never the test split), ``"train"`` recalibrates.
-        recalibrate_bn: re-estimate every BatchNorm's running statistics (the plain average) on the first N
-            images of ``data["train"]`` after pruning (0: keep the trained statistics).
-        progress: called with a line of text at each step of a long search (greedy).
-
-    Raises:
-        ValueError: a bad argument (each message names it and what is allowed), a model that is not a zoo
-            model, has no block to prune, or whose gates contradict its survival settings.
+    ``order``: ``"survival"`` (the lowest trained p_l first, ties to the later block), ``"evenly"`` (each stage
+    its share, evenly spaced), ``"greedy"`` (see ``greedy_removals``; ``data["val"]``, a held-out split), or the
+    names of the blocks to keep, ``keep`` None. ``recalibrate_bn``: re-estimate every BatchNorm's statistics on
+    the first N images of ``data["train"]`` after pruning. Each bad argument is a ValueError that names it.
     """
     kept, evaluations = blocks_to_keep(model, keep, order, data, progress)
     if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
@@ -300,7 +277,7 @@ def prune_blocks(model: nn.Module, keep: Optional[int], order: Union[str, Sequen
     previous = getattr(model, "pruned_from", None)
     if previous:  # pruned again: the record keeps how the first prune was done too
         record["previous"] = {k: v for k, v in previous.items() if k not in ("architecture", "layers")}
-    pruned = _pruned(model, _folded_source(model), kept, record)
-    if recalibrate_bn:
-        update_bn(train_images[:recalibrate_bn].split(128), pruned)  # gates are off: train mode draws none
+    pruned = _pruned(model, kept, record)
+    if recalibrate_bn:  # the plain average over the images; gates are off, so train mode draws none
+        update_bn(train_images[:recalibrate_bn].split(128), pruned)
     return pruned

@@ -1,9 +1,7 @@
 """The whole job on the embedded default: scikit-learn's handwritten digits, offline, CPU (or GPU).
 
-Trains a stochastic-depth ResNet-20 with the digits recipe and the same network at constant depth, reports
-their test accuracy side by side, folds p_l into the weights, exports ONNX (checked against PyTorch, and
-measured on the held-out test split), writes the model card and a Hub-ready folder (what ``sdzoo push`` would
-upload), and prints where every file is.
+Trains a stochastic-depth ResNet-20 and the same network at constant depth, reports their test accuracy, folds
+p_l into the weights, exports ONNX checked against PyTorch, and writes the model card and a Hub-ready folder.
 
     sdzoo demo                                 # into runs/digits (runs/digits-2, ... if taken)
     sdzoo demo --output runs/mine --epochs 10  # scripts/run_digits.py takes the same flags
@@ -16,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import timm
 import torch
 
@@ -32,8 +29,8 @@ HELP = "the whole job on scikit-learn's digits: train, compare, fold, export, ch
 
 
 def fresh_folder(path: Path) -> Path:
-    """A new folder ``path``, or ``path-2``, ``path-3``, ...: made by a ``mkdir`` that fails when the folder
-    exists, so an earlier run is never overwritten and two jobs started together never share one."""
+    """A new folder ``path``, or ``path-2``, ...: ``mkdir`` fails on an existing folder, so no earlier run is
+    overwritten and two jobs started together never share one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = path, 1
     while True:
@@ -51,10 +48,6 @@ def train_run(output: Path, extra) -> None:
         raise SystemExit(f"sdzoo demo: training into {output} failed (exit {code}); see the message above")
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return 100.0 * float((logits.argmax(1) == labels).mean())
-
-
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("runs/digits"),
@@ -68,7 +61,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None, prog: Optional[str] = None):
+def main(argv=None, prog: Optional[str] = None) -> int:
     p = build_parser(prog)
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
@@ -78,11 +71,6 @@ def parse_args(argv=None, prog: Optional[str] = None):
         hub.check_repo_id(args.repo_id)
     except ValueError as e:
         p.error(f"--repo-id: {e}")
-    return args
-
-
-def main(argv=None, prog: Optional[str] = None) -> int:
-    args = parse_args(argv, prog)
     start = time.perf_counter()
     root = fresh_folder(args.output)
     sd_dir, constant_dir, hub_dir = root / "stochastic_depth", root / "constant_depth", root / "hub"
@@ -98,12 +86,13 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     model, constant = (timm.create_model(f"local-dir:{d}", pretrained=True).eval() for d in (sd_dir, constant_dir))
     cfg = model.pretrained_cfg
     images, labels = digits_images(cfg["input_size"], cfg["mean"], cfg["std"], split="test")
-    with torch.no_grad():
-        sd_acc, constant_acc = (accuracy(m(torch.from_numpy(images)).numpy(), labels) for m in (model, constant))
-        folded_acc = accuracy(fold_survival(model)(torch.from_numpy(images)).numpy(), labels)
+    with torch.no_grad():  # the networks' logits on the test digits, by their row in the table
+        logits = {"constant depth (PyTorch)": constant(torch.from_numpy(images)).numpy(),
+                  "stochastic depth, p_L = 0.5 (PyTorch)": model(torch.from_numpy(images)).numpy()}
+        logits["stochastic depth, folded (PyTorch)"] = fold_survival(model)(torch.from_numpy(images)).numpy()
     onnx_path = sd_dir / ONNX_NAME
     report = onnx_export.export_onnx(model, onnx_path)
-    ort_acc = accuracy(onnx_export.predict_onnx(onnx_path, images), labels)
+    logits["stochastic depth, folded (onnxruntime)"] = onnx_export.predict_onnx(onnx_path, images)
     diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in report.max_abs_diff.items())
     print(f"      onnxruntime vs PyTorch, max abs difference: {diffs}")
 
@@ -114,10 +103,8 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     print(f"\n[4/4] done in {elapsed:.0f} s (sdzoo {importlib.metadata.version('sdzoo')}, torch {torch.__version__})\n")
     print(f"Test accuracy on the {len(labels)} held-out digits (sd_resnet20_cifar, "
           f"{cfg['input_size'][1]}x{cfg['input_size'][2]} input):\n| network | test accuracy |\n| --- | ---: |")
-    for network, acc in (("constant depth (PyTorch)", constant_acc), ("stochastic depth, p_L = 0.5 (PyTorch)", sd_acc),
-                         ("stochastic depth, folded (PyTorch)", folded_acc),
-                         ("stochastic depth, folded (onnxruntime)", ort_acc)):
-        print(f"| {network} | {acc:.2f}% |")
+    for network, out in logits.items():
+        print(f"| {network} | {100.0 * float((out.argmax(1) == labels).mean()):.2f}% |")
     print("\nFiles:")
     for label, path in [
             ("stochastic-depth run (timm local-dir)", sd_dir),

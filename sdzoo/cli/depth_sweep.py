@@ -1,16 +1,11 @@
 """What one trained model buys at each depth: prune it to every depth, export and measure each.
 
-    sdzoo depth-sweep --model runs/digits/stochastic_depth --twin runs/digits/constant_depth \\
-        --output out/depth-digits
+    sdzoo depth-sweep --model runs/digits/stochastic_depth --twin runs/digits/constant_depth --output out/depth
 
-Each row is one depth of one model and order (sdzoo.prune: survival, evenly, greedy): the blocks kept,
-parameters and FLOPs per image, test accuracy in PyTorch and in onnxruntime (each depth exported and checked as
-every export is), onnxruntime latency at batch 1 and 32 (each shape of graph timed in turn, --rounds times, the
-fastest round kept). --twin prunes a second model the same way beside the first: the same architecture trained
-at constant depth shows what stochastic depth buys. The data are the run's (its summary.json; --data-dir where
-the files are now): greedy ranks blocks on the validation split, --recalibrate-bn uses the training split,
-accuracy is the test split's. Writes OUTPUT/sweep.md, sweep.json and sweep.png (accuracy against latency);
-nothing when an argument is wrong (exit 2).
+A row per model, order and depth: the blocks kept, parameters, FLOPs per image, test accuracy in PyTorch and
+onnxruntime (each depth exported and checked), onnxruntime latency at batch 1 and 32. --twin prunes a second
+model (the same architecture trained at constant depth) the same way. The data are the run's (summary.json).
+Writes OUTPUT/sweep.md, sweep.json and sweep.png; nothing when an argument is wrong (exit 2).
 """
 from __future__ import annotations
 
@@ -38,31 +33,21 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=first_paragraph(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="a run folder (PATH or local-dir:PATH) or hf-hub:ORG/NAME")
-    parser.add_argument("--twin", default=None,
-                        help="a second run of the same architecture (e.g. trained at constant depth), pruned the "
-                             "same way beside the first")
+    parser.add_argument("--twin", default=None, help="a second run of the same architecture, pruned the same way")
     parser.add_argument("--output", required=True, help="folder for sweep.md, sweep.json and sweep.png")
     parser.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS, help="orders to sweep")
-    parser.add_argument("--depths", type=int, nargs="+", default=None,
-                        help="blocks to keep (default: every depth from the first block of each stage to all)")
+    parser.add_argument("--depths", type=int, nargs="+", default=None, help="blocks to keep (default: every depth)")
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
-                        help="re-estimate BatchNorm statistics on N training images after pruning (default 0)")
+                        help="re-estimate BatchNorm statistics on N training images after pruning")
     parser.add_argument("--dataset", default=None, help="data set of a model without a summary.json")
     parser.add_argument("--data-dir", default=None, help="folder of the data set (default: the run's)")
-    parser.add_argument("--bench-seconds", type=float, default=0.3,
-                        help="seconds of timed runs per latency (torch.utils.benchmark's blocked_autorange)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of timing, each graph in turn; the fastest round is kept (default 3)")
+    parser.add_argument("--bench-seconds", type=float, default=0.3, help="seconds of timed runs per latency")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing every graph; the fastest is kept")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch and onnxruntime (default 1)")
     return parser
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    return parse_keeping_parser(build_parser(prog), argv)
-
-
 def load(args: argparse.Namespace, flag: str, source: str):
-    """The model of a run folder or Hub repo, in eval mode, and its run's settings (None without a summary)."""
     name = source if source.startswith(HUB_PREFIXES) else f"local-dir:{source}"
     if name.startswith("local-dir:") and not os.path.isdir(name[len("local-dir:"):]):
         fail(args, f"{flag}: no such run folder {name[len('local-dir:'):]!r}")
@@ -78,7 +63,7 @@ def _constant_depth(model) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Exit status: 0 the sweep is written, 2 a wrong argument (nothing written)."""
-    args = parse_args(argv, prog)
+    args = parse_keeping_parser(build_parser(prog), argv)
     for flag, value in (("--threads", args.threads), ("--rounds", args.rounds)):
         if value < 1:
             fail(args, f"{flag} must be a positive integer; got {value}")

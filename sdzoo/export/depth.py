@@ -1,11 +1,5 @@
-"""What one trained model buys at each depth: the data a prune uses, and the depth sweep.
-
-``depth_sweep`` prunes one or more models (a stochastic-depth model and its constant-depth twin, pruned the same
-way) to every depth and order, exports each (checked as every export is) and measures it as it deploys;
-``format_sweep`` prints the table, ``plot_sweep`` draws accuracy against latency. The data are the run's own
-(``run_splits``): the validation split ranks blocks for greedy, the training split recalibrates BatchNorm, the
-test split measures.
-"""
+"""What one trained model buys at each depth: ``depth_sweep`` prunes it (and its twin) to every depth and order,
+exports each and measures it as it deploys, on the run's own data (``run_splits``)."""
 from __future__ import annotations
 
 import json
@@ -36,8 +30,7 @@ PRUNING_NAME = "pruning.json"
 
 
 def run_settings(model_source: str) -> Optional[Dict[str, Any]]:
-    """The training settings (data set, folder, splits) in the summary.json of ``local-dir:PATH`` (or PATH) or
-    ``hf-hub:ORG/NAME``, or None where there is none."""
+    """The training settings in the summary.json of ``local-dir:PATH`` (or PATH) or ``hf-hub:ORG/NAME``, or None."""
     if model_source.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
@@ -61,9 +54,9 @@ def run_settings(model_source: str) -> Optional[Dict[str, Any]]:
 
 def run_splits(settings: Mapping[str, Any], mean: Sequence[float], std: Sequence[float],
                data_dir: Optional[str] = None) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """``{"train", "val" (where the run held one out), "test"}`` -> (images normalised with ``mean`` / ``std``,
-    labels) of a run's data set. ``settings``: ``run_settings``'s or ``{"dataset": NAME}``; ``data_dir`` overrides
-    the run's folder. Nothing is downloaded."""
+    """``{"train", "val" (where the run held one out), "test"}`` -> (normalised images, labels) of the data set of
+    ``settings`` (``run_settings``'s or ``{"dataset": NAME}``), from ``data_dir`` or the run's. Nothing is
+    downloaded."""
     name = settings.get("dataset")
     if name not in TENSOR_DATASETS:
         raise DataError(f"--dataset must be one of {and_list(TENSOR_DATASETS)} (data sets held in memory) to "
@@ -91,9 +84,8 @@ def _timed(ms_b1_b32: Tuple[float, float]) -> Dict[str, Any]:
 
 def describe(model: nn.Module, onnx_path: PathLike, test: Tuple[Tensor, Tensor], input_size: Sequence[int],
              bench_seconds: Optional[float] = 0.3) -> Dict[str, Any]:
-    """A model and its checked ONNX file measured: blocks, parameters, FLOPs per image (torch's count, 2 per
-    multiply-add), test accuracy in PyTorch and onnxruntime, and unless ``bench_seconds`` is None onnxruntime's
-    latency at batch 1 and 32."""
+    """A model and its checked ONNX file measured: blocks, parameters, FLOPs per image, test accuracy in PyTorch
+    and onnxruntime, and unless ``bench_seconds`` is None onnxruntime's latency at batch 1 and 32."""
     images, labels = test
     with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *input_size))
@@ -127,10 +119,9 @@ def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tens
                 orders: Sequence[str] = ("survival", "evenly", "greedy"), depths: Optional[Sequence[int]] = None,
                 recalibrate_bn: int = 0, bench_seconds: float = 0.3, rounds: int = 3,
                 input_size: Optional[Sequence[int]] = None, progress: ProgressCallback = None) -> List[Dict[str, Any]]:
-    """A row for each model (label -> model), order and depth (default: every depth): the pruned model exported,
-    checked and measured (``describe``), with the blocks it kept. Greedy is searched once per model (it is
-    nested). Latency is timed last, once per ``layers`` (graphs with the same blocks per stage do the same work):
-    one timing keeps load noise out of the comparison of twins."""
+    """A row for each model (label -> model), order and depth: the pruned model exported, checked and measured,
+    with the blocks it kept. Latency is timed last, once per ``layers``: one timing of graphs that do the same
+    work keeps load noise out of the comparison of twins."""
     say = progress or (lambda line: None)
     rows: List[Dict[str, Any]] = []
     graphs: Dict[Tuple[int, ...], str] = {}  # layers -> the first ONNX file of that shape
@@ -139,7 +130,7 @@ def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tens
             names = block_names(model)
             model_depths = sorted(set(depths or range(len(required_blocks(model)), len(names) + 1)), reverse=True)
             size = tuple(input_size or model.pretrained_cfg["input_size"])
-            if "greedy" in orders:
+            if "greedy" in orders:  # nested: searched once for every depth
                 say(f"{label}: greedy search on the validation split "
                     f"({len(splits['val'][1]) if 'val' in splits else 0} images)")
                 greedy, evaluations = greedy_removals(model, splits, down_to=min(model_depths), progress=say)
@@ -189,8 +180,7 @@ def format_sweep(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], out_path: PathLike, title: Optional[str] = None) -> None:
-    """A PNG of accuracy against onnxruntime latency at batch 32 (left) and blocks kept (right), a line per
-    model and order."""
+    """A PNG of accuracy against latency at batch 32 and against blocks kept, a line per model and order."""
     import matplotlib
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt

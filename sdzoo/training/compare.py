@@ -1,15 +1,10 @@
-"""The paper's comparison as one command: the same network trained with stochastic depth and at constant depth.
-
-For each seed, two training runs that differ only in ``--gate-mode`` (``off`` is constant depth), so they start
-from the same weights and see the same data order and augmentation. Each is a run folder ``SETTING-seedN`` under
-the output folder, trained in a process of its own (logging to ``SETTING-seedN.log``), ``jobs`` at once. A
-finished run is read, a stopped one continued with ``--resume``: the same command started again goes on.
-
-It writes ``results.json`` (per run and per setting's mean and std: the test error at the epoch of best
-validation error, that epoch, wall and training time, images per second; the ratio of training times),
-``results.md`` (that as a table beside the paper's CIFAR-10 figures, and the test error at each evaluation) and
-``compare.png`` (test error against epoch, the paper's figure 3, and the first stage's mean |gradient|, its
-figure 7).
+"""Train the same network with stochastic depth and at constant depth (--gate-mode off) for each seed, so each
+pair starts from the same weights and sees the same data, and compare them. Each run is a run folder
+SETTING-seedN in OUTPUT, trained in a process of its own (log: SETTING-seedN.log); started again with the same
+command, it continues where it stopped. Flags it does not know go to every training run (see sdzoo train
+--help). It writes results.json (per run and per setting: test error at the best validation epoch, that epoch,
+times, images/s), results.md (a table beside the paper's CIFAR-10 figures) and compare.png (test error against
+epoch, the paper's figure 3, and the first stage's mean |gradient|, its figure 7).
 """
 from __future__ import annotations
 
@@ -66,13 +61,8 @@ class Job:
     argv: List[str]
     state: str
 
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
-    @property
-    def log(self) -> Path:
-        return self.folder.with_name(self.folder.name + ".log")
+    name = property(lambda self: self.folder.name)
+    log = property(lambda self: self.folder.with_name(self.folder.name + ".log"))
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -92,8 +82,7 @@ def _given_defining(train_args: Sequence[str]) -> Dict[str, Any]:
 
 def plan_jobs(output: Path, seeds: Sequence[int], train_args: Sequence[str], device: str,
               threads: Optional[int]) -> List[Job]:
-    """A job per setting and seed: a finished run is read, a stopped one continued; a folder holding a run of
-    other settings is refused."""
+    """A job per setting and seed; a folder holding a run of other settings is refused."""
     how = ["--device", device, "--quiet"] + (["--threads", str(threads)] if threads else [])
     jobs = []
     for seed in seeds:
@@ -135,9 +124,8 @@ def _stop_on_sigint() -> None:
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int, threads: Optional[int], say=print) -> List[Job]:
-    """Train the jobs that are not done, ``parallel`` at a time, each in a process of its own writing to its log;
-    returns those that failed. On Ctrl-C or SIGTERM the trainers are stopped (each keeps its last checkpoint)
-    and KeyboardInterrupt is raised."""
+    """Train the jobs not done, ``parallel`` at a time; returns those that failed. On Ctrl-C or SIGTERM the
+    trainers are stopped (each keeps its last checkpoint) and KeyboardInterrupt is raised."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     waiting = [job for job in jobs if job.state != "done"]
     running: Dict[Job, subprocess.Popen] = {}
@@ -225,8 +213,7 @@ def _cell(stats: Dict[str, Optional[float]], fmt: str, unit: str = "") -> str:
 
 
 def table(results: Dict[str, Any]) -> str:
-    """The Markdown table of results.json: mean ± std over the seeds per setting, the paper's figures beside,
-    then the test error at each evaluation (the mean over the seeds that reached it)."""
+    """results.md: mean ± std over the seeds, the paper's beside; then the test error at each evaluation."""
     paper, runs = results["paper"], results["runs"]
     seeds = sorted({r["seed"] for r in runs})
     lines = [f"| setting | test error (%) | best epoch | training time per epoch | images/s "
@@ -292,12 +279,7 @@ def write_results(output: Path, jobs: Sequence[Job], command: str) -> Dict[str, 
 # -- command line --------------------------------------------------------------------------------------------
 def build_compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sdzoo compare",
-        description="Train the same network with stochastic depth and at constant depth (the same seeds, so the "
-                    "same initial weights and data order), for each seed, and compare them: results.json, a "
-                    "Markdown table beside the paper's CIFAR-10 figures, and a figure. Started again with the "
-                    "same command, it continues where it stopped. Flags it does not know go to every training "
-                    "run (see sdzoo train --help), e.g. --dataset fashion_mnist --epochs 15.",
+        prog="sdzoo compare", description=__doc__,
         epilog="example (the CPU recipe, about an hour per pair of runs on 2 cores):\n"
                "  sdzoo compare --output runs/fmnist-compare --seeds 1 --dataset fashion_mnist\n"
                "exit status: 0 done, 1 a run failed, 2 bad usage, 130 interrupted (rerun to continue).",
