@@ -67,15 +67,14 @@ def trained_survival_probs(model: nn.Module) -> List[float]:
 def _check_gates_match_settings(model: nn.Module) -> None:
     """Weights folded by other settings than the model records would be folded again, or left unfolded."""
     settings, gates = model.survival_settings, model.block_survival_probs()
-    if settings.folded_from is not None:
-        expected, state = [1.0] * len(gates), f"folded (folded_from={settings.folded_from.trained_dict()})"
-    else:
-        expected = settings.block_survival_probs(len(gates))
-        state = (f"not folded, with survival_prob={settings.survival_prob}, survival_rule="
-                 f"{settings.survival_rule!r}, gate_mode={settings.gate_mode!r}")
+    expected = settings.block_survival_probs(len(gates))  # 1.0 each where folded: its gates are off
     wrong = [i for i, (p, q) in enumerate(zip(gates, expected)) if not math.isclose(p, q, abs_tol=1e-9)]
     if wrong:
         i = wrong[0]
+        folded = settings.folded_from is not None
+        state = f"folded (folded_from={settings.folded_from.trained_dict()})" if folded else (
+            f"not folded, with survival_prob={settings.survival_prob}, survival_rule={settings.survival_rule!r}, "
+            f"gate_mode={settings.gate_mode!r}")
         raise ValueError(f"model: its survival_settings say it is {state}, but its gates hold other p_l (block "
                          f"{i + 1} of {len(gates)}: {gates[i]:.4f}, the settings give {expected[i]:.4f}): its "
                          "weights and its metadata disagree, so it cannot be folded or pruned; rebuild it from "
@@ -177,7 +176,7 @@ def blocks_to_keep(model: nn.Module, keep: Optional[int], order: Union[str, Sequ
     """The names of the blocks a prune keeps, in model order, and the evaluations it took (greedy only)."""
     names = block_names(model)
     is_list = not isinstance(order, (str, bytes)) and isinstance(order, Sequence) and len(order) > 0
-    if not is_list and order not in ORDERS:
+    if not is_list and not (isinstance(order, str) and order in ORDERS):
         raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))} or a list of block names to keep; "
                          f"got {order!r:.200}")
     if is_list:
