@@ -1,11 +1,7 @@
 """The whole job on the embedded default: scikit-learn's handwritten digits, offline, CPU (or GPU).
 
-1. train a stochastic-depth ResNet-20 with the digits recipe, and the same network at constant depth;
-2. report their test accuracy side by side;
-3. fold p_l into the weights, export ONNX, check onnxruntime against PyTorch and measure its accuracy on
-   the held-out test split;
-4. write the model card and a Hub-ready folder (what ``sdzoo push`` would upload);
-5. print where every file is.
+Trains a stochastic-depth ResNet-20 and the same network at constant depth, reports their test accuracy, folds
+p_l into the weights, exports ONNX checked against PyTorch, and writes the model card and a Hub-ready folder.
 
     sdzoo demo                                 # into runs/digits (runs/digits-2, ... if taken)
     sdzoo demo --output runs/mine --epochs 10  # scripts/run_digits.py takes the same flags
@@ -18,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import timm
 import torch
 
@@ -34,8 +29,8 @@ HELP = "the whole job on scikit-learn's digits: train, compare, fold, export, ch
 
 
 def fresh_folder(path: Path) -> Path:
-    """A new folder ``path``, or ``path-2``, ``path-3``, ...: created here with a ``mkdir`` that fails when the
-    folder exists, so an earlier run is never overwritten and two jobs started together never share one."""
+    """A new folder ``path``, or ``path-2``, ...: ``mkdir`` fails on an existing folder, so no earlier run is
+    overwritten and two jobs started together never share one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = path, 1
     while True:
@@ -53,15 +48,6 @@ def train_run(output: Path, extra) -> None:
         raise SystemExit(f"sdzoo demo: training into {output} failed (exit {code}); see the message above")
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return 100.0 * float((logits.argmax(1) == labels).mean())
-
-
-def test_split(model) -> tuple:
-    cfg = model.pretrained_cfg
-    return digits_images(cfg["input_size"], cfg["mean"], cfg["std"], split="test")
-
-
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("runs/digits"),
@@ -75,7 +61,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None, prog: Optional[str] = None):
+def main(argv=None, prog: Optional[str] = None) -> int:
     p = build_parser(prog)
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
@@ -85,17 +71,11 @@ def parse_args(argv=None, prog: Optional[str] = None):
         hub.check_repo_id(args.repo_id)
     except ValueError as e:
         p.error(f"--repo-id: {e}")
-    return args
-
-
-def main(argv=None, prog: Optional[str] = None) -> int:
-    args = parse_args(argv, prog)
     start = time.perf_counter()
     root = fresh_folder(args.output)
-    sd_dir, constant_dir = root / "stochastic_depth", root / "constant_depth"
-    common = ["--seed", str(args.seed), "--device", args.device]
-    if args.epochs is not None:
-        common += ["--epochs", str(args.epochs)]
+    sd_dir, constant_dir, hub_dir = root / "stochastic_depth", root / "constant_depth", root / "hub"
+    common = ["--seed", str(args.seed), "--device", args.device] + \
+        (["--epochs", str(args.epochs)] if args.epochs is not None else [])
 
     print(f"[1/4] training sd_resnet20_cifar with stochastic depth (p_L = 0.5, linear) -> {sd_dir}")
     train_run(sd_dir, common)
@@ -103,34 +83,28 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     train_run(constant_dir, [*common, "--gate-mode", "off"])
 
     print("[2/4] folding p_l into the weights and exporting ONNX")
-    model = timm.create_model(f"local-dir:{sd_dir}", pretrained=True).eval()
-    constant = timm.create_model(f"local-dir:{constant_dir}", pretrained=True).eval()
-    images, labels = test_split(model)
-    with torch.no_grad():
-        sd_acc = accuracy(model(torch.from_numpy(images)).numpy(), labels)
-        constant_acc = accuracy(constant(torch.from_numpy(images)).numpy(), labels)
-        fold_survival(model)
-        folded_acc = accuracy(model(torch.from_numpy(images)).numpy(), labels)
+    model, constant = (timm.create_model(f"local-dir:{d}", pretrained=True).eval() for d in (sd_dir, constant_dir))
+    cfg = model.pretrained_cfg
+    images, labels = digits_images(cfg["input_size"], cfg["mean"], cfg["std"], split="test")
+    with torch.no_grad():  # the networks' logits on the test digits, by their row in the table
+        logits = {"constant depth (PyTorch)": constant(torch.from_numpy(images)).numpy(),
+                  "stochastic depth, p_L = 0.5 (PyTorch)": model(torch.from_numpy(images)).numpy()}
+        logits["stochastic depth, folded (PyTorch)"] = fold_survival(model)(torch.from_numpy(images)).numpy()
     onnx_path = sd_dir / ONNX_NAME
     report = onnx_export.export_onnx(model, onnx_path)
-    ort_acc = accuracy(onnx_export.predict_onnx(onnx_path, images), labels)
+    logits["stochastic depth, folded (onnxruntime)"] = onnx_export.predict_onnx(onnx_path, images)
     diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in report.max_abs_diff.items())
     print(f"      onnxruntime vs PyTorch, max abs difference: {diffs}")
 
     print("[3/4] writing the model card and the Hub-ready folder")
-    hub_dir = root / "hub"
     hub.publish(sd_dir, args.repo_id, local_dir=hub_dir, onnx=onnx_path, curves=sd_dir / "curves.png")
 
     elapsed = time.perf_counter() - start
     print(f"\n[4/4] done in {elapsed:.0f} s (sdzoo {importlib.metadata.version('sdzoo')}, torch {torch.__version__})\n")
     print(f"Test accuracy on the {len(labels)} held-out digits (sd_resnet20_cifar, "
-          f"{model.pretrained_cfg['input_size'][1]}x{model.pretrained_cfg['input_size'][2]} input):")
-    print("| network | test accuracy |")
-    print("| --- | ---: |")
-    print(f"| constant depth (PyTorch) | {constant_acc:.2f}% |")
-    print(f"| stochastic depth, p_L = 0.5 (PyTorch) | {sd_acc:.2f}% |")
-    print(f"| stochastic depth, folded (PyTorch) | {folded_acc:.2f}% |")
-    print(f"| stochastic depth, folded (onnxruntime) | {ort_acc:.2f}% |")
+          f"{cfg['input_size'][1]}x{cfg['input_size'][2]} input):\n| network | test accuracy |\n| --- | ---: |")
+    for network, out in logits.items():
+        print(f"| {network} | {100.0 * float((out.argmax(1) == labels).mean()):.2f}% |")
     print("\nFiles:")
     for label, path in [
             ("stochastic-depth run (timm local-dir)", sd_dir),

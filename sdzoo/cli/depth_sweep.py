@@ -1,18 +1,11 @@
 """What one trained model buys at each depth: prune it to every depth, export and measure each.
 
-    sdzoo depth-sweep --model runs/digits/stochastic_depth --twin runs/digits/constant_depth \\
-        --output out/depth-digits
-    sdzoo depth-sweep --model runs/digits/stochastic_depth --output out/depth-digits
+    sdzoo depth-sweep --model runs/digits/stochastic_depth --twin runs/digits/constant_depth --output out/depth
 
-Each row is one depth of one model and order (sdzoo.prune: survival, evenly, greedy): the blocks kept,
-parameters and FLOPs per image, test accuracy in PyTorch and in onnxruntime (each depth exported to ONNX and
-checked as every export is), onnxruntime latency at batch 1 and 32 (each shape of graph timed in turn,
---rounds times, the fastest round kept). --twin puts a second model beside the
-first, pruned the same way: the same architecture trained at constant depth shows what stochastic depth buys.
-The data come from the run's summary.json (its data set and splits; --data-dir where the files are now):
-greedy ranks blocks on the validation split, --recalibrate-bn uses the training split, accuracy is the test
-split's. Writes OUTPUT/sweep.md (the table), OUTPUT/sweep.json (every row) and OUTPUT/sweep.png (accuracy
-against latency); nothing when an argument is wrong (exit 2).
+A row per model, order and depth: the blocks kept, parameters, FLOPs per image, test accuracy in PyTorch and
+onnxruntime (each depth exported and checked), onnxruntime latency at batch 1 and 32. --twin prunes a second
+model (the same architecture trained at constant depth) the same way. The data are the run's (summary.json).
+Writes OUTPUT/sweep.md, sweep.json and sweep.png; nothing when an argument is wrong (exit 2).
 """
 from __future__ import annotations
 
@@ -40,27 +33,18 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=first_paragraph(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="a run folder (PATH or local-dir:PATH) or hf-hub:ORG/NAME")
-    parser.add_argument("--twin", default=None,
-                        help="a second run of the same architecture (e.g. trained at constant depth), pruned the "
-                             "same way beside the first")
+    parser.add_argument("--twin", default=None, help="a second run of the same architecture, pruned the same way")
     parser.add_argument("--output", required=True, help="folder for sweep.md, sweep.json and sweep.png")
     parser.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS, help="orders to sweep")
-    parser.add_argument("--depths", type=int, nargs="+", default=None,
-                        help="blocks to keep (default: every depth from the first block of each stage to all)")
+    parser.add_argument("--depths", type=int, nargs="+", default=None, help="blocks to keep (default: every depth)")
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
-                        help="re-estimate BatchNorm statistics on N training images after pruning (default 0)")
+                        help="re-estimate BatchNorm statistics on N training images after pruning")
     parser.add_argument("--dataset", default=None, help="data set of a model without a summary.json")
     parser.add_argument("--data-dir", default=None, help="folder of the data set (default: the run's)")
-    parser.add_argument("--bench-seconds", type=float, default=0.3,
-                        help="seconds of timed runs per latency (torch.utils.benchmark's blocked_autorange)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of timing, each graph in turn; the fastest round is kept (default 3)")
+    parser.add_argument("--bench-seconds", type=float, default=0.3, help="seconds of timed runs per latency")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing every graph; the fastest is kept")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch and onnxruntime (default 1)")
     return parser
-
-
-def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    return parse_keeping_parser(build_parser(prog), argv)
 
 
 def load(args: argparse.Namespace, flag: str, source: str):
@@ -73,33 +57,35 @@ def load(args: argparse.Namespace, flag: str, source: str):
         fail(args, f"{flag} {source}: cannot load it: {error_line(err, 300)}")
 
 
+def _constant_depth(model) -> bool:
+    return model.survival_settings.trained_dict()["gate_mode"] == "off"
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Exit status: 0 the sweep is written, 2 a wrong argument (nothing written)."""
-    args = parse_args(argv, prog)
-    if args.threads < 1:
-        fail(args, f"--threads must be a positive integer; got {args.threads}")
+    args = parse_keeping_parser(build_parser(prog), argv)
+    for flag, value in (("--threads", args.threads), ("--rounds", args.rounds)):
+        if value < 1:
+            fail(args, f"{flag} must be a positive integer; got {value}")
     torch.set_num_threads(args.threads)
     try:
         check_seconds("--bench-seconds", args.bench_seconds)
     except ValueError as err:
         fail(args, str(err))
-    if args.rounds < 1:
-        fail(args, f"--rounds must be a positive integer; got {args.rounds}")
     if args.recalibrate_bn < 0:
         fail(args, f"--recalibrate-bn must be a number of training images >= 0; got {args.recalibrate_bn}")
     out = Path(args.output)
     check_output_path(args.parser, "--output", out, kind="folder")
 
     model, settings = load(args, "--model", args.model)
-    models = {"stochastic depth" if model.survival_settings.trained_dict()["gate_mode"] != "off"
-              else "constant depth": model}
+    models = {"constant depth" if _constant_depth(model) else "stochastic depth": model}
     if args.twin:
         twin, _ = load(args, "--twin", args.twin)
         if block_names(twin) != block_names(model) or twin.pretrained_cfg.get("architecture") != \
                 model.pretrained_cfg.get("architecture"):
             fail(args, f"--twin {args.twin} is not the architecture of --model {args.model}: the twins of a "
                        "comparison are pruned the same way")
-        label = "constant depth" if twin.survival_settings.trained_dict()["gate_mode"] == "off" else "twin"
+        label = "constant depth" if _constant_depth(twin) else "twin"
         models[label if label not in models else f"{label} (twin)"] = twin
     names, required = block_names(model), required_blocks(model)
     bad = [d for d in args.depths or () if not len(required) <= d <= len(names)]

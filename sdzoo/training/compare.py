@@ -1,21 +1,10 @@
-"""The paper's comparison as one command: the same network trained with stochastic depth and at constant depth.
-
-For each seed, two training runs (``python -m sdzoo train``) that differ only in ``--gate-mode`` (``off`` is constant
-depth): the same architecture, recipe, seed and so the same weights at the start and the same data order and
-augmentation. Each run is a run folder of its own under the output folder, ``SETTING-seedN``, trained in a
-process of its own (its output in ``SETTING-seedN.log``), as many at once as ``jobs`` (on a CPU, one per core,
-each on one thread). A folder whose run is finished is read, one with a checkpoint is continued with
-``--resume``: a killed comparison, started again with the same command, goes on where it stopped.
-
-It then writes, into the output folder:
-
-* ``results.json``: per run, the test error at the epoch of best validation error, that epoch, the wall time,
-  the training time per epoch and the images per second; per setting, their mean and standard deviation; the
-  ratio of the training times;
-* ``results.md``: that as a Markdown table, the paper's CIFAR-10 figures beside it, and the test error of each
-  setting at each evaluation;
-* ``compare.png``: the test error against the epoch for both settings (the paper's figure 3) and the mean
-  |gradient| of the first stage (its figure 7), from each run's ``metrics.jsonl``.
+"""Train the same network with stochastic depth and at constant depth (--gate-mode off) for each seed, so each
+pair starts from the same weights and sees the same data, and compare them. Each run is a run folder
+SETTING-seedN in OUTPUT, trained in a process of its own (log: SETTING-seedN.log); started again with the same
+command, it continues where it stopped. Flags it does not know go to every training run (see sdzoo train
+--help). It writes results.json (per run and per setting: test error at the best validation epoch, that epoch,
+times, images/s), results.md (a table beside the paper's CIFAR-10 figures) and compare.png (test error against
+epoch, the paper's figure 3, and the first stage's mean |gradient|, its figure 7).
 """
 from __future__ import annotations
 
@@ -44,7 +33,7 @@ __all__ = ["SETTINGS", "PAPER_CIFAR10", "Job", "plan_jobs", "run_jobs", "collect
 
 RESULTS_NAME, TABLE_NAME, FIGURE_NAME = "results.json", "results.md", "compare.png"
 
-# The two settings compared: the trainer's flags that make each.
+# The two settings compared: the trainer's flags that make each, and their names in the table.
 SETTINGS: Dict[str, List[str]] = {"constant_depth": ["--gate-mode", "off"], "stochastic_depth": []}
 LABELS = {"constant_depth": "constant depth", "stochastic_depth": "stochastic depth"}
 
@@ -65,26 +54,20 @@ class CompareError(Exception):
 
 @dataclass(eq=False)  # a job is itself, a key of the running processes
 class Job:
-    """One training run of the comparison."""
+    """One training run of the comparison: its trainer arguments, and its state, "new", "resume" or "done"."""
     setting: str
     seed: int
     folder: Path
-    argv: List[str]           # the trainer's arguments
-    state: str                # "new", "resume" or "done"
+    argv: List[str]
+    state: str
 
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
-    @property
-    def log(self) -> Path:
-        return self.folder.with_name(self.folder.name + ".log")
+    name = property(lambda self: self.folder.name)
+    log = property(lambda self: self.folder.with_name(self.folder.name + ".log"))
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except ValueError as e:
@@ -92,15 +75,14 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def _given_defining(train_args: Sequence[str]) -> Dict[str, Any]:
-    """The settings that define a run which ``train_args`` set (the recipe's others are the same by name)."""
+    """The defining settings that ``train_args`` set, as summary.json holds them (the recipe's are its name's)."""
     given = given_flags(build_parser().parse_args(list(train_args)))
-    return json.loads(json.dumps({k: v for k, v in given.items() if k in DEFINING_SETTINGS}))  # as summary.json
+    return json.loads(json.dumps({k: v for k, v in given.items() if k in DEFINING_SETTINGS}))
 
 
 def plan_jobs(output: Path, seeds: Sequence[int], train_args: Sequence[str], device: str,
               threads: Optional[int]) -> List[Job]:
-    """A job per setting and seed, each with its state: a finished run is read, a stopped one continued. A
-    folder that holds a run of other settings is refused."""
+    """A job per setting and seed; a folder holding a run of other settings is refused."""
     how = ["--device", device, "--quiet"] + (["--threads", str(threads)] if threads else [])
     jobs = []
     for seed in seeds:
@@ -110,10 +92,11 @@ def plan_jobs(output: Path, seeds: Sequence[int], train_args: Sequence[str], dev
             summary = _read_json(folder / SUMMARY_NAME)
             if summary is not None:
                 saved = summary.get("settings") or {}
-                differ = {k: (saved.get(k), v) for k, v in _given_defining(argv).items() if saved.get(k) != v}
+                differ = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in _given_defining(argv).items()
+                          if saved.get(k) != v]
                 if differ:
-                    detail = ", ".join(f"{k} {old!r} (asked {new!r})" for k, (old, new) in differ.items())
-                    raise CompareError(f"{folder} holds a run of other settings: {detail}; choose another --output")
+                    raise CompareError(f"{folder} holds a run of other settings: {', '.join(differ)}; "
+                                       "choose another --output")
             if summary is not None and summary.get("finished"):
                 jobs.append(Job(setting, seed, folder, [], "done"))
             elif (folder / CHECKPOINT_NAME).exists():
@@ -130,16 +113,23 @@ def _epochs_done(job: Job) -> int:
         return -1
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigint() -> None:
+    """In a trainer before it starts: SIGINT stops it (keeping its checkpoint) even where the comparison runs
+    as a background job, whose children inherit an ignored SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_jobs(jobs: Sequence[Job], parallel: int, threads: Optional[int], say=print) -> List[Job]:
-    """Train the jobs that are not done, ``parallel`` at a time, each in a process of its own with its output in
-    its log. Returns the jobs that failed. On an interrupt (Ctrl-C, SIGTERM) the running trainers are stopped
-    (they keep their last checkpoint) and KeyboardInterrupt is raised."""
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    """Train the jobs not done, ``parallel`` at a time; returns those that failed. On Ctrl-C or SIGTERM the
+    trainers are stopped (each keeps its last checkpoint) and KeyboardInterrupt is raised."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     waiting = [job for job in jobs if job.state != "done"]
     running: Dict[Job, subprocess.Popen] = {}
-    shown: Dict[str, int] = {}
+    shown: Dict[Job, int] = {}
     failed: List[Job] = []
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -147,26 +137,22 @@ def run_jobs(jobs: Sequence[Job], parallel: int, threads: Optional[int], say=pri
             while waiting and len(running) < parallel:
                 job = waiting.pop(0)
                 job.folder.parent.mkdir(parents=True, exist_ok=True)
-                with open(job.log, "a") as log:
-                    # the installed command line (sdzoo/__main__.py), by module so that it is this interpreter's
-                    process = subprocess.Popen([sys.executable, "-m", "sdzoo", "train", *job.argv], stdout=log,
-                                               stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_on_sigint)
-                running[job] = process
+                with open(job.log, "a") as log:  # `sdzoo train` by module, so that it is this interpreter's
+                    running[job] = subprocess.Popen([sys.executable, "-m", "sdzoo", "train", *job.argv], stdout=log,
+                                                    stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_on_sigint)
                 say(f"{job.name}: {'continued' if job.state == 'resume' else 'started'} (log {job.log})")
             time.sleep(POLL_S)
             for job in list(running):
                 done = _epochs_done(job)
-                if done > shown.get(job.name, 0):
-                    shown[job.name] = done
+                if done > shown.get(job, 0):
+                    shown[job] = done
                     say(f"{job.name}: {done} epochs done")
                 code = running[job].poll()
                 if code is not None:
                     del running[job]
-                    if code:
-                        failed.append(job)
-                        say(f"{job.name}: the trainer stopped with exit status {code}; see {job.log}")
-                    else:
-                        say(f"{job.name}: finished")
+                    failed += [job] if code else []
+                    say(f"{job.name}: the trainer stopped with exit status {code}; see {job.log}" if code
+                        else f"{job.name}: finished")
     except KeyboardInterrupt:
         for process in running.values():
             process.send_signal(signal.SIGINT)  # the trainer keeps its last checkpoint
@@ -181,22 +167,14 @@ def run_jobs(jobs: Sequence[Job], parallel: int, threads: Optional[int], say=pri
     return failed
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _stop_on_sigint() -> None:
-    """In a trainer before it starts: SIGINT stops it (with its checkpoint kept), even where the comparison runs as
-    a background job, whose processes inherit an ignored SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _run_result(job: Job) -> Dict[str, Any]:
     summary = _read_json(job.folder / SUMMARY_NAME) or {}
     records = read_metrics(job.folder / METRICS_NAME)
     epochs = epoch_records(records)
     train_time = sum(r["train_time_s"] for r in epochs)
     seen = sum(r["img_per_s"] * r["train_time_s"] for r in epochs)
+    # the first stage of residual blocks: the gradient groups run stem, layer1, ..., head
+    stages = [[g for name, g in r["grad_mean_abs"].items() if name not in ("stem", "head")] for r in epochs]
     return dict(
         setting=job.setting, seed=job.seed, folder=str(job.folder), finished=bool(summary.get("finished")),
         test_error=summary.get("test_error"), best_epoch=summary.get("best_epoch"),
@@ -207,16 +185,10 @@ def _run_result(job: Job) -> Dict[str, Any]:
         expected_depth=epochs[-1]["expected_depth"] if epochs else None,
         # [epochs done, value]: evaluations fall at epoch ends, or every N steps (--eval-every-steps)
         test_error_curve=[[epoch_axis(r), r["test_error"]] for r in evaluations(records)],
-        first_stage_grad_curve=[[r["epoch"], _first_stage(r["grad_mean_abs"])] for r in epochs])
+        first_stage_grad_curve=[[r["epoch"], s[0] if s else None] for r, s in zip(epochs, stages)])
 
 
-def _first_stage(grads: Dict[str, float]) -> Optional[float]:
-    """The mean |gradient| of the first stage of residual blocks (the groups run stem, layer1, ...)."""
-    stages = [name for name in grads if name not in ("stem", "head")]
-    return grads[stages[0]] if stages else None
-
-
-def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
+def _mean_std(values: List[Optional[float]]) -> Dict[str, Optional[float]]:
     values = [v for v in values if v is not None]
     return dict(mean=statistics.fmean(values) if values else None,
                 std=statistics.stdev(values) if len(values) > 1 else None, n=len(values))
@@ -225,11 +197,9 @@ def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
 def collect(jobs: Sequence[Job], command: str) -> Dict[str, Any]:
     """results.json's content: the runs, and per setting the mean and std of their numbers."""
     runs = [_run_result(job) for job in jobs]
-    settings = {}
-    for setting in SETTINGS:
-        mine = [r for r in runs if r["setting"] == setting]
-        settings[setting] = {key: _mean_std([r[key] for r in mine])
-                             for key in ("test_error", "best_epoch", "wall_time_s", "time_per_epoch_s", "img_per_s")}
+    settings = {setting: {key: _mean_std([r[key] for r in runs if r["setting"] == setting])
+                          for key in ("test_error", "best_epoch", "wall_time_s", "time_per_epoch_s", "img_per_s")}
+                for setting in SETTINGS}
     sd, cd = (settings[s]["time_per_epoch_s"]["mean"] for s in ("stochastic_depth", "constant_depth"))
     return dict(command=command, runs=runs, settings=settings,
                 time_ratio=sd / cd if sd and cd else None, paper=PAPER_CIFAR10)
@@ -243,7 +213,7 @@ def _cell(stats: Dict[str, Optional[float]], fmt: str, unit: str = "") -> str:
 
 
 def table(results: Dict[str, Any]) -> str:
-    """The Markdown table of results.json: mean ± std over the seeds per setting, the paper's figures beside."""
+    """results.md: mean ± std over the seeds, the paper's beside; then the test error at each evaluation."""
     paper, runs = results["paper"], results["runs"]
     seeds = sorted({r["seed"] for r in runs})
     lines = [f"| setting | test error (%) | best epoch | training time per epoch | images/s "
@@ -255,11 +225,11 @@ def table(results: Dict[str, Any]) -> str:
                      f"| {_cell(stats['time_per_epoch_s'], '.0f', ' s')} | {_cell(stats['img_per_s'], '.0f')} "
                      f"| {paper[setting]['test_error']:.2f} | {paper[setting]['train_time']} |")
     ratio = results["time_ratio"]
-    lines.append(f"| time ratio (stochastic / constant) | | | {'-' if ratio is None else f'{ratio:.3f}'} | "
-                 f"| | {paper['time_ratio']:.3f} |")
-    lines += ["", "| epoch | " + " | ".join(f"{LABELS[setting]}: test error (%)" for setting in SETTINGS) + " |",
+    lines += [f"| time ratio (stochastic / constant) | | | {'-' if ratio is None else f'{ratio:.3f}'} | "
+              f"| | {paper['time_ratio']:.3f} |", "",
+              "| epoch | " + " | ".join(f"{LABELS[setting]}: test error (%)" for setting in SETTINGS) + " |",
               "| ---: |" + " ---: |" * len(SETTINGS)]
-    by_epoch = {setting: {} for setting in SETTINGS}  # the mean over the seeds that reached each evaluation
+    by_epoch = {setting: {} for setting in SETTINGS}
     for run in runs:
         for epochs_done, error in run["test_error_curve"]:
             by_epoch[run["setting"]].setdefault(epochs_done, []).append(error)
@@ -269,8 +239,7 @@ def table(results: Dict[str, Any]) -> str:
     unfinished = [r["folder"] for r in runs if not r["finished"]]
     notes = [f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} per setting; ± is the standard deviation over "
              "them). Test error at the epoch of best validation error; training time without evaluation."]
-    if unfinished:
-        notes.append(f"Not finished: {', '.join(unfinished)}.")
+    notes += [f"Not finished: {', '.join(unfinished)}."] if unfinished else []
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
@@ -283,11 +252,10 @@ def figure(results: Dict[str, Any], path: Path) -> None:
     fig, (ax_err, ax_grad) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     colours = {"constant_depth": "tab:blue", "stochastic_depth": "tab:red"}
     for run in results["runs"]:
-        label = f"{LABELS[run['setting']]}, seed {run['seed']}"
-        style = dict(color=colours[run["setting"]], alpha=0.8, linewidth=1.2, marker=".")
         for ax, curve in ((ax_err, run["test_error_curve"]), (ax_grad, run["first_stage_grad_curve"])):
             if curve:
-                ax.plot(*zip(*curve), label=label, **style)
+                ax.plot(*zip(*curve), label=f"{LABELS[run['setting']]}, seed {run['seed']}",
+                        color=colours[run["setting"]], alpha=0.8, linewidth=1.2, marker=".")
     ax_err.set(xlabel="epoch", ylabel="test error (%)", title="test error (the paper's figure 3)")
     ax_grad.set(xlabel="epoch", ylabel="mean |gradient|", yscale="log",
                 title="first stage's mean gradient magnitude (figure 7)")
@@ -311,12 +279,7 @@ def write_results(output: Path, jobs: Sequence[Job], command: str) -> Dict[str, 
 # -- command line --------------------------------------------------------------------------------------------
 def build_compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sdzoo compare",
-        description="Train the same network with stochastic depth and at constant depth (the same seeds, so the "
-                    "same initial weights and data order), for each seed, and compare them: results.json, a "
-                    "Markdown table beside the paper's CIFAR-10 figures, and a figure. Started again with the "
-                    "same command, it continues where it stopped. Flags it does not know go to every training "
-                    "run (see sdzoo train --help), e.g. --dataset fashion_mnist --epochs 15.",
+        prog="sdzoo compare", description=__doc__,
         epilog="example (the CPU recipe, about an hour per pair of runs on 2 cores):\n"
                "  sdzoo compare --output runs/fmnist-compare --seeds 1 --dataset fashion_mnist\n"
                "exit status: 0 done, 1 a run failed, 2 bad usage, 130 interrupted (rerun to continue).",
@@ -348,14 +311,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_output_path("--output", args.output, kind="folder")
     except ValueError as err:
         parser.error(str(err))
-    for name in ("jobs", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive integer; got {getattr(args, name)}")
+    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be a positive integer; got {value}")
     try:
         build_parser().parse_args(train_args)  # the trainer's own check of the flags passed through
     except SystemExit as e:
         return 2 if e.code else 0
-
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     threads = args.threads or (None if cuda else 1)
