@@ -1,15 +1,13 @@
-"""ResNets with stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016).
-
-Two layouts of one family, built as the authors' code builds them:
+"""ResNets with stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016), in the two
+layouts of the authors' code:
 
 * CIFAR (6n+2 layers): 3x3 stem (conv with bias, BN, ReLU), three stages of n basic blocks at 16/32/64
   channels, the first block of stages 2 and 3 with stride 2 and a parameter-free "option A" shortcut
   (strided subsampling, zero-padded channels; a 1x1 projection is an option), global average pool, linear.
 * ImageNet: the bottleneck ResNet of fb.resnet.torch (7x7 stem, max pool, four stages, projection shortcuts).
 
-Each residual block computes ``ReLU(shortcut(x) + b_l * f_l(x))`` in training, b_l ~ Bernoulli(p_l), and
-``ReLU(shortcut(x) + p_l * f_l(x))`` at test time. A dropped branch f_l is not computed. p_l follows the
-survival schedule (``sdzoo.survival``); the gates are drawn and applied by ``sdzoo.gate``.
+A block computes ``ReLU(shortcut(x) + b_l * f_l(x))`` in training, b_l ~ Bernoulli(p_l), and
+``ReLU(shortcut(x) + p_l * f_l(x))`` at test time; a dropped f_l is not computed (``sdzoo.gate``).
 """
 from __future__ import annotations
 
@@ -23,7 +21,7 @@ from timm.layers import create_classifier, get_device_dtype, register_notrace_mo
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import downsample_conv
 
-from sdzoo.files.checks import check_choice, check_int
+from sdzoo.files.checks import check_choice, check_fraction, check_int
 from sdzoo.internals.timm_private import feature_take_indices
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
 from sdzoo.datasets import DATASETS
@@ -77,14 +75,36 @@ def make_downsample(kind: str, in_chs: int, out_chs: int, stride: int, **dd) -> 
     return downsample_conv(in_chs, out_chs, kernel_size=1, stride=stride, **dd)
 
 
+class _GatedBlock(nn.Module):
+    """A residual block whose branch f_l is its layers ``branch_layer_names``, in order (a skipped branch gives
+    their parameters zero gradients), gated, added to the shortcut, then the ReLU ``last_act``."""
+
+    branch_layer_names: Tuple[str, ...] = ()
+    last_act = ""
+
+    def residual(self, x: Tensor) -> Tensor:
+        """f_l, the residual branch."""
+        for name in self.branch_layer_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def branch_layers(self) -> List[nn.Module]:
+        """f_l's layers, in order."""
+        return self.branch.modules()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return getattr(self, self.last_act)(self.gate(self.branch, shortcut, x))  # shortcut + b_l * residual(x)
+
+
 # Blocks are leaves of timm's FX graphs (features_only="fx", its FX tests): a gate decides in Python.
 @register_notrace_module
-class BasicBlock(nn.Module):
+class BasicBlock(_GatedBlock):
     """conv3x3 - BN - ReLU - conv3x3 - BN, gated, added to the shortcut, then ReLU."""
 
     expansion = 1
-    # The layers ``residual`` uses: a skipped branch gives their parameters zero gradients.
     branch_layer_names = ("conv1", "bn1", "act1", "conv2", "bn2")
+    last_act = "act2"
 
     def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
         super().__init__()
@@ -99,31 +119,14 @@ class BasicBlock(nn.Module):
         self.gate = gate
         self.branch = Branch(self, type(self).residual, self.branch_layer_names)
 
-    def residual(self, x: Tensor) -> Tensor:
-        """f_l, the residual branch."""
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.act1(x)
-        x = self.conv2(x)
-        x = self.bn2(x)
-        return x
-
-    def branch_layers(self) -> List[nn.Module]:
-        """f_l's layers, in order."""
-        return self.branch.modules()
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act2(self.gate(self.branch, shortcut, x))  # shortcut + b_l * residual(x)
-
 
 @register_notrace_module
-class Bottleneck(nn.Module):
+class Bottleneck(_GatedBlock):
     """conv1x1 - BN - ReLU - conv3x3(stride) - BN - ReLU - conv1x1 - BN, gated, added, then ReLU."""
 
     expansion = 4
-    # The layers ``residual`` uses: a skipped branch gives their parameters zero gradients.
     branch_layer_names = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3")
+    last_act = "act3"
 
     def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
         super().__init__()
@@ -140,26 +143,6 @@ class Bottleneck(nn.Module):
         self.downsample = make_downsample(shortcut, in_chs, out_chs, stride, **dd)
         self.gate = gate
         self.branch = Branch(self, type(self).residual, self.branch_layer_names)
-
-    def residual(self, x: Tensor) -> Tensor:
-        """f_l, the residual branch."""
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.act1(x)
-        x = self.conv2(x)
-        x = self.bn2(x)
-        x = self.act2(x)
-        x = self.conv3(x)
-        x = self.bn3(x)
-        return x
-
-    def branch_layers(self) -> List[nn.Module]:
-        """f_l's layers, in order."""
-        return self.branch.modules()
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act3(self.gate(self.branch, shortcut, x))  # shortcut + b_l * residual(x)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -184,12 +167,10 @@ class SDResNet(nn.Module):
             in training, as timm's DropPath).
         gate_seed: seed of the model's gate generator; the same seed gives the same gates everywhere.
         drop_path_rate: timm's name for 1 - p_L; accepted when survival_prob is not given.
-        folded_from: survival settings a folded (deployed) model was trained with; set by ``sdzoo.fold``.
-            A folded model has every p_l in its weights and no gates.
-        pruned_from: the record of a model pruned to fewer blocks (``sdzoo.prune``): the architecture and
-            ``layers`` it was trained with and the names of the blocks kept there. A pruned model is folded.
-        device, dtype: where and in what type the parameters are created, as in timm's models
-            (``device="meta"`` builds without allocating memory).
+        folded_from: the survival settings a folded model (``sdzoo.fold``) was trained with; it has no gates.
+        pruned_from: the record of a model pruned to fewer blocks (``sdzoo.prune``): the source's architecture,
+            ``layers`` and the names of the blocks kept. A pruned model is folded.
+        device, dtype: as in timm's models (``device="meta"`` builds without allocating memory).
     """
 
     def __init__(
@@ -225,8 +206,7 @@ class SDResNet(nn.Module):
         check_int("num_classes", num_classes)
         check_int("in_chans", in_chans, 1)
         check_choice("global_pool", global_pool, GLOBAL_POOLS)
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be a number in [0, 1); got {drop_rate!r}")
+        check_fraction("drop_rate", drop_rate, include_one=False)
         if len(layers) != len(widths) or any(not isinstance(n, int) or n < 1 for n in layers):
             raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; "
                              f"got {layers!r}")
@@ -238,34 +218,28 @@ class SDResNet(nn.Module):
         self.grad_checkpointing = False
         self.survival_settings = settings
         self.pruned_from = _check_pruned_from(pruned_from, layers, settings)
-        # timm's factory lays its kwargs over these (the ``_model_args`` property below lays the survival
-        # settings over them again), and save_for_hf writes them to config.json.
+        # timm's factory lays its kwargs over these, and the ``_model_args`` property the survival settings.
         self._factory_args = dict(shortcut=shortcut)
 
-        num_blocks = sum(layers)
-        block_probs = settings.block_survival_probs(num_blocks)
-        # The gates of each training forward are drawn by a pre-hook on this model, before any compiled graph.
+        block_probs = settings.block_survival_probs(sum(layers))
         self.gate_sampler = GateSampler(block_probs, settings.gate_mode, settings.gate_seed)
         self.gate_sampler.attach(self, device=device)
 
-        # Stem
         stem_chs = widths[0]
         if stem == "cifar":
             self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=True, **dd)
             self.maxpool = nn.Identity()
-            stem_reduction = 1
         else:
             self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False, **dd)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-            stem_reduction = 4
         self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
-        self.feature_info = [dict(num_chs=stem_chs, reduction=stem_reduction // (2 if stem == "imagenet" else 1),
-                                  module="act1")]
+        reduction = 1 if stem == "cifar" else 2
+        self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module="act1")]
+        reduction *= 1 if stem == "cifar" else 2  # the max pool
 
-        # Residual stages: blocks are numbered l = 1..L across stages for the survival schedule.
-        block_cls = BLOCKS[block]
-        in_chs, reduction, block_idx = stem_chs, stem_reduction, 0
+        # Blocks are numbered l = 1..L across stages for the survival schedule.
+        block_cls, in_chs, block_idx = BLOCKS[block], stem_chs, 0
         self.stage_names = []
         for stage_idx, (num, chs) in enumerate(zip(layers, widths)):
             stride = 1 if stage_idx == 0 else 2
@@ -282,7 +256,6 @@ class SDResNet(nn.Module):
             self.stage_names.append(name)
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
 
-        # Head
         self.num_features = in_chs
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
@@ -293,16 +266,10 @@ class SDResNet(nn.Module):
         install_state_dict_checks(self)
         self.register_load_state_dict_post_hook(_restore_gate_stream)
 
-    # -- init ------------------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """The initialisation of the code each layout comes from.
-
-        CIFAR, the authors' Torch7 code: convs ``nninit.kaiming`` with ReLU gain, a normal of std
-        sqrt(2 / fan_in), bias 0; BatchNorm as Torch's ``reset()``, gamma ~ U(0, 1), beta 0; the linear
-        layer as Torch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, which is also
-        PyTorch's default, so it is left as built.
-        ImageNet, fb.resnet.torch: convs normal of std sqrt(2 / fan_out), BatchNorm gamma 1, beta 0, linear
-        bias 0.
+        """The initialisation of each layout's code. CIFAR, the authors' Torch7: convs normal of std
+        sqrt(2 / fan_in), BatchNorm gamma ~ U(0, 1) (Torch's ``reset()``), the linear layer Torch's default,
+        which is PyTorch's too. ImageNet, fb.resnet.torch: convs std sqrt(2 / fan_out), gamma 1, linear bias 0.
         """
         cifar = self.stem == "cifar"
         for m in self.modules():
@@ -319,7 +286,6 @@ class SDResNet(nn.Module):
             elif isinstance(m, nn.Linear) and not cifar:
                 nn.init.zeros_(m.bias)
 
-    # -- stochastic depth -----------------------------------------------------------------------------
     def residual_blocks(self) -> List[nn.Module]:
         """All residual blocks in schedule order l = 1..L."""
         return [blk for name in self.stage_names for blk in getattr(self, name)]
@@ -362,7 +328,6 @@ class SDResNet(nn.Module):
         # The survival settings' own keys are left out: the getter lays today's over these, a copy would go stale.
         self._factory_args = {k: v for k, v in args.items() if k not in SURVIVAL_ARG_NAMES}
 
-    # -- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r"^conv1|bn1|^maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
@@ -392,10 +357,7 @@ class SDResNet(nn.Module):
 
     def _forward_trunk(self, x: Tensor, take_indices: Sequence[int] = (), num_stages: Optional[int] = None
                        ) -> Tuple[Tensor, List[Tensor]]:
-        """Stem and stages, with the outputs at ``take_indices`` (0: the stem, i: stage i) collected.
-
-        Each block's gate reads its draw from ``gate_sampler`` (drawn before this forward by its pre-hook).
-        """
+        """Stem and stages, with the outputs at ``take_indices`` (0: the stem, i: stage i) collected."""
         intermediates = []
         x = self.act1(self.bn1(self.conv1(x)))
         if 0 in take_indices:
@@ -514,10 +476,16 @@ def build_args(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[str, A
     return args
 
 
-def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDResNet:
-    # Features come from forward_intermediates: the blocks need the step's gates, which a plain
-    # module-by-module feature wrapper would not pass.
-    num_features = len(kwargs["layers"]) + 1
+# The two layouts' block, stage widths and default shortcut, by their stem.
+LAYOUTS = {"cifar": ("basic", CIFAR_WIDTHS, "zero_pad"), "imagenet": ("bottleneck", IMAGENET_WIDTHS, "projection")}
+
+
+def _create_sd_resnet(variant: str, layout: str, stage_depths: Sequence[int], pretrained: bool, /,
+                      **kwargs) -> SDResNet:
+    block, widths, shortcut = LAYOUTS[layout]
+    kwargs.setdefault("shortcut", shortcut)
+    # The caller's kwargs win: layers= (a pruned model's config.json, sdzoo.prune) replaces the variant's.
+    kwargs = dict(dict(layers=tuple(stage_depths), block=block, stem=layout, widths=widths), **kwargs)
     for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
         if key in kwargs:
             kwargs[key] = _as_tuples(kwargs[key])
@@ -526,35 +494,19 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
     # The weights' header and metadata against the arguments, before anything is built; timm's load is then
     # strict (every tensor of the file, and only those), and the model's load pre-hook refuses NaN and inf.
     provenance = check_before_build(variant, kwargs, pretrained, build_args)
-    model = build_model_with_cfg(
-        SDResNet, variant, pretrained,
-        pretrained_strict=True,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_features))),
-        **kwargs,
-    )
+    # Features come from forward_intermediates: the blocks need the step's gates, which a plain
+    # module-by-module feature wrapper would not pass.
+    feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(len(kwargs["layers"]) + 1)))
+    model = build_model_with_cfg(SDResNet, variant, pretrained, pretrained_strict=True, feature_cfg=feature_cfg,
+                                 **kwargs)
     if provenance is not None:
         model.weights_provenance = provenance
     return model
 
 
-def _create_cifar(variant: str, depth: int, pretrained: bool, **kwargs) -> SDResNet:
-    model_args = dict(layers=cifar_stage_depths(depth), block="basic", stem="cifar", widths=CIFAR_WIDTHS)
-    kwargs.setdefault("shortcut", "zero_pad")
-    return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
-
-
-def _create_imagenet(variant: str, stage_depths: Sequence[int], pretrained: bool, **kwargs) -> SDResNet:
-    # layers= in kwargs (a pruned model's config.json, sdzoo.prune) replaces the variant's stage depths
-    model_args = dict(layers=tuple(stage_depths), block="bottleneck", stem="imagenet", widths=IMAGENET_WIDTHS)
-    kwargs.setdefault("shortcut", "projection")
-    return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
-
-
-
-
 def _cfg(**kwargs) -> Dict[str, Any]:
-    """The zoo's own cfgs claim no weights: sdzoo publishes none yet, so ``url`` and ``hf_hub_id`` stay empty
-    (``sdzoo.files.pretrained.with_published_weights`` fills in those it does)."""
+    """The zoo's own cfgs claim no weights (``sdzoo.files.pretrained.with_published_weights`` fills in those
+    sdzoo publishes)."""
     return {
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
         "interpolation": "bilinear", "mean": DATASETS["cifar10"].mean, "std": DATASETS["cifar10"].std,
@@ -563,10 +515,9 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 
 def _cifar_cfgs(name: str, first: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
-    """A tag per data set of the registry that the CIFAR-layout models are tagged for (``cifar_tag``), in the
-    registry's order, ``first`` (the default tag) first."""
+    """A tag per data set of the registry with a ``cifar_tag``, in the registry's order, ``first`` (the default
+    tag) first. The stages halve the input twice: the final feature map is a quarter of the image's side."""
     tags = sorted((spec for spec in DATASETS.values() if spec.cifar_tag), key=lambda spec: spec.name != first)
-    # The stages halve the input twice: the final feature map is a quarter of the image's side.
     return {f"{name}.{spec.name}": _cfg(num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
                                         input_size=(spec.in_chans, spec.image_size, spec.image_size),
                                         pool_size=(spec.image_size // 4,) * 2) for spec in tags}
@@ -582,12 +533,10 @@ default_cfgs = generate_default_cfgs(with_published_weights({
     **_cifar_cfgs("sd_resnet20_cifar"),
     **_cifar_cfgs("sd_resnet56_cifar"),
     **_cifar_cfgs("sd_resnet110_cifar"),
-    # The paper's SVHN model is the 152-layer CIFAR ResNet: its first tag is its default.
-    **_cifar_cfgs("sd_resnet152_cifar", first="svhn"),
+    **_cifar_cfgs("sd_resnet152_cifar", first="svhn"),  # the paper's SVHN model
     **_cifar_cfgs("sd_resnet1202_cifar"),
-    # timm's ImageNet weights of resnet50/101/152, one tag each (sdzoo.files.pretrained); then the weightless
-    # in1k tag, marked '*' and last, so that it stays the default tag (timm would make the first tag with
-    # weights the default otherwise).
+    # timm's ImageNet weights, one tag each (sdzoo.files.pretrained); then the weightless in1k tag, marked '*'
+    # and last, so it stays the default (timm would make the first tag with weights the default otherwise).
     **timm_weight_cfgs("sd_resnet50"),
     "sd_resnet50.in1k*": _in1k_cfg(),
     **timm_weight_cfgs("sd_resnet101"),
@@ -600,46 +549,46 @@ default_cfgs = generate_default_cfgs(with_published_weights({
 @register_model
 def sd_resnet20_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-20 for CIFAR (n = 3) with stochastic depth."""
-    return _create_cifar("sd_resnet20_cifar", 20, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet20_cifar", "cifar", cifar_stage_depths(20), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet56_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-56 for CIFAR (n = 9) with stochastic depth."""
-    return _create_cifar("sd_resnet56_cifar", 56, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet56_cifar", "cifar", cifar_stage_depths(56), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet110_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-110 for CIFAR (n = 18, L = 54 blocks): the paper's main CIFAR model."""
-    return _create_cifar("sd_resnet110_cifar", 110, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet110_cifar", "cifar", cifar_stage_depths(110), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet152_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-152 of CIFAR layout (n = 25): the paper's SVHN model."""
-    return _create_cifar("sd_resnet152_cifar", 152, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet152_cifar", "cifar", cifar_stage_depths(152), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet1202_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-1202 for CIFAR (n = 200)."""
-    return _create_cifar("sd_resnet1202_cifar", 1202, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet1202_cifar", "cifar", cifar_stage_depths(1202), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet50(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-50 (bottleneck, projection shortcuts) with stochastic depth."""
-    return _create_imagenet("sd_resnet50", (3, 4, 6, 3), pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet50", "imagenet", (3, 4, 6, 3), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet101(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-101 (bottleneck, projection shortcuts) with stochastic depth."""
-    return _create_imagenet("sd_resnet101", (3, 4, 23, 3), pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet101", "imagenet", (3, 4, 23, 3), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet152(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-152 (bottleneck, projection shortcuts): the paper's ImageNet model."""
-    return _create_imagenet("sd_resnet152", (3, 8, 36, 3), pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet152", "imagenet", (3, 8, 36, 3), pretrained, **kwargs)
