@@ -1,15 +1,10 @@
-"""Gates: which residual branches run in a training step, and how a branch is scaled (the models' ``gate_mode``
-and ``scaling`` arguments).
+"""Gates: which residual branches run in a training step (``gate_mode``), and how a branch is scaled.
 
-``ResidualGate`` is the skip: ``shortcut + b_l * f_l(x)``, where a dropped branch is not computed at all (which
-is where stochastic depth saves its time). In ``batch`` mode the whole mini-batch keeps or skips the branch; in
-``sample`` mode the branch runs on a fixed k_l = round(p_l * B) of the B samples, gathered with ``index_select``
-and added back with ``index_add`` (DINOv2's ``drop_add_residual_stochastic_depth``), so shapes stay static.
-``GateSampler`` draws the gates of a training forward from (seed, step) alone, in a forward pre-hook that runs
-outside any compiled graph. Under torch.compile, batch mode's skip is a ``torch.cond`` (``sdzoo.gate_compile``).
-
-The survival probabilities, modes and seeds given here are checked where they come from
-(``sdzoo.survival.SurvivalSettings``, ``sdzoo.convert_drop_path``).
+``ResidualGate`` is the skip, ``shortcut + b_l * f_l(x)``, where a dropped branch is not computed at all. In
+``batch`` mode the whole mini-batch keeps or skips the branch; in ``sample`` mode it runs on a fixed
+k_l = round(p_l * B) of the B samples, gathered with ``index_select`` and added back with ``index_add`` (DINOv2's
+``drop_add_residual_stochastic_depth``), so shapes stay static. ``GateSampler`` draws the gates. The settings
+given here were checked where they come from (``SurvivalSettings``, ``convert_drop_path``).
 """
 from __future__ import annotations
 
@@ -37,11 +32,9 @@ class ResidualGate(nn.Module):
     """``shortcut + b_l * f_l(inputs)`` for one residual branch with survival probability p_l; b_l is gate
     ``index`` of the model's ``GateSampler``.
 
-    A skipped branch runs no forward and no backward, but its parameters still get zero gradients: what the
-    untaken side of torch.cond gives and what the authors' optimizer saw, so eager and compiled training agree
-    and DistributedDataParallel needs no ``find_unused_parameters``. ``zero_grad_skipped=False`` leaves them
-    missing instead (sdzoo bench compares the cost). ``checkpointing`` recomputes the branch in the backward
-    pass inside the gate, which is where torch.compile can hold it.
+    A skipped branch runs no forward and no backward, but its parameters get zero gradients, as on torch.cond's
+    untaken side: eager and compiled training agree, and DDP needs no ``find_unused_parameters``
+    (``zero_grad_skipped=False`` leaves them missing). ``checkpointing`` recomputes the branch in the backward.
     """
 
     def __init__(self, survival_prob: float = 1.0, scaling: str = "expectation", index: int = 0,
@@ -114,12 +107,10 @@ class ResidualGate(nn.Module):
 def _is_batched(value: Any, flag: Optional[bool], batch_size: int) -> bool:
     if not isinstance(value, Tensor) or value.dim() == 0 or flag is False:
         return False
-    if value.shape[0] != batch_size:
-        if flag:
-            raise ValueError(f"sample mode: a branch input of shape {tuple(value.shape)} should hold the "
-                             f"{batch_size} samples of the batch in its first dimension")
-        return False
-    return True
+    if flag and value.shape[0] != batch_size:
+        raise ValueError(f"sample mode: a branch input of shape {tuple(value.shape)} should hold the "
+                         f"{batch_size} samples of the batch in its first dimension")
+    return value.shape[0] == batch_size
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -200,10 +191,18 @@ class Branch:
     def modules(self) -> List[nn.Module]:
         return [self.owner.get_submodule(name) for name in self.module_names]
 
+    def named_tensors(self, kind: str) -> List[Tuple[str, Tensor]]:
+        """The branch's ``kind`` ("parameters", each once, or "buffers"), named as ``BranchCall`` holds them."""
+        named = [(f"owner.{name}.{sub}" if name else f"owner.{sub}", t)
+                 for name, module in zip(self.module_names, self.modules())
+                 for sub, t in getattr(module, f"named_{kind}")()]
+        if kind == "buffers":
+            return named
+        named += [(f"owner.{name}", self.owner.get_parameter(name)) for name in self.param_names]
+        return list({id(p): (n, p) for n, p in named}.values())
+
     def parameters(self) -> List[nn.Parameter]:
-        params = [p for module in self.modules() for p in module.parameters()]
-        params += [self.owner.get_parameter(name) for name in self.param_names]
-        return list({id(p): p for p in params}.values())
+        return [p for _, p in self.named_tensors("parameters")]
 
 
 # -- the draws ------------------------------------------------------------------------------------------------
@@ -219,8 +218,8 @@ def kept_per_sample_count(survival_prob: float, batch_size: int, minimum: int = 
     return min(batch_size, max(minimum, int(survival_prob * batch_size + 0.5)))
 
 
-# The training forwards drawn, as a non-persistent buffer of the model: DistributedDataParallel broadcasts rank
-# 0's buffers before every forward, so a rank that ran an extra training forward is put back in step.
+# The training forwards drawn, as a non-persistent buffer of the model: DDP broadcasts rank 0's buffers before
+# every forward, so a rank that ran an extra training forward is put back in step.
 STEP_BUFFER = "sdzoo_gate_step"
 MAX_STEP = 2**63 - 1  # the buffer is an int64
 
@@ -228,19 +227,14 @@ MAX_STEP = 2**63 - 1  # the buffer is an int64
 class GateSampler:
     """Draws, once per training forward, the gates of all residual branches of a model.
 
-    ``attach(model)`` adds a forward pre-hook that draws each training forward's gates in eager Python on the
-    CPU (no device sync decides a branch), outside any compiled graph: torch.compile can neither bake one step's
-    draws in (pytorch issue 95425) nor break its graph to draw. A gate asked outside such a forward (a submodule
-    called directly, an FX graph) draws the forward's gates itself. Nothing is drawn in eval mode or gates off.
+    ``attach(model)`` adds a forward pre-hook that draws on the CPU (no device sync decides a branch), outside
+    any compiled graph, which can then neither bake one step's draws in (pytorch issue 95425) nor break to draw.
+    Forward number ``step`` draws from (seed, step) alone, and ``step`` counts every training forward as
+    BatchNorm's ``num_batches_tracked`` does: every run and rank draws the same gates, and setting ``step``
+    restores the stream. The rates, warm-up included, stay out of compiled graphs too (``scale_in_gate``).
 
-    Forward number ``step`` draws from a generator seeded with (seed, step), and ``step`` counts every training
-    forward, as BatchNorm's ``num_batches_tracked`` does: every run and rank draws the same gates, and setting
-    ``step`` restores the stream. ``same_gates`` keeps one draw for several forwards (gradient accumulation);
-    the hold is the model's, shared by every thread that runs it.
-
-    In sample mode, a branch that sees ``r`` rows per sample (MobileViT's transformer sees patches x batch:
-    ``rows_per_sample``, found at conversion) has its rows drawn out of r B; ``min_kept`` keeps at least 2
-    samples in a branch that holds a BatchNorm.
+    In sample mode, a branch that sees ``r`` rows per sample (MobileViT's transformer: ``rows_per_sample``) has
+    its rows drawn out of r B; ``min_kept`` keeps at least 2 samples in a branch that holds a BatchNorm.
     """
 
     def __init__(self, survival_probs: Sequence[float], mode: str = "batch", seed: int = 0,
@@ -269,10 +263,6 @@ class GateSampler:
         return (f"{type(self).__name__}(mode={self.mode!r}, num_gates={len(self.survival_probs)}, "
                 f"seed={self.seed}, step={self.step})")
 
-    # -- settings ----------------------------------------------------------------------------------------
-    def manual_seed(self, seed: int) -> None:
-        self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
-
     def set_drop_rate_factor(self, factor: float) -> None:
         """Put ``factor`` (in [0, 1]) of every target drop rate in effect, from the next draw on."""
         self.drop_rate_factor = check_fraction("drop_rate_factor", factor)
@@ -293,20 +283,6 @@ class GateSampler:
     def step(self, value: int) -> None:
         self._step = check_int("step", value, 0, MAX_STEP)
 
-    def state(self) -> Dict[str, int]:
-        """What the gate stream depends on: the seed and the number of training forwards drawn."""
-        return dict(seed=self.seed, step=self.step)
-
-    def load_state(self, state: Dict[str, int]) -> None:
-        """Set the seed and step of ``state`` (what ``state`` returned), both or, if either is refused, neither."""
-        if not isinstance(state, dict) or set(state) != {"seed", "step"}:
-            raise ValueError(f"state must be what sdzoo.gate_state returned, a dict with the keys 'seed' and 'step'; "
-                             f"got {state!r}")
-        seed = check_int("state['seed']", state["seed"], 0, 2**63 - 1)
-        step = check_int("state['step']", state["step"], 0, MAX_STEP)
-        self.seed, self.step = seed, step
-
-    # -- draws -------------------------------------------------------------------------------------------
     def draw(self, batch_size: int, device: Optional[torch.device] = None,
              step: Optional[int] = None) -> List[Optional[Tensor]]:
         """The gates of training forward ``step`` (default: the next one), without using it up: per branch None
@@ -392,27 +368,21 @@ class GateSampler:
             self._fresh = False
             return
         counter = getattr(module, STEP_BUFFER, None)
-        self._follow_step_buffer(counter)
+        counted = counter is not None and counter.device.type != "meta"
+        # Take the step from the buffer where something else (DDP's broadcast) wrote it since. Off the CPU reading
+        # waits for the device, so it is read there only when a process group is up (no broadcast without one).
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if counted and self._written is not None and (counter.device.type == "cpu" or distributed):
+            value = int(counter)
+            if value != self._written:
+                self._step = value
         # A draw made under vmap would be batched, and a batched gate cannot decide whether a branch runs.
         with outside_vmap():
             self.start_forward(sample.shape[0], sample.device)
-            if counter is not None and counter.device.type != "meta":
+            if counted:
                 counter.fill_(self._step)
                 self._written = self._step
         self._fresh = True
-
-    def _follow_step_buffer(self, counter: Optional[Tensor]) -> None:
-        """Take the step from the model's buffer where something else wrote it since this sampler did
-        (DistributedDataParallel's broadcast). Off the CPU reading it waits for the device, so it is read there
-        only when a process group is up (the broadcast can only happen then)."""
-        if counter is None or counter.device.type == "meta" or self._written is None:
-            return
-        if counter.device.type != "cpu" and not (torch.distributed.is_available()
-                                                 and torch.distributed.is_initialized()):
-            return
-        value = int(counter)
-        if value != self._written:
-            self._step = value
 
     def gate(self, index: int, batch_size: int, device: torch.device, same_batch: bool = False) -> Optional[Tensor]:
         """Branch ``index``'s gate in the training forward in progress. ``same_batch``: the branch is known to
@@ -504,13 +474,19 @@ def gate_state(model: nn.Module) -> Dict[str, int]:
     """The state of ``model``'s gate stream (its seed and the training forwards drawn so far), to save beside a
     state dict. The zoo's models need none: they restore it from their state dict (see SDResNet)."""
     (sampler,) = _require_samplers(model, one=True)
-    return sampler.state()
+    return dict(seed=sampler.seed, step=sampler.step)
 
 
 def load_gate_state(model: nn.Module, state: Dict[str, int]) -> None:
-    """Restore what ``gate_state`` returned: the model goes on with the gates it would have drawn."""
+    """Restore what ``gate_state`` returned (both values, or if either is refused, neither): the model goes on
+    with the gates it would have drawn."""
     (sampler,) = _require_samplers(model, one=True)
-    sampler.load_state(state)
+    if not isinstance(state, dict) or set(state) != {"seed", "step"}:
+        raise ValueError(f"state must be what sdzoo.gate_state returned, a dict with the keys 'seed' and 'step'; "
+                         f"got {state!r}")
+    seed = check_int("state['seed']", state["seed"], 0, 2**63 - 1)
+    step = check_int("state['step']", state["step"], 0, MAX_STEP)
+    sampler.seed, sampler.step = seed, step
 
 
 def _require_samplers(model: nn.Module, one: bool = False) -> List[GateSampler]:

@@ -7,7 +7,7 @@ A branch here is ``sdzoo.gate.Branch``; this module does not import it, so that 
 from __future__ import annotations
 
 import math
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +32,6 @@ class BranchCall(nn.Module):
         return self.branch(*inputs)
 
 
-def _owned(branch, kind: str) -> List[Tuple[str, Tensor]]:
-    """The ``kind`` ("parameters" or "buffers") of the branch's modules, named as ``BranchCall`` sees them."""
-    return [(f"owner.{name}.{sub}" if name else f"owner.{sub}", t)
-            for name, module in zip(branch.module_names, branch.modules())
-            for sub, t in getattr(module, f"named_{kind}")()]
-
-
 def compiled_batch_gate(branch, shortcut: Tensor, inputs: Sequence[Any], keep: Tensor, scale,
                         checkpointing: bool) -> Tensor:
     """The batch gate inside a compiled graph: only the taken side of the cond runs, forward and backward, and
@@ -46,9 +39,7 @@ def compiled_batch_gate(branch, shortcut: Tensor, inputs: Sequence[Any], keep: T
     copies come out of the cond and are written back after it (a skipped branch returns them unchanged)."""
     if compiling_with_dynamic_shapes():  # dynamic=True: floats are symbolic
         raise RuntimeError(_DYNAMIC_FLOATS)
-    named = _owned(branch, "parameters") + [(f"owner.{n}", branch.owner.get_parameter(n)) for n in branch.param_names]
-    params = list({id(p): (n, p) for n, p in named}.values())
-    buffers = _owned(branch, "buffers")
+    params, buffers = branch.named_tensors("parameters"), branch.named_tensors("buffers")
     floats = [(n, b) for n, b in buffers if b.is_floating_point()]
     # Other integer buffers (Swin's relative-position index) are tables the branch only reads.
     counters = [(n, b) for n, b in buffers if not b.is_floating_point() and n.endswith(".num_batches_tracked")]

@@ -21,12 +21,13 @@ from timm.layers import create_classifier, get_device_dtype, register_notrace_mo
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import downsample_conv
 
-from sdzoo.files.checks import check_choice, check_fraction, check_int
+from sdzoo.files.checks import check_choice, check_fraction
 from sdzoo.internals.timm_private import feature_take_indices
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
 from sdzoo.datasets import DATASETS
 from sdzoo.gate import Branch, GateSampler, ResidualGate
-from sdzoo.files.weights import WeightsProvenance, check_before_build, check_model_size, install_state_dict_checks
+from sdzoo.files.weights import (MAX_BLOCKS, WeightsProvenance, check_before_build, check_model_size,
+                                 install_state_dict_checks)
 from sdzoo.files.pretrained import tag_model_defaults, timm_weight_cfgs, with_published_weights
 from sdzoo.survival import SurvivalSettings
 
@@ -34,9 +35,10 @@ __all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths", "build_
 
 SHORTCUTS = ("zero_pad", "projection")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
-STEMS = ("cifar", "imagenet")
 CIFAR_WIDTHS = (16, 32, 64)
 IMAGENET_WIDTHS = (64, 128, 256, 512)
+# Each layout's block, stage widths and default shortcut, by its stem.
+LAYOUTS = {"cifar": ("basic", CIFAR_WIDTHS, "zero_pad"), "imagenet": ("bottleneck", IMAGENET_WIDTHS, "projection")}
 
 
 def cifar_stage_depths(depth: int) -> Tuple[int, int, int]:
@@ -173,46 +175,26 @@ class SDResNet(nn.Module):
         device, dtype: as in timm's models (``device="meta"`` builds without allocating memory).
     """
 
-    def __init__(
-            self,
-            layers: Sequence[int],
-            block: str = "basic",
-            stem: str = "cifar",
-            widths: Sequence[int] = CIFAR_WIDTHS,
-            shortcut: str = "zero_pad",
-            num_classes: int = 1000,
-            in_chans: int = 3,
-            global_pool: str = "avg",
-            drop_rate: float = 0.0,
-            survival_prob: Optional[float] = None,
-            survival_rule: str = SurvivalSettings.survival_rule,
-            gate_mode: str = SurvivalSettings.gate_mode,
-            scaling: str = SurvivalSettings.scaling,
-            gate_seed: int = SurvivalSettings.gate_seed,
-            drop_path_rate: Optional[float] = None,
-            folded_from: Optional[Dict[str, Any]] = None,
-            pruned_from: Optional[Dict[str, Any]] = None,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, layers: Sequence[int], block: str = "basic", stem: str = "cifar",
+                 widths: Sequence[int] = CIFAR_WIDTHS, shortcut: str = "zero_pad", num_classes: int = 1000,
+                 in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
+                 survival_prob: Optional[float] = None, survival_rule: str = SurvivalSettings.survival_rule,
+                 gate_mode: str = SurvivalSettings.gate_mode, scaling: str = SurvivalSettings.scaling,
+                 gate_seed: int = SurvivalSettings.gate_seed, drop_path_rate: Optional[float] = None,
+                 folded_from: Optional[Dict[str, Any]] = None, pruned_from: Optional[Dict[str, Any]] = None,
+                 device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         check_choice("block", block, tuple(BLOCKS))
-        check_choice("stem", stem, STEMS)
+        check_choice("stem", stem, tuple(LAYOUTS))
         check_choice("shortcut", shortcut, SHORTCUTS)
         settings = SurvivalSettings.from_args(dict(
             survival_prob=survival_prob, survival_rule=survival_rule, gate_mode=gate_mode, scaling=scaling,
             gate_seed=gate_seed, drop_path_rate=drop_path_rate, folded_from=folded_from))
-        check_int("num_classes", num_classes)
-        check_int("in_chans", in_chans, 1)
         check_choice("global_pool", global_pool, GLOBAL_POOLS)
         check_fraction("drop_rate", drop_rate, include_one=False)
-        if len(layers) != len(widths) or any(not isinstance(n, int) or n < 1 for n in layers):
-            raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; "
-                             f"got {layers!r}")
-        # Bounded before anything is allocated: config.json of a Hub repo or a local folder may ask for anything.
+        # Checked and bounded before anything is allocated: config.json of a Hub repo or a folder may ask anything.
         check_model_size(layers, widths, block, stem, shortcut, num_classes, in_chans, global_pool)
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -257,8 +239,7 @@ class SDResNet(nn.Module):
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
 
         self.num_features = in_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.reset_classifier(num_classes, global_pool)
         self.stem = stem
         self.init_weights()
         # Where the weights came from, and whether that source said they are folded (``fold_survival`` reads it).
@@ -314,10 +295,11 @@ class SDResNet(nn.Module):
         folded = self.survival_settings.folded_from
         return None if folded is None else folded.trained_dict()
 
+    # timm's record of the arguments that rebuild this model (config.json's model_args, get_model_args): what its
+    # factory stored, with today's survival settings over it (a copy would go stale), so a folded model rebuilds
+    # folded.
     @property
     def _model_args(self) -> Dict[str, Any]:
-        # timm's record of the arguments that rebuild this model (config.json's model_args, get_model_args):
-        # what its factory stored, with today's survival settings over it, so a folded model rebuilds folded.
         args = dict(self._factory_args, **self.survival_settings.as_model_args())
         if self.pruned_from is not None:
             args["pruned_from"] = self.pruned_from  # with the layers its factory was given (sdzoo.prune gives them)
@@ -325,7 +307,6 @@ class SDResNet(nn.Module):
 
     @_model_args.setter
     def _model_args(self, args: Dict[str, Any]) -> None:
-        # The survival settings' own keys are left out: the getter lays today's over these, a copy would go stale.
         self._factory_args = {k: v for k, v in args.items() if k not in SURVIVAL_ARG_NAMES}
 
     @torch.jit.ignore
@@ -334,8 +315,8 @@ class SDResNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each kept branch in the backward pass. The gate does it, inside its skip, which is
-        where torch.compile can hold it (a torch.cond inside a checkpoint cannot be compiled)."""
+        """Recompute each kept branch in the backward pass, inside its gate's skip: torch.compile cannot compile
+        a torch.cond inside a checkpoint."""
         self.grad_checkpointing = enable
         for blk in self.residual_blocks():
             blk.gate.checkpointing = enable
@@ -369,30 +350,18 @@ class SDResNet(nn.Module):
                 intermediates.append(x)
         return x, intermediates
 
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """Forward features that returns intermediates (stem output, then each stage's output)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
         x, intermediates = self._forward_trunk(x, take_indices, max_index if stop_early else None)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        return intermediates if intermediates_only else (x, intermediates)
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
         """Remove the stages (and head) that the requested intermediates do not need."""
         take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
         for name in self.stage_names[max_index:]:
@@ -425,13 +394,12 @@ def _check_pruned_from(record: Optional[Dict[str, Any]], layers: Sequence[int],
             not isinstance(record.get("layers"), (list, tuple)) or not isinstance(record.get("kept"), (list, tuple)):
         raise ValueError(f"pruned_from must be a mapping with 'architecture', 'layers' and 'kept' (the pruned "
                          f"model's record); got {record!r:.200}")
-    source_layers = record["layers"]
+    source_layers, kept = record["layers"], record["kept"]
     if len(source_layers) != len(layers) or any(isinstance(n, bool) or not isinstance(n, int) or not
-                                                 layers[i] <= n <= 1024 for i, n in enumerate(source_layers)):
+                                                 low <= n <= MAX_BLOCKS for low, n in zip(layers, source_layers)):
         raise ValueError(f"pruned_from['layers'] must be the source's blocks per stage, at least layers={list(layers)} "
                          f"in each; got {source_layers!r:.200}")
     names = [f"layer{stage + 1}.{i}" for stage, n in enumerate(source_layers) for i in range(n)]
-    kept = record["kept"]
     if len(kept) != sum(layers) or len(set(map(str, kept))) != len(kept) or any(name not in names for name in kept):
         raise ValueError(f"pruned_from['kept'] must name {sum(layers)} distinct blocks (layerS.I) of the source's "
                          f"layers={list(source_layers)}; got {kept!r:.200}")
@@ -441,10 +409,9 @@ def _check_pruned_from(record: Optional[Dict[str, Any]], layers: Sequence[int],
 
 
 def _restore_gate_stream(module: "SDResNet", incompatible_keys) -> None:
-    """load_state_dict post-hook: the gates of training forward t are a function of (gate_seed, t), and t is
-    the stem BatchNorm's num_batches_tracked (it counts every training forward), which every state dict
-    holds, also timm's ResNets'. So a model restored from any state dict draws the gates it would have drawn,
-    and no extra key breaks a strict load to or from timm's ResNets."""
+    """load_state_dict post-hook: the gates of training forward t are a function of (gate_seed, t), and t is the
+    stem BatchNorm's num_batches_tracked, which every state dict holds (timm's ResNets' too): a model restored
+    from any state dict draws the gates it would have drawn, and no extra key breaks a strict load."""
     counter = module.bn1.num_batches_tracked
     if counter is not None and counter.device.type != "meta":
         module.gate_sampler.step = int(counter)
@@ -474,10 +441,6 @@ def build_args(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[str, A
         folded_from=None)
     args.update(SurvivalSettings.from_args(kwargs).as_model_args())  # folded_from too, when the model is folded
     return args
-
-
-# The two layouts' block, stage widths and default shortcut, by their stem.
-LAYOUTS = {"cifar": ("basic", CIFAR_WIDTHS, "zero_pad"), "imagenet": ("bottleneck", IMAGENET_WIDTHS, "projection")}
 
 
 def _create_sd_resnet(variant: str, layout: str, stage_depths: Sequence[int], pretrained: bool, /,
