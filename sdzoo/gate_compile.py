@@ -98,11 +98,9 @@ _DYNAMIC_FLOATS = (
 
 
 class _GradInOperandLayout(torch.autograd.Function):
-    """Identity whose gradient has the strides of its input. Both sides of a ``torch.cond`` must give gradients
-    of one layout; the untaken side gives zeros in the operand's, while the taken side's autograd may give other
-    strides (a 1x1 conv's weight gradient takes its input's layout, channels_last after ConvNeXt's LayerNorm2d;
-    size-1 dimensions make equal layouts look different). The copy is unconditional: dynamo traces this backward
-    before it sees the real gradient's strides."""
+    """Identity whose gradient has the strides of its input: both sides of a ``torch.cond`` must give gradients
+    in the operand's layout, and autograd may not (a 1x1 conv's weight gradient after ConvNeXt's LayerNorm2d is
+    channels_last). The copy is unconditional: dynamo traces this backward before it sees the real strides."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:

@@ -49,8 +49,8 @@ def drop_warmup_factor(step: int, total_steps: int, warmup_fraction: float) -> f
 
 
 def _setting(default, label: str, choices=None, trained: bool = True):
-    """A field of SurvivalSettings: ``label`` names it on a model card; ``trained`` fields are what folded
-    weights record they were trained with (the seed only picks which blocks ran, not what the weights are)."""
+    """A field: ``label`` names it on a model card; folded weights record their ``trained`` fields (not the seed,
+    which only picked which blocks ran)."""
     return field(default=default, metadata=dict(label=label, choices=choices, trained=trained))
 
 
@@ -140,7 +140,7 @@ def _trained_settings(name: str, value: Any) -> SurvivalSettings:
 
 
 def _resolve_survival_prob(survival_prob: Optional[float], drop_path_rate: Optional[float]) -> Optional[float]:
-    """survival_prob wins; timm's drop_path_rate is read as 1 - p_L; None when neither is given."""
+    """p_L from survival_prob and timm's drop_path_rate (1 - p_L), which must agree; None when neither is given."""
     if drop_path_rate is None:
         return survival_prob
     try:

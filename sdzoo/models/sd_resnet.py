@@ -419,8 +419,7 @@ def _restore_gate_stream(module: "SDResNet", incompatible_keys) -> None:
 
 # -- builders -----------------------------------------------------------------------------------------
 def _as_tuples(cfg: Any) -> Any:
-    """Lists to tuples, as in timm's own cfgs: config.json brings ``input_size``, ``mean``, ``std`` as JSON
-    lists, and timm's tools concatenate them with tuples."""
+    """Lists to tuples, as in timm's own cfgs: timm's tools concatenate config.json's lists with tuples."""
     if isinstance(cfg, dict):
         return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     return cfg
@@ -468,8 +467,7 @@ def _create_sd_resnet(variant: str, layout: str, stage_depths: Sequence[int], pr
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    """The zoo's own cfgs claim no weights (``sdzoo.files.pretrained.with_published_weights`` fills in those
-    sdzoo publishes)."""
+    """The zoo's own cfgs claim no weights (``with_published_weights`` fills in those sdzoo publishes)."""
     return {
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
         "interpolation": "bilinear", "mean": DATASETS["cifar10"].mean, "std": DATASETS["cifar10"].std,
