@@ -78,25 +78,17 @@ def make_downsample(kind: str, in_chs: int, out_chs: int, stride: int, **dd) -> 
 
 
 class _GatedBlock(nn.Module):
-    """A residual block whose branch f_l is its layers ``branch_layer_names``, in order (a skipped branch gives
-    their parameters zero gradients), gated, added to the shortcut, then the ReLU ``last_act``."""
-
-    branch_layer_names: Tuple[str, ...] = ()
-    last_act = ""
-
-    def residual(self, x: Tensor) -> Tensor:
-        """f_l, the residual branch."""
-        for name in self.branch_layer_names:
-            x = getattr(self, name)(x)
-        return x
+    """What both blocks share: ``branch`` runs ``residual``, f_l, through the gate; ``branch_layer_names`` are the
+    layers it uses (a skipped branch gives their parameters zero gradients)."""
 
     def branch_layers(self) -> List[nn.Module]:
         """f_l's layers, in order."""
         return self.branch.modules()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gated_sum(self, x: Tensor) -> Tensor:
+        """shortcut + b_l * residual(x), before the block's last ReLU."""
         shortcut = x if self.downsample is None else self.downsample(x)
-        return getattr(self, self.last_act)(self.gate(self.branch, shortcut, x))  # shortcut + b_l * residual(x)
+        return self.gate(self.branch, shortcut, x)
 
 
 # Blocks are leaves of timm's FX graphs (features_only="fx", its FX tests): a gate decides in Python.
@@ -106,7 +98,6 @@ class BasicBlock(_GatedBlock):
 
     expansion = 1
     branch_layer_names = ("conv1", "bn1", "act1", "conv2", "bn2")
-    last_act = "act2"
 
     def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
         super().__init__()
@@ -121,6 +112,18 @@ class BasicBlock(_GatedBlock):
         self.gate = gate
         self.branch = Branch(self, type(self).residual, self.branch_layer_names)
 
+    def residual(self, x: Tensor) -> Tensor:
+        """f_l, the residual branch."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act2(self.gated_sum(x))
+
 
 @register_notrace_module
 class Bottleneck(_GatedBlock):
@@ -128,7 +131,6 @@ class Bottleneck(_GatedBlock):
 
     expansion = 4
     branch_layer_names = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3")
-    last_act = "act3"
 
     def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
         super().__init__()
@@ -145,6 +147,21 @@ class Bottleneck(_GatedBlock):
         self.downsample = make_downsample(shortcut, in_chs, out_chs, stride, **dd)
         self.gate = gate
         self.branch = Branch(self, type(self).residual, self.branch_layer_names)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """f_l, the residual branch."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.act2(x)
+        x = self.conv3(x)
+        x = self.bn3(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act3(self.gated_sum(x))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
