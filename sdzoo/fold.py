@@ -1,8 +1,8 @@
 """Fold the test-time rescaling of stochastic depth into the weights: the one place a model is folded.
 
-At test time a block computes ``shortcut(x) + p_l * f_l(x)`` (``expectation`` scaling). The branch f_l ends in
-an affine layer (its last BatchNorm, or the conv that BatchNorm was fused into), and an affine layer times p_l
-is the same layer with its weight and bias times p_l: folding scales that layer and sets every p_l to 1.
+At test time a block computes ``shortcut(x) + p_l * f_l(x)`` (``expectation`` scaling). f_l ends in an affine
+layer (its last BatchNorm, or the conv it was fused into), and that layer times p_l is the same layer with its
+weight and bias times p_l: folding scales it and sets every p_l to 1.
 """
 from __future__ import annotations
 
@@ -32,55 +32,43 @@ def can_fold(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def fold_survival(model: nn.Module) -> nn.Module:
-    """Fold each block's survival probability into its branch, in place, and turn the gates off.
+    """Fold each block's survival probability into its branch, in place, and turn the gates off; returns the
+    model. Its eval outputs stay the same (to float rounding), it is a plain ResNet in training too, and
+    ``model.folded_from`` records the settings it was trained with.
 
-    The folded model's eval outputs equal the model's eval outputs (up to float rounding), its gates are
-    off in training too (it is a plain ResNet now), and ``model.folded_from`` records the survival
-    settings it was trained with. Returns the model.
-
-    A folded state dict carries no tensor that says so (it loads strictly into timm's ResNets): what is known
-    of the weights is the model's ``weights_provenance``, which every door that loads them leaves. Weights whose
-    source said they are folded are refused; weights whose source said nothing (a safetensors file without
-    sdzoo's metadata, a state dict rebuilt key by key) are folded with a warning, since nothing can tell.
-
-    Raises:
-        ValueError: the model is already folded or its weights came from folded ones, it uses ``inverted``
-            scaling (its eval graph has no p_l to fold), or a branch does not end in an affine layer.
+    A folded state dict has no tensor that says so (it loads strictly into timm's ResNets), so what is known of
+    the weights is the model's ``weights_provenance``: weights whose source said they are folded are refused,
+    weights whose source said nothing are folded with a warning. Refused too (ValueError): a folded model,
+    ``inverted`` scaling (no p_l in the eval graph), a branch that does not end in an affine layer.
     """
     blocks = _residual_blocks(model)
     if is_folded(model):
-        raise ValueError(
-            f"model is already folded (folded_from={model.folded_from!r}); folding twice would scale "
-            "each branch by p_l again")
+        raise ValueError(f"model is already folded (folded_from={model.folded_from!r}); folding twice would scale "
+                         "each branch by p_l again")
     provenance = getattr(model, "weights_provenance", None)
     if provenance is not None and provenance.folded:
-        raise ValueError(
-            f"the model's weights are folded already: they came from {provenance.source}, which records "
-            f"folded_from={provenance.recorded.get('folded_from')!r}; folding twice would scale each branch by "
-            "p_l again")
+        raise ValueError(f"the model's weights are folded already: they came from {provenance.source}, which records "
+                         f"folded_from={provenance.recorded.get('folded_from')!r}; folding twice would scale each "
+                         "branch by p_l again")
     scaling = getattr(model, "scaling", "expectation")
     if scaling != "expectation":
-        raise ValueError(
-            f"scaling must be 'expectation' to fold; got {scaling!r}: with inverted scaling the eval "
-            "network has no p_l in it and is already a plain ResNet, there is nothing to fold")
+        raise ValueError(f"scaling must be 'expectation' to fold; got {scaling!r}: with inverted scaling the eval "
+                         "network has no p_l in it and is already a plain ResNet, there is nothing to fold")
 
     # Check every branch before touching any weight, so a refused fold leaves the model as it was.
     affines = [_last_affine(blk.branch_layers(), idx) for idx, blk in enumerate(blocks, start=1)]
     for blk, affine in zip(blocks, affines):
-        p = blk.gate.survival_prob
-        if p < 1.0:
-            affine.weight.mul_(p)
-            if affine.bias is not None:
-                affine.bias.mul_(p)
+        affine.weight.mul_(blk.gate.survival_prob)  # times 1.0 is exact: a block with p_l = 1 is unchanged
+        if affine.bias is not None:
+            affine.bias.mul_(blk.gate.survival_prob)
         blk.gate.survival_prob = 1.0
 
     if provenance is not None and provenance.folded is None:
-        warnings.warn(
-            f"fold_survival: the model's weights came from {provenance.source}, which does not say whether they "
-            "are folded; if they are, they are now folded twice (each branch scaled by p_l again)", stacklevel=3)
+        warnings.warn(f"fold_survival: the model's weights came from {provenance.source}, which does not say whether "
+                      "they are folded; if they are, they are now folded twice (each branch scaled by p_l again)",
+                      stacklevel=3)
 
-    # The model's settings, config.json's model_args and the weights' metadata all read survival_settings:
-    # rebuilding from any of them gives the plain ResNet the weights now belong to.
+    # config.json's model_args and the weights' metadata read survival_settings: they rebuild the plain ResNet.
     model.survival_settings = model.survival_settings.folded()
     if provenance is not None:
         model.weights_provenance = type(provenance)("folded in place by fold_survival",
@@ -99,18 +87,10 @@ def _residual_blocks(model: nn.Module):
 
 
 def _last_affine(layers: List[nn.Module], block_idx: int) -> nn.Module:
-    """The branch's last layer: a BatchNorm with affine parameters, or a conv a BatchNorm was fused into.
-
-    Only layers without parameters that are the identity may follow it (fused BNs leave an Identity).
-    """
-    for layer in reversed(layers):
-        if isinstance(layer, nn.Identity):
-            continue
-        if isinstance(layer, BATCH_NORMS) and layer.affine:
-            return layer
-        if isinstance(layer, CONVS):
-            return layer
-        break
+    """The branch's last layer but the Identity a fused BatchNorm leaves: an affine BatchNorm, or a conv."""
+    last = next((layer for layer in reversed(layers) if not isinstance(layer, nn.Identity)), None)
+    if isinstance(last, CONVS) or (isinstance(last, BATCH_NORMS) and last.affine):
+        return last
     raise ValueError(
         f"residual block {block_idx}: the branch must end in an affine BatchNorm or a conv to fold p_l "
         f"into; it ends in {type(layers[-1]).__name__ if layers else 'nothing'}")

@@ -1,27 +1,10 @@
-"""Gates: which residual branches run in a training step, and how a branch is scaled (the models'
-``gate_mode`` and ``scaling`` arguments).
+"""Gates: which residual branches run in a training step (``gate_mode``), and how a branch is scaled.
 
-The skip itself is the first thing below, ``ResidualGate``: ``shortcut + b_l * f_l(x)``, where a dropped
-branch is not computed at all (which is where stochastic depth saves its time). In ``batch`` mode the whole
-mini-batch keeps or skips the branch; in ``sample`` mode the branch runs on a fixed k_l = round(p_l * B) (at
-least 1) of the B samples, gathered with ``index_select`` and added back with ``index_add`` (DINOv2's
-``drop_add_residual_stochastic_depth``), so that shapes stay static; at small batches the kept share k_l / B can
-be far from p_l. A skipped branch's parameters still get gradients, zeros (``_SkippedBranch``).
-
-* ``Branch`` is f_l as the gate runs it: a method of the block over the block's own modules, so that the
-  block keeps its state-dict layout.
-* ``GateSampler`` (one per model) draws the gates of a training forward. The draw of forward number t is a
-  function of the model's seed and t alone, so every run and every data-parallel rank draws the same gates,
-  and a model restored at forward t goes on with the gates it would have drawn. It draws in a forward
-  pre-hook on the model, which runs before and outside any compiled graph, so torch.compile can neither bake
-  one step's draws into the graph (pytorch issue 95425) nor break its graph to draw. The drop rates, warm-up
-  included (``set_drop_rate_factor``), stay out of any compiled graph too: the sampler draws with them on the
-  CPU, and a batch gate carries its inverted scale as a 0-dim tensor (0 when the branch is skipped) instead of
-  a Python float the graph would bake in.
-* Under torch.compile, batch mode's skip is a ``torch.cond``: ``sdzoo.gate_compile``.
-
-The survival probabilities, modes and seeds given to these classes are checked where they come from
-(``sdzoo.survival.SurvivalSettings`` for the zoo, ``sdzoo.convert_drop_path`` for timm's models).
+``ResidualGate`` is the skip, ``shortcut + b_l * f_l(x)``, where a dropped branch is not computed at all. In
+``batch`` mode the whole mini-batch keeps or skips the branch; in ``sample`` mode it runs on a fixed
+k_l = round(p_l * B) of the B samples, gathered with ``index_select`` and added back with ``index_add`` (DINOv2's
+``drop_add_residual_stochastic_depth``), so shapes stay static. ``GateSampler`` draws the gates. The settings
+given here were checked where they come from (``SurvivalSettings``, ``convert_drop_path``).
 """
 from __future__ import annotations
 
@@ -34,8 +17,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sdzoo.files.checks import check_fraction, check_int
-from sdzoo.gate_compile import BranchCall, compiled_batch_gate, mark_size_dynamic, never_compile_alone
-from sdzoo.internals.torch_private import in_backward_pass, outside_vmap, tree_leaves
+from sdzoo.gate_compile import BranchCall, compiled_batch_gate
+from sdzoo.internals.torch_private import in_backward_pass, maybe_mark_dynamic, outside_vmap, skip_code, tree_leaves
 
 __all__ = ["GATE_MODES", "derived_seed", "SCALINGS", "GateSampler", "ResidualGate", "Branch", "kept_per_sample_count",
            "samplers_of", "set_drop_rate_factor", "same_gates", "gate_state", "load_gate_state"]
@@ -46,16 +29,12 @@ SCALINGS = ("expectation", "inverted")
 
 # -- the gate -------------------------------------------------------------------------------------------------
 class ResidualGate(nn.Module):
-    """``shortcut + b_l * f_l(inputs)`` for one residual branch, with the branch's survival probability p_l.
+    """``shortcut + b_l * f_l(inputs)`` for one residual branch with survival probability p_l; b_l is gate
+    ``index`` of the model's ``GateSampler``.
 
-    The gate b_l is branch ``index``'s gate of the model's ``GateSampler``. A skipped branch runs no forward
-    and no backward, but every one of its parameters still receives a gradient: zeros. This is what
-    torch.compile gives (the untaken side of ``torch.cond``) and what the authors' optimizer saw, so eager and
-    compiled training agree, weight decay and momentum move skipped blocks with any optimizer, and
-    DistributedDataParallel works without ``find_unused_parameters``. ``zero_grad_skipped=False`` leaves a
-    skipped branch's gradients missing instead (the cost is compared in sdzoo bench).
-    ``checkpointing`` recomputes the branch in the backward pass (activation checkpointing), inside the gate,
-    which is where torch.compile can hold it.
+    A skipped branch runs no forward and no backward, but its parameters get zero gradients, as on torch.cond's
+    untaken side: eager and compiled training agree, and DDP needs no ``find_unused_parameters``
+    (``zero_grad_skipped=False`` leaves them missing). ``checkpointing`` recomputes the branch in the backward.
     """
 
     def __init__(self, survival_prob: float = 1.0, scaling: str = "expectation", index: int = 0,
@@ -89,7 +68,7 @@ class ResidualGate(nn.Module):
                 out = out * p
             return shortcut + out
         scale = 1.0 / p if self.scaling == "inverted" and p < 1.0 else None
-        if gate.dim() == 0:  # batch mode: the whole mini-batch keeps or skips the branch
+        if gate.dim() == 0:  # batch mode
             if gate.is_floating_point():  # the gate carries the inverted scale in effect (see GateSampler)
                 scale = gate if self.scaling == "inverted" else None
                 gate = gate > 0
@@ -99,11 +78,12 @@ class ResidualGate(nn.Module):
                 return self._skip(branch, shortcut, inputs)
             out = self._run(branch, inputs)
             return shortcut + (out if scale is None else out * scale)
-        # sample mode: run the branch on the kept samples only and add it back. Inverted scaling divides by the
-        # share actually kept, k_l / B, so the expected branch is exact at every batch size.
+        # Sample mode. Inverted scaling divides by the share actually kept, k_l / B, which at small batches can
+        # be far from p_l: the expected branch is exact at every batch size.
         batch_size = shortcut.shape[0]
+        flags = branch.batched + (None,) * (len(inputs) - len(branch.batched))
         kept_inputs = [gather_samples(t, gate) if _is_batched(t, flag, batch_size) else t
-                       for t, flag in zip(inputs, _flags(branch.batched, len(inputs)))]
+                       for t, flag in zip(inputs, flags)]
         out = self._run(branch, kept_inputs)
         if scale is not None:
             out = out * (batch_size / gate.shape[0])
@@ -117,38 +97,33 @@ class ResidualGate(nn.Module):
     def _skip(self, branch: Branch, shortcut: Tensor, inputs: Sequence[Any] = ()) -> Tensor:
         if not self.zero_grad_skipped or not torch.is_grad_enabled():
             return shortcut
-        # Inputs computed outside the branch (a norm before it, GC ViT's global query) get zero gradients
-        # too, so the layers that made them do not go without one either.
+        # Inputs made outside the branch (a norm before it, GC ViT's global query) get zero gradients too.
         needs_grad = [p for p in branch.parameters() if p.requires_grad]
         needs_grad += [t for t in inputs if isinstance(t, Tensor) and t.requires_grad and t is not shortcut]
         return _SkippedBranch.apply(shortcut, *needs_grad) if needs_grad else shortcut
 
 
 # -- sample mode: the kept samples, gathered and added back in the input's memory format ---------------------
-def _flags(batched: Sequence[Optional[bool]], count: int) -> Sequence[Optional[bool]]:
-    return tuple(batched) + (None,) * (count - len(batched))
-
-
 def _is_batched(value: Any, flag: Optional[bool], batch_size: int) -> bool:
     if not isinstance(value, Tensor) or value.dim() == 0 or flag is False:
         return False
-    if value.shape[0] != batch_size:
-        if flag:
-            raise ValueError(f"sample mode: a branch input of shape {tuple(value.shape)} should hold the "
-                             f"{batch_size} samples of the batch in its first dimension")
-        return False
-    return True
+    if flag and value.shape[0] != batch_size:
+        raise ValueError(f"sample mode: a branch input of shape {tuple(value.shape)} should hold the "
+                         f"{batch_size} samples of the batch in its first dimension")
+    return value.shape[0] == batch_size
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _samples_first(t: Tensor) -> Tuple[Tensor, Optional[Tuple[int, ...]], Optional[Tuple[int, ...]]]:
-    """A view of ``t`` that is contiguous with the samples first (``t`` itself unless it is channels_last),
-    the permutation that made it and the one that undoes it. index_select and index_add return contiguous
-    tensors; on this view that is the input's own layout, so channels_last stays channels_last."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1), (0, 2, 3, 1), (0, 3, 1, 2)
-    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return t.permute(0, 2, 3, 4, 1), (0, 2, 3, 4, 1), (0, 4, 1, 2, 3)
-    return t, None, None
+    """A contiguous view of ``t`` with the samples first, the permutation that made it and the one that undoes
+    it: index_select and index_add return contiguous tensors, so on this view channels_last stays channels_last."""
+    memory_format, n = _CHANNELS_LAST.get(t.dim()), t.dim()
+    if memory_format is None or t.is_contiguous() or not t.is_contiguous(memory_format=memory_format):
+        return t, None, None
+    perm = (0, *range(2, n), 1)
+    return t.permute(perm), perm, (0, n - 1, *range(1, n - 1))
 
 
 def gather_samples(t: Tensor, kept: Tensor) -> Tensor:
@@ -167,11 +142,9 @@ def add_samples(shortcut: Tensor, kept: Tensor, out: Tensor) -> Tensor:
 
 
 class _SkippedBranch(torch.autograd.Function):
-    """A skipped branch in eager mode: the shortcut passes through, and the backward pass hands the
-    branch's parameters (and its inputs) zero gradients without computing anything of the branch. A custom
-    autograd function is the way to give a parameter a gradient from a graph it took no part in (pytorch issue
-    90171). Written with ``setup_context`` and a generated vmap rule, so that ``torch.vmap`` can run a model
-    that uses it."""
+    """A skipped branch in eager mode: the shortcut passes through and the backward pass hands the branch's
+    parameters (and inputs) zero gradients, the way to give a parameter a gradient from a graph it took no part
+    in (pytorch issue 90171). ``setup_context`` and a generated vmap rule let ``torch.vmap`` run it."""
 
     generate_vmap_rule = True
 
@@ -194,15 +167,13 @@ class _SkippedBranch(torch.autograd.Function):
 
 # -- the branch -----------------------------------------------------------------------------------------------
 class Branch:
-    """f_l, the residual branch of a block, as its gate runs it: ``fn(owner, *inputs)``, where ``owner`` is
-    the block (the zoo's blocks: their method ``residual``; a converted timm block: code generated from its
-    forward).
+    """f_l as its gate runs it: ``fn(owner, *inputs)``, ``owner`` the block, so the block keeps its state-dict
+    layout (the zoo's blocks: their method ``residual``; a converted timm block: code generated from its forward).
 
-    ``module_names`` and ``param_names`` are the block's modules and parameters that ``fn`` uses: a skipped
-    branch gives them zero gradients, and torch.compile's skip threads their buffers through its cond. They
-    are looked up at every call, so the branch follows whatever replaces a block's parameters (FSDP).
-    ``batched[i]`` says whether input i has the samples in its first dimension (sample mode gathers the kept
-    ones): True, False, or None for "if its first dimension is the batch size".
+    ``module_names`` and ``param_names`` are what ``fn`` uses of the block: a skipped branch gives them zero
+    gradients and torch.compile's skip threads their buffers through its cond. They are looked up at every call,
+    so the branch follows whatever replaces a block's parameters (FSDP). ``batched[i]``: whether input i has the
+    samples in its first dimension, for sample mode to gather (None: if its first dimension is the batch size).
     """
 
     def __init__(self, owner: nn.Module, fn: Callable[..., Tensor], module_names: Sequence[str],
@@ -220,10 +191,18 @@ class Branch:
     def modules(self) -> List[nn.Module]:
         return [self.owner.get_submodule(name) for name in self.module_names]
 
+    def named_tensors(self, kind: str) -> List[Tuple[str, Tensor]]:
+        """The branch's ``kind`` ("parameters", each once, or "buffers"), named as ``BranchCall`` holds them."""
+        named = [(f"owner.{name}.{sub}" if name else f"owner.{sub}", t)
+                 for name, module in zip(self.module_names, self.modules())
+                 for sub, t in getattr(module, f"named_{kind}")()]
+        if kind == "buffers":
+            return named
+        named += [(f"owner.{name}", self.owner.get_parameter(name)) for name in self.param_names]
+        return list({id(p): (n, p) for n, p in named}.values())
+
     def parameters(self) -> List[nn.Parameter]:
-        params = [p for module in self.modules() for p in module.parameters()]
-        params += [self.owner.get_parameter(name) for name in self.param_names]
-        return list({id(p): p for p in params}.values())
+        return [p for _, p in self.named_tensors("parameters")]
 
 
 # -- the draws ------------------------------------------------------------------------------------------------
@@ -239,10 +218,8 @@ def kept_per_sample_count(survival_prob: float, batch_size: int, minimum: int = 
     return min(batch_size, max(minimum, int(survival_prob * batch_size + 0.5)))
 
 
-# The number of training forwards drawn, as a buffer of the model the sampler is attached to: not in the state
-# dict (persistent=False), but DistributedDataParallel broadcasts rank 0's buffers before every forward, so a
-# rank that ran an extra training forward (a debug print, a validation pass without model.eval()) is put back
-# in step with rank 0 at the next forward of the wrapped model.
+# The training forwards drawn, as a non-persistent buffer of the model: DDP broadcasts rank 0's buffers before
+# every forward, so a rank that ran an extra training forward is put back in step.
 STEP_BUFFER = "sdzoo_gate_step"
 MAX_STEP = 2**63 - 1  # the buffer is an int64
 
@@ -250,21 +227,14 @@ MAX_STEP = 2**63 - 1  # the buffer is an int64
 class GateSampler:
     """Draws, once per training forward, the gates of all residual branches of a model.
 
-    Attach it to a model with ``attach(model)``: a forward pre-hook draws the gates of each training forward
-    (in eager Python, on the CPU: no device sync decides a branch), and a forward hook marks the draw used.
-    A gate asked outside such a forward (a method or a submodule called directly, an FX graph of the model)
-    draws the forward's gates itself. Nothing is drawn in eval mode or with gates off.
+    ``attach(model)`` adds a forward pre-hook that draws on the CPU (no device sync decides a branch), outside
+    any compiled graph, which can then neither bake one step's draws in (pytorch issue 95425) nor break to draw.
+    Forward number ``step`` draws from (seed, step) alone, and ``step`` counts every training forward as
+    BatchNorm's ``num_batches_tracked`` does: every run and rank draws the same gates, and setting ``step``
+    restores the stream. The rates, warm-up included, stay out of compiled graphs too (``scale_in_gate``).
 
-    The gates of training forward number ``step`` come from a generator seeded with (seed, step): ``step``
-    counts every training forward, as BatchNorm's ``num_batches_tracked`` does, so setting it restores the
-    gate stream (``state`` / ``load_state``). The model keeps the step in a buffer too (``STEP_BUFFER``), which
-    DistributedDataParallel broadcasts from rank 0, and the pre-hook takes the step from it when it changed
-    there: the ranks stay in step. ``same_gates`` keeps one draw for several forwards (gradient accumulation:
-    one mini-batch, one draw, as in the paper); the hold is the model's, shared by every thread that runs it.
-
-    In sample mode, a branch that sees ``r`` rows per sample of the model's batch (MobileViT's transformer sees
-    patches x batch: ``rows_per_sample``, found at conversion) has its rows drawn by the pre-hook too, out of
-    r B; ``min_kept`` keeps at least 2 samples in a branch that holds a BatchNorm.
+    In sample mode, a branch that sees ``r`` rows per sample (MobileViT's transformer: ``rows_per_sample``) has
+    its rows drawn out of r B; ``min_kept`` keeps at least 2 samples in a branch that holds a BatchNorm.
     """
 
     def __init__(self, survival_probs: Sequence[float], mode: str = "batch", seed: int = 0,
@@ -274,14 +244,12 @@ class GateSampler:
         self.seed = seed
         self._step = 0  # training forwards so far: the key of the next draw
         self._written: Optional[int] = None  # the step last written to the model's STEP_BUFFER
-        # Share of each branch's drop rate in effect (drop-rate warmup); 1.0: the targets.
-        self.drop_rate_factor = 1.0
+        self.drop_rate_factor = 1.0  # share of each target drop rate in effect (drop-rate warmup)
         # Batch gates as 0-dim floats holding 1/p_l in effect (0: skipped), so a moving rate never enters a
-        # compiled graph as a constant. Off by default: the zoo's gates stay the bools they always were.
+        # compiled graph as a constant. Off by default: the zoo's gates stay bools.
         self.scale_in_gate = scale_in_gate
         self.gates: List[Optional[Tensor]] = [None] * len(self.survival_probs)  # the forward in progress
-        # The gates of the last training draw and its batch size, for logs (the depth a step ran at).
-        self.last_draw: Optional[Tuple[List[Optional[Tensor]], int]] = None
+        self.last_draw: Optional[Tuple[List[Optional[Tensor]], int]] = None  # (gates, batch size), for logs
         self._fresh = False  # the pre-hook drew ``gates`` for the forward in progress
         self._batch_size = 0
         self._taken: set = set()  # gates handed out since the last draw (outside hooked forwards)
@@ -294,10 +262,6 @@ class GateSampler:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(mode={self.mode!r}, num_gates={len(self.survival_probs)}, "
                 f"seed={self.seed}, step={self.step})")
-
-    # -- settings ----------------------------------------------------------------------------------------
-    def manual_seed(self, seed: int) -> None:
-        self.seed = check_int("gate_seed", seed, 0, 2**63 - 1)
 
     def set_drop_rate_factor(self, factor: float) -> None:
         """Put ``factor`` (in [0, 1]) of every target drop rate in effect, from the next draw on."""
@@ -319,27 +283,11 @@ class GateSampler:
     def step(self, value: int) -> None:
         self._step = check_int("step", value, 0, MAX_STEP)
 
-    def state(self) -> Dict[str, int]:
-        """What the gate stream depends on: the seed and the number of training forwards drawn."""
-        return dict(seed=self.seed, step=self.step)
-
-    def load_state(self, state: Dict[str, int]) -> None:
-        """Set the seed and step of ``state`` (what ``state`` returned), both or, if either is refused, neither."""
-        if not isinstance(state, dict) or set(state) != {"seed", "step"}:
-            raise ValueError(f"state must be what sdzoo.gate_state returned, a dict with the keys 'seed' and 'step'; "
-                             f"got {state!r}")
-        seed = check_int("state['seed']", state["seed"], 0, 2**63 - 1)
-        step = check_int("state['step']", state["step"], 0, MAX_STEP)
-        self.seed, self.step = seed, step
-
-    # -- draws -------------------------------------------------------------------------------------------
     def draw(self, batch_size: int, device: Optional[torch.device] = None,
              step: Optional[int] = None) -> List[Optional[Tensor]]:
-        """The gates of training forward ``step`` (default: the next one), without using it up.
-
-        One gate per branch: None (the branch runs for all), a 0-dim CPU bool (batch mode; with
-        ``scale_in_gate`` a 0-dim CPU float, 1/p_l when kept, 0 when skipped) or the sorted indices of the
-        kept samples (sample mode)."""
+        """The gates of training forward ``step`` (default: the next one), without using it up: per branch None
+        (it runs for all), a 0-dim CPU bool (batch mode; with ``scale_in_gate`` a 0-dim CPU float, 1/p_l when
+        kept, 0 when skipped) or the sorted indices of the kept samples (sample mode)."""
         if self.mode == "off":
             return [None] * len(self.survival_probs)
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.step if step is None else step))
@@ -360,8 +308,7 @@ class GateSampler:
         if device is not None:
             kept = kept.to(device, non_blocking=True)
         if self.drop_rate_factor != 1.0:
-            # The kept count follows the moving rate: a dynamic size, not a recompile per count.
-            mark_size_dynamic(kept)
+            maybe_mark_dynamic(kept, 0)  # the count follows the moving rate: one graph, not a recompile per count
         return kept
 
     def start_forward(self, batch_size: int, device: Optional[torch.device] = None) -> List[Optional[Tensor]]:
@@ -415,39 +362,32 @@ class GateSampler:
 
     @torch.compiler.disable
     def _draw_for_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = _first_tensor((args, kwargs))
+        # The first tensor of nested args (a NaFlex dict, a tuple, ...): its first dimension is the batch.
+        sample = next((leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)), None)
         if sample is None or sample.dim() == 0:  # no batch to draw for: the gates draw when they run
             self._fresh = False
             return
         counter = getattr(module, STEP_BUFFER, None)
-        self._follow_step_buffer(counter)
-        # A draw made under vmap would be batched (randomness="different"), and a batched gate cannot decide
-        # whether a branch runs.
+        counted = counter is not None and counter.device.type != "meta"
+        # Take the step from the buffer where something else (DDP's broadcast) wrote it since. Off the CPU reading
+        # waits for the device, so it is read there only when a process group is up (no broadcast without one).
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if counted and self._written is not None and (counter.device.type == "cpu" or distributed):
+            value = int(counter)
+            if value != self._written:
+                self._step = value
+        # A draw made under vmap would be batched, and a batched gate cannot decide whether a branch runs.
         with outside_vmap():
             self.start_forward(sample.shape[0], sample.device)
-            if counter is not None and counter.device.type != "meta":
+            if counted:
                 counter.fill_(self._step)
                 self._written = self._step
         self._fresh = True
 
-    def _follow_step_buffer(self, counter: Optional[Tensor]) -> None:
-        """Take the step from the model's buffer where something else wrote it since this sampler did
-        (DistributedDataParallel's broadcast of rank 0's buffers). Off the CPU, reading it waits for the
-        device, so it is read there only when a process group is up (the broadcast can only happen then)."""
-        if counter is None or counter.device.type == "meta" or self._written is None:
-            return
-        if counter.device.type != "cpu" and not (torch.distributed.is_available()
-                                                 and torch.distributed.is_initialized()):
-            return
-        value = int(counter)
-        if value != self._written:
-            self._step = value
-
     def gate(self, index: int, batch_size: int, device: torch.device, same_batch: bool = False) -> Optional[Tensor]:
         """Branch ``index``'s gate in the training forward in progress. ``same_batch``: the branch is known to
-        see ``rows_per_sample[index]`` rows per sample of the model's batch (the zoo's blocks: the batch), so
-        under torch.compile its batch size is not compared with the drawn one, which would specialise the graph
-        on it (a recompile per batch size, dynamic=True too)."""
+        see ``rows_per_sample[index]`` rows per sample of the model's batch, so under torch.compile its batch
+        size is not compared with the drawn one, which would specialise the graph on it."""
         if self.mode == "off":
             return None
         rows = self.rows_per_sample[index]
@@ -472,10 +412,11 @@ class GateSampler:
         return gate
 
 
-# torch.compile(model) runs a module's hooks outside its graph, but compiles each hook's own frame, where
-# fullgraph=True would refuse the draw: the hooks' frames are never compiled alone, while a graph that inlines
-# them (torch.export, a compiled function that calls the model) still traces them: in eval mode they do nothing.
-never_compile_alone(GateSampler._before_forward, GateSampler._after_forward)
+# torch.compile(model) runs a module's hooks outside its graph but compiles each hook's own frame, where
+# fullgraph=True would refuse the draw. Skipping the frames (not torch.compiler.disable) still lets a graph that
+# calls the model (torch.export, a compiled function) inline them: in eval mode they do nothing.
+skip_code(GateSampler._before_forward.__code__)
+skip_code(GateSampler._after_forward.__code__)
 
 
 _EXPORT_TRAINING = (
@@ -486,30 +427,17 @@ _EXPORT_TRAINING = (
     "strict=False), where the kept samples are drawn inside the exported graph.")
 
 
-def _first_tensor(tree: Any) -> Optional[Tensor]:
-    """The first tensor in nested args (a NaFlex dict, a tuple, ...): its first dimension is the batch."""
-    for leaf in tree_leaves(tree):
-        if isinstance(leaf, Tensor):
-            return leaf
-    return None
-
-
 # -- model-level calls -------------------------------------------------------------------------------------------
 def samplers_of(model: nn.Module) -> List[GateSampler]:
     """The gate samplers of a model (the zoo's ``gate_sampler``, a converted model's ``drop_path_sampler``),
     also inside wrappers such as DistributedDataParallel."""
-    found: Dict[int, GateSampler] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, GateSampler):
-                found.setdefault(id(value), value)
+    found = {id(v): v for module in model.modules() for v in vars(module).values() if isinstance(v, GateSampler)}
     return list(found.values())
 
 
 def set_drop_rate_factor(model: nn.Module, factor: float) -> int:
-    """Put ``factor`` of every target drop rate of ``model`` in effect (drop-rate warmup), on each of its
-    gate samplers: the zoo's models and models converted by ``sdzoo.convert_drop_path``. Returns how many
-    samplers were set (0: the model has no sdzoo gates)."""
+    """Put ``factor`` of every target drop rate of ``model`` in effect (drop-rate warmup), on each of its gate
+    samplers. Returns how many samplers were set (0: the model has no sdzoo gates)."""
     samplers = samplers_of(model)
     for sampler in samplers:
         sampler.set_drop_rate_factor(factor)
@@ -543,16 +471,22 @@ class same_gates:
 
 
 def gate_state(model: nn.Module) -> Dict[str, int]:
-    """The state of ``model``'s gate stream (its seed and the training forwards drawn so far), to save
-    beside a state dict. The zoo's models need none: they restore it from their state dict (see SDResNet)."""
+    """The state of ``model``'s gate stream (its seed and the training forwards drawn so far), to save beside a
+    state dict. The zoo's models need none: they restore it from their state dict (see SDResNet)."""
     (sampler,) = _require_samplers(model, one=True)
-    return sampler.state()
+    return dict(seed=sampler.seed, step=sampler.step)
 
 
 def load_gate_state(model: nn.Module, state: Dict[str, int]) -> None:
-    """Restore what ``gate_state`` returned: the model goes on with the gates it would have drawn."""
+    """Restore what ``gate_state`` returned (both values, or if either is refused, neither): the model goes on
+    with the gates it would have drawn."""
     (sampler,) = _require_samplers(model, one=True)
-    sampler.load_state(state)  # all checked before anything is set
+    if not isinstance(state, dict) or set(state) != {"seed", "step"}:
+        raise ValueError(f"state must be what sdzoo.gate_state returned, a dict with the keys 'seed' and 'step'; "
+                         f"got {state!r}")
+    seed = check_int("state['seed']", state["seed"], 0, 2**63 - 1)
+    step = check_int("state['step']", state["step"], 0, MAX_STEP)
+    sampler.seed, sampler.step = seed, step
 
 
 def _require_samplers(model: nn.Module, one: bool = False) -> List[GateSampler]:

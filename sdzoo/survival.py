@@ -1,11 +1,9 @@
 """Survival schedules: the probability p_l that residual block l runs during a training step.
 
-Huang et al. (2016), eq. 4: the linear decay rule ``p_l = 1 - (l / L) * (1 - p_L)`` for l = 1..L, where L
-counts every residual block (downsampling blocks included) and p_0 = 1 is the input. The uniform rule
-uses ``p_l = p_L`` for every block. This module is the only place these numbers are computed, and
-``SurvivalSettings`` is the one definition of the settings a model's stochastic depth is built from: models,
-training, export, weights files and model cards all read and write it. It checks them once, when made; the
-models, samplers and gates built from it trust them.
+Huang et al. (2016), eq. 4: the linear decay rule ``p_l = 1 - (l / L) * (1 - p_L)`` for l = 1..L, L counting
+every residual block (downsampling blocks included); the uniform rule uses ``p_l = p_L``. ``SurvivalSettings``
+is the one definition of a model's stochastic-depth settings, which everything reads and writes; it checks them
+once, when made, and what is built from it trusts them.
 """
 from __future__ import annotations
 
@@ -20,21 +18,15 @@ SURVIVAL_RULES = ("linear", "uniform")
 
 
 def survival_probs(num_blocks: int, survival_prob: float = 0.5, rule: str = "linear") -> List[float]:
-    """Per-block survival probabilities p_1..p_L for ``num_blocks`` residual blocks.
-
-    ``survival_prob`` is p_L, the survival probability of the last block (1.0 is constant depth).
-    """
+    """Per-block survival probabilities p_1..p_L for ``num_blocks`` residual blocks; ``survival_prob`` is p_L
+    (1.0 is constant depth)."""
     settings = SurvivalSettings(survival_prob=survival_prob, survival_rule=rule)  # checks p_L and the rule
-    return _schedule(_check_num_blocks(num_blocks), settings.survival_prob, settings.survival_rule)
-
-
-def _check_num_blocks(num_blocks: int) -> int:
-    if not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be a positive integer; got {num_blocks!r}")
-    return num_blocks
+    return _schedule(num_blocks, settings.survival_prob, settings.survival_rule)
 
 
 def _schedule(num_blocks: int, survival_prob: float, rule: str) -> List[float]:
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be a positive integer; got {num_blocks!r}")
     if rule == "uniform":
         return [survival_prob] * num_blocks
     # Hand-written, not timm's calculate_drop_path_rates: that is linspace(0, r, L), which leaves block 1 at drop
@@ -57,8 +49,8 @@ def drop_warmup_factor(step: int, total_steps: int, warmup_fraction: float) -> f
 
 
 def _setting(default, label: str, choices=None, trained: bool = True):
-    """A field of SurvivalSettings: ``label`` names it on a model card; ``trained`` fields are what folded
-    weights record they were trained with (the seed only picks which blocks ran, not what the weights are)."""
+    """A field: ``label`` names it on a model card; folded weights record their ``trained`` fields (not the seed,
+    which only picked which blocks ran)."""
     return field(default=default, metadata=dict(label=label, choices=choices, trained=trained))
 
 
@@ -66,9 +58,8 @@ def _setting(default, label: str, choices=None, trained: bool = True):
 class SurvivalSettings:
     """The survival settings of a stochastic-depth model, validated once, when made.
 
-    ``folded_from`` is set on a folded (deployed) model: the settings it was trained with, whose p_l are in its
-    weights now (its trained fields; the gate seed is not kept, nothing in the weights depends on it). A folded
-    model has no gates, so its ``gate_mode`` is "off".
+    ``folded_from`` is set on a folded (deployed) model: the trained fields of the settings whose p_l are in its
+    weights now (not the gate seed: nothing in the weights depends on it). A folded model has no gates.
     """
     survival_prob: float = _setting(0.5, "survival probability of the last block, p_L")
     survival_rule: str = _setting("linear", "survival rule", SURVIVAL_RULES)
@@ -100,11 +91,10 @@ class SurvivalSettings:
         return cls(**given)
 
     def block_survival_probs(self, num_blocks: int) -> List[float]:
-        """p_l of each of ``num_blocks`` residual blocks as the gates hold them: the schedule, or 1.0 for every
-        block at constant depth (gate_mode "off", a folded model's too)."""
+        """p_l of each of ``num_blocks`` residual blocks as the gates hold them: 1.0 with gates off (folded too)."""
         if self.gate_mode == "off":
-            return [1.0] * _check_num_blocks(num_blocks)
-        return _schedule(_check_num_blocks(num_blocks), self.survival_prob, self.survival_rule)
+            return _schedule(num_blocks, 1.0, "uniform")
+        return _schedule(num_blocks, self.survival_prob, self.survival_rule)
 
     def folded(self) -> "SurvivalSettings":
         """The settings of this model once p_l is folded into its weights."""
@@ -150,7 +140,7 @@ def _trained_settings(name: str, value: Any) -> SurvivalSettings:
 
 
 def _resolve_survival_prob(survival_prob: Optional[float], drop_path_rate: Optional[float]) -> Optional[float]:
-    """survival_prob wins; timm's drop_path_rate is read as 1 - p_L; None when neither is given."""
+    """p_L from survival_prob and timm's drop_path_rate (1 - p_L), which must agree; None when neither is given."""
     if drop_path_rate is None:
         return survival_prob
     try:

@@ -1,15 +1,13 @@
-"""ResNets with stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016).
-
-Two layouts of one family, built as the authors' code builds them:
+"""ResNets with stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016), in the two
+layouts of the authors' code:
 
 * CIFAR (6n+2 layers): 3x3 stem (conv with bias, BN, ReLU), three stages of n basic blocks at 16/32/64
   channels, the first block of stages 2 and 3 with stride 2 and a parameter-free "option A" shortcut
   (strided subsampling, zero-padded channels; a 1x1 projection is an option), global average pool, linear.
 * ImageNet: the bottleneck ResNet of fb.resnet.torch (7x7 stem, max pool, four stages, projection shortcuts).
 
-Each residual block computes ``ReLU(shortcut(x) + b_l * f_l(x))`` in training, b_l ~ Bernoulli(p_l), and
-``ReLU(shortcut(x) + p_l * f_l(x))`` at test time. A dropped branch f_l is not computed. p_l follows the
-survival schedule (``sdzoo.survival``); the gates are drawn and applied by ``sdzoo.gate``.
+A block computes ``ReLU(shortcut(x) + b_l * f_l(x))`` in training, b_l ~ Bernoulli(p_l), and
+``ReLU(shortcut(x) + p_l * f_l(x))`` at test time; a dropped f_l is not computed (``sdzoo.gate``).
 """
 from __future__ import annotations
 
@@ -23,12 +21,13 @@ from timm.layers import create_classifier, get_device_dtype, register_notrace_mo
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import downsample_conv
 
-from sdzoo.files.checks import check_choice, check_int
+from sdzoo.files.checks import check_choice, check_fraction
 from sdzoo.internals.timm_private import feature_take_indices
 # Per-channel statistics of the training sets, for the data configs timm resolves from the cfgs below.
 from sdzoo.datasets import DATASETS
 from sdzoo.gate import Branch, GateSampler, ResidualGate
-from sdzoo.files.weights import WeightsProvenance, check_before_build, check_model_size, install_state_dict_checks
+from sdzoo.files.weights import (MAX_BLOCKS, WeightsProvenance, check_before_build, check_model_size,
+                                 install_state_dict_checks)
 from sdzoo.files.pretrained import tag_model_defaults, timm_weight_cfgs, with_published_weights
 from sdzoo.survival import SurvivalSettings
 
@@ -36,9 +35,10 @@ __all__ = ["SDResNet", "BasicBlock", "Bottleneck", "cifar_stage_depths", "build_
 
 SHORTCUTS = ("zero_pad", "projection")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
-STEMS = ("cifar", "imagenet")
 CIFAR_WIDTHS = (16, 32, 64)
 IMAGENET_WIDTHS = (64, 128, 256, 512)
+# Each layout's block, stage widths and default shortcut, by its stem.
+LAYOUTS = {"cifar": ("basic", CIFAR_WIDTHS, "zero_pad"), "imagenet": ("bottleneck", IMAGENET_WIDTHS, "projection")}
 
 
 def cifar_stage_depths(depth: int) -> Tuple[int, int, int]:
@@ -77,13 +77,26 @@ def make_downsample(kind: str, in_chs: int, out_chs: int, stride: int, **dd) -> 
     return downsample_conv(in_chs, out_chs, kernel_size=1, stride=stride, **dd)
 
 
+class _GatedBlock(nn.Module):
+    """What both blocks share: ``branch`` runs ``residual``, f_l, through the gate; ``branch_layer_names`` are the
+    layers it uses (a skipped branch gives their parameters zero gradients)."""
+
+    def branch_layers(self) -> List[nn.Module]:
+        """f_l's layers, in order."""
+        return self.branch.modules()
+
+    def gated_sum(self, x: Tensor) -> Tensor:
+        """shortcut + b_l * residual(x), before the block's last ReLU."""
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.gate(self.branch, shortcut, x)
+
+
 # Blocks are leaves of timm's FX graphs (features_only="fx", its FX tests): a gate decides in Python.
 @register_notrace_module
-class BasicBlock(nn.Module):
+class BasicBlock(_GatedBlock):
     """conv3x3 - BN - ReLU - conv3x3 - BN, gated, added to the shortcut, then ReLU."""
 
     expansion = 1
-    # The layers ``residual`` uses: a skipped branch gives their parameters zero gradients.
     branch_layer_names = ("conv1", "bn1", "act1", "conv2", "bn2")
 
     def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
@@ -108,21 +121,15 @@ class BasicBlock(nn.Module):
         x = self.bn2(x)
         return x
 
-    def branch_layers(self) -> List[nn.Module]:
-        """f_l's layers, in order."""
-        return self.branch.modules()
-
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act2(self.gate(self.branch, shortcut, x))  # shortcut + b_l * residual(x)
+        return self.act2(self.gated_sum(x))
 
 
 @register_notrace_module
-class Bottleneck(nn.Module):
+class Bottleneck(_GatedBlock):
     """conv1x1 - BN - ReLU - conv3x3(stride) - BN - ReLU - conv1x1 - BN, gated, added, then ReLU."""
 
     expansion = 4
-    # The layers ``residual`` uses: a skipped branch gives their parameters zero gradients.
     branch_layer_names = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3")
 
     def __init__(self, in_chs: int, chs: int, stride: int, shortcut: str, gate: ResidualGate, **dd):
@@ -153,13 +160,8 @@ class Bottleneck(nn.Module):
         x = self.bn3(x)
         return x
 
-    def branch_layers(self) -> List[nn.Module]:
-        """f_l's layers, in order."""
-        return self.branch.modules()
-
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act3(self.gate(self.branch, shortcut, x))  # shortcut + b_l * residual(x)
+        return self.act3(self.gated_sum(x))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -184,88 +186,59 @@ class SDResNet(nn.Module):
             in training, as timm's DropPath).
         gate_seed: seed of the model's gate generator; the same seed gives the same gates everywhere.
         drop_path_rate: timm's name for 1 - p_L; accepted when survival_prob is not given.
-        folded_from: survival settings a folded (deployed) model was trained with; set by ``sdzoo.fold``.
-            A folded model has every p_l in its weights and no gates.
-        pruned_from: the record of a model pruned to fewer blocks (``sdzoo.prune``): the architecture and
-            ``layers`` it was trained with and the names of the blocks kept there. A pruned model is folded.
-        device, dtype: where and in what type the parameters are created, as in timm's models
-            (``device="meta"`` builds without allocating memory).
+        folded_from: the survival settings a folded model (``sdzoo.fold``) was trained with; it has no gates.
+        pruned_from: the record of a model pruned to fewer blocks (``sdzoo.prune``): the source's architecture,
+            ``layers`` and the names of the blocks kept. A pruned model is folded.
+        device, dtype: as in timm's models (``device="meta"`` builds without allocating memory).
     """
 
-    def __init__(
-            self,
-            layers: Sequence[int],
-            block: str = "basic",
-            stem: str = "cifar",
-            widths: Sequence[int] = CIFAR_WIDTHS,
-            shortcut: str = "zero_pad",
-            num_classes: int = 1000,
-            in_chans: int = 3,
-            global_pool: str = "avg",
-            drop_rate: float = 0.0,
-            survival_prob: Optional[float] = None,
-            survival_rule: str = SurvivalSettings.survival_rule,
-            gate_mode: str = SurvivalSettings.gate_mode,
-            scaling: str = SurvivalSettings.scaling,
-            gate_seed: int = SurvivalSettings.gate_seed,
-            drop_path_rate: Optional[float] = None,
-            folded_from: Optional[Dict[str, Any]] = None,
-            pruned_from: Optional[Dict[str, Any]] = None,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, layers: Sequence[int], block: str = "basic", stem: str = "cifar",
+                 widths: Sequence[int] = CIFAR_WIDTHS, shortcut: str = "zero_pad", num_classes: int = 1000,
+                 in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
+                 survival_prob: Optional[float] = None, survival_rule: str = SurvivalSettings.survival_rule,
+                 gate_mode: str = SurvivalSettings.gate_mode, scaling: str = SurvivalSettings.scaling,
+                 gate_seed: int = SurvivalSettings.gate_seed, drop_path_rate: Optional[float] = None,
+                 folded_from: Optional[Dict[str, Any]] = None, pruned_from: Optional[Dict[str, Any]] = None,
+                 device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         check_choice("block", block, tuple(BLOCKS))
-        check_choice("stem", stem, STEMS)
+        check_choice("stem", stem, tuple(LAYOUTS))
         check_choice("shortcut", shortcut, SHORTCUTS)
         settings = SurvivalSettings.from_args(dict(
             survival_prob=survival_prob, survival_rule=survival_rule, gate_mode=gate_mode, scaling=scaling,
             gate_seed=gate_seed, drop_path_rate=drop_path_rate, folded_from=folded_from))
-        check_int("num_classes", num_classes)
-        check_int("in_chans", in_chans, 1)
         check_choice("global_pool", global_pool, GLOBAL_POOLS)
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be a number in [0, 1); got {drop_rate!r}")
-        if len(layers) != len(widths) or any(not isinstance(n, int) or n < 1 for n in layers):
-            raise ValueError(f"layers must give a positive block count for each of {len(widths)} stages; "
-                             f"got {layers!r}")
-        # Bounded before anything is allocated: config.json of a Hub repo or a local folder may ask for anything.
+        check_fraction("drop_rate", drop_rate, include_one=False)
+        # Checked and bounded before anything is allocated: config.json of a Hub repo or a folder may ask anything.
         check_model_size(layers, widths, block, stem, shortcut, num_classes, in_chans, global_pool)
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.survival_settings = settings
         self.pruned_from = _check_pruned_from(pruned_from, layers, settings)
-        # timm's factory lays its kwargs over these (the ``_model_args`` property below lays the survival
-        # settings over them again), and save_for_hf writes them to config.json.
+        # timm's factory lays its kwargs over these, and the ``_model_args`` property the survival settings.
         self._factory_args = dict(shortcut=shortcut)
 
-        num_blocks = sum(layers)
-        block_probs = settings.block_survival_probs(num_blocks)
-        # The gates of each training forward are drawn by a pre-hook on this model, before any compiled graph.
+        block_probs = settings.block_survival_probs(sum(layers))
         self.gate_sampler = GateSampler(block_probs, settings.gate_mode, settings.gate_seed)
         self.gate_sampler.attach(self, device=device)
 
-        # Stem
         stem_chs = widths[0]
         if stem == "cifar":
             self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=True, **dd)
             self.maxpool = nn.Identity()
-            stem_reduction = 1
         else:
             self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False, **dd)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-            stem_reduction = 4
         self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
-        self.feature_info = [dict(num_chs=stem_chs, reduction=stem_reduction // (2 if stem == "imagenet" else 1),
-                                  module="act1")]
+        reduction = 1 if stem == "cifar" else 2
+        self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module="act1")]
+        reduction *= 1 if stem == "cifar" else 2  # the max pool
 
-        # Residual stages: blocks are numbered l = 1..L across stages for the survival schedule.
-        block_cls = BLOCKS[block]
-        in_chs, reduction, block_idx = stem_chs, stem_reduction, 0
+        # Blocks are numbered l = 1..L across stages for the survival schedule.
+        block_cls, in_chs, block_idx = BLOCKS[block], stem_chs, 0
         self.stage_names = []
         for stage_idx, (num, chs) in enumerate(zip(layers, widths)):
             stride = 1 if stage_idx == 0 else 2
@@ -282,10 +255,8 @@ class SDResNet(nn.Module):
             self.stage_names.append(name)
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
 
-        # Head
         self.num_features = in_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.reset_classifier(num_classes, global_pool)
         self.stem = stem
         self.init_weights()
         # Where the weights came from, and whether that source said they are folded (``fold_survival`` reads it).
@@ -293,16 +264,10 @@ class SDResNet(nn.Module):
         install_state_dict_checks(self)
         self.register_load_state_dict_post_hook(_restore_gate_stream)
 
-    # -- init ------------------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """The initialisation of the code each layout comes from.
-
-        CIFAR, the authors' Torch7 code: convs ``nninit.kaiming`` with ReLU gain, a normal of std
-        sqrt(2 / fan_in), bias 0; BatchNorm as Torch's ``reset()``, gamma ~ U(0, 1), beta 0; the linear
-        layer as Torch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, which is also
-        PyTorch's default, so it is left as built.
-        ImageNet, fb.resnet.torch: convs normal of std sqrt(2 / fan_out), BatchNorm gamma 1, beta 0, linear
-        bias 0.
+        """The initialisation of each layout's code. CIFAR, the authors' Torch7: convs normal of std
+        sqrt(2 / fan_in), BatchNorm gamma ~ U(0, 1) (Torch's ``reset()``), the linear layer Torch's default,
+        which is PyTorch's too. ImageNet, fb.resnet.torch: convs std sqrt(2 / fan_out), gamma 1, linear bias 0.
         """
         cifar = self.stem == "cifar"
         for m in self.modules():
@@ -319,7 +284,6 @@ class SDResNet(nn.Module):
             elif isinstance(m, nn.Linear) and not cifar:
                 nn.init.zeros_(m.bias)
 
-    # -- stochastic depth -----------------------------------------------------------------------------
     def residual_blocks(self) -> List[nn.Module]:
         """All residual blocks in schedule order l = 1..L."""
         return [blk for name in self.stage_names for blk in getattr(self, name)]
@@ -348,10 +312,11 @@ class SDResNet(nn.Module):
         folded = self.survival_settings.folded_from
         return None if folded is None else folded.trained_dict()
 
+    # timm's record of the arguments that rebuild this model (config.json's model_args, get_model_args): what its
+    # factory stored, with today's survival settings over it (a copy would go stale), so a folded model rebuilds
+    # folded.
     @property
     def _model_args(self) -> Dict[str, Any]:
-        # timm's record of the arguments that rebuild this model (config.json's model_args, get_model_args):
-        # what its factory stored, with today's survival settings over it, so a folded model rebuilds folded.
         args = dict(self._factory_args, **self.survival_settings.as_model_args())
         if self.pruned_from is not None:
             args["pruned_from"] = self.pruned_from  # with the layers its factory was given (sdzoo.prune gives them)
@@ -359,18 +324,16 @@ class SDResNet(nn.Module):
 
     @_model_args.setter
     def _model_args(self, args: Dict[str, Any]) -> None:
-        # The survival settings' own keys are left out: the getter lays today's over these, a copy would go stale.
         self._factory_args = {k: v for k, v in args.items() if k not in SURVIVAL_ARG_NAMES}
 
-    # -- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r"^conv1|bn1|^maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each kept branch in the backward pass. The gate does it, inside its skip, which is
-        where torch.compile can hold it (a torch.cond inside a checkpoint cannot be compiled)."""
+        """Recompute each kept branch in the backward pass, inside its gate's skip: torch.compile cannot compile
+        a torch.cond inside a checkpoint."""
         self.grad_checkpointing = enable
         for blk in self.residual_blocks():
             blk.gate.checkpointing = enable
@@ -392,10 +355,7 @@ class SDResNet(nn.Module):
 
     def _forward_trunk(self, x: Tensor, take_indices: Sequence[int] = (), num_stages: Optional[int] = None
                        ) -> Tuple[Tensor, List[Tensor]]:
-        """Stem and stages, with the outputs at ``take_indices`` (0: the stem, i: stage i) collected.
-
-        Each block's gate reads its draw from ``gate_sampler`` (drawn before this forward by its pre-hook).
-        """
+        """Stem and stages, with the outputs at ``take_indices`` (0: the stem, i: stage i) collected."""
         intermediates = []
         x = self.act1(self.bn1(self.conv1(x)))
         if 0 in take_indices:
@@ -407,30 +367,18 @@ class SDResNet(nn.Module):
                 intermediates.append(x)
         return x, intermediates
 
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """Forward features that returns intermediates (stem output, then each stage's output)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
         x, intermediates = self._forward_trunk(x, take_indices, max_index if stop_early else None)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        return intermediates if intermediates_only else (x, intermediates)
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
         """Remove the stages (and head) that the requested intermediates do not need."""
         take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
         for name in self.stage_names[max_index:]:
@@ -463,13 +411,12 @@ def _check_pruned_from(record: Optional[Dict[str, Any]], layers: Sequence[int],
             not isinstance(record.get("layers"), (list, tuple)) or not isinstance(record.get("kept"), (list, tuple)):
         raise ValueError(f"pruned_from must be a mapping with 'architecture', 'layers' and 'kept' (the pruned "
                          f"model's record); got {record!r:.200}")
-    source_layers = record["layers"]
+    source_layers, kept = record["layers"], record["kept"]
     if len(source_layers) != len(layers) or any(isinstance(n, bool) or not isinstance(n, int) or not
-                                                 layers[i] <= n <= 1024 for i, n in enumerate(source_layers)):
+                                                 low <= n <= MAX_BLOCKS for low, n in zip(layers, source_layers)):
         raise ValueError(f"pruned_from['layers'] must be the source's blocks per stage, at least layers={list(layers)} "
                          f"in each; got {source_layers!r:.200}")
     names = [f"layer{stage + 1}.{i}" for stage, n in enumerate(source_layers) for i in range(n)]
-    kept = record["kept"]
     if len(kept) != sum(layers) or len(set(map(str, kept))) != len(kept) or any(name not in names for name in kept):
         raise ValueError(f"pruned_from['kept'] must name {sum(layers)} distinct blocks (layerS.I) of the source's "
                          f"layers={list(source_layers)}; got {kept!r:.200}")
@@ -479,10 +426,9 @@ def _check_pruned_from(record: Optional[Dict[str, Any]], layers: Sequence[int],
 
 
 def _restore_gate_stream(module: "SDResNet", incompatible_keys) -> None:
-    """load_state_dict post-hook: the gates of training forward t are a function of (gate_seed, t), and t is
-    the stem BatchNorm's num_batches_tracked (it counts every training forward), which every state dict
-    holds, also timm's ResNets'. So a model restored from any state dict draws the gates it would have drawn,
-    and no extra key breaks a strict load to or from timm's ResNets."""
+    """load_state_dict post-hook: the gates of training forward t are a function of (gate_seed, t), and t is the
+    stem BatchNorm's num_batches_tracked, which every state dict holds (timm's ResNets' too): a model restored
+    from any state dict draws the gates it would have drawn, and no extra key breaks a strict load."""
     counter = module.bn1.num_batches_tracked
     if counter is not None and counter.device.type != "meta":
         module.gate_sampler.step = int(counter)
@@ -490,8 +436,7 @@ def _restore_gate_stream(module: "SDResNet", incompatible_keys) -> None:
 
 # -- builders -----------------------------------------------------------------------------------------
 def _as_tuples(cfg: Any) -> Any:
-    """Lists to tuples, as in timm's own cfgs: config.json brings ``input_size``, ``mean``, ``std`` as JSON
-    lists, and timm's tools concatenate them with tuples."""
+    """Lists to tuples, as in timm's own cfgs: timm's tools concatenate config.json's lists with tuples."""
     if isinstance(cfg, dict):
         return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     return cfg
@@ -514,10 +459,12 @@ def build_args(kwargs: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[str, A
     return args
 
 
-def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDResNet:
-    # Features come from forward_intermediates: the blocks need the step's gates, which a plain
-    # module-by-module feature wrapper would not pass.
-    num_features = len(kwargs["layers"]) + 1
+def _create_sd_resnet(variant: str, layout: str, stage_depths: Sequence[int], pretrained: bool, /,
+                      **kwargs) -> SDResNet:
+    block, widths, shortcut = LAYOUTS[layout]
+    kwargs.setdefault("shortcut", shortcut)
+    # The caller's kwargs win: layers= (a pruned model's config.json, sdzoo.prune) replaces the variant's.
+    kwargs = dict(dict(layers=tuple(stage_depths), block=block, stem=layout, widths=widths), **kwargs)
     for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
         if key in kwargs:
             kwargs[key] = _as_tuples(kwargs[key])
@@ -526,35 +473,18 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDRes
     # The weights' header and metadata against the arguments, before anything is built; timm's load is then
     # strict (every tensor of the file, and only those), and the model's load pre-hook refuses NaN and inf.
     provenance = check_before_build(variant, kwargs, pretrained, build_args)
-    model = build_model_with_cfg(
-        SDResNet, variant, pretrained,
-        pretrained_strict=True,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_features))),
-        **kwargs,
-    )
+    # Features come from forward_intermediates: the blocks need the step's gates, which a plain
+    # module-by-module feature wrapper would not pass.
+    feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(len(kwargs["layers"]) + 1)))
+    model = build_model_with_cfg(SDResNet, variant, pretrained, pretrained_strict=True, feature_cfg=feature_cfg,
+                                 **kwargs)
     if provenance is not None:
         model.weights_provenance = provenance
     return model
 
 
-def _create_cifar(variant: str, depth: int, pretrained: bool, **kwargs) -> SDResNet:
-    model_args = dict(layers=cifar_stage_depths(depth), block="basic", stem="cifar", widths=CIFAR_WIDTHS)
-    kwargs.setdefault("shortcut", "zero_pad")
-    return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
-
-
-def _create_imagenet(variant: str, stage_depths: Sequence[int], pretrained: bool, **kwargs) -> SDResNet:
-    # layers= in kwargs (a pruned model's config.json, sdzoo.prune) replaces the variant's stage depths
-    model_args = dict(layers=tuple(stage_depths), block="bottleneck", stem="imagenet", widths=IMAGENET_WIDTHS)
-    kwargs.setdefault("shortcut", "projection")
-    return _create_sd_resnet(variant, pretrained, **dict(model_args, **kwargs))
-
-
-
-
 def _cfg(**kwargs) -> Dict[str, Any]:
-    """The zoo's own cfgs claim no weights: sdzoo publishes none yet, so ``url`` and ``hf_hub_id`` stay empty
-    (``sdzoo.files.pretrained.with_published_weights`` fills in those it does)."""
+    """The zoo's own cfgs claim no weights (``with_published_weights`` fills in those sdzoo publishes)."""
     return {
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
         "interpolation": "bilinear", "mean": DATASETS["cifar10"].mean, "std": DATASETS["cifar10"].std,
@@ -563,10 +493,9 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 
 def _cifar_cfgs(name: str, first: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
-    """A tag per data set of the registry that the CIFAR-layout models are tagged for (``cifar_tag``), in the
-    registry's order, ``first`` (the default tag) first."""
+    """A tag per data set of the registry with a ``cifar_tag``, in the registry's order, ``first`` (the default
+    tag) first. The stages halve the input twice: the final feature map is a quarter of the image's side."""
     tags = sorted((spec for spec in DATASETS.values() if spec.cifar_tag), key=lambda spec: spec.name != first)
-    # The stages halve the input twice: the final feature map is a quarter of the image's side.
     return {f"{name}.{spec.name}": _cfg(num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
                                         input_size=(spec.in_chans, spec.image_size, spec.image_size),
                                         pool_size=(spec.image_size // 4,) * 2) for spec in tags}
@@ -582,12 +511,10 @@ default_cfgs = generate_default_cfgs(with_published_weights({
     **_cifar_cfgs("sd_resnet20_cifar"),
     **_cifar_cfgs("sd_resnet56_cifar"),
     **_cifar_cfgs("sd_resnet110_cifar"),
-    # The paper's SVHN model is the 152-layer CIFAR ResNet: its first tag is its default.
-    **_cifar_cfgs("sd_resnet152_cifar", first="svhn"),
+    **_cifar_cfgs("sd_resnet152_cifar", first="svhn"),  # the paper's SVHN model
     **_cifar_cfgs("sd_resnet1202_cifar"),
-    # timm's ImageNet weights of resnet50/101/152, one tag each (sdzoo.files.pretrained); then the weightless
-    # in1k tag, marked '*' and last, so that it stays the default tag (timm would make the first tag with
-    # weights the default otherwise).
+    # timm's ImageNet weights, one tag each (sdzoo.files.pretrained); then the weightless in1k tag, marked '*'
+    # and last, so it stays the default (timm would make the first tag with weights the default otherwise).
     **timm_weight_cfgs("sd_resnet50"),
     "sd_resnet50.in1k*": _in1k_cfg(),
     **timm_weight_cfgs("sd_resnet101"),
@@ -600,46 +527,46 @@ default_cfgs = generate_default_cfgs(with_published_weights({
 @register_model
 def sd_resnet20_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-20 for CIFAR (n = 3) with stochastic depth."""
-    return _create_cifar("sd_resnet20_cifar", 20, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet20_cifar", "cifar", cifar_stage_depths(20), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet56_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-56 for CIFAR (n = 9) with stochastic depth."""
-    return _create_cifar("sd_resnet56_cifar", 56, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet56_cifar", "cifar", cifar_stage_depths(56), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet110_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-110 for CIFAR (n = 18, L = 54 blocks): the paper's main CIFAR model."""
-    return _create_cifar("sd_resnet110_cifar", 110, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet110_cifar", "cifar", cifar_stage_depths(110), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet152_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-152 of CIFAR layout (n = 25): the paper's SVHN model."""
-    return _create_cifar("sd_resnet152_cifar", 152, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet152_cifar", "cifar", cifar_stage_depths(152), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet1202_cifar(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-1202 for CIFAR (n = 200)."""
-    return _create_cifar("sd_resnet1202_cifar", 1202, pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet1202_cifar", "cifar", cifar_stage_depths(1202), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet50(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-50 (bottleneck, projection shortcuts) with stochastic depth."""
-    return _create_imagenet("sd_resnet50", (3, 4, 6, 3), pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet50", "imagenet", (3, 4, 6, 3), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet101(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-101 (bottleneck, projection shortcuts) with stochastic depth."""
-    return _create_imagenet("sd_resnet101", (3, 4, 23, 3), pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet101", "imagenet", (3, 4, 23, 3), pretrained, **kwargs)
 
 
 @register_model
 def sd_resnet152(pretrained: bool = False, **kwargs) -> SDResNet:
     """ResNet-152 (bottleneck, projection shortcuts): the paper's ImageNet model."""
-    return _create_imagenet("sd_resnet152", (3, 8, 36, 3), pretrained, **kwargs)
+    return _create_sd_resnet("sd_resnet152", "imagenet", (3, 8, 36, 3), pretrained, **kwargs)
