@@ -129,9 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = parser.add_argument_group("run").add_argument
     add("--recipe", choices=list(RECIPES), help="named preset of the settings below (default: the --dataset's)")
-    add("--output", help="run folder: a timm local-dir (config.json + model.safetensors of the best "
-                         "validation epoch), metrics.jsonl, summary.json, curves.png, checkpoint.pt "
-                         "(default: runs/MODEL-DATASET)")
+    add("--output", help="run folder: a timm local-dir (config.json + model.safetensors of the best validation "
+                         "epoch), metrics.jsonl, summary.json, curves.png, checkpoint.pt (default: runs/MODEL-DATASET)")
     add("--resume", nargs="?", const="", metavar="RUN",
         help="continue the run in RUN (a run folder or its checkpoint.pt; default: --output) exactly where "
              "its last checkpoint left it, with its settings; only --lr may change (recorded as a change)")
