@@ -2,8 +2,8 @@
 as named presets that every flag can override. docs/differences.md lists where sdzoo deliberately differs."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 from sdzoo.datasets import DATASETS
 from sdzoo.survival import SurvivalSettings
@@ -56,11 +56,6 @@ class Recipe:
     eval_every_steps: int = 0                # 0: evaluate at the end of each epoch
     sync_bn: bool = True                     # SyncBatchNorm when several GPUs train: BN sees the whole batch
     note: str = field(default="", compare=False)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["lr_drops"] = list(self.lr_drops)
-        return d
 
 
 RECIPES: Dict[str, Recipe] = {

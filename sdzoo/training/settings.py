@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -16,6 +16,7 @@ from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free)
 from sdzoo.datasets import DATASETS, dataset_names
 from sdzoo.files.checks import and_list
+from sdzoo.files.weights import as_json_value
 from sdzoo.gate import GATE_MODES, SCALINGS
 from sdzoo.training.recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
 from sdzoo.survival import SURVIVAL_RULES
@@ -73,10 +74,8 @@ class Settings(Recipe):
         return cls(**dict(values, lr_drops=tuple(values["lr_drops"]), lr_changes=tuple(values.get("lr_changes", ()))))
 
     def to_dict(self) -> Dict[str, Any]:
-        d = super().to_dict()
-        d.pop("note")
-        d["lr_changes"] = list(d["lr_changes"])
-        return d
+        """Plain JSON types (lists for tuples), without the recipe's note."""
+        return {k: as_json_value(v) for k, v in asdict(self).items() if k != "note"}
 
 
 # Settings that define the training run: a resumed run must keep them (it would not be the same run).
