@@ -1,11 +1,6 @@
 """``sdzoo train``: train a stochastic-depth ResNet with the paper's recipe. The flags live in
-sdzoo.training.settings (``build_parser``), the loop in sdzoo.training.train (``main``).
-
-    sdzoo train --model sd_resnet110_cifar --dataset cifar10 --data-dir ~/data --output runs/r110
-    sdzoo train --dataset digits --output runs/digits
-
-Exit status: 0 done, 2 bad usage or data, 3 the loss became NaN or infinite, 130 interrupted.
-"""
+sdzoo.training.settings, the loop in sdzoo.training.train (exit status: 0 done, 2 bad usage or data, 3 the loss
+became NaN or infinite, 130 interrupted)."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +15,7 @@ HELP = "train a stochastic-depth ResNet with the paper's recipe (digits by defau
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = build_train_parser()
-    if prog is not None:
-        parser.prog = prog
+    parser.prog = prog or parser.prog
     return parser
 
 

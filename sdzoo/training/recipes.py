@@ -1,18 +1,9 @@
-"""Training recipes: the paper's settings per data set, as named presets that every flag can override.
-
-The numbers are those of the authors' Torch7 code (Huang et al., 2016): SGD with lr 0.1, momentum 0.9,
-Nesterov, dampening 0, weight decay 1e-4 on every parameter, batch 128, lr / 10 at fixed fractions of the
-run, the linear decay rule with p_L = 0.5. SVHN is evaluated every 200 steps (main.lua); ImageNet trains with
-fb.resnet.torch's augmentation and schedule. On several GPUs the paper recipes normalise BatchNorm over the
-whole batch (SyncBatchNorm), as the authors' single GPU did. Where sdzoo deliberately differs (per-channel
-normalisation instead of a per-pixel mean image, bf16 training on GPUs, ...) docs/differences.md (Differences
-from the authors' code) lists it. ``digits`` and ``synthetic`` are this project's additions: a small
-offline run on scikit-learn's handwritten digits, and random data for throughput measurements.
-"""
+"""Training recipes: the paper's settings per data set (those of the authors' Torch7 code, Huang et al., 2016),
+as named presets that every flag can override. docs/differences.md lists where sdzoo deliberately differs."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 from sdzoo.datasets import DATASETS
 from sdzoo.survival import SurvivalSettings
@@ -34,11 +25,7 @@ PAPER_RESULTS: Dict[Tuple[str, str], List[Tuple[str, float, float]]] = {
 
 
 _SURVIVAL = SurvivalSettings()  # the recipes' survival settings default to the model's
-
-# When the lr drops for a drop at fraction f of E epochs (epochs counted from 1):
-#   "main.lua"         the authors' CIFAR/SVHN code: the old lr while epoch < f * E (CIFAR: 0.1 for 1-249)
-#   "fb.resnet.torch"  the ImageNet code: the old lr while epoch <= f * E (ImageNet: 0.1 for 1-30)
-LR_DROP_RULES = ("main.lua", "fb.resnet.torch")
+LR_DROP_RULES = ("main.lua", "fb.resnet.torch")  # the old lr while epoch < f * E, or <= f * E (--lr-drop-rule)
 
 
 @dataclass(frozen=True)
@@ -69,11 +56,6 @@ class Recipe:
     eval_every_steps: int = 0                # 0: evaluate at the end of each epoch
     sync_bn: bool = True                     # SyncBatchNorm when several GPUs train: BN sees the whole batch
     note: str = field(default="", compare=False)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["lr_drops"] = list(self.lr_drops)
-        return d
 
 
 RECIPES: Dict[str, Recipe] = {
@@ -127,8 +109,6 @@ DEFAULT_RECIPE = "digits"
 
 
 def recipe_for_dataset(dataset: str) -> Optional[str]:
-    """The recipe a data set trains with by default, as its entry in ``sdzoo.datasets`` names it (None if the
-    data set has none)."""
-    spec = DATASETS.get(dataset)
-    name = spec.recipe if spec is not None else None
+    """The recipe a data set trains with by default, as ``sdzoo.datasets`` names it (None if none)."""
+    name = getattr(DATASETS.get(dataset), "recipe", None)
     return name if name in RECIPES else None

@@ -1,10 +1,5 @@
-"""The record of a training run: what it writes into its run folder besides checkpoint.pt, and what it prints.
-
-``RunLog`` holds the folder (its lock: rank 0 is its one writer), the best weights so far (model.safetensors
-and config.json), metrics.jsonl (a line per epoch and per evaluation), the gates files (``--record-gates``),
-summary.json and the progress lines. It keeps the counts that summary.json reports in memory (a resumed run
-counts the lines it finds once, when it starts).
-"""
+"""The record of a training run: what it writes into its run folder besides checkpoint.pt (rank 0 is the one
+writer, under the folder's lock), and what it prints."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from sdzoo.files.disk import remove_stale_temps, save_json
 from sdzoo.files.run_folder import (
@@ -78,16 +74,14 @@ class GateLog:
 
 # -- the run folder's logs -------------------------------------------------------------------------------------
 class RunLog:
-    """The run folder and its logs: the folder's lock (rank 0 is its one writer, until ``close``), metrics.jsonl,
-    the gates files (``record_gates``), summary.json, and the progress lines."""
+    """The run folder and its logs: the folder's lock (until ``close``), the best weights, metrics.jsonl, the
+    gates files (``--record-gates``), summary.json, and the progress lines."""
 
     def __init__(self, out: Path, s: Settings, dist: Dist, started: float):
         self.out, self.s, self.dist, self.started = out, s, dist, started
         self.metrics = out / METRICS_NAME
         self.speaks = dist.main and not s.quiet
         self.context: Dict[str, Any] = {}  # what summary.json says of the run beside its results
-        # metrics.jsonl's counts (rank 0's, which writes it): epochs, evaluations, the last evaluation's test error
-        self.epochs_done, self.evaluations, self.last_test_error = 0, 0, None
         self.lock = self.gates = None
         # What this run made: a run refused before it wrote a file takes them away again (``close``).
         self.made_folder = self.made_lock = False
@@ -95,12 +89,8 @@ class RunLog:
             self.made_folder, self.made_lock = not out.exists(), not (out / LOCK_NAME).exists()
             out.mkdir(parents=True, exist_ok=True)
             self.lock = lock_run_folder(out)
-            remove_stale_temps(out, self.own_files())
-
-    def own_files(self) -> List[str]:
-        """Every file the trainer writes into its run folder (the others are not its to clean up)."""
-        return [CHECKPOINT_NAME, WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, CURVES_NAME,
-                *(gates_name(rank) for rank in range(self.dist.world))]
+            remove_stale_temps(out, [CHECKPOINT_NAME, WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME,
+                                     CURVES_NAME, *(gates_name(rank) for rank in range(dist.world))])
 
     def __enter__(self) -> "RunLog":
         return self
@@ -109,11 +99,10 @@ class RunLog:
         self.close()
 
     def start_at(self, global_step: int) -> None:
-        """Open the logs at ``global_step``: a resumed run drops the lines that a killed process wrote after its
-        last checkpoint, and counts the others."""
+        """Open the logs at ``global_step``: a resumed run drops the lines a killed process wrote after its last
+        checkpoint."""
         if self.dist.main:
             truncate_lines(self.metrics, lambda line: json.loads(line)["step"] <= global_step)
-            self._count(read_metrics(self.metrics))
         if self.s.record_gates:
             if self.dist.enabled:
                 torch_dist.barrier()  # rank 0 made the folder
@@ -131,16 +120,8 @@ class RunLog:
                  f"per epoch, {world} process(es) on {device}, expected depth {expected_depth:.2f} of "
                  f"{num_blocks} blocks; run folder {self.out}")
 
-    def _count(self, records: List[Dict[str, Any]]) -> None:
-        evals = evaluations(records)
-        self.epochs_done += len(epoch_records(records))
-        self.evaluations += len(evals)
-        if evals:
-            self.last_test_error = evals[-1]["test_error"]
-
     def say(self, message: str) -> None:
         if self.speaks:
-            from tqdm import tqdm
             tqdm.write(message)
             sys.stdout.flush()  # seen at once when the output goes to a file
 
@@ -148,12 +129,10 @@ class RunLog:
         if self.dist.main:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self._count([record])
 
     def save_best(self, model: nn.Module, data) -> None:
-        """The best weights so far: model.safetensors and config.json (rank 0 writes them)."""
+        """The best weights so far, and config.json from the same model, so that they always agree."""
         if self.dist.main:
-            # config.json is rewritten with every model.safetensors, from the same model: they always agree.
             save_model_config(self.out / CONFIG_NAME, model, data.data_config(), tag=self.s.dataset,
                               label_names=data.classes)
             save_weights(self.out / WEIGHTS_NAME, model)
@@ -185,21 +164,22 @@ class RunLog:
         return state.elapsed + time.perf_counter() - self.started
 
     def summary(self, state: TrainState, data, finished: bool) -> Dict[str, Any]:
-        """summary.json: the paper's number (test error at the evaluation of best validation error), the run's
-        time and ``context``."""
+        """summary.json (rank 0's metrics.jsonl counted): the paper's number (test error at the evaluation of
+        best validation error), the run's time and ``context``."""
         best, every = state.best, self.s.eval_every_steps
+        records = read_metrics(self.metrics) if self.dist.main else []
+        evals = evaluations(records)
         points = f"evaluation (every {every} steps)" if every else "epoch"
         summary = dict(
-            finished=finished, epochs_done=self.epochs_done, evaluations=self.evaluations,
+            finished=finished, epochs_done=len(epoch_records(records)), evaluations=len(evals),
             best_epoch=best["epoch"], best_step=best.get("step"), best_val_error=best["val_error"],
             test_error=best["test_error"],
             test_accuracy=None if best["test_error"] is None else 100.0 - best["test_error"],
             selection=(f"{points} of lowest validation error" if best["val_error"] is not None
                        else f"last {points} (no validation set)"),
             test_set="the validation set (no separate test set)" if data.test_is_val else "test",
-            last_epoch_test_error=self.last_test_error, total_time_s=self.seconds(state),
-            **self.context,
-            lr_changes=list(self.s.lr_changes), settings=self.s.to_dict())
+            last_epoch_test_error=evals[-1]["test_error"] if evals else None, total_time_s=self.seconds(state),
+            **self.context, lr_changes=list(self.s.lr_changes), settings=self.s.to_dict())
         if self.dist.main:
             save_json(self.out / SUMMARY_NAME, summary)
         return summary
@@ -210,8 +190,6 @@ class Progress:
 
     def __init__(self, epoch: int, s: Settings, dist: Dist, steps: int, done: int, totals: EpochTotals,
                  num_blocks: int, expected_depth: float):
-        from tqdm import tqdm
-
         self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False,
                         disable=not dist.main or s.quiet, dynamic_ncols=True)
         self.world, self.num_blocks, self.expected_depth = dist.world, num_blocks, expected_depth
@@ -235,8 +213,8 @@ class Progress:
 
 
 # -- an epoch's record -----------------------------------------------------------------------------------------
-# Every key of a metrics.jsonl line this trainer writes: the epoch records (``epoch_record``, and ``lr_change``
-# where a resume changed --lr) and the evaluations inside epochs (``kind: eval``). Publishing keeps only these.
+# Every key of a metrics.jsonl line this trainer writes (epochs, their lr_change, and kind "eval" evaluations):
+# publishing keeps only these.
 METRICS_KEYS = frozenset((
     "kind", "epoch", "step", "lr", "lr_change", "train_loss", "train_error", "val_loss", "val_error", "test_loss",
     "test_error", "epoch_time_s", "train_time_s", "img_per_s", "mean_depth", "expected_depth", "grad_mean_abs",
@@ -278,8 +256,7 @@ def epoch_line(epoch: int, s: Settings, record: Dict[str, Any], result: Dict[str
 
 def done_line(summary: Dict[str, Any], s: Settings) -> str:
     """The line printed when the run is done: the paper's number, where it was measured, the run's time."""
-    test = "-" if summary["test_error"] is None else f"{summary['test_error']:.2f}%"
     at = f"step {summary['best_step']} (epoch {summary['best_epoch']})" if s.eval_every_steps \
         else f"epoch {summary['best_epoch']}"
-    return (f"done: best validation at {at}, test error there {test} (accuracy {summary['test_accuracy']:.2f}%), "
-            f"{summary['total_time_s']:.1f} s; run folder {s.output}")
+    return (f"done: best validation at {at}, test error there {error_text(summary['test_error'])} (accuracy "
+            f"{summary['test_accuracy']:.2f}%), {summary['total_time_s']:.1f} s; run folder {s.output}")

@@ -1,17 +1,12 @@
-"""The settings of a training run: the typed ``Settings`` and the command line that fills it.
-
-A run's settings are a named recipe (``sdzoo.training.recipes``) overridden by the flags given; a resumed run takes
-its checkpoint's settings (read by ``sdzoo.training.resume``), where only how it runs (device, logging, ...) and
-``--lr`` may change. Everything the flag parser cannot see (combinations, the run folder) is checked here,
-before anything runs, and each message names the flag.
-"""
+"""The settings of a training run: the typed ``Settings`` and the command line that fills it: a named recipe
+overridden by the flags given. What the flag parser cannot see is checked here, each message naming the flag."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -21,6 +16,7 @@ from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free)
 from sdzoo.datasets import DATASETS, dataset_names
 from sdzoo.files.checks import and_list
+from sdzoo.files.weights import as_json_value
 from sdzoo.gate import GATE_MODES, SCALINGS
 from sdzoo.training.recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
 from sdzoo.survival import SURVIVAL_RULES
@@ -78,10 +74,8 @@ class Settings(Recipe):
         return cls(**dict(values, lr_drops=tuple(values["lr_drops"]), lr_changes=tuple(values.get("lr_changes", ()))))
 
     def to_dict(self) -> Dict[str, Any]:
-        d = super().to_dict()
-        d.pop("note")
-        d["lr_changes"] = list(d["lr_changes"])
-        return d
+        """Plain JSON types (lists for tuples), without the recipe's note."""
+        return {k: as_json_value(v) for k, v in asdict(self).items() if k != "note"}
 
 
 # Settings that define the training run: a resumed run must keep them (it would not be the same run).
@@ -100,13 +94,12 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"must be {'an integer' if kind is int else 'a number'}; got {text!r}") from None
-        bad = (low is not None and (value <= low if low_open else value < low)) or \
-              (high is not None and (value >= high if high_open else value > high)) or \
-              (kind is float and not math.isfinite(value))
-        if bad:
-            lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
-            hi = "inf)" if high is None else f"{high}" + (")" if high_open else "]")
-            raise argparse.ArgumentTypeError(f"must be in {lo or '(-inf, '}{hi}; got {text!r}")
+        above = low is None or (value > low if low_open else value >= low)
+        below = high is None or (value < high if high_open else value <= high)
+        if not (above and below and (kind is int or math.isfinite(value))):
+            lo = "(-inf" if low is None else f"({low}" if low_open else f"[{low}"
+            hi = "inf)" if high is None else f"{high})" if high_open else f"{high}]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}, {hi}; got {text!r}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -133,12 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
 
-    g = parser.add_argument_group("run")
-    add = g.add_argument
+    add = parser.add_argument_group("run").add_argument
     add("--recipe", choices=list(RECIPES), help="named preset of the settings below (default: the --dataset's)")
-    add("--output", help="run folder: a timm local-dir (config.json + model.safetensors of the best "
-                         "validation epoch), metrics.jsonl, summary.json, curves.png, checkpoint.pt "
-                         "(default: runs/MODEL-DATASET)")
+    add("--output", help="run folder: a timm local-dir (config.json + model.safetensors of the best validation "
+                         "epoch), metrics.jsonl, summary.json, curves.png, checkpoint.pt (default: runs/MODEL-DATASET)")
     add("--resume", nargs="?", const="", metavar="RUN",
         help="continue the run in RUN (a run folder or its checkpoint.pt; default: --output) exactly where "
              "its last checkpoint left it, with its settings; only --lr may change (recorded as a change)")
@@ -146,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "and the gates (the same on every process; default 1)")
     add("--quiet", action="store_true", default=None, help="no progress bar or per-epoch lines")
 
-    g = parser.add_argument_group("data")
-    add = g.add_argument
+    add = parser.add_argument_group("data").add_argument
     add("--dataset", choices=list(DATASETS), help="data set (default: digits, which needs no download)")
     add("--data-dir", help="folder of the data set; torchvision's files for cifar10/cifar100/svhn, "
                            "train/ val/ [test/] class folders for imagenet/imagefolder, the four idx files "
@@ -170,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "fb.resnet.torch (imagenet 0.1)")
     add("--workers", type=_number(int, 0), help="loader processes for folder data (default 8)")
 
-    g = parser.add_argument_group("model")
-    add = g.add_argument
+    add = parser.add_argument_group("model").add_argument
     add("--model", help="a model of the zoo, e.g. sd_resnet110_cifar, sd_resnet152 (default: the recipe's)")
     add("--survival-prob", type=_number(float, 0.0, 1.0, low_open=True),
         help="p_L, survival probability of the last residual block; 1 is constant depth (default 0.5)")
@@ -183,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drop-warmup", type=_number(float, 0.0, 1.0), metavar="FRACTION",
         help="ramp the drop rates linearly from 0 over this fraction of training (default 0: none)")
 
-    g = parser.add_argument_group("optimisation")
-    add = g.add_argument
+    add = parser.add_argument_group("optimisation").add_argument
     add("--epochs", type=_number(int, 1), help="epochs (cifar 500, svhn 50, imagenet 90)")
     add("--batch-size", type=_number(int, 1), help="global batch, split evenly over the processes (default 128)")
     add("--accum-steps", type=_number(int, 1), help="micro-batches per process and step; they share one draw "
@@ -203,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dampening", type=_number(float, 0.0, 1.0, high_open=True), help="SGD dampening (default 0)")
     add("--weight-decay", type=_number(float, 0.0, 1.0), help="L2 weight decay on every parameter (default 1e-4)")
 
-    g = parser.add_argument_group("speed")
-    add = g.add_argument
+    add = parser.add_argument_group("speed").add_argument
     add("--device", choices=("auto", "cpu", "cuda"), help="auto: cuda when there is a GPU (default)")
     add("--amp", action=bool_flag, help="bfloat16 autocast of the training forward pass (default: on with "
                                          "cuda); the loss, the weights and every evaluation stay fp32")
@@ -216,15 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-batch-size", type=_number(int, 1), help="batch per process for evaluation "
                                                         "(default: max(256, 2 x the training batch))")
 
-    g = parser.add_argument_group("distributed")
-    add = g.add_argument
+    add = parser.add_argument_group("distributed").add_argument
     add("--sync-bn", action=bool_flag,
         help="BatchNorm statistics over the global batch when several GPUs train (SyncBatchNorm; CUDA only; "
              "default: yes in the paper recipes, whose BatchNorm saw the whole batch). With --no-sync-bn each "
              "process normalises its own part, as a single process with --accum-steps = processes would")
 
-    g = parser.add_argument_group("checkpoints and logs")
-    add = g.add_argument
+    add = parser.add_argument_group("checkpoints and logs").add_argument
     add("--eval-every-steps", type=_number(int, 0),
         help="evaluate validation and test every N optimizer steps (and after the last step), each a line of "
              "metrics.jsonl; the best weights are those of the evaluation of lowest validation error (svhn "
@@ -260,16 +245,13 @@ def new_run_settings(given: Dict[str, Any]) -> Settings:
 
 
 def _check_new_run_folder(output: str) -> None:
-    """--output must be a folder (or not exist yet, under folders) that holds no run and that no other process
-    is writing to."""
+    """--output must be a folder (or not exist yet) that holds no run and that no other process writes to."""
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise TrainError(f"--output {output} is a file; give a folder (the run folder)")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise TrainError(f"--output {output}: {parent} is a file, not a folder")
-            break
+    parent = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
+    if not parent.is_dir():
+        raise TrainError(f"--output {output}: {parent} is a file, not a folder")
     if not path.is_dir():
         return
     check_run_folder_free(path)

@@ -1,14 +1,9 @@
 """The training loop: one run of a stochastic-depth ResNet from its ``Settings``, on one process or many.
 
-Each step trains on one global batch, split evenly over the processes (and over ``accum_steps``
-micro-batches), with one draw of the gates for the whole global batch: every rank skips the same blocks.
-Evaluation (each epoch, or every ``eval_every_steps``) runs the full network in fp32. Every parameter decays,
-BatchNorm's and biases too, and a skipped block's parameters see a zero gradient, so that weight decay and
-momentum still move them, as in the authors' code.
-
-This module is the loop and its steps, read top to bottom: ``start_run`` builds the run's parts (a
-``TrainingRun``), then each epoch is ``train_epoch`` (``train_one_step`` per batch, with the evaluations and
-checkpoints inside the epoch) and ``end_epoch``.
+A step draws the gates once for its whole global batch, so every rank and micro-batch skips the same blocks.
+Evaluation runs the full network in fp32. Every parameter decays, BatchNorm's and biases too, and a skipped block
+gets a zero gradient, so that weight decay and momentum still move it, as in the authors' code.
+Read top to bottom: ``start_run`` builds a ``TrainingRun``; each epoch is ``train_epoch`` then ``end_epoch``.
 """
 from __future__ import annotations
 
@@ -44,7 +39,7 @@ from sdzoo.survival import SurvivalSettings, drop_warmup_factor
 __all__ = ["main", "train", "build_optimizer", "build_scheduler", "train_step", "Diverged",
            "Dist", "GateLog", "use_sync_batchnorm"]  # the last three: re-exported from their modules
 
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 class Diverged(TrainError):
@@ -59,16 +54,6 @@ def create_model(s: Settings, num_classes: int, in_chans: int = 3) -> nn.Module:
     return timm.create_model(s.model, num_classes=num_classes, in_chans=in_chans, **survival.as_model_args())
 
 
-def build_model(s: Settings, num_classes: int, dist: Dist, device: torch.device, channels_last: bool,
-                in_chans: int = 3) -> nn.Module:
-    torch.manual_seed(s.seed)
-    model = create_model(s, num_classes, in_chans)
-    if use_sync_batchnorm(s, dist, device.type == "cuda", s.batch_size // (dist.world * s.accum_steps)):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
 @dataclass
 class TrainingRun:
     """Everything a training run holds while it trains; the steps below read it and move it on."""
@@ -77,9 +62,9 @@ class TrainingRun:
     device: torch.device
     log: RunLog
     data: Any
-    raw_model: nn.Module            # the model itself: its states are evaluated, saved and restored
+    raw_model: nn.Module            # its states are evaluated, saved and restored
     model: nn.Module                # the one that trains: compiled with --compile, in DDP on several processes
-    eval_model: nn.Module           # the one that evaluates: compiled with --compile
+    eval_model: nn.Module           # compiled with --compile
     no_sync: Callable               # DDP's no_sync, for all but a step's last micro-batch
     autocast: Callable
     channels_last: bool
@@ -97,8 +82,7 @@ class TrainingRun:
 
 def start_run(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, device: torch.device,
               log: RunLog) -> Tuple[TrainingRun, Optional[Dict[str, Any]]]:
-    """Data, model, optimizer and random streams, restored from ``checkpoint`` on resume. Returns the run and the
-    running sums of the epoch a resumed run stopped in."""
+    """The run's parts, restored from ``checkpoint`` on resume, and the sums of the epoch it stopped in."""
     cuda = device.type == "cuda"
     amp = cuda if s.amp is None else s.amp
     if amp and cuda and not torch.cuda.is_bf16_supported():
@@ -106,23 +90,28 @@ def start_run(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, dev
     channels_last = cuda if s.channels_last is None else s.channels_last
     local_batch = local_batch_size(s, dist)
     data = load_data_everywhere(s, dist, device)
-    raw_model = build_model(s, data.num_classes, dist, device, channels_last, data.in_chans)
-    optimizer = build_optimizer(raw_model, s)
+    torch.manual_seed(s.seed)
+    raw_model = create_model(s, data.num_classes, data.in_chans)
+    if use_sync_batchnorm(s, dist, cuda, local_batch // s.accum_steps):
+        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    raw_model.to(device)
+    if channels_last:
+        raw_model.to(memory_format=torch.channels_last)
+    optimizer, streams = build_optimizer(raw_model, s), RandomStreams(s.seed, raw_model.gate_sampler, device)
     scheduler = build_scheduler(optimizer, s)
-    streams = RandomStreams(s.seed, raw_model.gate_sampler, device)
     state, totals_state = TrainState(), None
     if checkpoint is not None:
         state, totals_state = restore(checkpoint, s, raw_model, optimizer, scheduler, streams)
         say_resumed(log, checkpoint, s, state)
     log.start_at(state.global_step)
     model, eval_model, no_sync = wrap_model(raw_model, s, dist, device)
-    run = TrainingRun(s=s, dist=dist, device=device, log=log, data=data, raw_model=raw_model, model=model,
-              eval_model=eval_model, no_sync=no_sync,
-              autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16) if amp else nullcontext,
-              channels_last=channels_last, optimizer=optimizer, scheduler=scheduler, streams=streams, state=state,
-              gate_log=GateLog(raw_model.gate_sampler), groups=stage_groups(raw_model), local_batch=local_batch,
-              steps_per_epoch=len(data) // s.batch_size, num_blocks=len(raw_model.residual_blocks()),
-              expected_depth=raw_model.expected_depth())
+    run = TrainingRun(
+        s=s, dist=dist, device=device, log=log, data=data, raw_model=raw_model, model=model, eval_model=eval_model,
+        no_sync=no_sync, autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16) if amp else nullcontext,
+        channels_last=channels_last, optimizer=optimizer, scheduler=scheduler, streams=streams, state=state,
+        gate_log=GateLog(raw_model.gate_sampler), groups=stage_groups(raw_model), local_batch=local_batch,
+        steps_per_epoch=len(data) // s.batch_size, num_blocks=len(raw_model.residual_blocks()),
+        expected_depth=raw_model.expected_depth())
     log.describe_run(len(data), run.steps_per_epoch, device, run.num_blocks, run.expected_depth)
     return run, totals_state
 
@@ -131,12 +120,9 @@ def start_run(s: Settings, checkpoint: Optional[Dict[str, Any]], dist: Dist, dev
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
                gate_sampler: GateSampler, accum_steps: int = 1, autocast=nullcontext, no_sync=nullcontext,
                grad_groups: Optional[Dict[str, List[nn.Parameter]]] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """One optimizer step on this process's part of the global batch.
-
-    Returns the summed loss, the number of correct predictions and, with ``grad_groups``, the summed
-    |gradient| of each group (all on the device, no sync). Micro-batches of a step share one draw of the gates
-    (``GateSampler.hold``): the whole mini-batch keeps or skips a block, as in the paper.
-    """
+    """One optimizer step on this process's part of the global batch: the summed loss, the correct predictions
+    and, with ``grad_groups``, each group's summed |gradient| (on the device, no sync). The micro-batches share
+    one draw of the gates: the whole mini-batch keeps or skips a block, as in the paper."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     with gate_sampler.hold():
@@ -157,16 +143,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
 @torch.no_grad()
 def evaluate(model: nn.Module, data, split: str, dist: Dist, batch_size: int, device: torch.device,
              channels_last: bool = False) -> Tuple[float, float]:
-    """(mean loss, error %) of a split, each rank evaluating its part. No gates are drawn in eval mode.
-
-    Always fp32, as the authors evaluated: no autocast here, even when training autocasts to bf16, since bf16
-    logits can flip borderline predictions and so the reported error."""
+    """(mean loss, error %) of a split, each rank evaluating its part. Always fp32, as the authors evaluated:
+    bf16 logits can flip borderline predictions and so the reported error."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for x, y in data.eval_batches(split, dist.rank, dist.world, batch_size, device):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x).float()
+        logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float()
         totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(y)
@@ -176,16 +158,15 @@ def evaluate(model: nn.Module, data, split: str, dist: Dist, batch_size: int, de
 
 
 def evaluate_and_keep_best(run: TrainingRun, epoch: int) -> Dict[str, Any]:
-    """Validation and test of the weights now, with rank 0's BatchNorm statistics on every rank. The best
-    weights, those of the lowest validation error so far (of the latest evaluation when there is no validation
-    set), go to the run folder."""
+    """Validation and test of the weights now, with rank 0's BatchNorm statistics. The weights of the lowest
+    validation error so far (the latest, without a validation set) go to the run folder."""
     started, state, data = time.perf_counter(), run.state, run.data
     sync_batchnorm_statistics(run.raw_model, run.dist)
     how = (run.dist, run.s.eval_batch_size or max(256, 2 * run.local_batch), run.device, run.channels_last)
     val_loss, val_error = evaluate(run.eval_model, data, "val", *how) if data.val is not None else (None, None)
     test_loss, test_error = (val_loss, val_error) if data.test_is_val else evaluate(run.eval_model, data, "test", *how)
-    best = state.best
-    if val_error is None or best["val_error"] is None or val_error < best["val_error"]:
+    best = state.best["val_error"]
+    if val_error is None or best is None or val_error < best:
         state.best = dict(epoch=epoch + 1, step=state.global_step, val_error=val_error, test_error=test_error)
         run.log.save_best(run.raw_model, data)
     return dict(val_loss=val_loss, val_error=val_error, test_loss=test_loss, test_error=test_error,
@@ -193,10 +174,8 @@ def evaluate_and_keep_best(run: TrainingRun, epoch: int) -> Dict[str, Any]:
 
 
 def stop_if_diverged(run: TrainingRun, totals: EpochTotals, epoch: int, with_weights: bool) -> None:
-    """Stop with ``Diverged`` when something became NaN or infinite on any rank: the loss (a NaN or inf loss
-    in any step leaves the epoch's sum non-finite, so no step escapes) and, ``with_weights`` (before anything
-    is saved), the weights and statistics."""
-    out, s = run.log.out, run.s
+    """``Diverged`` when the epoch's loss sum (so any step's loss) or, ``with_weights`` (before anything is
+    saved), a weight or statistic became NaN or infinite on any rank."""
     bad = torch.zeros(2, device=totals.loss_sum.device)
     bad[0] = (~torch.isfinite(totals.loss_sum)).float()
     if with_weights:
@@ -205,10 +184,10 @@ def stop_if_diverged(run: TrainingRun, totals: EpochTotals, epoch: int, with_wei
     loss_bad, state_bad = all_reduce(bad, run.dist, torch_dist.ReduceOp.MAX).tolist()
     if not (loss_bad or state_bad):
         return
-    what = "the training loss" if loss_bad else "the weights or BatchNorm statistics"
+    out, what = run.log.out, "the training loss" if loss_bad else "the weights or BatchNorm statistics"
     if (out / CHECKPOINT_NAME).exists():
         advice = (f"the last good checkpoint, {out / CHECKPOINT_NAME}, is kept. Continue from it with a lower "
-                  f"learning rate: --resume {out} --lr {s.lr / 10:g}; or check the data")
+                  f"learning rate: --resume {out} --lr {run.s.lr / 10:g}; or check the data")
     else:
         advice = "no checkpoint had been written yet. Start again with a lower --lr (into a new --output), or " \
                  "check the data"
@@ -253,8 +232,8 @@ def train_one_step(run: TrainingRun, x: Tensor, y: Tensor, totals: EpochTotals) 
 
 
 def train_epoch(run: TrainingRun, epoch: int, plan, totals: EpochTotals) -> float:
-    """The epoch's steps from where it stands (a resumed epoch goes on from its step), with the evaluations
-    and checkpoints that fall inside it. Returns the epoch's lr."""
+    """The epoch's steps from where it stands, with the evaluations and checkpoints that fall inside it.
+    Returns the epoch's lr."""
     s, state, steps = run.s, run.state, run.steps_per_epoch
     lr = run.optimizer.param_groups[0]["lr"]
     progress = Progress(epoch, s, run.dist, steps, state.step, totals, run.num_blocks, run.expected_depth)
@@ -284,9 +263,8 @@ def train_epoch(run: TrainingRun, epoch: int, plan, totals: EpochTotals) -> floa
 
 
 def end_epoch(run: TrainingRun, epoch: int, totals: EpochTotals, lr: float) -> None:
-    """The lr schedule's step, then the epoch's evaluation (the full network, each branch scaled by its survival
-    probability), unless the evaluations come every N steps, when the run's last step gets one if it fell
-    between two; the epoch's record, the checkpoint and summary.json."""
+    """The lr schedule's step; the epoch's evaluation (or, with evaluations every N steps, one after the run's
+    last step if it fell between two); the epoch's record, the checkpoint and summary.json."""
     s, state, eval_every = run.s, run.state, run.s.eval_every_steps
     run.scheduler.step()
     stop_if_diverged(run, totals, epoch, with_weights=True)
@@ -333,37 +311,29 @@ def train(s: Settings, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str,
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    rank0 = os.environ.get("RANK", "0") == "0"
-    settings = None
+    settings, code = None, 0
     try:
         settings, checkpoint = resolve_settings(args)
-        summary = train(settings, checkpoint)
+        message = done_line(train(settings, checkpoint), settings)
     except Diverged as e:
-        if rank0:
-            print(f"{parser.prog}: stopped: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+        code, message = EXIT_DIVERGED, f"{parser.prog}: stopped: {e}"
     except (TrainError, DataError, CheckpointError, RunFolderBusy) as e:
-        if rank0:
-            print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code, message = EXIT_USAGE, f"{parser.prog}: error: {e}"
     except OSError as e:  # disk full, a file limit, no permission: the files written before are intact
-        if rank0:
-            where = f" ({e.filename})" if e.filename else ""
-            print(f"{parser.prog}: error: cannot write the run folder{where}: {e.strerror or e}; the files "
-                  "written before are intact (continue with --resume once there is room)", file=sys.stderr)
-        return EXIT_USAGE
+        where = f" ({e.filename})" if e.filename else ""
+        code, message = EXIT_USAGE, (
+            f"{parser.prog}: error: cannot write the run folder{where}: {e.strerror or e}; the files written "
+            "before are intact (continue with --resume once there is room)")
     except KeyboardInterrupt:
-        if rank0:
-            checkpoint_path = settings and Path(settings.output) / CHECKPOINT_NAME
-            if checkpoint_path and checkpoint_path.exists():
-                status = f"the last checkpoint, {checkpoint_path}, is kept (continue with --resume)"
-            else:
-                status = "stopped before the first checkpoint: there is nothing to resume"
-            print(f"{parser.prog}: interrupted; {status}", file=sys.stderr)
-        return 130
+        checkpoint_path = settings and Path(settings.output) / CHECKPOINT_NAME
+        if checkpoint_path and checkpoint_path.exists():
+            status = f"the last checkpoint, {checkpoint_path}, is kept (continue with --resume)"
+        else:
+            status = "stopped before the first checkpoint: there is nothing to resume"
+        code, message = EXIT_INTERRUPTED, f"{parser.prog}: interrupted; {status}"
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
-    if rank0:
-        print(done_line(summary, settings))
-    return 0
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr if code else sys.stdout)
+    return code
