@@ -209,6 +209,11 @@ def read_weights_settings(path: PathLike) -> Optional[Dict[str, Any]]:
     return recorded_settings(read_header(path)[1], os.fspath(path))
 
 
+def as_json_value(value: Any) -> Any:
+    """A setting as JSON gives it back (a tuple comes back a list)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def settings_equal(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
