@@ -4,18 +4,8 @@
     sdzoo push --model runs/r110 --repo-id ORG/NAME --onnx r110.onnx --private
     sdzoo push --model runs/r110 --repo-id ORG/NAME --local-dir out/NAME   # no upload
 
-Then, with timm alone: timm.create_model("hf-hub:ORG/NAME", pretrained=True).
-
-The repo gets model.safetensors and config.json in timm's format, a README.md model card, and when present
-the ONNX file, curves.png, summary.json and metrics.jsonl. Everything goes up in one commit, then every file's
-hash is compared with the one the Hub reports for that commit (no download). The token comes from HF_TOKEN
-or `hf auth login` (there is no --token flag: a token on a command line ends up in shell history); it is
-never printed. Every request ends within --timeout seconds, end to end; when an upload fails, the message
-says what the Hub holds, asking it where it can (a repo the upload created is deleted again while it holds
-nothing but its first commit; another publisher's repo or commit never is). With --card-dir DIR, a verified
-upload's card is also saved as DIR/NAME.md (the zoo keeps its record in model_cards/); it never replaces a
-file that is not an earlier card of the same repo. Exit status: 0 published, 2 a wrong flag or run folder,
-1 the upload or its check failed.
+The token comes from HF_TOKEN or `hf auth login`: no --token flag, as a command line ends up in shell history.
+Exit status: 0 published, 2 a wrong flag or run folder, 1 the upload or its check failed.
 """
 from __future__ import annotations
 
@@ -30,9 +20,7 @@ from sdzoo.files.checks import check_seconds
 from sdzoo.files.disk import write_text
 from sdzoo.hub.upload import DEFAULT_TIMEOUT, CheckpointMismatchError, HubError, publish
 
-# EXIT_USAGE: what was given is wrong (flags, a run folder whose files do not fit, as the export says of it);
-# EXIT_ERROR: the upload or its check failed.
-EXIT_ERROR = 1
+EXIT_ERROR = 1  # the upload or its check failed; EXIT_USAGE: what was given is wrong (flags, the run folder)
 HELP = "publish a run folder to the Hugging Face Hub with its model card, and check what arrived"
 
 
@@ -68,9 +56,8 @@ def run_folder(model: str) -> str:
 
 
 def card_path(card_dir: Path, repo_id: str) -> Path:
-    """Where the card of ``repo_id`` goes: NAME.md, unless that file is something else than an earlier card
-    of the same repo (the folder's README.md, the template, another repo's card): a repo id never replaces
-    a file the project ships. Checked before the upload."""
+    """Where the card of ``repo_id`` goes, NAME.md, checked before the upload: a repo id never replaces a file
+    that is not an earlier card of the same repo (the folder's README.md, the template, another repo's card)."""
     path = card_dir / f"{repo_id.split('/')[-1]}.md"
     if path.is_dir() or (card_dir.exists() and not card_dir.is_dir()):
         raise ValueError(f"--card-dir: {path} cannot be written ({card_dir} or {path.name} is not what it must be)")
@@ -79,13 +66,6 @@ def card_path(card_dir: Path, repo_id: str) -> Path:
         if f"hf-hub:{repo_id}" not in text:
             raise ValueError(f"--card-dir: {path} exists and is not a card of {repo_id}; --repo-id {repo_id} "
                              "would replace it: choose another --card-dir or repo name")
-    return path
-
-
-def save_card(card: str, path: Path) -> Path:
-    """The published card, kept as a record (written atomically, never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, card)
     return path
 
 
@@ -120,7 +100,9 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
         return 0
     if card is not None:
         try:
-            print(f"model card saved as {save_card(result.card, card)}")
+            card.parent.mkdir(parents=True, exist_ok=True)
+            write_text(card, result.card)  # atomically: never half-written
+            print(f"model card saved as {card}")
         except OSError as err:
             print(f"warning: published, but the card could not be saved as {card}: {err}", file=sys.stderr)
     print(f"published {args.repo_id} at commit {result.commit_oid}, every file's hash checked; load it with "
