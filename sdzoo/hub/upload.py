@@ -1,8 +1,5 @@
-"""Publishing a run folder to the Hugging Face Hub in timm's own format, so that ``hf-hub:`` loads it with timm
-alone: the repo's files staged in a folder (or written to a new local one), one commit, and what a failed upload
-leaves on the Hub. Everything checkable is checked before the upload, and every file's hash after it
-(``sdzoo.hub.load``, whose names this module re-exports). Messages say what the repo holds, never the token.
-"""
+"""Publishing a run folder to the Hugging Face Hub in timm's own format (``hf-hub:`` loads it with timm alone):
+the repo's files staged, one commit, and what a failed upload leaves on the Hub, said in each error."""
 from __future__ import annotations
 
 import errno
@@ -17,8 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from sdzoo.export.depth import PRUNING_NAME
 from sdzoo.export.onnx_export import MAX_INPUT_SIDE, read_metadata
@@ -91,16 +87,12 @@ def run_folder_file(folder: PathLike, name: str) -> Optional[Path]:
     """``folder/name`` if it is there and a regular file: a symbolic link (to a private file, say) or a special
     file of the run folder is never read, let alone published."""
     path = Path(folder) / name
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(mode):
+    if path.is_symlink():
         raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}): only regular files inside the run "
                          "folder are published; put the file itself there (or name it with --onnx / --curves)")
-    if not stat.S_ISREG(mode):
+    if path.exists() and not path.is_file():
         raise ValueError(f"{path} is not a regular file: only regular files inside the run folder are published")
-    return path
+    return path if path.exists() else None
 
 
 def _copy_without_links(src: Path, dst: Path) -> None:
@@ -115,16 +107,19 @@ def _copy_without_links(src: Path, dst: Path) -> None:
         shutil.copyfileobj(f_in, f_out)
 
 
-def _extras(run: LoadedRun, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Tuple[Path, bool]]:
+def _extras(run: LoadedRun, onnx: Optional[PathLike], curves: Optional[PathLike],
+            pruned: bool) -> Dict[str, Tuple[Path, bool]]:
     """Optional files of the repo: name -> (source, whether it is a file of the run folder). A file the caller
-    names is taken as given."""
+    names is taken as given; pruning.json is a pruned model's (written by the export's --pruned-dir)."""
     for name, given in (("onnx", onnx), ("curves", curves)):
         if given and not Path(given).is_file():
             raise FileNotFoundError(f"{name}: no file at {given}")
     if onnx and Path(onnx).suffix != ".onnx":
         raise ValueError(f"onnx must be a .onnx file; got {onnx}")
     extras = {}
-    for name, given in ((ONNX_NAME, onnx), (CURVES_NAME, curves), (METRICS_NAME, None)):
+    for name, given in ((ONNX_NAME, onnx), (CURVES_NAME, curves), (METRICS_NAME, None), (PRUNING_NAME, None)):
+        if name == PRUNING_NAME and not pruned:
+            continue
         if given:
             extras[name] = (Path(given), False)
         elif (found := run_folder_file(run.path, name)) is not None:
@@ -137,11 +132,8 @@ def _extras(run: LoadedRun, onnx: Optional[PathLike], curves: Optional[PathLike]
     return extras
 
 
-def _pruning(run: LoadedRun) -> Optional[Dict]:
-    """A pruned model's measurements: pruning.json of its folder (written by the export's --pruned-dir)."""
-    path = run_folder_file(run.path, PRUNING_NAME)
-    if path is None:
-        return None
+def _read_pruning(path: Path) -> Dict:
+    """A pruned model's measurements (pruning.json)."""
     try:
         pruning = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -171,10 +163,8 @@ def stage_hub_folder(run: LoadedRun, folder: PathLike, repo_id: str, onnx: Optio
     pruned = getattr(run.model, "pruned_from", None) is not None
     summary = None if run.summary is None or pruned else \
         published_summary(run.summary, where=str(run.path / SUMMARY_NAME))
-    extras = _extras(run, onnx, curves)
-    pruning = _pruning(run) if pruned else None
-    if pruning is not None:
-        extras[PRUNING_NAME] = (run.path / PRUNING_NAME, True)
+    extras = _extras(run, onnx, curves, pruned)
+    pruning = _read_pruning(extras[PRUNING_NAME][0]) if PRUNING_NAME in extras else None
     folded = None
     if ONNX_NAME in extras:
         _logger.info(f"Checking {extras[ONNX_NAME][0]} against the weights with onnxruntime")
@@ -257,9 +247,10 @@ def upload_hub_folder(folder: PathLike, repo_id: str, token: str, private: bool 
     ``push_to_hf_hub``), each request ending within ``timeout`` seconds.
 
     When it fails, the error says what the Hub holds, asked of the Hub where it can. A repo is deleted again only
-    when this call provably made it (the Hub answered its create request, not with 409) and main still holds only
-    the Hub's first commit: another publisher's repo, or commit, is never deleted."""
-    folder = Path(folder)
+    when this call provably made it (the Hub answered its create request, not with 409) and the Hub says that main
+    is still at the commit read after creating it: another publisher's repo, or commit, is never deleted."""
+    paths = [p for p in Path(folder).iterdir() if p.is_file()]
+    size = sum(p.stat().st_size for p in paths) / 2**20
     api = hub_api(endpoint, token)
     step, created, before = "checking whether the repo exists", False, None
     with bounded_waits(timeout):
@@ -275,12 +266,9 @@ def upload_hub_folder(folder: PathLike, repo_id: str, token: str, private: bool 
             if existed and private and not info.private:
                 raise UploadError(f"{repo_id} exists and is public; --private does not change an existing repo's "
                                   "visibility (change it on the Hub, or publish to a new repo)")
-            before = info.sha
-            paths = [p for p in folder.iterdir() if p.is_file()]
-            size = sum(p.stat().st_size for p in paths) / 2**20
             _logger.info(f"Uploading {len(paths)} files ({size:.1f} MiB) to {repo_id} in one commit "
                          f"(each request ends within {timeout:g} s)")
-            step = COMMITTING
+            before, step = info.sha, COMMITTING
             return api.upload_folder(repo_id=repo_id, folder_path=folder, parent_commit=before,
                                      commit_message=commit_message or "Upload model with sdzoo")
         except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
@@ -290,7 +278,7 @@ def upload_hub_folder(folder: PathLike, repo_id: str, token: str, private: bool 
             elif step == "creating the repo" and not created and http_error(e) is None:
                 state = (f"Nothing was committed, but the Hub's answer to creating {repo_id} was lost: the repo may "
                          f"or may not exist now (empty); look at {api.endpoint}/{repo_id}.")
-            if created and state.startswith("Nothing was committed"):
+            if created and state.startswith("Nothing was committed"):  # main, if read, is still the first commit
                 state = _delete_created_repo(api, repo_id, before)
             if isinstance(e, UploadError):
                 raise UploadError(f"{e} {state}") from None
@@ -332,21 +320,12 @@ def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: s
 
 
 def _delete_created_repo(api: HfApi, repo_id: str, created_at: Optional[str]) -> str:
-    """Delete the repo this upload created, if it provably holds nothing but the Hub's first commit
+    """Delete the repo this upload created, once the Hub said that main is still at its first commit
     (``created_at``); returns what state the repo is left in."""
     kept = f"The repo {repo_id}, which this upload created, is kept"
-    unproven = "so this upload cannot prove that nobody else committed to it since"
-    what_now = "look at it on the Hub, delete it or rerun to fill it"
     if created_at is None:
-        return f"{kept}: this upload failed before it could read the repo's first commit, {unproven}; {what_now}."
-    try:
-        info = api.model_info(repo_id)
-    except Exception as e:  # noqa: BLE001
-        return f"{kept}: asking the Hub where main is failed ({describe_error(e)}), {unproven}; {what_now}."
-    files = sorted(s.rfilename for s in info.siblings or [])
-    if info.sha != created_at or set(files) - {".gitattributes"}:
-        return (f"{kept}: main is at {info.sha} and holds {', '.join(files) or 'no file'}, commits this upload did "
-                "not make (another publisher's): it is left as it is.")
+        return (f"{kept}: this upload failed before it could read the repo's first commit, so it cannot prove that "
+                "nobody else committed to it since; look at it on the Hub, delete it or rerun to fill it.")
     try:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as e:  # noqa: BLE001
