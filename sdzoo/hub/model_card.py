@@ -119,7 +119,7 @@ def markdown_cell(value: Any) -> str:
     return " ".join(text.replace("|", "\\|").split())
 
 
-def card_metadata(repo_id: str, architecture: str, results: Optional[RunResults], license: str = "apache-2.0"):
+def card_metadata(repo_id: str, results: Optional[RunResults], license: str = "apache-2.0") -> ModelCardData:
     """Front matter as huggingface_hub's ``ModelCardData`` (its ``model-index`` holds the run's results)."""
     kwargs: Dict[str, Any] = {}
     if results is not None:
@@ -190,9 +190,6 @@ def render_model_card(repo_id: str, config: Mapping[str, Any], summary: Optional
     """The README.md of a Hub repo, from its config.json and the run's summary.json (None: no results).
     ``onnx_folded``: what the ONNX file's metadata says of p_l; ``unverified_settings``: the weights recorded no
     survival settings. A pruned model's card shows its ``pruning`` measurements, never the full model's results."""
-    template_path = Path(__file__).with_name("model_card_template.md") if template is None else None
-    if template_path is not None and not template_path.is_file():
-        raise FileNotFoundError(f"model card template not found at {template_path}; pass template= (the text of one)")
     architecture, model_args = config["architecture"], config.get("model_args") or {}
     pretrained_cfg = config.get("pretrained_cfg") or {}
     pruned_rows = _pruned_rows(model_args.get("pruned_from"), pruning)
@@ -206,8 +203,9 @@ def render_model_card(repo_id: str, config: Mapping[str, Any], summary: Optional
     onnx = next((f for f in files if f.endswith(".onnx")), None)
     channels, height, width = tuple(pretrained_cfg.get("input_size") or (3, 224, 224))
     card = ModelCard.from_template(
-        card_metadata(repo_id, architecture, results, pretrained_cfg.get("license") or "apache-2.0"),
-        template_path=template_path, template_str=template, repo_id=repo_id, repo_name=repo_id.split("/")[-1],
+        card_metadata(repo_id, results, pretrained_cfg.get("license") or "apache-2.0"),
+        template_path=Path(__file__).with_name("model_card_template.md") if template is None else None,
+        template_str=template, repo_id=repo_id, repo_name=repo_id.split("/")[-1],
         summary_line=f"A stochastic-depth ResNet ({architecture}, {num_params / 1e6:.2f}M parameters){described}.",
         architecture=architecture, survival_rows=_survival_rows(model_args, block_probs),
         folded=bool(model_args.get("folded_from")), unverified_settings=unverified_settings, pruned_rows=pruned_rows,

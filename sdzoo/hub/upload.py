@@ -117,10 +117,9 @@ def _extras(run: LoadedRun, onnx: Optional[PathLike], curves: Optional[PathLike]
     if onnx and Path(onnx).suffix != ".onnx":
         raise ValueError(f"onnx must be a .onnx file; got {onnx}")
     extras = {}
-    for name, given in ((ONNX_NAME, onnx), (CURVES_NAME, curves), (METRICS_NAME, None), (PRUNING_NAME, None)):
-        if name == PRUNING_NAME and not pruned:
-            continue
-        if given:
+    given_files = {ONNX_NAME: onnx, CURVES_NAME: curves}
+    for name in (ONNX_NAME, CURVES_NAME, METRICS_NAME) + ((PRUNING_NAME,) if pruned else ()):
+        if (given := given_files.get(name)):
             extras[name] = (Path(given), False)
         elif (found := run_folder_file(run.path, name)) is not None:
             extras[name] = (found, True)
