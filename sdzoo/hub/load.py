@@ -130,10 +130,9 @@ def verify_upload(folder: PathLike, repo_id: str, revision: str, token: Optional
         entry = remote.get(path.name)
         if not isinstance(entry, RepoFile):
             mismatched.append(f"{path.name} (missing)")
-        elif entry.lfs is not None:
-            if entry.lfs.sha256 != hashes[path.name]:
-                mismatched.append(f"{path.name} (sha256 {entry.lfs.sha256})")
-        elif entry.blob_id != git_hash(path.read_bytes()):  # a small file, stored in git itself
+        elif entry.lfs is not None and entry.lfs.sha256 != hashes[path.name]:
+            mismatched.append(f"{path.name} (sha256 {entry.lfs.sha256})")
+        elif entry.lfs is None and entry.blob_id != git_hash(path.read_bytes()):  # a small file, stored in git
             mismatched.append(f"{path.name} (git blob {entry.blob_id})")
     if mismatched:
         raise VerificationError(f"commit {revision} of {repo_id} was created, but the Hub holds other content "

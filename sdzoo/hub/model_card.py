@@ -16,9 +16,6 @@ from sdzoo.survival import SurvivalSettings
 from sdzoo.training.recipes import PAPER_RESULTS
 from sdzoo.training.settings import DEFINING_SETTINGS
 
-__all__ = ["RunResults", "read_results", "card_metadata", "render_model_card", "published_summary", "SUMMARY_KEYS",
-           "SETTINGS_KEYS", "markdown_cell", "onnx_note"]
-
 # The recipe table: every setting that defines a run; the model, the data set and its classes head the card.
 _RECIPE_KEYS = ("recipe",) + tuple(k for k in DEFINING_SETTINGS if k not in ("recipe", "model", "dataset",
                                                                              "num_classes"))

@@ -142,18 +142,6 @@ def _read_pruning(path: Path) -> Dict:
     return pruning
 
 
-def _unverified_settings(run: LoadedRun) -> bool:
-    """Whether the run's weights recorded no survival settings, so that config.json's could not be checked
-    against them (the published weights record them as their own): said on the command line and on the card."""
-    provenance = getattr(run.model, "weights_provenance", None)
-    if provenance is None or provenance.recorded is not None:
-        return False
-    _logger.warning(f"warning: {run.path / WEIGHTS_NAME} records no survival settings (it was written without "
-                    f"sdzoo's metadata): those of {run.path / CONFIG_NAME} cannot be checked against the weights, "
-                    "and the published model.safetensors records them as its own; the card says so")
-    return True
-
-
 def stage_hub_folder(run: LoadedRun, folder: PathLike, repo_id: str, onnx: Optional[PathLike] = None,
                      curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
@@ -169,7 +157,14 @@ def stage_hub_folder(run: LoadedRun, folder: PathLike, repo_id: str, onnx: Optio
         _logger.info(f"Checking {extras[ONNX_NAME][0]} against the weights with onnxruntime")
         check_onnx_matches(run, extras[ONNX_NAME][0])
         folded = {"true": True, "false": False}.get(read_metadata(extras[ONNX_NAME][0]).get("folded"))
-    unverified = _unverified_settings(run)
+    # Weights that record no survival settings cannot be checked against config.json's, and the published ones
+    # will record those as their own: said on the command line and on the card.
+    provenance = getattr(run.model, "weights_provenance", None)
+    unverified = provenance is not None and provenance.recorded is None
+    if unverified:
+        _logger.warning(f"warning: {run.path / WEIGHTS_NAME} records no survival settings (it was written without "
+                        f"sdzoo's metadata): those of {run.path / CONFIG_NAME} cannot be checked against the "
+                        "weights, and the published model.safetensors records them as its own; the card says so")
     config = write_config(folder / CONFIG_NAME, run.model)
     size = (config.get("pretrained_cfg") or {}).get("input_size")
     if size is not None:
@@ -202,8 +197,9 @@ def write_hub_folder(run: LoadedRun, out_dir: PathLike, repo_id: str, **kwargs) 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"local_dir {out_dir} exists and is not an empty folder; choose a new one")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    # the staging folder is removed whatever happens; once renamed into place, there is nothing left to remove
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent,
+                                     ignore_cleanup_errors=True) as staging:
         files = stage_hub_folder(run, staging, repo_id, **kwargs)
         try:
             if out_dir.exists():
@@ -216,20 +212,13 @@ def write_hub_folder(run: LoadedRun, out_dir: PathLike, repo_id: str, **kwargs) 
                 f"local_dir {out_dir} was filled by another process while this one prepared its files; nothing "
                 "of this one was written there (its files are left as the other process wrote them): choose a new "
                 "folder") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return files
 
 
 # -- upload and rollback --------------------------------------------------------------------------------
-def _status(error: BaseException) -> Optional[int]:
-    http = http_error(error)
-    return None if http is None else http.response.status_code
-
-
 def _advice(error: BaseException, repo_id: str) -> str:
-    status = _status(error)
+    http = http_error(error)
+    status = http.response.status_code if http is not None else None
     if status in (401, 403):
         return ("the Hub refused the token: check HF_TOKEN or `hf auth login`" if status == 401 else
                 f"the token cannot write to {repo_id.split('/')[0]!r}")
@@ -290,7 +279,8 @@ def _create_repo(api: HfApi, repo_id: str, private: bool) -> bool:
     try:
         api.create_repo(repo_id, private=private, exist_ok=False)
     except Exception as e:  # noqa: BLE001
-        if _status(e) != 409:
+        http = http_error(e)
+        if http is None or http.response.status_code != 409:
             raise
         _logger.info(f"{repo_id} exists after all (created by another publisher meanwhile?): uploading to it")
         return False
