@@ -4,18 +4,8 @@
     sdzoo push --model runs/r110 --repo-id ORG/NAME --onnx r110.onnx --private
     sdzoo push --model runs/r110 --repo-id ORG/NAME --local-dir out/NAME   # no upload
 
-Then, with timm alone: timm.create_model("hf-hub:ORG/NAME", pretrained=True).
-
-The repo gets model.safetensors and config.json in timm's format, a README.md model card, and when present
-the ONNX file, curves.png, summary.json and metrics.jsonl. Everything goes up in one commit, then every file's
-hash is compared with the one the Hub reports for that commit (no download). The token comes from HF_TOKEN
-or `hf auth login` (there is no --token flag: a token on a command line ends up in shell history); it is
-never printed. Every request ends within --timeout seconds, end to end; when an upload fails, the message
-says what the Hub holds, asking it where it can (a repo the upload created is deleted again while it holds
-nothing but its first commit; another publisher's repo or commit never is). With --card-dir DIR, a verified
-upload's card is also saved as DIR/NAME.md (the zoo keeps its record in model_cards/); it never replaces a
-file that is not an earlier card of the same repo. Exit status: 0 published, 2 a wrong flag or run folder,
-1 the upload or its check failed.
+The token comes from HF_TOKEN or `hf auth login`: no --token flag, as a command line ends up in shell history.
+Exit status: 0 published, 2 a wrong flag or run folder, 1 the upload or its check failed.
 """
 from __future__ import annotations
 
@@ -25,14 +15,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from sdzoo.cli.common import EXIT_USAGE, check_output_path, first_paragraph, usage_error
-from sdzoo.files.checks import check_seconds
+from sdzoo.cli.common import EXIT_USAGE, first_paragraph
+from sdzoo.files.checks import check_output_path, check_seconds
 from sdzoo.files.disk import write_text
 from sdzoo.hub.upload import DEFAULT_TIMEOUT, CheckpointMismatchError, HubError, publish
 
-# EXIT_USAGE: what was given is wrong (flags, a run folder whose files do not fit, as the export says of it);
-# EXIT_ERROR: the upload or its check failed.
-EXIT_ERROR = 1
+EXIT_ERROR = 1  # the upload or its check failed; EXIT_USAGE: what was given is wrong (flags, the run folder)
 HELP = "publish a run folder to the Hugging Face Hub with its model card, and check what arrived"
 
 
@@ -42,74 +30,53 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         help="the run folder: local-dir:PATH or PATH (config.json + model.safetensors)")
     parser.add_argument("--repo-id", required=True,
                         help="the Hub repo, OWNER/NAME (e.g. ORG/sd_resnet110_cifar.cifar10)")
-    parser.add_argument("--local-dir", default=None,
+    parser.add_argument("--local-dir",
                         help="write the repo's files to this new folder instead of uploading (no token needed)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--commit-message", default=None, help="commit message")
-    parser.add_argument("--onnx", default=None,
-                        help="ONNX file to include as model.onnx (default: RUN/model.onnx if any)")
-    parser.add_argument("--curves", default=None, help="training curves to include (default: RUN/curves.png if any)")
-    parser.add_argument("--card-template", default=None,
-                        help="model card, a Jinja template (default: the one shipped with sdzoo)")
-    parser.add_argument("--card-dir", default=None,
-                        help="also save the published card as CARD_DIR/NAME.md (the zoo's record: model_cards); "
-                             "default: not saved")
+    parser.add_argument("--commit-message", help="commit message")
+    parser.add_argument("--onnx", help="ONNX file to include as model.onnx (default: RUN/model.onnx if any)")
+    parser.add_argument("--curves", help="training curves to include (default: RUN/curves.png if any)")
+    parser.add_argument("--card-template", help="model card, a Jinja template (default: the one shipped with sdzoo)")
+    parser.add_argument("--card-dir", help="also save the published card as CARD_DIR/NAME.md (the zoo's record: "
+                                           "model_cards); default: not saved")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help="seconds within which each request to the Hub must end, its whole answer read "
                              "(a positive, finite number; default: %(default)s)")
-    parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
+    parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
     return parser
 
 
-def run_folder(model: str) -> str:
-    if model.startswith("hf-hub:"):
-        raise ValueError("--model must be a local run folder (local-dir:PATH or PATH), not an hf-hub: repo")
-    return model[len("local-dir:"):] if model.startswith("local-dir:") else model
-
-
 def card_path(card_dir: Path, repo_id: str) -> Path:
-    """Where the card of ``repo_id`` goes: NAME.md, unless that file is something else than an earlier card
-    of the same repo (the folder's README.md, the template, another repo's card): a repo id never replaces
-    a file the project ships. Checked before the upload."""
+    """Where the card of ``repo_id`` goes, NAME.md, checked before the upload: a repo id never replaces a file
+    that is not an earlier card of the same repo (the folder's README.md, the template, another repo's card)."""
     path = card_dir / f"{repo_id.split('/')[-1]}.md"
-    if path.is_dir() or (card_dir.exists() and not card_dir.is_dir()):
-        raise ValueError(f"--card-dir: {path} cannot be written ({card_dir} or {path.name} is not what it must be)")
-    if path.exists():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if f"hf-hub:{repo_id}" not in text:
-            raise ValueError(f"--card-dir: {path} exists and is not a card of {repo_id}; --repo-id {repo_id} "
-                             "would replace it: choose another --card-dir or repo name")
-    return path
-
-
-def save_card(card: str, path: Path) -> Path:
-    """The published card, kept as a record (written atomically, never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, card)
+    check_output_path("--card-dir", path)
+    if path.exists() and f"hf-hub:{repo_id}" not in path.read_text(encoding="utf-8", errors="replace"):
+        raise ValueError(f"--card-dir: {path} exists and is not a card of {repo_id}; --repo-id {repo_id} "
+                         "would replace it: choose another --card-dir or repo name")
     return path
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.local_dir:  # a dry run: refused before the run is loaded
-        local_dir = Path(args.local_dir)
-        check_output_path(parser, "--local-dir", local_dir, kind="folder")
-        if local_dir.is_dir() and any(local_dir.iterdir()):
-            usage_error(parser, f"--local-dir {local_dir} is not empty; give a new folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
-    template = card = None
-    try:
+    card = None
+    try:  # every argument checked before the run is loaded
         check_seconds("--timeout", args.timeout)  # the flag's name, before publish() checks its argument
+        if args.local_dir:
+            check_output_path("--local-dir", args.local_dir, kind="folder")
+            if Path(args.local_dir).is_dir() and any(Path(args.local_dir).iterdir()):
+                raise ValueError(f"--local-dir {args.local_dir} is not empty; give a new folder")
+        if args.model.startswith("hf-hub:"):
+            raise ValueError("--model must be a local run folder (local-dir:PATH or PATH), not an hf-hub: repo")
         if args.card_dir and not args.local_dir:
             card = card_path(Path(args.card_dir), args.repo_id)
-        if args.card_template:
-            template = Path(args.card_template).read_text(encoding="utf-8")
-        result = publish(
-            run_folder(args.model), args.repo_id, local_dir=args.local_dir, private=args.private,
-            commit_message=args.commit_message, onnx=args.onnx, curves=args.curves, card_template=template,
-            endpoint=args.endpoint, timeout=args.timeout)
+        template = Path(args.card_template).read_text(encoding="utf-8") if args.card_template else None
+        result = publish(args.model.removeprefix("local-dir:"), args.repo_id, local_dir=args.local_dir,
+                         private=args.private, commit_message=args.commit_message, onnx=args.onnx, curves=args.curves,
+                         card_template=template, endpoint=args.endpoint, timeout=args.timeout)
     except (HubError, ValueError, OSError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         given = isinstance(err, (ValueError, CheckpointMismatchError, FileNotFoundError, NotADirectoryError))
@@ -120,7 +87,9 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
         return 0
     if card is not None:
         try:
-            print(f"model card saved as {save_card(result.card, card)}")
+            card.parent.mkdir(parents=True, exist_ok=True)
+            write_text(card, result.card)  # atomically: never half-written
+            print(f"model card saved as {card}")
         except OSError as err:
             print(f"warning: published, but the card could not be saved as {card}: {err}", file=sys.stderr)
     print(f"published {args.repo_id} at commit {result.commit_oid}, every file's hash checked; load it with "

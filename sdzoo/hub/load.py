@@ -1,12 +1,5 @@
-"""Loading what sdzoo publishes, and checking it; this side only reads.
-
-* ``load_run``: a run folder, built into its model, the weights checked against config.json;
-* ``check_onnx_matches``: an ONNX file checked against those weights, with onnxruntime;
-* ``verify_upload``: a Hub commit checked against the folder it was uploaded from, by hash, without a download.
-
-A run folder and a Hub repo are untrusted input: every failure is an error naming the file and what is wrong
-with it, and messages never contain the token. Publishing itself (staging, the commit, what a failed upload
-leaves) is ``sdzoo.hub.upload``.
+"""Loading what sdzoo publishes, and checking it; this side only reads. A run folder and a Hub repo are untrusted
+input: every failure names the file and what is wrong with it, and no message contains the token.
 """
 from __future__ import annotations
 
@@ -30,9 +23,6 @@ from sdzoo.files.hf_config import head_args, model_kwargs_of_config
 from sdzoo.files.weights import PICKLE_SUFFIXES, WeightsError, load_failure_reason
 from sdzoo.export.onnx_export import ExportError, verify_onnx
 from sdzoo.models import SDResNet
-
-__all__ = ["HubError", "CheckpointMismatchError", "VerificationError", "LoadedRun", "load_run",
-           "check_onnx_matches", "verify_upload", "file_sha256"]
 
 
 class HubError(RuntimeError):
@@ -61,7 +51,6 @@ def file_sha256(path: PathLike) -> str:
         return sha_fileobj(f).hex()
 
 
-# -- the run folder -------------------------------------------------------------------------------------
 def load_run(model_dir: PathLike) -> LoadedRun:
     """Build the model that the run's config.json describes and load its weights, checking that they fit."""
     path = Path(model_dir)
@@ -79,12 +68,10 @@ def load_run(model_dir: PathLike) -> LoadedRun:
         config = read_run_config(config_path)
     except ValueError as e:
         raise CheckpointMismatchError(str(e)) from None
-    architecture = config.get("architecture")
-    if not timm.is_model(architecture or ""):
+    architecture = config["architecture"]  # a str: read_run_config checks it
+    if not timm.is_model(architecture):
         raise CheckpointMismatchError(f"{config_path}: unknown architecture {architecture!r}")
-    try:
-        # timm's own loader: config.json's model_args, then a strict load of the weights, checked first by the
-        # model factory (sdzoo.files.weights).
+    try:  # timm's own loader, the weights checked first by the model factory (sdzoo.files.weights)
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
     except WeightsError as e:  # the file does not fit config.json, contradicts it, or holds NaN/inf
         raise CheckpointMismatchError(str(e)) from None
@@ -112,9 +99,8 @@ def load_run(model_dir: PathLike) -> LoadedRun:
 
 
 def check_onnx_matches(run: LoadedRun, onnx_path: PathLike) -> None:
-    """The ONNX file must compute what the run's weights compute: the export's own onnxruntime check (at the
-    file's input size), so that a file exported from another epoch or run is never published."""
-
+    """The ONNX file must compute what the run's weights compute (the export's own onnxruntime check, at the
+    file's input size): a file exported from another epoch or run is never published."""
     try:
         dims = onnx.load(os.fspath(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
         input_size = [int(d.dim_value) for d in dims[1:]]
@@ -126,18 +112,10 @@ def check_onnx_matches(run: LoadedRun, onnx_path: PathLike) -> None:
             f"--output {onnx_path}") from None
 
 
-# -- a Hub commit ---------------------------------------------------------------------------------------
-def verify_upload(
-        folder: PathLike,
-        repo_id: str,
-        revision: str,
-        token: Optional[str] = None,
-        endpoint: Optional[str] = None,
-        timeout: float = DEFAULT_TIMEOUT,
-) -> Dict[str, str]:
-    """Check every file of ``folder`` against what the repo holds at ``revision``, without downloading: the
-    Hub's sha256 of each LFS file, the git blob id of each other file (``HfApi.get_paths_info``).
-    Returns name -> sha256 of the local files."""
+def verify_upload(folder: PathLike, repo_id: str, revision: str, token: Optional[str] = None,
+                  endpoint: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> Dict[str, str]:
+    """Check every file of ``folder`` against the repo at ``revision`` without a download (``get_paths_info``:
+    the sha256 of an LFS file, the git blob id of another). Returns name -> sha256 of the local files."""
     paths = sorted(p for p in Path(folder).iterdir() if p.is_file())
     api = hub_api(endpoint, token)
     with bounded_waits(timeout):
@@ -152,10 +130,9 @@ def verify_upload(
         entry = remote.get(path.name)
         if not isinstance(entry, RepoFile):
             mismatched.append(f"{path.name} (missing)")
-        elif entry.lfs is not None:
-            if entry.lfs.sha256 != hashes[path.name]:
-                mismatched.append(f"{path.name} (sha256 {entry.lfs.sha256})")
-        elif entry.blob_id != git_hash(path.read_bytes()):  # a small file, stored in git itself
+        elif entry.lfs is not None and entry.lfs.sha256 != hashes[path.name]:
+            mismatched.append(f"{path.name} (sha256 {entry.lfs.sha256})")
+        elif entry.lfs is None and entry.blob_id != git_hash(path.read_bytes()):  # a small file, stored in git
             mismatched.append(f"{path.name} (git blob {entry.blob_id})")
     if mismatched:
         raise VerificationError(f"commit {revision} of {repo_id} was created, but the Hub holds other content "

@@ -1,13 +1,5 @@
-"""Publishing a training run to the Hugging Face Hub in timm's own format, so that ``hf-hub:`` loads it with timm
-alone: the repo's files staged in a folder (or written to a new local one), one commit, and what a failed
-upload leaves on the Hub.
-
-Everything that can be checked is checked before the upload (the weights fit config.json; an ONNX file computes
-what the weights compute), and after it every file's hash is compared with what the Hub reports, without a
-download: those checks, and loading a run folder, are ``sdzoo.hub.load``; this module re-exports their names.
-Error messages say what state the repo is left in and never contain the token. Which weights are published,
-and the cfgs that point at them, live in ``sdzoo.files.pretrained``.
-"""
+"""Publishing a run folder to the Hugging Face Hub in timm's own format (``hf-hub:`` loads it with timm alone):
+the repo's files staged, one commit, and what a failed upload leaves on the Hub, said in each error."""
 from __future__ import annotations
 
 import errno
@@ -22,34 +14,28 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from sdzoo.export.depth import PRUNING_NAME
+from sdzoo.export.onnx_export import MAX_INPUT_SIDE, read_metadata
 from sdzoo.files.checks import check_input_size, check_seconds
 from sdzoo.files.disk import PathLike
+from sdzoo.files.hf_config import write_config
 from sdzoo.files.hub_http import (
     DEFAULT_TIMEOUT, bounded_waits, describe_error, http_error, hub_api, is_timeout, scrub_token)
 from sdzoo.files.run_folder import CONFIG_NAME, CURVES_NAME, METRICS_NAME, ONNX_NAME, SUMMARY_NAME, WEIGHTS_NAME
 from sdzoo.files.weights import save_weights
-from sdzoo.export.depth import PRUNING_NAME
-from sdzoo.files.hf_config import write_config
-from sdzoo.hub.load import (
+from sdzoo.hub.load import (  # noqa: F401  (re-exported)
     CheckpointMismatchError, HubError, LoadedRun, VerificationError, check_onnx_matches, file_sha256, load_run,
     verify_upload)
-from sdzoo.training.metrics_plot import read_metrics
 from sdzoo.hub.model_card import published_summary, render_model_card
+from sdzoo.training.metrics_plot import read_metrics
 from sdzoo.training.run_record import METRICS_KEYS
-from sdzoo.export.onnx_export import MAX_INPUT_SIDE, read_metadata
-
-__all__ = [
-    "HubError", "MissingTokenError", "CheckpointMismatchError", "UploadError", "VerificationError",
-    "LoadedRun", "PublishResult", "DEFAULT_TIMEOUT", "check_repo_id", "resolve_token", "load_run",
-    "stage_hub_folder", "write_hub_folder", "upload_hub_folder", "verify_upload", "publish",
-]
 
 _logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
+COMMITTING = "uploading and committing the files"
 # What each file of a published repo is, for the model card's list of files.
 FILE_NOTES = {
     WEIGHTS_NAME: "the weights (safetensors)",
@@ -81,9 +67,8 @@ class PublishResult:
     card: str = ""  # the README.md that was published or written
 
 
-# -- arguments ------------------------------------------------------------------------------------------
 def check_repo_id(repo_id: str) -> str:
-    """A Hub model repo id, ``owner/name``: letters, digits, '-', '_', '.', at most 96 characters."""
+    """A Hub model repo id, ``owner/name``, as huggingface_hub validates it, and not ending in '.git'."""
     allowed = ("repo_id must be 'owner/name' (a user or organisation, then the repo name; letters, digits, "
                "'-', '_' and '.', no '--' or '..', at most 96 characters)")
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
@@ -97,35 +82,21 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def resolve_token(token: Optional[str] = None) -> str:
-    """The token to write with: the argument, else HF_TOKEN, else the stored login."""
-    token = token or get_token()
-    if not token:
-        raise MissingTokenError(
-            "no Hugging Face token: set the HF_TOKEN environment variable or log in with `hf auth login` "
-            "(a token with write access to the repo's owner); --local-dir writes the folder without one")
-    return token
-
-
 # -- the Hub folder -------------------------------------------------------------------------------------
 def run_folder_file(folder: PathLike, name: str) -> Optional[Path]:
-    """``folder/name`` if it is there, refusing anything but a regular file inside the folder: a symbolic link
-    (to a private file, say) or a special file is never read, let alone published."""
+    """``folder/name`` if it is there and a regular file: a symbolic link (to a private file, say) or a special
+    file of the run folder is never read, let alone published."""
     path = Path(folder) / name
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(mode):
+    if path.is_symlink():
         raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}): only regular files inside the run "
                          "folder are published; put the file itself there (or name it with --onnx / --curves)")
-    if not stat.S_ISREG(mode):
+    if path.exists() and not path.is_file():
         raise ValueError(f"{path} is not a regular file: only regular files inside the run folder are published")
-    return path
+    return path if path.exists() else None
 
 
 def _copy_without_links(src: Path, dst: Path) -> None:
-    """Copy a run folder's file, refusing it if it became a link since it was checked (O_NOFOLLOW)."""
+    """Copy a run folder's file, refusing it if it became a link or special file since it was checked."""
     try:
         fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as e:
@@ -136,27 +107,23 @@ def _copy_without_links(src: Path, dst: Path) -> None:
         shutil.copyfileobj(f_in, f_out)
 
 
-def onnx_folded(onnx_path: PathLike) -> Optional[bool]:
-    """What the ONNX file's own metadata says: p_l folded into the weights, not folded, or not said (None)."""
-    value = read_metadata(os.fspath(onnx_path)).get("folded")
-    return {"true": True, "false": False}.get(value)
-
-
-def _extras(run: LoadedRun, onnx: Optional[PathLike], curves: Optional[PathLike]) -> Dict[str, Tuple[Path, bool]]:
-    """Optional files of the repo (name in the repo -> source, whether it is a file of the run folder): ONNX,
-    training curves, per-epoch metrics. Files named by the caller are taken as given."""
+def _extras(run: LoadedRun, onnx: Optional[PathLike], curves: Optional[PathLike],
+            pruned: bool) -> Dict[str, Tuple[Path, bool]]:
+    """Optional files of the repo: name -> (source, whether it is a file of the run folder). A file the caller
+    names is taken as given; pruning.json is a pruned model's (written by the export's --pruned-dir)."""
     for name, given in (("onnx", onnx), ("curves", curves)):
         if given and not Path(given).is_file():
             raise FileNotFoundError(f"{name}: no file at {given}")
     if onnx and Path(onnx).suffix != ".onnx":
         raise ValueError(f"onnx must be a .onnx file; got {onnx}")
     extras = {}
-    for name, given in ((ONNX_NAME, onnx), (CURVES_NAME, curves), (METRICS_NAME, None)):
-        if given:
+    given_files = {ONNX_NAME: onnx, CURVES_NAME: curves}
+    for name in (ONNX_NAME, CURVES_NAME, METRICS_NAME) + ((PRUNING_NAME,) if pruned else ()):
+        if (given := given_files.get(name)):
             extras[name] = (Path(given), False)
         elif (found := run_folder_file(run.path, name)) is not None:
             extras[name] = (found, True)
-    if METRICS_NAME in extras:  # every line a record: a corrupt one is named, never published
+    if METRICS_NAME in extras:  # a corrupt record is named, never published
         try:
             read_metrics(extras[METRICS_NAME][0])
         except (ValueError, UnicodeDecodeError) as e:
@@ -164,18 +131,8 @@ def _extras(run: LoadedRun, onnx: Optional[PathLike], curves: Optional[PathLike]
     return extras
 
 
-def _keep_published_metrics(path: Path) -> None:
-    """Rewrite metrics.jsonl as published: each record with only the keys the trainer writes (``METRICS_KEYS``),
-    so that nothing else a run folder's log was given (a token, a path) is published."""
-    lines = [json.dumps({k: v for k, v in record.items() if k in METRICS_KEYS}) + "\n" for record in read_metrics(path)]
-    path.write_text("".join(lines), encoding="utf-8")
-
-
-def _pruning(run: LoadedRun) -> Optional[Dict]:
-    """A pruned model's measurements, pruning.json of its folder (written by the export's --pruned-dir)."""
-    path = run_folder_file(run.path, PRUNING_NAME)
-    if path is None:
-        return None
+def _read_pruning(path: Path) -> Dict:
+    """A pruned model's measurements (pruning.json)."""
     try:
         pruning = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -189,69 +146,49 @@ def stage_hub_folder(run: LoadedRun, folder: PathLike, repo_id: str, onnx: Optio
                      curves: Optional[PathLike] = None, card_template: Optional[str] = None) -> List[str]:
     """Write the repo's files into ``folder`` (an empty directory); returns their names."""
     folder = Path(folder)
-    # Only what the card reads is published of summary.json, each value of the type it must be. A pruned model
-    # publishes none: a run's summary holds the full model's results (sdzoo.prune), pruning.json its own.
+    # A pruned model publishes no summary: the run's is the full model's (sdzoo.prune), pruning.json its own.
     pruned = getattr(run.model, "pruned_from", None) is not None
     summary = None if run.summary is None or pruned else \
         published_summary(run.summary, where=str(run.path / SUMMARY_NAME))
-    extras = _extras(run, onnx, curves)
-    pruning = _pruning(run) if pruned else None
-    if pruning is not None:
-        extras[PRUNING_NAME] = (run.path / PRUNING_NAME, True)
+    extras = _extras(run, onnx, curves, pruned)
+    pruning = _read_pruning(extras[PRUNING_NAME][0]) if PRUNING_NAME in extras else None
     folded = None
     if ONNX_NAME in extras:
         _logger.info(f"Checking {extras[ONNX_NAME][0]} against the weights with onnxruntime")
         check_onnx_matches(run, extras[ONNX_NAME][0])
-        folded = onnx_folded(extras[ONNX_NAME][0])
-    # timm's own Hub format: safetensors weights (with their survival settings in the metadata) and a
-    # config.json that carries the model arguments, written to load in transformers too.
-    unverified = _unverified_settings(run)
+        folded = {"true": True, "false": False}.get(read_metadata(extras[ONNX_NAME][0]).get("folded"))
+    # Weights that record no survival settings cannot be checked against config.json's, and the published ones
+    # will record those as their own: said on the command line and on the card.
+    provenance = getattr(run.model, "weights_provenance", None)
+    unverified = provenance is not None and provenance.recorded is None
+    if unverified:
+        _logger.warning(f"warning: {run.path / WEIGHTS_NAME} records no survival settings (it was written without "
+                        f"sdzoo's metadata): those of {run.path / CONFIG_NAME} cannot be checked against the "
+                        "weights, and the published model.safetensors records them as its own; the card says so")
     config = write_config(folder / CONFIG_NAME, run.model)
-    _check_input_size(run, config)
+    size = (config.get("pretrained_cfg") or {}).get("input_size")
+    if size is not None:
+        try:
+            check_input_size("input_size", size, max_side=MAX_INPUT_SIDE)
+        except ValueError as e:
+            raise ValueError(f"{run.path / CONFIG_NAME}: pretrained_cfg {e}; it would be published as the model's "
+                             "input size, which the export refuses") from None
     save_weights(folder / WEIGHTS_NAME, run.model)
     for name, (src, in_run_folder) in extras.items():
-        if in_run_folder:
-            _copy_without_links(src, folder / name)
-        else:
-            shutil.copyfile(src, folder / name)
-        if name == METRICS_NAME:
-            _keep_published_metrics(folder / name)  # the copy, read through no link
+        (_copy_without_links if in_run_folder else shutil.copyfile)(src, folder / name)
+    if METRICS_NAME in extras:  # only the keys the trainer writes: nothing else a log was given (a token, a path)
+        records = read_metrics(folder / METRICS_NAME)  # the copy, read through no link
+        (folder / METRICS_NAME).write_text("".join(json.dumps({k: v for k, v in r.items() if k in METRICS_KEYS})
+                                                   + "\n" for r in records), encoding="utf-8")
     if summary is not None:
-        with open(folder / SUMMARY_NAME, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     files = sorted([WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *extras] + ([SUMMARY_NAME] if summary is not None else []))
     card = render_model_card(
         repo_id, config, summary, block_probs=run.model.block_survival_probs(),
         num_params=sum(p.numel() for p in run.model.parameters()), files=files, file_notes=FILE_NOTES,
-        template=card_template, onnx_folded=folded, unverified_settings=unverified,
-        pruning=pruning)
+        template=card_template, onnx_folded=folded, unverified_settings=unverified, pruning=pruning)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return files
-
-
-def _unverified_settings(run: LoadedRun) -> bool:
-    """Whether the run's weights file recorded no survival settings: those of its config.json could not be
-    checked against the weights, and the published file records them as its own. Said on the command line
-    (a warning) and on the card."""
-    provenance = getattr(run.model, "weights_provenance", None)
-    if provenance is None or provenance.recorded is not None:
-        return False
-    _logger.warning(f"warning: {run.path / WEIGHTS_NAME} records no survival settings (it was written without "
-                    f"sdzoo's metadata): those of {run.path / CONFIG_NAME} cannot be checked against the weights, "
-                    "and the published model.safetensors records them as its own; the card says so")
-    return True
-
-
-def _check_input_size(run: LoadedRun, config: Dict) -> None:
-    """The published config's input size must be one the project's own export takes (``MAX_INPUT_SIDE``)."""
-    size = (config.get("pretrained_cfg") or {}).get("input_size")
-    if size is None:
-        return
-    try:
-        check_input_size("input_size", size, max_side=MAX_INPUT_SIDE)
-    except ValueError as e:
-        raise ValueError(f"{run.path / CONFIG_NAME}: pretrained_cfg {e}; it would be published as the model's "
-                         "input size, which the export refuses") from None
 
 
 def write_hub_folder(run: LoadedRun, out_dir: PathLike, repo_id: str, **kwargs) -> List[str]:
@@ -260,8 +197,9 @@ def write_hub_folder(run: LoadedRun, out_dir: PathLike, repo_id: str, **kwargs) 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"local_dir {out_dir} exists and is not an empty folder; choose a new one")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    # the staging folder is removed whatever happens; once renamed into place, there is nothing left to remove
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent,
+                                     ignore_cleanup_errors=True) as staging:
         files = stage_hub_folder(run, staging, repo_id, **kwargs)
         try:
             if out_dir.exists():
@@ -271,51 +209,36 @@ def write_hub_folder(run: LoadedRun, out_dir: PathLike, repo_id: str, **kwargs) 
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             raise FileExistsError(
-                f"local_dir {out_dir} was filled by another process while this one prepared its files; nothing of "
-                "this one was written there (its files are left as the other process wrote them): choose a new "
+                f"local_dir {out_dir} was filled by another process while this one prepared its files; nothing "
+                "of this one was written there (its files are left as the other process wrote them): choose a new "
                 "folder") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return files
 
 
 # -- upload and rollback --------------------------------------------------------------------------------
-def _upload_error(repo_id: str, step: str, error: BaseException, token: str, state: str) -> UploadError:
+def _advice(error: BaseException, repo_id: str) -> str:
     http = http_error(error)
     status = http.response.status_code if http is not None else None
-    if status == 401:
-        advice = "the Hub refused the token: check HF_TOKEN or `hf auth login`"
-    elif status == 403:
-        advice = f"the token cannot write to {repo_id.split('/')[0]!r}"
-    elif is_timeout(error) and "asked to wait" in str(error):
-        advice = "rerun once the Hub is less busy (or with a --timeout that covers the wait)"
-    elif is_timeout(error):
-        advice = "the Hub did not answer in time (--timeout); rerun to retry"
-    else:
-        advice = "rerun to retry"
-    return UploadError(scrub_token(f"uploading to {repo_id} failed while {step}: {describe_error(error)}; "
-                                   f"{advice}. {state}", token))
+    if status in (401, 403):
+        return ("the Hub refused the token: check HF_TOKEN or `hf auth login`" if status == 401 else
+                f"the token cannot write to {repo_id.split('/')[0]!r}")
+    if is_timeout(error):
+        return ("rerun once the Hub is less busy (or with a --timeout that covers the wait)"
+                if "asked to wait" in str(error) else "the Hub did not answer in time (--timeout); rerun to retry")
+    return "rerun to retry"
 
 
-def upload_hub_folder(
-        folder: PathLike,
-        repo_id: str,
-        token: str,
-        private: bool = False,
-        commit_message: Optional[str] = None,
-        endpoint: Optional[str] = None,
-        timeout: float = DEFAULT_TIMEOUT,
-):
-    """Create the repo if needed and upload ``folder`` to its main branch with ``HfApi.upload_folder``: one
-    commit for a folder this size (timm's ``push_to_hf_hub`` does the same).
+def upload_hub_folder(folder: PathLike, repo_id: str, token: str, private: bool = False,
+                      commit_message: Optional[str] = None, endpoint: Optional[str] = None,
+                      timeout: float = DEFAULT_TIMEOUT):
+    """Create the repo if needed and upload ``folder`` to main in one commit (``HfApi.upload_folder``, as timm's
+    ``push_to_hf_hub``), each request ending within ``timeout`` seconds.
 
-    Each request ends within ``timeout`` seconds. When the upload fails, the error says what the Hub holds:
-    after a failed commit call the Hub is asked whether main moved (and whether it holds these files); what
-    cannot be known is said to be unknown. A repo is deleted again only when this call can prove that it made
-    it (the Hub answered its create request with a new repo, not with 409) and that main still holds nothing
-    but the commit the Hub made with it: another publisher's repo, or its commit, is never deleted."""
-    folder = Path(folder)
+    When it fails, the error says what the Hub holds, asked of the Hub where it can. A repo is deleted again only
+    when this call provably made it (the Hub answered its create request, not with 409) and the Hub says that main
+    is still at the commit read after creating it: another publisher's repo, or commit, is never deleted."""
+    paths = [p for p in Path(folder).iterdir() if p.is_file()]
+    size = sum(p.stat().st_size for p in paths) / 2**20
     api = hub_api(endpoint, token)
     step, created, before = "checking whether the repo exists", False, None
     with bounded_waits(timeout):
@@ -331,29 +254,24 @@ def upload_hub_folder(
             if existed and private and not info.private:
                 raise UploadError(f"{repo_id} exists and is public; --private does not change an existing repo's "
                                   "visibility (change it on the Hub, or publish to a new repo)")
-            before = info.sha
-            paths = sorted(p for p in folder.iterdir() if p.is_file())
-            size = sum(p.stat().st_size for p in paths) / 2**20
             _logger.info(f"Uploading {len(paths)} files ({size:.1f} MiB) to {repo_id} in one commit "
                          f"(each request ends within {timeout:g} s)")
-            step = "uploading and committing the files"
+            before, step = info.sha, COMMITTING
             return api.upload_folder(repo_id=repo_id, folder_path=folder, parent_commit=before,
                                      commit_message=commit_message or "Upload model with sdzoo")
         except Exception as e:  # noqa: BLE001  HTTP, connection and storage errors alike
-            if step == "uploading and committing the files":
+            state = "Nothing was committed: no commit request was sent."
+            if step == COMMITTING:
                 state = _state_after_failed_commit(api, folder, repo_id, before, token, timeout)
-                if created and state.startswith("Nothing was committed"):
-                    state = _delete_created_repo(api, repo_id, before)
-            elif created:
-                state = _delete_created_repo(api, repo_id, before)
-            elif step == "creating the repo" and http_error(e) is None:
+            elif step == "creating the repo" and not created and http_error(e) is None:
                 state = (f"Nothing was committed, but the Hub's answer to creating {repo_id} was lost: the repo may "
                          f"or may not exist now (empty); look at {api.endpoint}/{repo_id}.")
-            else:
-                state = "Nothing was committed: no commit request was sent."
+            if created and state.startswith("Nothing was committed"):  # main, if read, is still the first commit
+                state = _delete_created_repo(api, repo_id, before)
             if isinstance(e, UploadError):
                 raise UploadError(f"{e} {state}") from None
-            raise _upload_error(repo_id, step, e, token, state) from e
+            raise UploadError(scrub_token(f"uploading to {repo_id} failed while {step}: {describe_error(e)}; "
+                                          f"{_advice(e, repo_id)}. {state}", token)) from e
 
 
 def _create_repo(api: HfApi, repo_id: str, private: bool) -> bool:
@@ -362,17 +280,17 @@ def _create_repo(api: HfApi, repo_id: str, private: bool) -> bool:
         api.create_repo(repo_id, private=private, exist_ok=False)
     except Exception as e:  # noqa: BLE001
         http = http_error(e)
-        if http is not None and http.response.status_code == 409:
-            _logger.info(f"{repo_id} exists after all (created by another publisher meanwhile?): uploading to it")
-            return False
-        raise
+        if http is None or http.response.status_code != 409:
+            raise
+        _logger.info(f"{repo_id} exists after all (created by another publisher meanwhile?): uploading to it")
+        return False
     return True
 
 
 def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: str, token: str,
                                timeout: float) -> str:
-    """What the Hub holds after a failed upload, asked of the Hub (each request bounded): main as before,
-    main moved to a commit holding these files, main moved to other files, or unknown."""
+    """What the Hub holds after a failed commit, asked of it: main as before, moved to a commit holding these
+    files, moved to other files, or unknown."""
     look = f"look at {api.endpoint}/{repo_id}/commits/main before you retry"
     try:
         now = api.model_info(repo_id).sha
@@ -391,21 +309,12 @@ def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: s
 
 
 def _delete_created_repo(api: HfApi, repo_id: str, created_at: Optional[str]) -> str:
-    """A first upload that failed leaves no repo behind, when it can prove that the repo holds nothing but the
-    commit the Hub made when this upload created it (``created_at``: main then). What state the repo is left in."""
+    """Delete the repo this upload created, once the Hub said that main is still at its first commit
+    (``created_at``); returns what state the repo is left in."""
     kept = f"The repo {repo_id}, which this upload created, is kept"
     if created_at is None:
         return (f"{kept}: this upload failed before it could read the repo's first commit, so it cannot prove that "
                 "nobody else committed to it since; look at it on the Hub, delete it or rerun to fill it.")
-    try:
-        info = api.model_info(repo_id)
-    except Exception as e:  # noqa: BLE001
-        return (f"{kept}: asking the Hub where main is failed ({describe_error(e)}), so this upload cannot prove "
-                "that nobody else committed to it; look at it on the Hub, delete it or rerun to fill it.")
-    files = sorted(s.rfilename for s in info.siblings or [])
-    if info.sha != created_at or set(files) - {".gitattributes"}:
-        return (f"{kept}: main is at {info.sha} and holds {', '.join(files) or 'no file'}, commits this upload did "
-                "not make (another publisher's): it is left as it is.")
     try:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as e:  # noqa: BLE001
@@ -415,41 +324,31 @@ def _delete_created_repo(api: HfApi, repo_id: str, created_at: Optional[str]) ->
             "commit): the Hub holds nothing of it.")
 
 
-def publish(
-        model_dir: PathLike,
-        repo_id: str,
-        *,
-        local_dir: Optional[PathLike] = None,
-        token: Optional[str] = None,
-        private: bool = False,
-        commit_message: Optional[str] = None,
-        onnx: Optional[PathLike] = None,
-        curves: Optional[PathLike] = None,
-        card_template: Optional[str] = None,
-        endpoint: Optional[str] = None,
-        timeout: float = DEFAULT_TIMEOUT,
-) -> PublishResult:
+def publish(model_dir: PathLike, repo_id: str, *, local_dir: Optional[PathLike] = None, token: Optional[str] = None,
+            private: bool = False, commit_message: Optional[str] = None, onnx: Optional[PathLike] = None,
+            curves: Optional[PathLike] = None, card_template: Optional[str] = None, endpoint: Optional[str] = None,
+            timeout: float = DEFAULT_TIMEOUT) -> PublishResult:
     """Publish a run folder to ``repo_id`` and check it by hash, or write the repo folder to ``local_dir``.
-
-    Everything that can be checked locally is checked before any upload: the repo id, the token, that the
-    weights fit the architecture, the summary, the extra files.
-    """
+    Everything that can be checked locally is checked before any upload."""
     check_repo_id(repo_id)
     check_seconds("timeout", timeout)  # before any work, not at the first request
     if local_dir is None:
-        token = resolve_token(token)
+        token = token or get_token()  # the argument, else HF_TOKEN, else the stored login
+        if not token:
+            raise MissingTokenError(
+                "no Hugging Face token: set the HF_TOKEN environment variable or log in with `hf auth login` "
+                "(a token with write access to the repo's owner); --local-dir writes the folder without one")
     for name in (CONFIG_NAME, WEIGHTS_NAME, SUMMARY_NAME):  # nothing behind a link is read, let alone published
         run_folder_file(model_dir, name)
     _logger.info(f"Loading the run in {model_dir}")
     run = load_run(model_dir)
     stage_kwargs = dict(onnx=onnx, curves=curves, card_template=card_template)
     if local_dir is not None:
-        files = write_hub_folder(run, local_dir, repo_id, **stage_kwargs)
         local_dir = Path(local_dir)
+        files = write_hub_folder(run, local_dir, repo_id, **stage_kwargs)
         _logger.info(f"Wrote {', '.join(files)} to {local_dir}")
         return PublishResult(repo_id, {f: file_sha256(local_dir / f) for f in files}, local_dir=local_dir,
                              card=(local_dir / CARD_NAME).read_text(encoding="utf-8"))
-
     with tempfile.TemporaryDirectory(prefix="sdzoo-hub-") as staging:
         stage_hub_folder(run, staging, repo_id, **stage_kwargs)
         card = (Path(staging) / CARD_NAME).read_text(encoding="utf-8")
