@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
@@ -24,7 +23,7 @@ from sdzoo.export.latency import compare_latency, format_latency
 from sdzoo.export.onnx_export import (
     DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, check_opset, export_onnx, onnx_metadata, quantize_int8)
 from sdzoo.files.checks import check_seconds, error_line
-from sdzoo.files.disk import save_json
+from sdzoo.files.disk import save_json, staged_folder
 from sdzoo.files.hf_config import model_kwargs_of_config, write_config
 from sdzoo.files.run_folder import CONFIG_NAME, WEIGHTS_NAME, read_run_config
 from sdzoo.files.weights import (
@@ -415,17 +414,10 @@ def write_pruned_dir(args: argparse.Namespace, model: torch.nn.Module, splits, i
     """The pruned model as a model folder with pruning.json, its measurements: what sdzoo push publishes."""
     row = describe(model, args.output, splits["test"], input_size, args.bench_seconds)
     folder = args.pruned_dir
-    staging = tempfile.mkdtemp(prefix=".pruned-", dir=os.path.dirname(os.path.abspath(folder)))
-    try:
+    with staged_folder(folder) as staging:
         save_weights(os.path.join(staging, WEIGHTS_NAME), model)
         write_config(os.path.join(staging, CONFIG_NAME), model)
         save_json(os.path.join(staging, PRUNING_NAME), dict(row, test_images=len(splits["test"][1])))
-        if os.path.isdir(folder):
-            os.rmdir(folder)  # empty (checked before): replaced by the staged folder
-        os.rename(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"wrote {folder}: the pruned model (test accuracy {row['acc_torch']:.2f}% in PyTorch, "
           f"{row['acc_ort']:.2f}% in onnxruntime on {len(splits['test'][1])} test images); publish it with "
           f"sdzoo push --model {folder} --onnx {args.output}")

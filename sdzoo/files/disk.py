@@ -4,10 +4,12 @@ in place."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, List, Union
 
@@ -46,6 +48,29 @@ def staged_file(path: PathLike) -> Iterator[str]:
         if os.path.exists(temp):
             os.remove(temp)
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def staged_folder(path: PathLike) -> Iterator[str]:
+    """A temporary folder next to ``path`` that becomes ``path`` when the block succeeds (onto nothing or an
+    empty folder, never onto another's files) and is removed otherwise."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=parent)
+    try:
+        yield staging
+        if os.path.isdir(path):
+            os.rmdir(path)  # an empty folder only: OSError if another process has filled it
+        os.rename(staging, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise FileExistsError(
+            f"{path} was filled by another process while this one prepared its files; nothing of this one was "
+            "written there (its files are left as the other process wrote them): choose a new folder") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed into place
 
 
 def remove_abandoned_temporaries(path: PathLike) -> List[str]:
