@@ -537,3 +537,43 @@ def test_weights_without_sdzoo_metadata_are_published_saying_so(run, tmp_path, c
         hub.publish(tmp_path / "bare", "tester/r20", local_dir=tmp_path / "again")  # sdzoo's weights, recorded
     assert "records no survival settings" not in caplog.text
     assert "recorded no survival settings" not in (tmp_path / "again" / "README.md").read_text()
+
+
+class _RacedHub:
+    """An HfApi stand-in: this upload creates the repo, another publisher commits its model before main is read,
+    then this upload's commit fails on the network."""
+
+    endpoint = "http://hub.invalid"
+
+    def __init__(self, files):
+        self.files, self.deleted = files, False
+
+    def repo_exists(self, repo_id):
+        return False
+
+    def create_repo(self, repo_id, private, exist_ok):
+        return None
+
+    def model_info(self, repo_id):
+        return huggingface_hub.hf_api.ModelInfo(id=repo_id, sha="a" * 40, private=False,
+                                                siblings=[{"rfilename": name} for name in self.files])
+
+    def upload_folder(self, **kwargs):
+        raise ConnectionError("connection reset")
+
+    def delete_repo(self, repo_id, missing_ok):
+        self.deleted = True
+
+
+@pytest.mark.parametrize("files, deleted", [([".gitattributes"], True),
+                                            ([".gitattributes", "model.safetensors"], False)])
+def test_a_failed_first_upload_deletes_its_repo_only_when_nobody_else_committed_to_it(tmp_path, monkeypatch, files,
+                                                                                     deleted):
+    (tmp_path / "config.json").write_text("{}")
+    api = _RacedHub(files)
+    monkeypatch.setattr(hub, "hub_api", lambda endpoint, token: api)
+    with pytest.raises(hub.UploadError) as info:
+        hub.upload_hub_folder(tmp_path, "tester/raced", TOKEN, timeout=5)
+    assert api.deleted is deleted
+    expected = "was deleted again" if deleted else "commits this upload did not make (another publisher's)"
+    assert expected in str(info.value), str(info.value)

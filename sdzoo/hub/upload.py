@@ -2,7 +2,6 @@
 the repo's files staged, one commit, and what a failed upload leaves on the Hub, said in each error."""
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from sdzoo.export.depth import PRUNING_NAME
 from sdzoo.export.onnx_export import MAX_INPUT_SIDE, read_metadata
 from sdzoo.files.checks import check_input_size, check_seconds
-from sdzoo.files.disk import PathLike
+from sdzoo.files.disk import PathLike, staged_folder
 from sdzoo.files.hf_config import write_config
 from sdzoo.files.hub_http import (
     DEFAULT_TIMEOUT, bounded_waits, describe_error, http_error, hub_api, is_timeout, scrub_token)
@@ -196,22 +195,8 @@ def write_hub_folder(run: LoadedRun, out_dir: PathLike, repo_id: str, **kwargs) 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"local_dir {out_dir} exists and is not an empty folder; choose a new one")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # the staging folder is removed whatever happens; once renamed into place, there is nothing left to remove
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent,
-                                     ignore_cleanup_errors=True) as staging:
+    with staged_folder(out_dir) as staging:
         files = stage_hub_folder(run, staging, repo_id, **kwargs)
-        try:
-            if out_dir.exists():
-                out_dir.rmdir()
-            os.rename(staging, out_dir)  # onto nothing or an empty folder; never onto another's files
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            raise FileExistsError(
-                f"local_dir {out_dir} was filled by another process while this one prepared its files; nothing "
-                "of this one was written there (its files are left as the other process wrote them): choose a new "
-                "folder") from None
     return files
 
 
@@ -266,7 +251,7 @@ def upload_hub_folder(folder: PathLike, repo_id: str, token: str, private: bool 
             elif step == "creating the repo" and not created and http_error(e) is None:
                 state = (f"Nothing was committed, but the Hub's answer to creating {repo_id} was lost: the repo may "
                          f"or may not exist now (empty); look at {api.endpoint}/{repo_id}.")
-            if created and state.startswith("Nothing was committed"):  # main, if read, is still the first commit
+            if created and state.startswith("Nothing was committed"):  # deleted only if it holds nobody's commit
                 state = _delete_created_repo(api, repo_id, before)
             if isinstance(e, UploadError):
                 raise UploadError(f"{e} {state}") from None
@@ -309,12 +294,23 @@ def _state_after_failed_commit(api: HfApi, folder: Path, repo_id: str, before: s
 
 
 def _delete_created_repo(api: HfApi, repo_id: str, created_at: Optional[str]) -> str:
-    """Delete the repo this upload created, once the Hub said that main is still at its first commit
-    (``created_at``); returns what state the repo is left in."""
+    """A first upload that failed leaves no repo behind, when it can prove, by asking the Hub right before the
+    delete, that the repo holds nothing but the commit the Hub made when this upload created it (``created_at``).
+    Main still at ``created_at`` is not enough: another publisher may have committed before it was read. Returns
+    what state the repo is left in."""
     kept = f"The repo {repo_id}, which this upload created, is kept"
     if created_at is None:
         return (f"{kept}: this upload failed before it could read the repo's first commit, so it cannot prove that "
                 "nobody else committed to it since; look at it on the Hub, delete it or rerun to fill it.")
+    try:
+        info = api.model_info(repo_id)
+    except Exception as e:  # noqa: BLE001
+        return (f"{kept}: asking the Hub where main is failed ({describe_error(e)}), so this upload cannot prove "
+                "that nobody else committed to it; look at it on the Hub, delete it or rerun to fill it.")
+    files = sorted(s.rfilename for s in info.siblings or [])
+    if info.sha != created_at or set(files) - {".gitattributes"}:
+        return (f"{kept}: main is at {info.sha} and holds {', '.join(files) or 'no file'}, commits this upload did "
+                "not make (another publisher's): it is left as it is.")
     try:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as e:  # noqa: BLE001
