@@ -168,6 +168,7 @@ WRONG_VALUES = [
     (_set(("best", "val_error"), "5.0"), "best['val_error'] must be None or a %"),
     (_set(("optimizer", "param_groups", 0, "lr"), "0.1"), "the optimizer state's setting 'lr'"),
     (_set(("optimizer", "param_groups", 0, "momentum"), "0.9"), "the optimizer state's setting 'momentum'"),
+    (_set(("optimizer", "param_groups", 0, "initial_lr"), [0.1]), "the optimizer state's setting 'initial_lr'"),
     (_set(("scheduler", "milestones"), "garbage"), "the scheduler state's 'milestones'"),
     (_set(("totals", "seen"), [1, 2]), "totals['seen']"),
     (_set(("rng", "gates"), -5), "rng['gates'] must be the gates' step"),

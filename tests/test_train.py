@@ -26,7 +26,7 @@ from sdzoo.files.run_folder import CheckpointError, lock_run_folder
 from sdzoo.training.data import load_digits_split
 from sdzoo.training.metrics_plot import epoch_records, evaluations, read_metrics
 from sdzoo.training.resume import resolve_settings
-from sdzoo.training.settings import Settings, build_parser
+from sdzoo.training.settings import Settings, TrainError, build_parser
 from sdzoo.training.train import (
     Dist, Diverged, GateLog, build_optimizer, build_scheduler, main, train, train_step, use_sync_batchnorm)
 
@@ -552,3 +552,15 @@ def test_a_constant_depth_run_counts_every_block_as_run():
     assert log.depth() == 9.0 and log.line() == " ".join(["1"] * 9)
     gated = timm.create_model("sd_resnet20_cifar", num_classes=10, survival_prob=0.5).train()
     assert math.isnan(GateLog(gated.gate_sampler).depth())  # gates on, no step yet: nothing to count
+
+
+@pytest.mark.parametrize("output", [".", "/"])
+def test_an_output_folder_without_a_parent_is_checked_like_any_other(tmp_path, monkeypatch, output):
+    """`--output .` ended in a StopIteration traceback: "." and "/" have no parents to look at."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        settings, checkpoint = resolve_settings(build_parser().parse_args(["--dataset", "digits", "--output", output]))
+    except TrainError as e:  # "/" holds no run, but may be a folder this user cannot write
+        assert output == "/" and "--output" in str(e), e
+    else:
+        assert settings.output == output and checkpoint is None

@@ -193,6 +193,8 @@ class InMemoryData(_Data):
                      device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
         data = getattr(self, split)
         part = _shard(len(data), rank, world)
+        if not part:  # split() of nothing yields one empty batch; a compiled model would recompile for it
+            return
         for x, y in zip(data.images[part.start:part.stop].split(batch_size),
                         data.labels[part.start:part.stop].split(batch_size)):
             yield normalize(x.to(device, non_blocking=True), self.mean, self.std), y.to(device, non_blocking=True)
@@ -327,7 +329,9 @@ def fashion_mnist_folder(spec: DatasetSpec, data_dir: Optional[str]) -> str:
     """The folder of the four idx files: ``data_dir`` or torchvision's layout under it; without a ``data_dir``,
     the default data folder (the same two places) or the system package's folder."""
     root = os.path.expanduser(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
-    places = [root, os.path.join(root, spec.files), *([spec.system_dir] if data_dir is None else [])]
+    places = [root, os.path.join(root, spec.files)]
+    if data_dir is None and spec.system_dir:
+        places.append(spec.system_dir)
     names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
     for place in places:
         missing = [name for name in names if not _idx_path(place, name)]

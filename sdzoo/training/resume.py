@@ -236,8 +236,8 @@ def _states_problem(model: Any, optimizer: Any, scheduler: Any) -> Optional[str]
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         return "the model state must be a state dict (names to tensors)"
     template_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
-    group_template = template_optimizer.state_dict()["param_groups"][0]
     scheduler_template = torch.optim.lr_scheduler.MultiStepLR(template_optimizer, milestones=[1]).state_dict()
+    group_template = template_optimizer.state_dict()["param_groups"][0]  # after the scheduler: with initial_lr
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or \
             not isinstance(optimizer.get("param_groups"), list) or not optimizer["param_groups"]:
         return "the optimizer state must hold state and param_groups"

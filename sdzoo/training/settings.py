@@ -249,8 +249,8 @@ def _check_new_run_folder(output: str) -> None:
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise TrainError(f"--output {output} is a file; give a folder (the run folder)")
-    parent = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
-    if not parent.is_dir():
+    parent = next((p for p in path.parents if p.exists()), None)  # None for "." or "/", which have no parent
+    if parent is not None and not parent.is_dir():
         raise TrainError(f"--output {output}: {parent} is a file, not a folder")
     if not path.is_dir():
         return

@@ -312,28 +312,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings, code = None, 0
-    try:
-        settings, checkpoint = resolve_settings(args)
-        message = done_line(train(settings, checkpoint), settings)
-    except Diverged as e:
-        code, message = EXIT_DIVERGED, f"{parser.prog}: stopped: {e}"
-    except (TrainError, DataError, CheckpointError, RunFolderBusy) as e:
-        code, message = EXIT_USAGE, f"{parser.prog}: error: {e}"
-    except OSError as e:  # disk full, a file limit, no permission: the files written before are intact
-        where = f" ({e.filename})" if e.filename else ""
-        code, message = EXIT_USAGE, (
-            f"{parser.prog}: error: cannot write the run folder{where}: {e.strerror or e}; the files written "
-            "before are intact (continue with --resume once there is room)")
-    except KeyboardInterrupt:
-        checkpoint_path = settings and Path(settings.output) / CHECKPOINT_NAME
-        if checkpoint_path and checkpoint_path.exists():
-            status = f"the last checkpoint, {checkpoint_path}, is kept (continue with --resume)"
-        else:
-            status = "stopped before the first checkpoint: there is nothing to resume"
-        code, message = EXIT_INTERRUPTED, f"{parser.prog}: interrupted; {status}"
+    try:  # the message before the process group goes: destroying it can hang
+        try:
+            settings, checkpoint = resolve_settings(args)
+            message = done_line(train(settings, checkpoint), settings)
+        except Diverged as e:
+            code, message = EXIT_DIVERGED, f"{parser.prog}: stopped: {e}"
+        except (TrainError, DataError, CheckpointError, RunFolderBusy) as e:
+            code, message = EXIT_USAGE, f"{parser.prog}: error: {e}"
+        except OSError as e:  # disk full, a file limit, no permission: the files written before are intact
+            where = f" ({e.filename})" if e.filename else ""
+            code, message = EXIT_USAGE, (
+                f"{parser.prog}: error: cannot write the run folder{where}: {e.strerror or e}; the files written "
+                "before are intact (continue with --resume once there is room)")
+        except KeyboardInterrupt:
+            checkpoint_path = settings and Path(settings.output) / CHECKPOINT_NAME
+            if checkpoint_path and checkpoint_path.exists():
+                status = f"the last checkpoint, {checkpoint_path}, is kept (continue with --resume)"
+            else:
+                status = "stopped before the first checkpoint: there is nothing to resume"
+            code, message = EXIT_INTERRUPTED, f"{parser.prog}: interrupted; {status}"
+        if os.environ.get("RANK", "0") == "0":
+            print(message, file=sys.stderr if code else sys.stdout)
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr if code else sys.stdout)
     return code
