@@ -1,7 +1,8 @@
 """A real skip for timm's own drop-path models: ``convert_drop_path`` moves every ``shortcut + drop_path(f(x))``
 of a model onto the zoo's gates (``sdzoo.gate``), in place. Each block's forward is traced with torch.fx, the
 branch that feeds each DropPath is found in that graph, and the residual add becomes a call of the gate, in a
-subclass of the block's class used in training only (docs/convert.md, "One mechanism for every block class").
+subclass of the block's class whose forward differs in training only (docs/convert.md, "One mechanism for every
+block class").
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from timm.layers import DropPath, get_notrace_functions
 from timm.layers.drop import drop_path
 
 from sdzoo.files.checks import check_choice, check_fraction, check_input_size, check_int, error_line
+from sdzoo.fold import BATCH_NORMS
 from sdzoo.gate import Branch, GateSampler, ResidualGate
 from sdzoo.internals.torch_private import (FX_ASSERTS, FakeTensorMode, OptimizedModule, fx_output_spec,
                                           tree_unflatten)
@@ -504,9 +506,6 @@ def _call_key_fast(block: nn.Module, args: tuple, kwargs: dict) -> Optional[Tupl
     return tuple(key)
 
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
 @torch.compiler.disable
 def _build_rewrite(block: nn.Module, key: Optional[Tuple[Any, ...]]) -> Optional[_Rewrite]:
     """The rewrite for a kind of call, made at conversion or when a new kind first runs eagerly. Where it cannot
@@ -529,7 +528,7 @@ def _build_rewrite(block: nn.Module, key: Optional[Tuple[Any, ...]]) -> Optional
     else:
         _keep_shortcuts_unchanged(block, sites)
         for site in sites:  # a branch with a BatchNorm keeps 2 samples: one sample's 1x1 map has no statistics
-            if any(isinstance(m, _BATCH_NORMS) for n in site.region if n.op == "call_module"
+            if any(isinstance(m, BATCH_NORMS) for n in site.region if n.op == "call_module"
                    for m in block.get_submodule(n.target).modules()):
                 for index in slots[site.slot].indices:
                     slots[site.slot].sampler.min_kept[index] = 2

@@ -658,3 +658,43 @@ def test_fsdp2_trains_a_converted_model(tmp_path):
         assert r["skipped"] > 0, f"{mode}: nothing was dropped"
         assert r["finite"] and math.isfinite(r["loss"]), mode
 
+
+
+class _TwoExtraInputs(torch.nn.Module):
+    """A block whose branch reads two more inputs after x: ``a`` per sample, ``b`` shared by the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.drop_path = DropPath(0.3)
+
+    def forward(self, x, a, b):
+        return x + self.drop_path(self.fc(x) + a + b)
+
+
+class _CallsPositionally(torch.nn.Module):
+    def __init__(self, keywords: bool):
+        super().__init__()
+        self.keywords = keywords
+        self.blocks = torch.nn.ModuleList([_TwoExtraInputs(), _TwoExtraInputs()])
+        self.pretrained_cfg = {"input_size": (8, 1, 1)}
+
+    def forward(self, x):
+        x = x.flatten(1)
+        a, b = torch.randn(x.shape[0], 8), torch.randn(1, 8)
+        for block in self.blocks:
+            x = block(x=x, a=a, b=b) if self.keywords else block(x, a, b)
+        return x
+
+
+@pytest.mark.parametrize("keywords", [False, True], ids=["positional", "keywords"])
+def test_sample_mode_gathers_each_extra_input_by_its_own_name(keywords):
+    """The probe once paired the parameter names with the arguments after x, so a positional call recorded
+    ``a`` as ``x``'s flag and ``b`` under ``a``: the per-sample input went ungathered and the step failed."""
+    torch.manual_seed(0)
+    model = _CallsPositionally(keywords)
+    sdzoo.convert_drop_path(model, mode="sample", min_drop_rate=0.0)
+    model.train()
+    out = model(torch.randn(8, 8, 1, 1))
+    out.sum().backward()
+    assert out.shape == (8, 8) and model.blocks[0].fc.weight.grad is not None

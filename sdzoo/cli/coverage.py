@@ -272,14 +272,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def main(argv=None, prog: Optional[str] = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    for wrong, message in ((not 0.0 < args.drop_path_rate < 1.0, f"--drop-path-rate must be in (0, 1); got "
-                                                                 f"{args.drop_path_rate}"),
-                           (args.every < 1, f"--every must be a positive integer; got {args.every}"),
-                           (args.time_limit is not None and not args.time_limit > 0,
-                            f"--time-limit must be a positive number of seconds; got {args.time_limit}"),
-                           (args.compile and args.steps < 2, f"--steps must be at least 2; got {args.steps}")):
-        if wrong:
-            parser.error(message)
+    if not 0.0 < args.drop_path_rate < 1.0:
+        parser.error(f"--drop-path-rate must be in (0, 1); got {args.drop_path_rate}")
+    if args.every < 1:
+        parser.error(f"--every must be a positive integer; got {args.every}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        parser.error(f"--time-limit must be a positive number of seconds; got {args.time_limit}")
+    if args.compile and args.steps < 2:
+        parser.error(f"--steps must be at least 2; got {args.steps}")
     if args.json is not None:  # before the survey, which may take an hour
         check_output_path(parser, "--json", args.json)
     torch.set_num_threads(1)

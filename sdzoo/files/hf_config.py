@@ -1,9 +1,10 @@
 """config.json, its one writer and its one reader: a file that both timm and transformers load.
 
 transformers' ``TimmWrapper`` calls ``timm.create_model(architecture, num_classes=config.num_labels, **model_args)``,
-so ``num_classes`` (and ``in_chans``, ``global_pool`` at their defaults) leave the ``model_args`` that timm writes,
-for the top level; so do the class names. Readers take those from model_args, else the top level, else the
-architecture's defaults (``head_args``), so that folders written before keep loading.
+so ``num_classes`` leaves the ``model_args`` that timm writes for the top level, as do ``global_pool`` at its
+default and the class names; ``in_chans`` at its default is left out (readers take it from ``input_size``).
+Readers take the head arguments from model_args, else the top level, else the architecture's defaults
+(``head_args``), so that folders written before keep loading.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def head_args(config: Mapping[str, Any]) -> Dict[str, Any]:
         value = next((v for v in (model_args.get(key), config.get(key), in_cfg.get(key)) if v is not None), None)
         if value is not None:
             found[key] = value
-    return found
+    return {key: found[key] for key in HEAD_ARGS if key in found}
 
 
 def model_kwargs_of_config(config: Mapping[str, Any]) -> Dict[str, Any]:

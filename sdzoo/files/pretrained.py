@@ -66,9 +66,12 @@ def timm_weight_cfgs(architecture: str) -> Dict[str, Dict[str, Any]]:
 def tag_model_defaults(variant: str, pretrained_cfg=None) -> Dict[str, Any]:
     """Model arguments that the tag ``pretrained_cfg`` (a tag, a cfg or None: the default tag) implies:
     ``TIMM_WEIGHTS_DEFAULTS`` for the tags of timm's weights, else none."""
-    tag = pretrained_cfg if isinstance(pretrained_cfg, str) else getattr(pretrained_cfg, "tag", None)
-    if isinstance(pretrained_cfg, dict):
+    if isinstance(pretrained_cfg, str):
+        tag = pretrained_cfg
+    elif isinstance(pretrained_cfg, dict):
         tag = pretrained_cfg.get("tag")
+    else:
+        tag = getattr(pretrained_cfg, "tag", None)
     return dict(TIMM_WEIGHTS_DEFAULTS) if f"{variant}.{tag}" in TIMM_WEIGHTS else {}
 
 

@@ -79,7 +79,7 @@ def read_run_config(path: PathLike) -> Dict[str, Any]:
     if not isinstance(config.get("model_args", {}), dict):
         raise ValueError(f"{path}: 'model_args' must be a JSON object of keyword arguments; got a "
                          f"{type(config['model_args']).__name__}")
-    normalize_config(config, source=str(path))
+    normalize_config(config, source=str(path))  # raises when model_args and the top level disagree
     return config
 
 

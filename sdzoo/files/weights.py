@@ -7,7 +7,6 @@ the other way round); the load is strict and NaN or inf is refused, as by a plai
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -154,7 +153,10 @@ def architecture_of(shapes: Mapping[str, Sequence[int]], where: str) -> Dict[str
     layers, widths = [], []
     while f"layer{len(layers) + 1}.0.conv1.weight" in shapes:
         stage = len(layers) + 1
-        layers.append(next(n for n in itertools.count() if f"layer{stage}.{n}.conv1.weight" not in shapes))
+        blocks = 0
+        while f"layer{stage}.{blocks}.conv1.weight" in shapes:
+            blocks += 1
+        layers.append(blocks)
         widths.append(shapes[f"layer{stage}.0.conv1.weight"][0])
     if not layers:
         raise WeightsError(f"{where} is not an sdzoo ResNet's state dict: it has no layer1.0.conv1.weight")
@@ -247,7 +249,7 @@ def check_weights_file(shapes: Mapping[str, Sequence[int]], metadata: Mapping[st
     pool_mult = expected.pop("pool_mult")
     if len(expected["layers"]) == 1 and expected["block"] == "basic":
         expected.pop("shortcut")  # no block changes shape: either shortcut builds the same weights
-    differ = [f"{k}={list(args[k]) if isinstance(args[k], tuple) else args[k]!r} ({where} holds {k}={v!r})"
+    differ = [f"{k}={as_json_value(args[k])!r} ({where} holds {k}={v!r})"
               for k, v in expected.items() if not settings_equal(args[k], v)]
     asked_mult = 2 if args["global_pool"] == "catavgmax" else 1
     if pool_mult is not None and expected["num_classes"] and pool_mult != asked_mult:
@@ -354,8 +356,12 @@ def _check_pretrained(variant: str, kwargs: Dict[str, Any], build_args: BuildArg
     require_published_weights(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
-    asked_by = {"local-dir": f"{Path(cfg.get('file', '')) / 'config.json'}",
-                "hf-hub": f"hf-hub:{cfg.get('hf_hub_id')} config.json"}.get(cfg.get("source"), "the model arguments")
+    if cfg.get("source") == "local-dir":
+        asked_by = str(Path(cfg.get("file", "")) / "config.json")
+    elif cfg.get("source") == "hf-hub":
+        asked_by = f"hf-hub:{cfg.get('hf_hub_id')} config.json"
+    else:
+        asked_by = "the model arguments"
     args = _checked_args(build_args, kwargs, cfg, asked_by)
     if kwargs.pop("pretrained_strict", True) is not True:
         raise WeightsError("pretrained_strict must be True: sdzoo loads every tensor of a weights file or none")
