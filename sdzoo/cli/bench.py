@@ -215,7 +215,9 @@ CONVERT_COLUMNS = [
 def markdown_table(columns, rows: List[Dict]) -> str:
     """A value of None was not measured ("not run"); a key the row lacks is an empty cell."""
     def cell(row, key, spec):
-        return "" if key not in row else NOT_RUN if row[key] is None else spec.format(row[key])
+        if key not in row:
+            return ""
+        return NOT_RUN if row[key] is None else spec.format(row[key])
     lines = [[header for header, _, _ in columns], ["---" if spec == "{}" else "---:" for _, _, spec in columns]]
     lines += [[cell(row, key, spec) for _, key, spec in columns] for row in rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)

@@ -138,9 +138,12 @@ def depth_sweep(models: Mapping[str, nn.Module], splits: Mapping[str, Tuple[Tens
             measured: Dict[Tuple[str, ...], Dict[str, Any]] = {}
             for order in orders:
                 for keep in model_depths:
-                    how = (None, [n for n in names if n not in greedy[:len(names) - keep]]) if order == "greedy" \
-                        else (keep, order)
-                    pruned = prune_blocks(model, *how, splits, recalibrate_bn)
+                    if order == "greedy":  # the blocks the greedy search removed first go
+                        removed = greedy[:len(names) - keep]
+                        pruned = prune_blocks(model, None, [n for n in names if n not in removed], splits,
+                                              recalibrate_bn)
+                    else:
+                        pruned = prune_blocks(model, keep, order, splits, recalibrate_bn)
                     kept = tuple(pruned.pruned_from["kept"])
                     if kept not in measured:  # the same blocks kept by another order: measured once
                         say(f"{label}: {order}, {keep} of {len(names)} blocks: exporting and measuring")

@@ -174,7 +174,10 @@ def stage_hub_folder(run: LoadedRun, folder: PathLike, repo_id: str, onnx: Optio
                              "input size, which the export refuses") from None
     save_weights(folder / WEIGHTS_NAME, run.model)
     for name, (src, in_run_folder) in extras.items():
-        (_copy_without_links if in_run_folder else shutil.copyfile)(src, folder / name)
+        if in_run_folder:
+            _copy_without_links(src, folder / name)
+        else:
+            shutil.copyfile(src, folder / name)
     if METRICS_NAME in extras:  # only the keys the trainer writes: nothing else a log was given (a token, a path)
         records = read_metrics(folder / METRICS_NAME)  # the copy, read through no link
         (folder / METRICS_NAME).write_text("".join(json.dumps({k: v for k, v in r.items() if k in METRICS_KEYS})

@@ -61,8 +61,13 @@ class Job:
     argv: List[str]
     state: str
 
-    name = property(lambda self: self.folder.name)
-    log = property(lambda self: self.folder.with_name(self.folder.name + ".log"))
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def log(self) -> Path:
+        return self.folder.with_name(self.folder.name + ".log")
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -150,9 +155,11 @@ def run_jobs(jobs: Sequence[Job], parallel: int, threads: Optional[int], say=pri
                 code = running[job].poll()
                 if code is not None:
                     del running[job]
-                    failed += [job] if code else []
-                    say(f"{job.name}: the trainer stopped with exit status {code}; see {job.log}" if code
-                        else f"{job.name}: finished")
+                    if code:
+                        failed.append(job)
+                        say(f"{job.name}: the trainer stopped with exit status {code}; see {job.log}")
+                    else:
+                        say(f"{job.name}: finished")
     except KeyboardInterrupt:
         for process in running.values():
             process.send_signal(signal.SIGINT)  # the trainer keeps its last checkpoint
@@ -239,7 +246,8 @@ def table(results: Dict[str, Any]) -> str:
     unfinished = [r["folder"] for r in runs if not r["finished"]]
     notes = [f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} per setting; ± is the standard deviation over "
              "them). Test error at the epoch of best validation error; training time without evaluation."]
-    notes += [f"Not finished: {', '.join(unfinished)}."] if unfinished else []
+    if unfinished:
+        notes.append(f"Not finished: {', '.join(unfinished)}.")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 

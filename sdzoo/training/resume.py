@@ -83,7 +83,8 @@ class EpochTotals:
         self.depth_sum += depth
 
     def to_state(self) -> Dict[str, Any]:
-        return {k: v.tolist() if isinstance(v, Tensor) else v for k, v in vars(self).items()}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # the fields only, as from_state reads them
+        return {k: v.tolist() if isinstance(v, Tensor) else v for k, v in values.items()}
 
     @classmethod
     def from_state(cls, state: Dict[str, Any], device: torch.device) -> "EpochTotals":
@@ -262,8 +263,9 @@ def _states_problem(model: Any, optimizer: Any, scheduler: Any) -> Optional[str]
 def _rng_problem(rng: Any) -> Optional[str]:
     if not isinstance(rng, dict) or not {"order", "augment", "gates", "torch"} <= set(rng):
         return "rng must be a mapping of order, augment, gates, torch (and cuda)"
-    bad = [k for k in ("order", "augment", "torch", "cuda") if not _is_byte_state(rng.get(k))
-           and (k != "cuda" or rng.get(k) is not None)]
+    bad = [k for k in ("order", "augment", "torch") if not _is_byte_state(rng[k])]
+    if rng.get("cuda") is not None and not _is_byte_state(rng["cuda"]):
+        bad.append("cuda")
     if bad:
         return f"rng[{bad[0]!r}] must be a generator state (a 1-d uint8 tensor)"
     if not _is_int(rng["gates"]) and not _is_byte_state(rng["gates"]):
