@@ -83,6 +83,8 @@ class RunLog:
         self.speaks = dist.main and not s.quiet
         self.context: Dict[str, Any] = {}  # what summary.json says of the run beside its results
         self.lock = self.gates = None
+        # summary.json's counts, kept as records are written: metrics.jsonl is read once, when the run starts
+        self.epochs_done, self.evaluations, self.last_test_error = 0, 0, None
         # What this run made: a run refused before it wrote a file takes them away again (``close``).
         self.made_folder = self.made_lock = False
         if dist.main:
@@ -103,6 +105,7 @@ class RunLog:
         checkpoint."""
         if self.dist.main:
             truncate_lines(self.metrics, lambda line: json.loads(line)["step"] <= global_step)
+            self._count(read_metrics(self.metrics))
         if self.s.record_gates:
             if self.dist.enabled:
                 torch_dist.barrier()  # rank 0 made the folder
@@ -120,6 +123,13 @@ class RunLog:
                  f"per epoch, {world} process(es) on {device}, expected depth {expected_depth:.2f} of "
                  f"{num_blocks} blocks; run folder {self.out}")
 
+    def _count(self, records: List[Dict[str, Any]]) -> None:
+        evals = evaluations(records)
+        self.epochs_done += len(epoch_records(records))
+        self.evaluations += len(evals)
+        if evals:
+            self.last_test_error = evals[-1]["test_error"]
+
     def say(self, message: str) -> None:
         if self.speaks:
             tqdm.write(message)
@@ -129,6 +139,7 @@ class RunLog:
         if self.dist.main:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self._count([record])
 
     def save_best(self, model: nn.Module, data) -> None:
         """The best weights so far, and config.json from the same model, so that they always agree."""
@@ -164,21 +175,19 @@ class RunLog:
         return state.elapsed + time.perf_counter() - self.started
 
     def summary(self, state: TrainState, data, finished: bool) -> Dict[str, Any]:
-        """summary.json (rank 0's metrics.jsonl counted): the paper's number (test error at the evaluation of
+        """summary.json (rank 0's counts of metrics.jsonl): the paper's number (test error at the evaluation of
         best validation error), the run's time and ``context``."""
         best, every = state.best, self.s.eval_every_steps
-        records = read_metrics(self.metrics) if self.dist.main else []
-        evals = evaluations(records)
         points = f"evaluation (every {every} steps)" if every else "epoch"
         summary = dict(
-            finished=finished, epochs_done=len(epoch_records(records)), evaluations=len(evals),
+            finished=finished, epochs_done=self.epochs_done, evaluations=self.evaluations,
             best_epoch=best["epoch"], best_step=best.get("step"), best_val_error=best["val_error"],
             test_error=best["test_error"],
             test_accuracy=None if best["test_error"] is None else 100.0 - best["test_error"],
             selection=(f"{points} of lowest validation error" if best["val_error"] is not None
                        else f"last {points} (no validation set)"),
             test_set="the validation set (no separate test set)" if data.test_is_val else "test",
-            last_epoch_test_error=evals[-1]["test_error"] if evals else None, total_time_s=self.seconds(state),
+            last_epoch_test_error=self.last_test_error, total_time_s=self.seconds(state),
             **self.context, lr_changes=list(self.s.lr_changes), settings=self.s.to_dict())
         if self.dist.main:
             save_json(self.out / SUMMARY_NAME, summary)
