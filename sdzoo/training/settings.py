@@ -15,7 +15,7 @@ import torch
 from sdzoo.files.run_folder import (
     CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, CheckpointError, check_run_folder_free)
 from sdzoo.datasets import DATASETS, dataset_names
-from sdzoo.files.checks import and_list
+from sdzoo.files.checks import and_list, check_output_path
 from sdzoo.files.weights import as_json_value
 from sdzoo.gate import GATE_MODES, SCALINGS
 from sdzoo.training.recipes import DEFAULT_RECIPE, LR_DROP_RULES, RECIPES, Recipe, recipe_for_dataset
@@ -246,12 +246,11 @@ def new_run_settings(given: Dict[str, Any]) -> Settings:
 
 def _check_new_run_folder(output: str) -> None:
     """--output must be a folder (or not exist yet) that holds no run and that no other process writes to."""
+    try:
+        check_output_path("--output", output, kind="folder")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     path = Path(output)
-    if path.exists() and not path.is_dir():
-        raise TrainError(f"--output {output} is a file; give a folder (the run folder)")
-    parent = next((p for p in path.parents if p.exists()), None)  # None for "." or "/", which have no parent
-    if parent is not None and not parent.is_dir():
-        raise TrainError(f"--output {output}: {parent} is a file, not a folder")
     if not path.is_dir():
         return
     check_run_folder_free(path)
