@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sdzoo.cli import COMMANDS, SCRIPTS, build_parser, main
+from sdzoo.cli import COMMANDS, SCRIPTS, build_parser, command, main
 from sdzoo.training.settings import build_parser as build_train_parser
 from helpers import ROOT
 
@@ -64,7 +64,7 @@ def test_sdzoo_help_lists_every_command(capsys):
 def test_each_command_help_lists_its_flags(name, capsys):
     run = help_of(lambda: main([name, "--help"]), capsys)
     sub = help_of(lambda: build_parser().parse_args([name, "--help"]), capsys)
-    own = COMMANDS[name].build_parser().format_help()
+    own = command(name).build_parser().format_help()
     assert all(re.match(rf"usage: sdzoo {name}\s", text) for text in (run, sub))
     flags = usage_flags(own)
     assert usage_flags(run) == usage_flags(sub) == flags  # the subcommand has exactly the command's flags
@@ -117,7 +117,7 @@ def test_every_script_is_a_wrapper_of_its_command():
     assert scripts == sorted(SCRIPTS)
     for script, name in SCRIPTS.items():
         text = (ROOT / "scripts" / script).read_text()
-        module = COMMANDS[name].__name__
+        module = command(name).__name__
         assert f"from {module} import main" in text and "sys.exit(main())" in text, script
         assert len(text.splitlines()) <= 16, f"scripts/{script} holds more than a wrapper"
 
@@ -134,3 +134,13 @@ def test_python_m_sdzoo_help():
                           env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage: sdzoo") and all(name in proc.stdout for name in COMMANDS)
+
+
+def test_sdzoo_train_loads_no_other_command():
+    """Each torchrun rank and each run of `sdzoo compare` starts `sdzoo train`: it imports its own command only,
+    not onnx, onnxruntime and the Hub upload of the others."""
+    code = ("import sys, sdzoo.cli, sdzoo.cli.train; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'sdzoo.hub.upload', 'sdzoo.cli.bench') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -8,22 +8,30 @@ module's parser, and ``main`` runs the command named first.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import sys
+from types import ModuleType
 from typing import Dict, List, Optional
 
-from sdzoo.cli import bench, compare, coverage, demo, depth_sweep, export, push, train
 from sdzoo.cli.common import EXIT_USAGE
 
-__all__ = ["build_parser", "main", "COMMANDS", "SCRIPTS", "PROG"]
+__all__ = ["build_parser", "main", "command", "COMMANDS", "SCRIPTS", "PROG"]
 
 PROG = "sdzoo"
-COMMANDS = {"train": train, "export": export, "push": push, "bench": bench, "coverage": coverage, "demo": demo,
-            "compare": compare, "depth-sweep": depth_sweep}
+# Each command and its module in sdzoo.cli.
+COMMANDS: Dict[str, str] = {"train": "train", "export": "export", "push": "push", "bench": "bench",
+                            "coverage": "coverage", "demo": "demo", "compare": "compare", "depth-sweep": "depth_sweep"}
 # The scripts of scripts/ and the command each runs (same flags, same exit status).
 SCRIPTS: Dict[str, str] = {"train.py": "train", "export_onnx.py": "export", "push_to_hub.py": "push",
                            "benchmark.py": "bench", "drop_path_coverage.py": "coverage", "run_digits.py": "demo",
                            "compare.py": "compare", "depth_sweep.py": "depth-sweep"}
+
+
+def command(name: str) -> ModuleType:
+    """The module of command ``name``, imported when it runs: ``sdzoo train`` (each torchrun rank, each run of
+    ``sdzoo compare``) then loads neither onnx and onnxruntime nor the Hub client, which other commands need."""
+    return importlib.import_module(f"sdzoo.cli.{COMMANDS[name]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"'{PROG} COMMAND --help' lists the flags of a command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('sdzoo')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module in COMMANDS.items():
+    for name in COMMANDS:
+        module = command(name)
         own = module.build_parser(prog=f"{PROG} {name}")
         # parents: the subcommand takes the command's flags as its parser defines them (argparse copies them)
         commands.add_parser(name, parents=[own], add_help=False, help=module.HELP, description=own.description,
@@ -45,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run ``sdzoo COMMAND ARGS``; returns the command's exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]].main(argv[1:], prog=f"{PROG} {argv[0]}")
+        return command(argv[0]).main(argv[1:], prog=f"{PROG} {argv[0]}")
     # No command, an unknown one, --help or --version: argparse answers (help and version exit 0, the rest 2).
     build_parser().parse_args(argv)
     return EXIT_USAGE

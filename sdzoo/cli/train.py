@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from sdzoo.cli.common import asks_for_help
 from sdzoo.training.settings import build_parser as build_train_parser
 from sdzoo.training.train import main as train_main
 
@@ -20,7 +19,5 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    """The trainer's main; ``prog`` names the command in its help."""
-    if asks_for_help(argv):
-        build_parser(prog).parse_args(argv)
+    """The trainer's main, whose parser is ``build_parser``'s: it answers --help itself, as ``sdzoo train``."""
     return train_main(argv)
