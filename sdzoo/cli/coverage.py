@@ -312,5 +312,6 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     print("\nNot converted:\n" + reasons(results))
     print("\n" + conversion_times(results))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the survey
         save_json(args.json, results)
     return 0
