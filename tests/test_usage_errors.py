@@ -63,6 +63,9 @@ EXPORT_FLAG_MISTAKES = [
     (["--output", "{tmp_path}/q.onnx", "--quantize", "int8", "--calib-images", "0"], "--calib-images"),
     (["--output", "{tmp_path}/q.onnx", "--benchmark", "--bench-seconds", "0"],
      "--bench-seconds must be a positive number of seconds"),
+    # written after the export and its measurements, so refused before them
+    (["--output", "{tmp_path}/q.onnx", "--keep-blocks", "7", "--pruned-dir", "{a_file}/pruned"],
+     "is a file, not a folder"),
 ]
 
 

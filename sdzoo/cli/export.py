@@ -22,8 +22,8 @@ from sdzoo.export.depth import PRUNING_NAME, describe, run_settings, run_splits
 from sdzoo.export.latency import compare_latency, format_latency
 from sdzoo.export.onnx_export import (
     DEFAULT_OPSET, MAX_INPUT_SIDE, ExportError, check_opset, export_onnx, onnx_metadata, quantize_int8)
-from sdzoo.files.checks import check_seconds, error_line
-from sdzoo.files.disk import save_json, staged_folder
+from sdzoo.files.checks import check_output_path, check_seconds, error_line
+from sdzoo.files.disk import is_new_or_empty_folder, save_json, staged_folder
 from sdzoo.files.hf_config import model_kwargs_of_config, write_config
 from sdzoo.files.run_folder import CONFIG_NAME, WEIGHTS_NAME, read_run_config
 from sdzoo.files.weights import (
@@ -181,9 +181,13 @@ def check_prune_flags(args: argparse.Namespace) -> None:
                            "--prune-order NAME,NAME,...)")
     elif args.no_fold:
         fail(args, "--no-fold: a pruned model is folded (sdzoo.prune folds it); leave --no-fold out")
-    elif args.pruned_dir and os.path.exists(args.pruned_dir) and (
-            not os.path.isdir(args.pruned_dir) or os.listdir(args.pruned_dir)):
+    elif args.pruned_dir and not is_new_or_empty_folder(args.pruned_dir):
         fail(args, f"--pruned-dir {args.pruned_dir} exists and is not an empty folder; choose a new one")
+    elif args.pruned_dir:  # written last, after the export and its measurements: refused now if it cannot be
+        try:
+            check_output_path("--pruned-dir", args.pruned_dir, kind="folder")
+        except ValueError as err:
+            fail(args, str(err))
 
 
 def pruning(args: argparse.Namespace) -> bool:

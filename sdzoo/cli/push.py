@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from sdzoo.cli.common import EXIT_USAGE, first_paragraph
 from sdzoo.files.checks import check_output_path, check_seconds
-from sdzoo.files.disk import write_text
+from sdzoo.files.disk import is_new_or_empty_folder, write_text
 from sdzoo.hub.upload import DEFAULT_TIMEOUT, CheckpointMismatchError, HubError, publish
 
 EXIT_ERROR = 1  # the upload or its check failed; EXIT_USAGE: what was given is wrong (flags, the run folder)
@@ -67,7 +67,7 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
         check_seconds("--timeout", args.timeout)  # the flag's name, before publish() checks its argument
         if args.local_dir:
             check_output_path("--local-dir", args.local_dir, kind="folder")
-            if Path(args.local_dir).is_dir() and any(Path(args.local_dir).iterdir()):
+            if not is_new_or_empty_folder(args.local_dir):
                 raise ValueError(f"--local-dir {args.local_dir} is not empty; give a new folder")
         if args.model.startswith("hf-hub:"):
             raise ValueError("--model must be a local run folder (local-dir:PATH or PATH), not an hf-hub: repo")

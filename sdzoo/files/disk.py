@@ -50,6 +50,11 @@ def staged_file(path: PathLike) -> Iterator[str]:
         os.close(fd)  # releases the lock
 
 
+def is_new_or_empty_folder(path: PathLike) -> bool:
+    """Whether ``staged_folder(path)`` may put its folder there: nothing, or an empty folder, is in the way."""
+    return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
+
+
 @contextlib.contextmanager
 def staged_folder(path: PathLike) -> Iterator[str]:
     """A temporary folder next to ``path`` that becomes ``path`` when the block succeeds (onto nothing or an

@@ -18,7 +18,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from sdzoo.export.depth import PRUNING_NAME
 from sdzoo.export.onnx_export import MAX_INPUT_SIDE, read_metadata
 from sdzoo.files.checks import check_input_size, check_seconds
-from sdzoo.files.disk import PathLike, staged_folder
+from sdzoo.files.disk import PathLike, is_new_or_empty_folder, staged_folder
 from sdzoo.files.hf_config import write_config
 from sdzoo.files.hub_http import (
     DEFAULT_TIMEOUT, bounded_waits, describe_error, http_error, hub_api, is_timeout, scrub_token)
@@ -195,8 +195,7 @@ def stage_hub_folder(run: LoadedRun, folder: PathLike, repo_id: str, onnx: Optio
 
 def write_hub_folder(run: LoadedRun, out_dir: PathLike, repo_id: str, **kwargs) -> List[str]:
     """``stage_hub_folder`` into a new folder, atomically: staged beside it, then renamed into place."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if not is_new_or_empty_folder(out_dir):
         raise FileExistsError(f"local_dir {out_dir} exists and is not an empty folder; choose a new one")
     with staged_folder(out_dir) as staging:
         files = stage_hub_folder(run, staging, repo_id, **kwargs)
