@@ -9,6 +9,8 @@ import ast
 import importlib
 import inspect
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +206,11 @@ def test_no_module_outside_internals_reaches_a_private_name():
             findings.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {module}{'.' + name if name else ''}")
     assert not findings, ("private names of " + ", ".join(LIBRARIES) + " outside sdzoo/internals (import them "
                           "from a *_private.py module there, listed in its INTERNALS):\n" + "\n".join(findings))
+
+
+def test_import_timm_leaves_the_compile_counter_unloaded():
+    """sdzoo loads with every `import timm`: torch._dynamo.testing (functorch.compile, networkx), which only
+    `sdzoo coverage --compile` uses, is imported when it is used."""
+    code = "import sys, timm; print('torch._dynamo.testing' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr

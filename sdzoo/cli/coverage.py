@@ -28,7 +28,7 @@ from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
 from timm.models.maxxvit import MaxxVit, MaxxVitCfg
 
 from sdzoo.cli.common import check_output_path, first_paragraph
-from sdzoo.internals.torch_private import CompileCounterWithBackend, dynamo_counters
+from sdzoo.internals.torch_private import compile_counter, dynamo_counters
 from sdzoo.convert import convert_drop_path, inspect_drop_paths, model_input_size
 from sdzoo.files.checks import error_line
 from sdzoo.files.disk import save_json
@@ -202,7 +202,7 @@ def compile_row(family: str, mode: str, backend: str, steps: int) -> str:
     dynamo_counters.clear()
     torch.manual_seed(0)
     model = convert_drop_path(build_model(), mode=mode, min_drop_rate=0.0, input_size=(3, side, side)).train()
-    counter = CompileCounterWithBackend(backend)
+    counter = compile_counter(backend)
     compiled = torch.compile(model, backend=counter)
     x = torch.randn(4, 3, side, side)
     times = []

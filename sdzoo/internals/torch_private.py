@@ -24,7 +24,6 @@ import torch
 import torch._dynamo
 from torch import fx
 from torch._dynamo.eval_frame import OptimizedModule, skip_code
-from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters as dynamo_counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._symbolic_trace import _assert_is_none
@@ -33,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_unflatten
 
 __all__ = ["INTERNALS", "in_backward_pass", "outside_vmap", "skip_code", "maybe_mark_dynamic",
            "compiling_with_dynamic_shapes", "OptimizedModule", "tree_leaves", "tree_unflatten", "fx_output_spec",
-           "FX_ASSERTS", "FakeTensorMode", "CompileCounterWithBackend", "dynamo_counters"]
+           "FX_ASSERTS", "FakeTensorMode", "compile_counter", "dynamo_counters"]
 
 # (module, attribute, what sdzoo uses it for): every private name this module exposes, for tests/test_internals.py.
 INTERNALS: List[Tuple[str, str, str]] = [
@@ -85,3 +84,11 @@ def fx_output_spec(graph: fx.Graph) -> Optional[Any]:
     if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
         return codegen.pytree_info.out_spec
     return None
+
+
+def compile_counter(backend: Any) -> Any:
+    """``CompileCounterWithBackend(backend)``: the graphs torch.compile makes, for ``sdzoo coverage``. Imported
+    here, on use: torch._dynamo.testing loads functorch.compile and networkx, a quarter second that every
+    ``import timm`` would otherwise pay (sdzoo loads with timm)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    return CompileCounterWithBackend(backend)
